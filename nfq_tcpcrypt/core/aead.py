@@ -1,0 +1,58 @@
+"""Frame protection: one FrameCipher per direction and key generation (RFC 8548 §3.6, §4.2, §6); the sole AEAD importer."""
+
+from __future__ import annotations
+
+import struct
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from .constants import CONTROL_REKEY, FRAME_HEADER_LEN, MAX_CLEN, TAG_LEN, Aead
+from .errors import IntegrityError, LocalProtocolError
+
+# RFC 8548 §6: (ae_key_len, ae_nonce_len) of each AEAD.
+AEAD_KEY_LEN = {Aead.AES_128_GCM: 16, Aead.AES_256_GCM: 32, Aead.CHACHA20_POLY1305: 32}
+AEAD_NONCE_LEN = 12
+_CLASSES = {Aead.AES_128_GCM: AESGCM, Aead.AES_256_GCM: AESGCM, Aead.CHACHA20_POLY1305: ChaCha20Poly1305}
+_HEADER = struct.Struct("!BH")
+
+
+def traffic_key_len(aead: Aead) -> int:
+    """ae_key_len + ae_nonce_len: the length of k_ab / k_ba (RFC 8548 §3.3)."""
+    return AEAD_KEY_LEN[aead] + AEAD_NONCE_LEN
+
+
+class FrameCipher:
+    """Seals and opens frames for one direction under one traffic key (RFC 8548 §3.6).
+
+    The traffic key is K | NR; the nonce of a frame is its frame ID (4 zero bytes and the 8-byte
+    offset of the frame's first byte in the framing stream) XOR NR (§4.2.3).
+    """
+
+    __slots__ = ("_aead", "_nr")
+
+    def __init__(self, aead: Aead, traffic_key: bytes) -> None:
+        key_len = AEAD_KEY_LEN[aead]
+        if len(traffic_key) != key_len + AEAD_NONCE_LEN:
+            raise LocalProtocolError(f"traffic key of {len(traffic_key)} bytes for {aead.name}")
+        self._aead = _CLASSES[aead](traffic_key[:key_len])
+        self._nr = int.from_bytes(traffic_key[key_len:], "big")
+
+    def _nonce(self, offset: int) -> bytes:
+        return (self._nr ^ offset).to_bytes(AEAD_NONCE_LEN, "big")
+
+    def seal(self, offset: int, plaintext: bytes, rekey: bool = False) -> bytes:
+        """Return the frame for `plaintext` (flags byte first) starting at framing-stream `offset`."""
+        clen = len(plaintext) + TAG_LEN
+        if clen > MAX_CLEN:
+            raise LocalProtocolError(f"frame plaintext of {len(plaintext)} bytes is too long")
+        header = _HEADER.pack(CONTROL_REKEY if rekey else 0, clen)
+        return header + self._aead.encrypt(self._nonce(offset), plaintext, header)
+
+    def open(self, offset: int, frame: bytes | memoryview) -> bytes:
+        """Verify and decrypt a whole frame at `offset`; return its plaintext (flags byte first)."""
+        header = bytes(frame[:FRAME_HEADER_LEN])
+        try:
+            return self._aead.decrypt(self._nonce(offset), frame[FRAME_HEADER_LEN:], header)
+        except InvalidTag:
+            raise IntegrityError(f"frame at offset {offset} failed authentication") from None

@@ -1,0 +1,48 @@
+"""Exceptions of the core; each protocol error carries its remedy (STYLE.md §4)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Disposition(Enum):
+    """What the engine does with a connection after a protocol error."""
+
+    PASS_THROUGH = "pass-through"  # fall back to plain TCP; only before encryption starts
+    DROP_SEGMENT = "drop-segment"
+    RESET = "reset"
+
+
+class TcpcryptError(Exception):
+    """Base of every error the core raises."""
+
+
+class MalformedSegment(TcpcryptError):
+    """Bytes that a strict codec rejects."""
+
+
+class ProtocolError(TcpcryptError):
+    """A broken protocol rule; `disposition` says what to do about it."""
+
+    disposition = Disposition.RESET
+
+    def __init__(self, message: str, disposition: Disposition | None = None) -> None:
+        super().__init__(message)
+        if disposition is not None:
+            self.disposition = disposition
+
+
+class LocalProtocolError(ProtocolError):
+    """Our own misuse or a broken invariant: a bug, never caught by the engine."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke RFC 8547 or RFC 8548."""
+
+
+class IntegrityError(RemoteProtocolError):
+    """An AEAD tag did not verify (RFC 8548 §3.6): abort, never deliver the bytes."""
+
+
+class ConfigError(TcpcryptError):
+    """A configuration value that cannot work."""

@@ -1,0 +1,43 @@
+"""Flow keys and directions: how the core names a connection and a packet's way."""
+
+from __future__ import annotations
+
+import ipaddress
+from enum import Enum
+from typing import NamedTuple
+
+
+class Direction(Enum):
+    """Which way a packet travels, relative to the local (plaintext) side."""
+
+    OUTBOUND = "outbound"  # local stack -> wire: encrypt
+    INBOUND = "inbound"  # wire -> local stack: decrypt
+
+
+class FlowKey(NamedTuple):
+    """A connection's 4-tuple as seen on the local side (addresses as packed bytes)."""
+
+    local_ip: bytes
+    local_port: int
+    remote_ip: bytes
+    remote_port: int
+
+    @property
+    def local(self) -> str:
+        """The local endpoint as "ip:port" ("[ip]:port" for IPv6)."""
+        return _endpoint(self.local_ip, self.local_port)
+
+    @property
+    def remote(self) -> str:
+        """The remote endpoint as "ip:port" ("[ip]:port" for IPv6)."""
+        return _endpoint(self.remote_ip, self.remote_port)
+
+    def __str__(self) -> str:
+        return f"{self.local}<->{self.remote}"
+
+
+def _endpoint(ip: bytes, port: int) -> str:
+    address = ipaddress.ip_address(ip)
+    if address.version == 6:
+        return f"[{address}]:{port}"
+    return f"{address}:{port}"

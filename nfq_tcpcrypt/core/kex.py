@@ -1,0 +1,168 @@
+"""Key agreement and key schedule of tcpcrypt (RFC 8548 §3.3–§3.5, §5); the sole asymmetric-crypto importer."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric import ec, x448, x25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from .constants import (
+    CONST_KEY_A,
+    CONST_KEY_B,
+    CONST_NEXTK,
+    CONST_REKEY,
+    CONST_RESUME,
+    CONST_SESSID,
+    K_LEN,
+    Tep,
+)
+from .errors import MalformedSegment, RemoteProtocolError
+
+PrivateKey = Any  # one of the cryptography private-key classes of _SCHEMES
+
+
+class KeyFactory(Protocol):
+    """Makes ephemeral private keys (STYLE.md §8)."""
+
+    def generate(self, tep: Tep) -> PrivateKey:
+        """Return a fresh private key for `tep`."""
+        ...
+
+
+class SystemKeyFactory:
+    """Production keys from the library's generators (which use the OS CSPRNG)."""
+
+    def generate(self, tep: Tep) -> PrivateKey:
+        """Return a fresh private key for `tep`."""
+        if tep == Tep.X25519:
+            return x25519.X25519PrivateKey.generate()
+        if tep == Tep.X448:
+            return x448.X448PrivateKey.generate()
+        return ec.generate_private_key(_CURVES[tep]())
+
+
+_CURVES: dict[Tep, type[ec.EllipticCurve]] = {Tep.P256: ec.SECP256R1, Tep.P521: ec.SECP521R1}
+# RFC 8548 §5: compressed point sizes (IEEE 1363 §E.2.3).
+_POINT_LEN = {Tep.P256: 33, Tep.P521: 67}
+_RAW_LEN = {Tep.X25519: 32, Tep.X448: 56}
+
+
+def public_bytes(tep: Tep, private_key: PrivateKey) -> bytes:
+    """Encode our public key as it appears in Init1/Init2 (RFC 8548 §5).
+
+    X25519/X448 keys are raw. P-256/P-521 points are compressed and prefixed by `pubkey_len`.
+    Ambiguity 2 of spec/tcpcrypt.md: we send the figure's reading, pubkey_len = the whole structure
+    including its own two bytes (35 or 69), like Init1's message_len.
+    """
+    public = private_key.public_key()
+    if tep in _RAW_LEN:
+        return bytes(public.public_bytes_raw())
+    point = public.public_bytes(Encoding.X962, PublicFormat.CompressedPoint)
+    return struct.pack("!H", len(point) + 2) + point
+
+
+def public_key_length(tep: Tep, data: bytes | memoryview) -> int:
+    """Length of the public key at the start of `data` (the rest of the message is `ignored`)."""
+    if tep in _RAW_LEN:
+        return _RAW_LEN[tep]
+    if len(data) < 2:
+        raise MalformedSegment(f"public key truncated: {len(data)} bytes")
+    (declared,) = struct.unpack_from("!H", data)
+    point = _POINT_LEN[tep]
+    # Ambiguity 2: accept both readings, with or without the prefix's own two bytes.
+    if declared == point + 2 or declared == point:
+        return point + 2
+    raise MalformedSegment(f"pubkey_len {declared} does not fit a compressed {tep.name} point")
+
+
+def shared_secret(tep: Tep, private_key: PrivateKey, peer_public: bytes) -> bytes:
+    """ES of RFC 8548 §3.3: validate the peer's key (§5) and run the key agreement."""
+    try:
+        if tep == Tep.X25519:
+            peer = x25519.X25519PublicKey.from_public_bytes(peer_public)
+            es = private_key.exchange(peer)
+        elif tep == Tep.X448:
+            peer = x448.X448PublicKey.from_public_bytes(peer_public)
+            es = private_key.exchange(peer)
+        else:
+            point = peer_public[2:]
+            if len(point) != _POINT_LEN[tep] or point[0] not in (2, 3):
+                raise ValueError("not a compressed point")
+            peer = ec.EllipticCurvePublicKey.from_encoded_point(_CURVES[tep](), point)
+            es = private_key.exchange(ec.ECDH(), peer)
+    except ValueError as exc:
+        raise RemoteProtocolError(f"peer public key rejected for {tep.name}: {exc}") from None
+    # RFC 8548 §5 / RFC 7748 §6: an all-zero shared secret MUST abort.
+    if not any(es):
+        raise RemoteProtocolError(f"all-zero shared secret for {tep.name}")
+    return bytes(es)
+
+
+def extract(salt: bytes, ikm: bytes) -> bytes:
+    """HKDF-Extract with SHA-256 (RFC 8548 §3.1, RFC 5869 §2.2)."""
+    return hmac.digest(salt, ikm, "sha256")
+
+
+def cprf(key: bytes, info: bytes, length: int) -> bytes:
+    """CPRF = HKDF-Expand-SHA256 (RFC 8548 §3.1, §5; RFC 5869 §2.3)."""
+    if length > 255 * 32:
+        raise ValueError(f"cprf length {length} exceeds 255 blocks")
+    out = b""
+    block = b""
+    counter = 1
+    while len(out) < length:
+        block = hmac.digest(key, block + info + bytes((counter,)), hashlib.sha256)
+        out += block
+        counter += 1
+    return out[:length]
+
+
+def session_secret(n_a: bytes, transcript: bytes, init1: bytes, init2: bytes, es: bytes) -> bytes:
+    """ss[0] = PRK = Extract(N_A, eno_transcript | Init1 | Init2 | ES) (RFC 8548 §3.3)."""
+    return extract(n_a, transcript + init1 + init2 + es)
+
+
+def next_session_secret(ss: bytes) -> bytes:
+    """ss[i] = CPRF(ss[i-1], CONST_NEXTK, K_LEN) (RFC 8548 §3.3)."""
+    return cprf(ss, bytes((CONST_NEXTK,)), K_LEN)
+
+
+def resume_identifier(ss: bytes) -> bytes:
+    """resume[i] = CPRF(ss[i], CONST_RESUME, 18) (RFC 8548 §3.5)."""
+    return cprf(ss, bytes((CONST_RESUME,)), 18)
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficKeys:
+    """One key set j: the AEAD key and nonce randomizer for each direction (RFC 8548 §3.3, §3.8)."""
+
+    k_ab: bytes
+    k_ba: bytes
+
+
+class KeySchedule:
+    """Master keys mk[j] of one session and the traffic keys derived from them (RFC 8548 §3.3, §3.8)."""
+
+    def __init__(self, ss: bytes, sn: bytes, tep_byte: int, traffic_key_len: int) -> None:
+        self._traffic_key_len = traffic_key_len
+        self._mk = cprf(ss, bytes((CONST_REKEY,)) + sn, K_LEN)
+        self._generation = 0
+        self.session_id = bytes((tep_byte,)) + cprf(ss, bytes((CONST_SESSID,)) + sn, K_LEN)
+
+    def keys(self, generation: int) -> TrafficKeys:
+        """Traffic keys of `generation`; generations only move forward (old master keys are erased)."""
+        if generation < self._generation:
+            raise ValueError(f"generation {generation} is older than {self._generation}")
+        while self._generation < generation:
+            self._mk = cprf(self._mk, bytes((CONST_REKEY,)), K_LEN)
+            self._generation += 1
+        length = self._traffic_key_len
+        return TrafficKeys(
+            k_ab=cprf(self._mk, bytes((CONST_KEY_A,)), length),
+            k_ba=cprf(self._mk, bytes((CONST_KEY_B,)), length),
+        )

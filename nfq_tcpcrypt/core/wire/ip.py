@@ -1,0 +1,83 @@
+"""IPv4 (RFC 791) and IPv6 (RFC 8200) headers of TCP packets, and the ones'-complement checksum."""
+
+from __future__ import annotations
+
+import struct
+
+from ..errors import MalformedSegment
+
+IPPROTO_TCP = 6
+_V6_HEADER_LEN = 40
+
+
+def checksum_fold(data: bytes | bytearray) -> int:
+    """Ones'-complement sum of big-endian 16-bit words, folded into 1..0xFFFF (RFC 1071).
+
+    `int.from_bytes(...) % 0xFFFF` is the fold (2**16 == 1 mod 0xFFFF); a zero remainder of
+    non-zero data stands for 0xFFFF.
+    """
+    if len(data) & 1:
+        data = bytes(data) + b"\x00"
+    return int.from_bytes(data, "big") % 0xFFFF or 0xFFFF
+
+
+def finish_checksum(total: int) -> int:
+    """Turn a sum of folds into the 16-bit checksum field value."""
+    return ~(total % 0xFFFF or 0xFFFF) & 0xFFFF
+
+
+def parse_ip(packet: bytes) -> tuple[int, int, bytes, bytes]:
+    """Return (version, header_len, src, dst) of an IP packet that carries TCP.
+
+    Raises MalformedSegment for anything else: lengths that lie, fragments, IPv6 extension headers.
+    """
+    if len(packet) < 20:
+        raise MalformedSegment(f"ip packet of {len(packet)} bytes is too short")
+    version = packet[0] >> 4
+    if version == 4:
+        ihl = (packet[0] & 0x0F) * 4
+        total, frag, proto = struct.unpack_from("!H2xH1xB", packet, 2)
+        if ihl < 20 or total < ihl or total != len(packet):
+            raise MalformedSegment(f"ipv4 ihl {ihl} / total length {total} for {len(packet)} bytes")
+        if frag & 0x3FFF:
+            raise MalformedSegment("ipv4 fragment")
+        if proto != IPPROTO_TCP:
+            raise MalformedSegment(f"ipv4 protocol {proto} is not tcp")
+        return 4, ihl, packet[12:16], packet[16:20]
+    if version == 6:
+        if len(packet) < _V6_HEADER_LEN:
+            raise MalformedSegment(f"ipv6 packet of {len(packet)} bytes is too short")
+        plen, nxt = struct.unpack_from("!HB", packet, 4)
+        if plen + _V6_HEADER_LEN != len(packet):
+            raise MalformedSegment(f"ipv6 payload length {plen} for {len(packet)} bytes")
+        if nxt != IPPROTO_TCP:
+            raise MalformedSegment(f"ipv6 next header {nxt} is not tcp")
+        return 6, _V6_HEADER_LEN, packet[8:24], packet[24:40]
+    raise MalformedSegment(f"ip version {version}")
+
+
+def pseudo_header_sum(src: bytes, dst: bytes, tcp_len: int) -> int:
+    """Fold of the TCP pseudo-header (RFC 9293 §3.1, RFC 8200 §8.1)."""
+    if len(src) == 4:
+        return checksum_fold(src + dst + struct.pack("!xBH", IPPROTO_TCP, tcp_len))
+    return checksum_fold(src + dst + struct.pack("!I3xB", tcp_len, IPPROTO_TCP))
+
+
+def serialize_ip_header(template: bytes, payload_len: int) -> bytes:
+    """Copy an IP header (`template`, options included) with a new length and checksum."""
+    header = bytearray(template)
+    if header[0] >> 4 == 4:
+        struct.pack_into("!H", header, 2, len(header) + payload_len)
+        struct.pack_into("!H", header, 10, 0)
+        struct.pack_into("!H", header, 10, finish_checksum(checksum_fold(header)))
+    else:
+        struct.pack_into("!H", header, 4, payload_len)
+    return bytes(header)
+
+
+def new_ip_header(src: bytes, dst: bytes, ttl: int = 64) -> bytes:
+    """A fresh option-less IP header from src to dst (lengths filled by serialize_ip_header)."""
+    if len(src) == 4:
+        # DF set, identification 0: the kernel fills it for raw sockets (raw(7)).
+        return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20, 0, 0x4000, ttl, IPPROTO_TCP, 0, src, dst)
+    return struct.pack("!IHBB16s16s", 0x60000000, 0, IPPROTO_TCP, ttl, src, dst)

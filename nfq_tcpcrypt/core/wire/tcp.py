@@ -1,0 +1,177 @@
+"""TCP segments (RFC 9293 §3.1) inside their IP packet: strict parsing and rebuilding."""
+
+from __future__ import annotations
+
+import struct
+
+from ..constants import (
+    TCP_ACK,
+    TCP_FIN,
+    TCP_MAX_OPTIONS,
+    TCP_RST,
+    TCP_SYN,
+    TCPOPT_EOL,
+    TCPOPT_MSS,
+    TCPOPT_NOP,
+    TCPOPT_TIMESTAMP,
+)
+from ..errors import MalformedSegment
+from .ip import finish_checksum, new_ip_header, parse_ip, pseudo_header_sum, serialize_ip_header, checksum_fold
+
+_TCP = struct.Struct("!HHIIBBHHH")
+
+
+class Segment:
+    """One TCP/IP packet, decoded for rewriting; `serialize_segment` rebuilds it with checksums."""
+
+    __slots__ = (
+        "ip_header", "src", "dst", "sport", "dport", "seq", "ack", "flags", "window", "urgent",
+        "options", "payload",
+    )
+
+    def __init__(
+        self, ip_header: bytes, src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int,
+        flags: int, window: int, urgent: int, options: bytes, payload: bytes,
+    ) -> None:
+        self.ip_header = ip_header
+        self.src = src
+        self.dst = dst
+        self.sport = sport
+        self.dport = dport
+        self.seq = seq
+        self.ack = ack
+        self.flags = flags
+        self.window = window
+        self.urgent = urgent
+        self.options = options
+        self.payload = payload
+
+    @property
+    def is_syn(self) -> bool:
+        """SYN flag set (RFC 8547 §3: a "SYN segment")."""
+        return bool(self.flags & TCP_SYN)
+
+    @property
+    def is_ack(self) -> bool:
+        """ACK flag set."""
+        return bool(self.flags & TCP_ACK)
+
+    @property
+    def is_fin(self) -> bool:
+        """FIN flag set."""
+        return bool(self.flags & TCP_FIN)
+
+    @property
+    def is_rst(self) -> bool:
+        """RST flag set."""
+        return bool(self.flags & TCP_RST)
+
+
+def parse_segment(packet: bytes, verify_checksum: bool = False) -> Segment:
+    """Decode an IP packet carrying TCP; raise MalformedSegment on anything inconsistent."""
+    _, ihl, src, dst = parse_ip(packet)
+    if len(packet) - ihl < 20:
+        raise MalformedSegment(f"tcp header truncated: {len(packet) - ihl} bytes")
+    sport, dport, seq, ack, offset, flags, window, csum, urgent = _TCP.unpack_from(packet, ihl)
+    doff = (offset >> 4) * 4
+    if doff < 20 or ihl + doff > len(packet):
+        raise MalformedSegment(f"tcp data offset {doff} for {len(packet) - ihl} bytes")
+    if verify_checksum:
+        tcp = packet[ihl:]
+        if (pseudo_header_sum(src, dst, len(tcp)) + checksum_fold(tcp)) % 0xFFFF != 0:
+            raise MalformedSegment("tcp checksum mismatch")
+    options = packet[ihl + 20 : ihl + doff]
+    return Segment(
+        packet[:ihl], src, dst, sport, dport, seq, ack, flags, window, urgent, options,
+        packet[ihl + doff :],
+    )
+
+
+def serialize_segment(seg: Segment) -> bytes:
+    """Rebuild the packet of `seg` with fresh lengths and IP/TCP checksums."""
+    options = seg.options
+    if len(options) & 3:
+        options = options + bytes(4 - (len(options) & 3))  # EOL padding
+    doff = 20 + len(options)
+    tcp = bytearray(
+        _TCP.pack(
+            seg.sport, seg.dport, seg.seq & 0xFFFFFFFF, seg.ack & 0xFFFFFFFF, (doff // 4) << 4,
+            seg.flags, seg.window, 0, seg.urgent,
+        )
+    )
+    tcp += options
+    tcp += seg.payload
+    total = pseudo_header_sum(seg.src, seg.dst, len(tcp)) + checksum_fold(tcp)
+    struct.pack_into("!H", tcp, 16, finish_checksum(total))
+    return serialize_ip_header(seg.ip_header, len(tcp)) + bytes(tcp)
+
+
+def new_segment(
+    src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int, window: int,
+    options: bytes = b"", payload: bytes = b"",
+) -> Segment:
+    """A segment built from scratch (for injection)."""
+    return Segment(new_ip_header(src, dst), src, dst, sport, dport, seq, ack, flags, window, 0,
+                   options, payload)
+
+
+def parse_options(options: bytes) -> list[tuple[int, bytes]]:
+    """Split a TCP options block into (kind, whole option bytes), strictly (RFC 9293 §3.1).
+
+    Rejects lengths below 2 and options that overrun the block; stops at EOL.
+    """
+    result = []
+    i = 0
+    n = len(options)
+    if n > TCP_MAX_OPTIONS:
+        raise MalformedSegment(f"tcp options of {n} bytes")
+    while i < n:
+        kind = options[i]
+        if kind == TCPOPT_EOL:
+            break
+        if kind == TCPOPT_NOP:
+            result.append((kind, options[i : i + 1]))
+            i += 1
+            continue
+        if i + 1 >= n:
+            raise MalformedSegment(f"tcp option {kind} has no length byte")
+        length = options[i + 1]
+        if length < 2 or i + length > n:
+            raise MalformedSegment(f"tcp option {kind} length {length} overruns the header")
+        result.append((kind, options[i : i + length]))
+        i += length
+    return result
+
+
+def serialize_options(options: list[tuple[int, bytes]]) -> bytes:
+    """Join options and pad with NOPs to a multiple of 4 bytes; raise if over 40 bytes."""
+    data = b"".join(raw for _, raw in options)
+    if len(data) & 3:
+        data = bytes((TCPOPT_NOP,)) * (4 - (len(data) & 3)) + data
+    if len(data) > TCP_MAX_OPTIONS:
+        raise MalformedSegment(f"tcp options of {len(data)} bytes do not fit")
+    return data
+
+
+def clamp_mss(options: list[tuple[int, bytes]], reduction: int) -> list[tuple[int, bytes]]:
+    """Lower the MSS option by `reduction` bytes (the frame overhead, DESIGN.md §3)."""
+    out = []
+    for kind, raw in options:
+        if kind == TCPOPT_MSS and len(raw) == 4:
+            (mss,) = struct.unpack_from("!H", raw, 2)
+            raw = struct.pack("!BBH", TCPOPT_MSS, 4, max(mss - reduction, 64))
+        out.append((kind, raw))
+    return out
+
+
+def timestamp(options: list[tuple[int, bytes]]) -> tuple[int, int] | None:
+    """(TSval, TSecr) of the RFC 7323 timestamp option, or None."""
+    for kind, raw in options:
+        if kind == TCPOPT_TIMESTAMP and len(raw) == 10:
+            return struct.unpack_from("!II", raw, 2)  # type: ignore[return-value]
+    return None
+
+
+def timestamp_option(tsval: int, tsecr: int) -> bytes:
+    """NOP NOP TS(tsval, tsecr): the 12-byte form Linux sends."""
+    return struct.pack("!BBBBII", TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10, tsval, tsecr)
