@@ -1,0 +1,161 @@
+"""The one-thread event loop: queues, control socket, signals and the engine's timer (DESIGN.md §2).
+
+`selectors` watches both queue fds, the control socket and a signal wakeup fd; the select timeout is
+the engine's next deadline. `time.monotonic()` is read once per wakeup and handed to the engine as
+`now` (STYLE.md §8). SIGINT and SIGTERM only set a flag; the loop then returns and the caller's
+cleanup runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import signal
+import socket
+import time
+from dataclasses import fields
+from typing import Any, Protocol
+
+from ..core.events import Event
+from ..core.flow import Direction
+from ..core.verdict import Verdict
+from .control import ControlServer
+from .inject import Injector
+from .nfq import QueuePair
+
+logger = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class EngineLike(Protocol):
+    """The Engine surface the shell uses (core/engine.py)."""
+
+    counters: dict[str, int]
+
+    def process(self, packet: bytes, direction: Direction, now: float) -> Verdict: ...
+    def segments_to_inject(self) -> list[bytes]: ...
+    def get_timer(self) -> float | None: ...
+    def handle_timer(self, now: float) -> None: ...
+    def next_event(self) -> Event | None: ...
+    def session_table(self) -> list[dict[str, object]]: ...
+
+
+class SignalWatch:
+    """Turns SIGINT/SIGTERM into a flag plus a readable fd; restores the old handlers on close."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.reader, self._writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self._writer.setblocking(False)
+        self._old_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        self._old = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def clear(self) -> None:
+        """Empty the wakeup fd."""
+        try:
+            while self.reader.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        """Restore the previous handlers and wakeup fd."""
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        signal.set_wakeup_fd(self._old_fd)
+        self.reader.close()
+        self._writer.close()
+
+
+class EventLoop:
+    """Drives one engine from one thread until a stop signal."""
+
+    def __init__(
+        self,
+        engine: EngineLike,
+        queue_num: int,
+        injector: Injector,
+        signals: SignalWatch,
+    ) -> None:
+        self.engine = engine
+        self.injector = injector
+        self.signals = signals
+        self.counters: dict[str, int] = {}
+        self.now = time.monotonic()
+        self.control: ControlServer | None = None
+        self.queues = QueuePair(queue_num, self._process, self.counters, after=self._flush)
+
+    def _process(self, packet: bytes, direction: Direction) -> Verdict:
+        return self.engine.process(packet, direction, self.now)
+
+    def _flush(self) -> None:
+        """Inject what the engine produced and log its events."""
+        for packet in self.engine.segments_to_inject():
+            self.injector.send(packet)
+        while (event := self.engine.next_event()) is not None:
+            _log_event(event)
+
+    def all_counters(self) -> dict[str, int]:
+        """Engine counters plus the shell's own (prefixed `shell.`)."""
+        out = dict(self.engine.counters)
+        out.update({f"shell.{name}": value for name, value in self.counters.items()})
+        out["shell.injected"] = self.injector.sent
+        out["shell.inject_failed"] = self.injector.failed
+        return out
+
+    def run(self) -> int:
+        """Serve until SIGINT/SIGTERM; return the signal number that stopped the loop."""
+        selector = selectors.DefaultSelector()
+        try:
+            for fd, direction in self.queues.fds().items():
+                selector.register(fd, selectors.EVENT_READ, ("queue", direction))
+            selector.register(self.signals.reader, selectors.EVENT_READ, ("signal", None))
+            if self.control is not None:
+                selector.register(self.control.sock, selectors.EVENT_READ, ("accept", None))
+            while self.signals.received is None:
+                deadline = self.engine.get_timer()
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready = selector.select(timeout)
+                self.now = time.monotonic()
+                for key, _ in ready:
+                    self._dispatch(selector, key)
+                deadline = self.engine.get_timer()
+                if deadline is not None and deadline <= self.now:
+                    self.engine.handle_timer(self.now)
+                self._flush()
+        finally:
+            selector.close()
+        return self.signals.received
+
+    def _dispatch(self, selector: selectors.BaseSelector, key: selectors.SelectorKey) -> None:
+        kind, arg = key.data
+        if kind == "queue":
+            self.queues.drain(arg)
+        elif kind == "signal":
+            self.signals.clear()
+        elif kind == "accept" and self.control is not None:
+            conn = self.control.accept()
+            if conn is not None:
+                selector.register(conn, selectors.EVENT_READ, ("client", conn))
+        elif kind == "client" and self.control is not None:
+            if self.control.readable(arg):
+                selector.unregister(arg)
+                self.control.finish(arg)
+
+    def close(self) -> None:
+        """Unbind the queues."""
+        self.queues.close()
+
+
+def _log_event(event: Event) -> None:
+    """One INFO line per lifecycle event (DESIGN.md §6); events never carry key material."""
+    details = " ".join(
+        f"{f.name}={getattr(event, f.name)}" for f in fields(event) if f.name != "flow"
+    )
+    logger.info("%s %s %s", event.flow, type(event).__name__, details)

@@ -1,0 +1,128 @@
+"""NFQUEUE binding: one queue per direction, verdicts on the loop thread (DESIGN.md §2, platform notes §4).
+
+Queue N carries INBOUND packets (wire -> local, decrypt), queue N+1 OUTBOUND (local -> wire, encrypt).
+Every packet gets exactly one verdict, inside try/finally. A packet whose copy is shorter than its IP
+total length (the 4016-byte copy cap) is accepted unchanged and counted: rewriting it would cut it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from netfilterqueue import NetfilterQueue
+
+from ..core.flow import Direction
+from ..core.verdict import Action, Verdict
+
+logger = logging.getLogger(__name__)
+
+SOCK_LEN = 4 * 1024 * 1024
+"""Receive buffer of each queue's netlink socket, passed explicitly (platform notes §4: `sock_len`)."""
+
+MAX_LEN = 4096
+"""Packets the kernel keeps waiting per queue before it drops (or bypasses, with --queue-bypass)."""
+
+Handler = Callable[[bytes, Direction], Verdict]
+
+
+def ip_total_length(packet: bytes) -> int:
+    """The length the IP header claims for the whole packet (v4 total length, v6 40 + payload length)."""
+    version = packet[0] >> 4
+    if version == 4:
+        return int.from_bytes(packet[2:4], "big")
+    if version == 6:
+        return 40 + int.from_bytes(packet[4:6], "big")
+    return -1
+
+
+class QueuePair:
+    """The two bound queues and the per-packet glue between NetfilterQueue and a handler."""
+
+    def __init__(
+        self,
+        queue_num: int,
+        handler: Handler,
+        counters: dict[str, int],
+        after: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.queue_num = queue_num
+        self._handler = handler
+        self._after = after
+        self._counters = counters
+        self.queues: dict[Direction, NetfilterQueue] = {}
+        try:
+            for offset, direction in ((0, Direction.INBOUND), (1, Direction.OUTBOUND)):
+                queue = NetfilterQueue()
+                queue.bind(
+                    queue_num + offset,
+                    self._callback(direction),
+                    max_len=MAX_LEN,
+                    sock_len=SOCK_LEN,
+                )
+                self.queues[direction] = queue
+        except BaseException:
+            self.close()
+            raise
+
+    def _count(self, name: str) -> None:
+        self._counters[name] = self._counters.get(name, 0) + 1
+
+    def _callback(self, direction: Direction) -> Callable[[Any], None]:
+        def on_packet(pkt: Any) -> None:
+            verdict: Verdict | None = None
+            try:
+                payload = pkt.get_payload()
+                self._count("packets_" + direction.value)
+                if pkt.get_payload_len() != ip_total_length(payload):
+                    self._count("truncated_accepted")
+                    logger.warning(
+                        "queued copy is %d bytes, ip length says %d: accepted unchanged",
+                        pkt.get_payload_len(),
+                        ip_total_length(payload),
+                    )
+                    verdict = Verdict(Action.ACCEPT)
+                else:
+                    verdict = self._handler(payload, direction)
+            except Exception:
+                self._count("handler_errors")
+                logger.exception("engine failed on a %s packet; dropping it", direction.value)
+                verdict = Verdict(Action.DROP)
+            finally:
+                _apply(pkt, verdict)
+            self._after()
+
+        return on_packet
+
+    def fds(self) -> dict[int, Direction]:
+        """File descriptor -> direction, for the selector."""
+        return {queue.get_fd(): direction for direction, queue in self.queues.items()}
+
+    def drain(self, direction: Direction) -> None:
+        """Handle every packet waiting on `direction`'s queue without blocking."""
+        self.queues[direction].run(block=False)
+
+    def close(self) -> None:
+        """Unbind both queues."""
+        for queue in self.queues.values():
+            try:
+                queue.unbind()
+            except Exception:  # already unbound or never fully bound
+                logger.debug("unbind failed", exc_info=True)
+        self.queues = {}
+
+
+def _apply(pkt: Any, verdict: Verdict | None) -> None:
+    """Issue `verdict` on `pkt` (DROP when the handler produced none)."""
+    if verdict is None or verdict.action is Action.DROP:
+        pkt.drop()
+        return
+    if verdict.packet is not None:
+        try:
+            pkt.set_payload(bytes(verdict.packet))
+        except Exception:
+            logger.exception("set_payload failed; dropping the packet")
+            pkt.drop()
+            return
+    pkt.accept()

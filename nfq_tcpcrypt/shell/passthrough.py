@@ -1,0 +1,37 @@
+"""A do-nothing engine with the Engine surface: the bench's pass-through NFQUEUE baseline (DESIGN.md §8)."""
+
+from __future__ import annotations
+
+from ..core.events import Event
+from ..core.flow import Direction
+from ..core.verdict import ACCEPT, Verdict
+
+
+class PassThroughEngine:
+    """Accepts every packet unchanged; same queues, rules and loop as the real daemon."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, int] = {}
+
+    def process(self, packet: bytes, direction: Direction, now: float) -> Verdict:
+        """Accept unchanged."""
+        return ACCEPT
+
+    def segments_to_inject(self) -> list[bytes]:
+        """Nothing to inject."""
+        return []
+
+    def get_timer(self) -> float | None:
+        """No timers."""
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        """No timers."""
+
+    def next_event(self) -> Event | None:
+        """No events."""
+        return None
+
+    def session_table(self) -> list[dict[str, object]]:
+        """No sessions."""
+        return []
