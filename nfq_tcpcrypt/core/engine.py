@@ -1,48 +1,128 @@
-"""Engine: the session table and the dispatch of packets to sessions (DESIGN.md §2).
-
-TEMPORARY interface-only version: every packet passes through unchanged. The real engine replaces
-this file; the public surface below stays.
-"""
+"""Engine: the session table, dispatch of packets to sessions, timers and counters (DESIGN.md §2, §4)."""
 
 from __future__ import annotations
 
-from collections import deque
+import logging
+from collections import Counter, deque
 
 from .config import Configuration
-from .events import Event
-from .flow import Direction
+from .errors import MalformedSegment
+from .events import Event, SessionExpired
+from .flow import Direction, FlowKey
+from .session import Session, State
 from .verdict import ACCEPT, Verdict
+from .wire.tcp import parse_segment
+
+logger = logging.getLogger(__name__)
+
+SWEEP_INTERVAL = 1.0
 
 
 class Engine:
-    """The sans-I/O core the shell talks to (STYLE.md §2)."""
+    """The sans-I/O core the shell talks to (STYLE.md §2): packets in, verdicts and packets out."""
 
     def __init__(self, config: Configuration | None = None) -> None:
         self.config = config or Configuration()
-        self.counters: dict[str, int] = {}
+        self.counters: Counter[str] = Counter()
+        self._sessions: dict[FlowKey, Session] = {}
         self._events: deque[Event] = deque()
         self._inject: list[bytes] = []
+        self._next_sweep: float | None = None
+
+    # ------------------------------------------------------------------ packets
 
     def process(self, packet: bytes, direction: Direction, now: float) -> Verdict:
-        """Handle one queued IP packet travelling in `direction`; return its verdict."""
-        return ACCEPT
+        """Handle one queued IP packet travelling in `direction`; return its verdict.
+
+        Remote-caused problems become verdicts and events; only LocalProtocolError (a bug) escapes.
+        """
+        self.counters["packets"] += 1
+        if self._next_sweep is None:
+            self._next_sweep = now + SWEEP_INTERVAL
+        try:
+            # Wire packets are checked: we rewrite checksums, so we must not launder corruption.
+            seg = parse_segment(packet, verify_checksum=direction is Direction.INBOUND)
+        except MalformedSegment as exc:
+            self.counters["malformed"] += 1
+            logger.debug("passing a packet the codec rejects: %s", exc)
+            return ACCEPT
+        if direction is Direction.OUTBOUND:
+            flow = FlowKey(seg.src, seg.sport, seg.dst, seg.dport)
+        else:
+            flow = FlowKey(seg.dst, seg.dport, seg.src, seg.sport)
+        session = self._sessions.get(flow)
+        if seg.is_syn and not seg.is_ack and (session is None or _is_new_syn(session, seg, direction)):
+            return self._open(flow, seg, direction, now)
+        if session is None:
+            self.counters["untracked"] += 1
+            return ACCEPT
+        if direction is Direction.OUTBOUND:
+            verdict = session.outbound(seg, now)
+        else:
+            verdict = session.inbound(seg, now)
+        if verdict.packet is not None:
+            self.counters["rewritten"] += 1
+        return verdict
+
+    def _open(self, flow: FlowKey, seg, direction: Direction, now: float) -> Verdict:  # type: ignore[no-untyped-def]
+        if flow not in self._sessions and len(self._sessions) >= self.config.max_sessions:
+            self.counters["table_full"] += 1
+            return ACCEPT
+        session = Session(flow, self.config, self._events.append, self._inject.append)
+        self._sessions[flow] = session
+        self.counters["connections"] += 1
+        try:
+            if direction is Direction.OUTBOUND:
+                return session.start_active(seg, now)
+            return session.start_passive(seg, now)
+        except MalformedSegment as exc:
+            session.state = State.PLAIN
+            self.counters["malformed"] += 1
+            logger.debug("%s: syn the codec rejects, passing as plain: %s", flow, exc)
+            return ACCEPT
+
+    # ------------------------------------------------------------------ outputs and timers
 
     def segments_to_inject(self) -> list[bytes]:
         """IP packets the shell must send through the marked raw socket, in order."""
-        out, self._inject = self._inject, []
+        out, self._inject[:] = list(self._inject), []
+        self.counters["injected"] += len(out)
         return out
 
     def get_timer(self) -> float | None:
         """The next deadline (same clock as `now`), or None."""
-        return None
+        deadlines = [s.timer_at for s in self._sessions.values() if s.timer_at is not None]
+        if self._next_sweep is not None:
+            deadlines.append(self._next_sweep)
+        return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> None:
-        """Run everything due at `now`."""
+        """Run everything due at `now`: Init retransmissions and the session sweep."""
+        for session in list(self._sessions.values()):
+            if session.timer_at is not None and session.timer_at <= now:
+                session.handle_timer(now)
+        if self._next_sweep is not None and self._next_sweep <= now:
+            self._sweep(now)
+            self._next_sweep = now + SWEEP_INTERVAL if self._sessions else None
+
+    def _sweep(self, now: float) -> None:
+        linger, idle = self.config.session_linger, self.config.idle_timeout
+        for flow, session in list(self._sessions.items()):
+            closed = session.closed_at is not None and now - session.closed_at > linger
+            if closed or now - session.last_seen > idle:
+                del self._sessions[flow]
+                self._events.append(SessionExpired(flow))
 
     def next_event(self) -> Event | None:
         """The oldest unread event, or None."""
         return self._events.popleft() if self._events else None
 
     def session_table(self) -> list[dict[str, object]]:
-        """One JSON-ready dict per session (see README: `sessions --json`)."""
-        return []
+        """One JSON-ready dict per session (README: `sessions --json`)."""
+        return [session.info() for session in self._sessions.values()]
+
+
+def _is_new_syn(session: Session, seg, direction: Direction) -> bool:  # type: ignore[no-untyped-def]
+    """A SYN with another ISN on a known 4-tuple starts a new connection (port reuse)."""
+    isn = session.isn_local if direction is Direction.OUTBOUND else session.isn_remote
+    return isn is not None and isn != seg.seq

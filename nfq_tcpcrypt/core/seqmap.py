@@ -1,0 +1,192 @@
+"""Sequence arithmetic and the two byte spaces of one TCP stream (DESIGN.md §3).
+
+Per direction the local stack sees the *plain* space and the peer sees the *wire* space
+(`[Init1 or Init2] + frame + frame + …`, RFC 8548 §3.3, §3.6). Both share the ISN. Internally every
+position is an unbounded *offset* from ISN+1; 32-bit sequence numbers exist only at the edges.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .aead import FrameCipher
+from .constants import FLAG_FINP, FRAME_HEADER_LEN, MAX_FRAME_DATA
+
+MASK = 0xFFFFFFFF
+HALF = 1 << 31
+
+
+def to_offset(seq: int, base: int, near: int) -> int:
+    """The offset of 32-bit `seq` closest to offset `near`, where offset 0 is sequence `base`."""
+    delta = (seq - base - near) & MASK
+    if delta >= HALF:
+        delta -= 1 << 32
+    return near + delta
+
+
+def to_seq(offset: int, base: int) -> int:
+    """The 32-bit sequence number of `offset`."""
+    return (base + offset) & MASK
+
+
+class FrameRecord:
+    """One sent frame: its plain and wire ranges (a FIN counts as one unit in both) and its bytes."""
+
+    __slots__ = ("plain_start", "plain_end", "wire_start", "wire_end", "data", "fin")
+
+    def __init__(self, plain_start: int, plain_len: int, wire_start: int, data: bytes, fin: bool) -> None:
+        self.plain_start = plain_start
+        self.plain_end = plain_start + plain_len + fin
+        self.wire_start = wire_start
+        self.wire_end = wire_start + len(data) + fin
+        self.data = data
+        self.fin = fin
+
+
+class SendStream:
+    """The local→wire direction: the frame log kept until the peer acknowledges it (DESIGN.md §3)."""
+
+    def __init__(self, isn: int) -> None:
+        self.base = (isn + 1) & MASK
+        self.prefix = b""  # Init1 or Init2: wire offsets [0, len(prefix)) with no plain counterpart
+        self.plain_next = 0
+        self.wire_next = 0
+        self.frames: deque[FrameRecord] = deque()
+        self.acked_plain = 0
+        self.acked_wire = 0
+        self.cipher: FrameCipher | None = None
+        self.held: list[tuple[int, bytes, bool]] = []  # plaintext waiting for keys
+        self.held_end = 0
+        self.fin_framed = False
+
+    def set_prefix(self, prefix: bytes) -> None:
+        """Put the Init message at the start of the wire stream (before any frame)."""
+        self.prefix = prefix
+        self.wire_next = len(prefix)
+
+    @property
+    def prefix_acked(self) -> bool:
+        """Whether the peer has acknowledged the whole Init message."""
+        return self.acked_wire >= len(self.prefix)
+
+    def new_frame(self, data: bytes, fin: bool) -> list[FrameRecord]:
+        """Frame new plaintext at the end of the stream (RFC 8548 §3.6), FINp on the last if `fin`."""
+        assert self.cipher is not None
+        records = []
+        while True:
+            chunk, data = data[:MAX_FRAME_DATA], data[MAX_FRAME_DATA:]
+            last = not data
+            flags = FLAG_FINP if (fin and last) else 0
+            frame = self.cipher.seal(self.wire_next, bytes((flags,)) + chunk)
+            record = FrameRecord(self.plain_next, len(chunk), self.wire_next, frame, fin and last)
+            self.frames.append(record)
+            self.plain_next = record.plain_end
+            self.wire_next = record.wire_end
+            records.append(record)
+            if last:
+                break
+        self.fin_framed = self.fin_framed or fin
+        return records
+
+    def covering(self, start: int, end: int) -> list[FrameRecord]:
+        """Logged frames that overlap plain range [start, end) (a retransmission, DESIGN.md §3)."""
+        return [r for r in self.frames if r.plain_end > start and r.plain_start < end]
+
+    def plain_to_wire(self, plain: int) -> int:
+        """Wire offset for a segment that starts at plain offset `plain` and carries no data."""
+        if plain >= self.plain_next:
+            return self.wire_next + (plain - self.plain_next)
+        for record in self.frames:
+            if record.plain_start >= plain:
+                return record.wire_start
+        return self.acked_wire - (self.acked_plain - plain)
+
+    def ack_to_plain(self, wire: int) -> int:
+        """Translate the peer's acknowledgment (wire offset) and forget fully acknowledged frames."""
+        if wire > self.acked_wire:
+            self.acked_wire = min(wire, self.wire_next)
+            frames = self.frames
+            while frames and frames[0].wire_end <= wire:
+                self.acked_plain = frames[0].plain_end
+                frames.popleft()
+            if frames and frames[0].fin and wire == frames[0].wire_end - 1:
+                self.acked_plain = frames[0].plain_end - 1
+        return self.acked_plain
+
+
+class RecvStream:
+    """The wire→local direction: reassembly, decryption and the plain↔wire checkpoints."""
+
+    def __init__(self, isn: int) -> None:
+        self.base = (isn + 1) & MASK
+        self.wire_next = 0  # end of the contiguous wire bytes received
+        self.buf = bytearray()  # received bytes not yet consumed, from wire offset buf_start
+        self.buf_start = 0
+        self.plain_next = 0  # next plain offset to deliver
+        self.checkpoints: deque[tuple[int, int]] = deque([(0, 0)])  # (plain, wire) frame ends
+        self.ooo: dict[int, bytes] = {}
+        self.ooo_bytes = 0
+        self.cipher: FrameCipher | None = None
+        self.fin_at: int | None = None  # wire offset of the peer's FIN
+        self.finp = False  # a frame with FINp was verified (RFC 8548 §3.7)
+        self.fin_delivered = False
+        self.local_ack = 0  # highest plain offset the local stack acknowledged
+
+    def add(self, wire: int, data: bytes, limit: int) -> bool:
+        """Take payload at wire offset `wire`; return False when nothing new could be used."""
+        end = wire + len(data)
+        if end <= self.wire_next:
+            return False
+        if wire > self.wire_next:
+            if self.ooo_bytes + len(data) <= limit and wire not in self.ooo:
+                self.ooo[wire] = data
+                self.ooo_bytes += len(data)
+            return False
+        self.buf += data[self.wire_next - wire :]
+        self.wire_next = end
+        while self.ooo:
+            ready = [w for w in self.ooo if w <= self.wire_next]
+            if not ready:
+                break
+            for w in ready:
+                piece = self.ooo.pop(w)
+                self.ooo_bytes -= len(piece)
+                if w + len(piece) > self.wire_next:
+                    self.buf += piece[self.wire_next - w :]
+                    self.wire_next = w + len(piece)
+        return True
+
+    def consume(self, n: int) -> bytes:
+        """Remove `n` bytes from the front of the reassembly buffer."""
+        chunk = bytes(self.buf[:n])
+        del self.buf[:n]
+        self.buf_start += n
+        return chunk
+
+    def next_frame(self) -> tuple[int, bytes] | None:
+        """(offset, frame bytes) of the next complete frame in the buffer, consumed, or None."""
+        buf = self.buf
+        if len(buf) < FRAME_HEADER_LEN:
+            return None
+        size = FRAME_HEADER_LEN + ((buf[1] << 8) | buf[2])
+        if len(buf) < size:
+            return None
+        offset = self.buf_start
+        return offset, self.consume(size)
+
+    def delivered(self, plain_len: int, fin: bool = False) -> None:
+        """Record that plaintext up to the current buffer start was delivered (a checkpoint)."""
+        self.plain_next += plain_len + fin
+        self.checkpoints.append((self.plain_next, self.buf_start + fin))
+
+    def ack_to_wire(self, plain: int) -> int:
+        """Translate the local stack's acknowledgment (plain offset) into a wire offset."""
+        points = self.checkpoints
+        if plain > self.local_ack:
+            self.local_ack = plain
+        while len(points) > 1 and points[1][0] <= plain:
+            points.popleft()
+        first_plain, first_wire = points[0]
+        if plain <= first_plain:
+            return first_wire - (first_plain - plain) if plain < first_plain else first_wire
+        return first_wire

@@ -1,0 +1,781 @@
+"""Session: one connection's state machine and its stream translation (DESIGN.md §3, §4).
+
+Rule (as in h11): every state change of a connection lives in this file, in `_TRANSITIONS`, and goes
+through `_set_state`. The session is role-agnostic at the packet level: `Direction` says which way a
+packet travels; the ENO role (A or B, RFC 8547 §4.3) says which keys and Init message apply.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+from enum import Enum
+
+from .aead import FrameCipher, traffic_key_len
+from .config import Configuration
+from .constants import (
+    AEAD_NAMES,
+    ENO_GLOBAL_B,
+    ENO_OPTION_KIND,
+    FLAG_FINP,
+    FLAG_URGP,
+    CONTROL_REKEY,
+    FRAME_OVERHEAD,
+    INIT1_MAGIC,
+    INIT2_MAGIC,
+    MAX_INIT_LEN,
+    N_A_LEN,
+    N_B_LEN,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_PSH,
+    TCP_RST,
+    TCP_URG,
+    TCPOPT_FASTOPEN,
+    TCPOPT_MSS,
+    TCPOPT_WSCALE,
+    TCPOPT_SACK,
+    TEP_NAMES,
+    Aead,
+    Tep,
+)
+from .errors import MalformedSegment, ProtocolError, RemoteProtocolError, LocalProtocolError, Disposition
+from .events import EnoNegotiated, Event, FellBackToPlain, SessionAborted, SessionClosed, SessionEstablished
+from .flow import FlowKey
+from .kex import KeySchedule, public_bytes, session_secret, shared_secret
+from .seqmap import RecvStream, SendStream, to_offset, to_seq
+from .verdict import DROP, Action, Verdict
+from .wire.eno import NON_SYN_ENO, EnoOption, TepSuboption, parse_eno, serialize_eno
+from .wire.tcp import (
+    Segment,
+    clamp_mss,
+    parse_options,
+    serialize_options,
+    serialize_segment,
+    timestamp,
+    timestamp_option,
+)
+from .wire.tcpcrypt import (
+    Init1,
+    Init2,
+    init_message_length,
+    parse_init1,
+    parse_init2,
+    serialize_init1,
+    serialize_init2,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class State(Enum):
+    """States of a session (DESIGN.md §4)."""
+
+    NEW = "new"
+    ENO_SENT = "eno-sent"  # active opener: our SYN carries ENO
+    ENO_RECEIVED = "eno-received"  # passive opener: the peer's SYN carried a TEP we accept
+    KEY_EXCHANGE = "key-exchange"  # ENO succeeded (RFC 8547 §4.6); Init1/Init2 in flight
+    ENCRYPTING = "encrypting"  # keys exist; every payload byte is framed
+    PLAIN = "plain"  # fallback: the connection passes untouched
+    ABORTED = "aborted"  # reset toward both ends
+
+
+class Trigger(Enum):
+    """What moves a session between states."""
+
+    SYN_SENT = "syn-sent"
+    SYN_RECEIVED = "syn-received"
+    ENO_OK = "eno-ok"
+    KEYS = "keys"
+    FALLBACK = "fallback"
+    ABORT = "abort"
+
+
+_TRANSITIONS: dict[tuple[State, Trigger], State] = {
+    (State.NEW, Trigger.SYN_SENT): State.ENO_SENT,
+    (State.NEW, Trigger.SYN_RECEIVED): State.ENO_RECEIVED,
+    (State.NEW, Trigger.FALLBACK): State.PLAIN,
+    (State.ENO_SENT, Trigger.ENO_OK): State.KEY_EXCHANGE,
+    (State.ENO_SENT, Trigger.FALLBACK): State.PLAIN,
+    (State.ENO_RECEIVED, Trigger.ENO_OK): State.KEY_EXCHANGE,
+    (State.ENO_RECEIVED, Trigger.FALLBACK): State.PLAIN,
+    (State.KEY_EXCHANGE, Trigger.KEYS): State.ENCRYPTING,
+    (State.KEY_EXCHANGE, Trigger.ABORT): State.ABORTED,
+    (State.ENCRYPTING, Trigger.ABORT): State.ABORTED,
+}
+
+_TRANSLATING = (State.KEY_EXCHANGE, State.ENCRYPTING)
+
+
+class Session:
+    """One TCP connection through the daemon, keyed by its local-side 4-tuple."""
+
+    def __init__(
+        self, flow: FlowKey, config: Configuration, emit: Callable[[Event], None],
+        inject: Callable[[bytes], None],
+    ) -> None:
+        self.flow = flow
+        self.config = config
+        self._emit = emit
+        self._inject = inject
+        self.state = State.NEW
+        self.role: str | None = None  # "A" or "B" (RFC 8547 §4.3)
+        self.tep: Tep | None = None
+        self.tep_byte = 0  # the negotiated TEP's byte as B sent it (RFC 8547 §5.1)
+        self.aead: Aead | None = None
+        self.session_id: bytes | None = None
+        self.resumed = False
+        self.eno_a = b""  # A's SYN-form ENO option, verbatim (RFC 8547 §4.8)
+        self.eno_b = b""
+        self.isn_local: int | None = None
+        self.isn_remote: int | None = None
+        self.send: SendStream | None = None
+        self.recv: RecvStream | None = None
+        self.need_nonsyn_eno = False  # RFC 8547 §4.6: ENO in every segment until a non-SYN arrives
+        self.bytes_in = 0  # plaintext delivered to the local stack
+        self.bytes_out = 0  # plaintext framed toward the peer
+        self.created_at = 0.0
+        self.last_seen = 0.0
+        self.closed_at: float | None = None
+        self.timer_at: float | None = None
+        self._kex_tries = 0
+        self._init1_sent = False
+        self._local_ws: int | None = None  # window scale shifts of the SYNs (RFC 7323 §2.2)
+        self._remote_ws: int | None = None
+        self._private_key = None
+        self._n_a = b""
+        self._init1 = b""
+        self._ciphers_offered: tuple[int, ...] = ()
+        # Header material for segments we build ourselves (injection).
+        self._out_ip: bytes | None = None
+        self._in_ip: bytes | None = None
+        self._local_window = 0
+        self._remote_window = 0
+        self._local_ts: int | None = None
+        self._remote_ts: int | None = None
+        self.wire_mss = 536
+
+    # ------------------------------------------------------------------ state machine
+
+    def _set_state(self, trigger: Trigger) -> None:
+        try:
+            new = _TRANSITIONS[(self.state, trigger)]
+        except KeyError:
+            raise LocalProtocolError(f"no transition from {self.state.value} on {trigger.value}") from None
+        logger.debug("%s: %s -> %s (%s)", self.flow, self.state.value, new.value, trigger.value)
+        self.state = new
+
+    def _fall_back(self, reason: str) -> None:
+        self._set_state(Trigger.FALLBACK)
+        self._emit(FellBackToPlain(self.flow, reason))
+
+    @property
+    def is_translating(self) -> bool:
+        """Whether packets of this session are rewritten between the two byte spaces."""
+        return self.state in _TRANSLATING
+
+    # ------------------------------------------------------------------ entry points
+
+    def outbound(self, seg: Segment, now: float) -> Verdict:
+        """A packet from the local stack toward the wire."""
+        self.last_seen = now
+        if self.state in (State.PLAIN, State.NEW):
+            return self._plain(seg)
+        if self.state == State.ABORTED:
+            return DROP
+        self._out_ip = seg.ip_header
+        if seg.is_rst:
+            return self._rst_out(seg, now)
+        if seg.is_syn:
+            return self._syn_out(seg)
+        if not self.is_translating:
+            return self._plain(seg)
+        try:
+            return self._translate_out(seg, now)
+        except MalformedSegment:
+            return DROP
+        except ProtocolError as exc:
+            return self._error(exc, seg, now, outbound=True)
+
+    def inbound(self, seg: Segment, now: float) -> Verdict:
+        """A packet from the wire toward the local stack."""
+        self.last_seen = now
+        if self.state in (State.PLAIN, State.NEW):
+            return self._plain(seg)
+        if self.state == State.ABORTED:
+            return DROP
+        self._in_ip = seg.ip_header
+        try:
+            self._note_remote(seg)
+            if seg.is_syn:
+                return self._syn_in(seg)
+            if self.state == State.ENO_RECEIVED:
+                self._third_ack(seg)
+            if self.state == State.ENO_SENT:
+                self._fall_back("non-syn segment before the syn-ack")
+            if not self.is_translating:
+                return self._plain(seg)
+            if seg.is_rst:
+                return self._rst_in(seg, now)
+            return self._translate_in(seg, now)
+        except MalformedSegment:
+            return DROP if self.is_translating else Verdict(Action.ACCEPT)
+        except ProtocolError as exc:
+            return self._error(exc, seg, now, outbound=False)
+
+    def _plain(self, seg: Segment) -> Verdict:
+        if seg.is_rst or seg.is_fin:
+            self.closed_at = self.closed_at or self.last_seen
+        return Verdict(Action.ACCEPT)
+
+    # ------------------------------------------------------------------ handshake (RFC 8547 §4.6)
+
+    def start_active(self, seg: Segment, now: float) -> Verdict:
+        """Our stack opens: add ENO with our TEPs to its SYN (RFC 8548 §3.2)."""
+        self.created_at = self.last_seen = now
+        self.isn_local = seg.seq
+        options = parse_options(seg.options)
+        if seg.payload or any(kind == TCPOPT_FASTOPEN for kind, _ in options):
+            # RFC 8547 §4.7: tcpcrypt defines no SYN data; a SYN with data or TFO stays plain.
+            self._fall_back("syn carries data or tcp fast open")
+            return Verdict(Action.ACCEPT)
+        # RFC 8547 §4.5: B lists in increasing priority; A's order carries no meaning.
+        option = serialize_eno(EnoOption(None, tuple(TepSuboption(t) for t in reversed(self.config.teps))))
+        try:
+            seg.options = serialize_options(options + [(ENO_OPTION_KIND, option)])
+        except MalformedSegment:
+            self._fall_back("no room for the eno option in the syn")
+            return Verdict(Action.ACCEPT)
+        self.eno_a = option
+        self._set_state(Trigger.SYN_SENT)
+        return Verdict(Action.ACCEPT, serialize_segment(seg))
+
+    def start_passive(self, seg: Segment, now: float) -> Verdict:
+        """The peer opens: accept ENO if its SYN offers a TEP we support (RFC 8547 §4.5)."""
+        self.created_at = self.last_seen = now
+        self.isn_remote = seg.seq
+        options = parse_options(seg.options)
+        enos = [raw for kind, raw in options if kind == ENO_OPTION_KIND]
+        reason = None
+        if not enos:
+            reason = "peer syn has no eno option"
+        elif len(enos) > 1:
+            reason = "peer syn has several eno options"  # RFC 8547 §4.1: as if none
+        elif seg.payload:
+            reason = "peer syn carries data"  # RFC 8547 §4.7: discard; we keep it simple: plain
+        else:
+            try:
+                offer = parse_eno(enos[0])
+            except MalformedSegment as exc:
+                offer, reason = None, f"ill-formed eno option: {exc}"
+            if offer is not None:
+                if offer.b:
+                    reason = "peer syn claims role b"  # RFC 8547 §4.3: both b=1
+                else:
+                    offered = {sub.tep for sub in offer.teps}
+                    choice = next((t for t in self.config.teps if t in offered), None)
+                    if choice is None:
+                        reason = "no common tep"
+                    else:
+                        self.tep = choice
+                        self.tep_byte = int(choice)
+                        self.eno_a = enos[0]
+                        self.eno_b = serialize_eno(EnoOption(ENO_GLOBAL_B, (TepSuboption(choice),)))
+        if reason is not None:
+            self._fall_back(reason)
+            return Verdict(Action.ACCEPT)
+        self._set_state(Trigger.SYN_RECEIVED)
+        self.wire_mss = _mss(options) or self.wire_mss
+        seg.options = serialize_options(clamp_mss(options, FRAME_OVERHEAD))
+        return Verdict(Action.ACCEPT, serialize_segment(seg))
+
+    def _syn_out(self, seg: Segment) -> Verdict:
+        options = parse_options(seg.options)
+        self._local_ws = _wscale(options)
+        self._note_local(seg, syn=True)
+        if seg.is_ack:
+            # Our SYN-ACK as passive opener: answer with B's option (RFC 8547 §4.6).
+            if self.state != State.ENO_RECEIVED:
+                return Verdict(Action.ACCEPT)
+            self.isn_local = seg.seq
+            try:
+                seg.options = serialize_options(options + [(ENO_OPTION_KIND, self.eno_b)])
+            except MalformedSegment:
+                self._fall_back("no room for the eno option in the syn-ack")
+                return Verdict(Action.ACCEPT)
+            return Verdict(Action.ACCEPT, serialize_segment(seg))
+        # A retransmitted SYN: the same option again (RFC 8547 §4.6).
+        if self.state != State.ENO_SENT or seg.seq != self.isn_local:
+            return Verdict(Action.ACCEPT)
+        seg.options = serialize_options(options + [(ENO_OPTION_KIND, self.eno_a)])
+        return Verdict(Action.ACCEPT, serialize_segment(seg))
+
+    def _syn_in(self, seg: Segment) -> Verdict:
+        options = parse_options(seg.options)
+        if not seg.is_ack:
+            # A retransmitted SYN of the peer (new SYNs start new sessions in the engine).
+            if self.state == State.ENO_SENT:
+                self._fall_back("simultaneous open")  # both b=0 (RFC 8547 §4.3)
+                return Verdict(Action.ACCEPT)
+            seg.options = serialize_options(clamp_mss(options, FRAME_OVERHEAD))
+            return Verdict(Action.ACCEPT, serialize_segment(seg))
+        if self.state == State.ENO_SENT:
+            self._syn_ack_in(seg, options)
+            if self.state == State.PLAIN:
+                return Verdict(Action.ACCEPT)
+        if not self.is_translating:
+            return Verdict(Action.ACCEPT)
+        # The SYN-ACK (or a retransmission of it) reaches our stack with the MSS clamped (DESIGN.md §3).
+        seg.options = serialize_options(clamp_mss(options, FRAME_OVERHEAD))
+        return Verdict(Action.ACCEPT, serialize_segment(seg))
+
+    def _syn_ack_in(self, seg: Segment, options: list[tuple[int, bytes]]) -> None:
+        """Host A reads B's answer: the negotiated TEP is the last valid one in B's option (§4.5)."""
+        enos = [raw for kind, raw in options if kind == ENO_OPTION_KIND]
+        if len(enos) != 1:
+            self._fall_back("syn-ack without a single eno option")
+            return
+        try:
+            answer = parse_eno(enos[0])
+        except MalformedSegment as exc:
+            self._fall_back(f"ill-formed eno option in the syn-ack: {exc}")
+            return
+        if not answer.b:
+            self._fall_back("syn-ack does not claim role b")
+            return
+        ours = set(self.config.teps)
+        valid = [sub for sub in answer.teps if sub.tep in ours and not sub.data]
+        if not valid:
+            self._fall_back("syn-ack names no tep we offered")
+            return
+        chosen = valid[-1]
+        self.tep = Tep(chosen.tep)
+        self.tep_byte = chosen.byte
+        self.eno_b = enos[0]
+        self.role = "A"
+        self.isn_remote = seg.seq
+        self.wire_mss = _mss(options) or self.wire_mss
+        self._set_state(Trigger.ENO_OK)
+        self._emit(EnoNegotiated(self.flow, TEP_NAMES[self.tep], "A"))
+        self._open_streams()
+        # Host A prepares Init1 now; it rides on our stack's third ACK (DESIGN.md §3).
+        assert self.tep is not None and self.send is not None
+        self._private_key = self.config.key_factory.generate(self.tep)
+        self._n_a = self.config.random_bytes(N_A_LEN)
+        self._ciphers_offered = tuple(int(a) for a in self.config.aeads)
+        self._init1 = serialize_init1(
+            Init1(self._ciphers_offered, self._n_a, public_bytes(self.tep, self._private_key))
+        )
+        self.send.set_prefix(self._init1)
+        self.need_nonsyn_eno = True
+
+    def _third_ack(self, seg: Segment) -> None:
+        """Host B: the first ACK after our SYN-ACK must carry ENO, else plain TCP (§4.6 rule 1)."""
+        options = parse_options(seg.options)
+        if not any(kind == ENO_OPTION_KIND for kind, _ in options):
+            self._fall_back("first ack from the peer has no eno option")
+            return
+        self.role = "B"
+        self._set_state(Trigger.ENO_OK)
+        assert self.tep is not None
+        self._emit(EnoNegotiated(self.flow, TEP_NAMES[self.tep], "B"))
+        self._open_streams()
+
+    def _open_streams(self) -> None:
+        if self.isn_local is None or self.isn_remote is None:
+            raise LocalProtocolError("streams opened before both isns are known")
+        self.send = SendStream(self.isn_local)
+        self.recv = RecvStream(self.isn_remote)
+
+    # ------------------------------------------------------------------ key exchange (RFC 8548 §3.3)
+
+    def _handle_init(self, message: bytes, now: float) -> None:
+        assert self.tep is not None and self.send is not None
+        if self.role == "B":
+            init1 = parse_init1(message, self.tep)
+            choice = next((a for a in self.config.aeads if int(a) in init1.sym_ciphers), None)
+            if choice is None:
+                # Ambiguity 4 of spec/tcpcrypt.md: no common AEAD; abort.
+                raise RemoteProtocolError(f"init1 offers no aead we accept: {list(init1.sym_ciphers)}")
+            private_key = self.config.key_factory.generate(self.tep)
+            n_b = self.config.random_bytes(N_B_LEN)
+            init2 = serialize_init2(Init2(int(choice), n_b, public_bytes(self.tep, private_key)))
+            es = shared_secret(self.tep, private_key, init1.pk_a)
+            self._derive(choice, init1.n_a, message, init2, es)
+            self.send.set_prefix(init2)
+            self._send_prefix(now)
+        else:
+            init2 = parse_init2(message, self.tep)
+            if init2.sym_cipher not in self._ciphers_offered:
+                raise RemoteProtocolError(f"init2 chose aead {init2.sym_cipher:#06x}, which we did not offer")
+            es = shared_secret(self.tep, self._private_key, init2.pk_b)
+            self._derive(Aead(init2.sym_cipher), self._n_a, self._init1, message, es)
+            self._private_key = None
+            self._release_held(now)
+
+    def _derive(self, aead: Aead, n_a: bytes, init1: bytes, init2: bytes, es: bytes) -> None:
+        """RFC 8548 §3.3, §3.4: ss[0], mk[0], the traffic keys and the session ID."""
+        assert self.send is not None and self.recv is not None
+        ss = session_secret(n_a, self.eno_a + self.eno_b, init1, init2, es)
+        schedule = KeySchedule(ss, b"", self.tep_byte, traffic_key_len(aead))
+        keys = schedule.keys(0)
+        mine, theirs = (keys.k_ab, keys.k_ba) if self.role == "A" else (keys.k_ba, keys.k_ab)
+        self.send.cipher = FrameCipher(aead, mine)
+        self.recv.cipher = FrameCipher(aead, theirs)
+        self.aead = aead
+        self.session_id = schedule.session_id
+        if self.config.secrets_log is not None:
+            self.config.secrets_log(f"ES {n_a.hex()} {es.hex()}")
+        self._set_state(Trigger.KEYS)
+        self._emit(SessionEstablished(self.flow, self.session_id.hex(), AEAD_NAMES[aead], False))
+
+    def _send_prefix(self, now: float) -> None:
+        """(Re)send our Init message from wire offset 0, PSH on its last byte (RFC 8548 §3.3)."""
+        assert self.send is not None
+        self._inject_wire(0, self.send.prefix, TCP_ACK | TCP_PSH)
+        self._kex_tries += 1
+        self.timer_at = now + self.config.kex_timeout * (2 ** (self._kex_tries - 1))
+
+    def handle_timer(self, now: float) -> None:
+        """Retransmit an unacknowledged Init message; give up after `kex_retries`."""
+        self.timer_at = None
+        if self.state not in _TRANSLATING or self.send is None or self.send.prefix_acked:
+            return
+        if self._kex_tries > self.config.kex_retries:
+            self._abort("key exchange timed out", now)
+            return
+        self._send_prefix(now)
+
+    def _release_held(self, now: float) -> None:
+        """Frame plaintext the local stack sent before keys existed, and send it (DESIGN.md §3)."""
+        assert self.send is not None
+        held, self.send.held = self.send.held, []
+        for _start, data, fin in held:
+            for record in self.send.new_frame(data, fin):
+                self.bytes_out += record.plain_end - record.plain_start - record.fin
+                self._inject_frames([record])
+
+    # ------------------------------------------------------------------ translation (DESIGN.md §3)
+
+    def _translate_out(self, seg: Segment, now: float) -> Verdict:
+        send, recv = self.send, self.recv
+        assert send is not None and recv is not None
+        self._note_local(seg)
+        plain = to_offset(seg.seq, send.base, send.plain_next)
+        data = seg.payload
+        fin = seg.is_fin
+        end = plain + len(data) + fin
+        if seg.is_ack:
+            seg.ack = to_seq(recv.ack_to_wire(to_offset(seg.ack, recv.base, recv.local_ack)), recv.base)
+        seg.flags &= ~TCP_URG  # RFC 8548 §3.7: URG travels only as URGp; we send none
+        seg.urgent = 0
+        options = self._strip(parse_options(seg.options))
+        if self.need_nonsyn_eno:
+            options.append((ENO_OPTION_KIND, NON_SYN_ENO))
+        seg.options = serialize_options(options)
+        if send.cipher is None:
+            # Before keys: hold new plaintext (DESIGN.md §3); it is framed when the keys exist.
+            if send.held_end < end <= self.config.held_limit and plain <= send.held_end:
+                send.held.append((send.held_end, bytes(data[send.held_end - plain :]), fin))
+                send.held_end = end
+            # Host A: Init1 rides on the first segment after the SYN-ACK (the third ACK), and on
+            # pure ACKs while it is unacknowledged.
+            if self.role == "A" and not send.prefix_acked and (not self._init1_sent or not (data or fin)):
+                self._init1_sent = True
+                seg.seq = send.base
+                seg.payload = send.prefix
+                seg.flags = (seg.flags & ~TCP_FIN) | TCP_PSH
+                if self.timer_at is None:
+                    self._kex_tries = 1
+                    self.timer_at = now + self.config.kex_timeout
+                return Verdict(Action.ACCEPT, serialize_segment(seg))
+            if data or fin:
+                return DROP
+            seg.seq = to_seq(send.plain_to_wire(plain), send.base)
+            return Verdict(Action.ACCEPT, serialize_segment(seg))
+        if not data and not fin:
+            seg.seq = to_seq(send.plain_to_wire(plain), send.base)
+            return Verdict(Action.ACCEPT, serialize_segment(seg))
+        if plain > send.plain_next:
+            raise LocalProtocolError(f"local stack skipped plain bytes {send.plain_next}..{plain}")
+        records = send.covering(plain, min(end, send.plain_next)) if plain < send.plain_next else []
+        if end > send.plain_next:
+            if send.fin_framed:
+                raise RemoteProtocolError("local stack sent data after its fin", Disposition.DROP_SEGMENT)
+            new = data[send.plain_next - plain :]
+            new_fin = fin
+            self.bytes_out += len(new)
+            records += send.new_frame(bytes(new), new_fin)
+        if not records:
+            return DROP
+        packets = self._frame_packets(records)
+        first_seq, first_payload, first_fin = packets[0]
+        seg.seq = to_seq(first_seq, send.base)
+        seg.payload = first_payload
+        seg.flags = (seg.flags & ~TCP_FIN) | (TCP_FIN if first_fin else 0)
+        for wire, payload, with_fin in packets[1:]:
+            self._inject_wire(wire, payload, TCP_ACK | TCP_PSH | (TCP_FIN if with_fin else 0))
+        return Verdict(Action.ACCEPT, serialize_segment(seg))
+
+    def _frame_packets(self, records: list) -> list[tuple[int, bytes, bool]]:
+        """Split consecutive frame records into (wire offset, payload, fin) packets of ≤ wire MSS."""
+        packets: list[tuple[int, bytes, bool]] = []
+        start = records[0].wire_start
+        payload = b"".join(r.data for r in records)
+        fin = records[-1].fin
+        size = max(self.wire_mss, 1)
+        for at in range(0, max(len(payload), 1), size):
+            chunk = payload[at : at + size]
+            last = at + size >= len(payload)
+            packets.append((start + at, chunk, fin and last))
+        return packets
+
+    def _inject_frames(self, records: list) -> None:
+        for wire, payload, fin in self._frame_packets(records):
+            self._inject_wire(wire, payload, TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0))
+
+    def _translate_in(self, seg: Segment, now: float) -> Verdict:
+        send, recv = self.send, self.recv
+        assert send is not None and recv is not None
+        self.need_nonsyn_eno = False  # RFC 8547 §4.6: a non-SYN segment arrived
+        if seg.is_ack:
+            wire_ack = to_offset(seg.ack, send.base, send.acked_wire)
+            seg.ack = to_seq(send.ack_to_plain(wire_ack), send.base)
+            if send.prefix_acked and send.cipher is not None:
+                self.timer_at = None
+        seg.window = seg.window - (seg.window >> 6)  # frames cost ~1.4 %: keep the peer's window honest
+        wire = to_offset(seg.seq, recv.base, recv.wire_next)
+        data = seg.payload
+        plain_start = recv.plain_next
+        if data:
+            if not recv.add(wire, data, self.config.ooo_limit):
+                # Duplicate or out of order: answer the peer with what our stack has acknowledged.
+                if not send.prefix_acked and send.prefix and send.cipher is not None:
+                    self._send_prefix(now)
+                self._inject_ack()
+        if seg.is_fin and wire + len(data) == recv.wire_next:
+            recv.fin_at = recv.wire_next
+        out = self._drain(now)
+        fin_now = False
+        if recv.fin_at is not None and not recv.fin_delivered and recv.buf_start == recv.fin_at:
+            if not recv.finp:
+                # RFC 8548 §3.7: a FIN without FINp; abort with an error distinct from EOF.
+                raise RemoteProtocolError("fin without a finp frame")
+            fin_now = True
+        elif recv.finp and recv.buf:
+            raise RemoteProtocolError("data after the finp frame")
+        elif seg.is_fin and recv.fin_delivered and wire + len(data) == recv.fin_at:
+            # A retransmitted FIN: show our stack its FIN again so that it repeats the ACK.
+            plain_start = recv.plain_next - 1
+            fin_now = True
+        if fin_now and not recv.fin_delivered:
+            recv.fin_delivered = True
+            recv.delivered(0, True)
+        self.bytes_in += len(out)
+        seg.seq = to_seq(plain_start, recv.base)
+        seg.payload = out
+        flags = seg.flags & ~(TCP_FIN | TCP_URG | TCP_PSH)
+        if out:
+            flags |= TCP_PSH
+        if fin_now:
+            flags |= TCP_FIN
+        seg.flags = flags
+        seg.urgent = 0
+        seg.options = serialize_options(self._strip(parse_options(seg.options), eno=True))
+        self._check_closed(now)
+        return Verdict(Action.ACCEPT, serialize_segment(seg))
+
+    def _drain(self, now: float) -> bytes:
+        """Consume the Init message and every complete frame; return the plaintext to deliver."""
+        recv = self.recv
+        assert recv is not None
+        if recv.cipher is None:
+            magic = INIT1_MAGIC if self.role == "B" else INIT2_MAGIC
+            try:
+                length = init_message_length(recv.buf, magic)
+            except MalformedSegment as exc:
+                raise RemoteProtocolError(f"bad init message: {exc}") from None
+            if length is None or len(recv.buf) < length:
+                if length is not None and not 8 <= length <= MAX_INIT_LEN:
+                    raise RemoteProtocolError(f"init message_len {length} out of range")
+                return b""
+            message = recv.consume(length)
+            recv.delivered(0)
+            try:
+                self._handle_init(message, now)
+            except MalformedSegment as exc:
+                raise RemoteProtocolError(f"malformed init message: {exc}") from None
+        out = bytearray()
+        cipher = recv.cipher
+        assert cipher is not None
+        while True:
+            item = recv.next_frame()
+            if item is None:
+                break
+            offset, frame = item
+            if recv.finp:
+                raise RemoteProtocolError("frame after the finp frame")
+            if frame[0] & CONTROL_REKEY:
+                raise RemoteProtocolError("rekey frames are not supported yet")
+            plaintext = cipher.open(offset, frame)
+            if not plaintext:
+                raise RemoteProtocolError(f"frame at offset {offset} has no flags byte")
+            flags = plaintext[0]
+            body = plaintext[3:] if flags & FLAG_URGP else plaintext[1:]
+            out += body
+            recv.delivered(len(body))
+            if flags & FLAG_FINP:
+                recv.finp = True
+        return bytes(out)
+
+    # ------------------------------------------------------------------ resets, aborts, closing
+
+    def _rst_out(self, seg: Segment, now: float) -> Verdict:
+        if self.is_translating and self.send is not None and self.recv is not None:
+            plain = to_offset(seg.seq, self.send.base, self.send.plain_next)
+            seg.seq = to_seq(self.send.plain_to_wire(plain), self.send.base)
+            if seg.is_ack:
+                seg.ack = to_seq(self.recv.ack_to_wire(self.recv.plain_next), self.recv.base)
+            seg.payload = b""
+            self.closed_at = self.closed_at or now
+            self._emit(SessionClosed(self.flow, "reset by the local stack"))
+            return Verdict(Action.ACCEPT, serialize_segment(seg))
+        self.closed_at = self.closed_at or now
+        return Verdict(Action.ACCEPT)
+
+    def _rst_in(self, seg: Segment, now: float) -> Verdict:
+        assert self.send is not None and self.recv is not None
+        seg.seq = to_seq(self.recv.plain_next, self.recv.base)
+        if seg.is_ack:
+            seg.ack = to_seq(self.send.ack_to_plain(to_offset(seg.ack, self.send.base, self.send.acked_wire)), self.send.base)
+        seg.payload = b""
+        self.closed_at = self.closed_at or now
+        self._emit(SessionClosed(self.flow, "reset by the peer"))
+        return Verdict(Action.ACCEPT, serialize_segment(seg))
+
+    def _error(self, exc: ProtocolError, seg: Segment, now: float, outbound: bool) -> Verdict:
+        if isinstance(exc, LocalProtocolError):
+            raise exc
+        if exc.disposition == Disposition.DROP_SEGMENT:
+            return DROP
+        if exc.disposition == Disposition.PASS_THROUGH and self.state in (State.ENO_SENT, State.ENO_RECEIVED):
+            self._fall_back(str(exc))
+            return Verdict(Action.ACCEPT)
+        self._abort(str(exc), now)
+        return DROP
+
+    def _abort(self, reason: str, now: float) -> None:
+        """RST toward the peer and toward the local stack (RFC 8548 §3.6: an error, never EOF)."""
+        logger.warning("%s: aborting: %s", self.flow, reason)
+        if self.send is not None and self.recv is not None:
+            self._inject_wire(self.send.wire_next, b"", TCP_RST | TCP_ACK)
+            self._inject_local_rst()
+        self._set_state(Trigger.ABORT)
+        self.closed_at = now
+        self.timer_at = None
+        self._emit(SessionAborted(self.flow, reason))
+
+    def _check_closed(self, now: float) -> None:
+        send, recv = self.send, self.recv
+        if self.closed_at is None and send is not None and recv is not None:
+            if recv.fin_delivered and send.fin_framed and not send.frames:
+                self.closed_at = now
+                self._emit(SessionClosed(self.flow, "fin both ways"))
+
+    # ------------------------------------------------------------------ building segments
+
+    def _note_local(self, seg: Segment, syn: bool = False) -> None:
+        """Remember our stack's window (in scaled units) and TSval for segments we build."""
+        shift = self._local_ws if self._remote_ws is not None else None
+        self._local_window = seg.window >> shift if syn and shift else seg.window
+        ts = timestamp(parse_options(seg.options)) if seg.options else None
+        if ts is not None:
+            self._local_ts = ts[0]
+
+    def _note_remote(self, seg: Segment) -> None:
+        """Remember the peer's TSval (echoed in segments we build)."""
+        if seg.is_syn:
+            self._remote_ws = _wscale(parse_options(seg.options))
+        ts = timestamp(parse_options(seg.options)) if seg.options else None
+        if ts is not None:
+            self._remote_ts = ts[0]
+
+    def _strip(self, options: list[tuple[int, bytes]], eno: bool = False) -> list[tuple[int, bytes]]:
+        # SACK blocks live in one byte space; until they are translated (issue 4) they are removed.
+        return [(k, raw) for k, raw in options if k != TCPOPT_SACK and k > 1 and not (eno and k == ENO_OPTION_KIND)]
+
+    def _ts_options(self, ours: int | None, theirs: int | None) -> bytes:
+        if ours is None or theirs is None:
+            return b""
+        return timestamp_option(ours, theirs)
+
+    def _inject_wire(self, wire: int, payload: bytes, flags: int) -> None:
+        """A segment of our wire stream toward the peer."""
+        send, recv = self.send, self.recv
+        assert send is not None and recv is not None
+        from .wire.tcp import new_segment  # local import keeps the module header short
+
+        f = self.flow
+        options = self._ts_options(self._local_ts, self._remote_ts)
+        if self.need_nonsyn_eno and not flags & TCP_RST:
+            options = serialize_options(parse_options(options) + [(ENO_OPTION_KIND, NON_SYN_ENO)])
+        seg = new_segment(
+            f.local_ip, f.remote_ip, f.local_port, f.remote_port, to_seq(wire, send.base),
+            to_seq(recv.ack_to_wire(recv.local_ack), recv.base), flags, self._local_window, options, payload,
+        )
+        if self._out_ip is not None:
+            seg.ip_header = self._out_ip
+        self._inject(serialize_segment(seg))
+
+    def _inject_ack(self) -> None:
+        assert self.send is not None
+        self._inject_wire(self.send.wire_next, b"", TCP_ACK)
+
+    def _inject_local_rst(self) -> None:
+        send, recv = self.send, self.recv
+        assert send is not None and recv is not None
+        from .wire.tcp import new_segment
+
+        f = self.flow
+        seg = new_segment(
+            f.remote_ip, f.local_ip, f.remote_port, f.local_port, to_seq(recv.plain_next, recv.base),
+            to_seq(send.acked_plain, send.base), TCP_RST | TCP_ACK, 0,
+        )
+        if self._in_ip is not None:
+            seg.ip_header = self._in_ip
+        self._inject(serialize_segment(seg))
+
+    # ------------------------------------------------------------------ reporting
+
+    def info(self) -> dict[str, object]:
+        """The session as a JSON-ready dict (README: `sessions --json`); no secrets."""
+        state = self.state.value
+        if self.closed_at is not None and self.state == State.ENCRYPTING:
+            state = "closed"
+        return {
+            "local": self.flow.local,
+            "remote": self.flow.remote,
+            "state": state,
+            "role": self.role,
+            "tep": TEP_NAMES[self.tep] if self.tep is not None and self.state != State.PLAIN else None,
+            "aead": AEAD_NAMES[self.aead] if self.aead is not None else None,
+            "session_id": self.session_id.hex() if self.session_id is not None else None,
+            "resumed": self.resumed,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
+
+
+def _wscale(options: list[tuple[int, bytes]]) -> int | None:
+    for kind, raw in options:
+        if kind == TCPOPT_WSCALE and len(raw) == 3:
+            return min(raw[2], 14)
+    return None
+
+
+def _mss(options: list[tuple[int, bytes]]) -> int | None:
+    for kind, raw in options:
+        if kind == TCPOPT_MSS and len(raw) == 4:
+            return struct.unpack_from("!H", raw, 2)[0]
+    return None
