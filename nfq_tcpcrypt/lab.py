@@ -1,0 +1,78 @@
+"""`nfq-tcpcrypt lab`: the two-namespace demo of issue 2, built from the same helpers as the tests."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .labnet import Topology, http_transfer
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run_lab(size: int = 4 * 1024 * 1024, keep: str | None = None) -> int:
+    """Run the demo and print the checks; 0 when every check passes."""
+    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    workdir = Path(tempfile.mkdtemp(prefix="nfq-tcpcrypt-lab-"))
+    try:
+        print(f"lab: building namespaces, starting both daemons, moving {size} random bytes over HTTP ...")
+        with Topology("nfqlab") as topo:
+            print(f"lab: namespaces {topo.names['a']} (10.77.0.1, curl) and {topo.names['b']} (10.77.0.2, http.server)")
+            result = http_transfer(topo, workdir, size=size)
+        return _report(result)
+    except KeyboardInterrupt:
+        print("lab: interrupted; cleaned up")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if keep:
+            dest = Path(keep)
+            dest.mkdir(parents=True, exist_ok=True)
+            for item in workdir.iterdir():
+                if item.is_file():
+                    shutil.copy2(item, dest / item.name)
+            print(f"lab: capture, key logs and daemon logs copied to {dest}")
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _report(result: Any) -> int:
+    checks: list[tuple[str, bool]] = []
+    a, b = result.session_for("a"), result.session_for("b")
+    for side, entry in (("a", a), ("b", b)):
+        if entry is None:
+            print(f"  session ({side}):       none found in the daemon's table")
+        else:
+            print(
+                f"  session ({side}):       {entry.get('local')} -> {entry.get('remote')} state={entry.get('state')} "
+                f"tep={entry.get('tep')} aead={entry.get('aead')} resumed={entry.get('resumed')}"
+            )
+            print(f"  session ID ({side}):    {entry.get('session_id')}")
+    checks.append(("both ends report a session", a is not None and b is not None))
+    if a is not None and b is not None:
+        checks.append(("session IDs equal", a.get("session_id") == b.get("session_id") and bool(a.get("session_id"))))
+        checks.append(("TEP x25519, AEAD aes128gcm", a.get("tep") == b.get("tep") == "x25519" and a.get("aead") == b.get("aead") == "aes128gcm"))
+    print(f"  sha256 sent:          {result.sent_sha256}")
+    print(f"  sha256 received:      {result.received_sha256}")
+    checks.append(("digests equal", result.sent_sha256 == result.received_sha256))
+    wire = result.wire
+    print(f"  wire packets seen:    {wire.packets}")
+    print(f"  ENO (kind 69):        SYN {wire.syn_has_eno}, SYN-ACK {wire.synack_has_eno}")
+    print(f"  stream starts:        a->b {wire.client_stream[:4].hex()} (Init1 15101a0e), b->a {wire.server_stream[:4].hex()} (Init2 097105e0)")
+    checks.append(("ENO in SYN and SYN-ACK", wire.syn_has_eno and wire.synack_has_eno))
+    checks.append(("Init1 / Init2 at stream starts", wire.client_starts_with_init1 and wire.server_starts_with_init2))
+    leaked = ", ".join(f"{name} x{count}" for name, count in wire.leaks.items()) or "none"
+    print(f"  plaintext on wire:    {leaked}")
+    checks.append(("no plaintext on the wire", not wire.leaks))
+    for side, daemon in result.daemons.items():
+        checks.append((f"daemon {side} exited 0 after SIGTERM", daemon.proc.returncode == 0))
+    print()
+    for name, ok in checks:
+        print(f"  [{'PASS' if ok else 'FAIL'}] {name}")
+    ok = all(passed for _, passed in checks)
+    print(f"\nlab: {'all checks passed' if ok else 'SOME CHECKS FAILED'}")
+    return 0 if ok else 1

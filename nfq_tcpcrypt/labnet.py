@@ -1,0 +1,368 @@
+"""Two-namespace lab topology and the helpers that move traffic across it (DESIGN.md §8, STYLE.md §10).
+
+One module, used by the integration tests, `nfq-tcpcrypt lab` and `bench/throughput`, so that each
+thing (build the namespaces, start a daemon, capture, transfer a file) is done one way only.
+
+Topology: namespaces "a" and "b" (named with the pid and a random tag, so runs never collide), each
+with `lo` up, joined by a veth pair (MTU 1500, never `lo`: see platform notes §4 on the 4016-byte
+copy) with 10.77.0.1/24 in a and 10.77.0.2/24 in b. Nothing is configured outside them, and
+`Topology.__exit__` always kills what it started there and deletes both, also on KeyboardInterrupt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute, netns
+
+ADDRESSES = {"a": "10.77.0.1", "b": "10.77.0.2"}
+PREFIXLEN = 24
+IFNAMES = {"a": "veth-a", "b": "veth-b"}
+MTU = 1500
+HTTP_PORT = 8080
+KEYLOG_ES = re.compile(r"^ES [0-9a-f]{64} [0-9a-f]{64}$", re.MULTILINE)
+
+
+class LabError(RuntimeError):
+    """A lab step did not happen within its bound; the message says which and what was seen."""
+
+
+class Topology:
+    """Context manager: two named network namespaces joined by a veth pair."""
+
+    def __init__(self, tag: str = "nfqtc") -> None:
+        suffix = f"{os.getpid()}-{secrets.token_hex(2)}"
+        self.names = {"a": f"{tag}-a-{suffix}", "b": f"{tag}-b-{suffix}"}
+        self._procs: list[subprocess.Popen[Any]] = []
+        self._created: list[str] = []
+
+    def __enter__(self) -> Topology:
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _build(self) -> None:
+        for side in ("a", "b"):
+            netns.create(self.names[side])
+            self._created.append(self.names[side])
+        with IPRoute(netns=self.names["a"], flags=0) as ipr:
+            ipr.link(
+                "add",
+                ifname=IFNAMES["a"],
+                kind="veth",
+                peer={"ifname": IFNAMES["b"], "net_ns_fd": self.names["b"]},
+            )
+        for side in ("a", "b"):
+            with IPRoute(netns=self.names[side], flags=0) as ipr:
+                lo = ipr.link_lookup(ifname="lo")[0]
+                ipr.link("set", index=lo, state="up")
+                index = ipr.link_lookup(ifname=IFNAMES[side])[0]
+                ipr.link("set", index=index, mtu=MTU)
+                ipr.addr("add", index=index, address=ADDRESSES[side], prefixlen=PREFIXLEN)
+                ipr.link("set", index=index, state="up")
+
+    def argv(self, side: str, command: Sequence[str]) -> list[str]:
+        """`command` wrapped to run inside namespace `side`."""
+        return ["ip", "netns", "exec", self.names[side], *command]
+
+    def run(self, side: str, command: Sequence[str], timeout: float = 60.0, **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        """Run `command` in `side` to completion (bounded by `timeout`)."""
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        return subprocess.run(self.argv(side, command), timeout=timeout, check=False, **kwargs)
+
+    def popen(self, side: str, command: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start `command` in `side`; the topology kills it on exit if it still runs."""
+        proc = subprocess.Popen(self.argv(side, command), **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        """Kill what we started (by pid), then delete both namespaces. Idempotent."""
+        for proc in reversed(self._procs):
+            _terminate(proc, 5.0)
+        self._procs.clear()
+        for name in self._created:
+            for pid in _netns_pids(name):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                netns.remove(name)
+        self._created.clear()
+
+
+def _netns_pids(name: str) -> list[int]:
+    """Pids of processes still inside namespace `name` (all of them were started by this topology)."""
+    result = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=10, check=False)
+    return [int(word) for word in result.stdout.split() if word.isdigit()]
+
+
+def _terminate(proc: subprocess.Popen[Any], timeout: float) -> int | None:
+    """SIGTERM, bounded wait, then SIGKILL; the process's return code."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    return proc.returncode
+
+
+def _wait_for_line(proc: subprocess.Popen[Any], stream: Any, pattern: str, timeout: float, what: str) -> str:
+    """Read `stream` of `proc` until a line contains `pattern`; LabError after `timeout` or on exit."""
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    fd = stream.fileno()
+    buf = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, min(0.2, deadline - time.monotonic())))
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                text = line.decode(errors="replace")
+                seen.append(text)
+                if pattern in text:
+                    return text
+        elif proc.poll() is not None:
+            break
+    raise LabError(f"{what}: no line with {pattern!r} within {timeout}s; saw {seen[-5:]!r}, rc={proc.poll()}")
+
+
+# --- the daemon --------------------------------------------------------------------------------
+
+
+@dataclass
+class Daemon:
+    """One `nfq-tcpcrypt run` subprocess inside a namespace, with its control socket and logs."""
+
+    side: str
+    proc: subprocess.Popen[Any]
+    control: str
+    keylog: str
+    log: str
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM and wait; the exit status (None when it had to be killed)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+                return None
+        return self.proc.returncode
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """The session table, fetched with `nfq-tcpcrypt sessions --json` (the user's way)."""
+        result = subprocess.run(
+            [sys.executable, "-m", "nfq_tcpcrypt", "sessions", "--json", "--control", self.control],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise LabError(f"sessions on {self.side} failed: {result.stderr.strip()}")
+        import json
+
+        table: list[dict[str, Any]] = json.loads(result.stdout)
+        return table
+
+
+def start_daemon(
+    topo: Topology, side: str, workdir: Path, extra: Sequence[str] = (), timeout: float = 20.0
+) -> Daemon:
+    """Start the daemon in `side` and wait until its control socket answers (queue bound, rules in)."""
+    from .shell.control import query
+
+    control = str(workdir / f"{side}.sock")
+    keylog = str(workdir / f"{side}.keys")
+    log = str(workdir / f"{side}.log")
+    command = [
+        sys.executable, "-m", "nfq_tcpcrypt", "run", "--mode", "host",
+        "--control", control, "--keylog", keylog, *extra,
+    ]  # fmt: skip
+    with open(log, "ab") as log_file:
+        proc = topo.popen(side, command, stdout=log_file, stderr=subprocess.STDOUT)
+    daemon = Daemon(side, proc, control, keylog, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LabError(f"daemon in {side} exited with {proc.returncode}: {Path(log).read_text()[-2000:]}")
+        with contextlib.suppress(OSError, ValueError):
+            if query(control, "ping", timeout=1.0).get("ok"):
+                return daemon
+        time.sleep(0.05)
+    daemon.stop()
+    raise LabError(f"daemon in {side} not ready within {timeout}s: {Path(log).read_text()[-2000:]}")
+
+
+# --- capture, files, HTTP -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def capture(topo: Topology, side: str, path: Path, timeout: float = 15.0) -> Iterator[Path]:
+    """tcpdump (-s 0, every TCP packet) on `side`'s veth into `path`; flushed when the block ends."""
+    proc = topo.popen(
+        side,
+        ["tcpdump", "-i", IFNAMES[side], "-s", "0", "-U", "-n", "-Z", "root", "-w", str(path), "tcp"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for_line(proc, proc.stderr, "listening on", timeout, "tcpdump")
+        yield path
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def make_payload(path: Path, size: int, markers: int = 8, marker_len: int = 32) -> list[bytes]:
+    """Write `size` random bytes to `path`; return `markers` chunks of it to look for on the wire."""
+    data = secrets.token_bytes(size)
+    path.write_bytes(data)
+    step = max(1, (size - marker_len) // markers)
+    return [data[i * step + 7 : i * step + 7 + marker_len] for i in range(markers)]
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def http_server(topo: Topology, side: str, directory: Path, timeout: float = 15.0) -> Iterator[str]:
+    """`python3 -m http.server` serving `directory` in `side`; yields its base URL."""
+    address = ADDRESSES[side]
+    proc = topo.popen(
+        side,
+        [sys.executable, "-u", "-m", "http.server", str(HTTP_PORT), "--bind", address, "--directory", str(directory)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_line(proc, proc.stdout, "Serving HTTP", timeout, "http.server")
+        yield f"http://{address}:{HTTP_PORT}"
+    finally:
+        _terminate(proc, 5.0)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def fetch(topo: Topology, side: str, url: str, out: Path, timeout: float = 120.0) -> None:
+    """curl `url` from `side` into `out`; LabError on failure."""
+    result = topo.run(
+        side,
+        ["curl", "-sS", "--fail", "--max-time", str(int(timeout)), "-o", str(out), url],
+        timeout=timeout + 10,
+    )
+    if result.returncode != 0:
+        raise LabError(f"curl {url} from {side} failed ({result.returncode}): {result.stderr.strip()}")
+
+
+# --- the whole experiment --------------------------------------------------------------------------
+
+
+@dataclass
+class TransferResult:
+    """Everything the test and the lab check about one HTTP transfer from b to a."""
+
+    sent_sha256: str
+    received_sha256: str
+    wire: Any  # tools.pcapcheck.WireReport
+    sessions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    keylogs: dict[str, str] = field(default_factory=dict)
+    daemons: dict[str, Daemon] = field(default_factory=dict)
+    pcap: Path | None = None
+
+    def session_for(self, side: str) -> dict[str, Any] | None:
+        """The session of the HTTP connection in `side`'s table, if any."""
+        port = f":{HTTP_PORT}"
+        for entry in self.sessions.get(side, []):
+            local, remote = str(entry.get("local", "")), str(entry.get("remote", ""))
+            if local.endswith(port) or remote.endswith(port):
+                return entry
+        return None
+
+
+def http_transfer(
+    topo: Topology,
+    workdir: Path,
+    size: int = 4 * 1024 * 1024,
+    daemon_sides: Sequence[str] = ("a", "b"),
+    timeout: float = 120.0,
+) -> TransferResult:
+    """Serve a random file from b, fetch it with curl from a, capture a's veth, query the daemons.
+
+    Daemons are started on `daemon_sides` and stopped (SIGTERM) before returning; their exit codes
+    are in `result.daemons[side].proc.returncode`.
+    """
+    from .tools.pcapcheck import analyze
+
+    served = workdir / "www"
+    served.mkdir(exist_ok=True)
+    source = served / "payload.bin"
+    markers = make_payload(source, size)
+    received = workdir / "received.bin"
+    pcap = workdir / "wire.pcap"
+    daemons: dict[str, Daemon] = {}
+    try:
+        for side in daemon_sides:
+            daemons[side] = start_daemon(topo, side, workdir)
+        with capture(topo, "a", pcap):
+            with http_server(topo, "b", served) as url:
+                fetch(topo, "a", f"{url}/payload.bin", received, timeout)
+            sessions = {side: daemon.sessions() for side, daemon in daemons.items()}
+    finally:
+        for daemon in daemons.values():
+            daemon.stop()
+    needles = {f"marker{i}": marker for i, marker in enumerate(markers)}
+    needles["http-status-line"] = b"HTTP/1.0 200"
+    wire = analyze(pcap, ADDRESSES["a"], ADDRESSES["b"], HTTP_PORT, needles)
+    keylogs = {side: Path(daemon.keylog).read_text() for side, daemon in daemons.items() if Path(daemon.keylog).exists()}
+    return TransferResult(
+        sent_sha256=sha256_file(source),
+        received_sha256=sha256_file(received),
+        wire=wire,
+        sessions=sessions,
+        keylogs=keylogs,
+        daemons=daemons,
+        pcap=pcap,
+    )
