@@ -1,0 +1,72 @@
+"""Integration fixtures: root, network namespaces, iptables and NFQUEUE, or a clean skip (DESIGN.md §8).
+
+Every test here is marked `netns`. The topology fixture always deletes its namespaces (and kills the
+processes it started in them), pass or fail; nothing outside the namespaces is configured.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from nfq_tcpcrypt.labnet import Topology
+
+TOOLS = ("ip", "iptables-restore", "iptables-save", "tcpdump", "curl")
+_PROBE = (
+    "from netfilterqueue import NetfilterQueue as Q\n"
+    "q = Q(); q.bind(65000, lambda p: p.accept(), sock_len=131072); q.unbind()\n"
+)
+
+
+@functools.cache
+def _unusable_reason() -> str | None:
+    """Why the integration tests cannot run here, or None when they can."""
+    if os.geteuid() != 0:
+        return "needs root"
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        return f"missing tools: {', '.join(missing)}"
+    try:
+        import netfilterqueue  # noqa: F401
+    except ImportError as exc:
+        return f"NetfilterQueue not importable: {exc}"
+    try:
+        with Topology("nfqprobe") as topo:
+            bind = topo.run("a", [sys.executable, "-c", _PROBE], timeout=30)
+            if bind.returncode != 0:
+                return f"cannot bind an NFQUEUE in a netns: {bind.stderr.strip()[-300:]}"
+            rules = topo.run(
+                "a",
+                ["iptables-restore", "--noflush"],
+                input="*mangle\n-A POSTROUTING -p tcp -j NFQUEUE --queue-num 65000 --queue-bypass\nCOMMIT\n",
+                timeout=30,
+            )
+            if rules.returncode != 0:
+                return f"iptables NFQUEUE target unusable: {rules.stderr.strip()[-300:]}"
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"network namespaces unusable: {exc}"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test of this directory `netns`."""
+    here = os.path.dirname(__file__)
+    for item in items:
+        if str(item.fspath).startswith(here):
+            item.add_marker(pytest.mark.netns)
+
+
+@pytest.fixture
+def topo() -> Iterator[Topology]:
+    """A fresh two-namespace topology, always removed afterwards."""
+    reason = _unusable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with Topology("nfqtest") as topology:
+        yield topology

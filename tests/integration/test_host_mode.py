@@ -1,0 +1,88 @@
+"""Host mode end to end between two namespaces with real programs (issue 2 "Done when")."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from nfq_tcpcrypt.labnet import KEYLOG_ES, Topology, http_transfer, start_daemon
+
+SIZE = 4 * 1024 * 1024
+
+
+def _rule_lines(topo: Topology, side: str) -> list[str]:
+    save = topo.run(side, ["iptables-save"], timeout=30)
+    assert save.returncode == 0, save.stderr
+    return [line for line in save.stdout.splitlines() if "NFQ_TCPCRYPT" in line or "NFQUEUE" in line]
+
+
+@pytest.mark.timeout(240)
+def test_http_transfer_encrypted(topo: Topology, tmp_path: Path) -> None:
+    """RFC 8547 §4 ENO in SYN/SYN-ACK, RFC 8548 §4.3 Init1/Init2 first, no plaintext, equal session IDs."""
+    result = http_transfer(topo, tmp_path, size=SIZE)
+    wire = result.wire
+
+    assert result.received_sha256 == result.sent_sha256
+    assert wire.syn_has_eno, "no ENO option (kind 69) in the SYN"
+    assert wire.synack_has_eno, "no ENO option (kind 69) in the SYN-ACK"
+    assert wire.client_stream[:4].hex() == "15101a0e", "A->B stream does not start with Init1"
+    assert wire.server_stream[:4].hex() == "097105e0", "B->A stream does not start with Init2"
+    assert wire.leaks == {}, f"plaintext on the wire: {wire.leaks}"
+    assert len(wire.server_stream) > SIZE, "the capture does not hold the whole response"
+
+    a, b = result.session_for("a"), result.session_for("b")
+    assert a is not None and b is not None, result.sessions
+    assert re.fullmatch(r"[0-9a-f]{66}", a["session_id"]), a
+    assert a["session_id"] == b["session_id"]
+    for entry in (a, b):
+        assert entry["tep"] == "x25519"
+        assert entry["aead"] == "aes128gcm"
+        assert entry["resumed"] is False
+    assert a["local"] == b["remote"] and a["remote"] == b["local"]
+
+    for side, text in result.keylogs.items():
+        assert text.startswith("# nfq-tcpcrypt key log\n"), side
+        assert KEYLOG_ES.search(text), f"no ES line in the key log of {side}: {text!r}"
+        assert os.stat(result.daemons[side].keylog).st_mode & 0o777 == 0o600
+    assert set(result.keylogs) == {"a", "b"}
+    for daemon in result.daemons.values():
+        assert daemon.proc.returncode == 0, Path(daemon.log).read_text()[-2000:]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("daemon_side", ["a", "b"])
+def test_plain_peer_still_works(topo: Topology, tmp_path: Path, daemon_side: str) -> None:
+    """RFC 8547 §4.6: a peer without ENO gets plain TCP, and the transfer still succeeds."""
+    result = http_transfer(topo, tmp_path, size=SIZE, daemon_sides=[daemon_side])
+    wire = result.wire
+
+    assert result.received_sha256 == result.sent_sha256
+    assert not wire.client_starts_with_init1 and not wire.server_starts_with_init2
+    assert not (wire.syn_has_eno and wire.synack_has_eno)
+    # The same checks that prove encryption must see the plaintext here, or they prove nothing.
+    assert "http-status-line" in wire.leaks and any(name.startswith("marker") for name in wire.leaks)
+    assert result.session_for(daemon_side) is None or result.session_for(daemon_side)["tep"] in (None, "")
+    assert result.daemons[daemon_side].proc.returncode == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fail_closed", [False, True])
+def test_sigterm_removes_rules(topo: Topology, tmp_path: Path, fail_closed: bool) -> None:
+    """DESIGN.md §5: the daemon installs its chains and removes exactly them on SIGTERM."""
+    before = _rule_lines(topo, "a")
+    assert before == []
+    daemon = start_daemon(topo, "a", tmp_path, ["--fail-closed"] if fail_closed else [])
+    lines = _rule_lines(topo, "a")
+    queue_rules = [line for line in lines if "NFQUEUE" in line]
+    assert any("NFQ_TCPCRYPT" in line and line.startswith("-A PREROUTING") for line in lines), lines
+    assert any("NFQ_TCPCRYPT" in line and line.startswith("-A POSTROUTING") for line in lines), lines
+    assert any("--notrack" in line for line in lines), lines
+    assert len(queue_rules) == 2
+    assert all(("--queue-bypass" in line) != fail_closed for line in queue_rules), queue_rules
+
+    assert daemon.stop(timeout=20) == 0, Path(daemon.log).read_text()[-2000:]
+    assert _rule_lines(topo, "a") == []
+    assert not os.path.exists(daemon.control)
