@@ -226,28 +226,55 @@ def start_daemon(
 # --- capture, files, HTTP -------------------------------------------------------------------------
 
 
+@dataclass
+class CaptureStats:
+    """What tcpdump said when it stopped: packets captured, and dropped by the kernel."""
+
+    path: Path
+    captured: int | None = None
+    dropped: int | None = None
+
+
 @contextlib.contextmanager
-def capture(topo: Topology, side: str, path: Path, timeout: float = 15.0) -> Iterator[Path]:
+def capture(topo: Topology, side: str, path: Path, timeout: float = 15.0) -> Iterator[CaptureStats]:
     """tcpdump (-s 0, every TCP packet) on `side`'s veth into `path`; flushed when the block ends."""
     proc = topo.popen(
         side,
-        ["tcpdump", "-i", IFNAMES[side], "-s", "0", "-U", "-n", "-Z", "root", "-w", str(path), "tcp"],
+        ["tcpdump", "-i", IFNAMES[side], "-s", "0", "-B", "32768", "--immediate-mode", "-U", "-n", "-Z", "root", "-w", str(path), "tcp"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+    stats = CaptureStats(path)
     try:
         _wait_for_line(proc, proc.stderr, "listening on", timeout, "tcpdump")
-        yield path
+        yield stats
     finally:
+        _wait_until_stable(path, settle=0.3, timeout=5.0)
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate(timeout=timeout)
+        text = err.decode(errors="replace") if err else ""
+        if match := re.search(r"(\d+) packets? captured", text):
+            stats.captured = int(match.group(1))
+        if match := re.search(r"(\d+) packets? dropped by kernel", text):
+            stats.dropped = int(match.group(1))
+
+
+def _wait_until_stable(path: Path, settle: float, timeout: float) -> None:
+    """Wait until `path` has not grown for `settle` seconds (tcpdump has written what it saw)."""
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        size = path.stat().st_size if path.exists() else 0
+        if size != last:
+            last, since = size, time.monotonic()
+        elif time.monotonic() - since >= settle:
+            return
+        time.sleep(0.05)
 
 
 def make_payload(path: Path, size: int, markers: int = 8, marker_len: int = 32) -> list[bytes]:
@@ -311,6 +338,7 @@ class TransferResult:
     keylogs: dict[str, str] = field(default_factory=dict)
     daemons: dict[str, Daemon] = field(default_factory=dict)
     pcap: Path | None = None
+    capture: CaptureStats | None = None
 
     def session_for(self, side: str) -> dict[str, Any] | None:
         """The session of the HTTP connection in `side`'s table, if any."""
@@ -346,7 +374,7 @@ def http_transfer(
     try:
         for side in daemon_sides:
             daemons[side] = start_daemon(topo, side, workdir)
-        with capture(topo, "a", pcap):
+        with capture(topo, "a", pcap) as capture_stats:
             with http_server(topo, "b", served) as url:
                 fetch(topo, "a", f"{url}/payload.bin", received, timeout)
             sessions = {side: daemon.sessions() for side, daemon in daemons.items()}
@@ -365,4 +393,5 @@ def http_transfer(
         keylogs=keylogs,
         daemons=daemons,
         pcap=pcap,
+        capture=capture_stats,
     )
