@@ -395,3 +395,35 @@ def http_transfer(
         pcap=pcap,
         capture=capture_stats,
     )
+
+
+# --- throughput ------------------------------------------------------------------------------------
+
+IPERF_PORT = 5201
+
+
+def iperf3_throughput(topo: Topology, seconds: float = 5.0, timeout: float = 60.0) -> float:
+    """iperf3 from a (client) to b (server) for `seconds`; the receiver's rate in bit/s."""
+    import json
+
+    server = topo.popen(
+        "b",
+        ["iperf3", "-s", "-1", "--forceflush", "-B", ADDRESSES["b"], "-p", str(IPERF_PORT)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_for_line(server, server.stdout, "Server listening", 15.0, "iperf3 -s")
+        result = topo.run(
+            "a",
+            ["iperf3", "-c", ADDRESSES["b"], "-p", str(IPERF_PORT), "-t", str(seconds), "-J"],
+            timeout=timeout,
+        )
+        if result.returncode != 0:
+            raise LabError(f"iperf3 client failed ({result.returncode}): {result.stdout[-1000:]} {result.stderr[-500:]}")
+        report = json.loads(result.stdout)
+        return float(report["end"]["sum_received"]["bits_per_second"])
+    finally:
+        _terminate(server, 5.0)
+        if server.stdout is not None:
+            server.stdout.close()
