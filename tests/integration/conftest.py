@@ -67,6 +67,8 @@ def topo() -> Iterator[Topology]:
     """A fresh two-namespace topology, always removed afterwards."""
     reason = _unusable_reason()
     if reason is not None:
+        if os.environ.get("NFQ_TCPCRYPT_REQUIRE_NETNS") == "1":
+            pytest.fail(f"integration environment required but unusable: {reason}")
         pytest.skip(reason)
     with Topology("nfqtest") as topology:
         yield topology
