@@ -51,7 +51,9 @@ def _setup_logging(level: str) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .core.errors import ConfigError
     from .shell.daemon import DaemonOptions, run_daemon
+    from .shell.rules import RulesError
 
     options = DaemonOptions(
         mode=args.mode,
@@ -65,7 +67,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ipv6=args.ipv6,
         pass_through=args.pass_through,
     )
-    return run_daemon(options)
+    try:
+        return run_daemon(options)
+    except (ConfigError, RulesError, OSError) as exc:
+        logging.getLogger("nfq_tcpcrypt").error("cannot run: %s", exc)
+        return 1
 
 
 def _cmd_sessions(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import re
 from pathlib import Path
 
@@ -87,3 +88,21 @@ def test_sigterm_removes_rules(topo: Topology, tmp_path: Path, fail_closed: bool
     assert daemon.stop(timeout=20) == 0, Path(daemon.log).read_text()[-2000:]
     assert _rule_lines(topo, "a") == []
     assert not os.path.exists(daemon.control)
+
+
+@pytest.mark.timeout(120)
+def test_startup_failure_removes_its_rules(topo: Topology, tmp_path: Path) -> None:
+    """A daemon that fails after installing its rules (control socket taken) removes exactly its own."""
+    first = start_daemon(topo, "a", tmp_path)
+    mine = _rule_lines(topo, "a")
+    second = topo.run(
+        "a",
+        [sys.executable, "-m", "nfq_tcpcrypt", "run", "--mode", "host", "--queue-num", "7200",
+         "--control", first.control],
+        timeout=30,
+    )  # fmt: skip
+    assert second.returncode != 0
+    assert "another daemon answers" in second.stderr
+    assert _rule_lines(topo, "a") == mine, "the failed daemon left rules or removed the other's"
+    assert first.stop() == 0
+    assert _rule_lines(topo, "a") == []

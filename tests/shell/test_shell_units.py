@@ -1,0 +1,104 @@
+"""Shell pieces that need no root: rule rendering and exact removal, the control socket, the key log."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from nfq_tcpcrypt.shell import rules
+from nfq_tcpcrypt.shell.control import ControlServer, query
+from nfq_tcpcrypt.shell.keylog import HEADER, KeyLog
+from nfq_tcpcrypt.shell.nfq import ip_total_length
+
+
+class TestRules:
+    params = rules.RuleParams(inbound_queue=7100, outbound_queue=7101, mark=0x7463)
+
+    @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+    def test_render_host_mode(self, family: str) -> None:
+        text = rules.render(family, self.params)
+        assert "$" not in text and "#" not in text
+        assert "-I PREROUTING 1 -j NFQ_TCPCRYPT_PRE_7100" in text
+        assert "-I POSTROUTING 1 -j NFQ_TCPCRYPT_POST_7100" in text
+        assert "-A NFQ_TCPCRYPT_PRE_7100 -i lo -j RETURN" in text
+        assert "-A NFQ_TCPCRYPT_POST_7100 -o lo -j RETURN" in text
+        assert "-A NFQ_TCPCRYPT_OUT_7100 -m mark --mark 0x7463 -j CT --notrack" in text
+        assert "--queue-num 7100 --queue-bypass" in text
+        assert "--queue-num 7101 --queue-bypass" in text
+
+    def test_fail_closed_has_no_bypass(self) -> None:
+        closed = rules.RuleParams(7100, 7101, 0x7463, fail_closed=True)
+        text = rules.render("ipv4", closed)
+        assert "--queue-bypass" not in text and text.count("NFQUEUE") == 2
+
+    def test_removal_undoes_exactly_the_install(self) -> None:
+        removal = rules.removal_text(rules.render("ipv4", self.params)).splitlines()
+        assert removal == [
+            "*raw",
+            "-D PREROUTING -j NFQ_TCPCRYPT_PRE_7100",
+            "-D OUTPUT -j NFQ_TCPCRYPT_OUT_7100",
+            "-F NFQ_TCPCRYPT_PRE_7100",
+            "-F NFQ_TCPCRYPT_OUT_7100",
+            "-X NFQ_TCPCRYPT_PRE_7100",
+            "-X NFQ_TCPCRYPT_OUT_7100",
+            "COMMIT",
+            "*mangle",
+            "-D POSTROUTING -j NFQ_TCPCRYPT_POST_7100",
+            "-F NFQ_TCPCRYPT_POST_7100",
+            "-X NFQ_TCPCRYPT_POST_7100",
+            "COMMIT",
+        ]
+
+
+def test_control_socket_answers_json(tmp_path: Path) -> None:
+    path = str(tmp_path / "run" / "c.sock")
+    table = [{"local": "10.77.0.1:1", "remote": "10.77.0.2:2", "session_id": "23" * 33}]
+    server = ControlServer(path, {"sessions": lambda: table})
+    replies: dict[str, object] = {}
+
+    def client() -> None:
+        replies["sessions"] = query(path, "sessions")
+        replies["bogus"] = query(path, "bogus")
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        while thread.is_alive():
+            conn = server.accept()
+            for open_conn in list(server.clients):
+                if server.readable(open_conn):
+                    server.finish(open_conn)
+            thread.join(0.01)
+            del conn
+    finally:
+        thread.join(5)
+        server.close()
+    assert replies["sessions"] == table
+    assert "unknown cmd" in json.dumps(replies["bogus"])
+    assert not os.path.exists(path)
+
+
+def test_keylog_header_mode_and_flush(tmp_path: Path) -> None:
+    path = tmp_path / "k.log"
+    log = KeyLog(str(path))
+    log.write("ES " + "00" * 32 + " " + "11" * 32)
+    assert path.read_text() == HEADER + "ES " + "00" * 32 + " " + "11" * 32 + "\n"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    log.close()
+    again = KeyLog(str(path))  # appending to an existing file writes no second header
+    again.write("SS " + "22" * 18 + " " + "33" * 32 + "\n")
+    again.close()
+    assert path.read_text().count("#") == 1 and path.read_text().endswith("33" * 32 + "\n")
+
+
+def test_ip_total_length() -> None:
+    v4 = bytes([0x45, 0, 0x05, 0xDC]) + bytes(16)
+    v6 = bytes([0x60, 0, 0, 0, 0x05, 0xB4]) + bytes(34)
+    assert ip_total_length(v4) == 1500
+    assert ip_total_length(v6) == 1500
