@@ -37,8 +37,6 @@ class Engine:
         Remote-caused problems become verdicts and events; only LocalProtocolError (a bug) escapes.
         """
         self.counters["packets"] += 1
-        if self._next_sweep is None:
-            self._next_sweep = now + SWEEP_INTERVAL
         try:
             # Wire packets are checked: we rewrite checksums, so we must not launder corruption.
             seg = parse_segment(packet, verify_checksum=direction is Direction.INBOUND)
@@ -60,6 +58,8 @@ class Engine:
             verdict = session.outbound(seg, now)
         else:
             verdict = session.inbound(seg, now)
+        if session.closed_at is not None:
+            self._schedule_sweep(session.closed_at + self.config.session_linger)
         if verdict.packet is not None:
             self.counters["rewritten"] += 1
         return verdict
@@ -71,6 +71,7 @@ class Engine:
         session = Session(flow, self.config, self._events.append, self._inject.append)
         self._sessions[flow] = session
         self.counters["connections"] += 1
+        self._schedule_sweep(now + self.config.idle_timeout)
         try:
             if direction is Direction.OUTBOUND:
                 return session.start_active(seg, now)
@@ -102,16 +103,25 @@ class Engine:
             if session.timer_at is not None and session.timer_at <= now:
                 session.handle_timer(now)
         if self._next_sweep is not None and self._next_sweep <= now:
+            self._next_sweep = None
             self._sweep(now)
-            self._next_sweep = now + SWEEP_INTERVAL if self._sessions else None
+
+    def _schedule_sweep(self, when: float) -> None:
+        if self._next_sweep is None or when < self._next_sweep:
+            self._next_sweep = max(when, 0.0)
 
     def _sweep(self, now: float) -> None:
+        """Drop sessions past their linger or idle time; schedule the next sweep at the next expiry."""
         linger, idle = self.config.session_linger, self.config.idle_timeout
         for flow, session in list(self._sessions.items()):
-            closed = session.closed_at is not None and now - session.closed_at > linger
-            if closed or now - session.last_seen > idle:
+            expires = session.last_seen + idle
+            if session.closed_at is not None:
+                expires = min(expires, session.closed_at + linger)
+            if expires <= now:
                 del self._sessions[flow]
                 self._events.append(SessionExpired(flow))
+            else:
+                self._schedule_sweep(max(expires, now + SWEEP_INTERVAL))
 
     def next_event(self) -> Event | None:
         """The oldest unread event, or None."""

@@ -7,6 +7,7 @@ position is an unbounded *offset* from ISN+1; 32-bit sequence numbers exist only
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections import deque
 
 from .aead import FrameCipher
@@ -44,14 +45,19 @@ class FrameRecord:
 
 
 class SendStream:
-    """The local→wire direction: the frame log kept until the peer acknowledges it (DESIGN.md §3)."""
+    """The local→wire direction: the frame log kept until the peer acknowledges it (DESIGN.md §3).
+
+    The log is a list in send order with a moving head, so lookups by plain or wire position are
+    binary searches (retransmissions, SACK blocks, ICMP quotes) and acknowledged frames cost O(1).
+    """
 
     def __init__(self, isn: int) -> None:
         self.base = (isn + 1) & MASK
         self.prefix = b""  # Init1 or Init2: wire offsets [0, len(prefix)) with no plain counterpart
         self.plain_next = 0
         self.wire_next = 0
-        self.frames: deque[FrameRecord] = deque()
+        self.frames: list[FrameRecord] = []
+        self._head = 0
         self.acked_plain = 0
         self.acked_wire = 0
         self.cipher: FrameCipher | None = None
@@ -68,6 +74,11 @@ class SendStream:
     def prefix_acked(self) -> bool:
         """Whether the peer has acknowledged the whole Init message."""
         return self.acked_wire >= len(self.prefix)
+
+    @property
+    def unacked(self) -> int:
+        """Frames still in the log."""
+        return len(self.frames) - self._head
 
     def new_frame(self, data: bytes, fin: bool) -> list[FrameRecord]:
         """Frame new plaintext at the end of the stream (RFC 8548 §3.6), FINp on the last if `fin`."""
@@ -90,28 +101,77 @@ class SendStream:
 
     def covering(self, start: int, end: int) -> list[FrameRecord]:
         """Logged frames that overlap plain range [start, end) (a retransmission, DESIGN.md §3)."""
-        return [r for r in self.frames if r.plain_end > start and r.plain_start < end]
+        frames = self.frames
+        i = bisect_right(frames, start, lo=self._head, key=_plain_end)
+        out = []
+        while i < len(frames) and frames[i].plain_start < end:
+            out.append(frames[i])
+            i += 1
+        return out
 
     def plain_to_wire(self, plain: int) -> int:
         """Wire offset for a segment that starts at plain offset `plain` and carries no data."""
         if plain >= self.plain_next:
             return self.wire_next + (plain - self.plain_next)
-        for record in self.frames:
-            if record.plain_start >= plain:
-                return record.wire_start
+        frames = self.frames
+        i = bisect_left(frames, plain, lo=self._head, key=_plain_start)
+        if i < len(frames):
+            return frames[i].wire_start
         return self.acked_wire - (self.acked_plain - plain)
+
+    def wire_to_plain(self, wire: int) -> int:
+        """Plain offset of the frame holding wire offset `wire` (for quoted segments, ICMP)."""
+        if wire >= self.wire_next:
+            return self.plain_next
+        frames = self.frames
+        i = bisect_right(frames, wire, lo=self._head, key=_wire_end)
+        if i < len(frames) and frames[i].wire_start <= wire:
+            return frames[i].plain_start
+        return self.acked_plain
+
+    def sack_to_plain(self, left: int, right: int) -> tuple[int, int] | None:
+        """The plain range of the frames wholly inside wire SACK block [left, right) (RFC 2018)."""
+        frames = self.frames
+        i = bisect_left(frames, left, lo=self._head, key=_wire_start)
+        j = bisect_right(frames, right, lo=i, key=_wire_end)
+        if i >= j:
+            return None
+        return frames[i].plain_start, frames[j - 1].plain_end
 
     def ack_to_plain(self, wire: int) -> int:
         """Translate the peer's acknowledgment (wire offset) and forget fully acknowledged frames."""
         if wire > self.acked_wire:
             self.acked_wire = min(wire, self.wire_next)
             frames = self.frames
-            while frames and frames[0].wire_end <= wire:
-                self.acked_plain = frames[0].plain_end
-                frames.popleft()
-            if frames and frames[0].fin and wire == frames[0].wire_end - 1:
-                self.acked_plain = frames[0].plain_end - 1
+            head = self._head
+            n = len(frames)
+            while head < n and frames[head].wire_end <= wire:
+                head += 1
+            if head > self._head:
+                self.acked_plain = frames[head - 1].plain_end
+            if head < n and frames[head].fin and wire == frames[head].wire_end - 1:
+                self.acked_plain = frames[head].plain_end - 1
+            if head > 256 and head * 2 > n:
+                del frames[:head]
+                head = 0
+            self._head = head
         return self.acked_plain
+
+
+def _plain_start(record: FrameRecord) -> int:
+    return record.plain_start
+
+
+def _plain_end(record: FrameRecord) -> int:
+    return record.plain_end
+
+
+def _wire_start(record: FrameRecord) -> int:
+    return record.wire_start
+
+
+def _wire_end(record: FrameRecord) -> int:
+    return record.wire_end
 
 
 class RecvStream:
@@ -131,6 +191,9 @@ class RecvStream:
         self.finp = False  # a frame with FINp was verified (RFC 8548 §3.7)
         self.fin_delivered = False
         self.local_ack = 0  # highest plain offset the local stack acknowledged
+        self.last_ooo: int | None = None  # wire offset of the latest out-of-order arrival
+        self.fin_seen: int | None = None  # wire offset of a FIN that arrived, maybe ahead of a gap
+        self.replay: deque[tuple[int, bytes]] = deque()  # delivered plaintext our stack has not acked
 
     def add(self, wire: int, data: bytes, limit: int) -> bool:
         """Take payload at wire offset `wire`; return False when nothing new could be used."""
@@ -138,9 +201,10 @@ class RecvStream:
         if end <= self.wire_next:
             return False
         if wire > self.wire_next:
-            if self.ooo_bytes + len(data) <= limit and wire not in self.ooo:
+            if self.ooo_bytes + len(data) <= limit and len(data) > len(self.ooo.get(wire, b"")):
+                self.ooo_bytes += len(data) - len(self.ooo.get(wire, b""))
                 self.ooo[wire] = data
-                self.ooo_bytes += len(data)
+                self.last_ooo = wire
             return False
         self.buf += data[self.wire_next - wire :]
         self.wire_next = end
@@ -155,6 +219,27 @@ class RecvStream:
                     self.buf += piece[self.wire_next - w :]
                     self.wire_next = w + len(piece)
         return True
+
+    def sack_blocks(self, limit: int) -> list[tuple[int, int]]:
+        """Held out-of-order wire ranges as SACK blocks, the latest arrival first (RFC 2018 §4)."""
+        merged: list[list[int]] = []
+        for start in sorted(self.ooo):
+            end = start + len(self.ooo[start])
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        blocks = [(a, b) for a, b in merged]
+        if self.last_ooo is not None:
+            blocks.sort(key=lambda block: not block[0] <= self.last_ooo < block[1])
+        return blocks[:limit]
+
+    def plain_edge_to_wire(self, plain: int) -> int | None:
+        """The wire offset of a frame boundary at plain offset `plain`, if still remembered."""
+        for point_plain, point_wire in self.checkpoints:
+            if point_plain == plain:
+                return point_wire
+        return None
 
     def consume(self, n: int) -> bytes:
         """Remove `n` bytes from the front of the reassembly buffer."""
@@ -179,11 +264,31 @@ class RecvStream:
         self.plain_next += plain_len + fin
         self.checkpoints.append((self.plain_next, self.buf_start + fin))
 
+    def remember(self, plain_start: int, data: bytes) -> None:
+        """Keep delivered plaintext until our stack acknowledges it (for redelivery)."""
+        if data:
+            self.replay.append((plain_start, data))
+
+    def unacked_plaintext(self, limit: int) -> tuple[int, bytes]:
+        """(plain offset, bytes) delivered but not yet acknowledged by our stack, at most `limit`."""
+        out = bytearray()
+        start = self.local_ack
+        for at, data in self.replay:
+            if at + len(data) <= start:
+                continue
+            out += data[max(start - at, 0) :]
+            if len(out) >= limit:
+                break
+        return start, bytes(out[:limit])
+
     def ack_to_wire(self, plain: int) -> int:
         """Translate the local stack's acknowledgment (plain offset) into a wire offset."""
         points = self.checkpoints
         if plain > self.local_ack:
             self.local_ack = plain
+            replay = self.replay
+            while replay and replay[0][0] + len(replay[0][1]) <= plain:
+                replay.popleft()
         while len(points) > 1 and points[1][0] <= plain:
             points.popleft()
         first_plain, first_wire = points[0]

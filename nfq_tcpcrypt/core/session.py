@@ -35,7 +35,9 @@ from .constants import (
     TCPOPT_FASTOPEN,
     TCPOPT_MSS,
     TCPOPT_WSCALE,
+    TCPOPT_NOP,
     TCPOPT_SACK,
+    TCPOPT_SACK_PERM,
     TEP_NAMES,
     Aead,
     Tep,
@@ -67,6 +69,9 @@ from .wire.tcpcrypt import (
 )
 
 logger = logging.getLogger(__name__)
+
+MAX_DELIVER = 32768
+"""Largest plaintext chunk handed to our stack in one packet (after a gap fills, many frames at once)."""
 
 
 class State(Enum):
@@ -141,6 +146,9 @@ class Session:
         self.timer_at: float | None = None
         self._kex_tries = 0
         self._init1_sent = False
+        self._prefix_dupacks = 0
+        self._local_sack_perm = False
+        self._remote_sack_perm = False
         self._local_ws: int | None = None  # window scale shifts of the SYNs (RFC 7323 §2.2)
         self._remote_ws: int | None = None
         self._private_key = None
@@ -169,6 +177,11 @@ class Session:
     def _fall_back(self, reason: str) -> None:
         self._set_state(Trigger.FALLBACK)
         self._emit(FellBackToPlain(self.flow, reason))
+
+    @property
+    def sack_ok(self) -> bool:
+        """Both SYNs carried SACK-permitted (RFC 2018 §2)."""
+        return self._local_sack_perm and self._remote_sack_perm
 
     @property
     def is_translating(self) -> bool:
@@ -236,6 +249,8 @@ class Session:
         self.created_at = self.last_seen = now
         self.isn_local = seg.seq
         options = parse_options(seg.options)
+        self._local_ws = _wscale(options)
+        self._local_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
         if seg.payload or any(kind == TCPOPT_FASTOPEN for kind, _ in options):
             # RFC 8547 §4.7: tcpcrypt defines no SYN data; a SYN with data or TFO stays plain.
             self._fall_back("syn carries data or tcp fast open")
@@ -255,6 +270,7 @@ class Session:
         """The peer opens: accept ENO if its SYN offers a TEP we support (RFC 8547 §4.5)."""
         self.created_at = self.last_seen = now
         self.isn_remote = seg.seq
+        self._note_remote(seg)
         options = parse_options(seg.options)
         enos = [raw for kind, raw in options if kind == ENO_OPTION_KIND]
         reason = None
@@ -293,6 +309,7 @@ class Session:
     def _syn_out(self, seg: Segment) -> Verdict:
         options = parse_options(seg.options)
         self._local_ws = _wscale(options)
+        self._local_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
         self._note_local(seg, syn=True)
         if seg.is_ack:
             # Our SYN-ACK as passive opener: answer with B's option (RFC 8547 §4.6).
@@ -470,52 +487,64 @@ class Session:
             seg.ack = to_seq(recv.ack_to_wire(to_offset(seg.ack, recv.base, recv.local_ack)), recv.base)
         seg.flags &= ~TCP_URG  # RFC 8548 §3.7: URG travels only as URGp; we send none
         seg.urgent = 0
-        options = self._strip(parse_options(seg.options))
-        if self.need_nonsyn_eno:
-            options.append((ENO_OPTION_KIND, NON_SYN_ENO))
-        seg.options = serialize_options(options)
+        seg.options = self._options_out(seg.options)
         if send.cipher is None:
-            # Before keys: hold new plaintext (DESIGN.md §3); it is framed when the keys exist.
-            if send.held_end < end <= self.config.held_limit and plain <= send.held_end:
-                send.held.append((send.held_end, bytes(data[send.held_end - plain :]), fin))
-                send.held_end = end
-            # Host A: Init1 rides on the first segment after the SYN-ACK (the third ACK), and on
-            # pure ACKs while it is unacknowledged.
-            if self.role == "A" and not send.prefix_acked and (not self._init1_sent or not (data or fin)):
-                self._init1_sent = True
-                seg.seq = send.base
-                seg.payload = send.prefix
-                seg.flags = (seg.flags & ~TCP_FIN) | TCP_PSH
-                if self.timer_at is None:
-                    self._kex_tries = 1
-                    self.timer_at = now + self.config.kex_timeout
-                return Verdict(Action.ACCEPT, serialize_segment(seg))
-            if data or fin:
-                return DROP
-            seg.seq = to_seq(send.plain_to_wire(plain), send.base)
-            return Verdict(Action.ACCEPT, serialize_segment(seg))
+            return self._before_keys(seg, plain, end, now)
         if not data and not fin:
             seg.seq = to_seq(send.plain_to_wire(plain), send.base)
             return Verdict(Action.ACCEPT, serialize_segment(seg))
+        if end <= send.acked_plain:
+            # All of it was acknowledged already (the peer's ACK to our stack was lost): probe the
+            # peer like a keepalive, so that it repeats its ACK.
+            seg.seq = to_seq(send.acked_wire - 1, send.base)
+            seg.payload = b""
+            seg.flags &= ~(TCP_FIN | TCP_PSH)
+            return Verdict(Action.ACCEPT, serialize_segment(seg))
         if plain > send.plain_next:
             raise LocalProtocolError(f"local stack skipped plain bytes {send.plain_next}..{plain}")
+        # Retransmitted ranges are sent as the logged frames, byte-identical (RFC 8548 §3.6).
         records = send.covering(plain, min(end, send.plain_next)) if plain < send.plain_next else []
         if end > send.plain_next:
             if send.fin_framed:
                 raise RemoteProtocolError("local stack sent data after its fin", Disposition.DROP_SEGMENT)
-            new = data[send.plain_next - plain :]
-            new_fin = fin
+            new = bytes(data[send.plain_next - plain :])
             self.bytes_out += len(new)
-            records += send.new_frame(bytes(new), new_fin)
+            records += send.new_frame(new, fin)
         if not records:
             return DROP
         packets = self._frame_packets(records)
-        first_seq, first_payload, first_fin = packets[0]
-        seg.seq = to_seq(first_seq, send.base)
+        first_wire, first_payload, first_fin = packets[0]
+        seg.seq = to_seq(first_wire, send.base)
         seg.payload = first_payload
         seg.flags = (seg.flags & ~TCP_FIN) | (TCP_FIN if first_fin else 0)
         for wire, payload, with_fin in packets[1:]:
             self._inject_wire(wire, payload, TCP_ACK | TCP_PSH | (TCP_FIN if with_fin else 0))
+        return Verdict(Action.ACCEPT, serialize_segment(seg))
+
+    def _before_keys(self, seg: Segment, plain: int, end: int, now: float) -> Verdict:
+        """Our stack sends before the keys exist: hold its plaintext (DESIGN.md §3).
+
+        Host A's Init1 rides on the first segment after the SYN-ACK (the third ACK), and on pure
+        ACKs while it is unacknowledged; the held plaintext is framed when Init2 arrives.
+        """
+        send = self.send
+        assert send is not None
+        data, fin = seg.payload, seg.is_fin
+        if send.held_end < end <= self.config.held_limit and plain <= send.held_end:
+            send.held.append((send.held_end, bytes(data[send.held_end - plain :]), fin))
+            send.held_end = end
+        if self.role == "A" and not send.prefix_acked and (not self._init1_sent or not (data or fin)):
+            self._init1_sent = True
+            seg.seq = send.base
+            seg.payload = send.prefix
+            seg.flags = (seg.flags & ~TCP_FIN) | TCP_PSH
+            if self.timer_at is None:
+                self._kex_tries = 1
+                self.timer_at = now + self.config.kex_timeout
+            return Verdict(Action.ACCEPT, serialize_segment(seg))
+        if data or fin:
+            return DROP
+        seg.seq = to_seq(send.plain_to_wire(plain), send.base)
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
     def _frame_packets(self, records: list) -> list[tuple[int, bytes, bool]]:
@@ -539,52 +568,86 @@ class Session:
         send, recv = self.send, self.recv
         assert send is not None and recv is not None
         self.need_nonsyn_eno = False  # RFC 8547 §4.6: a non-SYN segment arrived
+        acked_before = send.acked_plain
         if seg.is_ack:
             wire_ack = to_offset(seg.ack, send.base, send.acked_wire)
+            if send.cipher is not None and not send.prefix_acked and wire_ack == send.acked_wire:
+                # The peer lacks our Init message and says so with duplicate ACKs: resend it now.
+                self._prefix_dupacks += 1
+                if self._prefix_dupacks % 3 == 0:
+                    self._send_prefix(now)
             seg.ack = to_seq(send.ack_to_plain(wire_ack), send.base)
-            if send.prefix_acked and send.cipher is not None:
+            if self.timer_at is not None and send.prefix_acked and send.cipher is not None:
                 self.timer_at = None
         seg.window = seg.window - (seg.window >> 6)  # frames cost ~1.4 %: keep the peer's window honest
+        seg.options = self._options_in(seg.options)
         wire = to_offset(seg.seq, recv.base, recv.wire_next)
         data = seg.payload
         plain_start = recv.plain_next
-        if data:
-            if not recv.add(wire, data, self.config.ooo_limit):
-                # Duplicate or out of order: answer the peer with what our stack has acknowledged.
-                if not send.prefix_acked and send.prefix and send.cipher is not None:
-                    self._send_prefix(now)
-                self._inject_ack()
-        if seg.is_fin and wire + len(data) == recv.wire_next:
-            recv.fin_at = recv.wire_next
+        redeliver = b""
+        if seg.is_fin and recv.fin_seen is None:
+            recv.fin_seen = wire + len(data)
+        if data and not recv.add(wire, data, self.config.ooo_limit):
+            if send.cipher is not None and not send.prefix_acked:
+                self._send_prefix(now)
+            if wire + len(data) <= recv.wire_next and recv.local_ack < recv.plain_next - recv.fin_delivered:
+                # The peer resends what we delivered and our stack has not acknowledged:
+                # deliver that plaintext again so that our stack acknowledges it (DESIGN.md §3).
+                plain_start, redeliver = recv.unacked_plaintext(MAX_DELIVER)
+            else:
+                self._inject_ack()  # a duplicate ACK (with SACK blocks) toward the peer
+        if recv.fin_seen is not None and recv.fin_at is None and recv.wire_next == recv.fin_seen:
+            recv.fin_at = recv.fin_seen
         out = self._drain(now)
+        if out:
+            recv.remember(plain_start, out)
         fin_now = False
         if recv.fin_at is not None and not recv.fin_delivered and recv.buf_start == recv.fin_at:
             if not recv.finp:
                 # RFC 8548 §3.7: a FIN without FINp; abort with an error distinct from EOF.
                 raise RemoteProtocolError("fin without a finp frame")
             fin_now = True
-        elif recv.finp and recv.buf:
-            raise RemoteProtocolError("data after the finp frame")
-        elif seg.is_fin and recv.fin_delivered and wire + len(data) == recv.fin_at:
-            # A retransmitted FIN: show our stack its FIN again so that it repeats the ACK.
-            plain_start = recv.plain_next - 1
-            fin_now = True
-        if fin_now and not recv.fin_delivered:
             recv.fin_delivered = True
             recv.delivered(0, True)
-        self.bytes_in += len(out)
-        seg.seq = to_seq(plain_start, recv.base)
-        seg.payload = out
-        flags = seg.flags & ~(TCP_FIN | TCP_URG | TCP_PSH)
-        if out:
-            flags |= TCP_PSH
-        if fin_now:
-            flags |= TCP_FIN
-        seg.flags = flags
+        elif recv.finp and recv.buf:
+            raise RemoteProtocolError("data after the finp frame")
+        elif seg.is_fin and recv.fin_delivered and not out and not redeliver:
+            plain_start = recv.plain_next - 1  # a retransmitted FIN: show it again, our stack re-ACKs
+            fin_now = True
+        elif not data and not seg.is_fin and wire < recv.wire_next:
+            plain_start = recv.plain_next - 1 - recv.fin_delivered  # a keepalive probe: let our stack answer
+        if redeliver:
+            out = redeliver
+        elif not out and not fin_now and data and send.acked_plain == acked_before:
+            return DROP  # nothing new for our stack; an empty copy would look like a duplicate ACK
+        self.bytes_in += len(out) if not redeliver else 0
+        seg.flags &= ~(TCP_FIN | TCP_URG | TCP_PSH)
         seg.urgent = 0
-        seg.options = serialize_options(self._strip(parse_options(seg.options), eno=True))
         self._check_closed(now)
-        return Verdict(Action.ACCEPT, serialize_segment(seg))
+        return self._deliver(seg, plain_start, out, fin_now)
+
+    def _deliver(self, seg: Segment, plain_start: int, data: bytes, fin: bool) -> Verdict:
+        """Hand plaintext to our stack: the first chunk in the verdict, the rest injected."""
+        recv = self.recv
+        assert recv is not None
+        first = None
+        at = 0
+        while True:
+            chunk = data[at : at + MAX_DELIVER]
+            last = at + MAX_DELIVER >= len(data)
+            seg.seq = to_seq(plain_start + at, recv.base)
+            seg.payload = chunk
+            flags = seg.flags & ~(TCP_FIN | TCP_PSH)
+            seg.flags = flags | (TCP_PSH if chunk else 0) | (TCP_FIN if fin and last else 0)
+            packet = serialize_segment(seg)
+            if first is None:
+                first = packet
+            else:
+                self._inject(packet)
+            if last:
+                break
+            at += MAX_DELIVER
+        return Verdict(Action.ACCEPT, first)
 
     def _drain(self, now: float) -> bytes:
         """Consume the Init message and every complete frame; return the plaintext to deliver."""
@@ -679,7 +742,7 @@ class Session:
     def _check_closed(self, now: float) -> None:
         send, recv = self.send, self.recv
         if self.closed_at is None and send is not None and recv is not None:
-            if recv.fin_delivered and send.fin_framed and not send.frames:
+            if recv.fin_delivered and send.fin_framed and send.unacked == 0:
                 self.closed_at = now
                 self._emit(SessionClosed(self.flow, "fin both ways"))
 
@@ -696,14 +759,50 @@ class Session:
     def _note_remote(self, seg: Segment) -> None:
         """Remember the peer's TSval (echoed in segments we build)."""
         if seg.is_syn:
-            self._remote_ws = _wscale(parse_options(seg.options))
+            options = parse_options(seg.options)
+            self._remote_ws = _wscale(options)
+            self._remote_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
         ts = timestamp(parse_options(seg.options)) if seg.options else None
         if ts is not None:
             self._remote_ts = ts[0]
 
-    def _strip(self, options: list[tuple[int, bytes]], eno: bool = False) -> list[tuple[int, bytes]]:
-        # SACK blocks live in one byte space; until they are translated (issue 4) they are removed.
-        return [(k, raw) for k, raw in options if k != TCPOPT_SACK and k > 1 and not (eno and k == ENO_OPTION_KIND)]
+    def _options_out(self, raw: bytes) -> bytes:
+        """Options of a segment toward the wire: SACK blocks into wire space, plus our own blocks
+        for out-of-order data we hold, plus the non-SYN ENO option while RFC 8547 §4.6 wants it."""
+        recv = self.recv
+        assert recv is not None
+        kept, blocks = [], []
+        for kind, option in parse_options(raw):
+            if kind == TCPOPT_SACK:
+                for left, right in _sack_pairs(option):
+                    lo = recv.plain_edge_to_wire(to_offset(left, recv.base, recv.local_ack))
+                    hi = recv.plain_edge_to_wire(to_offset(right, recv.base, recv.local_ack))
+                    if lo is not None and hi is not None and lo < hi:
+                        blocks.append((lo, hi))
+            elif kind > TCPOPT_NOP and kind != ENO_OPTION_KIND:
+                kept.append((kind, option))
+        if self.sack_ok and recv.ooo:
+            blocks = recv.sack_blocks(4) + blocks
+        if self.need_nonsyn_eno:
+            kept.append((ENO_OPTION_KIND, NON_SYN_ENO))
+        return _with_sack(kept, blocks, recv.base)
+
+    def _options_in(self, raw: bytes) -> bytes:
+        """Options of a segment toward our stack: SACK blocks into plain space, ENO removed."""
+        send = self.send
+        assert send is not None
+        kept, blocks = [], []
+        for kind, option in parse_options(raw):
+            if kind == TCPOPT_SACK:
+                for left, right in _sack_pairs(option):
+                    lo = to_offset(left, send.base, send.acked_wire)
+                    hi = to_offset(right, send.base, send.acked_wire)
+                    plain = send.sack_to_plain(lo, hi)
+                    if plain is not None:
+                        blocks.append(plain)
+            elif kind > TCPOPT_NOP and kind != ENO_OPTION_KIND:
+                kept.append((kind, option))
+        return _with_sack(kept, blocks, send.base)
 
     def _ts_options(self, ours: int | None, theirs: int | None) -> bytes:
         if ours is None or theirs is None:
@@ -718,8 +817,8 @@ class Session:
 
         f = self.flow
         options = self._ts_options(self._local_ts, self._remote_ts)
-        if self.need_nonsyn_eno and not flags & TCP_RST:
-            options = serialize_options(parse_options(options) + [(ENO_OPTION_KIND, NON_SYN_ENO)])
+        if not flags & TCP_RST:
+            options = self._options_out(options)
         seg = new_segment(
             f.local_ip, f.remote_ip, f.local_port, f.remote_port, to_seq(wire, send.base),
             to_seq(recv.ack_to_wire(recv.local_ack), recv.base), flags, self._local_window, options, payload,
@@ -765,6 +864,22 @@ class Session:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
         }
+
+
+def _sack_pairs(option: bytes) -> list[tuple[int, int]]:
+    return [struct.unpack_from("!II", option, i) for i in range(2, len(option) - 7, 8)]  # type: ignore[misc]
+
+
+def _with_sack(options: list[tuple[int, bytes]], blocks: list[tuple[int, int]], base: int) -> bytes:
+    """Serialize `options` plus as many SACK blocks (offsets from `base`) as fit (RFC 2018 §3)."""
+    used = sum(len(option) for _, option in options)
+    n = min(len(blocks), 4)
+    while n and (used + 2 + 8 * n + 3) // 4 * 4 > 40:
+        n -= 1
+    if n:
+        body = b"".join(struct.pack("!II", to_seq(lo, base), to_seq(hi, base)) for lo, hi in blocks[:n])
+        options = options + [(TCPOPT_SACK, bytes((TCPOPT_SACK, 2 + 8 * n)) + body)]
+    return serialize_options(options)
 
 
 def _wscale(options: list[tuple[int, bytes]]) -> int | None:

@@ -61,73 +61,115 @@ def seeded_config(seed: bytes, **kwargs) -> Configuration:  # type: ignore[no-un
 
 
 class Endpoint:
-    """One TCP endpoint (the "local stack" behind an engine)."""
+    """One TCP endpoint (the "local stack" behind an engine).
+
+    Enough TCP for the engines: handshake (MSS, SACK-permitted, timestamps, window scale), a 64 KiB
+    send window, cumulative ACKs, out-of-order reassembly, retransmission on timeout (go-back-N)
+    and fast retransmit on three duplicate ACKs, FIN, RST, keepalive answers.
+    """
+
+    RTO = 0.2
+    WINDOW = 65536
 
     def __init__(self, ip: bytes, port: int, isn: int, mss: int = 1460) -> None:
         self.ip, self.port, self.isn, self.mss = ip, port, isn, mss
         self.peer_ip = b""
         self.peer_port = 0
         self.state = "closed"
-        self.snd_nxt = isn
-        self.snd_una = isn
-        self.rcv_nxt = 0
-        self.peer_mss = 536
-        self.pending = b""  # written, not yet sent
-        self.fin_pending = False
+        self.stream = bytearray()  # everything written, from offset 0 = isn+1
+        self.una = 0  # offsets of snd_una / snd_nxt from isn+1
+        self.nxt = 0
+        self.fin_written = False
+        self.irs = 0
         self.received = bytearray()
+        self.ooo: dict[int, bytes] = {}
+        self.peer_fin_at: int | None = None
         self.peer_fin = False
         self.was_reset = False
         self.out: list[bytes] = []
         self.ts = 1000
         self.ts_recent = 0
+        self.peer_mss = 536
+        self.rto_at: float | None = None
+        self.dupacks = 0
+        self.now = 0.0
+
+    # -- helpers
+    @property
+    def rcv_nxt(self) -> int:
+        return (self.irs + 1 + len(self.received) + self.peer_fin) & MASK
 
     def _emit(self, flags: int, payload: bytes = b"", options: bytes | None = None, seq: int | None = None) -> None:
         self.ts += 1
         if options is None:
             options = struct.pack("!BBBBII", 1, 1, 8, 10, self.ts, self.ts_recent)
+        if seq is None:
+            seq = self.isn + 1 + self.nxt
         seg = new_segment(
-            self.ip, self.peer_ip, self.port, self.peer_port, self.snd_nxt if seq is None else seq,
+            self.ip, self.peer_ip, self.port, self.peer_port, seq & MASK,
             self.rcv_nxt if flags & TCP_ACK else 0, flags, 1000, options, payload,
         )
         self.out.append(serialize_segment(seg))
 
     def _syn_options(self) -> bytes:
-        return struct.pack("!BBH", 2, 4, self.mss) + b"\x04\x02" + struct.pack("!BBII", 8, 10, self.ts, 0) + b"\x01\x03\x03\x07"
+        return struct.pack("!BBH", 2, 4, self.mss) + b"\x04\x02" + struct.pack("!BBII", 8, 10, self.ts, self.ts_recent) + b"\x01\x03\x03\x07"
 
+    def _send_syn(self) -> None:
+        flags = TCP_SYN | (TCP_ACK if self.state == "syn-received" else 0)
+        self._emit(flags, options=self._syn_options(), seq=self.isn)
+        self.rto_at = self.now + self.RTO
+
+    # -- user calls
     def connect(self, peer_ip: bytes, peer_port: int) -> None:
         self.peer_ip, self.peer_port = peer_ip, peer_port
         self.state = "syn-sent"
-        self._emit(TCP_SYN, options=self._syn_options())
-        self.snd_nxt = (self.isn + 1) & MASK
+        self._send_syn()
 
     def listen(self) -> None:
         self.state = "listen"
 
     def write(self, data: bytes) -> None:
-        self.pending += data
+        self.stream += data
         self.pump()
 
     def close(self) -> None:
-        self.fin_pending = True
+        self.fin_written = True
         self.pump()
 
+    @property
+    def done_sending(self) -> bool:
+        return self.una >= len(self.stream) + self.fin_written
+
     def pump(self) -> None:
-        if self.state != "established":
+        if self.state not in ("established", "fin-sent"):
             return
         mss = min(self.mss, self.peer_mss)
-        while self.pending:
-            chunk, self.pending = self.pending[:mss], self.pending[mss:]
-            fin = self.fin_pending and not self.pending
+        end = len(self.stream)
+        while self.nxt < end and self.nxt - self.una < self.WINDOW:
+            chunk = bytes(self.stream[self.nxt : self.nxt + mss])
+            fin = self.fin_written and self.nxt + len(chunk) == end
             self._emit(TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0), chunk)
-            self.snd_nxt = (self.snd_nxt + len(chunk) + fin) & MASK
-            if fin:
-                self.fin_pending = False
-                self.state = "fin-sent"
-        if self.fin_pending:
+            self.nxt += len(chunk) + fin
+        if self.fin_written and self.nxt == end:
             self._emit(TCP_ACK | TCP_FIN)
-            self.snd_nxt = (self.snd_nxt + 1) & MASK
-            self.fin_pending = False
+            self.nxt += 1
+        if self.fin_written:
             self.state = "fin-sent"
+        if self.nxt > self.una and self.rto_at is None:
+            self.rto_at = self.now + self.RTO
+
+    def on_timer(self, now: float) -> None:
+        self.now = now
+        if self.rto_at is None or now < self.rto_at:
+            return
+        self.rto_at = None
+        if self.state in ("syn-sent", "syn-received"):
+            self._send_syn()
+        elif self.nxt > self.una:
+            self.nxt = self.una  # go back N
+            if self.fin_written and self.una == len(self.stream) + 1:
+                self.nxt -= 1
+            self.pump()
 
     def receive(self, packet: bytes) -> None:
         seg = parse_segment(packet, verify_checksum=True)
@@ -137,49 +179,122 @@ class Endpoint:
         if seg.is_rst:
             self.was_reset = True
             self.state = "closed"
+            self.rto_at = None
+            return
+        if self.state == "closed":
             return
         if seg.is_syn:
             if 2 in options:
                 self.peer_mss = struct.unpack_from("!H", options[2], 2)[0]
-            if self.state == "listen" and not seg.is_ack:
+            if self.state in ("listen", "syn-received") and not seg.is_ack:
                 self.peer_ip, self.peer_port = seg.src, seg.sport
-                self.rcv_nxt = (seg.seq + 1) & MASK
+                self.irs = seg.seq
                 self.state = "syn-received"
-                self._emit(TCP_SYN | TCP_ACK, options=self._syn_options())
-                self.snd_nxt = (self.isn + 1) & MASK
+                self._send_syn()
             elif self.state == "syn-sent" and seg.is_ack:
-                self.rcv_nxt = (seg.seq + 1) & MASK
-                self.snd_una = seg.ack
+                self.irs = seg.seq
                 self.state = "established"
+                self.rto_at = None
                 self._emit(TCP_ACK)
                 self.pump()
+            elif seg.is_ack:
+                self._emit(TCP_ACK)  # a retransmitted SYN-ACK: our ACK was lost
             return
-        if self.state == "syn-received" and seg.is_ack:
+        if self.state == "syn-received":
+            if not seg.is_ack or seg.ack != (self.isn + 1) & MASK:
+                return
             self.state = "established"
+            self.rto_at = None
         if seg.is_ack:
-            self.snd_una = seg.ack
+            acked = (seg.ack - self.isn - 1) & MASK
+            if self.una < acked <= self.nxt:
+                self.una = acked
+                self.dupacks = 0
+                self.rto_at = self.now + self.RTO if self.nxt > self.una else None
+            elif acked == self.una and not seg.payload and self.nxt > self.una:
+                self.dupacks += 1
+                if self.dupacks == 3:  # fast retransmit of one segment
+                    mss = min(self.mss, self.peer_mss)
+                    chunk = bytes(self.stream[self.una : self.una + mss])
+                    fin = self.fin_written and self.una + len(chunk) == len(self.stream)
+                    self._emit(TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0), chunk, seq=self.isn + 1 + self.una)
+        start = (seg.seq - self.irs - 1) & MASK
+        if start >= 1 << 31:
+            start -= 1 << 32
         if seg.payload or seg.is_fin:
-            if seg.seq == self.rcv_nxt:
-                self.received += seg.payload
-                self.rcv_nxt = (self.rcv_nxt + len(seg.payload)) & MASK
-                if seg.is_fin:
-                    self.peer_fin = True
-                    self.rcv_nxt = (self.rcv_nxt + 1) & MASK
+            if seg.is_fin:
+                self.peer_fin_at = start + len(seg.payload)
+            if start <= len(self.received) and seg.payload:
+                piece = seg.payload[len(self.received) - start :]
+                self.received += piece
+                while self.ooo:
+                    ready = [k for k in self.ooo if k <= len(self.received)]
+                    if not ready:
+                        break
+                    for k in ready:
+                        self.received += self.ooo.pop(k)[len(self.received) - k :]
+            elif start > len(self.received):
+                self.ooo[start] = seg.payload
+            if self.peer_fin_at is not None and self.peer_fin_at == len(self.received):
+                self.peer_fin = True
             self._emit(TCP_ACK)
+        elif start < len(self.received) + self.peer_fin:
+            self._emit(TCP_ACK)  # a keepalive probe
         self.pump()
 
 
+class Channel:
+    """A wire that loses, duplicates, reorders and re-segments packets, from a seed."""
+
+    def __init__(self, seed: int, loss: float = 0.0, dup: float = 0.0, reorder: float = 0.0,
+                 split: float = 0.0) -> None:
+        import random
+
+        self.random = random.Random(seed)
+        self.loss, self.dup, self.reorder, self.split = loss, dup, reorder, split
+
+    def carry(self, packet: bytes) -> list[tuple[int, bytes]]:
+        """(delay in steps, packet) pairs for what leaves the channel."""
+        r = self.random
+        if r.random() < self.loss:
+            return []
+        seg = parse_segment(packet)
+        pieces = [packet]
+        if seg.payload and len(seg.payload) > 1 and r.random() < self.split:
+            cut = r.randrange(1, len(seg.payload))
+            first = parse_segment(packet)
+            first.payload = seg.payload[:cut]
+            first.flags &= ~TCP_FIN
+            second = parse_segment(packet)
+            second.seq = (seg.seq + cut) & MASK
+            second.payload = seg.payload[cut:]
+            pieces = [serialize_segment(first), serialize_segment(second)]
+        out = []
+        for piece in pieces:
+            delay = r.randrange(1, 40) if r.random() < self.reorder else 0
+            out.append((delay, piece))
+            if r.random() < self.dup:
+                out.append((r.randrange(0, 40), piece))
+        return out
+
+
 class Pair:
-    """Two engines, each in front of an Endpoint, joined by an in-order, lossless wire."""
+    """Two engines, each in front of an Endpoint, joined by a wire (lossless unless a Channel is given)."""
+
+    STEP = 0.0001  # simulated seconds per packet
 
     def __init__(self, seed: bytes = b"pair", a_config: Configuration | None = None,
-                 b_config: Configuration | None = None, a_engine: bool = True, b_engine: bool = True) -> None:
+                 b_config: Configuration | None = None, a_engine: bool = True, b_engine: bool = True,
+                 channel: Channel | None = None) -> None:
         self.a = Endpoint(A_IP, 40000, 0xFFFFFF00)  # ISNs near the 2**32 wrap on purpose
         self.b = Endpoint(B_IP, 80, 0x7FFFFFF0)
         self.engine_a = Engine(a_config or seeded_config(seed + b"a")) if a_engine else None
         self.engine_b = Engine(b_config or seeded_config(seed + b"b")) if b_engine else None
+        self.channel = channel
         self.wire: list[bytes] = []  # every packet that crossed the wire, in order
         self.now = 0.0
+        self._delayed: list[tuple[int, str, bytes]] = []
+        self._step = 0
 
     def _through(self, engine: Engine | None, packet: bytes, direction: Direction) -> bytes | None:
         if engine is None:
@@ -189,11 +304,21 @@ class Pair:
             return None
         return verdict.packet if verdict.packet is not None else packet
 
-    def run(self, max_steps: int = 100000) -> None:
-        """Move packets until every queue is empty."""
+    def _timers(self) -> list[float]:
+        times = [ep.rto_at for ep in (self.a, self.b) if ep.rto_at is not None]
+        for engine in (self.engine_a, self.engine_b):
+            if engine is not None and (t := engine.get_timer()) is not None:
+                times.append(t)
+        return times
+
+    def run(self, max_steps: int = 200000, max_time: float = 60.0) -> None:
+        """Move packets, and fire timers when the wire is idle, until everything is quiet (or
+        `max_time` simulated seconds passed)."""
+        max_time += self.now
         queue: deque[tuple[str, bytes]] = deque()
         for _ in range(max_steps):
             for name, ep in (("a", self.a), ("b", self.b)):
+                ep.now = self.now
                 for packet in ep.out:
                     queue.append((name + "-out", packet))
                 ep.out.clear()
@@ -203,8 +328,26 @@ class Pair:
                 for packet in engine.segments_to_inject():
                     to_local = packet[16:20] == (A_IP if name == "a" else B_IP)
                     queue.append((name + ("-local" if to_local else "-wire"), packet))
+            self._step += 1
+            ready = [d for d in self._delayed if d[0] <= self._step]
+            if ready or (not queue and self._delayed):
+                if not ready:
+                    ready = [min(self._delayed)]
+                for item in ready:
+                    self._delayed.remove(item)
+                    queue.append(("arrive-" + item[1], item[2]))
             if not queue:
-                return
+                pending = [t for t in self._timers() if t <= max_time]
+                if not pending:
+                    return
+                self.now = max(self.now, min(pending))
+                for ep in (self.a, self.b):
+                    ep.on_timer(self.now)
+                for engine in (self.engine_a, self.engine_b):
+                    if engine is not None and (t := engine.get_timer()) is not None and t <= self.now:
+                        engine.handle_timer(self.now)
+                continue
+            self.now += self.STEP
             where, packet = queue.popleft()
             if where in ("a-out", "b-out"):
                 side = where[0]
@@ -212,8 +355,16 @@ class Pair:
                 if packet2 is not None:
                     queue.append((side + "-wire", packet2))
             elif where.endswith("-wire"):
-                self.wire.append(packet)
                 other = "b" if where[0] == "a" else "a"
+                carried = [(0, packet)] if self.channel is None else self.channel.carry(packet)
+                for delay, piece in carried:
+                    if delay:
+                        self._delayed.append((self._step + delay, other, piece))
+                    else:
+                        queue.append(("arrive-" + other, piece))
+            elif where.startswith("arrive-"):
+                other = where[-1]
+                self.wire.append(packet)
                 packet2 = self._through(self.engine_b if other == "b" else self.engine_a, packet, Direction.INBOUND)
                 if packet2 is not None:
                     (self.b if other == "b" else self.a).receive(packet2)
