@@ -1,0 +1,147 @@
+"""One direction of a captured TCP connection, reassembled into its byte stream (offline tool).
+
+Stream offsets count from the first payload byte after the SYN (ISN+1), the framing-stream offsets
+of RFC 8548 §3.6 (spec/tcpcrypt.md ambiguity 1). When the capture starts mid-connection the origin is
+the first payload byte seen instead, and `offsets_exact` is False.
+
+Data is delivered in order to a sink, once per byte: retransmitted and overlapping bytes are dropped
+(first arrival wins), reordered segments wait (bounded by `hold_limit`). A hole that cannot fill (the
+capture lost the segment, or the hold limit was reached) is reported as a gap and skipped.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass
+
+MASK = 0xFFFFFFFF
+HALF = 1 << 31
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Bytes of the stream missing from the capture: [offset, offset + length).
+
+    `packet` is the packet whose data came right after the gap (0 when the gap is at the end of the
+    capture, known only from the peer's acknowledgments or the FIN).
+    """
+
+    offset: int
+    length: int
+    packet: int
+
+
+DataSink = Callable[[int, bytes, int], None]  # (offset, data, packet number)
+GapSink = Callable[[Gap], None]
+
+
+class StreamReassembler:
+    """In-order delivery of one direction's payload bytes, coping with loss, reordering and repeats."""
+
+    def __init__(self, on_data: DataSink, on_gap: GapSink, isn: int | None = None,
+                 hold_limit: int = 32 << 20) -> None:
+        self._on_data = on_data
+        self._on_gap = on_gap
+        self.base: int | None = None if isn is None else (isn + 1) & MASK
+        self.offsets_exact = isn is not None
+        self.next = 0
+        self._held: dict[int, tuple[bytes, int]] = {}
+        self._heap: list[int] = []
+        self._held_bytes = 0
+        self._hold_limit = hold_limit
+        self.repeated_bytes = 0
+        self.fin_offset: int | None = None
+        self.acked: int | None = None  # highest offset acknowledged by the peer
+
+    def offset_of(self, seq: int) -> int:
+        """The stream offset of sequence number `seq`, unwrapped near the current position."""
+        assert self.base is not None
+        delta = (seq - self.base - self.next) & MASK
+        if delta >= HALF:
+            delta -= 1 << 32
+        return self.next + delta
+
+    def add(self, seq: int, payload: bytes, packet: int, fin: bool = False) -> None:
+        """Take one segment's payload (and FIN flag)."""
+        if self.base is None:
+            if not payload:
+                return
+            self.base = seq
+        offset = self.offset_of(seq)
+        if fin and self.fin_offset is None:
+            self.fin_offset = offset + len(payload)
+        if not payload:
+            return
+        end = offset + len(payload)
+        if end <= self.next:
+            self.repeated_bytes += len(payload)
+            return
+        if offset < self.next:
+            self.repeated_bytes += self.next - offset
+            payload = payload[self.next - offset :]
+            offset = self.next
+        if offset == self.next:
+            self.next = end
+            self._on_data(offset, payload, packet)
+            if self._held:
+                self._drain()
+            return
+        held = self._held.get(offset)
+        if held is not None:
+            if len(held[0]) >= len(payload):
+                self.repeated_bytes += len(payload)
+                return
+            self._held_bytes -= len(held[0])
+        else:
+            heapq.heappush(self._heap, offset)
+        self._held[offset] = (payload, packet)
+        self._held_bytes += len(payload)
+        if self._held_bytes > self._hold_limit:
+            self._skip_gap()
+
+    def ack(self, ack: int) -> None:
+        """Note an acknowledgment number sent by the peer for this direction."""
+        if self.base is None:
+            return
+        offset = self.offset_of(ack)
+        if self.acked is None or offset > self.acked:
+            self.acked = offset
+
+    def _drain(self) -> None:
+        while self._heap and self._heap[0] <= self.next:
+            offset = heapq.heappop(self._heap)
+            payload, packet = self._held.pop(offset)
+            self._held_bytes -= len(payload)
+            end = offset + len(payload)
+            if end <= self.next:
+                self.repeated_bytes += len(payload)
+                continue
+            if offset < self.next:
+                self.repeated_bytes += self.next - offset
+                payload = payload[self.next - offset :]
+                offset = self.next
+            self.next = end
+            self._on_data(offset, payload, packet)
+
+    def _skip_gap(self) -> None:
+        offset = self._heap[0]
+        packet = self._held[offset][1]
+        self._on_gap(Gap(self.next, offset - self.next, packet))
+        self.next = offset
+        self._drain()
+
+    def finish(self) -> None:
+        """End of capture: report the holes still open, including a missing tail the peer acknowledged."""
+        while self._heap:
+            self._skip_gap()
+        end = self.next
+        if self.fin_offset is not None and self.fin_offset > end:
+            end = self.fin_offset
+        if self.acked is not None:
+            # the peer's ack covers the FIN as one sequence number
+            acked = self.acked - 1 if self.fin_offset is not None and self.acked == self.fin_offset + 1 else self.acked
+            end = max(end, acked)
+        if self.base is not None and end > self.next:
+            self._on_gap(Gap(self.next, end - self.next, 0))
+            self.next = end
