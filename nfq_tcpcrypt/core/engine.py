@@ -10,7 +10,8 @@ from .errors import MalformedSegment
 from .events import Event, SessionExpired
 from .flow import Direction, FlowKey
 from .session import Session, State
-from .verdict import ACCEPT, Verdict
+from .verdict import ACCEPT, Action, Verdict
+from .wire.icmp import parse_too_big
 from .wire.tcp import parse_segment
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ class Engine:
         Remote-caused problems become verdicts and events; only LocalProtocolError (a bug) escapes.
         """
         self.counters["packets"] += 1
+        if direction is Direction.INBOUND and packet and packet[9 if packet[0] >> 4 == 4 else 6] in (1, 58):
+            return self._icmp(packet)
         try:
             # Wire packets are checked: we rewrite checksums, so we must not launder corruption.
             seg = parse_segment(packet, verify_checksum=direction is Direction.INBOUND)
@@ -63,6 +66,24 @@ class Engine:
         if verdict.packet is not None:
             self.counters["rewritten"] += 1
         return verdict
+
+    def _icmp(self, packet: bytes) -> Verdict:
+        """A path-MTU report about one of our segments: translate it to our stack's view."""
+        try:
+            message = parse_too_big(packet)
+            if message is None:
+                return ACCEPT
+            src, dst, sport, dport, _, _ = message.quoted_tcp
+        except MalformedSegment:
+            return ACCEPT
+        session = self._sessions.get(FlowKey(src, sport, dst, dport))
+        if session is None:
+            return ACCEPT
+        rewritten = session.too_big(message)
+        if rewritten is None:
+            return ACCEPT
+        self.counters["icmp_rewritten"] += 1
+        return Verdict(Action.ACCEPT, rewritten)
 
     def _open(self, flow: FlowKey, seg, direction: Direction, now: float) -> Verdict:  # type: ignore[no-untyped-def]
         if flow not in self._sessions and len(self._sessions) >= self.config.max_sessions:

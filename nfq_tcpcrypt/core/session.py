@@ -48,6 +48,7 @@ from .flow import FlowKey
 from .kex import KeySchedule, public_bytes, session_secret, shared_secret
 from .seqmap import RecvStream, SendStream, to_offset, to_seq
 from .verdict import DROP, Action, Verdict
+from .wire.icmp import TooBig, serialize_too_big
 from .wire.eno import NON_SYN_ENO, EnoOption, TepSuboption, parse_eno, serialize_eno
 from .wire.tcp import (
     Segment,
@@ -844,6 +845,20 @@ class Session:
         if self._in_ip is not None:
             seg.ip_header = self._in_ip
         self._inject(serialize_segment(seg))
+
+    def too_big(self, message: TooBig) -> bytes | None:
+        """RFC 1191 / RFC 4443 §3.2 toward our stack: the MTU less the frame overhead, and the
+        quoted sequence number in plain space, so that our stack accepts the report (DESIGN.md §3)."""
+        send = self.send
+        if not self.is_translating or send is None:
+            return None
+        *_, at, seq = message.quoted_tcp
+        plain = send.wire_to_plain(to_offset(seq, send.base, send.acked_wire))
+        quote = bytearray(message.quote)
+        struct.pack_into("!I", quote, at, to_seq(plain, send.base))
+        message.quote = bytes(quote)
+        message.mtu = max(message.mtu - FRAME_OVERHEAD, 68 if message.icmp_type == 3 else 1280)
+        return serialize_too_big(message)
 
     # ------------------------------------------------------------------ reporting
 

@@ -56,11 +56,11 @@ def parse_ip(packet: bytes) -> tuple[int, int, bytes, bytes]:
     raise MalformedSegment(f"ip version {version}")
 
 
-def pseudo_header_sum(src: bytes, dst: bytes, tcp_len: int) -> int:
-    """Fold of the TCP pseudo-header (RFC 9293 §3.1, RFC 8200 §8.1)."""
+def pseudo_header_sum(src: bytes, dst: bytes, length: int, proto: int = IPPROTO_TCP) -> int:
+    """Fold of the upper-layer pseudo-header (RFC 9293 §3.1, RFC 8200 §8.1)."""
     if len(src) == 4:
-        return checksum_fold(src + dst + struct.pack("!xBH", IPPROTO_TCP, tcp_len))
-    return checksum_fold(src + dst + struct.pack("!I3xB", tcp_len, IPPROTO_TCP))
+        return checksum_fold(src + dst + struct.pack("!xBH", proto, length))
+    return checksum_fold(src + dst + struct.pack("!I3xB", length, proto))
 
 
 def serialize_ip_header(template: bytes, payload_len: int) -> bytes:

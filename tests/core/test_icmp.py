@@ -1,0 +1,39 @@
+"""ICMP fragmentation-needed toward our stack (DESIGN.md §3): MTU less the frame overhead, quote in plain space."""
+
+from __future__ import annotations
+
+from nfq_tcpcrypt.core.flow import Direction
+from nfq_tcpcrypt.core.wire.icmp import TooBig, parse_too_big, serialize_too_big
+from nfq_tcpcrypt.core.wire.ip import checksum_fold, new_ip_header
+from nfq_tcpcrypt.core.wire.tcp import parse_segment
+from tests.core.tcpmodel import A_IP, B_IP, Pair
+
+
+def _frag_needed(quoted: bytes, mtu: int) -> bytes:
+    header = bytearray(new_ip_header(bytes([10, 77, 0, 254]), A_IP))
+    header[9] = 1  # ICMP
+    msg = TooBig(bytes(header), bytes([10, 77, 0, 254]), A_IP, 3, 4, mtu, quoted[:28])
+    return serialize_too_big(msg)
+
+
+def test_frag_needed_is_translated():
+    pair = Pair(seed=b"icmp")
+    pair.b.listen()
+    pair.a.connect(B_IP, 80)
+    pair.run()
+    pair.a.write(b"z" * 20000)
+    pair.run()
+    wire_data = [p for p in pair.wire if parse_segment(p).src == A_IP and len(parse_segment(p).payload) > 1000]
+    quoted = wire_data[-1]
+    icmp = _frag_needed(quoted, 1400)
+    assert checksum_fold(icmp[20:]) == 0xFFFF  # a valid ICMP checksum
+    verdict = pair.engine_a.process(icmp, Direction.INBOUND, pair.now)
+    out = parse_too_big(verdict.packet)
+    assert out.mtu == 1380
+    wire_seq = parse_segment(quoted).seq
+    _, _, _, _, _, plain_seq = out.quoted_tcp
+    assert plain_seq != wire_seq
+    assert checksum_fold(verdict.packet[20:]) == 0xFFFF
+    # The quoted segment is acknowledged already: it maps to snd_una, which Linux still accepts
+    # (tcp_v4_err: between(seq, snd_una, snd_nxt)).
+    assert (plain_seq - pair.a.isn - 1) & 0xFFFFFFFF == pair.a.una == 20000
