@@ -45,6 +45,12 @@ class Configuration:
     kex_retries: int = 6
     """Retransmissions of Init1/Init2 before the connection is aborted."""
 
+    rekey_bytes: int = 0
+    """Start a new key generation after this many plaintext bytes sent; 0 disables (RFC 8548 §3.8)."""
+
+    keepalive: float = 0.0
+    """Seconds of silence after which we probe the peer with a rekey (RFC 8548 §3.9); 0 disables."""
+
     held_limit: int = 1 << 20
     """Plaintext bytes held per connection while the key exchange runs; beyond it, segments drop."""
 

@@ -64,6 +64,8 @@ class SendStream:
         self.held: list[tuple[int, bytes, bool]] = []  # plaintext waiting for keys
         self.held_end = 0
         self.fin_framed = False
+        self.gen = 0  # local key generation (RFC 8548 §3.8)
+        self.rekey_next = False  # the next frame starts a new generation
 
     def set_prefix(self, prefix: bytes) -> None:
         """Put the Init message at the start of the wire stream (before any frame)."""
@@ -88,7 +90,8 @@ class SendStream:
             chunk, data = data[:MAX_FRAME_DATA], data[MAX_FRAME_DATA:]
             last = not data
             flags = FLAG_FINP if (fin and last) else 0
-            frame = self.cipher.seal(self.wire_next, bytes((flags,)) + chunk)
+            frame = self.cipher.seal(self.wire_next, bytes((flags,)) + chunk, self.rekey_next)
+            self.rekey_next = False
             record = FrameRecord(self.plain_next, len(chunk), self.wire_next, frame, fin and last)
             self.frames.append(record)
             self.plain_next = record.plain_end
@@ -102,12 +105,23 @@ class SendStream:
     def covering(self, start: int, end: int) -> list[FrameRecord]:
         """Logged frames that overlap plain range [start, end) (a retransmission, DESIGN.md §3)."""
         frames = self.frames
-        i = bisect_right(frames, start, lo=self._head, key=_plain_end)
+        i = bisect_left(frames, start, lo=self._head, key=_plain_end)
+        while i < len(frames) and frames[i].plain_end == start and frames[i].plain_start < start:
+            i += 1  # ends exactly where the range starts; empty frames at `start` stay included
         out = []
         while i < len(frames) and frames[i].plain_start < end:
             out.append(frames[i])
             i += 1
         return out
+
+    def wire_only_unacked(self) -> list[FrameRecord]:
+        """Unacknowledged frames with no plain bytes and no FIN (empty rekey frames), from the
+        first such frame to the end of the log, if nothing with plain bytes follows them."""
+        frames = self.frames
+        i = len(frames)
+        while i > self._head and frames[i - 1].plain_start == frames[i - 1].plain_end:
+            i -= 1
+        return frames[i:]
 
     def plain_to_wire(self, plain: int) -> int:
         """Wire offset for a segment that starts at plain offset `plain` and carries no data."""
@@ -191,6 +205,7 @@ class RecvStream:
         self.finp = False  # a frame with FINp was verified (RFC 8548 §3.7)
         self.fin_delivered = False
         self.local_ack = 0  # highest plain offset the local stack acknowledged
+        self.gen = 0  # remote key generation (RFC 8548 §3.8)
         self.last_ooo: int | None = None  # wire offset of the latest out-of-order arrival
         self.fin_seen: int | None = None  # wire offset of a FIN that arrived, maybe ahead of a gap
         self.replay: deque[tuple[int, bytes]] = deque()  # delivered plaintext our stack has not acked

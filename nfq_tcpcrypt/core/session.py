@@ -45,7 +45,7 @@ from .constants import (
 from .errors import MalformedSegment, ProtocolError, RemoteProtocolError, LocalProtocolError, Disposition
 from .events import EnoNegotiated, Event, FellBackToPlain, SessionAborted, SessionClosed, SessionEstablished
 from .flow import FlowKey
-from .kex import KeySchedule, public_bytes, session_secret, shared_secret
+from .kex import KeySchedule, TrafficKeys, public_bytes, session_secret, shared_secret
 from .seqmap import RecvStream, SendStream, to_offset, to_seq
 from .verdict import DROP, Action, Verdict
 from .wire.icmp import TooBig, serialize_too_big
@@ -144,8 +144,13 @@ class Session:
         self.created_at = 0.0
         self.last_seen = 0.0
         self.closed_at: float | None = None
-        self.timer_at: float | None = None
+        self._timers: dict[str, float] = {}  # name -> deadline; handled by _on_<name>
         self._kex_tries = 0
+        self._tail_tries = 0
+        self._schedule: KeySchedule | None = None
+        self._keys: dict[int, TrafficKeys] = {}
+        self.rekeys = 0  # generations we moved to (RFC 8548 §3.8)
+        self._sent_since_rekey = 0
         self._init1_sent = False
         self._prefix_dupacks = 0
         self._local_sack_perm = False
@@ -437,33 +442,123 @@ class Session:
         assert self.send is not None and self.recv is not None
         ss = session_secret(n_a, self.eno_a + self.eno_b, init1, init2, es)
         schedule = KeySchedule(ss, b"", self.tep_byte, traffic_key_len(aead))
-        keys = schedule.keys(0)
-        mine, theirs = (keys.k_ab, keys.k_ba) if self.role == "A" else (keys.k_ba, keys.k_ab)
-        self.send.cipher = FrameCipher(aead, mine)
-        self.recv.cipher = FrameCipher(aead, theirs)
+        self._schedule = schedule
         self.aead = aead
+        self.send.cipher = self._cipher(0, sending=True)
+        self.recv.cipher = self._cipher(0, sending=False)
         self.session_id = schedule.session_id
         if self.config.secrets_log is not None:
             self.config.secrets_log(f"ES {n_a.hex()} {es.hex()}")
         self._set_state(Trigger.KEYS)
+        if self.config.keepalive:
+            self._arm("keepalive", self.last_seen + self.config.keepalive)
         self._emit(SessionEstablished(self.flow, self.session_id.hex(), AEAD_NAMES[aead], False))
+
+    def _cipher(self, generation: int, sending: bool) -> FrameCipher:
+        """The FrameCipher of key set `generation` for one direction (RFC 8548 §3.3, §3.8).
+
+        Host A (of the session that made ss[0]) sends with k_ab, host B with k_ba.
+        """
+        assert self._schedule is not None and self.aead is not None
+        keys = self._keys.get(generation)
+        if keys is None:
+            keys = self._keys[generation] = self._schedule.keys(generation)
+        for old in [g for g in self._keys if g < generation - 1]:
+            del self._keys[old]  # SHOULD delete old keys (§3.8); one older set may still be needed
+        mine_ab = (self.role == "A") == sending
+        return FrameCipher(self.aead, keys.k_ab if mine_ab else keys.k_ba)
+
+    # ------------------------------------------------------------------ timers
+
+    @property
+    def timer_at(self) -> float | None:
+        """The session's next deadline, or None."""
+        return min(self._timers.values()) if self._timers else None
+
+    def _arm(self, name: str, when: float) -> None:
+        self._timers[name] = when
+
+    def handle_timer(self, now: float) -> None:
+        """Run the session's due timers."""
+        for name, when in sorted(self._timers.items(), key=lambda item: item[1]):
+            if when <= now and self._timers.get(name) == when:
+                del self._timers[name]
+                if self.is_translating:
+                    getattr(self, "_on_" + name)(now)
 
     def _send_prefix(self, now: float) -> None:
         """(Re)send our Init message from wire offset 0, PSH on its last byte (RFC 8548 §3.3)."""
         assert self.send is not None
         self._inject_wire(0, self.send.prefix, TCP_ACK | TCP_PSH)
         self._kex_tries += 1
-        self.timer_at = now + self.config.kex_timeout * (2 ** (self._kex_tries - 1))
+        self._arm("kex", now + self.config.kex_timeout * (2 ** (self._kex_tries - 1)))
 
-    def handle_timer(self, now: float) -> None:
+    def _on_kex(self, now: float) -> None:
         """Retransmit an unacknowledged Init message; give up after `kex_retries`."""
-        self.timer_at = None
-        if self.state not in _TRANSLATING or self.send is None or self.send.prefix_acked:
+        if self.send is None or self.send.prefix_acked:
             return
         if self._kex_tries > self.config.kex_retries:
             self._abort("key exchange timed out", now)
             return
         self._send_prefix(now)
+
+    def _on_tail(self, now: float) -> None:
+        """Retransmit frames that exist only on the wire (empty rekey frames, RFC 8548 §3.8):
+        our stack knows nothing of them, so it never retransmits them."""
+        send = self.send
+        assert send is not None
+        tail = send.wire_only_unacked()
+        if not tail:
+            self._tail_tries = 0
+            return
+        self._tail_tries += 1
+        if self._tail_tries > self.config.kex_retries:
+            self._abort("peer does not acknowledge our frames", now)
+            return
+        self._inject_frames(tail)
+        self._arm("tail", now + self.config.kex_timeout * (2 ** (self._tail_tries - 1)))
+
+    def _on_keepalive(self, now: float) -> None:
+        """RFC 8548 §3.9: probe liveness by rekeying; the peer must answer with a rekey frame."""
+        send, recv = self.send, self.recv
+        assert send is not None and recv is not None
+        if now - self.last_seen >= self.config.keepalive and recv.gen == send.gen and not send.fin_framed:
+            self._rekey_now(now)
+        self._arm("keepalive", max(now, self.last_seen) + self.config.keepalive)
+
+    # ------------------------------------------------------------------ rekeying (RFC 8548 §3.8)
+
+    def _start_rekey(self) -> None:
+        """Move our local generation up; the next frame we send carries rekey = 1."""
+        send = self.send
+        assert send is not None
+        send.gen += 1
+        send.cipher = self._cipher(send.gen, sending=True)
+        send.rekey_next = True
+        self.rekeys += 1
+        self._sent_since_rekey = 0
+
+    def _rekey_now(self, now: float) -> None:
+        """Start a rekey and send an empty frame with rekey = 1 at once (wire only)."""
+        self._start_rekey()
+        assert self.send is not None
+        self._inject_frames(self.send.new_frame(b"", False))
+        if "tail" not in self._timers:
+            self._tail_tries = 0
+            self._arm("tail", now + self.config.kex_timeout)
+
+    def _peer_rekeyed(self, now: float) -> None:
+        """The peer's frame had rekey = 1: follow it, and answer if it got ahead of us (§3.8)."""
+        send, recv = self.send, self.recv
+        assert send is not None and recv is not None
+        recv.gen += 1
+        recv.cipher = self._cipher(recv.gen, sending=False)
+        if recv.gen > send.gen:
+            if send.fin_framed:
+                send.gen = recv.gen  # after our FIN we send nothing more
+                send.cipher = self._cipher(send.gen, sending=True)
+            else:
+                self._rekey_now(now)
 
     def _release_held(self, now: float) -> None:
         """Frame plaintext the local stack sent before keys existed, and send it (DESIGN.md §3)."""
@@ -510,6 +605,10 @@ class Session:
                 raise RemoteProtocolError("local stack sent data after its fin", Disposition.DROP_SEGMENT)
             new = bytes(data[send.plain_next - plain :])
             self.bytes_out += len(new)
+            self._sent_since_rekey += len(new)
+            rekey_bytes = self.config.rekey_bytes
+            if rekey_bytes and self._sent_since_rekey > rekey_bytes and recv.gen == send.gen:
+                self._start_rekey()  # by volume; this frame carries rekey = 1
             records += send.new_frame(new, fin)
         if not records:
             return DROP
@@ -539,9 +638,9 @@ class Session:
             seg.seq = send.base
             seg.payload = send.prefix
             seg.flags = (seg.flags & ~TCP_FIN) | TCP_PSH
-            if self.timer_at is None:
+            if "kex" not in self._timers:
                 self._kex_tries = 1
-                self.timer_at = now + self.config.kex_timeout
+                self._arm("kex", now + self.config.kex_timeout)
             return Verdict(Action.ACCEPT, serialize_segment(seg))
         if data or fin:
             return DROP
@@ -578,8 +677,8 @@ class Session:
                 if self._prefix_dupacks % 3 == 0:
                     self._send_prefix(now)
             seg.ack = to_seq(send.ack_to_plain(wire_ack), send.base)
-            if self.timer_at is not None and send.prefix_acked and send.cipher is not None:
-                self.timer_at = None
+            if send.prefix_acked and send.cipher is not None:
+                self._timers.pop("kex", None)
         seg.window = seg.window - (seg.window >> 6)  # frames cost ~1.4 %: keep the peer's window honest
         seg.options = self._options_in(seg.options)
         wire = to_offset(seg.seq, recv.base, recv.wire_next)
@@ -599,7 +698,9 @@ class Session:
                 self._inject_ack()  # a duplicate ACK (with SACK blocks) toward the peer
         if recv.fin_seen is not None and recv.fin_at is None and recv.wire_next == recv.fin_seen:
             recv.fin_at = recv.fin_seen
+        consumed = recv.buf_start
         out = self._drain(now)
+        consumed = recv.buf_start > consumed
         if out:
             recv.remember(plain_start, out)
         fin_now = False
@@ -620,6 +721,8 @@ class Session:
         if redeliver:
             out = redeliver
         elif not out and not fin_now and data and send.acked_plain == acked_before:
+            if consumed:
+                self._inject_ack()  # frames with no plaintext (rekey): our stack will not ACK them
             return DROP  # nothing new for our stack; an empty copy would look like a duplicate ACK
         self.bytes_in += len(out) if not redeliver else 0
         seg.flags &= ~(TCP_FIN | TCP_URG | TCP_PSH)
@@ -681,7 +784,8 @@ class Session:
             if recv.finp:
                 raise RemoteProtocolError("frame after the finp frame")
             if frame[0] & CONTROL_REKEY:
-                raise RemoteProtocolError("rekey frames are not supported yet")
+                self._peer_rekeyed(now)
+                cipher = recv.cipher
             plaintext = cipher.open(offset, frame)
             if not plaintext:
                 raise RemoteProtocolError(f"frame at offset {offset} has no flags byte")
@@ -737,7 +841,7 @@ class Session:
             self._inject_local_rst()
         self._set_state(Trigger.ABORT)
         self.closed_at = now
-        self.timer_at = None
+        self._timers.clear()
         self._emit(SessionAborted(self.flow, reason))
 
     def _check_closed(self, now: float) -> None:
@@ -878,6 +982,8 @@ class Session:
             "resumed": self.resumed,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "rekeys": self.rekeys,
+            "generation": [self.send.gen, self.recv.gen] if self.send and self.recv else [0, 0],
         }
 
 
