@@ -319,8 +319,8 @@ class _Direction:
     def _gap(self, gap: Gap) -> None:
         self.report.gaps.append({"offset": gap.offset, "length": gap.length, "packet": gap.packet})
         where = f"before packet {gap.packet}" if gap.packet else "at the end of the capture"
-        self.problem("gap", f"{gap.length} bytes missing from the capture at offset {gap.offset} ({where})",
-                     gap.offset, gap.packet or None)
+        self.conn.problem("gap", f"{gap.length} bytes missing from the capture at offset {gap.offset} ({where})",
+                          gap.packet or None, self.side, gap.offset)
         self.complete = False
         if self.mode == "none":
             self.early.append((gap.offset, b"", -gap.length))  # replayed as a gap after the decision
