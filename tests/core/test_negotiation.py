@@ -1,0 +1,71 @@
+"""Negotiation rules of RFC 8547 §4 and RFC 8548 §3.2–§3.3: every TEP and AEAD, preference orders,
+disjoint lists, and the fallback rules."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from nfq_tcpcrypt.core.constants import AEAD_NAMES, TEP_NAMES, Aead, Tep
+from nfq_tcpcrypt.core.events import FellBackToPlain, SessionAborted
+from nfq_tcpcrypt.core.wire.eno import parse_eno
+from nfq_tcpcrypt.core.wire.tcp import parse_options, parse_segment
+from tests.core.tcpmodel import A_IP, B_IP, Pair, seeded_config
+
+
+def _pair(a: dict, b: dict) -> Pair:
+    pair = Pair(a_config=seeded_config(b"na", **a), b_config=seeded_config(b"nb", **b))
+    pair.b.listen()
+    pair.a.connect(B_IP, 80)
+    pair.run()
+    pair.a.write(b"request" * 300)
+    pair.b.write(b"response" * 3000)
+    pair.run()
+    return pair
+
+
+def _eno(pair: Pair, index: int) -> bytes:
+    options = parse_options(parse_segment(pair.wire[index]).options)
+    return next(raw for kind, raw in options if kind == 69)
+
+
+@pytest.mark.parametrize("tep, aead", list(itertools.product(Tep, Aead)))
+def test_every_tep_and_aead(tep, aead):
+    pair = _pair(dict(teps=(tep,), aeads=(aead,)), dict(teps=(tep,), aeads=(aead,)))
+    assert bytes(pair.b.received) == b"request" * 300
+    assert bytes(pair.a.received) == b"response" * 3000
+    ta, tb = pair.engine_a.session_table()[0], pair.engine_b.session_table()[0]
+    assert (ta["tep"], ta["aead"]) == (tb["tep"], tb["aead"]) == (TEP_NAMES[tep], AEAD_NAMES[aead])
+    assert ta["session_id"] == tb["session_id"] and ta["session_id"][:2] == f"{tep:02x}"
+
+
+def test_b_chooses_by_its_own_preference():
+    a = dict(teps=(Tep.X25519, Tep.P256, Tep.X448), aeads=(Aead.AES_128_GCM, Aead.CHACHA20_POLY1305, Aead.AES_256_GCM))
+    b = dict(teps=(Tep.X448, Tep.X25519), aeads=(Aead.CHACHA20_POLY1305, Aead.AES_128_GCM))
+    pair = _pair(a, b)
+    ta = pair.engine_a.session_table()[0]
+    assert (ta["tep"], ta["aead"]) == ("x448", "chacha20poly1305")
+    syn, synack = parse_eno(_eno(pair, 0)), parse_eno(_eno(pair, 1))
+    assert {s.tep for s in syn.teps} == {0x23, 0x21, 0x24}
+    assert synack.b and [s.tep for s in synack.teps] == [0x24]  # RFC 8547 §4.5: B sends one TEP
+    init1 = next(parse_segment(p).payload for p in pair.wire if parse_segment(p).payload[:4] == bytes.fromhex("15101a0e"))
+    assert init1[8] == 3  # A offers all three AEADs
+
+
+def test_disjoint_teps_stay_plain():
+    pair = _pair(dict(teps=(Tep.X25519,)), dict(teps=(Tep.P256,)))
+    assert bytes(pair.a.received) == b"response" * 3000
+    events = pair.events(pair.engine_b)
+    assert any(isinstance(e, FellBackToPlain) and "no common tep" in e.reason for e in events)
+    assert b"response" in b"".join(parse_segment(p).payload for p in pair.wire)
+
+
+def test_disjoint_aeads_abort():
+    # RFC 8548 leaves it open (spec/tcpcrypt.md ambiguity 4); ENO already succeeded, so the only
+    # safe outcome is an abort: B resets, A's stack sees an error, no byte flows in the clear.
+    pair = _pair(dict(aeads=(Aead.AES_128_GCM,)), dict(aeads=(Aead.CHACHA20_POLY1305,)))
+    events = pair.events(pair.engine_b)
+    assert any(isinstance(e, SessionAborted) and "no aead" in e.reason for e in events)
+    assert pair.a.was_reset and pair.b.was_reset
+    assert b"request" not in b"".join(parse_segment(p).payload for p in pair.wire)
