@@ -22,15 +22,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon in the foreground until SIGINT/SIGTERM")
     run.add_argument("--mode", choices=["host"], default="host")
-    run.add_argument("--queue-num", type=int, default=7100, help="inbound queue N; outbound is N+1 (default 7100)")
+    run.add_argument(
+        "--queue-num", type=int, default=7100, help="inbound queue N; outbound is N+1 (default 7100)"
+    )
     run.add_argument("--mark", type=_int, default=0x7463, help="SO_MARK of injected packets (default 0x7463)")
     run.add_argument("--control", default=DEFAULT_PATH, help=f"control socket (default {DEFAULT_PATH})")
     run.add_argument("--keylog", metavar="FILE", help="append session secrets to FILE (mode 0600)")
     run.add_argument("--tep", default="x25519", help="TEPs offered, most preferred first (default x25519)")
     run.add_argument("--aead", default="aes128gcm", help="AEADs offered (default aes128gcm)")
-    run.add_argument("--fail-closed", action="store_true", help="no --queue-bypass: TCP stops while the daemon is down")
+    run.add_argument(
+        "--fail-closed", action="store_true", help="no --queue-bypass: TCP stops while the daemon is down"
+    )
     run.add_argument("--ipv6", action="store_true", help="also queue IPv6 TCP (ip6tables)")
-    run.add_argument("--pass-through", action="store_true", help="accept every packet unchanged (benchmark baseline)")
+    run.add_argument(
+        "--pass-through", action="store_true", help="accept every packet unchanged (benchmark baseline)"
+    )
     run.add_argument("--log-level", dest="sub_log_level", default=None, help="DEBUG, INFO, WARNING, ERROR")
 
     sessions = sub.add_parser("sessions", help="show the daemon's session table")
@@ -85,12 +91,23 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(table, indent=2))
         return 0
-    columns = ["local", "remote", "state", "role", "tep", "aead", "resumed", "bytes_in", "bytes_out", "session_id"]
+    columns = [
+        "local",
+        "remote",
+        "state",
+        "role",
+        "tep",
+        "aead",
+        "resumed",
+        "bytes_in",
+        "bytes_out",
+        "session_id",
+    ]
     rows = [[str(entry.get(col, "")) for col in columns] for entry in table]
     widths = [max([len(col), *(len(row[i]) for row in rows)]) for i, col in enumerate(columns)]
-    print("  ".join(col.upper().ljust(w) for col, w in zip(columns, widths)).rstrip())
+    print("  ".join(col.upper().ljust(w) for col, w in zip(columns, widths, strict=True)).rstrip())
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     if not rows:
         print("(no sessions)")
     return 0

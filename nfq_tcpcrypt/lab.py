@@ -22,7 +22,9 @@ def run_lab(size: int = 4 * 1024 * 1024, keep: str | None = None) -> int:
     try:
         print(f"lab: building namespaces, starting both daemons, moving {size} random bytes over HTTP ...")
         with Topology("nfqlab") as topo:
-            print(f"lab: namespaces {topo.names['a']} (10.77.0.1, curl) and {topo.names['b']} (10.77.0.2, http.server)")
+            print(
+                f"lab: namespaces {topo.names['a']} (10.77.0.1, curl) and {topo.names['b']} (10.77.0.2, http.server)"
+            )
             result = http_transfer(topo, workdir, size=size)
         return _report(result)
     except KeyboardInterrupt:
@@ -54,17 +56,29 @@ def _report(result: Any) -> int:
             print(f"  session ID ({side}):    {entry.get('session_id')}")
     checks.append(("both ends report a session", a is not None and b is not None))
     if a is not None and b is not None:
-        checks.append(("session IDs equal", a.get("session_id") == b.get("session_id") and bool(a.get("session_id"))))
-        checks.append(("TEP x25519, AEAD aes128gcm", a.get("tep") == b.get("tep") == "x25519" and a.get("aead") == b.get("aead") == "aes128gcm"))
+        checks.append(
+            ("session IDs equal", a.get("session_id") == b.get("session_id") and bool(a.get("session_id")))
+        )
+        checks.append(
+            (
+                "TEP x25519, AEAD aes128gcm",
+                a.get("tep") == b.get("tep") == "x25519" and a.get("aead") == b.get("aead") == "aes128gcm",
+            )
+        )
     print(f"  sha256 sent:          {result.sent_sha256}")
     print(f"  sha256 received:      {result.received_sha256}")
     checks.append(("digests equal", result.sent_sha256 == result.received_sha256))
     wire = result.wire
     print(f"  wire packets seen:    {wire.packets}")
     print(f"  ENO (kind 69):        SYN {wire.syn_has_eno}, SYN-ACK {wire.synack_has_eno}")
-    print(f"  stream starts:        a->b {wire.client_stream[:4].hex()} (Init1 15101a0e), b->a {wire.server_stream[:4].hex()} (Init2 097105e0)")
+    print(
+        f"  stream starts:        a->b {wire.client_stream[:4].hex()} (Init1 15101a0e), "
+        f"b->a {wire.server_stream[:4].hex()} (Init2 097105e0)"
+    )
     checks.append(("ENO in SYN and SYN-ACK", wire.syn_has_eno and wire.synack_has_eno))
-    checks.append(("Init1 / Init2 at stream starts", wire.client_starts_with_init1 and wire.server_starts_with_init2))
+    checks.append(
+        ("Init1 / Init2 at stream starts", wire.client_starts_with_init1 and wire.server_starts_with_init2)
+    )
     leaked = ", ".join(f"{name} x{count}" for name, count in wire.leaks.items()) or "none"
     print(f"  plaintext on wire:    {leaked}")
     checks.append(("no plaintext on the wire", not wire.leaks))

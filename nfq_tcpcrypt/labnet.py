@@ -84,7 +84,9 @@ class Topology:
         """`command` wrapped to run inside namespace `side`."""
         return ["ip", "netns", "exec", self.names[side], *command]
 
-    def run(self, side: str, command: Sequence[str], timeout: float = 60.0, **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+    def run(
+        self, side: str, command: Sequence[str], timeout: float = 60.0, **kwargs: Any
+    ) -> subprocess.CompletedProcess[Any]:
         """Run `command` in `side` to completion (bounded by `timeout`)."""
         kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
@@ -112,7 +114,9 @@ class Topology:
 
 def _netns_pids(name: str) -> list[int]:
     """Pids of processes still inside namespace `name` (all of them were started by this topology)."""
-    result = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=10, check=False)
+    result = subprocess.run(
+        ["ip", "netns", "pids", name], capture_output=True, text=True, timeout=10, check=False
+    )
     return [int(word) for word in result.stdout.split() if word.isdigit()]
 
 
@@ -240,7 +244,23 @@ def capture(topo: Topology, side: str, path: Path, timeout: float = 15.0) -> Ite
     """tcpdump (-s 0, every TCP packet) on `side`'s veth into `path`; flushed when the block ends."""
     proc = topo.popen(
         side,
-        ["tcpdump", "-i", IFNAMES[side], "-s", "0", "-B", "32768", "--immediate-mode", "-U", "-n", "-Z", "root", "-w", str(path), "tcp"],
+        [
+            "tcpdump",
+            "-i",
+            IFNAMES[side],
+            "-s",
+            "0",
+            "-B",
+            "32768",
+            "--immediate-mode",
+            "-U",
+            "-n",
+            "-Z",
+            "root",
+            "-w",
+            str(path),
+            "tcp",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -300,7 +320,17 @@ def http_server(topo: Topology, side: str, directory: Path, timeout: float = 15.
     address = ADDRESSES[side]
     proc = topo.popen(
         side,
-        [sys.executable, "-u", "-m", "http.server", str(HTTP_PORT), "--bind", address, "--directory", str(directory)],
+        [
+            sys.executable,
+            "-u",
+            "-m",
+            "http.server",
+            str(HTTP_PORT),
+            "--bind",
+            address,
+            "--directory",
+            str(directory),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
@@ -384,7 +414,11 @@ def http_transfer(
     needles = {f"marker{i}": marker for i, marker in enumerate(markers)}
     needles["http-status-line"] = b"HTTP/1.0 200"
     wire = analyze(pcap, ADDRESSES["a"], ADDRESSES["b"], HTTP_PORT, needles)
-    keylogs = {side: Path(daemon.keylog).read_text() for side, daemon in daemons.items() if Path(daemon.keylog).exists()}
+    keylogs = {
+        side: Path(daemon.keylog).read_text()
+        for side, daemon in daemons.items()
+        if Path(daemon.keylog).exists()
+    }
     return TransferResult(
         sent_sha256=sha256_file(source),
         received_sha256=sha256_file(received),
@@ -420,7 +454,9 @@ def iperf3_throughput(topo: Topology, seconds: float = 5.0, timeout: float = 60.
             timeout=timeout,
         )
         if result.returncode != 0:
-            raise LabError(f"iperf3 client failed ({result.returncode}): {result.stdout[-1000:]} {result.stderr[-500:]}")
+            raise LabError(
+                f"iperf3 client failed ({result.returncode}): {result.stdout[-1000:]} {result.stderr[-500:]}"
+            )
         report = json.loads(result.stdout)
         return float(report["end"]["sum_received"]["bits_per_second"])
     finally:

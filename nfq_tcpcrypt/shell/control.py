@@ -73,7 +73,9 @@ class ControlServer:
         try:
             cmd = json.loads(request.decode()).get("cmd")
             handler = self.commands.get(cmd)
-            reply = handler() if handler else {"error": f"unknown cmd {cmd!r}", "known": sorted(self.commands)}
+            reply = (
+                handler() if handler else {"error": f"unknown cmd {cmd!r}", "known": sorted(self.commands)}
+            )
         except (ValueError, AttributeError) as exc:
             reply = {"error": f"bad request: {exc}"}
         data = (json.dumps(reply) + "\n").encode()

@@ -21,7 +21,7 @@ from . import rules
 from .control import ControlServer
 from .inject import Injector
 from .keylog import KeyLog
-from .loop import EventLoop, SignalWatch
+from .loop import EngineLike, EventLoop, SignalWatch
 from .passthrough import PassThroughEngine
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def run_daemon(options: DaemonOptions) -> int:
         if options.keylog:
             keylog = KeyLog(options.keylog)
             stack.callback(keylog.close)
+        engine: EngineLike
         if options.pass_through:
             engine = PassThroughEngine()
         else:
@@ -73,9 +74,7 @@ def run_daemon(options: DaemonOptions) -> int:
         stack.callback(loop.close)
         logger.info("queues %d (inbound) and %d (outbound) bound", options.queue_num, options.queue_num + 1)
         families = ("ipv4", "ipv6") if options.ipv6 else ("ipv4",)
-        params = rules.RuleParams(
-            options.queue_num, options.queue_num + 1, options.mark, options.fail_closed
-        )
+        params = rules.RuleParams(options.queue_num, options.queue_num + 1, options.mark, options.fail_closed)
         installed = rules.install(params, families)
 
         def remove_rules() -> None:

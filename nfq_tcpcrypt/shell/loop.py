@@ -13,6 +13,7 @@ import selectors
 import signal
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any, Protocol
 
@@ -31,7 +32,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class EngineLike(Protocol):
     """The Engine surface the shell uses (core/engine.py)."""
 
-    counters: dict[str, int]
+    @property
+    def counters(self) -> Mapping[str, int]: ...
 
     def process(self, packet: bytes, direction: Direction, now: float) -> Verdict: ...
     def segments_to_inject(self) -> list[bytes]: ...
@@ -155,7 +157,5 @@ class EventLoop:
 
 def _log_event(event: Event) -> None:
     """One INFO line per lifecycle event (DESIGN.md §6); events never carry key material."""
-    details = " ".join(
-        f"{f.name}={getattr(event, f.name)}" for f in fields(event) if f.name != "flow"
-    )
+    details = " ".join(f"{f.name}={getattr(event, f.name)}" for f in fields(event) if f.name != "flow")
     logger.info("%s %s %s", event.flow, type(event).__name__, details)

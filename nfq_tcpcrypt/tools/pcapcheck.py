@@ -59,9 +59,13 @@ class WireReport:
     @property
     def any_init_magic(self) -> bool:
         """Either stream starts with an Init magic."""
-        return self.client_starts_with_init1 or self.server_starts_with_init2 or (
-            self.client_stream[:4] in (INIT1_MAGIC, INIT2_MAGIC)
-            or self.server_stream[:4] in (INIT1_MAGIC, INIT2_MAGIC)
+        return (
+            self.client_starts_with_init1
+            or self.server_starts_with_init2
+            or (
+                self.client_stream[:4] in (INIT1_MAGIC, INIT2_MAGIC)
+                or self.server_stream[:4] in (INIT1_MAGIC, INIT2_MAGIC)
+            )
         )
 
 
