@@ -45,6 +45,19 @@ class Configuration:
     kex_retries: int = 6
     """Retransmissions of Init1/Init2 before the connection is aborted."""
 
+    eno_app_aware: bool = False
+    """Set the application-aware bit a in our ENO options (RFC 8547 §4.2)."""
+
+    eno_app_aware_mandatory: bool = False
+    """Disable ENO unless the peer sets a = 1 (RFC 8547 §4.2 mandatory application-aware mode)."""
+
+    eno_role_b: bool = False
+    """Set b = 1 on active opens; only useful for simultaneous open (RFC 8547 §4.2, §4.3)."""
+
+    syn_retries_with_eno: int = 2
+    """SYN retransmissions that keep the ENO option; later ones go without it and the connection
+    stays plain (RFC 8547 §4.6: recovery from middleboxes that drop SYNs with ENO)."""
+
     rekey_bytes: int = 0
     """Start a new key generation after this many plaintext bytes sent; 0 disables (RFC 8548 §3.8)."""
 

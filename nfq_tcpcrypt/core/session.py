@@ -48,6 +48,7 @@ from .flow import FlowKey
 from .kex import KeySchedule, TrafficKeys, public_bytes, session_secret, shared_secret
 from .seqmap import RecvStream, SendStream, to_offset, to_seq
 from .verdict import DROP, Action, Verdict
+from . import eno
 from .wire.icmp import TooBig, serialize_too_big
 from .wire.eno import NON_SYN_ENO, EnoOption, TepSuboption, parse_eno, serialize_eno
 from .wire.tcp import (
@@ -152,6 +153,10 @@ class Session:
         self.rekeys = 0  # generations we moved to (RFC 8548 §3.8)
         self._sent_since_rekey = 0
         self._init1_sent = False
+        self._syn_eno = b""  # our SYN-form ENO option (the same in SYN and SYN-ACK, §4.6)
+        self._syn_count = 0  # retransmissions of our SYN
+        self._negotiated: eno.Negotiated | None = None
+        self._simultaneous = False
         self._prefix_dupacks = 0
         self._local_sack_perm = False
         self._remote_sack_perm = False
@@ -228,9 +233,9 @@ class Session:
         try:
             self._note_remote(seg)
             if seg.is_syn:
-                return self._syn_in(seg)
+                return self._syn_in(seg, now)
             if self.state == State.ENO_RECEIVED:
-                self._third_ack(seg)
+                self._third_ack(seg, now)
             if self.state == State.ENO_SENT:
                 self._fall_back("non-syn segment before the syn-ack")
             if not self.is_translating:
@@ -251,7 +256,7 @@ class Session:
     # ------------------------------------------------------------------ handshake (RFC 8547 §4.6)
 
     def start_active(self, seg: Segment, now: float) -> Verdict:
-        """Our stack opens: add ENO with our TEPs to its SYN (RFC 8548 §3.2)."""
+        """Our stack opens: add our ENO option to its SYN (RFC 8548 §3.2)."""
         self.created_at = self.last_seen = now
         self.isn_local = seg.seq
         options = parse_options(seg.options)
@@ -261,51 +266,29 @@ class Session:
             # RFC 8547 §4.7: tcpcrypt defines no SYN data; a SYN with data or TFO stays plain.
             self._fall_back("syn carries data or tcp fast open")
             return Verdict(Action.ACCEPT)
-        # RFC 8547 §4.5: B lists in increasing priority; A's order carries no meaning.
-        option = serialize_eno(EnoOption(None, tuple(TepSuboption(t) for t in reversed(self.config.teps))))
+        self._syn_eno = eno.syn_option(self.config)
         try:
-            seg.options = serialize_options(options + [(ENO_OPTION_KIND, option)])
+            seg.options = serialize_options(options + [(ENO_OPTION_KIND, self._syn_eno)])
         except MalformedSegment:
             self._fall_back("no room for the eno option in the syn")
             return Verdict(Action.ACCEPT)
-        self.eno_a = option
         self._set_state(Trigger.SYN_SENT)
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
     def start_passive(self, seg: Segment, now: float) -> Verdict:
-        """The peer opens: accept ENO if its SYN offers a TEP we support (RFC 8547 §4.5)."""
+        """The peer opens: answer ENO if its SYN offers a TEP we accept (RFC 8547 §4.5)."""
         self.created_at = self.last_seen = now
         self.isn_remote = seg.seq
         self._note_remote(seg)
         options = parse_options(seg.options)
-        enos = [raw for kind, raw in options if kind == ENO_OPTION_KIND]
-        reason = None
-        if not enos:
-            reason = "peer syn has no eno option"
-        elif len(enos) > 1:
-            reason = "peer syn has several eno options"  # RFC 8547 §4.1: as if none
-        elif seg.payload:
-            reason = "peer syn carries data"  # RFC 8547 §4.7: discard; we keep it simple: plain
-        else:
-            try:
-                offer = parse_eno(enos[0])
-            except MalformedSegment as exc:
-                offer, reason = None, f"ill-formed eno option: {exc}"
-            if offer is not None:
-                if offer.b:
-                    reason = "peer syn claims role b"  # RFC 8547 §4.3: both b=1
-                else:
-                    offered = {sub.tep for sub in offer.teps}
-                    choice = next((t for t in self.config.teps if t in offered), None)
-                    if choice is None:
-                        reason = "no common tep"
-                    else:
-                        self.tep = choice
-                        self.tep_byte = int(choice)
-                        self.eno_a = enos[0]
-                        self.eno_b = serialize_eno(EnoOption(ENO_GLOBAL_B, (TepSuboption(choice),)))
-        if reason is not None:
-            self._fall_back(reason)
+        try:
+            if seg.payload:
+                raise eno.EnoFailed("peer syn carries data")  # RFC 8547 §4.7: tcpcrypt has no SYN data
+            offer = eno.single_option(eno.eno_options(options))
+            self._syn_eno = eno.answer(self.config, offer)
+            self._negotiated = eno.negotiate(self.config, parse_eno(self._syn_eno), offer)
+        except eno.EnoFailed as exc:
+            self._fall_back(f"peer syn: {exc}")
             return Verdict(Action.ACCEPT)
         self._set_state(Trigger.SYN_RECEIVED)
         self.wire_mss = _mss(options) or self.wire_mss
@@ -313,97 +296,96 @@ class Session:
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
     def _syn_out(self, seg: Segment) -> Verdict:
+        """Our SYN-ACK, or a retransmission of our SYN: the same ENO option (RFC 8547 §4.6)."""
         options = parse_options(seg.options)
         self._local_ws = _wscale(options)
         self._local_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
         self._note_local(seg, syn=True)
-        if seg.is_ack:
-            # Our SYN-ACK as passive opener: answer with B's option (RFC 8547 §4.6).
-            if self.state != State.ENO_RECEIVED:
-                return Verdict(Action.ACCEPT)
-            self.isn_local = seg.seq
-            try:
-                seg.options = serialize_options(options + [(ENO_OPTION_KIND, self.eno_b)])
-            except MalformedSegment:
-                self._fall_back("no room for the eno option in the syn-ack")
-                return Verdict(Action.ACCEPT)
-            return Verdict(Action.ACCEPT, serialize_segment(seg))
-        # A retransmitted SYN: the same option again (RFC 8547 §4.6).
-        if self.state != State.ENO_SENT or seg.seq != self.isn_local:
+        if self.state not in (State.ENO_SENT, State.ENO_RECEIVED):
             return Verdict(Action.ACCEPT)
-        seg.options = serialize_options(options + [(ENO_OPTION_KIND, self.eno_a)])
+        if seg.is_ack:
+            self.isn_local = seg.seq
+        elif seg.seq != self.isn_local:
+            return Verdict(Action.ACCEPT)
+        else:
+            self._syn_count += 1
+            if self._syn_count > self.config.syn_retries_with_eno:
+                # RFC 8547 §4.6: an active opener MAY drop ENO on a SYN retransmission, for paths
+                # that drop SYNs carrying it.
+                self._fall_back("syn retransmitted without eno")
+                return Verdict(Action.ACCEPT)
+        try:
+            seg.options = serialize_options(options + [(ENO_OPTION_KIND, self._syn_eno)])
+        except MalformedSegment:
+            self._fall_back("no room for the eno option")
+            return Verdict(Action.ACCEPT)
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
-    def _syn_in(self, seg: Segment) -> Verdict:
+    def _syn_in(self, seg: Segment, now: float) -> Verdict:
         options = parse_options(seg.options)
-        if not seg.is_ack:
-            # A retransmitted SYN of the peer (new SYNs start new sessions in the engine).
-            if self.state == State.ENO_SENT:
-                self._fall_back("simultaneous open")  # both b=0 (RFC 8547 §4.3)
-                return Verdict(Action.ACCEPT)
-            seg.options = serialize_options(clamp_mss(options, FRAME_OVERHEAD))
-            return Verdict(Action.ACCEPT, serialize_segment(seg))
         if self.state == State.ENO_SENT:
-            self._syn_ack_in(seg, options)
-            if self.state == State.PLAIN:
+            enos = eno.eno_options(options)
+            try:
+                if self._negotiated is None:
+                    # B's SYN-ACK, or the peer's SYN in a simultaneous open (§4.3).
+                    self._negotiated = eno.negotiate(
+                        self.config, parse_eno(self._syn_eno), eno.single_option(enos)
+                    )
+                    self._simultaneous = not seg.is_ack
+                    self.isn_remote = seg.seq
+                    self.wire_mss = _mss(options) or self.wire_mss
+                elif enos != [self._peer_syn_eno()]:
+                    raise eno.EnoFailed("peer changed its eno option between syn and syn-ack")
+            except eno.EnoFailed as exc:
+                self._fall_back(f"peer {'syn-ack' if seg.is_ack else 'syn'}: {exc}")
                 return Verdict(Action.ACCEPT)
-        if not self.is_translating:
+            if seg.is_ack:
+                # Both ACK segments with ENO exist now (ours is about to follow): success (§4.6).
+                self._eno_succeeded(now)
+        elif not self.is_translating and self.state != State.ENO_RECEIVED:
             return Verdict(Action.ACCEPT)
-        # The SYN-ACK (or a retransmission of it) reaches our stack with the MSS clamped (DESIGN.md §3).
+        # The SYN or SYN-ACK reaches our stack with the MSS clamped (DESIGN.md §3).
         seg.options = serialize_options(clamp_mss(options, FRAME_OVERHEAD))
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
-    def _syn_ack_in(self, seg: Segment, options: list[tuple[int, bytes]]) -> None:
-        """Host A reads B's answer: the negotiated TEP is the last valid one in B's option (§4.5)."""
-        enos = [raw for kind, raw in options if kind == ENO_OPTION_KIND]
-        if len(enos) != 1:
-            self._fall_back("syn-ack without a single eno option")
-            return
-        try:
-            answer = parse_eno(enos[0])
-        except MalformedSegment as exc:
-            self._fall_back(f"ill-formed eno option in the syn-ack: {exc}")
-            return
-        if not answer.b:
-            self._fall_back("syn-ack does not claim role b")
-            return
-        ours = set(self.config.teps)
-        valid = [sub for sub in answer.teps if sub.tep in ours and not sub.data]
-        if not valid:
-            self._fall_back("syn-ack names no tep we offered")
-            return
-        chosen = valid[-1]
-        self.tep = Tep(chosen.tep)
-        self.tep_byte = chosen.byte
-        self.eno_b = enos[0]
-        self.role = "A"
-        self.isn_remote = seg.seq
-        self.wire_mss = _mss(options) or self.wire_mss
-        self._set_state(Trigger.ENO_OK)
-        self._emit(EnoNegotiated(self.flow, TEP_NAMES[self.tep], "A"))
-        self._open_streams()
-        # Host A prepares Init1 now; it rides on our stack's third ACK (DESIGN.md §3).
-        assert self.tep is not None and self.send is not None
-        self._private_key = self.config.key_factory.generate(self.tep)
-        self._n_a = self.config.random_bytes(N_A_LEN)
-        self._ciphers_offered = tuple(int(a) for a in self.config.aeads)
-        self._init1 = serialize_init1(
-            Init1(self._ciphers_offered, self._n_a, public_bytes(self.tep, self._private_key))
-        )
-        self.send.set_prefix(self._init1)
-        self.need_nonsyn_eno = True
+    def _peer_syn_eno(self) -> bytes:
+        assert self._negotiated is not None
+        return self._negotiated.eno_b if self._negotiated.role == "A" else self._negotiated.eno_a
 
-    def _third_ack(self, seg: Segment) -> None:
+    def _third_ack(self, seg: Segment, now: float) -> None:
         """Host B: the first ACK after our SYN-ACK must carry ENO, else plain TCP (§4.6 rule 1)."""
         options = parse_options(seg.options)
-        if not any(kind == ENO_OPTION_KIND for kind, _ in options):
+        if not eno.eno_options(options):
             self._fall_back("first ack from the peer has no eno option")
             return
-        self.role = "B"
+        self._eno_succeeded(now)
+
+    def _eno_succeeded(self, now: float) -> None:
+        """RFC 8547 §4.6: encryption is on; the TEP's key exchange starts (RFC 8548 §3.3)."""
+        negotiated = self._negotiated
+        assert negotiated is not None
+        self.role = negotiated.role
+        self.tep = negotiated.tep
+        self.tep_byte = negotiated.tep_byte
+        self.eno_a, self.eno_b = negotiated.eno_a, negotiated.eno_b
         self._set_state(Trigger.ENO_OK)
-        assert self.tep is not None
-        self._emit(EnoNegotiated(self.flow, TEP_NAMES[self.tep], "B"))
+        self._emit(EnoNegotiated(self.flow, TEP_NAMES[self.tep], self.role))
         self._open_streams()
+        self.need_nonsyn_eno = True
+        if self.role == "A":
+            # Host A's stream starts with Init1; it rides on our stack's third ACK (DESIGN.md §3),
+            # or goes out at once after a simultaneous open, where no third ACK exists.
+            assert self.send is not None
+            self._private_key = self.config.key_factory.generate(self.tep)
+            self._n_a = self.config.random_bytes(N_A_LEN)
+            self._ciphers_offered = tuple(int(a) for a in self.config.aeads)
+            self._init1 = serialize_init1(
+                Init1(self._ciphers_offered, self._n_a, public_bytes(self.tep, self._private_key))
+            )
+            self.send.set_prefix(self._init1)
+            if self._simultaneous:
+                self._init1_sent = True
+                self._send_prefix(now)
 
     def _open_streams(self) -> None:
         if self.isn_local is None or self.isn_remote is None:

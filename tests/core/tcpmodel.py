@@ -186,7 +186,8 @@ class Endpoint:
         if seg.is_syn:
             if 2 in options:
                 self.peer_mss = struct.unpack_from("!H", options[2], 2)[0]
-            if self.state in ("listen", "syn-received") and not seg.is_ack:
+            if self.state in ("listen", "syn-received", "syn-sent") and not seg.is_ack:
+                # a new peer, its retransmitted SYN, or a simultaneous open (both SYN-only)
                 self.peer_ip, self.peer_port = seg.src, seg.sport
                 self.irs = seg.seq
                 self.state = "syn-received"
@@ -196,6 +197,10 @@ class Endpoint:
                 self.state = "established"
                 self.rto_at = None
                 self._emit(TCP_ACK)
+                self.pump()
+            elif self.state == "syn-received" and seg.is_ack and seg.ack == (self.isn + 1) & MASK:
+                self.state = "established"  # simultaneous open: the peer's SYN-ACK
+                self.rto_at = None
                 self.pump()
             elif seg.is_ack:
                 self._emit(TCP_ACK)  # a retransmitted SYN-ACK: our ACK was lost

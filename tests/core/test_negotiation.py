@@ -69,3 +69,103 @@ def test_disjoint_aeads_abort():
     assert any(isinstance(e, SessionAborted) and "no aead" in e.reason for e in events)
     assert pair.a.was_reset and pair.b.was_reset
     assert b"request" not in b"".join(parse_segment(p).payload for p in pair.wire)
+
+
+def _open(a: dict, b: dict, simultaneous: bool = False) -> Pair:
+    pair = Pair(a_config=seeded_config(b"sa", **a), b_config=seeded_config(b"sb", **b))
+    if simultaneous:
+        pair.b.port = 40001
+        pair.a.connect(B_IP, 40001)
+        pair.b.connect(A_IP, 40000)
+    else:
+        pair.b.listen()
+        pair.a.connect(B_IP, 80)
+    pair.run()
+    pair.a.write(b"from a" * 1000)
+    pair.b.write(b"from b" * 1000)
+    pair.run()
+    assert bytes(pair.b.received) == b"from a" * 1000 and bytes(pair.a.received) == b"from b" * 1000
+    return pair
+
+
+def _roles(pair: Pair) -> tuple:
+    ta, tb = pair.engine_a.session_table()[0], pair.engine_b.session_table()[0]
+    return ta["role"], tb["role"], ta["session_id"] == tb["session_id"] != None  # noqa: E711
+
+
+class TestSimultaneousOpen:
+    def test_one_side_b_encrypts(self):
+        pair = _open({}, dict(eno_role_b=True), simultaneous=True)
+        assert _roles(pair) == ("A", "B", True)
+        syn_b = next(parse_segment(p) for p in pair.wire if parse_segment(p).src == B_IP)
+        option = parse_eno(next(raw for kind, raw in parse_options(syn_b.options) if kind == 69))
+        assert option.b and option.global_byte == 0x01
+
+    def test_both_b_zero_stays_plain(self):
+        pair = _open({}, {}, simultaneous=True)
+        assert _roles(pair) == (None, None, False)
+        events = pair.events(pair.engine_a)
+        assert any(isinstance(e, FellBackToPlain) and "both sides sent b=0" in e.reason for e in events)
+
+    def test_active_opener_with_b_meets_passive_b_stays_plain(self):
+        pair = _open(dict(eno_role_b=True), {})
+        assert _roles(pair) == (None, None, False)
+
+
+class TestGlobalBits:
+    def test_mandatory_app_aware_needs_peer_a(self):
+        pair = _open({}, dict(eno_app_aware_mandatory=True))
+        assert _roles(pair) == (None, None, False)
+        pair = _open(dict(eno_app_aware=True), dict(eno_app_aware=True, eno_app_aware_mandatory=True))
+        assert _roles(pair) == ("A", "B", True)
+
+    def test_reserved_bits_and_unknown_teps_are_ignored(self):
+        from nfq_tcpcrypt.core import eno
+        from nfq_tcpcrypt.core.config import Configuration
+
+        config = Configuration(teps=(Tep.X25519,))
+        offer = parse_eno(bytes((0x45, 0x06, 0x1C, 0x55, 0x7F, 0x23)))
+        answer = parse_eno(eno.answer(config, offer))
+        assert answer.raw == bytes((0x45, 0x04, 0x01, 0x23))
+        assert eno.negotiate(config, answer, offer).tep == Tep.X25519
+
+    def test_repeated_tep_is_not_valid(self):
+        from nfq_tcpcrypt.core import eno
+        from nfq_tcpcrypt.core.config import Configuration
+
+        config = Configuration(teps=(Tep.X25519, Tep.P256))
+        offer = parse_eno(bytes((0x45, 0x05, 0x23, 0x23, 0x21)))  # 0x23 twice: invalid (§4.5 rule 3)
+        assert parse_eno(eno.answer(config, offer)).teps[0].tep == 0x21
+        with pytest.raises(eno.EnoFailed):
+            eno.answer(config, parse_eno(bytes((0x45, 0x04, 0x23, 0x23))))
+
+    def test_last_valid_tep_in_b_option_wins(self):
+        from nfq_tcpcrypt.core import eno
+        from nfq_tcpcrypt.core.config import Configuration
+
+        config = Configuration(teps=(Tep.X25519, Tep.P256, Tep.X448))
+        ours = parse_eno(bytes((0x45, 0x05, 0x24, 0x21, 0x23)))
+        theirs = parse_eno(bytes((0x45, 0x06, 0x01, 0x21, 0x24, 0x30)))  # B: P-256, X448, unknown
+        assert eno.negotiate(config, ours, theirs).tep == Tep.X448
+
+
+def test_syn_without_eno_after_retransmissions():
+    # A path that drops SYNs with ENO: the third SYN goes without it and the connection works in
+    # plain TCP (RFC 8547 §4.6).
+    from tests.core.tcpmodel import Channel
+
+    class DropEnoSyns(Channel):
+        def carry(self, packet):
+            seg = parse_segment(packet)
+            if seg.is_syn and any(kind == 69 for kind, _ in parse_options(seg.options)):
+                return []
+            return [(0, packet)]
+
+    pair = Pair(channel=DropEnoSyns(0))
+    pair.b.listen()
+    pair.a.connect(B_IP, 80)
+    pair.run()
+    pair.a.write(b"hello")
+    pair.run()
+    assert bytes(pair.b.received) == b"hello"
+    assert any(isinstance(e, FellBackToPlain) and "without eno" in e.reason for e in pair.events(pair.engine_a))

@@ -1,0 +1,101 @@
+"""TCP-ENO negotiation (RFC 8547 §4.2–§4.6) with tcpcrypt's TEP rules (RFC 8548 §3.2).
+
+Pure functions over options: what we put in our SYN or SYN-ACK, and what a pair of SYN-form
+options negotiated (roles, TEP, transcript). The session decides when to call them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from .config import Configuration
+from .constants import ENO_GLOBAL_A, ENO_GLOBAL_B, ENO_OPTION_KIND, Tep
+from .errors import MalformedSegment
+from .wire.eno import EnoOption, TepSuboption, parse_eno, serialize_eno
+
+
+class EnoFailed(Exception):
+    """ENO must be disabled and the connection stays plain TCP (RFC 8547 §4.6); carries the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    """The outcome of RFC 8547 §4.5: roles, the negotiated TEP and the two SYN-form options."""
+
+    role: str  # "A" or "B": ours
+    tep: Tep
+    tep_byte: int  # the TEP's byte as B sent it, v bit included (session ID, RFC 8547 §5.1)
+    eno_a: bytes  # A's SYN-form option, verbatim (transcript, RFC 8547 §4.8)
+    eno_b: bytes
+    peer_a_bit: bool
+
+
+def _global_byte(config: Configuration, passive: bool) -> int | None:
+    value = (ENO_GLOBAL_A if config.eno_app_aware else 0) | (
+        ENO_GLOBAL_B if passive or config.eno_role_b else 0
+    )
+    # A passive opener MUST send an explicit global suboption with b=1 (§4.2); otherwise the
+    # implicit 0x00 needs no byte.
+    return value if value or passive else None
+
+
+def syn_option(config: Configuration) -> bytes:
+    """Our SYN-form option as an active opener: every TEP we accept (§4.5: A's order is moot)."""
+    teps = tuple(TepSuboption(int(t)) for t in reversed(config.teps))
+    return serialize_eno(EnoOption(_global_byte(config, passive=False), teps))
+
+
+def single_option(enos: list[bytes]) -> EnoOption:
+    """The one SYN-form ENO option of a SYN (§4.1: several count as none; §4.4: ill-formed ones too)."""
+    if not enos:
+        raise EnoFailed("no eno option")
+    if len(enos) > 1:
+        raise EnoFailed("several eno options")
+    try:
+        return parse_eno(enos[0])
+    except MalformedSegment as exc:
+        raise EnoFailed(f"ill-formed eno option: {exc}") from None
+
+
+def answer(config: Configuration, offer: EnoOption) -> bytes:
+    """Our SYN-ACK option as passive opener (host B): the one TEP we prefer among A's valid ones."""
+    valid = _valid_teps(config, offer)
+    choice = next((t for t in config.teps if int(t) in valid), None)
+    if choice is None:
+        raise EnoFailed("no common tep")
+    return serialize_eno(EnoOption(_global_byte(config, passive=True), (TepSuboption(int(choice)),)))
+
+
+def negotiate(config: Configuration, ours: EnoOption, theirs: EnoOption) -> Negotiated:
+    """Roles and negotiated TEP from both SYN-form options (§4.3, §4.5, §4.6 rule 3)."""
+    if ours.b == theirs.b:
+        raise EnoFailed(f"both sides sent b={int(ours.b)}")
+    if config.eno_app_aware_mandatory and not theirs.a:
+        raise EnoFailed("peer is not application-aware (mandatory mode)")
+    role = "B" if ours.b else "A"
+    a_option, b_option = (theirs, ours) if ours.b else (ours, theirs)
+    valid = _valid_teps(config, a_option) & _valid_teps(config, b_option)
+    # The negotiated TEP is the last valid TEP in B's option; the v bit is not compared (§4.5).
+    chosen = [sub for sub in b_option.teps if sub.tep in valid]
+    if not chosen:
+        raise EnoFailed("no valid tep")
+    last = chosen[-1]
+    return Negotiated(role, Tep(last.tep), last.byte, a_option.raw, b_option.raw, theirs.a)
+
+
+def _valid_teps(config: Configuration, option: EnoOption) -> set[int]:
+    """TEPs of `option` we support that tcpcrypt can use from it (§4.5 rules 2 and 3).
+
+    tcpcrypt defines no repeated suboptions, so a TEP listed twice is not valid. Suboption data is
+    only meaningful as a resumption request; until resumption is in use, a TEP with data counts as
+    a fresh offer (a v=1 offer implies a fresh key exchange is acceptable, RFC 8548 §3.2).
+    """
+    counts = Counter(sub.tep for sub in option.teps)
+    supported = {int(t) for t in config.teps}
+    return {tep for tep, n in counts.items() if n == 1 and tep in supported}
+
+
+def eno_options(options: list[tuple[int, bytes]]) -> list[bytes]:
+    """The raw ENO options in a parsed options list."""
+    return [raw for kind, raw in options if kind == ENO_OPTION_KIND]
