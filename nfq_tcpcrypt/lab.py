@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .labnet import Topology, http_transfer
+from .labnet import Topology, http_transfer, shell_faults
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -83,6 +83,13 @@ def _report(result: Any) -> int:
     print(f"  plaintext on wire:    {leaked}")
     checks.append(("no plaintext on the wire", not wire.leaks))
     for side, daemon in result.daemons.items():
+        faults = shell_faults(result.counters.get(side, {}))
+        checks.append(
+            (
+                f"daemon {side}: no engine errors, truncated copies or failed injections {faults or ''}",
+                not faults,
+            )
+        )
         checks.append((f"daemon {side} exited 0 after SIGTERM", daemon.proc.returncode == 0))
     print()
     for name, ok in checks:

@@ -30,6 +30,8 @@ from pyroute2 import IPRoute, netns
 
 ADDRESSES = {"a": "10.77.0.1", "b": "10.77.0.2"}
 PREFIXLEN = 24
+ADDRESSES6 = {"a": "fd77::1", "b": "fd77::2"}
+PREFIXLEN6 = 64
 IFNAMES = {"a": "veth-a", "b": "veth-b"}
 MTU = 1500
 HTTP_PORT = 8080
@@ -79,6 +81,13 @@ class Topology:
                 ipr.link("set", index=index, mtu=MTU)
                 ipr.addr("add", index=index, address=ADDRESSES[side], prefixlen=PREFIXLEN)
                 ipr.link("set", index=index, state="up")
+            # IPv6 without duplicate address detection, so the address is usable at once.
+            address6 = f"{ADDRESSES6[side]}/{PREFIXLEN6}"
+            result = self.run(
+                side, ["ip", "-6", "addr", "add", address6, "dev", IFNAMES[side], "nodad"], timeout=10
+            )
+            if result.returncode != 0:
+                raise LabError(f"cannot add {address6} in {side}: {result.stderr.strip()}")
 
     def argv(self, side: str, command: Sequence[str]) -> list[str]:
         """`command` wrapped to run inside namespace `side`."""
@@ -198,6 +207,21 @@ class Daemon:
         table: list[dict[str, Any]] = json.loads(result.stdout)
         return table
 
+    def counters(self) -> dict[str, int]:
+        """Engine and shell counters from the control socket."""
+        from .shell.control import query
+
+        counters: dict[str, int] = query(self.control, "counters")
+        return counters
+
+
+SHELL_FAULTS = ("shell.handler_errors", "shell.truncated_accepted", "shell.inject_failed")
+
+
+def shell_faults(counters: dict[str, int]) -> dict[str, int]:
+    """The nonzero counters that mean the shell saw trouble: engine exceptions, truncated copies, failed sends."""
+    return {name: value for name, value in counters.items() if name in SHELL_FAULTS and value}
+
 
 def start_daemon(
     topo: Topology, side: str, workdir: Path, extra: Sequence[str] = (), timeout: float = 20.0
@@ -315,9 +339,11 @@ def sha256_file(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def http_server(topo: Topology, side: str, directory: Path, timeout: float = 15.0) -> Iterator[str]:
+def http_server(
+    topo: Topology, side: str, directory: Path, timeout: float = 15.0, ipv6: bool = False
+) -> Iterator[str]:
     """`python3 -m http.server` serving `directory` in `side`; yields its base URL."""
-    address = ADDRESSES[side]
+    address = (ADDRESSES6 if ipv6 else ADDRESSES)[side]
     proc = topo.popen(
         side,
         [
@@ -336,7 +362,7 @@ def http_server(topo: Topology, side: str, directory: Path, timeout: float = 15.
     )
     try:
         _wait_for_line(proc, proc.stdout, "Serving HTTP", timeout, "http.server")
-        yield f"http://{address}:{HTTP_PORT}"
+        yield f"http://[{address}]:{HTTP_PORT}" if ipv6 else f"http://{address}:{HTTP_PORT}"
     finally:
         _terminate(proc, 5.0)
         if proc.stdout is not None:
@@ -354,6 +380,30 @@ def fetch(topo: Topology, side: str, url: str, out: Path, timeout: float = 120.0
         raise LabError(f"curl {url} from {side} failed ({result.returncode}): {result.stderr.strip()}")
 
 
+def drop_on_wire(topo: Topology, side: str, probability: float, ipv6: bool = False) -> None:
+    """Drop `probability` of the TCP packets arriving at `side` from the wire, before the daemon.
+
+    The rule goes first in raw PREROUTING (inserted after the daemon's own jump), so the loss hits
+    wire-space packets, as a lossy link would. It disappears with the namespace.
+    """
+    tool = "ip6tables" if ipv6 else "iptables"
+    rule = [
+        "-p",
+        "tcp",
+        "-m",
+        "statistic",
+        "--mode",
+        "random",
+        "--probability",
+        str(probability),
+        "-j",
+        "DROP",
+    ]
+    result = topo.run(side, [tool, "-t", "raw", "-I", "PREROUTING", "1", *rule], timeout=10)
+    if result.returncode != 0:
+        raise LabError(f"cannot add the loss rule in {side}: {result.stderr.strip()}")
+
+
 # --- the whole experiment --------------------------------------------------------------------------
 
 
@@ -365,6 +415,7 @@ class TransferResult:
     received_sha256: str
     wire: Any  # tools.pcapcheck.WireReport
     sessions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    counters: dict[str, dict[str, int]] = field(default_factory=dict)
     keylogs: dict[str, str] = field(default_factory=dict)
     daemons: dict[str, Daemon] = field(default_factory=dict)
     pcap: Path | None = None
@@ -386,11 +437,15 @@ def http_transfer(
     size: int = 4 * 1024 * 1024,
     daemon_sides: Sequence[str] = ("a", "b"),
     timeout: float = 120.0,
+    ipv6: bool = False,
+    wire_loss: float = 0.0,
 ) -> TransferResult:
     """Serve a random file from b, fetch it with curl from a, capture a's veth, query the daemons.
 
-    Daemons are started on `daemon_sides` and stopped (SIGTERM) before returning; their exit codes
-    are in `result.daemons[side].proc.returncode`.
+    Daemons are started on `daemon_sides` (with `--ipv6` when `ipv6`) and stopped (SIGTERM) before
+    returning; their exit codes are in `result.daemons[side].proc.returncode`. With `wire_loss`, each
+    namespace drops that fraction of arriving TCP packets before the daemon sees them (see
+    `drop_on_wire`).
     """
     from .tools.pcapcheck import analyze
 
@@ -403,17 +458,22 @@ def http_transfer(
     daemons: dict[str, Daemon] = {}
     try:
         for side in daemon_sides:
-            daemons[side] = start_daemon(topo, side, workdir)
+            daemons[side] = start_daemon(topo, side, workdir, ["--ipv6"] if ipv6 else [])
+        if wire_loss:
+            for side in ("a", "b"):
+                drop_on_wire(topo, side, wire_loss, ipv6)
         with capture(topo, "a", pcap) as capture_stats:
-            with http_server(topo, "b", served) as url:
+            with http_server(topo, "b", served, ipv6=ipv6) as url:
                 fetch(topo, "a", f"{url}/payload.bin", received, timeout)
             sessions = {side: daemon.sessions() for side, daemon in daemons.items()}
+            counters = {side: daemon.counters() for side, daemon in daemons.items()}
     finally:
         for daemon in daemons.values():
             daemon.stop()
     needles = {f"marker{i}": marker for i, marker in enumerate(markers)}
     needles["http-status-line"] = b"HTTP/1.0 200"
-    wire = analyze(pcap, ADDRESSES["a"], ADDRESSES["b"], HTTP_PORT, needles)
+    addresses = ADDRESSES6 if ipv6 else ADDRESSES
+    wire = analyze(pcap, addresses["a"], addresses["b"], HTTP_PORT, needles)
     keylogs = {
         side: Path(daemon.keylog).read_text()
         for side, daemon in daemons.items()
@@ -424,6 +484,7 @@ def http_transfer(
         received_sha256=sha256_file(received),
         wire=wire,
         sessions=sessions,
+        counters=counters,
         keylogs=keylogs,
         daemons=daemons,
         pcap=pcap,

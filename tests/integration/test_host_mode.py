@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nfq_tcpcrypt.labnet import KEYLOG_ES, Topology, http_transfer, start_daemon
+from nfq_tcpcrypt.labnet import KEYLOG_ES, Topology, http_transfer, shell_faults, start_daemon
 
 SIZE = 4 * 1024 * 1024
 
@@ -50,8 +50,9 @@ def test_http_transfer_encrypted(topo: Topology, tmp_path: Path) -> None:
         assert KEYLOG_ES.search(text), f"no ES line in the key log of {side}: {text!r}"
         assert os.stat(result.daemons[side].keylog).st_mode & 0o777 == 0o600
     assert set(result.keylogs) == {"a", "b"}
-    for daemon in result.daemons.values():
+    for side, daemon in result.daemons.items():
         assert daemon.proc.returncode == 0, Path(daemon.log).read_text()[-2000:]
+        assert shell_faults(result.counters[side]) == {}, Path(daemon.log).read_text()[-3000:]
 
 
 @pytest.mark.timeout(180)
@@ -68,6 +69,7 @@ def test_plain_peer_still_works(topo: Topology, tmp_path: Path, daemon_side: str
     assert "http-status-line" in wire.leaks and any(name.startswith("marker") for name in wire.leaks)
     assert result.session_for(daemon_side) is None or result.session_for(daemon_side)["tep"] in (None, "")
     assert result.daemons[daemon_side].proc.returncode == 0
+    assert shell_faults(result.counters[daemon_side]) == {}
 
 
 @pytest.mark.timeout(120)
@@ -106,3 +108,31 @@ def test_startup_failure_removes_its_rules(topo: Topology, tmp_path: Path) -> No
     assert _rule_lines(topo, "a") == mine, "the failed daemon left rules or removed the other's"
     assert first.stop() == 0
     assert _rule_lines(topo, "a") == []
+
+
+@pytest.mark.timeout(180)
+def test_http_transfer_encrypted_ipv6(topo: Topology, tmp_path: Path) -> None:
+    """The same end-to-end checks over IPv6 (fd77::1 <-> fd77::2) with `run --ipv6` (ip6tables rules)."""
+    result = http_transfer(topo, tmp_path, size=1024 * 1024, ipv6=True)
+    wire = result.wire
+    assert result.received_sha256 == result.sent_sha256
+    assert wire.syn_has_eno and wire.synack_has_eno
+    assert wire.client_starts_with_init1 and wire.server_starts_with_init2
+    assert wire.leaks == {}, f"plaintext on the wire: {wire.leaks}"
+    a, b = result.session_for("a"), result.session_for("b")
+    assert a is not None and b is not None, result.sessions
+    assert a["session_id"] == b["session_id"] and a["local"].startswith("[fd77::1]:")
+    for side, daemon in result.daemons.items():
+        assert daemon.proc.returncode == 0, Path(daemon.log).read_text()[-2000:]
+        assert shell_faults(result.counters[side]) == {}, Path(daemon.log).read_text()[-3000:]
+
+
+@pytest.mark.timeout(150)
+def test_http_transfer_survives_wire_loss(topo: Topology, tmp_path: Path) -> None:
+    """DESIGN.md §3: 2% of arriving wire packets dropped on both ends; TCP recovers, bytes stay equal."""
+    result = http_transfer(topo, tmp_path, size=SIZE, timeout=90, wire_loss=0.02)
+    assert result.received_sha256 == result.sent_sha256
+    assert result.wire.leaks == {}
+    for side, daemon in result.daemons.items():
+        assert daemon.proc.returncode == 0
+        assert shell_faults(result.counters[side]) == {}, Path(daemon.log).read_text()[-3000:]
