@@ -24,7 +24,18 @@ SOCK_LEN = 4 * 1024 * 1024
 MAX_LEN = 4096
 """Packets the kernel keeps waiting per queue before it drops (or bypasses, with --queue-bypass)."""
 
+DRAIN_BUDGET = 128
+"""Packets handled per `drain()` before control returns to the loop (timers, control socket, `now`)."""
+
 Handler = Callable[[bytes, Direction], Verdict]
+
+
+class _BudgetSpent(Exception):
+    """Raised from the callback, after the verdict, to leave `NetfilterQueue.run()` early.
+
+    Callback exceptions propagate out of `run()` (NetfilterQueue >= 1.0); each netlink datagram holds
+    one packet, so no other packet is left without a verdict.
+    """
 
 
 def ip_total_length(packet: bytes) -> int:
@@ -50,6 +61,7 @@ class QueuePair:
         self.queue_num = queue_num
         self._handler = handler
         self._after = after
+        self._handled = 0
         self._counters = counters
         self.queues: dict[Direction, NetfilterQueue] = {}
         try:
@@ -92,6 +104,9 @@ class QueuePair:
             finally:
                 _apply(pkt, verdict)
             self._after()
+            self._handled += 1
+            if self._handled >= DRAIN_BUDGET:
+                raise _BudgetSpent
 
         return on_packet
 
@@ -100,8 +115,12 @@ class QueuePair:
         return {queue.get_fd(): direction for direction, queue in self.queues.items()}
 
     def drain(self, direction: Direction) -> None:
-        """Handle every packet waiting on `direction`'s queue without blocking."""
-        self.queues[direction].run(block=False)
+        """Handle the packets waiting on `direction`'s queue, at most DRAIN_BUDGET, without blocking."""
+        self._handled = 0
+        try:
+            self.queues[direction].run(block=False)
+        except _BudgetSpent:
+            self._count("drain_budget_spent")
 
     def close(self) -> None:
         """Unbind both queues."""
