@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument("--json", action="store_true", help="print a JSON array")
     sessions.add_argument("--control", default=DEFAULT_PATH)
 
+    rules_cmd = sub.add_parser("rules", help="show or remove the daemon's iptables rules (after a SIGKILL)")
+    rules_cmd.add_argument("action", choices=["show", "remove"])
+    rules_cmd.add_argument("--queue-num", type=int, default=7100, help="the killed daemon's --queue-num")
+    rules_cmd.add_argument(
+        "--control", default=DEFAULT_PATH, help="refuse to remove while this socket answers"
+    )
+
     lab = sub.add_parser("lab", help="demo: two network namespaces, an encrypted HTTP transfer, checks")
     lab.add_argument("--size", type=int, default=4 * 1024 * 1024, help="bytes to transfer (default 4 MiB)")
     lab.add_argument("--keep", metavar="DIR", help="keep the capture, key logs and daemon logs in DIR")
@@ -113,6 +120,29 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rules(args: argparse.Namespace) -> int:
+    from .shell import rules
+    from .shell.control import query
+
+    if args.action == "show":
+        for family in ("ipv4", "ipv6"):
+            if rules.available(family):
+                for line in rules.leftovers(family):
+                    print(f"{family}: {line}")
+        return 0
+    try:
+        query(args.control, "ping", timeout=2.0)
+    except (OSError, ValueError):
+        pass
+    else:
+        print(f"nfq-tcpcrypt: a daemon answers on {args.control}; stop it instead", file=sys.stderr)
+        return 1
+    problems = rules.remove_stale(args.queue_num)
+    for problem in problems:
+        print(f"nfq-tcpcrypt: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def _cmd_lab(args: argparse.Namespace) -> int:
     from .lab import run_lab
 
@@ -124,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = getattr(args, "sub_log_level", None) or args.log_level
     _setup_logging(level)
-    handlers = {"run": _cmd_run, "sessions": _cmd_sessions, "lab": _cmd_lab}
+    handlers = {"run": _cmd_run, "sessions": _cmd_sessions, "rules": _cmd_rules, "lab": _cmd_lab}
     return handlers[args.command](args)
 
 

@@ -173,6 +173,23 @@ def install(params: RuleParams, families: tuple[str, ...] = ("ipv4",)) -> Instal
     return installed
 
 
+def remove_stale(queue_num: int, families: tuple[str, ...] = ("ipv4", "ipv6")) -> list[str]:
+    """Remove the chains a killed daemon (queues `queue_num`/+1) left behind; return the problems.
+
+    The removal is derived from the template exactly as on a normal exit; the jump rules do not
+    depend on the mark or on fail-open/closed, and the chains are flushed whole.
+    """
+    problems: list[str] = []
+    for family in families:
+        if not available(family) or not any(
+            f"{CHAIN_PREFIX}PRE_{queue_num}" in line for line in leftovers(family)
+        ):
+            continue
+        stale = InstalledRules({family: render(family, RuleParams(queue_num, queue_num + 1, 0))})
+        problems.extend(stale.remove())
+    return problems
+
+
 def leftovers(family: str = "ipv4") -> list[str]:
     """Lines of `iptables-save` that mention NFQ_TCPCRYPT chains or NFQUEUE (empty when clean)."""
     result = subprocess.run(

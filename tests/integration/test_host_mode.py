@@ -136,3 +136,19 @@ def test_http_transfer_survives_wire_loss(topo: Topology, tmp_path: Path) -> Non
     for side, daemon in result.daemons.items():
         assert daemon.proc.returncode == 0
         assert shell_faults(result.counters[side]) == {}, Path(daemon.log).read_text()[-3000:]
+
+
+@pytest.mark.timeout(120)
+def test_rules_remove_after_sigkill(topo: Topology, tmp_path: Path) -> None:
+    """A SIGKILLed daemon leaves its chains; `nfq-tcpcrypt rules remove` takes exactly them away."""
+    daemon = start_daemon(topo, "a", tmp_path, ["--ipv6"])
+    daemon.proc.kill()
+    daemon.proc.wait(10)
+    assert _rule_lines(topo, "a") != []
+    cli = [sys.executable, "-m", "nfq_tcpcrypt"]
+    removed = topo.run("a", [*cli, "rules", "remove", "--control", daemon.control], timeout=30)
+    assert removed.returncode == 0, removed.stderr
+    assert _rule_lines(topo, "a") == []
+    assert topo.run("a", ["ip6tables-save"], timeout=30).stdout.count("NFQ_TCPCRYPT") == 0
+    shown = topo.run("a", [*cli, "rules", "show"], timeout=30)
+    assert shown.returncode == 0 and shown.stdout == ""
