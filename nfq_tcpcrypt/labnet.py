@@ -340,10 +340,15 @@ def sha256_file(path: Path) -> str:
 
 @contextlib.contextmanager
 def http_server(
-    topo: Topology, side: str, directory: Path, timeout: float = 15.0, ipv6: bool = False
+    topo: Topology,
+    side: str,
+    directory: Path,
+    timeout: float = 15.0,
+    ipv6: bool = False,
+    address: str | None = None,
 ) -> Iterator[str]:
-    """`python3 -m http.server` serving `directory` in `side`; yields its base URL."""
-    address = (ADDRESSES6 if ipv6 else ADDRESSES)[side]
+    """`python3 -m http.server` serving `directory` in `side` (on its veth address unless `address`)."""
+    address = address or (ADDRESSES6 if ipv6 else ADDRESSES)[side]
     proc = topo.popen(
         side,
         [

@@ -9,7 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from nfq_tcpcrypt.labnet import KEYLOG_ES, Topology, http_transfer, shell_faults, start_daemon
+from nfq_tcpcrypt.labnet import (
+    KEYLOG_ES,
+    Topology,
+    fetch,
+    http_server,
+    http_transfer,
+    make_payload,
+    sha256_file,
+    shell_faults,
+    start_daemon,
+)
 
 SIZE = 4 * 1024 * 1024
 
@@ -152,3 +162,20 @@ def test_rules_remove_after_sigkill(topo: Topology, tmp_path: Path) -> None:
     assert topo.run("a", ["ip6tables-save"], timeout=30).stdout.count("NFQ_TCPCRYPT") == 0
     shown = topo.run("a", [*cli, "rules", "show"], timeout=30)
     assert shown.returncode == 0 and shown.stdout == ""
+
+
+@pytest.mark.timeout(120)
+def test_loopback_is_never_queued(topo: Topology, tmp_path: Path) -> None:
+    """DESIGN.md §5: TCP over lo bypasses the queues (its 64 KiB packets exceed the 4016-byte copy)."""
+    daemon = start_daemon(topo, "a", tmp_path)
+    served = tmp_path / "www"
+    served.mkdir()
+    make_payload(served / "f", 1024 * 1024)
+    with http_server(topo, "a", served, address="127.0.0.1") as url:
+        fetch(topo, "a", f"{url}/f", tmp_path / "got", timeout=30)
+    assert sha256_file(tmp_path / "got") == sha256_file(served / "f")
+    counters = daemon.counters()
+    assert counters.get("shell.packets_inbound", 0) == 0, counters
+    assert counters.get("shell.packets_outbound", 0) == 0, counters
+    assert daemon.sessions() == []
+    assert daemon.stop() == 0
