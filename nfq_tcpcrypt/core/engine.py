@@ -38,7 +38,7 @@ class Engine:
         Remote-caused problems become verdicts and events; only LocalProtocolError (a bug) escapes.
         """
         self.counters["packets"] += 1
-        if direction is Direction.INBOUND and packet and packet[9 if packet[0] >> 4 == 4 else 6] in (1, 58):
+        if direction is Direction.INBOUND and len(packet) >= 40 and packet[9 if packet[0] >> 4 == 4 else 6] in (1, 58):
             return self._icmp(packet)
         try:
             # Wire packets are checked: we rewrite checksums, so we must not launder corruption.

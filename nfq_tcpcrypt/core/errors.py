@@ -40,6 +40,12 @@ class RemoteProtocolError(ProtocolError):
     """The peer broke RFC 8547 or RFC 8548."""
 
 
+class StackAnomaly(ProtocolError):
+    """A local segment no TCP stack would send (a raw-socket program, a stale flow): dropped."""
+
+    disposition = Disposition.DROP_SEGMENT
+
+
 class IntegrityError(RemoteProtocolError):
     """An AEAD tag did not verify (RFC 8548 §3.6): abort, never deliver the bytes."""
 

@@ -42,7 +42,7 @@ from .constants import (
     Aead,
     Tep,
 )
-from .errors import MalformedSegment, ProtocolError, RemoteProtocolError, LocalProtocolError, Disposition
+from .errors import Disposition, LocalProtocolError, MalformedSegment, ProtocolError, RemoteProtocolError, StackAnomaly
 from .events import EnoNegotiated, Event, FellBackToPlain, SessionAborted, SessionClosed, SessionEstablished
 from .flow import FlowKey
 from .kex import KeySchedule, TrafficKeys, public_bytes, session_secret, shared_secret
@@ -209,16 +209,16 @@ class Session:
         if self.state == State.ABORTED:
             return DROP
         self._out_ip = seg.ip_header
-        if seg.is_rst:
-            return self._rst_out(seg, now)
-        if seg.is_syn:
-            return self._syn_out(seg)
-        if not self.is_translating:
-            return self._plain(seg)
         try:
+            if seg.is_rst:
+                return self._rst_out(seg, now)
+            if seg.is_syn:
+                return self._syn_out(seg)
+            if not self.is_translating:
+                return self._plain(seg)
             return self._translate_out(seg, now)
         except MalformedSegment:
-            return DROP
+            return DROP if self.is_translating else Verdict(Action.ACCEPT)
         except ProtocolError as exc:
             return self._error(exc, seg, now, outbound=True)
 
@@ -579,12 +579,12 @@ class Session:
             seg.flags &= ~(TCP_FIN | TCP_PSH)
             return Verdict(Action.ACCEPT, serialize_segment(seg))
         if plain > send.plain_next:
-            raise LocalProtocolError(f"local stack skipped plain bytes {send.plain_next}..{plain}")
+            raise StackAnomaly(f"local segment skips plain bytes {send.plain_next}..{plain}")
         # Retransmitted ranges are sent as the logged frames, byte-identical (RFC 8548 §3.6).
         records = send.covering(plain, min(end, send.plain_next)) if plain < send.plain_next else []
         if end > send.plain_next:
             if send.fin_framed:
-                raise RemoteProtocolError("local stack sent data after its fin", Disposition.DROP_SEGMENT)
+                raise StackAnomaly("local segment carries data after its fin")
             new = bytes(data[send.plain_next - plain :])
             self.bytes_out += len(new)
             self._sent_since_rekey += len(new)
