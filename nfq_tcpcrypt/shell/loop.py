@@ -22,7 +22,7 @@ from ..core.flow import Direction
 from ..core.verdict import Verdict
 from .control import ControlServer
 from .inject import Injector
-from .nfq import QueuePair
+from .nfq import QueuePair, kernel_queue_stats
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,8 @@ class EventLoop:
         out.update({f"shell.{name}": value for name, value in self.counters.items()})
         out["shell.injected"] = self.injector.sent
         out["shell.inject_failed"] = self.injector.failed
+        num = self.queues.queue_num
+        out.update(kernel_queue_stats((num, num + 1)))
         return out
 
     def run(self) -> int:

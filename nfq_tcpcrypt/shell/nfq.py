@@ -132,6 +132,27 @@ class QueuePair:
         self.queues = {}
 
 
+def kernel_queue_stats(queue_nums: tuple[int, ...]) -> dict[str, int]:
+    """Kernel-side counters of our queues from /proc/net/netfilter/nfnetlink_queue (platform notes §4).
+
+    Per queue: packets waiting for a verdict, dropped because the queue was full, dropped because
+    netlink could not deliver them to us.
+    """
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/net/netfilter/nfnetlink_queue") as stats:
+            for line in stats:
+                fields = line.split()
+                if len(fields) >= 7 and int(fields[0]) in queue_nums:
+                    queue = fields[0]
+                    out[f"kernel.queue{queue}.waiting"] = int(fields[2])
+                    out[f"kernel.queue{queue}.queue_dropped"] = int(fields[5])
+                    out[f"kernel.queue{queue}.user_dropped"] = int(fields[6])
+    except (OSError, ValueError):
+        pass
+    return out
+
+
 def _apply(pkt: Any, verdict: Verdict | None) -> None:
     """Issue `verdict` on `pkt` (DROP when the handler produced none)."""
     if verdict is None or verdict.action is Action.DROP:
