@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -9,6 +10,26 @@ from dataclasses import dataclass, field
 from .constants import AEAD_NAMES, TEP_NAMES, Aead, Tep
 from .errors import ConfigError
 from .kex import KeyFactory, SystemKeyFactory
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    """Resumption controls for connections to `network` and/or on `port` (either end)."""
+
+    network: str | None = None
+    port: int | None = None
+    no_resume: bool = False
+    """Ignore resumption requests and offer none: always a fresh key exchange."""
+    no_cache: bool = False
+    """Cache no session secret from these connections."""
+
+    def matches(self, remote_ip: bytes, local_port: int, remote_port: int) -> bool:
+        """Whether the rule applies to a connection."""
+        if self.port is not None and self.port not in (local_port, remote_port):
+            return False
+        if self.network is not None:
+            return ipaddress.ip_address(remote_ip) in ipaddress.ip_network(self.network, strict=False)
+        return True
 
 
 @dataclass
@@ -58,6 +79,22 @@ class Configuration:
     """SYN retransmissions that keep the ENO option; later ones go without it and the connection
     stays plain (RFC 8547 §4.6: recovery from middleboxes that drop SYNs with ENO)."""
 
+    resume: bool = True
+    """Offer and accept session resumption (RFC 8548 §3.5)."""
+
+    resume_nonce_len: int = 8
+    """Bytes of fresh nonce each side adds to a resumption suboption, 0..8 (RFC 8548 §3.5: MUST
+    default to 8); the nonces make a cloned or restored cache yield new keys."""
+
+    resume_ttl: float = 3600.0
+    """Seconds a cached session secret stays usable."""
+
+    resume_cache_size: int = 4096
+    """Cached secrets at most; the least recently used go first."""
+
+    policies: tuple[PolicyRule, ...] = ()
+    """Per-port / per-network controls (RFC 8548 §3.5 cache controls)."""
+
     rekey_bytes: int = 0
     """Start a new key generation after this many plaintext bytes sent; 0 disables (RFC 8548 §3.8)."""
 
@@ -70,6 +107,15 @@ class Configuration:
     ooo_limit: int = 1 << 20
     """Wire bytes held per direction while a gap in the wire stream is open."""
 
+    def flags_for(self, remote_ip: bytes, local_port: int, remote_port: int) -> tuple[bool, bool]:
+        """(no_resume, no_cache) for a connection, from the matching policy rules."""
+        no_resume = no_cache = False
+        for rule in self.policies:
+            if rule.matches(remote_ip, local_port, remote_port):
+                no_resume |= rule.no_resume
+                no_cache |= rule.no_cache
+        return no_resume or not self.resume, no_cache or not self.resume
+
     def __post_init__(self) -> None:
         if not self.teps:
             raise ConfigError("teps must name at least one TEP")
@@ -77,6 +123,8 @@ class Configuration:
             raise ConfigError("aeads must name at least one AEAD")
         if len(set(self.teps)) != len(self.teps) or len(set(self.aeads)) != len(self.aeads):
             raise ConfigError("teps and aeads must not repeat a name")
+        if not 0 <= self.resume_nonce_len <= 8:
+            raise ConfigError(f"resume_nonce_len {self.resume_nonce_len} is outside 0..8 (RFC 8548 §3.5)")
 
 
 def parse_teps(text: str) -> tuple[Tep, ...]:

@@ -9,6 +9,7 @@ from .config import Configuration
 from .errors import MalformedSegment
 from .events import Event, SessionExpired
 from .flow import Direction, FlowKey
+from .resumption import ResumptionCache
 from .session import Session, State
 from .verdict import ACCEPT, Action, Verdict
 from .wire.icmp import parse_too_big
@@ -29,6 +30,7 @@ class Engine:
         self._events: deque[Event] = deque()
         self._inject: list[bytes] = []
         self._next_sweep: float | None = None
+        self.cache = ResumptionCache(self.config.resume_cache_size, self.config.resume_ttl)
 
     # ------------------------------------------------------------------ packets
 
@@ -89,7 +91,7 @@ class Engine:
         if flow not in self._sessions and len(self._sessions) >= self.config.max_sessions:
             self.counters["table_full"] += 1
             return ACCEPT
-        session = Session(flow, self.config, self._events.append, self._inject.append)
+        session = Session(flow, self.config, self._events.append, self._inject.append, self.cache)
         self._sessions[flow] = session
         self.counters["connections"] += 1
         self._schedule_sweep(now + self.config.idle_timeout)
@@ -143,6 +145,17 @@ class Engine:
                 self._events.append(SessionExpired(flow))
             else:
                 self._schedule_sweep(max(expires, now + SWEEP_INTERVAL))
+
+    def cache_info(self, now: float) -> list[dict[str, object]]:
+        """The resumption cache: peers and counters, never secrets (`nfq-tcpcrypt cache show`)."""
+        return self.cache.info(now)
+
+    def flush_cache(self, reason: str, peer: bytes | None = None) -> int:
+        """Forget cached session secrets (all, or one peer's); return how many entries went."""
+        count = self.cache.flush(peer)
+        self.counters["cache_flushes"] += 1
+        logger.info("resumption cache flushed (%s): %d entries", reason, count)
+        return count
 
     def next_event(self) -> Event | None:
         """The oldest unread event, or None."""

@@ -7,12 +7,17 @@ options negotiated (roles, TEP, transcript). The session decides when to call th
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import Configuration
 from .constants import ENO_GLOBAL_A, ENO_GLOBAL_B, ENO_OPTION_KIND, Tep
 from .errors import MalformedSegment
+from .resumption import Resumable
 from .wire.eno import EnoOption, TepSuboption, parse_eno, serialize_eno
+
+RESUME_HALF = 9
+MAX_RESUME_NONCE = 8
 
 
 class EnoFailed(Exception):
@@ -29,6 +34,8 @@ class Negotiated:
     eno_a: bytes  # A's SYN-form option, verbatim (transcript, RFC 8547 §4.8)
     eno_b: bytes
     peer_a_bit: bool
+    resume: Resumable | None = None  # set when the session resumes ss[i] (RFC 8548 §3.5)
+    sn: bytes = b""  # nonce_a | nonce_b by the original roles; empty for a fresh session
 
 
 def _global_byte(config: Configuration, passive: bool) -> int | None:
@@ -40,10 +47,25 @@ def _global_byte(config: Configuration, passive: bool) -> int | None:
     return value if value or passive else None
 
 
-def syn_option(config: Configuration) -> bytes:
-    """Our SYN-form option as an active opener: every TEP we accept (§4.5: A's order is moot)."""
-    teps = tuple(TepSuboption(int(t)) for t in reversed(config.teps))
-    return serialize_eno(EnoOption(_global_byte(config, passive=False), teps))
+def syn_option(config: Configuration, resume: Resumable | None = None, nonce: bytes = b"") -> bytes:
+    """Our SYN-form option as an active opener: every TEP we accept (§4.5: A's order is moot).
+
+    With `resume`, its TEP is offered as a resumption suboption (RFC 8548 §3.5: TEP|0x80, our
+    identifier half, our nonce), placed last so that it needs no length byte, and not repeated.
+    """
+    teps = [TepSuboption(int(t)) for t in reversed(config.teps) if resume is None or t != resume.tep]
+    if resume is not None:
+        teps.append(TepSuboption(int(resume.tep), resume.our_half + nonce, True))
+    return serialize_eno(EnoOption(_global_byte(config, passive=False), tuple(teps)))
+
+
+def is_resume_request(sub: TepSuboption) -> bool:
+    """A v=1 suboption with an identifier half and a nonce of 0..8 bytes (RFC 8548 §3.5).
+
+    Shorter data means a fresh offer (§3.5: MUST treat as v = 0); longer data breaks the sender's
+    MUST, and we do not resume on it (ambiguity 6) but keep it as a fresh offer.
+    """
+    return sub.v and RESUME_HALF <= len(sub.data) <= RESUME_HALF + MAX_RESUME_NONCE
 
 
 def single_option(enos: list[bytes]) -> EnoOption:
@@ -58,17 +80,41 @@ def single_option(enos: list[bytes]) -> EnoOption:
         raise EnoFailed(f"ill-formed eno option: {exc}") from None
 
 
-def answer(config: Configuration, offer: EnoOption) -> bytes:
-    """Our SYN-ACK option as passive opener (host B): the one TEP we prefer among A's valid ones."""
+def answer(
+    config: Configuration, offer: EnoOption,
+    lookup: Callable[[int, bytes], Resumable | None] | None = None,
+    nonce: Callable[[], bytes] = bytes,
+) -> tuple[bytes, Resumable | None]:
+    """Our SYN-ACK option as passive opener (host B), and the secret we agreed to resume, if any.
+
+    A resumption request whose identifier half `lookup` finds (with the cached TEP) is answered with
+    our half and our nonce (RFC 8548 §3.5: SHOULD agree). Otherwise we answer the one TEP we prefer
+    among A's valid ones, fresh (v = 0).
+    """
     valid = _valid_teps(config, offer)
+    if lookup is not None:
+        for sub in offer.teps:
+            if sub.tep in valid and is_resume_request(sub):
+                found = lookup(sub.tep, sub.data[:RESUME_HALF])
+                if found is not None:
+                    ours = TepSuboption(sub.tep, found.our_half + nonce(), True)
+                    return serialize_eno(EnoOption(_global_byte(config, passive=True), (ours,))), found
     choice = next((t for t in config.teps if int(t) in valid), None)
     if choice is None:
         raise EnoFailed("no common tep")
-    return serialize_eno(EnoOption(_global_byte(config, passive=True), (TepSuboption(int(choice)),)))
+    option = EnoOption(_global_byte(config, passive=True), (TepSuboption(int(choice)),))
+    return serialize_eno(option), None
 
 
-def negotiate(config: Configuration, ours: EnoOption, theirs: EnoOption) -> Negotiated:
-    """Roles and negotiated TEP from both SYN-form options (§4.3, §4.5, §4.6 rule 3)."""
+def negotiate(
+    config: Configuration, ours: EnoOption, theirs: EnoOption, resume: Resumable | None = None
+) -> Negotiated:
+    """Roles and negotiated TEP from both SYN-form options (§4.3, §4.5, §4.6 rule 3).
+
+    `resume` is the secret we offered (active opener) or agreed to (passive opener). B's suboption
+    with data is a resumption answer; it counts only if its identifier half is the one we expect,
+    and is ignored otherwise (RFC 8548 §3.5), which usually leaves no valid TEP: plain TCP.
+    """
     if ours.b == theirs.b:
         raise EnoFailed(f"both sides sent b={int(ours.b)}")
     if config.eno_app_aware_mandatory and not theirs.a:
@@ -77,11 +123,35 @@ def negotiate(config: Configuration, ours: EnoOption, theirs: EnoOption) -> Nego
     a_option, b_option = (theirs, ours) if ours.b else (ours, theirs)
     valid = _valid_teps(config, a_option) & _valid_teps(config, b_option)
     # The negotiated TEP is the last valid TEP in B's option; the v bit is not compared (§4.5).
-    chosen = [sub for sub in b_option.teps if sub.tep in valid]
+    chosen = [sub for sub in b_option.teps if sub.tep in valid and _answer_ok(sub, role, ours, resume)]
     if not chosen:
         raise EnoFailed("no valid tep")
     last = chosen[-1]
-    return Negotiated(role, Tep(last.tep), last.byte, a_option.raw, b_option.raw, theirs.a)
+    negotiated = Negotiated(role, Tep(last.tep), last.byte, a_option.raw, b_option.raw, theirs.a)
+    if not last.data:
+        return negotiated
+    assert resume is not None
+    # sn[i] = nonce_a | nonce_b, labelled by the ORIGINAL roles (ambiguity 10 of spec/tcpcrypt.md).
+    mine = _suboption(ours, last.tep).data[RESUME_HALF:]
+    peers = _suboption(theirs, last.tep).data[RESUME_HALF:]
+    sn = mine + peers if resume.original_role == "A" else peers + mine
+    return Negotiated(role, Tep(last.tep), last.byte, a_option.raw, b_option.raw, theirs.a, resume, sn)
+
+
+def _suboption(option: EnoOption, tep: int) -> TepSuboption:
+    return next(sub for sub in option.teps if sub.tep == tep)
+
+
+def _answer_ok(sub: TepSuboption, role: str, ours: EnoOption, resume: Resumable | None) -> bool:
+    """Whether B's suboption `sub` is usable: fresh, or a resumption both sides asked for."""
+    if not sub.data:
+        return True
+    if resume is None or sub.tep != int(resume.tep) or not is_resume_request(sub):
+        return False
+    if role == "B":
+        return True  # our own answer, built from the secret we found
+    ours_sub = _suboption(ours, sub.tep)
+    return is_resume_request(ours_sub) and sub.data[:RESUME_HALF] == resume.peer_half
 
 
 def _valid_teps(config: Configuration, option: EnoOption) -> set[int]:

@@ -48,7 +48,10 @@ from .flow import FlowKey
 from .kex import KeySchedule, TrafficKeys, public_bytes, session_secret, shared_secret
 from .seqmap import RecvStream, SendStream, to_offset, to_seq
 from .verdict import DROP, Action, Verdict
+from dataclasses import replace
+
 from . import eno
+from .resumption import Resumable, ResumptionCache
 from .wire.icmp import TooBig, serialize_too_big
 from .wire.eno import NON_SYN_ENO, EnoOption, TepSuboption, parse_eno, serialize_eno
 from .wire.tcp import (
@@ -120,14 +123,18 @@ class Session:
 
     def __init__(
         self, flow: FlowKey, config: Configuration, emit: Callable[[Event], None],
-        inject: Callable[[bytes], None],
+        inject: Callable[[bytes], None], cache: ResumptionCache | None = None,
     ) -> None:
+        self._cache = cache
+        self._no_cache = False
+        self._resume: Resumable | None = None
         self.flow = flow
         self.config = config
         self._emit = emit
         self._inject = inject
         self.state = State.NEW
         self.role: str | None = None  # "A" or "B" (RFC 8547 §4.3)
+        self.key_role: str | None = None  # our role in the session that made ss[0] (RFC 8548 §3.5)
         self.tep: Tep | None = None
         self.tep_byte = 0  # the negotiated TEP's byte as B sent it (RFC 8547 §5.1)
         self.aead: Aead | None = None
@@ -266,10 +273,28 @@ class Session:
             # RFC 8547 §4.7: tcpcrypt defines no SYN data; a SYN with data or TFO stays plain.
             self._fall_back("syn carries data or tcp fast open")
             return Verdict(Action.ACCEPT)
-        self._syn_eno = eno.syn_option(self.config)
-        try:
-            seg.options = serialize_options(options + [(ENO_OPTION_KIND, self._syn_eno)])
-        except MalformedSegment:
+        no_resume, self._no_cache = self.config.flags_for(self.flow.remote_ip, self.flow.local_port, self.flow.remote_port)
+        resume = None
+        if not no_resume and self._cache is not None:
+            resume = self._cache.take_for_offer(self.flow.remote_ip, self.config.teps, now)
+        nonce = self.config.random_bytes(self.config.resume_nonce_len) if resume else b""
+        # The whole offer, else the resumption suboption alone, else a fresh offer: whatever fits
+        # beside our stack's options (40 bytes in all; a resumption suboption takes 18).
+        kept = [(kind, raw) for kind, raw in options if kind != TCPOPT_NOP]
+        for attempt in (resume, "resume-only", None):
+            if attempt is None:
+                self._syn_eno, self._resume = eno.syn_option(self.config), None
+            elif resume is None:
+                continue
+            else:
+                config = self.config if attempt is resume else replace(self.config, teps=(resume.tep,))
+                self._syn_eno, self._resume = eno.syn_option(config, resume, nonce), resume
+            try:
+                seg.options = serialize_options(kept + [(ENO_OPTION_KIND, self._syn_eno)])
+                break
+            except MalformedSegment:
+                continue
+        else:
             self._fall_back("no room for the eno option in the syn")
             return Verdict(Action.ACCEPT)
         self._set_state(Trigger.SYN_SENT)
@@ -285,8 +310,17 @@ class Session:
             if seg.payload:
                 raise eno.EnoFailed("peer syn carries data")  # RFC 8547 §4.7: tcpcrypt has no SYN data
             offer = eno.single_option(eno.eno_options(options))
-            self._syn_eno = eno.answer(self.config, offer)
-            self._negotiated = eno.negotiate(self.config, parse_eno(self._syn_eno), offer)
+            no_resume, self._no_cache = self.config.flags_for(
+                self.flow.remote_ip, self.flow.local_port, self.flow.remote_port
+            )
+            cache, peer = self._cache, self.flow.remote_ip
+            lookup = None
+            if not no_resume and cache is not None:
+                lookup = lambda tep, half: cache.take_for_answer(peer, tep, half, now)  # noqa: E731
+            self._syn_eno, self._resume = eno.answer(
+                self.config, offer, lookup, lambda: self.config.random_bytes(self.config.resume_nonce_len)
+            )
+            self._negotiated = eno.negotiate(self.config, parse_eno(self._syn_eno), offer, self._resume)
         except eno.EnoFailed as exc:
             self._fall_back(f"peer syn: {exc}")
             return Verdict(Action.ACCEPT)
@@ -315,7 +349,8 @@ class Session:
                 self._fall_back("syn retransmitted without eno")
                 return Verdict(Action.ACCEPT)
         try:
-            seg.options = serialize_options(options + [(ENO_OPTION_KIND, self._syn_eno)])
+            kept = [(kind, raw) for kind, raw in options if kind != TCPOPT_NOP]
+            seg.options = serialize_options(kept + [(ENO_OPTION_KIND, self._syn_eno)])
         except MalformedSegment:
             self._fall_back("no room for the eno option")
             return Verdict(Action.ACCEPT)
@@ -329,7 +364,7 @@ class Session:
                 if self._negotiated is None:
                     # B's SYN-ACK, or the peer's SYN in a simultaneous open (§4.3).
                     self._negotiated = eno.negotiate(
-                        self.config, parse_eno(self._syn_eno), eno.single_option(enos)
+                        self.config, parse_eno(self._syn_eno), eno.single_option(enos), self._resume
                     )
                     self._simultaneous = not seg.is_ack
                     self.isn_remote = seg.seq
@@ -365,6 +400,7 @@ class Session:
         negotiated = self._negotiated
         assert negotiated is not None
         self.role = negotiated.role
+        self.key_role = negotiated.role
         self.tep = negotiated.tep
         self.tep_byte = negotiated.tep_byte
         self.eno_a, self.eno_b = negotiated.eno_a, negotiated.eno_b
@@ -372,7 +408,9 @@ class Session:
         self._emit(EnoNegotiated(self.flow, TEP_NAMES[self.tep], self.role))
         self._open_streams()
         self.need_nonsyn_eno = True
-        if self.role == "A":
+        if negotiated.resume is not None:
+            self._resumed_keys(negotiated, now)
+        elif self.role == "A":
             # Host A's stream starts with Init1; it rides on our stack's third ACK (DESIGN.md §3),
             # or goes out at once after a simultaneous open, where no third ACK exists.
             assert self.send is not None
@@ -407,7 +445,7 @@ class Session:
             n_b = self.config.random_bytes(N_B_LEN)
             init2 = serialize_init2(Init2(int(choice), n_b, public_bytes(self.tep, private_key)))
             es = shared_secret(self.tep, private_key, init1.pk_a)
-            self._derive(choice, init1.n_a, message, init2, es)
+            self._derive(choice, init1.n_a, message, init2, es, now)
             self.send.set_prefix(init2)
             self._send_prefix(now)
         else:
@@ -415,26 +453,44 @@ class Session:
             if init2.sym_cipher not in self._ciphers_offered:
                 raise RemoteProtocolError(f"init2 chose aead {init2.sym_cipher:#06x}, which we did not offer")
             es = shared_secret(self.tep, self._private_key, init2.pk_b)
-            self._derive(Aead(init2.sym_cipher), self._n_a, self._init1, message, es)
+            self._derive(Aead(init2.sym_cipher), self._n_a, self._init1, message, es, now)
             self._private_key = None
             self._release_held(now)
 
-    def _derive(self, aead: Aead, n_a: bytes, init1: bytes, init2: bytes, es: bytes) -> None:
+    def _derive(self, aead: Aead, n_a: bytes, init1: bytes, init2: bytes, es: bytes, now: float) -> None:
         """RFC 8548 §3.3, §3.4: ss[0], mk[0], the traffic keys and the session ID."""
-        assert self.send is not None and self.recv is not None
+        assert self.tep is not None
         ss = session_secret(n_a, self.eno_a + self.eno_b, init1, init2, es)
-        schedule = KeySchedule(ss, b"", self.tep_byte, traffic_key_len(aead))
+        if self.config.secrets_log is not None:
+            self.config.secrets_log(f"ES {n_a.hex()} {es.hex()}")
+        if self._cache is not None and not self._no_cache:
+            assert self.role is not None
+            self._cache.store(self.flow.remote_ip, ss, self.tep, aead, self.role, now)
+        self._keys_ready(KeySchedule(ss, b"", self.tep_byte, traffic_key_len(aead)), aead, now)
+
+    def _resumed_keys(self, negotiated: eno.Negotiated, now: float) -> None:
+        """RFC 8548 §3.5: keys and session ID from ss[i] and sn[i]; no Init messages; frames start
+        at offset 0; each host keeps the key direction of its role in the original session."""
+        resume = negotiated.resume
+        assert resume is not None
+        self.key_role = resume.original_role
+        self.resumed = True
+        if self.config.secrets_log is not None:
+            self.config.secrets_log(f"SS {resume.resume_id.hex()} {resume.ss.hex()}")
+        schedule = KeySchedule(resume.ss, negotiated.sn, self.tep_byte, traffic_key_len(resume.aead))
+        self._keys_ready(schedule, resume.aead, now)
+
+    def _keys_ready(self, schedule: KeySchedule, aead: Aead, now: float) -> None:
+        assert self.send is not None and self.recv is not None
         self._schedule = schedule
         self.aead = aead
         self.send.cipher = self._cipher(0, sending=True)
         self.recv.cipher = self._cipher(0, sending=False)
         self.session_id = schedule.session_id
-        if self.config.secrets_log is not None:
-            self.config.secrets_log(f"ES {n_a.hex()} {es.hex()}")
         self._set_state(Trigger.KEYS)
         if self.config.keepalive:
-            self._arm("keepalive", self.last_seen + self.config.keepalive)
-        self._emit(SessionEstablished(self.flow, self.session_id.hex(), AEAD_NAMES[aead], False))
+            self._arm("keepalive", now + self.config.keepalive)
+        self._emit(SessionEstablished(self.flow, self.session_id.hex(), AEAD_NAMES[aead], self.resumed))
 
     def _cipher(self, generation: int, sending: bool) -> FrameCipher:
         """The FrameCipher of key set `generation` for one direction (RFC 8548 §3.3, §3.8).
@@ -447,7 +503,7 @@ class Session:
             keys = self._keys[generation] = self._schedule.keys(generation)
         for old in [g for g in self._keys if g < generation - 1]:
             del self._keys[old]  # SHOULD delete old keys (§3.8); one older set may still be needed
-        mine_ab = (self.role == "A") == sending
+        mine_ab = (self.key_role == "A") == sending
         return FrameCipher(self.aead, keys.k_ab if mine_ab else keys.k_ba)
 
     # ------------------------------------------------------------------ timers

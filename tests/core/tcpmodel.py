@@ -301,6 +301,21 @@ class Pair:
         self._delayed: list[tuple[int, str, bytes]] = []
         self._step = 0
 
+    def new_connection(self, a_port: int, b_port: int, isn_a: int = 0x10000000, isn_b: int = 0x20000000,
+                       b_opens: bool = False) -> None:
+        """Fresh endpoints on new ports for a further connection through the same engines; the
+        active opener is A's endpoint unless `b_opens`."""
+        self.a = Endpoint(A_IP, a_port, isn_a)
+        self.b = Endpoint(B_IP, b_port, isn_b)
+        if b_opens:
+            self.a.listen()
+            self.b.connect(A_IP, a_port)
+        else:
+            self.b.listen()
+            self.a.connect(B_IP, b_port)
+        self.wire = []
+        self.run()
+
     def _through(self, engine: Engine | None, packet: bytes, direction: Direction) -> bytes | None:
         if engine is None:
             return packet

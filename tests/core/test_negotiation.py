@@ -125,7 +125,7 @@ class TestGlobalBits:
 
         config = Configuration(teps=(Tep.X25519,))
         offer = parse_eno(bytes((0x45, 0x06, 0x1C, 0x55, 0x7F, 0x23)))
-        answer = parse_eno(eno.answer(config, offer))
+        answer = parse_eno(eno.answer(config, offer)[0])
         assert answer.raw == bytes((0x45, 0x04, 0x01, 0x23))
         assert eno.negotiate(config, answer, offer).tep == Tep.X25519
 
@@ -135,7 +135,7 @@ class TestGlobalBits:
 
         config = Configuration(teps=(Tep.X25519, Tep.P256))
         offer = parse_eno(bytes((0x45, 0x05, 0x23, 0x23, 0x21)))  # 0x23 twice: invalid (§4.5 rule 3)
-        assert parse_eno(eno.answer(config, offer)).teps[0].tep == 0x21
+        assert parse_eno(eno.answer(config, offer)[0]).teps[0].tep == 0x21
         with pytest.raises(eno.EnoFailed):
             eno.answer(config, parse_eno(bytes((0x45, 0x04, 0x23, 0x23))))
 
