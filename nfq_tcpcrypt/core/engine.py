@@ -11,7 +11,7 @@ from .events import Event, SessionExpired
 from .flow import Direction, FlowKey
 from .resumption import ResumptionCache
 from .session import Session, State
-from .verdict import ACCEPT, Action, Verdict
+from .verdict import ACCEPT, Action, Injection, Verdict
 from .wire.icmp import parse_too_big
 from .wire.tcp import parse_segment
 
@@ -28,7 +28,7 @@ class Engine:
         self.counters: Counter[str] = Counter()
         self._sessions: dict[FlowKey, Session] = {}
         self._events: deque[Event] = deque()
-        self._inject: list[bytes] = []
+        self._inject: list[Injection] = []
         self._next_sweep: float | None = None
         self.cache = ResumptionCache(self.config.resume_cache_size, self.config.resume_ttl)
 
@@ -107,8 +107,8 @@ class Engine:
 
     # ------------------------------------------------------------------ outputs and timers
 
-    def segments_to_inject(self) -> list[bytes]:
-        """IP packets the shell must send through the marked raw socket, in order."""
+    def segments_to_inject(self) -> list[Injection]:
+        """Packets the shell must send through its marked raw sockets, in order."""
         out, self._inject[:] = list(self._inject), []
         self.counters["injected"] += len(out)
         return out

@@ -44,10 +44,10 @@ from .constants import (
 )
 from .errors import Disposition, LocalProtocolError, MalformedSegment, ProtocolError, RemoteProtocolError, StackAnomaly
 from .events import EnoNegotiated, Event, FellBackToPlain, SessionAborted, SessionClosed, SessionEstablished
-from .flow import FlowKey
+from .flow import Direction, FlowKey
 from .kex import KeySchedule, TrafficKeys, public_bytes, session_secret, shared_secret
 from .seqmap import RecvStream, SendStream, to_offset, to_seq
-from .verdict import DROP, Action, Verdict
+from .verdict import DROP, Action, Injection, Verdict
 from dataclasses import replace
 
 from . import eno
@@ -123,7 +123,7 @@ class Session:
 
     def __init__(
         self, flow: FlowKey, config: Configuration, emit: Callable[[Event], None],
-        inject: Callable[[bytes], None], cache: ResumptionCache | None = None,
+        inject: Callable[[Injection], None], cache: ResumptionCache | None = None,
     ) -> None:
         self._cache = cache
         self._no_cache = False
@@ -785,7 +785,7 @@ class Session:
             if first is None:
                 first = packet
             else:
-                self._inject(packet)
+                self._inject(Injection(packet, Direction.INBOUND))
             if last:
                 break
             at += MAX_DELIVER
@@ -967,8 +967,8 @@ class Session:
             to_seq(recv.ack_to_wire(recv.local_ack), recv.base), flags, self._local_window, options, payload,
         )
         if self._out_ip is not None:
-            seg.ip_header = self._out_ip
-        self._inject(serialize_segment(seg))
+            seg.ip_header = _no_ecn(self._out_ip)
+        self._inject(Injection(serialize_segment(seg), Direction.OUTBOUND))
 
     def _inject_ack(self) -> None:
         assert self.send is not None
@@ -985,8 +985,8 @@ class Session:
             to_seq(send.acked_plain, send.base), TCP_RST | TCP_ACK, 0,
         )
         if self._in_ip is not None:
-            seg.ip_header = self._in_ip
-        self._inject(serialize_segment(seg))
+            seg.ip_header = _no_ecn(self._in_ip)
+        self._inject(Injection(serialize_segment(seg), Direction.INBOUND))
 
     def too_big(self, message: TooBig) -> bytes | None:
         """RFC 1191 / RFC 4443 §3.2 toward our stack: the MTU less the frame overhead, and the
@@ -1023,6 +1023,16 @@ class Session:
             "rekeys": self.rekeys,
             "generation": [self.send.gen, self.recv.gen] if self.send and self.recv else [0, 0],
         }
+
+
+def _no_ecn(ip_header: bytes) -> bytes:
+    """The header with its ECN field cleared: segments we build are not ECN-capable (RFC 3168 §6.1.4)."""
+    header = bytearray(ip_header)
+    if header[0] >> 4 == 4:
+        header[1] &= 0xFC
+    else:
+        header[1] &= 0xCF
+    return bytes(header)
 
 
 def _sack_pairs(option: bytes) -> list[tuple[int, int]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from .flow import Direction
+
 
 class Action(Enum):
     """The verdict's action."""
@@ -23,3 +25,16 @@ class Verdict:
 
 ACCEPT = Verdict(Action.ACCEPT)
 DROP = Verdict(Action.DROP)
+
+
+@dataclass(frozen=True, slots=True)
+class Injection:
+    """A packet the engine built, and which way it goes.
+
+    OUTBOUND packets go to the wire: the shell marks them so they are neither queued nor tracked
+    (conntrack never sees wire space). INBOUND packets go to our own stack: they are plaintext
+    space, so the shell marks them to skip the queues but lets conntrack track them (DESIGN.md §5).
+    """
+
+    packet: bytes
+    direction: Direction

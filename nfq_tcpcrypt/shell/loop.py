@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from ..core.events import Event
 from ..core.flow import Direction
-from ..core.verdict import Verdict
+from ..core.verdict import Injection, Verdict
 from .control import ControlServer
 from .inject import Injector
 from .nfq import QueuePair, kernel_queue_stats
@@ -36,7 +36,7 @@ class EngineLike(Protocol):
     def counters(self) -> Mapping[str, int]: ...
 
     def process(self, packet: bytes, direction: Direction, now: float) -> Verdict: ...
-    def segments_to_inject(self) -> list[bytes]: ...
+    def segments_to_inject(self) -> list[Injection]: ...
     def get_timer(self) -> float | None: ...
     def handle_timer(self, now: float) -> None: ...
     def next_event(self) -> Event | None: ...
@@ -98,8 +98,8 @@ class EventLoop:
 
     def _flush(self) -> None:
         """Inject what the engine produced and log its events."""
-        for packet in self.engine.segments_to_inject():
-            self.injector.send(packet)
+        for injection in self.engine.segments_to_inject():
+            self.injector.send(injection.packet)
         while (event := self.engine.next_event()) is not None:
             _log_event(event)
 

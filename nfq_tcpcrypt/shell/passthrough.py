@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..core.events import Event
 from ..core.flow import Direction
-from ..core.verdict import ACCEPT, Verdict
+from ..core.verdict import ACCEPT, Injection, Verdict
 
 
 class PassThroughEngine:
@@ -17,7 +17,7 @@ class PassThroughEngine:
         """Accept unchanged."""
         return ACCEPT
 
-    def segments_to_inject(self) -> list[bytes]:
+    def segments_to_inject(self) -> list[Injection]:
         """Nothing to inject."""
         return []
 

@@ -345,9 +345,10 @@ class Pair:
             for name, engine in (("a", self.engine_a), ("b", self.engine_b)):
                 if engine is None:
                     continue
-                for packet in engine.segments_to_inject():
-                    to_local = packet[16:20] == (A_IP if name == "a" else B_IP)
-                    queue.append((name + ("-local" if to_local else "-wire"), packet))
+                for injection in engine.segments_to_inject():
+                    to_local = injection.direction is Direction.INBOUND
+                    assert to_local == (injection.packet[16:20] == (A_IP if name == "a" else B_IP))
+                    queue.append((name + ("-local" if to_local else "-wire"), injection.packet))
             self._step += 1
             ready = [d for d in self._delayed if d[0] <= self._step]
             if ready or (not queue and self._delayed):
