@@ -7,6 +7,11 @@ Topology: namespaces "a" and "b" (named with the pid and a random tag, so runs n
 with `lo` up, joined by a veth pair (MTU 1500, never `lo`: see platform notes §4 on the 4016-byte
 copy) with 10.77.0.1/24 in a and 10.77.0.2/24 in b. Nothing is configured outside them, and
 `Topology.__exit__` always kills what it started there and deletes both, also on KeyboardInterrupt.
+
+`Topology(router=True)` puts a third namespace "r" between them (issue 4: middleboxes in the path):
+a --veth-a/veth-ra-- r --veth-rb/veth-b-- b, two subnets (10.77.1.0/24 and 10.77.2.0/24, fd77:1::/64
+and fd77:2::/64), each host's default route via r, forwarding on in r only. The hosts' addresses
+are then `topo.addresses` (10.77.1.1 and 10.77.2.2); every helper here takes them from the topology.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from pyroute2 import IPRoute, netns
 
@@ -34,6 +39,13 @@ ADDRESSES6 = {"a": "fd77::1", "b": "fd77::2"}
 PREFIXLEN6 = 64
 IFNAMES = {"a": "veth-a", "b": "veth-b"}
 MTU = 1500
+# Routed topology (router=True): host addresses, the router's address on the link toward each side,
+# and the router's interface toward each side.
+ROUTED_ADDRESSES = {"a": "10.77.1.1", "b": "10.77.2.2"}
+ROUTED_ADDRESSES6 = {"a": "fd77:1::1", "b": "fd77:2::2"}
+ROUTER_ADDRESSES = {"a": "10.77.1.254", "b": "10.77.2.254"}
+ROUTER_ADDRESSES6 = {"a": "fd77:1::fe", "b": "fd77:2::fe"}
+ROUTER_IFNAMES = {"a": "veth-ra", "b": "veth-rb"}
 HTTP_PORT = 8080
 KEYLOG_ES = re.compile(r"^ES [0-9a-f]{64} [0-9a-f]{64}$", re.MULTILINE)
 
@@ -43,15 +55,24 @@ class LabError(RuntimeError):
 
 
 class Topology:
-    """Context manager: two named network namespaces joined by a veth pair."""
+    """Context manager: two named network namespaces joined by a veth pair, or through a router.
 
-    def __init__(self, tag: str = "nfqtc") -> None:
+    With `router=True` a third namespace "r" forwards between a and b (see the module docstring).
+    `addresses`, `addresses6` and `ifnames` give each host's address and veth name for either shape.
+    """
+
+    def __init__(self, tag: str = "nfqtc", router: bool = False) -> None:
         suffix = f"{os.getpid()}-{secrets.token_hex(2)}"
-        self.names = {"a": f"{tag}-a-{suffix}", "b": f"{tag}-b-{suffix}"}
+        self.router = router
+        sides = ("a", "r", "b") if router else ("a", "b")
+        self.names = {side: f"{tag}-{side}-{suffix}" for side in sides}
+        self.addresses = dict(ROUTED_ADDRESSES if router else ADDRESSES)
+        self.addresses6 = dict(ROUTED_ADDRESSES6 if router else ADDRESSES6)
+        self.ifnames = dict(IFNAMES)
         self._procs: list[subprocess.Popen[Any]] = []
         self._created: list[str] = []
 
-    def __enter__(self) -> Topology:
+    def __enter__(self) -> Self:
         try:
             self._build()
         except BaseException:
@@ -63,9 +84,12 @@ class Topology:
         self.close()
 
     def _build(self) -> None:
-        for side in ("a", "b"):
-            netns.create(self.names[side])
-            self._created.append(self.names[side])
+        for name in self.names.values():
+            netns.create(name)
+            self._created.append(name)
+        if self.router:
+            self._build_routed()
+            return
         with IPRoute(netns=self.names["a"], flags=0) as ipr:
             ipr.link(
                 "add",
@@ -74,20 +98,49 @@ class Topology:
                 peer={"ifname": IFNAMES["b"], "net_ns_fd": self.names["b"]},
             )
         for side in ("a", "b"):
+            self._configure(side, IFNAMES[side], ADDRESSES[side], ADDRESSES6[side])
+
+    def _configure(self, side: str, ifname: str, address: str, address6: str, lo: bool = True) -> None:
+        """Bring `lo` (optionally) and `ifname` up in `side` with its IPv4 and IPv6 addresses."""
+        with IPRoute(netns=self.names[side], flags=0) as ipr:
+            if lo:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            index = ipr.link_lookup(ifname=ifname)[0]
+            ipr.link("set", index=index, mtu=MTU)
+            ipr.addr("add", index=index, address=address, prefixlen=PREFIXLEN)
+            ipr.link("set", index=index, state="up")
+        # IPv6 without duplicate address detection, so the address is usable at once.
+        self.check(side, ["ip", "-6", "addr", "add", f"{address6}/{PREFIXLEN6}", "dev", ifname, "nodad"])
+
+    def _build_routed(self) -> None:
+        for side in ("a", "b"):
             with IPRoute(netns=self.names[side], flags=0) as ipr:
-                lo = ipr.link_lookup(ifname="lo")[0]
-                ipr.link("set", index=lo, state="up")
-                index = ipr.link_lookup(ifname=IFNAMES[side])[0]
-                ipr.link("set", index=index, mtu=MTU)
-                ipr.addr("add", index=index, address=ADDRESSES[side], prefixlen=PREFIXLEN)
-                ipr.link("set", index=index, state="up")
-            # IPv6 without duplicate address detection, so the address is usable at once.
-            address6 = f"{ADDRESSES6[side]}/{PREFIXLEN6}"
-            result = self.run(
-                side, ["ip", "-6", "addr", "add", address6, "dev", IFNAMES[side], "nodad"], timeout=10
+                ipr.link(
+                    "add",
+                    ifname=IFNAMES[side],
+                    kind="veth",
+                    peer={"ifname": ROUTER_IFNAMES[side], "net_ns_fd": self.names["r"]},
+                )
+        for index, side in enumerate(("a", "b")):
+            self._configure(side, IFNAMES[side], ROUTED_ADDRESSES[side], ROUTED_ADDRESSES6[side])
+            self._configure(
+                "r", ROUTER_IFNAMES[side], ROUTER_ADDRESSES[side], ROUTER_ADDRESSES6[side], lo=index == 0
             )
-            if result.returncode != 0:
-                raise LabError(f"cannot add {address6} in {side}: {result.stderr.strip()}")
+            self.check(side, ["ip", "route", "add", "default", "via", ROUTER_ADDRESSES[side]])
+            self.check(side, ["ip", "-6", "route", "add", "default", "via", ROUTER_ADDRESSES6[side]])
+        self.check("r", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        self.check("r", ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+
+    def check(self, side: str, command: Sequence[str], timeout: float = 30.0, **kwargs: Any) -> str:
+        """Run `command` in `side`; its stdout, or LabError with its stderr when it fails."""
+        result = self.run(side, command, timeout=timeout, **kwargs)
+        if result.returncode != 0:
+            raise LabError(f"{' '.join(command)} in {side} failed ({result.returncode}): {result.stderr.strip()}")
+        return str(result.stdout)
+
+    def set_mtu(self, side: str, ifname: str, mtu: int) -> None:
+        """Set the MTU of `ifname` in `side` (e.g. both ends of the r-b link: ("r", "veth-rb"), ("b", "veth-b"))."""
+        self.check(side, ["ip", "link", "set", "dev", ifname, "mtu", str(mtu)])
 
     def argv(self, side: str, command: Sequence[str]) -> list[str]:
         """`command` wrapped to run inside namespace `side`."""
@@ -264,14 +317,16 @@ class CaptureStats:
 
 
 @contextlib.contextmanager
-def capture(topo: Topology, side: str, path: Path, timeout: float = 15.0) -> Iterator[CaptureStats]:
-    """tcpdump (-s 0, every TCP packet) on `side`'s veth into `path`; flushed when the block ends."""
+def capture(
+    topo: Topology, side: str, path: Path, timeout: float = 15.0, ifname: str | None = None
+) -> Iterator[CaptureStats]:
+    """tcpdump (-s 0, every TCP packet) on `side`'s veth (or `ifname`) into `path`; flushed when the block ends."""
     proc = topo.popen(
         side,
         [
             "tcpdump",
             "-i",
-            IFNAMES[side],
+            ifname or topo.ifnames[side],
             "-s",
             "0",
             "-B",
@@ -348,7 +403,7 @@ def http_server(
     address: str | None = None,
 ) -> Iterator[str]:
     """`python3 -m http.server` serving `directory` in `side` (on its veth address unless `address`)."""
-    address = address or (ADDRESSES6 if ipv6 else ADDRESSES)[side]
+    address = address or (topo.addresses6 if ipv6 else topo.addresses)[side]
     proc = topo.popen(
         side,
         [
@@ -425,6 +480,7 @@ class TransferResult:
     daemons: dict[str, Daemon] = field(default_factory=dict)
     pcap: Path | None = None
     capture: CaptureStats | None = None
+    fetch_seconds: float = 0.0
 
     def session_for(self, side: str) -> dict[str, Any] | None:
         """The session of the HTTP connection in `side`'s table, if any."""
@@ -469,7 +525,9 @@ def http_transfer(
                 drop_on_wire(topo, side, wire_loss, ipv6)
         with capture(topo, "a", pcap) as capture_stats:
             with http_server(topo, "b", served, ipv6=ipv6) as url:
+                started = time.monotonic()
                 fetch(topo, "a", f"{url}/payload.bin", received, timeout)
+                fetch_seconds = time.monotonic() - started
             sessions = {side: daemon.sessions() for side, daemon in daemons.items()}
             counters = {side: daemon.counters() for side, daemon in daemons.items()}
     finally:
@@ -477,7 +535,7 @@ def http_transfer(
             daemon.stop()
     needles = {f"marker{i}": marker for i, marker in enumerate(markers)}
     needles["http-status-line"] = b"HTTP/1.0 200"
-    addresses = ADDRESSES6 if ipv6 else ADDRESSES
+    addresses = topo.addresses6 if ipv6 else topo.addresses
     wire = analyze(pcap, addresses["a"], addresses["b"], HTTP_PORT, needles)
     keylogs = {
         side: Path(daemon.keylog).read_text()
@@ -494,7 +552,24 @@ def http_transfer(
         daemons=daemons,
         pcap=pcap,
         capture=capture_stats,
+        fetch_seconds=fetch_seconds,
     )
+
+
+def daemon_rules(topo: Topology, side: str, ipv6: bool = False) -> list[str]:
+    """The daemon's rules left in `side` (`iptables-save` lines naming NFQ_TCPCRYPT); [] when clean."""
+    text = topo.check(side, ["ip6tables-save" if ipv6 else "iptables-save"])
+    return [line for line in text.splitlines() if "NFQ_TCPCRYPT" in line]
+
+
+def rule_packets(topo: Topology, side: str, table: str, chain: str, match: str) -> int:
+    """Packets counted by the rules of `table`/`chain` in `side` whose `iptables -S` text contains `match`."""
+    text = topo.check(side, ["iptables", "-t", table, "-S", chain, "-v"])
+    total = 0
+    for line in text.splitlines():
+        if match in line and (found := re.search(r"-c (\d+) \d+", line)):
+            total += int(found.group(1))
+    return total
 
 
 # --- throughput ------------------------------------------------------------------------------------
@@ -508,7 +583,7 @@ def iperf3_throughput(topo: Topology, seconds: float = 5.0, timeout: float = 60.
 
     server = topo.popen(
         "b",
-        ["iperf3", "-s", "-1", "--forceflush", "-B", ADDRESSES["b"], "-p", str(IPERF_PORT)],
+        ["iperf3", "-s", "-1", "--forceflush", "-B", topo.addresses["b"], "-p", str(IPERF_PORT)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -516,7 +591,7 @@ def iperf3_throughput(topo: Topology, seconds: float = 5.0, timeout: float = 60.
         _wait_for_line(server, server.stdout, "Server listening", 15.0, "iperf3 -s")
         result = topo.run(
             "a",
-            ["iperf3", "-c", ADDRESSES["b"], "-p", str(IPERF_PORT), "-t", str(seconds), "-J"],
+            ["iperf3", "-c", topo.addresses["b"], "-p", str(IPERF_PORT), "-t", str(seconds), "-J"],
             timeout=timeout,
         )
         if result.returncode != 0:
