@@ -238,18 +238,19 @@ class Session:
             return DROP
         self._in_ip = seg.ip_header
         try:
-            self._note_remote(seg)
+            options = parse_options(seg.options)
+            self._note_remote(seg, options)
             if seg.is_syn:
-                return self._syn_in(seg, now)
+                return self._syn_in(seg, options, now)
             if self.state == State.ENO_RECEIVED:
-                self._third_ack(seg, now)
+                self._third_ack(options, now)
             if self.state == State.ENO_SENT:
                 self._fall_back("non-syn segment before the syn-ack")
             if not self.is_translating:
                 return self._plain(seg)
             if seg.is_rst:
                 return self._rst_in(seg, now)
-            return self._translate_in(seg, now)
+            return self._translate_in(seg, options, now)
         except MalformedSegment:
             return DROP if self.is_translating else Verdict(Action.ACCEPT)
         except ProtocolError as exc:
@@ -304,8 +305,8 @@ class Session:
         """The peer opens: answer ENO if its SYN offers a TEP we accept (RFC 8547 §4.5)."""
         self.created_at = self.last_seen = now
         self.isn_remote = seg.seq
-        self._note_remote(seg)
         options = parse_options(seg.options)
+        self._note_remote(seg, options)
         try:
             if seg.payload:
                 raise eno.EnoFailed("peer syn carries data")  # RFC 8547 §4.7: tcpcrypt has no SYN data
@@ -334,7 +335,7 @@ class Session:
         options = parse_options(seg.options)
         self._local_ws = _wscale(options)
         self._local_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
-        self._note_local(seg, syn=True)
+        self._note_local(seg, options, syn=True)
         if self.state not in (State.ENO_SENT, State.ENO_RECEIVED):
             return Verdict(Action.ACCEPT)
         if seg.is_ack:
@@ -356,8 +357,7 @@ class Session:
             return Verdict(Action.ACCEPT)
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
-    def _syn_in(self, seg: Segment, now: float) -> Verdict:
-        options = parse_options(seg.options)
+    def _syn_in(self, seg: Segment, options: list[tuple[int, bytes]], now: float) -> Verdict:
         if self.state == State.ENO_SENT:
             enos = eno.eno_options(options)
             try:
@@ -387,9 +387,8 @@ class Session:
         assert self._negotiated is not None
         return self._negotiated.eno_b if self._negotiated.role == "A" else self._negotiated.eno_a
 
-    def _third_ack(self, seg: Segment, now: float) -> None:
+    def _third_ack(self, options: list[tuple[int, bytes]], now: float) -> None:
         """Host B: the first ACK after our SYN-ACK must carry ENO, else plain TCP (§4.6 rule 1)."""
-        options = parse_options(seg.options)
         if not eno.eno_options(options):
             self._fall_back("first ack from the peer has no eno option")
             return
@@ -612,7 +611,8 @@ class Session:
     def _translate_out(self, seg: Segment, now: float) -> Verdict:
         send, recv = self.send, self.recv
         assert send is not None and recv is not None
-        self._note_local(seg)
+        options = parse_options(seg.options)
+        self._note_local(seg, options)
         plain = to_offset(seg.seq, send.base, send.plain_next)
         data = seg.payload
         fin = seg.is_fin
@@ -621,7 +621,7 @@ class Session:
             seg.ack = to_seq(recv.ack_to_wire(to_offset(seg.ack, recv.base, recv.local_ack)), recv.base)
         seg.flags &= ~TCP_URG  # RFC 8548 §3.7: URG travels only as URGp; we send none
         seg.urgent = 0
-        seg.options = self._options_out(seg.options)
+        seg.options = self._options_out(options)
         if send.cipher is None:
             return self._before_keys(seg, plain, end, now)
         if not data and not fin:
@@ -702,7 +702,7 @@ class Session:
         for wire, payload, fin in self._frame_packets(records):
             self._inject_wire(wire, payload, TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0))
 
-    def _translate_in(self, seg: Segment, now: float) -> Verdict:
+    def _translate_in(self, seg: Segment, options: list[tuple[int, bytes]], now: float) -> Verdict:
         send, recv = self.send, self.recv
         assert send is not None and recv is not None
         self.need_nonsyn_eno = False  # RFC 8547 §4.6: a non-SYN segment arrived
@@ -718,7 +718,7 @@ class Session:
             if send.prefix_acked and send.cipher is not None:
                 self._timers.pop("kex", None)
         seg.window = seg.window - (seg.window >> 6)  # frames cost ~1.4 %: keep the peer's window honest
-        seg.options = self._options_in(seg.options)
+        seg.options = self._options_in(options)
         wire = to_offset(seg.seq, recv.base, recv.wire_next)
         data = seg.payload
         plain_start = recv.plain_next
@@ -891,31 +891,30 @@ class Session:
 
     # ------------------------------------------------------------------ building segments
 
-    def _note_local(self, seg: Segment, syn: bool = False) -> None:
+    def _note_local(self, seg: Segment, options: list[tuple[int, bytes]], syn: bool = False) -> None:
         """Remember our stack's window (in scaled units) and TSval for segments we build."""
         shift = self._local_ws if self._remote_ws is not None else None
         self._local_window = seg.window >> shift if syn and shift else seg.window
-        ts = timestamp(parse_options(seg.options)) if seg.options else None
+        ts = timestamp(options)
         if ts is not None:
             self._local_ts = ts[0]
 
-    def _note_remote(self, seg: Segment) -> None:
-        """Remember the peer's TSval (echoed in segments we build)."""
+    def _note_remote(self, seg: Segment, options: list[tuple[int, bytes]]) -> None:
+        """Remember the peer's TSval (echoed in segments we build) and its SYN options."""
         if seg.is_syn:
-            options = parse_options(seg.options)
             self._remote_ws = _wscale(options)
             self._remote_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
-        ts = timestamp(parse_options(seg.options)) if seg.options else None
+        ts = timestamp(options)
         if ts is not None:
             self._remote_ts = ts[0]
 
-    def _options_out(self, raw: bytes) -> bytes:
+    def _options_out(self, parsed: list[tuple[int, bytes]]) -> bytes:
         """Options of a segment toward the wire: SACK blocks into wire space, plus our own blocks
         for out-of-order data we hold, plus the non-SYN ENO option while RFC 8547 §4.6 wants it."""
         recv = self.recv
         assert recv is not None
         kept, blocks = [], []
-        for kind, option in parse_options(raw):
+        for kind, option in parsed:
             if kind == TCPOPT_SACK:
                 for left, right in _sack_pairs(option):
                     lo = recv.plain_edge_to_wire(to_offset(left, recv.base, recv.local_ack))
@@ -930,12 +929,12 @@ class Session:
             kept.append((ENO_OPTION_KIND, NON_SYN_ENO))
         return _with_sack(kept, blocks, recv.base)
 
-    def _options_in(self, raw: bytes) -> bytes:
+    def _options_in(self, parsed: list[tuple[int, bytes]]) -> bytes:
         """Options of a segment toward our stack: SACK blocks into plain space, ENO removed."""
         send = self.send
         assert send is not None
         kept, blocks = [], []
-        for kind, option in parse_options(raw):
+        for kind, option in parsed:
             if kind == TCPOPT_SACK:
                 for left, right in _sack_pairs(option):
                     lo = to_offset(left, send.base, send.acked_wire)
@@ -961,7 +960,7 @@ class Session:
         f = self.flow
         options = self._ts_options(self._local_ts, self._remote_ts)
         if not flags & TCP_RST:
-            options = self._options_out(options)
+            options = self._options_out(parse_options(options))
         seg = new_segment(
             f.local_ip, f.remote_ip, f.local_port, f.remote_port, to_seq(wire, send.base),
             to_seq(recv.ack_to_wire(recv.local_ack), recv.base), flags, self._local_window, options, payload,

@@ -19,6 +19,8 @@ from ..errors import MalformedSegment
 from .ip import finish_checksum, new_ip_header, parse_ip, pseudo_header_sum, serialize_ip_header, checksum_fold
 
 _TCP = struct.Struct("!HHIIBBHHH")
+_LINUX_TS = bytes((TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10))
+_NOP = bytes((TCPOPT_NOP,))
 
 
 class Segment:
@@ -120,9 +122,11 @@ def parse_options(options: bytes) -> list[tuple[int, bytes]]:
 
     Rejects lengths below 2 and options that overrun the block; stops at EOL.
     """
+    n = len(options)
+    if n == 12 and options[:4] == _LINUX_TS:
+        return [(TCPOPT_NOP, _NOP), (TCPOPT_NOP, _NOP), (TCPOPT_TIMESTAMP, options[2:])]  # the usual case
     result = []
     i = 0
-    n = len(options)
     if n > TCP_MAX_OPTIONS:
         raise MalformedSegment(f"tcp options of {n} bytes")
     while i < n:
