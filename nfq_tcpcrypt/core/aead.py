@@ -1,4 +1,7 @@
-"""Frame protection: one FrameCipher per direction and key generation (RFC 8548 §3.6, §4.2, §6); the sole AEAD importer."""
+"""Frame protection: one FrameCipher per direction and key generation (RFC 8548 §3.6, §4.2, §6).
+
+The sole importer of the AEAD primitives.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from .errors import IntegrityError, LocalProtocolError
 # RFC 8548 §6: (ae_key_len, ae_nonce_len) of each AEAD.
 AEAD_KEY_LEN = {Aead.AES_128_GCM: 16, Aead.AES_256_GCM: 32, Aead.CHACHA20_POLY1305: 32}
 AEAD_NONCE_LEN = 12
-_CLASSES = {Aead.AES_128_GCM: AESGCM, Aead.AES_256_GCM: AESGCM, Aead.CHACHA20_POLY1305: ChaCha20Poly1305}
+_CLASSES: dict[Aead, type[AESGCM] | type[ChaCha20Poly1305]] = {Aead.AES_128_GCM: AESGCM, Aead.AES_256_GCM: AESGCM, Aead.CHACHA20_POLY1305: ChaCha20Poly1305}
 _HEADER = struct.Struct("!BH")
 
 
@@ -31,6 +34,8 @@ class FrameCipher:
 
     __slots__ = ("_aead", "_nr")
 
+    _aead: AESGCM | ChaCha20Poly1305
+
     def __init__(self, aead: Aead, traffic_key: bytes) -> None:
         key_len = AEAD_KEY_LEN[aead]
         if len(traffic_key) != key_len + AEAD_NONCE_LEN:
@@ -47,12 +52,12 @@ class FrameCipher:
         if clen > MAX_CLEN:
             raise LocalProtocolError(f"frame plaintext of {len(plaintext)} bytes is too long")
         header = _HEADER.pack(CONTROL_REKEY if rekey else 0, clen)
-        return header + self._aead.encrypt(self._nonce(offset), plaintext, header)
+        return header + bytes(self._aead.encrypt(self._nonce(offset), plaintext, header))
 
     def open(self, offset: int, frame: bytes | memoryview) -> bytes:
         """Verify and decrypt a whole frame at `offset`; return its plaintext (flags byte first)."""
         header = bytes(frame[:FRAME_HEADER_LEN])
         try:
-            return self._aead.decrypt(self._nonce(offset), frame[FRAME_HEADER_LEN:], header)
+            return bytes(self._aead.decrypt(self._nonce(offset), frame[FRAME_HEADER_LEN:], header))
         except InvalidTag:
             raise IntegrityError(f"frame at offset {offset} failed authentication") from None

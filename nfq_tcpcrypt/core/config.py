@@ -6,6 +6,7 @@ import ipaddress
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from .constants import AEAD_NAMES, TEP_NAMES, Aead, Tep
 from .errors import ConfigError
@@ -137,7 +138,10 @@ def parse_aeads(text: str) -> tuple[Aead, ...]:
     return _parse_names(text, {name: aead for aead, name in AEAD_NAMES.items()}, "aead")
 
 
-def _parse_names(text, table, what):  # type: ignore[no-untyped-def]
+_T = TypeVar("_T")
+
+
+def _parse_names(text: str, table: dict[str, _T], what: str) -> tuple[_T, ...]:
     names = [part.strip().lower() for part in text.split(",") if part.strip()]
     unknown = [name for name in names if name not in table]
     if unknown or not names:

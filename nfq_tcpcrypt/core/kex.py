@@ -62,7 +62,7 @@ def public_bytes(tep: Tep, private_key: PrivateKey) -> bytes:
     public = private_key.public_key()
     if tep in _RAW_LEN:
         return bytes(public.public_bytes_raw())
-    point = public.public_bytes(Encoding.X962, PublicFormat.CompressedPoint)
+    point = bytes(public.public_bytes(Encoding.X962, PublicFormat.CompressedPoint))
     return struct.pack("!H", len(point) + 2) + point
 
 
@@ -84,11 +84,9 @@ def shared_secret(tep: Tep, private_key: PrivateKey, peer_public: bytes) -> byte
     """ES of RFC 8548 §3.3: validate the peer's key (§5) and run the key agreement."""
     try:
         if tep == Tep.X25519:
-            peer = x25519.X25519PublicKey.from_public_bytes(peer_public)
-            es = private_key.exchange(peer)
+            es = private_key.exchange(x25519.X25519PublicKey.from_public_bytes(peer_public))
         elif tep == Tep.X448:
-            peer = x448.X448PublicKey.from_public_bytes(peer_public)
-            es = private_key.exchange(peer)
+            es = private_key.exchange(x448.X448PublicKey.from_public_bytes(peer_public))
         else:
             point = peer_public[2:]
             if len(point) != _POINT_LEN[tep] or point[0] not in (2, 3):

@@ -245,8 +245,9 @@ class RecvStream:
             else:
                 merged.append([start, end])
         blocks = [(a, b) for a, b in merged]
-        if self.last_ooo is not None:
-            blocks.sort(key=lambda block: not block[0] <= self.last_ooo < block[1])
+        latest = self.last_ooo
+        if latest is not None:
+            blocks.sort(key=lambda block: not block[0] <= latest < block[1])
         return blocks[:limit]
 
     def plain_edge_to_wire(self, plain: int) -> int | None:

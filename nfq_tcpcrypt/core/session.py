@@ -1,4 +1,4 @@
-"""Session: one connection's state machine and its stream translation (DESIGN.md §3, §4).
+"""Session: one connection's state machine: handshake, key exchange, rekeying, aborts (DESIGN.md §4).
 
 Rule (as in h11): every state change of a connection lives in this file, in `_TRANSITIONS`, and goes
 through `_set_state`. The session is role-agnostic at the packet level: `Direction` says which way a
@@ -10,63 +10,50 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable
+from dataclasses import replace
 from enum import Enum
 
+from . import eno
 from .aead import FrameCipher, traffic_key_len
 from .config import Configuration
 from .constants import (
     AEAD_NAMES,
-    ENO_GLOBAL_B,
     ENO_OPTION_KIND,
-    FLAG_FINP,
-    FLAG_URGP,
-    CONTROL_REKEY,
     FRAME_OVERHEAD,
-    INIT1_MAGIC,
-    INIT2_MAGIC,
-    MAX_INIT_LEN,
     N_A_LEN,
     N_B_LEN,
     TCP_ACK,
-    TCP_FIN,
     TCP_PSH,
     TCP_RST,
-    TCP_URG,
     TCPOPT_FASTOPEN,
-    TCPOPT_MSS,
-    TCPOPT_WSCALE,
     TCPOPT_NOP,
-    TCPOPT_SACK,
     TCPOPT_SACK_PERM,
     TEP_NAMES,
     Aead,
     Tep,
 )
-from .errors import Disposition, LocalProtocolError, MalformedSegment, ProtocolError, RemoteProtocolError, StackAnomaly
+from .errors import Disposition, LocalProtocolError, MalformedSegment, ProtocolError, RemoteProtocolError
 from .events import EnoNegotiated, Event, FellBackToPlain, SessionAborted, SessionClosed, SessionEstablished
-from .flow import Direction, FlowKey
+from .flow import FlowKey
 from .kex import KeySchedule, TrafficKeys, public_bytes, session_secret, shared_secret
-from .seqmap import RecvStream, SendStream, to_offset, to_seq
-from .verdict import DROP, Action, Injection, Verdict
-from dataclasses import replace
-
-from . import eno
 from .resumption import Resumable, ResumptionCache
+from .seqmap import RecvStream, SendStream, to_offset, to_seq
+from .translate import StreamTranslation
+from .verdict import DROP, Action, Injection, Verdict
+from .wire.eno import parse_eno
 from .wire.icmp import TooBig, serialize_too_big
-from .wire.eno import NON_SYN_ENO, EnoOption, TepSuboption, parse_eno, serialize_eno
 from .wire.tcp import (
     Segment,
     clamp_mss,
+    mss,
     parse_options,
     serialize_options,
     serialize_segment,
-    timestamp,
-    timestamp_option,
+    window_scale,
 )
 from .wire.tcpcrypt import (
     Init1,
     Init2,
-    init_message_length,
     parse_init1,
     parse_init2,
     serialize_init1,
@@ -74,9 +61,6 @@ from .wire.tcpcrypt import (
 )
 
 logger = logging.getLogger(__name__)
-
-MAX_DELIVER = 32768
-"""Largest plaintext chunk handed to our stack in one packet (after a gap fills, many frames at once)."""
 
 
 class State(Enum):
@@ -118,7 +102,7 @@ _TRANSITIONS: dict[tuple[State, Trigger], State] = {
 _TRANSLATING = (State.KEY_EXCHANGE, State.ENCRYPTING)
 
 
-class Session:
+class Session(StreamTranslation):
     """One TCP connection through the daemon, keyed by its local-side 4-tuple."""
 
     def __init__(
@@ -268,13 +252,14 @@ class Session:
         self.created_at = self.last_seen = now
         self.isn_local = seg.seq
         options = parse_options(seg.options)
-        self._local_ws = _wscale(options)
+        self._local_ws = window_scale(options)
         self._local_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
         if seg.payload or any(kind == TCPOPT_FASTOPEN for kind, _ in options):
             # RFC 8547 §4.7: tcpcrypt defines no SYN data; a SYN with data or TFO stays plain.
             self._fall_back("syn carries data or tcp fast open")
             return Verdict(Action.ACCEPT)
-        no_resume, self._no_cache = self.config.flags_for(self.flow.remote_ip, self.flow.local_port, self.flow.remote_port)
+        flow = self.flow
+        no_resume, self._no_cache = self.config.flags_for(flow.remote_ip, flow.local_port, flow.remote_port)
         resume = None
         if not no_resume and self._cache is not None:
             resume = self._cache.take_for_offer(self.flow.remote_ip, self.config.teps, now)
@@ -326,14 +311,14 @@ class Session:
             self._fall_back(f"peer syn: {exc}")
             return Verdict(Action.ACCEPT)
         self._set_state(Trigger.SYN_RECEIVED)
-        self.wire_mss = _mss(options) or self.wire_mss
+        self.wire_mss = mss(options) or self.wire_mss
         seg.options = serialize_options(clamp_mss(options, FRAME_OVERHEAD))
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
     def _syn_out(self, seg: Segment) -> Verdict:
         """Our SYN-ACK, or a retransmission of our SYN: the same ENO option (RFC 8547 §4.6)."""
         options = parse_options(seg.options)
-        self._local_ws = _wscale(options)
+        self._local_ws = window_scale(options)
         self._local_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
         self._note_local(seg, options, syn=True)
         if self.state not in (State.ENO_SENT, State.ENO_RECEIVED):
@@ -368,7 +353,7 @@ class Session:
                     )
                     self._simultaneous = not seg.is_ack
                     self.isn_remote = seg.seq
-                    self.wire_mss = _mss(options) or self.wire_mss
+                    self.wire_mss = mss(options) or self.wire_mss
                 elif enos != [self._peer_syn_eno()]:
                     raise eno.EnoFailed("peer changed its eno option between syn and syn-ack")
             except eno.EnoFailed as exc:
@@ -442,10 +427,10 @@ class Session:
                 raise RemoteProtocolError(f"init1 offers no aead we accept: {list(init1.sym_ciphers)}")
             private_key = self.config.key_factory.generate(self.tep)
             n_b = self.config.random_bytes(N_B_LEN)
-            init2 = serialize_init2(Init2(int(choice), n_b, public_bytes(self.tep, private_key)))
+            init2_bytes = serialize_init2(Init2(int(choice), n_b, public_bytes(self.tep, private_key)))
             es = shared_secret(self.tep, private_key, init1.pk_a)
-            self._derive(choice, init1.n_a, message, init2, es, now)
-            self.send.set_prefix(init2)
+            self._derive(choice, init1.n_a, message, init2_bytes, es, now)
+            self.send.set_prefix(init2_bytes)
             self._send_prefix(now)
         else:
             init2 = parse_init2(message, self.tep)
@@ -606,235 +591,6 @@ class Session:
                 self.bytes_out += record.plain_end - record.plain_start - record.fin
                 self._inject_frames([record])
 
-    # ------------------------------------------------------------------ translation (DESIGN.md §3)
-
-    def _translate_out(self, seg: Segment, now: float) -> Verdict:
-        send, recv = self.send, self.recv
-        assert send is not None and recv is not None
-        options = parse_options(seg.options)
-        self._note_local(seg, options)
-        plain = to_offset(seg.seq, send.base, send.plain_next)
-        data = seg.payload
-        fin = seg.is_fin
-        end = plain + len(data) + fin
-        if seg.is_ack:
-            seg.ack = to_seq(recv.ack_to_wire(to_offset(seg.ack, recv.base, recv.local_ack)), recv.base)
-        seg.flags &= ~TCP_URG  # RFC 8548 §3.7: URG travels only as URGp; we send none
-        seg.urgent = 0
-        seg.options = self._options_out(options)
-        if send.cipher is None:
-            return self._before_keys(seg, plain, end, now)
-        if not data and not fin:
-            seg.seq = to_seq(send.plain_to_wire(plain), send.base)
-            return Verdict(Action.ACCEPT, serialize_segment(seg))
-        if end <= send.acked_plain:
-            # All of it was acknowledged already (the peer's ACK to our stack was lost): probe the
-            # peer like a keepalive, so that it repeats its ACK.
-            seg.seq = to_seq(send.acked_wire - 1, send.base)
-            seg.payload = b""
-            seg.flags &= ~(TCP_FIN | TCP_PSH)
-            return Verdict(Action.ACCEPT, serialize_segment(seg))
-        if plain > send.plain_next:
-            raise StackAnomaly(f"local segment skips plain bytes {send.plain_next}..{plain}")
-        # Retransmitted ranges are sent as the logged frames, byte-identical (RFC 8548 §3.6).
-        records = send.covering(plain, min(end, send.plain_next)) if plain < send.plain_next else []
-        if end > send.plain_next:
-            if send.fin_framed:
-                raise StackAnomaly("local segment carries data after its fin")
-            new = bytes(data[send.plain_next - plain :])
-            self.bytes_out += len(new)
-            self._sent_since_rekey += len(new)
-            rekey_bytes = self.config.rekey_bytes
-            if rekey_bytes and self._sent_since_rekey > rekey_bytes and recv.gen == send.gen:
-                self._start_rekey()  # by volume; this frame carries rekey = 1
-            records += send.new_frame(new, fin)
-        if not records:
-            return DROP
-        packets = self._frame_packets(records)
-        first_wire, first_payload, first_fin = packets[0]
-        seg.seq = to_seq(first_wire, send.base)
-        seg.payload = first_payload
-        seg.flags = (seg.flags & ~TCP_FIN) | (TCP_FIN if first_fin else 0)
-        for wire, payload, with_fin in packets[1:]:
-            self._inject_wire(wire, payload, TCP_ACK | TCP_PSH | (TCP_FIN if with_fin else 0))
-        return Verdict(Action.ACCEPT, serialize_segment(seg))
-
-    def _before_keys(self, seg: Segment, plain: int, end: int, now: float) -> Verdict:
-        """Our stack sends before the keys exist: hold its plaintext (DESIGN.md §3).
-
-        Host A's Init1 rides on the first segment after the SYN-ACK (the third ACK), and on pure
-        ACKs while it is unacknowledged; the held plaintext is framed when Init2 arrives.
-        """
-        send = self.send
-        assert send is not None
-        data, fin = seg.payload, seg.is_fin
-        if send.held_end < end <= self.config.held_limit and plain <= send.held_end:
-            send.held.append((send.held_end, bytes(data[send.held_end - plain :]), fin))
-            send.held_end = end
-        if self.role == "A" and not send.prefix_acked and (not self._init1_sent or not (data or fin)):
-            self._init1_sent = True
-            seg.seq = send.base
-            seg.payload = send.prefix
-            seg.flags = (seg.flags & ~TCP_FIN) | TCP_PSH
-            if "kex" not in self._timers:
-                self._kex_tries = 1
-                self._arm("kex", now + self.config.kex_timeout)
-            return Verdict(Action.ACCEPT, serialize_segment(seg))
-        if data or fin:
-            return DROP
-        seg.seq = to_seq(send.plain_to_wire(plain), send.base)
-        return Verdict(Action.ACCEPT, serialize_segment(seg))
-
-    def _frame_packets(self, records: list) -> list[tuple[int, bytes, bool]]:
-        """Split consecutive frame records into (wire offset, payload, fin) packets of ≤ wire MSS."""
-        packets: list[tuple[int, bytes, bool]] = []
-        start = records[0].wire_start
-        payload = b"".join(r.data for r in records)
-        fin = records[-1].fin
-        size = max(self.wire_mss, 1)
-        for at in range(0, max(len(payload), 1), size):
-            chunk = payload[at : at + size]
-            last = at + size >= len(payload)
-            packets.append((start + at, chunk, fin and last))
-        return packets
-
-    def _inject_frames(self, records: list) -> None:
-        for wire, payload, fin in self._frame_packets(records):
-            self._inject_wire(wire, payload, TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0))
-
-    def _translate_in(self, seg: Segment, options: list[tuple[int, bytes]], now: float) -> Verdict:
-        send, recv = self.send, self.recv
-        assert send is not None and recv is not None
-        self.need_nonsyn_eno = False  # RFC 8547 §4.6: a non-SYN segment arrived
-        acked_before = send.acked_plain
-        if seg.is_ack:
-            wire_ack = to_offset(seg.ack, send.base, send.acked_wire)
-            if send.cipher is not None and not send.prefix_acked and wire_ack == send.acked_wire:
-                # The peer lacks our Init message and says so with duplicate ACKs: resend it now.
-                self._prefix_dupacks += 1
-                if self._prefix_dupacks % 3 == 0:
-                    self._send_prefix(now)
-            seg.ack = to_seq(send.ack_to_plain(wire_ack), send.base)
-            if send.prefix_acked and send.cipher is not None:
-                self._timers.pop("kex", None)
-        seg.window = seg.window - (seg.window >> 6)  # frames cost ~1.4 %: keep the peer's window honest
-        seg.options = self._options_in(options)
-        wire = to_offset(seg.seq, recv.base, recv.wire_next)
-        data = seg.payload
-        plain_start = recv.plain_next
-        redeliver = b""
-        if seg.is_fin and recv.fin_seen is None:
-            recv.fin_seen = wire + len(data)
-        if data and not recv.add(wire, data, self.config.ooo_limit):
-            if send.cipher is not None and not send.prefix_acked:
-                self._send_prefix(now)
-            if wire + len(data) <= recv.wire_next and recv.local_ack < recv.plain_next - recv.fin_delivered:
-                # The peer resends what we delivered and our stack has not acknowledged:
-                # deliver that plaintext again so that our stack acknowledges it (DESIGN.md §3).
-                plain_start, redeliver = recv.unacked_plaintext(MAX_DELIVER)
-            else:
-                self._inject_ack()  # a duplicate ACK (with SACK blocks) toward the peer
-        if recv.fin_seen is not None and recv.fin_at is None and recv.wire_next == recv.fin_seen:
-            recv.fin_at = recv.fin_seen
-        consumed = recv.buf_start
-        out = self._drain(now)
-        consumed = recv.buf_start > consumed
-        if out:
-            recv.remember(plain_start, out)
-        fin_now = False
-        if recv.fin_at is not None and not recv.fin_delivered and recv.buf_start == recv.fin_at:
-            if not recv.finp:
-                # RFC 8548 §3.7: a FIN without FINp; abort with an error distinct from EOF.
-                raise RemoteProtocolError("fin without a finp frame")
-            fin_now = True
-            recv.fin_delivered = True
-            recv.delivered(0, True)
-        elif recv.finp and recv.buf:
-            raise RemoteProtocolError("data after the finp frame")
-        elif seg.is_fin and recv.fin_delivered and not out and not redeliver:
-            plain_start = recv.plain_next - 1  # a retransmitted FIN: show it again, our stack re-ACKs
-            fin_now = True
-        elif not data and not seg.is_fin and wire < recv.wire_next:
-            plain_start = recv.plain_next - 1 - recv.fin_delivered  # a keepalive probe: let our stack answer
-        if redeliver:
-            out = redeliver
-        elif not out and not fin_now and data and send.acked_plain == acked_before:
-            if consumed:
-                self._inject_ack()  # frames with no plaintext (rekey): our stack will not ACK them
-            return DROP  # nothing new for our stack; an empty copy would look like a duplicate ACK
-        self.bytes_in += len(out) if not redeliver else 0
-        seg.flags &= ~(TCP_FIN | TCP_URG | TCP_PSH)
-        seg.urgent = 0
-        self._check_closed(now)
-        return self._deliver(seg, plain_start, out, fin_now)
-
-    def _deliver(self, seg: Segment, plain_start: int, data: bytes, fin: bool) -> Verdict:
-        """Hand plaintext to our stack: the first chunk in the verdict, the rest injected."""
-        recv = self.recv
-        assert recv is not None
-        first = None
-        at = 0
-        while True:
-            chunk = data[at : at + MAX_DELIVER]
-            last = at + MAX_DELIVER >= len(data)
-            seg.seq = to_seq(plain_start + at, recv.base)
-            seg.payload = chunk
-            flags = seg.flags & ~(TCP_FIN | TCP_PSH)
-            seg.flags = flags | (TCP_PSH if chunk else 0) | (TCP_FIN if fin and last else 0)
-            packet = serialize_segment(seg)
-            if first is None:
-                first = packet
-            else:
-                self._inject(Injection(packet, Direction.INBOUND))
-            if last:
-                break
-            at += MAX_DELIVER
-        return Verdict(Action.ACCEPT, first)
-
-    def _drain(self, now: float) -> bytes:
-        """Consume the Init message and every complete frame; return the plaintext to deliver."""
-        recv = self.recv
-        assert recv is not None
-        if recv.cipher is None:
-            magic = INIT1_MAGIC if self.role == "B" else INIT2_MAGIC
-            try:
-                length = init_message_length(recv.buf, magic)
-            except MalformedSegment as exc:
-                raise RemoteProtocolError(f"bad init message: {exc}") from None
-            if length is None or len(recv.buf) < length:
-                if length is not None and not 8 <= length <= MAX_INIT_LEN:
-                    raise RemoteProtocolError(f"init message_len {length} out of range")
-                return b""
-            message = recv.consume(length)
-            recv.delivered(0)
-            try:
-                self._handle_init(message, now)
-            except MalformedSegment as exc:
-                raise RemoteProtocolError(f"malformed init message: {exc}") from None
-        out = bytearray()
-        cipher = recv.cipher
-        assert cipher is not None
-        while True:
-            item = recv.next_frame()
-            if item is None:
-                break
-            offset, frame = item
-            if recv.finp:
-                raise RemoteProtocolError("frame after the finp frame")
-            if frame[0] & CONTROL_REKEY:
-                self._peer_rekeyed(now)
-                cipher = recv.cipher
-            plaintext = cipher.open(offset, frame)
-            if not plaintext:
-                raise RemoteProtocolError(f"frame at offset {offset} has no flags byte")
-            flags = plaintext[0]
-            body = plaintext[3:] if flags & FLAG_URGP else plaintext[1:]
-            out += body
-            recv.delivered(len(body))
-            if flags & FLAG_FINP:
-                recv.finp = True
-        return bytes(out)
-
     # ------------------------------------------------------------------ resets, aborts, closing
 
     def _rst_out(self, seg: Segment, now: float) -> Verdict:
@@ -854,7 +610,8 @@ class Session:
         assert self.send is not None and self.recv is not None
         seg.seq = to_seq(self.recv.plain_next, self.recv.base)
         if seg.is_ack:
-            seg.ack = to_seq(self.send.ack_to_plain(to_offset(seg.ack, self.send.base, self.send.acked_wire)), self.send.base)
+            send = self.send
+            seg.ack = to_seq(send.ack_to_plain(to_offset(seg.ack, send.base, send.acked_wire)), send.base)
         seg.payload = b""
         self.closed_at = self.closed_at or now
         self._emit(SessionClosed(self.flow, "reset by the peer"))
@@ -888,104 +645,6 @@ class Session:
             if recv.fin_delivered and send.fin_framed and send.unacked == 0:
                 self.closed_at = now
                 self._emit(SessionClosed(self.flow, "fin both ways"))
-
-    # ------------------------------------------------------------------ building segments
-
-    def _note_local(self, seg: Segment, options: list[tuple[int, bytes]], syn: bool = False) -> None:
-        """Remember our stack's window (in scaled units) and TSval for segments we build."""
-        shift = self._local_ws if self._remote_ws is not None else None
-        self._local_window = seg.window >> shift if syn and shift else seg.window
-        ts = timestamp(options)
-        if ts is not None:
-            self._local_ts = ts[0]
-
-    def _note_remote(self, seg: Segment, options: list[tuple[int, bytes]]) -> None:
-        """Remember the peer's TSval (echoed in segments we build) and its SYN options."""
-        if seg.is_syn:
-            self._remote_ws = _wscale(options)
-            self._remote_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
-        ts = timestamp(options)
-        if ts is not None:
-            self._remote_ts = ts[0]
-
-    def _options_out(self, parsed: list[tuple[int, bytes]]) -> bytes:
-        """Options of a segment toward the wire: SACK blocks into wire space, plus our own blocks
-        for out-of-order data we hold, plus the non-SYN ENO option while RFC 8547 §4.6 wants it."""
-        recv = self.recv
-        assert recv is not None
-        kept, blocks = [], []
-        for kind, option in parsed:
-            if kind == TCPOPT_SACK:
-                for left, right in _sack_pairs(option):
-                    lo = recv.plain_edge_to_wire(to_offset(left, recv.base, recv.local_ack))
-                    hi = recv.plain_edge_to_wire(to_offset(right, recv.base, recv.local_ack))
-                    if lo is not None and hi is not None and lo < hi:
-                        blocks.append((lo, hi))
-            elif kind > TCPOPT_NOP and kind != ENO_OPTION_KIND:
-                kept.append((kind, option))
-        if self.sack_ok and recv.ooo:
-            blocks = recv.sack_blocks(4) + blocks
-        if self.need_nonsyn_eno:
-            kept.append((ENO_OPTION_KIND, NON_SYN_ENO))
-        return _with_sack(kept, blocks, recv.base)
-
-    def _options_in(self, parsed: list[tuple[int, bytes]]) -> bytes:
-        """Options of a segment toward our stack: SACK blocks into plain space, ENO removed."""
-        send = self.send
-        assert send is not None
-        kept, blocks = [], []
-        for kind, option in parsed:
-            if kind == TCPOPT_SACK:
-                for left, right in _sack_pairs(option):
-                    lo = to_offset(left, send.base, send.acked_wire)
-                    hi = to_offset(right, send.base, send.acked_wire)
-                    plain = send.sack_to_plain(lo, hi)
-                    if plain is not None:
-                        blocks.append(plain)
-            elif kind > TCPOPT_NOP and kind != ENO_OPTION_KIND:
-                kept.append((kind, option))
-        return _with_sack(kept, blocks, send.base)
-
-    def _ts_options(self, ours: int | None, theirs: int | None) -> bytes:
-        if ours is None or theirs is None:
-            return b""
-        return timestamp_option(ours, theirs)
-
-    def _inject_wire(self, wire: int, payload: bytes, flags: int) -> None:
-        """A segment of our wire stream toward the peer."""
-        send, recv = self.send, self.recv
-        assert send is not None and recv is not None
-        from .wire.tcp import new_segment  # local import keeps the module header short
-
-        f = self.flow
-        options = self._ts_options(self._local_ts, self._remote_ts)
-        if not flags & TCP_RST:
-            options = self._options_out(parse_options(options))
-        seg = new_segment(
-            f.local_ip, f.remote_ip, f.local_port, f.remote_port, to_seq(wire, send.base),
-            to_seq(recv.ack_to_wire(recv.local_ack), recv.base), flags, self._local_window, options, payload,
-        )
-        if self._out_ip is not None:
-            seg.ip_header = _no_ecn(self._out_ip)
-        self._inject(Injection(serialize_segment(seg), Direction.OUTBOUND))
-
-    def _inject_ack(self) -> None:
-        assert self.send is not None
-        self._inject_wire(self.send.wire_next, b"", TCP_ACK)
-
-    def _inject_local_rst(self) -> None:
-        send, recv = self.send, self.recv
-        assert send is not None and recv is not None
-        from .wire.tcp import new_segment
-
-        f = self.flow
-        seg = new_segment(
-            f.remote_ip, f.local_ip, f.remote_port, f.local_port, to_seq(recv.plain_next, recv.base),
-            to_seq(send.acked_plain, send.base), TCP_RST | TCP_ACK, 0,
-        )
-        if self._in_ip is not None:
-            seg.ip_header = _no_ecn(self._in_ip)
-        self._inject(Injection(serialize_segment(seg), Direction.INBOUND))
 
     def too_big(self, message: TooBig) -> bytes | None:
         """RFC 1191 / RFC 4443 §3.2 toward our stack: the MTU less the frame overhead, and the
@@ -1022,43 +681,3 @@ class Session:
             "rekeys": self.rekeys,
             "generation": [self.send.gen, self.recv.gen] if self.send and self.recv else [0, 0],
         }
-
-
-def _no_ecn(ip_header: bytes) -> bytes:
-    """The header with its ECN field cleared: segments we build are not ECN-capable (RFC 3168 §6.1.4)."""
-    header = bytearray(ip_header)
-    if header[0] >> 4 == 4:
-        header[1] &= 0xFC
-    else:
-        header[1] &= 0xCF
-    return bytes(header)
-
-
-def _sack_pairs(option: bytes) -> list[tuple[int, int]]:
-    return [struct.unpack_from("!II", option, i) for i in range(2, len(option) - 7, 8)]  # type: ignore[misc]
-
-
-def _with_sack(options: list[tuple[int, bytes]], blocks: list[tuple[int, int]], base: int) -> bytes:
-    """Serialize `options` plus as many SACK blocks (offsets from `base`) as fit (RFC 2018 §3)."""
-    used = sum(len(option) for _, option in options)
-    n = min(len(blocks), 4)
-    while n and (used + 2 + 8 * n + 3) // 4 * 4 > 40:
-        n -= 1
-    if n:
-        body = b"".join(struct.pack("!II", to_seq(lo, base), to_seq(hi, base)) for lo, hi in blocks[:n])
-        options = options + [(TCPOPT_SACK, bytes((TCPOPT_SACK, 2 + 8 * n)) + body)]
-    return serialize_options(options)
-
-
-def _wscale(options: list[tuple[int, bytes]]) -> int | None:
-    for kind, raw in options:
-        if kind == TCPOPT_WSCALE and len(raw) == 3:
-            return min(raw[2], 14)
-    return None
-
-
-def _mss(options: list[tuple[int, bytes]]) -> int | None:
-    for kind, raw in options:
-        if kind == TCPOPT_MSS and len(raw) == 4:
-            return struct.unpack_from("!H", raw, 2)[0]
-    return None

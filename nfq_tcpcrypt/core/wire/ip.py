@@ -81,3 +81,10 @@ def new_ip_header(src: bytes, dst: bytes, ttl: int = 64) -> bytes:
         # DF set, identification 0: the kernel fills it for raw sockets (raw(7)).
         return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20, 0, 0x4000, ttl, IPPROTO_TCP, 0, src, dst)
     return struct.pack("!IHBB16s16s", 0x60000000, 0, IPPROTO_TCP, ttl, src, dst)
+
+
+def without_ecn(ip_header: bytes) -> bytes:
+    """The header with its ECN field cleared: segments we build are not ECN-capable (RFC 3168 §6.1.4)."""
+    header = bytearray(ip_header)
+    header[1] &= 0xFC if header[0] >> 4 == 4 else 0xCF
+    return bytes(header)

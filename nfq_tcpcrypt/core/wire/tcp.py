@@ -13,10 +13,12 @@ from ..constants import (
     TCPOPT_EOL,
     TCPOPT_MSS,
     TCPOPT_NOP,
+    TCPOPT_SACK,
     TCPOPT_TIMESTAMP,
+    TCPOPT_WSCALE,
 )
 from ..errors import MalformedSegment
-from .ip import finish_checksum, new_ip_header, parse_ip, pseudo_header_sum, serialize_ip_header, checksum_fold
+from .ip import checksum_fold, finish_checksum, new_ip_header, parse_ip, pseudo_header_sum, serialize_ip_header
 
 _TCP = struct.Struct("!HHIIBBHHH")
 _LINUX_TS = bytes((TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10))
@@ -172,10 +174,48 @@ def timestamp(options: list[tuple[int, bytes]]) -> tuple[int, int] | None:
     """(TSval, TSecr) of the RFC 7323 timestamp option, or None."""
     for kind, raw in options:
         if kind == TCPOPT_TIMESTAMP and len(raw) == 10:
-            return struct.unpack_from("!II", raw, 2)  # type: ignore[return-value]
+            tsval, tsecr = struct.unpack_from("!II", raw, 2)
+            return tsval, tsecr
     return None
 
 
 def timestamp_option(tsval: int, tsecr: int) -> bytes:
     """NOP NOP TS(tsval, tsecr): the 12-byte form Linux sends."""
     return struct.pack("!BBBBII", TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10, tsval, tsecr)
+
+
+def sack_pairs(option: bytes) -> list[tuple[int, int]]:
+    """The (left, right) sequence pairs of a SACK option (RFC 2018 §3)."""
+    pairs = []
+    for i in range(2, len(option) - 7, 8):
+        left, right = struct.unpack_from("!II", option, i)
+        pairs.append((left, right))
+    return pairs
+
+
+def with_sack(options: list[tuple[int, bytes]], blocks: list[tuple[int, int]]) -> bytes:
+    """Serialize `options` plus as many SACK blocks (sequence pairs) as fit in 40 bytes (RFC 2018 §3)."""
+    used = sum(len(option) for _, option in options)
+    n = min(len(blocks), 4)
+    while n and (used + 2 + 8 * n + 3) // 4 * 4 > TCP_MAX_OPTIONS:
+        n -= 1
+    if n:
+        body = b"".join(struct.pack("!II", lo, hi) for lo, hi in blocks[:n])
+        options = options + [(TCPOPT_SACK, bytes((TCPOPT_SACK, 2 + 8 * n)) + body)]
+    return serialize_options(options)
+
+
+def window_scale(options: list[tuple[int, bytes]]) -> int | None:
+    """The shift of the window-scale option (RFC 7323 §2.2, at most 14), or None."""
+    for kind, raw in options:
+        if kind == TCPOPT_WSCALE and len(raw) == 3:
+            return min(raw[2], 14)
+    return None
+
+
+def mss(options: list[tuple[int, bytes]]) -> int | None:
+    """The MSS option's value, or None."""
+    for kind, raw in options:
+        if kind == TCPOPT_MSS and len(raw) == 4:
+            return int(struct.unpack_from("!H", raw, 2)[0])
+    return None

@@ -42,7 +42,7 @@ def init_message_length(data: bytes | bytearray, magic: int) -> int | None:
     got, length = _HEAD.unpack_from(data)
     if got != magic:
         raise MalformedSegment(f"magic {got:#010x}, expected {magic:#010x}")
-    return length
+    return int(length)
 
 
 def serialize_init1(msg: Init1) -> bytes:

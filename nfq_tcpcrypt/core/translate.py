@@ -1,0 +1,422 @@
+"""Stream translation: one TCP stream in two byte spaces (DESIGN.md §3).
+
+The local stack sees the *plain* stream; the peer sees the *wire* stream, `[Init message] + frames`
+(RFC 8548 §3.3, §3.6). This mixin rewrites every packet of an encrypting session between the two:
+sequence and acknowledgment numbers, SACK blocks, windows, options and payloads; frames new data,
+resends logged frames byte-identical, reassembles and opens incoming frames, and builds the
+segments the engine injects. `Session` (session.py) owns the state machine and calls into it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .constants import (
+    CONTROL_REKEY,
+    ENO_OPTION_KIND,
+    FLAG_FINP,
+    FLAG_URGP,
+    INIT1_MAGIC,
+    INIT2_MAGIC,
+    MAX_INIT_LEN,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_PSH,
+    TCP_RST,
+    TCP_URG,
+    TCPOPT_NOP,
+    TCPOPT_SACK,
+    TCPOPT_SACK_PERM,
+)
+from .errors import MalformedSegment, RemoteProtocolError, StackAnomaly
+from .flow import Direction
+from .seqmap import FrameRecord, to_offset, to_seq
+from .verdict import DROP, Action, Injection, Verdict
+from .wire.eno import NON_SYN_ENO
+from .wire.ip import without_ecn
+from .wire.tcp import (
+    Segment,
+    new_segment,
+    parse_options,
+    sack_pairs,
+    serialize_segment,
+    timestamp,
+    timestamp_option,
+    window_scale,
+    with_sack,
+)
+from .wire.tcpcrypt import init_message_length
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .config import Configuration
+    from .flow import FlowKey
+    from .seqmap import RecvStream, SendStream
+
+MAX_DELIVER = 32768
+"""Largest plaintext chunk handed to our stack in one packet (after a gap fills, many frames at once)."""
+
+
+class StreamTranslation:
+    """The per-packet rewriting of an encrypting session (a mixin of Session)."""
+
+    # Set up by Session.__init__ (session.py); listed here so that the coupling is explicit.
+    send: SendStream | None
+    recv: RecvStream | None
+    config: Configuration
+    flow: FlowKey
+    role: str | None
+    need_nonsyn_eno: bool
+    bytes_in: int
+    bytes_out: int
+    wire_mss: int
+    _timers: dict[str, float]
+    _inject: Callable[[Injection], None]
+    _sent_since_rekey: int
+    _prefix_dupacks: int
+    _init1_sent: bool
+    _kex_tries: int
+    # Header material for the segments we build: the latest IP headers, windows, TSvals and the
+    # SYN options that govern them (window scale, SACK-permitted).
+    _out_ip: bytes | None
+    _in_ip: bytes | None
+    _local_window: int
+    _local_ts: int | None
+    _remote_ts: int | None
+    _local_ws: int | None
+    _remote_ws: int | None
+    _remote_sack_perm: bool
+
+    if TYPE_CHECKING:  # provided by Session
+
+        @property
+        def sack_ok(self) -> bool: ...
+        def _send_prefix(self, now: float) -> None: ...
+        def _arm(self, name: str, when: float) -> None: ...
+        def _start_rekey(self) -> None: ...
+        def _peer_rekeyed(self, now: float) -> None: ...
+        def _handle_init(self, message: bytes, now: float) -> None: ...
+        def _check_closed(self, now: float) -> None: ...
+
+    def _translate_out(self, seg: Segment, now: float) -> Verdict:
+        send, recv = self.send, self.recv
+        assert send is not None and recv is not None
+        options = parse_options(seg.options)
+        self._note_local(seg, options)
+        plain = to_offset(seg.seq, send.base, send.plain_next)
+        data = seg.payload
+        fin = seg.is_fin
+        end = plain + len(data) + fin
+        if seg.is_ack:
+            seg.ack = to_seq(recv.ack_to_wire(to_offset(seg.ack, recv.base, recv.local_ack)), recv.base)
+        seg.flags &= ~TCP_URG  # RFC 8548 §3.7: URG travels only as URGp; we send none
+        seg.urgent = 0
+        seg.options = self._options_out(options)
+        if send.cipher is None:
+            return self._before_keys(seg, plain, end, now)
+        if not data and not fin:
+            seg.seq = to_seq(send.plain_to_wire(plain), send.base)
+            return Verdict(Action.ACCEPT, serialize_segment(seg))
+        if end <= send.acked_plain:
+            # All of it was acknowledged already (the peer's ACK to our stack was lost): probe the
+            # peer like a keepalive, so that it repeats its ACK.
+            seg.seq = to_seq(send.acked_wire - 1, send.base)
+            seg.payload = b""
+            seg.flags &= ~(TCP_FIN | TCP_PSH)
+            return Verdict(Action.ACCEPT, serialize_segment(seg))
+        if plain > send.plain_next:
+            raise StackAnomaly(f"local segment skips plain bytes {send.plain_next}..{plain}")
+        # Retransmitted ranges are sent as the logged frames, byte-identical (RFC 8548 §3.6).
+        records = send.covering(plain, min(end, send.plain_next)) if plain < send.plain_next else []
+        if end > send.plain_next:
+            if send.fin_framed:
+                raise StackAnomaly("local segment carries data after its fin")
+            new = bytes(data[send.plain_next - plain :])
+            self.bytes_out += len(new)
+            self._sent_since_rekey += len(new)
+            rekey_bytes = self.config.rekey_bytes
+            if rekey_bytes and self._sent_since_rekey > rekey_bytes and recv.gen == send.gen:
+                self._start_rekey()  # by volume; this frame carries rekey = 1
+            records += send.new_frame(new, fin)
+        if not records:
+            return DROP
+        packets = self._frame_packets(records)
+        first_wire, first_payload, first_fin = packets[0]
+        seg.seq = to_seq(first_wire, send.base)
+        seg.payload = first_payload
+        seg.flags = (seg.flags & ~TCP_FIN) | (TCP_FIN if first_fin else 0)
+        for wire, payload, with_fin in packets[1:]:
+            self._inject_wire(wire, payload, TCP_ACK | TCP_PSH | (TCP_FIN if with_fin else 0))
+        return Verdict(Action.ACCEPT, serialize_segment(seg))
+
+    def _before_keys(self, seg: Segment, plain: int, end: int, now: float) -> Verdict:
+        """Our stack sends before the keys exist: hold its plaintext (DESIGN.md §3).
+
+        Host A's Init1 rides on the first segment after the SYN-ACK (the third ACK), and on pure
+        ACKs while it is unacknowledged; the held plaintext is framed when Init2 arrives.
+        """
+        send = self.send
+        assert send is not None
+        data, fin = seg.payload, seg.is_fin
+        if send.held_end < end <= self.config.held_limit and plain <= send.held_end:
+            send.held.append((send.held_end, bytes(data[send.held_end - plain :]), fin))
+            send.held_end = end
+        if self.role == "A" and not send.prefix_acked and (not self._init1_sent or not (data or fin)):
+            self._init1_sent = True
+            seg.seq = send.base
+            seg.payload = send.prefix
+            seg.flags = (seg.flags & ~TCP_FIN) | TCP_PSH
+            if "kex" not in self._timers:
+                self._kex_tries = 1
+                self._arm("kex", now + self.config.kex_timeout)
+            return Verdict(Action.ACCEPT, serialize_segment(seg))
+        if data or fin:
+            return DROP
+        seg.seq = to_seq(send.plain_to_wire(plain), send.base)
+        return Verdict(Action.ACCEPT, serialize_segment(seg))
+
+    def _frame_packets(self, records: list[FrameRecord]) -> list[tuple[int, bytes, bool]]:
+        """Split consecutive frame records into (wire offset, payload, fin) packets of ≤ wire MSS."""
+        packets: list[tuple[int, bytes, bool]] = []
+        start = records[0].wire_start
+        payload = b"".join(r.data for r in records)
+        fin = records[-1].fin
+        size = max(self.wire_mss, 1)
+        for at in range(0, max(len(payload), 1), size):
+            chunk = payload[at : at + size]
+            last = at + size >= len(payload)
+            packets.append((start + at, chunk, fin and last))
+        return packets
+
+    def _inject_frames(self, records: list[FrameRecord]) -> None:
+        for wire, payload, fin in self._frame_packets(records):
+            self._inject_wire(wire, payload, TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0))
+
+    def _translate_in(self, seg: Segment, options: list[tuple[int, bytes]], now: float) -> Verdict:
+        send, recv = self.send, self.recv
+        assert send is not None and recv is not None
+        self.need_nonsyn_eno = False  # RFC 8547 §4.6: a non-SYN segment arrived
+        acked_before = send.acked_plain
+        if seg.is_ack:
+            wire_ack = to_offset(seg.ack, send.base, send.acked_wire)
+            if send.cipher is not None and not send.prefix_acked and wire_ack == send.acked_wire:
+                # The peer lacks our Init message and says so with duplicate ACKs: resend it now.
+                self._prefix_dupacks += 1
+                if self._prefix_dupacks % 3 == 0:
+                    self._send_prefix(now)
+            seg.ack = to_seq(send.ack_to_plain(wire_ack), send.base)
+            if send.prefix_acked and send.cipher is not None:
+                self._timers.pop("kex", None)
+        seg.window = seg.window - (seg.window >> 6)  # frames cost ~1.4 %: keep the peer's window honest
+        seg.options = self._options_in(options)
+        wire = to_offset(seg.seq, recv.base, recv.wire_next)
+        data = seg.payload
+        plain_start = recv.plain_next
+        redeliver = b""
+        if seg.is_fin and recv.fin_seen is None:
+            recv.fin_seen = wire + len(data)
+        if data and not recv.add(wire, data, self.config.ooo_limit):
+            if send.cipher is not None and not send.prefix_acked:
+                self._send_prefix(now)
+            if wire + len(data) <= recv.wire_next and recv.local_ack < recv.plain_next - recv.fin_delivered:
+                # The peer resends what we delivered and our stack has not acknowledged:
+                # deliver that plaintext again so that our stack acknowledges it (DESIGN.md §3).
+                plain_start, redeliver = recv.unacked_plaintext(MAX_DELIVER)
+            else:
+                self._inject_ack()  # a duplicate ACK (with SACK blocks) toward the peer
+        if recv.fin_seen is not None and recv.fin_at is None and recv.wire_next == recv.fin_seen:
+            recv.fin_at = recv.fin_seen
+        consumed = recv.buf_start
+        out = self._drain(now)
+        consumed = recv.buf_start > consumed
+        if out:
+            recv.remember(plain_start, out)
+        fin_now = False
+        if recv.fin_at is not None and not recv.fin_delivered and recv.buf_start == recv.fin_at:
+            if not recv.finp:
+                # RFC 8548 §3.7: a FIN without FINp; abort with an error distinct from EOF.
+                raise RemoteProtocolError("fin without a finp frame")
+            fin_now = True
+            recv.fin_delivered = True
+            recv.delivered(0, True)
+        elif recv.finp and recv.buf:
+            raise RemoteProtocolError("data after the finp frame")
+        elif seg.is_fin and recv.fin_delivered and not out and not redeliver:
+            plain_start = recv.plain_next - 1  # a retransmitted FIN: show it again, our stack re-ACKs
+            fin_now = True
+        elif not data and not seg.is_fin and wire < recv.wire_next:
+            plain_start = recv.plain_next - 1 - recv.fin_delivered  # a keepalive probe: let our stack answer
+        if redeliver:
+            out = redeliver
+        elif not out and not fin_now and data and send.acked_plain == acked_before:
+            if consumed:
+                self._inject_ack()  # frames with no plaintext (rekey): our stack will not ACK them
+            return DROP  # nothing new for our stack; an empty copy would look like a duplicate ACK
+        self.bytes_in += len(out) if not redeliver else 0
+        seg.flags &= ~(TCP_FIN | TCP_URG | TCP_PSH)
+        seg.urgent = 0
+        self._check_closed(now)
+        return self._deliver(seg, plain_start, out, fin_now)
+
+    def _deliver(self, seg: Segment, plain_start: int, data: bytes, fin: bool) -> Verdict:
+        """Hand plaintext to our stack: the first chunk in the verdict, the rest injected."""
+        recv = self.recv
+        assert recv is not None
+        first = None
+        at = 0
+        while True:
+            chunk = data[at : at + MAX_DELIVER]
+            last = at + MAX_DELIVER >= len(data)
+            seg.seq = to_seq(plain_start + at, recv.base)
+            seg.payload = chunk
+            flags = seg.flags & ~(TCP_FIN | TCP_PSH)
+            seg.flags = flags | (TCP_PSH if chunk else 0) | (TCP_FIN if fin and last else 0)
+            packet = serialize_segment(seg)
+            if first is None:
+                first = packet
+            else:
+                self._inject(Injection(packet, Direction.INBOUND))
+            if last:
+                break
+            at += MAX_DELIVER
+        return Verdict(Action.ACCEPT, first)
+
+    def _drain(self, now: float) -> bytes:
+        """Consume the Init message and every complete frame; return the plaintext to deliver."""
+        recv = self.recv
+        assert recv is not None
+        if recv.cipher is None:
+            magic = INIT1_MAGIC if self.role == "B" else INIT2_MAGIC
+            try:
+                length = init_message_length(recv.buf, magic)
+            except MalformedSegment as exc:
+                raise RemoteProtocolError(f"bad init message: {exc}") from None
+            if length is None or len(recv.buf) < length:
+                if length is not None and not 8 <= length <= MAX_INIT_LEN:
+                    raise RemoteProtocolError(f"init message_len {length} out of range")
+                return b""
+            message = recv.consume(length)
+            recv.delivered(0)
+            try:
+                self._handle_init(message, now)
+            except MalformedSegment as exc:
+                raise RemoteProtocolError(f"malformed init message: {exc}") from None
+        out = bytearray()
+        cipher = recv.cipher
+        assert cipher is not None
+        while True:
+            item = recv.next_frame()
+            if item is None:
+                break
+            offset, frame = item
+            if recv.finp:
+                raise RemoteProtocolError("frame after the finp frame")
+            if frame[0] & CONTROL_REKEY:
+                self._peer_rekeyed(now)
+                cipher = recv.cipher
+                assert cipher is not None
+            plaintext = cipher.open(offset, frame)
+            if not plaintext:
+                raise RemoteProtocolError(f"frame at offset {offset} has no flags byte")
+            flags = plaintext[0]
+            body = plaintext[3:] if flags & FLAG_URGP else plaintext[1:]
+            out += body
+            recv.delivered(len(body))
+            if flags & FLAG_FINP:
+                recv.finp = True
+        return bytes(out)
+
+    # ------------------------------------------------------------------ building segments
+
+    def _note_local(self, seg: Segment, options: list[tuple[int, bytes]], syn: bool = False) -> None:
+        """Remember our stack's window (in scaled units) and TSval for segments we build."""
+        shift = self._local_ws if self._remote_ws is not None else None
+        self._local_window = seg.window >> shift if syn and shift else seg.window
+        ts = timestamp(options)
+        if ts is not None:
+            self._local_ts = ts[0]
+
+    def _note_remote(self, seg: Segment, options: list[tuple[int, bytes]]) -> None:
+        """Remember the peer's TSval (echoed in segments we build) and its SYN options."""
+        if seg.is_syn:
+            self._remote_ws = window_scale(options)
+            self._remote_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
+        ts = timestamp(options)
+        if ts is not None:
+            self._remote_ts = ts[0]
+
+    def _options_out(self, parsed: list[tuple[int, bytes]]) -> bytes:
+        """Options of a segment toward the wire: SACK blocks into wire space, plus our own blocks
+        for out-of-order data we hold, plus the non-SYN ENO option while RFC 8547 §4.6 wants it."""
+        recv = self.recv
+        assert recv is not None
+        kept, blocks = [], []
+        for kind, option in parsed:
+            if kind == TCPOPT_SACK:
+                for left, right in sack_pairs(option):
+                    lo = recv.plain_edge_to_wire(to_offset(left, recv.base, recv.local_ack))
+                    hi = recv.plain_edge_to_wire(to_offset(right, recv.base, recv.local_ack))
+                    if lo is not None and hi is not None and lo < hi:
+                        blocks.append((lo, hi))
+            elif kind > TCPOPT_NOP and kind != ENO_OPTION_KIND:
+                kept.append((kind, option))
+        if self.sack_ok and recv.ooo:
+            blocks = recv.sack_blocks(4) + blocks
+        if self.need_nonsyn_eno:
+            kept.append((ENO_OPTION_KIND, NON_SYN_ENO))
+        return with_sack(kept, [(to_seq(lo, recv.base), to_seq(hi, recv.base)) for lo, hi in blocks])
+
+    def _options_in(self, parsed: list[tuple[int, bytes]]) -> bytes:
+        """Options of a segment toward our stack: SACK blocks into plain space, ENO removed."""
+        send = self.send
+        assert send is not None
+        kept, blocks = [], []
+        for kind, option in parsed:
+            if kind == TCPOPT_SACK:
+                for left, right in sack_pairs(option):
+                    lo = to_offset(left, send.base, send.acked_wire)
+                    hi = to_offset(right, send.base, send.acked_wire)
+                    plain = send.sack_to_plain(lo, hi)
+                    if plain is not None:
+                        blocks.append(plain)
+            elif kind > TCPOPT_NOP and kind != ENO_OPTION_KIND:
+                kept.append((kind, option))
+        return with_sack(kept, [(to_seq(lo, send.base), to_seq(hi, send.base)) for lo, hi in blocks])
+
+    def _ts_options(self, ours: int | None, theirs: int | None) -> bytes:
+        if ours is None or theirs is None:
+            return b""
+        return timestamp_option(ours, theirs)
+
+    def _inject_wire(self, wire: int, payload: bytes, flags: int) -> None:
+        """A segment of our wire stream toward the peer."""
+        send, recv = self.send, self.recv
+        assert send is not None and recv is not None
+        f = self.flow
+        options = self._ts_options(self._local_ts, self._remote_ts)
+        if not flags & TCP_RST:
+            options = self._options_out(parse_options(options))
+        seg = new_segment(
+            f.local_ip, f.remote_ip, f.local_port, f.remote_port, to_seq(wire, send.base),
+            to_seq(recv.ack_to_wire(recv.local_ack), recv.base), flags, self._local_window, options, payload,
+        )
+        if self._out_ip is not None:
+            seg.ip_header = without_ecn(self._out_ip)
+        self._inject(Injection(serialize_segment(seg), Direction.OUTBOUND))
+
+    def _inject_ack(self) -> None:
+        assert self.send is not None
+        self._inject_wire(self.send.wire_next, b"", TCP_ACK)
+
+    def _inject_local_rst(self) -> None:
+        send, recv = self.send, self.recv
+        assert send is not None and recv is not None
+        f = self.flow
+        seg = new_segment(
+            f.remote_ip, f.local_ip, f.remote_port, f.local_port, to_seq(recv.plain_next, recv.base),
+            to_seq(send.acked_plain, send.base), TCP_RST | TCP_ACK, 0,
+        )
+        if self._in_ip is not None:
+            seg.ip_header = without_ecn(self._in_ip)
+        self._inject(Injection(serialize_segment(seg), Direction.INBOUND))
