@@ -66,7 +66,7 @@ def test_bad_channels_deliver_exactly(name, channel):
 
 @settings(max_examples=25, deadline=None)
 @given(
-    seed=st.integers(0, 2**32),
+    seed=st.integers(0, 2**32 - 2),
     loss=st.floats(0, 0.15),
     reorder=st.floats(0, 0.3),
     dup=st.floats(0, 0.2),
