@@ -1,4 +1,4 @@
-"""Command line of nfq_tcpcrypt: `run`, `sessions`, `lab` (DESIGN.md §6)."""
+"""Command line of nfq_tcpcrypt: `run`, `sessions`, `cache`, `rules`, `decode`, `lab` (DESIGN.md §6)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import sys
 
 from .shell.control import DEFAULT_PATH
+from .tools import decode as decode_tool
 
 
 def _int(text: str) -> int:
@@ -20,22 +21,59 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the daemon in the foreground until SIGINT/SIGTERM")
-    run.add_argument("--mode", choices=["host"], default="host")
-    run.add_argument(
-        "--queue-num", type=int, default=7100, help="inbound queue N; outbound is N+1 (default 7100)"
+    run = sub.add_parser(
+        "run",
+        help="run the daemon in the foreground until SIGINT/SIGTERM",
+        description="Options given here win over the same keys in --config FILE.",
     )
-    run.add_argument("--mark", type=_int, default=0x7463, help="SO_MARK of injected packets (default 0x7463)")
-    run.add_argument("--control", default=DEFAULT_PATH, help=f"control socket (default {DEFAULT_PATH})")
+    run.add_argument("--config", metavar="FILE", help="TOML file with the same keys (and [[policy]] tables)")
+    run.add_argument("--mode", choices=["host"], default=None)
+    run.add_argument(
+        "--queue-num", type=int, default=None, help="inbound queue N; outbound is N+1 (default 7100)"
+    )
+    run.add_argument(
+        "--mark", type=_int, default=None, help="SO_MARK of packets injected toward the wire (default 0x7463)"
+    )
+    run.add_argument(
+        "--local-mark",
+        type=_int,
+        default=None,
+        help="SO_MARK of packets injected toward this host's stack (default 0x7464)",
+    )
+    run.add_argument("--control", default=None, help=f"control socket (default {DEFAULT_PATH})")
     run.add_argument("--keylog", metavar="FILE", help="append session secrets to FILE (mode 0600)")
-    run.add_argument("--tep", default="x25519", help="TEPs offered, most preferred first (default x25519)")
-    run.add_argument("--aead", default="aes128gcm", help="AEADs offered (default aes128gcm)")
+    run.add_argument("--tep", default=None, help="TEPs offered, most preferred first (default x25519)")
+    run.add_argument("--aead", default=None, help="AEADs offered (default aes128gcm)")
     run.add_argument(
-        "--fail-closed", action="store_true", help="no --queue-bypass: TCP stops while the daemon is down"
+        "--rekey-bytes", type=int, default=None, metavar="N", help="new key generation every N bytes sent (0: off)"
     )
-    run.add_argument("--ipv6", action="store_true", help="also queue IPv6 TCP (ip6tables)")
     run.add_argument(
-        "--pass-through", action="store_true", help="accept every packet unchanged (benchmark baseline)"
+        "--keepalive", type=float, default=None, metavar="S", help="probe an idle peer with a rekey after S s (0: off)"
+    )
+    run.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="offer and accept session resumption (default on)",
+    )
+    run.add_argument(
+        "--resume-nonce-len", type=int, default=None, metavar="N", help="bytes of fresh resumption nonce, 0..8 (default 8)"
+    )
+    run.add_argument(
+        "--resume-ttl", type=float, default=None, metavar="S", help="seconds a cached session stays resumable (default 3600)"
+    )
+    run.add_argument(
+        "--fail-closed",
+        action="store_true",
+        default=None,
+        help="no --queue-bypass: TCP stops while the daemon is down",
+    )
+    run.add_argument("--ipv6", action="store_true", default=None, help="also queue IPv6 TCP (ip6tables)")
+    run.add_argument(
+        "--pass-through",
+        action="store_true",
+        default=None,
+        help="accept every packet unchanged (benchmark baseline)",
     )
     run.add_argument("--log-level", dest="sub_log_level", default=None, help="DEBUG, INFO, WARNING, ERROR")
 
@@ -49,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     rules_cmd.add_argument(
         "--control", default=DEFAULT_PATH, help="refuse to remove while this socket answers"
     )
+
+    cache = sub.add_parser("cache", help="show or flush the resumption cache (never shows secrets)")
+    cache_sub = cache.add_subparsers(dest="action", required=True)
+    cache_show = cache_sub.add_parser("show", help="cached peers: TEP, AEAD, original role, next index, expiry")
+    cache_show.add_argument("--json", action="store_true", help="print a JSON array")
+    cache_show.add_argument("--control", default=DEFAULT_PATH)
+    cache_flush = cache_sub.add_parser("flush", help="forget cached secrets: the next connections are fresh")
+    cache_flush.add_argument("--peer", metavar="IP", help="only this peer's entries")
+    cache_flush.add_argument("--control", default=DEFAULT_PATH)
+
+    decode_tool.add_parser(sub)
 
     lab = sub.add_parser("lab", help="demo: two network namespaces, an encrypted HTTP transfer, checks")
     lab.add_argument("--size", type=int, default=4 * 1024 * 1024, help="bytes to transfer (default 4 MiB)")
@@ -65,25 +114,23 @@ def _setup_logging(level: str) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .core.errors import ConfigError
-    from .shell.daemon import DaemonOptions, run_daemon
+    from .shell.daemon import run_daemon
     from .shell.rules import RulesError
+    from .shell.settings import cli_values, load_file, options_from
 
-    options = DaemonOptions(
-        mode=args.mode,
-        queue_num=args.queue_num,
-        mark=args.mark,
-        control=args.control,
-        keylog=args.keylog,
-        teps=args.tep,
-        aeads=args.aead,
-        fail_closed=args.fail_closed,
-        ipv6=args.ipv6,
-        pass_through=args.pass_through,
-    )
+    log = logging.getLogger("nfq_tcpcrypt")
+    try:
+        file_values = load_file(args.config) if args.config else {}
+        options = options_from(file_values, cli_values(args))
+    except ConfigError as exc:
+        log.error("bad configuration: %s", exc)
+        return 2
+    if options.log_level and not args.sub_log_level:
+        logging.getLogger().setLevel(getattr(logging, options.log_level.upper(), logging.INFO))
     try:
         return run_daemon(options)
     except (ConfigError, RulesError, OSError) as exc:
-        logging.getLogger("nfq_tcpcrypt").error("cannot run: %s", exc)
+        log.error("cannot run: %s", exc)
         return 1
 
 
@@ -106,18 +153,49 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
         "tep",
         "aead",
         "resumed",
+        "rekeys",
         "bytes_in",
         "bytes_out",
         "session_id",
     ]
+    _print_table(columns, table)
+    if not table:
+        print("(no sessions)")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .shell.control import query
+
+    params = {"peer": args.peer} if getattr(args, "peer", None) else {}
+    cmd = "cache" if args.action == "show" else "cache_flush"
+    try:
+        reply = query(args.control, cmd, params=params)
+    except OSError as exc:
+        print(f"nfq-tcpcrypt: cannot reach the daemon at {args.control}: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(reply, dict) and "error" in reply:
+        print(f"nfq-tcpcrypt: {reply['error']}", file=sys.stderr)
+        return 1
+    if args.action == "flush":
+        print(f"flushed {reply.get('flushed', 0)} cached session(s)")
+        return 0
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    columns = ["peer", "tep", "aead", "original_role", "next_index", "resumptions", "expires_in"]
+    _print_table(columns, reply)
+    if not reply:
+        print("(resumption cache empty)")
+    return 0
+
+
+def _print_table(columns: list[str], table: list[dict[str, object]]) -> None:
     rows = [[str(entry.get(col, "")) for col in columns] for entry in table]
     widths = [max([len(col), *(len(row[i]) for row in rows)]) for i, col in enumerate(columns)]
     print("  ".join(col.upper().ljust(w) for col, w in zip(columns, widths, strict=True)).rstrip())
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    if not rows:
-        print("(no sessions)")
-    return 0
 
 
 def _cmd_rules(args: argparse.Namespace) -> int:
@@ -154,7 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = getattr(args, "sub_log_level", None) or args.log_level
     _setup_logging(level)
-    handlers = {"run": _cmd_run, "sessions": _cmd_sessions, "rules": _cmd_rules, "lab": _cmd_lab}
+    handlers = {
+        "run": _cmd_run,
+        "sessions": _cmd_sessions,
+        "cache": _cmd_cache,
+        "rules": _cmd_rules,
+        "decode": decode_tool.run,
+        "lab": _cmd_lab,
+    }
     return handlers[args.command](args)
 
 

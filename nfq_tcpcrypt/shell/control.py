@@ -1,8 +1,10 @@
 """Control socket: a root-only Unix socket answering one JSON request per connection (DESIGN.md §6).
 
 Request: one JSON object, e.g. {"cmd": "sessions"}, ended by a newline or by shutting down the write
-side. Reply: one JSON document, then the server closes the connection. Commands: "sessions" (the
-engine's session table), "counters" (engine and shell counters), "ping".
+side; other keys are the command's parameters. Reply: one JSON document, then the server closes the
+connection. Commands: "sessions" (the engine's session table), "counters" (engine and shell
+counters), "ping", "cache" (the resumption cache: peers and counters, never secrets), "cache_flush"
+(optional "peer": an IP address; replies {"flushed": N}).
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/run/nfq-tcpcrypt/control.sock"
 MAX_REQUEST = 64 * 1024
-Commands = dict[str, Callable[[], Any]]
+Commands = dict[str, Callable[[dict[str, Any]], Any]]
+"""cmd -> handler; the handler gets the whole request object and returns a JSON-ready reply."""
+
+
+class CommandError(ValueError):
+    """A request a handler refuses; the client gets {"error": message}."""
 
 
 class ControlServer:
@@ -71,11 +78,14 @@ class ControlServer:
 
     def _reply(self, conn: socket.socket, request: bytes) -> None:
         try:
-            cmd = json.loads(request.decode()).get("cmd")
+            message = json.loads(request.decode())
+            cmd = message.get("cmd")
             handler = self.commands.get(cmd)
             reply = (
-                handler() if handler else {"error": f"unknown cmd {cmd!r}", "known": sorted(self.commands)}
+                handler(message) if handler else {"error": f"unknown cmd {cmd!r}", "known": sorted(self.commands)}
             )
+        except CommandError as exc:
+            reply = {"error": str(exc)}
         except (ValueError, AttributeError) as exc:
             reply = {"error": f"bad request: {exc}"}
         data = (json.dumps(reply) + "\n").encode()
@@ -115,12 +125,12 @@ def _is_stale(path: str) -> bool:
     raise FileExistsError(f"another daemon answers on {path}")
 
 
-def query(path: str, cmd: str, timeout: float = 5.0) -> Any:
-    """Client side: send {"cmd": cmd} to the daemon at `path` and return the decoded reply."""
+def query(path: str, cmd: str, timeout: float = 5.0, params: dict[str, Any] | None = None) -> Any:
+    """Client side: send {"cmd": cmd, **params} to the daemon at `path` and return the decoded reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
-        sock.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+        sock.sendall(json.dumps({**(params or {}), "cmd": cmd}).encode() + b"\n")
         chunks = []
         while True:
             chunk = sock.recv(65536)

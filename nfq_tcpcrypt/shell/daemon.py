@@ -10,40 +10,54 @@ are unbound so that no packet waits on a queue nobody reads.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
-from dataclasses import dataclass
+import time
+from typing import Any
 
-from ..core.config import Configuration, parse_aeads, parse_teps
 from ..core.engine import Engine
 from . import rules
-from .control import ControlServer
+from .control import CommandError, ControlServer
+from .freshness import Freshness
 from .inject import Injector
 from .keylog import KeyLog
 from .loop import EngineLike, EventLoop, SignalWatch
 from .passthrough import PassThroughEngine
+from .settings import DEFAULT_MARK, DEFAULT_QUEUE_NUM, DaemonOptions
+
+__all__ = ["DEFAULT_MARK", "DEFAULT_QUEUE_NUM", "DaemonOptions", "run_daemon"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_QUEUE_NUM = 7100
-DEFAULT_MARK = 0x7463
+
+def _peer(request: dict[str, Any]) -> bytes | None:
+    """The packed address of a request's optional "peer"."""
+    peer = request.get("peer")
+    if peer is None:
+        return None
+    try:
+        return ipaddress.ip_address(str(peer)).packed
+    except ValueError:
+        raise CommandError(f"peer {peer!r} is not an IP address") from None
 
 
-@dataclass
-class DaemonOptions:
-    """What `nfq-tcpcrypt run` was asked to do."""
+def control_commands(engine: EngineLike, loop: EventLoop) -> dict[str, Any]:
+    """The control socket's commands (README: control socket)."""
 
-    mode: str = "host"
-    queue_num: int = DEFAULT_QUEUE_NUM
-    mark: int = DEFAULT_MARK
-    control: str = "/run/nfq-tcpcrypt/control.sock"
-    keylog: str | None = None
-    teps: str = "x25519"
-    aeads: str = "aes128gcm"
-    fail_closed: bool = False
-    ipv6: bool = False
-    pass_through: bool = False
+    def flush(request: dict[str, Any]) -> dict[str, int]:
+        peer = _peer(request)
+        reason = "operator request" + (f" for {request['peer']}" if peer else "")
+        return {"flushed": engine.flush_cache(reason, peer)}
+
+    return {
+        "sessions": lambda request: engine.session_table(),
+        "counters": lambda request: loop.all_counters(),
+        "ping": lambda request: {"ok": True, "pid": os.getpid()},
+        "cache": lambda request: engine.cache_info(time.monotonic()),
+        "cache_flush": flush,
+    }
 
 
 def run_daemon(options: DaemonOptions) -> int:
@@ -62,19 +76,18 @@ def run_daemon(options: DaemonOptions) -> int:
         if options.pass_through:
             engine = PassThroughEngine()
         else:
-            config = Configuration(
-                teps=parse_teps(options.teps),
-                aeads=parse_aeads(options.aeads),
-                secrets_log=keylog.write if keylog else None,
-            )
-            engine = Engine(config)
-        injector = Injector(options.mark)
+            engine = Engine(options.configuration(keylog.write if keylog else None))
+        freshness = Freshness.system(engine.flush_cache)
+        stack.callback(freshness.close)
+        injector = Injector(options.mark, options.local_mark)
         stack.callback(injector.close)
-        loop = EventLoop(engine, options.queue_num, injector, signals)
+        loop = EventLoop(engine, options.queue_num, injector, signals, freshness)
         stack.callback(loop.close)
         logger.info("queues %d (inbound) and %d (outbound) bound", options.queue_num, options.queue_num + 1)
         families = ("ipv4", "ipv6") if options.ipv6 else ("ipv4",)
-        params = rules.RuleParams(options.queue_num, options.queue_num + 1, options.mark, options.fail_closed)
+        params = rules.RuleParams(
+            options.queue_num, options.queue_num + 1, options.mark, options.fail_closed, options.local_mark
+        )
         installed = rules.install(params, families)
 
         def remove_rules() -> None:
@@ -85,14 +98,7 @@ def run_daemon(options: DaemonOptions) -> int:
                 logger.info("rules removed")
 
         stack.callback(remove_rules)
-        control = ControlServer(
-            options.control,
-            {
-                "sessions": engine.session_table,
-                "counters": loop.all_counters,
-                "ping": lambda: {"ok": True, "pid": os.getpid()},
-            },
-        )
+        control = ControlServer(options.control, control_commands(engine, loop))
         stack.callback(control.close)
         loop.control = control
         logger.info("control socket %s ready", options.control)

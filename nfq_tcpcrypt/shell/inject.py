@@ -1,7 +1,15 @@
 """Raw-socket injector for the segments the engine creates (DESIGN.md §2, §5).
 
-Injected packets traverse OUTPUT/POSTROUTING again, so the sockets set SO_MARK to the daemon's mark:
-the rules never queue a marked packet and NOTRACK it in raw OUTPUT.
+Injected packets traverse OUTPUT/POSTROUTING again, so every socket sets an SO_MARK that the rules
+skip (never queued twice). There are two marks because there are two kinds of packets:
+
+- toward the wire (`Direction.OUTBOUND`): the *wire mark*. These are in wire space, which the local
+  stack never sent, so the raw OUTPUT rule NOTRACKs them: conntrack must never see wire space.
+- toward our own stack (`Direction.INBOUND`): the *local mark*. These are plaintext segments of a
+  connection conntrack already follows (an ACK, a release of held data), so they are tracked like
+  any packet of that connection; a host firewall with INPUT policy DROP and
+  `--ctstate ESTABLISHED,RELATED -j ACCEPT` (what ufw installs) lets them in. Notracked, they would
+  be UNTRACKED and that firewall would drop them.
 """
 
 from __future__ import annotations
@@ -10,49 +18,62 @@ import ipaddress
 import logging
 import socket
 
+from ..core.flow import Direction
+
 logger = logging.getLogger(__name__)
 
 
 class Injector:
-    """Sends complete IP packets (v4 or v6) through marked IPPROTO_RAW sockets."""
+    """Sends complete IP packets (v4 or v6) through marked IPPROTO_RAW sockets, one per mark and family."""
 
-    def __init__(self, mark: int) -> None:
+    def __init__(self, mark: int, local_mark: int | None = None) -> None:
         self.mark = mark
+        self.local_mark = mark if local_mark is None else local_mark
         self.sent = 0
+        self.sent_local = 0
         self.failed = 0
-        self._v4 = self._open(socket.AF_INET)
-        self._v6: socket.socket | None = None
+        self._socks: dict[tuple[int, int], socket.socket] = {}
+        self._sock(socket.AF_INET, self.mark)  # fail at start-up, not at the first packet
 
-    def _open(self, family: socket.AddressFamily) -> socket.socket:
-        # IPPROTO_RAW implies IP_HDRINCL (IPv4) and IPV6_HDRINCL (IPv6, Linux >= 4.5): raw(7), raw(7)v6.
-        sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
-        sock.setblocking(False)
+    def _sock(self, family: socket.AddressFamily, mark: int) -> socket.socket:
+        key = (int(family), mark)
+        sock = self._socks.get(key)
+        if sock is None:
+            # IPPROTO_RAW implies IP_HDRINCL (IPv4) and IPV6_HDRINCL (IPv6, Linux >= 4.5): raw(7), raw(7)v6.
+            sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            sock.setblocking(False)
+            self._socks[key] = sock
         return sock
 
-    def send(self, packet: bytes) -> bool:
+    def mark_for(self, direction: Direction) -> int:
+        """The SO_MARK a packet going `direction` carries."""
+        return self.local_mark if direction is Direction.INBOUND else self.mark
+
+    def send(self, packet: bytes, direction: Direction = Direction.OUTBOUND) -> bool:
         """Send one IP packet to its own destination address; False (and counted) on failure."""
+        mark = self.mark_for(direction)
         try:
             version = packet[0] >> 4
             if version == 4:
                 dst = str(ipaddress.IPv4Address(packet[16:20]))
-                self._v4.sendto(packet, (dst, 0))
+                self._sock(socket.AF_INET, mark).sendto(packet, (dst, 0))
             elif version == 6:
-                if self._v6 is None:
-                    self._v6 = self._open(socket.AF_INET6)
-                dst = str(ipaddress.IPv6Address(packet[24:40]))
-                self._v6.sendto(packet, (dst, 0, 0, 0))
+                dst6 = str(ipaddress.IPv6Address(packet[24:40]))
+                self._sock(socket.AF_INET6, mark).sendto(packet, (dst6, 0, 0, 0))
             else:
                 raise ValueError(f"ip version {version} is neither 4 nor 6")
         except (OSError, ValueError, IndexError) as exc:
             self.failed += 1
-            logger.warning("injection of a %d-byte packet failed: %s", len(packet), exc)
+            logger.warning("injection of a %d-byte %s packet failed: %s", len(packet), direction.value, exc)
             return False
         self.sent += 1
+        if direction is Direction.INBOUND:
+            self.sent_local += 1
         return True
 
     def close(self) -> None:
         """Close the sockets."""
-        self._v4.close()
-        if self._v6 is not None:
-            self._v6.close()
+        for sock in self._socks.values():
+            sock.close()
+        self._socks.clear()

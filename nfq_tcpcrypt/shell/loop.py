@@ -2,8 +2,9 @@
 
 `selectors` watches both queue fds, the control socket and a signal wakeup fd; the select timeout is
 the engine's next deadline. `time.monotonic()` is read once per wakeup and handed to the engine as
-`now` (STYLE.md §8). SIGINT and SIGTERM only set a flag; the loop then returns and the caller's
-cleanup runs.
+`now` (STYLE.md §8). At each wakeup, before any packet, the freshness watchers run (a suspend seen on
+the clocks, a new-VM-generation uevent): they flush the resumption cache (freshness.py). SIGINT and
+SIGTERM only set a flag; the loop then returns and the caller's cleanup runs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..core.events import Event
 from ..core.flow import Direction
 from ..core.verdict import Injection, Verdict
 from .control import ControlServer
+from .freshness import Freshness
 from .inject import Injector
 from .nfq import QueuePair, kernel_queue_stats
 
@@ -41,6 +43,8 @@ class EngineLike(Protocol):
     def handle_timer(self, now: float) -> None: ...
     def next_event(self) -> Event | None: ...
     def session_table(self) -> list[dict[str, object]]: ...
+    def cache_info(self, now: float) -> list[dict[str, object]]: ...
+    def flush_cache(self, reason: str, peer: bytes | None = None) -> int: ...
 
 
 class SignalWatch:
@@ -84,8 +88,10 @@ class EventLoop:
         queue_num: int,
         injector: Injector,
         signals: SignalWatch,
+        freshness: Freshness | None = None,
     ) -> None:
         self.engine = engine
+        self.freshness = freshness
         self.injector = injector
         self.signals = signals
         self.counters: dict[str, int] = {}
@@ -99,7 +105,7 @@ class EventLoop:
     def _flush(self) -> None:
         """Inject what the engine produced and log its events."""
         for injection in self.engine.segments_to_inject():
-            self.injector.send(injection.packet)
+            self.injector.send(injection.packet, injection.direction)
         while (event := self.engine.next_event()) is not None:
             _log_event(event)
 
@@ -108,7 +114,10 @@ class EventLoop:
         out = dict(self.engine.counters)
         out.update({f"shell.{name}": value for name, value in self.counters.items()})
         out["shell.injected"] = self.injector.sent
+        out["shell.injected_local"] = self.injector.sent_local
         out["shell.inject_failed"] = self.injector.failed
+        if self.freshness is not None:
+            out.update({f"shell.{name}": value for name, value in self.freshness.counters.items()})
         num = self.queues.queue_num
         out.update(kernel_queue_stats((num, num + 1)))
         return out
@@ -122,11 +131,17 @@ class EventLoop:
             selector.register(self.signals.reader, selectors.EVENT_READ, ("signal", None))
             if self.control is not None:
                 selector.register(self.control.sock, selectors.EVENT_READ, ("accept", None))
+            if self.freshness is not None and self.freshness.vmgen is not None:
+                selector.register(self.freshness.vmgen.fileno(), selectors.EVENT_READ, ("uevent", None))
             while self.signals.received is None:
                 deadline = self.engine.get_timer()
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 ready = selector.select(timeout)
                 self.now = time.monotonic()
+                # The cache is flushed before the packets of this wakeup, so no SYN resumes from it.
+                if self.freshness is not None:
+                    self.freshness.check_clock()
+                ready.sort(key=lambda item: item[0].data[0] != "uevent")
                 for key, _ in ready:
                     self._dispatch(selector, key)
                 deadline = self.engine.get_timer()
@@ -143,6 +158,8 @@ class EventLoop:
             self.queues.drain(arg)
         elif kind == "signal":
             self.signals.clear()
+        elif kind == "uevent" and self.freshness is not None:
+            self.freshness.uevent_readable()
         elif kind == "accept" and self.control is not None:
             conn = self.control.accept()
             if conn is not None:

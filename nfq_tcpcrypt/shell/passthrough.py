@@ -35,3 +35,11 @@ class PassThroughEngine:
     def session_table(self) -> list[dict[str, object]]:
         """No sessions."""
         return []
+
+    def cache_info(self, now: float) -> list[dict[str, object]]:
+        """No cache."""
+        return []
+
+    def flush_cache(self, reason: str, peer: bytes | None = None) -> int:
+        """No cache."""
+        return 0

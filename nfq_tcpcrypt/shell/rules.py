@@ -47,14 +47,18 @@ class RuleParams:
     outbound_queue: int
     mark: int
     fail_closed: bool = False
+    local_mark: int | None = None
+    """Mark of packets injected toward our own stack (tracked); None: `mark + 1`."""
 
     def mapping(self) -> dict[str, str]:
         """Template placeholders -> text."""
+        local_mark = self.mark + 1 if self.local_mark is None else self.local_mark
         return {
             "suffix": str(self.inbound_queue),
             "inbound_queue": str(self.inbound_queue),
             "outbound_queue": str(self.outbound_queue),
             "mark": f"{self.mark:#x}",
+            "local_mark": f"{local_mark:#x}",
             "bypass": "" if self.fail_closed else "--queue-bypass",
         }
 

@@ -30,6 +30,20 @@ class TestRules:
         assert "-A NFQ_TCPCRYPT_OUT_7100 -m mark --mark 0x7463 -j CT --notrack" in text
         assert "--queue-num 7100 --queue-bypass" in text
         assert "--queue-num 7101 --queue-bypass" in text
+        # DESIGN.md §5: packets injected toward our own stack skip both queues but are tracked.
+        assert "-A NFQ_TCPCRYPT_PRE_7100 -m mark --mark 0x7464 -j RETURN" in text
+        assert "-A NFQ_TCPCRYPT_POST_7100 -m mark --mark 0x7464 -j RETURN" in text
+        assert "0x7464 -j CT --notrack" not in text
+        # One NFQUEUE target per queue; TCP and the path-MTU ICMP type reach the inbound one.
+        assert text.count("NFQUEUE") == 2
+        icmp = (
+            "-p icmp --icmp-type fragmentation-needed"
+            if family == "ipv4"
+            else "-p ipv6-icmp --icmpv6-type packet-too-big"
+        )
+        assert f"-A NFQ_TCPCRYPT_PRE_7100 {icmp} -j NFQ_TCPCRYPT_INQ_7100" in text
+        assert "-A NFQ_TCPCRYPT_PRE_7100 -p tcp -j NFQ_TCPCRYPT_INQ_7100" in text
+        assert "-A NFQ_TCPCRYPT_INQ_7100 -j NFQUEUE --queue-num 7100 --queue-bypass" in text
 
     def test_fail_closed_has_no_bypass(self) -> None:
         closed = rules.RuleParams(7100, 7101, 0x7463, fail_closed=True)
@@ -43,8 +57,10 @@ class TestRules:
             "-D PREROUTING -j NFQ_TCPCRYPT_PRE_7100",
             "-D OUTPUT -j NFQ_TCPCRYPT_OUT_7100",
             "-F NFQ_TCPCRYPT_PRE_7100",
+            "-F NFQ_TCPCRYPT_INQ_7100",
             "-F NFQ_TCPCRYPT_OUT_7100",
             "-X NFQ_TCPCRYPT_PRE_7100",
+            "-X NFQ_TCPCRYPT_INQ_7100",
             "-X NFQ_TCPCRYPT_OUT_7100",
             "COMMIT",
             "*mangle",
@@ -58,12 +74,16 @@ class TestRules:
 def test_control_socket_answers_json(tmp_path: Path) -> None:
     path = str(tmp_path / "run" / "c.sock")
     table = [{"local": "10.77.0.1:1", "remote": "10.77.0.2:2", "session_id": "23" * 33}]
-    server = ControlServer(path, {"sessions": lambda: table})
+    server = ControlServer(
+        path,
+        {"sessions": lambda request: table, "echo": lambda request: {"peer": request.get("peer")}},
+    )
     replies: dict[str, object] = {}
 
     def client() -> None:
         replies["sessions"] = query(path, "sessions")
         replies["bogus"] = query(path, "bogus")
+        replies["echo"] = query(path, "echo", params={"peer": "10.77.0.2"})
 
     thread = threading.Thread(target=client)
     thread.start()
@@ -81,6 +101,7 @@ def test_control_socket_answers_json(tmp_path: Path) -> None:
         server.close()
     assert replies["sessions"] == table
     assert "unknown cmd" in json.dumps(replies["bogus"])
+    assert replies["echo"] == {"peer": "10.77.0.2"}
     assert not os.path.exists(path)
 
 
