@@ -1,14 +1,21 @@
-"""`nfq-tcpcrypt lab`: the two-namespace demo of issue 2, built from the same helpers as the tests."""
+"""`nfq-tcpcrypt lab`: the two-namespace demo of issue 2, built from the same helpers as the tests.
+
+Its final proof is `decode` (issue 6): the capture of the wire plus the daemons' key logs give the
+negotiation, the session ID and the verified plaintext, which must match what the daemons and the
+served file say.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import signal
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from .labnet import Topology, http_transfer, shell_faults
+from .labnet import HTTP_PORT, Topology, http_transfer, shell_faults
+from .tools.decode import DecodeReport, decode_pcap, render_text
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -26,7 +33,7 @@ def run_lab(size: int = 4 * 1024 * 1024, keep: str | None = None) -> int:
                 f"lab: namespaces {topo.names['a']} (10.77.0.1, curl) and {topo.names['b']} (10.77.0.2, http.server)"
             )
             result = http_transfer(topo, workdir, size=size)
-        return _report(result)
+        return _report(result, _decode(result, workdir), size)
     except KeyboardInterrupt:
         print("lab: interrupted; cleaned up")
         return 130
@@ -42,7 +49,48 @@ def run_lab(size: int = 4 * 1024 * 1024, keep: str | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _report(result: Any) -> int:
+def _decode(result: Any, workdir: Path) -> DecodeReport | None:
+    """`nfq-tcpcrypt decode` of the capture with both key logs; its text is printed."""
+    if result.pcap is None:
+        return None
+    keylog = workdir / "both.keys"
+    keylog.write_text("".join(result.keylogs.values()))
+    plain = workdir / "plaintext"
+    report = decode_pcap(str(result.pcap), str(keylog), str(plain))
+    print("lab: `nfq-tcpcrypt decode` of the capture of a's wire, with the key logs:\n")
+    print("\n".join("  | " + line for line in render_text(report).splitlines()))
+    print()
+    return report
+
+
+def _decode_checks(report: DecodeReport | None, result: Any, size: int) -> list[tuple[str, bool]]:
+    """The decoded capture agrees with the daemons and with the served file."""
+    conns = [c for c in report.connections if c.server.endswith(f":{HTTP_PORT}")] if report else []
+    checks = [("decode: one HTTP connection in the capture", len(conns) == 1)]
+    if len(conns) != 1:
+        return checks
+    conn = conns[0]
+    a = result.session_for("a")
+    checks.append(("decode: connection encrypted, handshake complete", conn.status == "encrypted"))
+    checks.append(
+        (
+            "decode: session ID from the capture equals the daemons'",
+            a is not None and conn.session_id is not None and conn.session_id == a.get("session_id"),
+        )
+    )
+    verified = all(d.framing_valid and d.failed == 0 and d.verified > 0 for d in conn.directions)
+    checks.append(("decode: every frame verified in both directions", verified))
+    server = next((d for d in conn.directions if d.side == "server"), None)
+    body_digest = None
+    if server is not None and server.plaintext_file and server.plaintext_complete:
+        body = Path(server.plaintext_file).read_bytes()
+        body_digest = hashlib.sha256(body[-size:]).hexdigest()
+    print(f"  sha256 decrypted:     {body_digest} (HTTP body in the decrypted capture)")
+    checks.append(("decode: decrypted body digest equals the file's", body_digest == result.sent_sha256))
+    return checks
+
+
+def _report(result: Any, report: DecodeReport | None = None, size: int = 0) -> int:
     checks: list[tuple[str, bool]] = []
     a, b = result.session_for("a"), result.session_for("b")
     for side, entry in (("a", a), ("b", b)):
@@ -82,6 +130,7 @@ def _report(result: Any) -> int:
     leaked = ", ".join(f"{name} x{count}" for name, count in wire.leaks.items()) or "none"
     print(f"  plaintext on wire:    {leaked}")
     checks.append(("no plaintext on the wire", not wire.leaks))
+    checks.extend(_decode_checks(report, result, size))
     for side, daemon in result.daemons.items():
         faults = shell_faults(result.counters.get(side, {}))
         checks.append(
