@@ -112,7 +112,7 @@ class StreamTranslation:
             seg.ack = to_seq(recv.ack_to_wire(to_offset(seg.ack, recv.base, recv.local_ack)), recv.base)
         seg.flags &= ~TCP_URG  # RFC 8548 §3.7: URG travels only as URGp; we send none
         seg.urgent = 0
-        seg.options = self._options_out(options)
+        seg.options = self._options_out(options, seg.options)
         if send.cipher is None:
             return self._before_keys(seg, plain, end, now)
         if not data and not fin:
@@ -209,7 +209,7 @@ class StreamTranslation:
             if send.prefix_acked and send.cipher is not None:
                 self._timers.pop("kex", None)
         seg.window = seg.window - (seg.window >> 6)  # frames cost ~1.4 %: keep the peer's window honest
-        seg.options = self._options_in(options)
+        seg.options = self._options_in(options, seg.options)
         wire = to_offset(seg.seq, recv.base, recv.wire_next)
         data = seg.payload
         plain_start = recv.plain_next
@@ -346,11 +346,13 @@ class StreamTranslation:
         if ts is not None:
             self._remote_ts = ts[0]
 
-    def _options_out(self, parsed: list[tuple[int, bytes]]) -> bytes:
+    def _options_out(self, parsed: list[tuple[int, bytes]], raw: bytes) -> bytes:
         """Options of a segment toward the wire: SACK blocks into wire space, plus our own blocks
         for out-of-order data we hold, plus the non-SYN ENO option while RFC 8547 §4.6 wants it."""
         recv = self.recv
         assert recv is not None
+        if not self.need_nonsyn_eno and not recv.ooo and not _has_sack_or_eno(parsed):
+            return raw  # the usual case: nothing to translate
         kept, blocks = [], []
         for kind, option in parsed:
             if kind == TCPOPT_SACK:
@@ -367,10 +369,12 @@ class StreamTranslation:
             kept.append((ENO_OPTION_KIND, NON_SYN_ENO))
         return with_sack(kept, [(to_seq(lo, recv.base), to_seq(hi, recv.base)) for lo, hi in blocks])
 
-    def _options_in(self, parsed: list[tuple[int, bytes]]) -> bytes:
+    def _options_in(self, parsed: list[tuple[int, bytes]], raw: bytes) -> bytes:
         """Options of a segment toward our stack: SACK blocks into plain space, ENO removed."""
         send = self.send
         assert send is not None
+        if not _has_sack_or_eno(parsed):
+            return raw
         kept, blocks = [], []
         for kind, option in parsed:
             if kind == TCPOPT_SACK:
@@ -396,7 +400,7 @@ class StreamTranslation:
         f = self.flow
         options = self._ts_options(self._local_ts, self._remote_ts)
         if not flags & TCP_RST:
-            options = self._options_out(parse_options(options))
+            options = self._options_out(parse_options(options), options)
         seg = new_segment(
             f.local_ip, f.remote_ip, f.local_port, f.remote_port, to_seq(wire, send.base),
             to_seq(recv.ack_to_wire(recv.local_ack), recv.base), flags, self._local_window, options, payload,
@@ -420,3 +424,7 @@ class StreamTranslation:
         if self._in_ip is not None:
             seg.ip_header = without_ecn(self._in_ip)
         self._inject(Injection(serialize_segment(seg), Direction.INBOUND))
+
+
+def _has_sack_or_eno(parsed: list[tuple[int, bytes]]) -> bool:
+    return any(kind == TCPOPT_SACK or kind == ENO_OPTION_KIND for kind, _ in parsed)

@@ -81,7 +81,7 @@ def parse_segment(packet: bytes, verify_checksum: bool = False) -> Segment:
     if doff < 20 or ihl + doff > len(packet):
         raise MalformedSegment(f"tcp data offset {doff} for {len(packet) - ihl} bytes")
     if verify_checksum:
-        tcp = packet[ihl:]
+        tcp = memoryview(packet)[ihl:]
         if (pseudo_header_sum(src, dst, len(tcp)) + checksum_fold(tcp)) % 0xFFFF != 0:
             raise MalformedSegment("tcp checksum mismatch")
     options = packet[ihl + 20 : ihl + doff]
