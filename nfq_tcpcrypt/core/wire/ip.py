@@ -10,7 +10,7 @@ IPPROTO_TCP = 6
 _V6_HEADER_LEN = 40
 
 
-def checksum_fold(data: bytes | bytearray) -> int:
+def checksum_fold(data: bytes | bytearray | memoryview) -> int:
     """Ones'-complement sum of big-endian 16-bit words, folded into 1..0xFFFF (RFC 1071).
 
     `int.from_bytes(...) % 0xFFFF` is the fold (2**16 == 1 mod 0xFFFF); a zero remainder of
