@@ -1,0 +1,95 @@
+"""decode on captures the engines themselves produce: every TEP/AEAD pair, rekeyed, resumed (issue 6)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+
+import pytest
+
+from nfq_tcpcrypt.core.constants import AEAD_NAMES, Aead, Tep
+from nfq_tcpcrypt.tools.decode import decode_pcap
+from tests.core.tcpmodel import B_IP, Pair, seeded_config
+from tests.tools.captures import write_pcap
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _pair(log: list[str], **config) -> Pair:
+    pair = Pair(a_config=seeded_config(b"da", secrets_log=log.append, **config),
+                b_config=seeded_config(b"db", secrets_log=log.append, **config))
+    pair.b.listen()
+    pair.a.connect(B_IP, 80)
+    pair.run()
+    return pair
+
+
+def _talk(pair: Pair, a_data: bytes, b_data: bytes) -> list[bytes]:
+    pair.a.write(a_data)
+    pair.b.write(b_data)
+    pair.run()
+    pair.a.close()
+    pair.b.close()
+    pair.run()
+    return list(pair.wire)
+
+
+def _decode(tmp_path, wire: list[bytes], log: list[str]):
+    keys = tmp_path / "keys"
+    keys.write_text("# nfq-tcpcrypt key log\n" + "\n".join(dict.fromkeys(log)) + "\n")
+    report = decode_pcap(write_pcap(tmp_path / "c.pcap", wire), str(keys))
+    assert report.problems == [] and len(report.connections) == 1
+    conn = report.connections[0]
+    assert conn.problems == [], conn.problems
+    return conn
+
+
+@pytest.mark.parametrize("tep, aead", list(itertools.product(Tep, Aead)))
+def test_every_tep_and_aead(tmp_path, tep, aead):
+    log: list[str] = []
+    pair = _pair(log, teps=(tep,), aeads=(aead,))
+    a_data, b_data = b"a" * 7000, bytes(range(256)) * 20
+    conn = _decode(tmp_path, _talk(pair, a_data, b_data), log)
+    assert conn.tep == int(tep) and conn.aead_name == AEAD_NAMES[aead]
+    assert conn.session_id == pair.engine_a.session_table()[0]["session_id"]
+    client, server = conn.directions
+    assert client.plaintext_sha256 == _sha(a_data) and server.plaintext_sha256 == _sha(b_data)
+
+
+def test_rekeyed_both_directions(tmp_path):
+    log: list[str] = []
+    pair = _pair(log, rekey_bytes=8000)
+    wire = []
+    for i in range(4):  # one rekey per round trip, both ways
+        pair.a.write(bytes([i]) * 9000)
+        pair.b.write(bytes([i + 100]) * 9000)
+        pair.run()
+        wire += pair.wire
+        pair.wire = []
+    pair.a.close()
+    pair.b.close()
+    pair.run()
+    wire += pair.wire
+    conn = _decode(tmp_path, wire, log)
+    client, server = conn.directions
+    assert len(client.rekeys) >= 3 and len(server.rekeys) >= 3
+    assert client.plaintext_sha256 == _sha(b"".join(bytes([i]) * 9000 for i in range(4)))
+    assert server.plaintext_sha256 == _sha(b"".join(bytes([i + 100]) * 9000 for i in range(4)))
+    assert client.failed == server.failed == 0
+
+
+@pytest.mark.parametrize("b_opens", [False, True])
+def test_resumed(tmp_path, b_opens):
+    log: list[str] = []
+    pair = _pair(log)
+    _talk(pair, b"first", b"first reply")
+    pair.new_connection(40001, 81, b_opens=b_opens)
+    wire = _talk(pair, b"second" * 1000, b"second reply" * 500)
+    conn = _decode(tmp_path, wire, log)
+    assert conn.resumed and conn.key_source.startswith("key log")
+    assert conn.session_id == next(s for s in pair.engine_a.session_table() if s["resumed"])["session_id"]
+    opener, answerer = conn.directions  # the client direction is the active opener's
+    sent = (b"second reply" * 500, b"second" * 1000) if b_opens else (b"second" * 1000, b"second reply" * 500)
+    assert opener.plaintext_sha256 == _sha(sent[0]) and answerer.plaintext_sha256 == _sha(sent[1])
