@@ -676,6 +676,7 @@ class Session(StreamTranslation):
             "aead": AEAD_NAMES[self.aead] if self.aead is not None else None,
             "session_id": self.session_id.hex() if self.session_id is not None else None,
             "resumed": self.resumed,
+            "peer_app_aware": self._negotiated.peer_a_bit if self._negotiated else False,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "rekeys": self.rekeys,
