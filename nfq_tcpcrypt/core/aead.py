@@ -16,7 +16,11 @@ from .errors import IntegrityError, LocalProtocolError
 # RFC 8548 §6: (ae_key_len, ae_nonce_len) of each AEAD.
 AEAD_KEY_LEN = {Aead.AES_128_GCM: 16, Aead.AES_256_GCM: 32, Aead.CHACHA20_POLY1305: 32}
 AEAD_NONCE_LEN = 12
-_CLASSES: dict[Aead, type[AESGCM] | type[ChaCha20Poly1305]] = {Aead.AES_128_GCM: AESGCM, Aead.AES_256_GCM: AESGCM, Aead.CHACHA20_POLY1305: ChaCha20Poly1305}
+_CLASSES: dict[Aead, type[AESGCM] | type[ChaCha20Poly1305]] = {
+    Aead.AES_128_GCM: AESGCM,
+    Aead.AES_256_GCM: AESGCM,
+    Aead.CHACHA20_POLY1305: ChaCha20Poly1305,
+}
 _HEADER = struct.Struct("!BH")
 
 

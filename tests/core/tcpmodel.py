@@ -12,7 +12,7 @@ import struct
 from collections import deque
 
 from nfq_tcpcrypt.core.config import Configuration
-from nfq_tcpcrypt.core.constants import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
+from nfq_tcpcrypt.core.constants import TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN
 from nfq_tcpcrypt.core.engine import Engine
 from nfq_tcpcrypt.core.flow import Direction
 from nfq_tcpcrypt.core.kex import SystemKeyFactory
@@ -112,7 +112,8 @@ class Endpoint:
         self.out.append(serialize_segment(seg))
 
     def _syn_options(self) -> bytes:
-        return struct.pack("!BBH", 2, 4, self.mss) + b"\x04\x02" + struct.pack("!BBII", 8, 10, self.ts, self.ts_recent) + b"\x01\x03\x03\x07"
+        timestamps = struct.pack("!BBII", 8, 10, self.ts, self.ts_recent)
+        return struct.pack("!BBH", 2, 4, self.mss) + b"\x04\x02" + timestamps + b"\x01\x03\x03\x07"
 
     def _send_syn(self) -> None:
         flags = TCP_SYN | (TCP_ACK if self.state == "syn-received" else 0)

@@ -21,7 +21,8 @@ with_data = st.builds(lambda t, d: TepSuboption(t, d, True), tep_ids, st.binary(
 def eno_options(draw):
     glob = draw(st.one_of(st.none(), st.integers(0, 0x1F)))
     subs = draw(st.lists(st.one_of(fresh, with_data), max_size=4))
-    last = draw(st.one_of(st.none(), st.builds(lambda t, d: TepSuboption(t, d, True), tep_ids, st.binary(min_size=1, max_size=20))))
+    tail = st.builds(lambda t, d: TepSuboption(t, d, True), tep_ids, st.binary(min_size=1, max_size=20))
+    last = draw(st.one_of(st.none(), tail))
     teps = tuple(subs) + ((last,) if last else ())
     option = EnoOption(glob, teps)
     try:
@@ -71,7 +72,8 @@ def test_init_random_bytes(data, tep):
        st.binary(max_size=1500), st.booleans())
 def test_segment_round_trip(seq, ack, flags, window, payload, v6):
     src, dst = (bytes(15) + b"\x01", bytes(15) + b"\x02") if v6 else (b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02")
-    raw = serialize_segment(new_segment(src, dst, 1, 2, seq, ack, flags, window, b"\x01\x01\x08\x0a" + bytes(8), payload))
+    options = b"\x01\x01\x08\x0a" + bytes(8)
+    raw = serialize_segment(new_segment(src, dst, 1, 2, seq, ack, flags, window, options, payload))
     seg = parse_segment(raw, verify_checksum=True)
     assert (seg.seq, seg.ack, seg.flags, seg.window, seg.payload) == (seq, ack, flags, window, payload)
     assert serialize_options(parse_options(seg.options)) == seg.options

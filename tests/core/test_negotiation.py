@@ -49,7 +49,8 @@ def test_b_chooses_by_its_own_preference():
     syn, synack = parse_eno(_eno(pair, 0)), parse_eno(_eno(pair, 1))
     assert {s.tep for s in syn.teps} == {0x23, 0x21, 0x24}
     assert synack.b and [s.tep for s in synack.teps] == [0x24]  # RFC 8547 §4.5: B sends one TEP
-    init1 = next(parse_segment(p).payload for p in pair.wire if parse_segment(p).payload[:4] == bytes.fromhex("15101a0e"))
+    payloads = [parse_segment(p).payload for p in pair.wire]
+    init1 = next(p for p in payloads if p[:4] == bytes.fromhex("15101a0e"))
     assert init1[8] == 3  # A offers all three AEADs
 
 

@@ -9,7 +9,7 @@ import pytest
 from nfq_tcpcrypt.core.config import PolicyRule
 from nfq_tcpcrypt.core.constants import INIT1_MAGIC, INIT2_MAGIC, Tep
 from nfq_tcpcrypt.core.engine import Engine
-from nfq_tcpcrypt.core.events import FellBackToPlain, SessionEstablished
+from nfq_tcpcrypt.core.events import FellBackToPlain
 from nfq_tcpcrypt.core.wire.eno import parse_eno
 from nfq_tcpcrypt.core.wire.tcp import parse_options, parse_segment
 from tests.core.tcpmodel import A_IP, B_IP, Pair, seeded_config
@@ -39,7 +39,8 @@ def _exchange(pair: Pair) -> None:
 
 
 def _session(engine: Engine, port: int) -> dict:
-    return next(s for s in engine.session_table() if s["local"].endswith(f":{port}") or s["remote"].endswith(f":{port}"))
+    suffix = f":{port}"
+    return next(s for s in engine.session_table() if s["local"].endswith(suffix) or s["remote"].endswith(suffix))
 
 
 def _syn_enos(pair: Pair) -> list:
@@ -169,8 +170,8 @@ class TestFailurePaths:
     def test_wrong_half_in_the_answer_is_ignored(self):
         # RFC 8548 §3.5: A ignores a resumption answer whose half does not match; with no other
         # valid TEP, ENO is disabled and the connection is plain TCP on both sides.
-        from tests.core.tcpmodel import Channel
         from nfq_tcpcrypt.core.wire.tcp import serialize_segment
+        from tests.core.tcpmodel import Channel
 
         class BadHalf(Channel):
             def carry(self, packet):

@@ -50,7 +50,7 @@ def test_sack_blocks_cross_both_spaces():
     isn_a = pair.a.isn
     init1_len = 75
     lost_wire_start = init1_len + 2 * 1460
-    for left, right in wire_sacks:
+    for left, _right in wire_sacks:
         offset = (left - isn_a - 1) & MASK
         assert offset >= lost_wire_start + 1460 and (offset - init1_len) % 1460 == 0
     # A's stack saw the same blocks in plain space, on its own segment boundaries.

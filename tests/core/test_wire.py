@@ -99,7 +99,8 @@ class TestSegment:
 
     @pytest.mark.parametrize("family", [4, 6])
     def test_round_trip_and_checksum(self, family):
-        src, dst = (bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])) if family == 4 else (bytes(15) + b"\x01", bytes(15) + b"\x02")
+        v4 = (bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
+        src, dst = v4 if family == 4 else (bytes(15) + b"\x01", bytes(15) + b"\x02")
         raw = self._packet(src, dst)
         seg = parse_segment(raw, verify_checksum=True)
         assert (seg.sport, seg.dport, seg.seq, seg.ack, seg.payload) == (1234, 80, 0xFFFFFFF0, 7, b"data")
