@@ -40,12 +40,16 @@ AEADS = ("aes128gcm", "aes256gcm", "chacha20poly1305")
 
 
 @contextlib.contextmanager
-def daemons(topo: Topology, workdir: Path, args: Sequence[str] = ()) -> Iterator[dict[str, Daemon]]:
-    """The daemon on both ends with `args`; stopped (SIGTERM) when the block ends, exit 0 checked."""
+def daemons(
+    topo: Topology, workdir: Path, args: Sequence[str] = (), only: dict[str, Sequence[str]] | None = None
+) -> Iterator[dict[str, Daemon]]:
+    """The daemon on both ends with `args` (plus `only[side]` on that side); stopped (SIGTERM) when the
+    block ends, exit 0 checked."""
     running: dict[str, Daemon] = {}
     try:
         for side in ("a", "b"):
-            running[side] = start_daemon(topo, side, workdir, ["--log-level", "INFO", *args])
+            extra = (only or {}).get(side, ())
+            running[side] = start_daemon(topo, side, workdir, ["--log-level", "INFO", *args, *extra])
         yield running
     finally:
         codes = {side: daemon.stop() for side, daemon in running.items()}
