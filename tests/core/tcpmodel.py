@@ -302,6 +302,25 @@ class Pair:
         self._delayed: list[tuple[int, str, bytes]] = []
         self._step = 0
 
+    def open(self) -> Pair:
+        """B listens on port 80, A connects; run until the handshake is over."""
+        self.b.listen()
+        self.a.connect(B_IP, 80)
+        self.run()
+        return self
+
+    def talk(self, a_data: bytes = b"", b_data: bytes = b"") -> None:
+        """Each side writes its data; run until everything is delivered."""
+        self.a.write(a_data)
+        self.b.write(b_data)
+        self.run()
+
+    def close(self) -> None:
+        """Both sides close; run until the FINs are through."""
+        self.a.close()
+        self.b.close()
+        self.run()
+
     def new_connection(self, a_port: int, b_port: int, isn_a: int = 0x10000000, isn_b: int = 0x20000000,
                        b_opens: bool = False) -> None:
         """Fresh endpoints on new ports for a further connection through the same engines; the

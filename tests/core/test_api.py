@@ -5,14 +5,12 @@ from __future__ import annotations
 import pytest
 
 from nfq_tcpcrypt.api import NoSessionId, endpoint, find_session
-from tests.core.tcpmodel import B_IP, Pair, seeded_config
+from tests.core.tcpmodel import Pair, seeded_config
 
 
 def test_session_id_of_a_keyed_connection_and_errors_otherwise():
     pair = Pair(a_config=seeded_config(b"x", eno_app_aware=True), b_config=seeded_config(b"y"))
-    pair.b.listen()
-    pair.a.connect(B_IP, 80)
-    pair.run()
+    pair.open()
     table_a, table_b = pair.engine_a.session_table(), pair.engine_b.session_table()
     a = find_session(table_a, "10.77.0.1:40000", "10.77.0.2:80")
     b = find_session(table_b, "10.77.0.2:80", "10.77.0.1:40000")
@@ -22,9 +20,7 @@ def test_session_id_of_a_keyed_connection_and_errors_otherwise():
     with pytest.raises(NoSessionId):
         find_session(table_a, "10.77.0.1:40001", "10.77.0.2:80")
     plain = Pair(b_engine=False)
-    plain.b.listen()
-    plain.a.connect(B_IP, 80)
-    plain.run()
+    plain.open()
     with pytest.raises(NoSessionId, match="no session ID"):
         find_session(plain.engine_a.session_table(), "10.77.0.1:40000", "10.77.0.2:80")
 

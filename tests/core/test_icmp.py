@@ -6,7 +6,7 @@ from nfq_tcpcrypt.core.flow import Direction
 from nfq_tcpcrypt.core.wire.icmp import TooBig, parse_too_big, serialize_too_big
 from nfq_tcpcrypt.core.wire.ip import checksum_fold, new_ip_header
 from nfq_tcpcrypt.core.wire.tcp import parse_segment
-from tests.core.tcpmodel import A_IP, B_IP, Pair
+from tests.core.tcpmodel import A_IP, Pair
 
 
 def _frag_needed(quoted: bytes, mtu: int) -> bytes:
@@ -18,9 +18,7 @@ def _frag_needed(quoted: bytes, mtu: int) -> bytes:
 
 def test_frag_needed_is_translated():
     pair = Pair(seed=b"icmp")
-    pair.b.listen()
-    pair.a.connect(B_IP, 80)
-    pair.run()
+    pair.open()
     pair.a.write(b"z" * 20000)
     pair.run()
     wire_data = [p for p in pair.wire if parse_segment(p).src == A_IP and len(parse_segment(p).payload) > 1000]

@@ -10,7 +10,7 @@ import pytest
 from nfq_tcpcrypt.core.constants import Tep
 from nfq_tcpcrypt.core.events import FellBackToPlain, SessionAborted, SessionEstablished
 from nfq_tcpcrypt.core.wire.tcp import parse_options, parse_segment, serialize_options, serialize_segment
-from tests.core.tcpmodel import A_IP, B_IP, Channel, Pair, seeded_config
+from tests.core.tcpmodel import A_IP, Channel, Pair, seeded_config
 
 INIT1 = bytes.fromhex("15101a0e")
 INIT2 = bytes.fromhex("097105e0")
@@ -34,12 +34,8 @@ class Rewriter(Channel):
 
 def _run(channel: Channel, **config) -> tuple[Pair, list]:
     pair = Pair(a_config=seeded_config(b"ma", **config), b_config=seeded_config(b"mb", **config), channel=channel)
-    pair.b.listen()
-    pair.a.connect(B_IP, 80)
-    pair.run()
-    pair.a.write(b"secret request" * 100)
-    pair.b.write(b"secret reply" * 100)
-    pair.run()
+    pair.open()
+    pair.talk(b"secret request" * 100, b"secret reply" * 100)
     return pair, pair.events(pair.engine_a) + pair.events(pair.engine_b)
 
 

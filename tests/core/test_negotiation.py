@@ -16,12 +16,8 @@ from tests.core.tcpmodel import A_IP, B_IP, Pair, seeded_config
 
 def _pair(a: dict, b: dict) -> Pair:
     pair = Pair(a_config=seeded_config(b"na", **a), b_config=seeded_config(b"nb", **b))
-    pair.b.listen()
-    pair.a.connect(B_IP, 80)
-    pair.run()
-    pair.a.write(b"request" * 300)
-    pair.b.write(b"response" * 3000)
-    pair.run()
+    pair.open()
+    pair.talk(b"request" * 300, b"response" * 3000)
     return pair
 
 
@@ -82,9 +78,7 @@ def _open(a: dict, b: dict, simultaneous: bool = False) -> Pair:
         pair.b.listen()
         pair.a.connect(B_IP, 80)
     pair.run()
-    pair.a.write(b"from a" * 1000)
-    pair.b.write(b"from b" * 1000)
-    pair.run()
+    pair.talk(b"from a" * 1000, b"from b" * 1000)
     assert bytes(pair.b.received) == b"from a" * 1000 and bytes(pair.a.received) == b"from b" * 1000
     return pair
 
@@ -163,9 +157,7 @@ def test_syn_without_eno_after_retransmissions():
             return [(0, packet)]
 
     pair = Pair(channel=DropEnoSyns(0))
-    pair.b.listen()
-    pair.a.connect(B_IP, 80)
-    pair.run()
+    pair.open()
     pair.a.write(b"hello")
     pair.run()
     assert bytes(pair.b.received) == b"hello"

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nfq_tcpcrypt.core.events import SessionAborted, SessionEstablished
-from tests.core.tcpmodel import B_IP, Channel, Pair
+from tests.core.tcpmodel import Channel, Pair
 
 
 def _data(seed: int, size: int) -> bytes:
@@ -23,16 +23,10 @@ def _data(seed: int, size: int) -> bytes:
 
 def _run(channel: Channel, a_size: int, b_size: int, seed: int) -> Pair:
     pair = Pair(seed=seed.to_bytes(4, "big"), channel=channel)
-    pair.b.listen()
-    pair.a.connect(B_IP, 80)
-    pair.run()
+    pair.open()
     a_data, b_data = _data(seed, a_size), _data(seed + 1, b_size)
-    pair.a.write(a_data)
-    pair.b.write(b_data)
-    pair.run()
-    pair.a.close()
-    pair.b.close()
-    pair.run()
+    pair.talk(a_data, b_data)
+    pair.close()
     events = pair.events(pair.engine_a) + pair.events(pair.engine_b)
     aborted = any(isinstance(e, SessionAborted) for e in events)
     assert a_data.startswith(bytes(pair.b.received))

@@ -22,16 +22,9 @@ def _stream(wire: list[bytes], src: bytes) -> bytes:
 
 
 def _transfer(pair: Pair, a_data: bytes, b_data: bytes) -> None:
-    pair.b.listen()
-    pair.a.connect(B_IP, 80)
-    pair.run()
-    pair.a.write(a_data)
-    pair.b.write(b_data)
-    pair.run()
-    pair.a.close()
-    pair.run()
-    pair.b.close()
-    pair.run()
+    pair.open()
+    pair.talk(a_data, b_data)
+    pair.close()
 
 
 def test_encrypted_transfer_both_ways():

@@ -34,14 +34,10 @@ def _rekey_frames(pair: Pair, src: bytes) -> int:
 def test_rekey_by_volume_both_directions_with_loss():
     for seed in range(3):
         pair = _pair(Channel(seed, loss=0.02, reorder=0.05), rekey_bytes=20_000)
-        pair.b.listen()
-        pair.a.connect(B_IP, 80)
-        pair.run()
+        pair.open()
         a_data = hashlib.shake_256(b"a%d" % seed).digest(150_000)
         b_data = hashlib.shake_256(b"b%d" % seed).digest(120_000)
-        pair.a.write(a_data)
-        pair.b.write(b_data)
-        pair.run()
+        pair.talk(a_data, b_data)
         assert bytes(pair.b.received) == a_data and bytes(pair.a.received) == b_data
         ta, tb = pair.engine_a.session_table()[0], pair.engine_b.session_table()[0]
         # Both sides rekey by volume; a new rekey waits until the peer answered the last one,
@@ -53,9 +49,7 @@ def test_rekey_by_volume_both_directions_with_loss():
 
 def test_peer_rekey_is_answered_once():
     pair = _pair(rekey_bytes=10_000)
-    pair.b.listen()
-    pair.a.connect(B_IP, 80)
-    pair.run()
+    pair.open()
     for _ in range(5):  # only A sends data, one rekey's worth per round trip
         pair.a.write(b"x" * 10_001)
         pair.run()

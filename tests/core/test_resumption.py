@@ -24,17 +24,13 @@ def _pair(a: dict | None = None, b: dict | None = None, logs=None) -> Pair:
         b_config=seeded_config(b"rb", secrets_log=logs["b"].append, **(b or {})),
     )
     pair.logs = logs
-    pair.b.listen()
-    pair.a.connect(B_IP, 80)
-    pair.run()
+    pair.open()
     _exchange(pair)
     return pair
 
 
 def _exchange(pair: Pair) -> None:
-    pair.a.write(b"ping" * 500)
-    pair.b.write(b"pong" * 700)
-    pair.run()
+    pair.talk(b"ping" * 500, b"pong" * 700)
     assert bytes(pair.b.received) == b"ping" * 500 and bytes(pair.a.received) == b"pong" * 700
 
 

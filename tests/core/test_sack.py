@@ -32,9 +32,7 @@ def _blocks(packet: bytes) -> list[tuple[int, int]]:
 
 def test_sack_blocks_cross_both_spaces():
     pair = Pair(seed=b"sack", channel=DropOne(3))
-    pair.b.listen()
-    pair.a.connect(B_IP, 80)
-    pair.run()
+    pair.open()
     seen_by_a: list[bytes] = []
     receive = pair.a.receive
     pair.a.receive = lambda packet: (seen_by_a.append(packet), receive(packet))[1]

@@ -8,7 +8,7 @@ import hashlib
 from nfq_tcpcrypt.core.constants import TCP_FIN
 from nfq_tcpcrypt.core.events import SessionAborted
 from nfq_tcpcrypt.core.wire.tcp import parse_segment, serialize_segment
-from tests.core.tcpmodel import A_IP, B_IP, Channel, Pair
+from tests.core.tcpmodel import A_IP, Channel, Pair
 
 
 class Tamperer(Channel):
@@ -35,9 +35,7 @@ class Tamperer(Channel):
 
 def _run(channel: Channel) -> tuple[Pair, bytes, list]:
     pair = Pair(seed=b"tamper", channel=channel)
-    pair.b.listen()
-    pair.a.connect(B_IP, 80)
-    pair.run()
+    pair.open()
     data = hashlib.shake_256(b"t").digest(100_000)
     pair.a.write(data)
     pair.run()

@@ -65,25 +65,18 @@ class EngineTarget:
     """Mutations of a real transcript fed to fresh engines mid-connection, in both directions."""
 
     def __init__(self) -> None:
-        from tests.core.tcpmodel import B_IP, Pair
+        from tests.core.tcpmodel import Pair
 
         pair = Pair(seed=b"fuzz")
-        pair.b.listen()
-        pair.a.connect(B_IP, 80)
-        pair.run()
-        pair.a.write(b"q" * 5000)
-        pair.b.write(b"r" * 5000)
-        pair.run()
+        pair.open()
+        pair.talk(b"q" * 5000, b"r" * 5000)
         self.corpus = list(pair.wire)
         self._pair_factory = lambda: Pair(seed=b"fuzz")
 
     def __call__(self, data: bytes) -> None:
-        from tests.core.tcpmodel import B_IP
 
         pair = self._pair_factory()
-        pair.b.listen()
-        pair.a.connect(B_IP, 80)
-        pair.run()
+        pair.open()
         for engine in (pair.engine_a, pair.engine_b):
             for direction in Direction:
                 try:

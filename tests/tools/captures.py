@@ -13,7 +13,7 @@ from pathlib import Path
 from scapy.utils import PcapWriter, RawPcapNgWriter
 
 from nfq_tcpcrypt.core.wire.tcp import parse_segment, serialize_segment
-from tests.core.tcpmodel import A_IP, B_IP, Pair, seeded_config
+from tests.core.tcpmodel import A_IP, Pair, seeded_config
 
 MASK = 0xFFFFFFFF
 
@@ -50,17 +50,9 @@ def run_session(a_data: bytes, b_data: bytes = b"", seed: bytes = b"decode", eng
         b_config=seeded_config(seed + b"b", secrets_log=log.append),
         a_engine=engines and a_engine, b_engine=engines and b_engine,
     )
-    pair.b.listen()
-    pair.a.connect(B_IP, 80)
-    pair.run()
-    pair.a.write(a_data)
-    if b_data:
-        pair.b.write(b_data)
-    pair.run()
-    pair.a.close()
-    pair.run()
-    pair.b.close()
-    pair.run()
+    pair.open()
+    pair.talk(a_data, b_data)
+    pair.close()
     assert bytes(pair.b.received) == a_data and bytes(pair.a.received) == b_data
     return Session(pair, list(pair.wire), sorted(set(log)), a_data, b_data)
 

@@ -9,7 +9,7 @@ import pytest
 
 from nfq_tcpcrypt.core.constants import AEAD_NAMES, Aead, Tep
 from nfq_tcpcrypt.tools.decode import decode_pcap
-from tests.core.tcpmodel import B_IP, Pair, seeded_config
+from tests.core.tcpmodel import Pair, seeded_config
 from tests.tools.captures import write_pcap
 
 
@@ -20,19 +20,13 @@ def _sha(data: bytes) -> str:
 def _pair(log: list[str], **config) -> Pair:
     pair = Pair(a_config=seeded_config(b"da", secrets_log=log.append, **config),
                 b_config=seeded_config(b"db", secrets_log=log.append, **config))
-    pair.b.listen()
-    pair.a.connect(B_IP, 80)
-    pair.run()
+    pair.open()
     return pair
 
 
 def _talk(pair: Pair, a_data: bytes, b_data: bytes) -> list[bytes]:
-    pair.a.write(a_data)
-    pair.b.write(b_data)
-    pair.run()
-    pair.a.close()
-    pair.b.close()
-    pair.run()
+    pair.talk(a_data, b_data)
+    pair.close()
     return list(pair.wire)
 
 
@@ -63,9 +57,7 @@ def test_rekeyed_both_directions(tmp_path):
     pair = _pair(log, rekey_bytes=8000)
     wire = []
     for i in range(4):  # one rekey per round trip, both ways
-        pair.a.write(bytes([i]) * 9000)
-        pair.b.write(bytes([i + 100]) * 9000)
-        pair.run()
+        pair.talk(bytes([i]) * 9000, bytes([i + 100]) * 9000)
         wire += pair.wire
         pair.wire = []
     pair.a.close()
