@@ -219,6 +219,15 @@ def _wait_for_line(proc: subprocess.Popen[Any], stream: Any, pattern: str, timeo
     raise LabError(f"{what}: no line with {pattern!r} within {timeout}s; saw {seen[-5:]!r}, rc={proc.poll()}")
 
 
+def start_ready(
+    topo: Topology, side: str, command: Sequence[str], ready: str, timeout: float = 15.0
+) -> subprocess.Popen[Any]:
+    """Start `command` in `side` with stdout piped; return once it printed a line containing `ready`."""
+    proc = topo.popen(side, command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_line(proc, proc.stdout, ready, timeout, " ".join(command[:3]))
+    return proc
+
+
 # --- the daemon --------------------------------------------------------------------------------
 
 

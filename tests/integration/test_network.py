@@ -9,11 +9,12 @@ no rule of the daemon is left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import subprocess
+import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ from nfq_tcpcrypt.labnet import (
     rule_packets,
     shell_faults,
     start_daemon,
+    start_ready,
 )
 from tests.integration.conftest import _unusable_reason
 
@@ -204,3 +206,70 @@ def test_option_stripping_router_falls_back_to_plain(routed: Topology, tmp_path:
         entry = result.session_for(side)
         assert entry is None or not entry.get("session_id"), entry
     _assert_clean(routed, result.daemons, result.counters)
+
+
+@contextlib.contextmanager
+def middlebox(topo: Topology, *args: str) -> Iterator[dict[str, int]]:
+    """tests/integration/middlebox.py in r on forwarded TCP; the dict gets its counts when the block ends."""
+    counts: dict[str, int] = {}
+    proc = start_ready(topo, "r", [sys.executable, str(MIDDLEBOX), "--queue", str(MIDDLEBOX_QUEUE), *args],
+                       "ready")  # fmt: skip
+    rule = ["FORWARD", "-p", "tcp", "-j", "NFQUEUE", "--queue-num", str(MIDDLEBOX_QUEUE)]
+    _iptables(topo, "r", "-A", *rule)
+    try:
+        yield counts
+    finally:
+        _iptables(topo, "r", "-D", *rule)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+        assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+        counts.update(json.loads(out.decode().strip().splitlines()[-1]))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_reorder_duplicate_resegment(routed: Topology, tmp_path: Path, seed: int) -> None:
+    """DESIGN.md §3 receiver: a box in r reorders, duplicates and re-segments forwarded TCP at random."""
+    with middlebox(routed, "--mode", "shuffle", "--seed", str(seed)) as counts:
+        result = http_transfer(routed, tmp_path, size=SIZE, timeout=90)
+    _report(f"shuffle seed {seed}", result, middlebox=json.dumps(counts))
+    _assert_encrypted(result)
+    assert counts["reordered"] > 0 and counts["duplicated"] > 0 and counts["resegmented"] > 0, counts
+    _assert_clean(routed, result.daemons, result.counters)
+
+
+@pytest.mark.timeout(120)
+def test_tampered_ciphertext_aborts(routed: Topology, tmp_path: Path) -> None:
+    """RFC 8548 §4.2/§3.7: one flipped ciphertext bit b -> a; curl errors, writes a strict prefix, no forged byte."""
+    served = tmp_path / "www"
+    served.mkdir()
+    source = served / "payload.bin"
+    make_payload(source, SIZE)
+    received = tmp_path / "received.bin"
+    daemons: dict[str, Daemon] = {}
+    counters: dict[str, dict[str, int]] = {}
+    sessions: dict[str, list[dict[str, object]]] = {}
+    try:
+        for side in ("a", "b"):
+            daemons[side] = start_daemon(routed, side, tmp_path)
+        with middlebox(routed, "--mode", "tamper", "--after", "262144") as counts:
+            with capture(routed, "a", tmp_path / "wire.pcap"), http_server(routed, "b", served) as url:
+                curl = routed.run("a", ["curl", "-sS", "--max-time", "30", "-o", str(received),
+                                        f"{url}/payload.bin"], timeout=45)  # fmt: skip
+            for side, daemon in daemons.items():
+                counters[side] = daemon.counters()
+                sessions[side] = daemon.sessions()
+    finally:
+        for daemon in daemons.values():
+            daemon.stop()
+    logs = {side: Path(daemon.log).read_text() for side, daemon in daemons.items()}
+    got = received.read_bytes() if received.exists() else b""
+    _report_line = f"curl rc={curl.returncode} ({curl.stderr.strip()}) wrote {len(got)} of {SIZE} bytes"
+    print(f"[tamper] {_report_line} middlebox={json.dumps(counts)} sessions={json.dumps(sessions)}")
+    assert counts["tampered"] == 1, counts
+    assert curl.returncode != 0, _report_line
+    assert len(got) < SIZE and source.read_bytes().startswith(got), "curl wrote bytes that are not the file's"
+    assert "SessionAborted" in logs["a"], logs["a"][-3000:]
+    states = {side: [entry["state"] for entry in table] for side, table in sessions.items()}
+    assert "aborted" in states["a"], states
+    _assert_clean(routed, daemons, counters)
