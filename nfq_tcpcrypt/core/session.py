@@ -657,6 +657,10 @@ class Session(StreamTranslation):
         quote = bytearray(message.quote)
         struct.pack_into("!I", quote, at, to_seq(plain, send.base))
         message.quote = bytes(quote)
+        # Frames already logged keep their size; resent, they are split to fit the new path MTU
+        # (IP header, TCP header and up to 20 bytes of TCP options).
+        ip_header = 20 if message.icmp_type == 3 else 40
+        self.wire_mss = max(min(self.wire_mss, message.mtu - ip_header - 40), 64)
         message.mtu = max(message.mtu - FRAME_OVERHEAD, 68 if message.icmp_type == 3 else 1280)
         return serialize_too_big(message)
 

@@ -35,3 +35,11 @@ def test_frag_needed_is_translated():
     # The quoted segment is acknowledged already: it maps to snd_una, which Linux still accepts
     # (tcp_v4_err: between(seq, snd_una, snd_nxt)).
     assert (plain_seq - pair.a.isn - 1) & 0xFFFFFFFF == pair.a.una == 20000
+    # The model ignores ICMP and keeps sending 1440-byte segments; the engine now splits each
+    # frame (1460 bytes) so that every wire packet fits the 1400-byte path.
+    before = len(pair.wire)
+    pair.a.write(b"y" * 5000)
+    pair.run()
+    sizes = [len(parse_segment(p).payload) for p in pair.wire[before:] if parse_segment(p).src == A_IP]
+    assert sizes and max(sizes) <= 1400 - 20 - 40
+    assert bytes(pair.b.received) == b"z" * 20000 + b"y" * 5000
