@@ -25,7 +25,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from pyroute2.netlink.uevent import MarshalUevent
+from pyroute2.netlink.uevent import MarshalUevent  # type: ignore[import-untyped]
 
 logger = logging.getLogger(__name__)
 

@@ -164,10 +164,9 @@ class EventLoop:
             conn = self.control.accept()
             if conn is not None:
                 selector.register(conn, selectors.EVENT_READ, ("client", conn))
-        elif kind == "client" and self.control is not None:
-            if self.control.readable(arg):
-                selector.unregister(arg)
-                self.control.finish(arg)
+        elif kind == "client" and self.control is not None and self.control.readable(arg):
+            selector.unregister(arg)
+            self.control.finish(arg)
 
     def close(self) -> None:
         """Unbind the queues."""

@@ -91,9 +91,8 @@ _OPTION_FIELD = {"tep": "teps", "aead": "aeads"}
 def _check_type(key: str, value: Any, kind: type, where: str) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if kind in (str,) and key in ("tep", "aead") and isinstance(value, list):
-        if all(isinstance(item, str) for item in value):
-            return ",".join(value)
+    if key in ("tep", "aead") and isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return ",".join(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: {key} must be {kind.__name__}, not {type(value).__name__} {value!r}")
     return value

@@ -95,7 +95,9 @@ class Fetched:
     dropped: int | None
 
 
-def fetch_captured(topo: Topology, workdir: Path, served: Served, name: str, timeout: float = 60.0) -> Fetched:
+def fetch_captured(
+    topo: Topology, workdir: Path, served: Served, name: str, timeout: float = 60.0
+) -> Fetched:
     """One TCP connection a -> b (curl) under its own capture of a's veth."""
     received = workdir / f"{name}.bin"
     pcap = workdir / f"{name}.pcap"
@@ -133,7 +135,7 @@ def assert_encrypted_wire(fetched: Fetched) -> None:
 
 def assert_no_faults(running: dict[str, Daemon]) -> None:
     """No engine exceptions, truncated copies or failed injections in either daemon."""
-    for side, daemon in running.items():
+    for daemon in running.values():
         assert shell_faults(daemon.counters()) == {}, Path(daemon.log).read_text()[-3000:]
 
 
@@ -226,6 +228,8 @@ def test_host_firewall_accepting_only_established(topo: Topology, tmp_path: Path
     assert fetched.wire.leaks == {}
     assert a["session_id"] == b["session_id"] and a["state"] in ("closed", "encrypting"), (a, b)
     injected_local = sum(c.get("shell.injected_local", 0) for c in counters.values())
-    assert injected_local > 0, f"nothing was injected toward a local stack: the test proves nothing {counters}"
+    assert injected_local > 0, (
+        f"nothing was injected toward a local stack: the test proves nothing {counters}"
+    )
     for side in ("a", "b"):
         assert _input_policy_drops(topo, side) == 0, topo.check(side, ["iptables", "-L", "INPUT", "-v", "-n"])

@@ -23,7 +23,9 @@ VMGENID_UEVENT = (
     b"DEVPATH=/devices/LNXSYSTM:00/LNXSYBUS:00/QEMUVGID:00\x00SUBSYSTEM=acpi\x00"
     b"NEW_VMGENID=1\x00SEQNUM=4242\x00"
 )
-OTHER_UEVENT = b"add@/devices/virtual/net/veth0\x00ACTION=add\x00SUBSYSTEM=net\x00INTERFACE=veth0\x00SEQNUM=7\x00"
+OTHER_UEVENT = (
+    b"add@/devices/virtual/net/veth0\x00ACTION=add\x00SUBSYSTEM=net\x00INTERFACE=veth0\x00SEQNUM=7\x00"
+)
 
 
 def _options(argv: list[str], file_text: str | None = None):  # type: ignore[no-untyped-def]
@@ -95,9 +97,9 @@ class TestSettings:
             ("resume = 1\n", "resume must be bool"),
             ("resume-nonce-len = 9\n", "outside 0..8"),
             ('tep = "x25519,rot13"\n', "unknown tep"),
-            ("[[policy]]\nnetwork = \"10.0.0.0/33\"\n", "network"),
+            ('[[policy]]\nnetwork = "10.0.0.0/33"\n', "network"),
             ("[[policy]]\nport = 70000\n", "outside 1..65535"),
-            ("[[policy]]\nhost = \"x\"\n", "unknown key 'host'"),
+            ('[[policy]]\nhost = "x"\n', "unknown key 'host'"),
             ("policy = 3\n", "array of tables"),
             ("keepalive = -1\n", "must not be negative"),
             ("local-mark = 0x7463\n", "must differ"),
