@@ -473,6 +473,28 @@ def drop_on_wire(topo: Topology, side: str, probability: float, ipv6: bool = Fal
         raise LabError(f"cannot add the loss rule in {side}: {result.stderr.strip()}")
 
 
+@contextlib.contextmanager
+def wire_loss(
+    topo: Topology, probability: float, sides: Sequence[str] = ("a", "b"), ipv6: bool = False
+) -> Iterator[None]:
+    """`drop_on_wire` on `sides` for the block, then the loss rules are deleted again.
+
+    Enter it after the daemons started, so that the loss rule comes first in raw PREROUTING.
+    """
+    tool = "ip6tables" if ipv6 else "iptables"
+    rule = ["PREROUTING", "-p", "tcp", "-m", "statistic", "--mode", "random",
+            "--probability", str(probability), "-j", "DROP"]  # fmt: skip
+    added: list[str] = []
+    try:
+        for side in sides:
+            drop_on_wire(topo, side, probability, ipv6)
+            added.append(side)
+        yield
+    finally:
+        for side in added:
+            topo.run(side, [tool, "-t", "raw", "-D", *rule], timeout=10)
+
+
 # --- the whole experiment --------------------------------------------------------------------------
 
 
