@@ -123,9 +123,17 @@ def test_nat_masquerade(routed: Topology, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_stateful_firewall_drops_invalid(routed: Topology, tmp_path: Path) -> None:
-    """Issue 4: conntrack with be_liberal=0 dropping INVALID in r (FORWARD) and on both hosts (INPUT, OUTPUT)."""
+@pytest.mark.parametrize("loss", [0.0, 0.02])
+def test_stateful_firewall_drops_invalid(routed: Topology, tmp_path: Path, loss: float) -> None:
+    """Issue 4: conntrack with be_liberal=0 dropping INVALID in r (FORWARD) and on both hosts (INPUT, OUTPUT).
+
+    With `loss`, r also drops that fraction of forwarded TCP after the conntrack check, so window
+    tracking sees retransmissions, SACKs and out-of-order data too.
+    """
     _iptables(routed, "r", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP")
+    if loss:
+        _iptables(routed, "r", "-A", "FORWARD", "-p", "tcp", "-m", "statistic", "--mode", "random",
+                  "--probability", str(loss), "-j", "DROP")  # fmt: skip
     routed.check("r", ["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_be_liberal=0"])
     for side in ("a", "b"):
         for chain in ("INPUT", "OUTPUT"):
@@ -135,7 +143,7 @@ def test_stateful_firewall_drops_invalid(routed: Topology, tmp_path: Path) -> No
     for side in ("a", "b"):
         for chain in ("INPUT", "OUTPUT"):
             drops[f"{side} {chain}"] = rule_packets(routed, side, "filter", chain, "INVALID")
-    _report("stateful firewall", result, invalid_drops=json.dumps(drops))
+    _report(f"stateful firewall, loss {loss:.0%}", result, invalid_drops=json.dumps(drops))
     _assert_encrypted(result)
     assert drops == dict.fromkeys(drops, 0), f"INVALID drops: {drops}"
     _assert_clean(routed, result.daemons, result.counters)
@@ -148,12 +156,35 @@ MTU_BUG = (
 )
 
 
+PMTU_BUG = (
+    "shell/core: r's frag-needed (1400) reaches b's engine, which reports 1380 to b's stack; the route "
+    "PMTU becomes 1380, b's stack sends 1380-byte packets, the daemon makes them 1400 and the kernel "
+    "checks them against the route PMTU after mangle POSTROUTING: IpFragFails, frag-needed to itself "
+    "over lo (skipped), and injected frames fail too (shell.inject_failed, EMSGSIZE)"
+)
+
+
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(reason=MTU_BUG, raises=LabError, strict=False)
-def test_mtu_1400_link(routed: Topology, tmp_path: Path) -> None:
-    """DESIGN.md §3 MSS clamping and ICMP frag-needed: MTU 1400 on both ends of the r-b link."""
-    routed.set_mtu("r", ROUTER_IFNAMES["b"], 1400)
-    routed.set_mtu("b", routed.ifnames["b"], 1400)
+@pytest.mark.parametrize(
+    "link",
+    [
+        pytest.param("r-b", marks=pytest.mark.xfail(reason=MTU_BUG, raises=LabError, strict=False)),
+        "a-r",
+        pytest.param("a-r+advmss", marks=pytest.mark.xfail(reason=PMTU_BUG, raises=LabError, strict=False)),
+    ],
+)
+def test_mtu_1400_link(routed: Topology, tmp_path: Path, link: str) -> None:
+    """DESIGN.md §3 MSS clamping and ICMP frag-needed: MTU 1400 on both ends of one link.
+
+    "r-b": the server's own link is small. "a-r": the client's. "a-r+advmss": the client's, and a
+    advertises MSS 1460 anyway (route advmss), so b's first full segments exceed the path: r sends
+    b ICMP frag-needed (MTU 1400), which b's daemon must rewrite to 1380 for b's stack.
+    """
+    host = "b" if link == "r-b" else "a"
+    routed.set_mtu("r", ROUTER_IFNAMES[host], 1400)
+    routed.set_mtu(host, routed.ifnames[host], 1400)
+    if link.endswith("+advmss"):
+        routed.check("a", ["ip", "route", "replace", "default", "via", "10.77.1.254", "advmss", "1460"])
     _iptables(routed, "r", "-A", "OUTPUT", "-p", "icmp", "--icmp-type", "fragmentation-needed")
     try:
         result = http_transfer(routed, tmp_path, size=SIZE, timeout=15)
@@ -161,8 +192,11 @@ def test_mtu_1400_link(routed: Topology, tmp_path: Path) -> None:
         for side in ("a", "b"):
             assert daemon_rules(routed, side) == [], f"rules left in {side}"
     icmp = rule_packets(routed, "r", "filter", "OUTPUT", "fragmentation-needed")
-    _report("mtu 1400", result, frag_needed_from_r=icmp)
+    rewritten = {side: {k: v for k, v in c.items() if "icmp" in k} for side, c in result.counters.items()}
+    _report(f"mtu 1400 {link}", result, frag_needed_from_r=icmp, icmp_counters=json.dumps(rewritten))
     _assert_encrypted(result)
+    if link.endswith("+advmss"):
+        assert icmp > 0, "r sent no frag-needed: the path MTU was never exceeded"
     _assert_clean(routed, result.daemons, result.counters)
 
 
