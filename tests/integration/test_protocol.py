@@ -233,3 +233,54 @@ def test_host_firewall_accepting_only_established(topo: Topology, tmp_path: Path
     )
     for side in ("a", "b"):
         assert _input_policy_drops(topo, side) == 0, topo.check(side, ["iptables", "-L", "INPUT", "-v", "-n"])
+
+
+@pytest.mark.timeout(90)
+def test_config_file(topo: Topology, tmp_path: Path) -> None:
+    """`run --config FILE`: TEP, AEAD and a no-resume policy from TOML; the command line still wins."""
+    config = tmp_path / "nfq-tcpcrypt.toml"
+    config.write_text(
+        'tep = ["p256", "x25519"]\n'
+        'aead = "aes128gcm"\n'
+        "rekey-bytes = 0\n"
+        "[[policy]]\n"
+        f"port = {HTTP_PORT}\n"
+        "no_resume = true\n"
+    )
+    with daemons(topo, tmp_path, ["--config", str(config), "--aead", "aes256gcm"]) as running:
+        with serving(topo, tmp_path, SMALL) as served:
+            fetched = [fetch_captured(topo, tmp_path, served, f"f{i}") for i in range(2)]
+        tables = {side: http_sessions(daemon) for side, daemon in running.items()}
+        assert_no_faults(running)
+    for one in fetched:
+        assert_encrypted_wire(one)  # the policy: both connections fresh, never resumed
+        assert sha256_file(one.received) == sha256_file(served.path)
+    for table in tables.values():
+        assert len(table) == 2
+        assert {(e["tep"], e["aead"], e["resumed"]) for e in table} == {("p256", "aes256gcm", False)}, table
+
+
+@pytest.mark.timeout(30)
+def test_config_file_errors_stop_the_start(topo: Topology, tmp_path: Path) -> None:
+    """An unknown key is a clear error and the daemon installs nothing."""
+    import sys
+
+    config = tmp_path / "bad.toml"
+    config.write_text("rekey-byte = 5\n")
+    result = topo.run(
+        "a",
+        [
+            sys.executable,
+            "-m",
+            "nfq_tcpcrypt",
+            "run",
+            "--config",
+            str(config),
+            "--control",
+            str(tmp_path / "c"),
+        ],
+        timeout=20,
+    )
+    assert result.returncode == 2
+    assert "unknown key 'rekey-byte'" in result.stderr, result.stderr
+    assert "NFQ_TCPCRYPT" not in topo.check("a", ["iptables-save"])

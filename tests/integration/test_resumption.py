@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,43 @@ def test_no_resume_means_fresh_every_time(topo: Topology, tmp_path: Path) -> Non
     for one in fetched:
         assert_encrypted_wire(one)
         assert sha256_file(one.received) == sha256_file(served.path)
+
+
+_FAKE_VMGENID = r"""
+import socket
+sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 15)  # NETLINK_KOBJECT_UEVENT
+sock.bind((0, 0))
+message = (b"change@/devices/LNXSYSTM:00/LNXSYBUS:00/QEMUVGID:00\0ACTION=change\0"
+           b"DEVPATH=/devices/LNXSYSTM:00/LNXSYBUS:00/QEMUVGID:00\0SUBSYSTEM=acpi\0NEW_VMGENID=1\0SEQNUM=1\0")
+sock.sendto(message, (0, 1))  # to the kernel uevent group, as the vmgenid driver's KOBJ_CHANGE does
+"""
+
+
+@pytest.mark.timeout(90)
+def test_new_vm_generation_flushes_the_cache(topo: Topology, tmp_path: Path) -> None:
+    """Beyond RFC 8548: a NEW_VMGENID=1 uevent in a's namespace empties a's cache; the next connection is fresh.
+
+    The uevent is forged from userspace (root may multicast on NETLINK_KOBJECT_UEVENT in its own
+    namespace) with the bytes the vmgenid driver sends; the daemon cannot tell the difference.
+    """
+    with daemons(topo, tmp_path) as running:
+        with serving(topo, tmp_path, SMALL) as served:
+            first = fetch_captured(topo, tmp_path, served, "first")
+            cached = json.loads(_cli(running["a"], "cache", "show", "--json").stdout)
+            sent = topo.run("a", [sys.executable, "-c", _FAKE_VMGENID], timeout=15)
+            assert sent.returncode == 0, sent.stderr
+            deadline = time.monotonic() + 5
+            while (
+                running["a"].counters().get("shell.cache_flush_vmgenid", 0) == 0
+                and time.monotonic() < deadline
+            ):
+                time.sleep(0.05)
+            after = json.loads(_cli(running["a"], "cache", "show", "--json").stdout)
+            second = fetch_captured(topo, tmp_path, served, "second")
+        counters = running["a"].counters()
+        assert_no_faults(running)
+    assert len(cached) == 1 and after == [], (cached, after)
+    assert counters["shell.cache_flush_vmgenid"] == 1 and counters.get("shell.cache_flush_suspend", 0) == 0
+    assert "new VM generation" in Path(running["a"].log).read_text()
+    for fetched in (first, second):
+        assert_encrypted_wire(fetched)  # both fresh: Init1/Init2 at the stream starts
