@@ -176,3 +176,39 @@ def test_new_vm_generation_flushes_the_cache(topo: Topology, tmp_path: Path) -> 
     assert "new VM generation" in Path(running["a"].log).read_text()
     for fetched in (first, second):
         assert_encrypted_wire(fetched)  # both fresh: Init1/Init2 at the stream starts
+
+
+@pytest.mark.timeout(90)
+def test_reversed_roles(topo: Topology, tmp_path: Path) -> None:
+    """RFC 8548 §3.5: the host that was B (the server b) opens the resumed connection to the old A."""
+    from nfq_tcpcrypt.labnet import capture, fetch, http_server, make_payload
+
+    www = tmp_path / "www-a"
+    www.mkdir()
+    make_payload(www / "f.bin", SMALL)
+    with daemons(topo, tmp_path) as running:
+        keylogs = [running["a"].keylog, running["b"].keylog]
+        with serving(topo, tmp_path, SMALL) as served:
+            first = fetch_captured(topo, tmp_path, served, "first")  # a -> b: a is A, b is B
+        cached_b = json.loads(_cli(running["b"], "cache", "show", "--json").stdout)
+        pcap = tmp_path / "reverse.pcap"
+        with http_server(topo, "a", www) as url, capture(topo, "a", pcap):
+            fetch(topo, "b", f"{url}/f.bin", tmp_path / "reverse.bin", 30)  # b -> a
+        b_table = [e for e in running["b"].sessions() if str(e["remote"]).endswith(":8080")]
+        a_table = [e for e in running["a"].sessions() if str(e["local"]).endswith(":8080")]
+        assert_no_faults(running)
+    assert_encrypted_wire(first)
+    assert [(e["peer"], e["original_role"]) for e in cached_b] == [("10.77.0.1", "B")], cached_b
+    assert sha256_file(tmp_path / "reverse.bin") == sha256_file(www / "f.bin")
+    keylog = tmp_path / "all.keys"
+    keylog.write_text("".join(Path(path).read_text() for path in keylogs))
+    report = decode_pcap(str(pcap), str(keylog))
+    conns = [c for c in report.connections if c.server.endswith(":8080") and c.server.startswith("10.77.0.1")]
+    assert len(conns) == 1, render_text(report)
+    conn = conns[0]
+    assert conn.resumed and conn.init1 is None, render_text(report)
+    assert conn.original_a == "server", render_text(report)  # the old A (a) is now the passive side
+    assert all(d.failed == 0 and d.verified > 0 for d in conn.directions), render_text(report)
+    assert len(a_table) == 1 and len(b_table) == 1
+    assert a_table[0]["resumed"] and b_table[0]["resumed"]
+    assert a_table[0]["session_id"] == b_table[0]["session_id"] == conn.session_id
