@@ -11,7 +11,7 @@ from .events import Event, SessionExpired
 from .flow import Direction, FlowKey
 from .resumption import ResumptionCache
 from .session import Session, State
-from .verdict import ACCEPT, Action, Injection, Verdict
+from .verdict import ACCEPT, Injection, Verdict
 from .wire.icmp import parse_too_big
 from .wire.tcp import parse_segment
 
@@ -81,11 +81,9 @@ class Engine:
         session = self._sessions.get(FlowKey(src, sport, dst, dport))
         if session is None:
             return ACCEPT
-        rewritten = session.too_big(message)
-        if rewritten is None:
-            return ACCEPT
-        self.counters["icmp_rewritten"] += 1
-        return Verdict(Action.ACCEPT, rewritten)
+        verdict = session.too_big(message)
+        self.counters["icmp_rewritten" if verdict.packet is not None else "icmp_" + verdict.action.value] += 1
+        return verdict
 
     def _open(self, flow: FlowKey, seg, direction: Direction, now: float) -> Verdict:  # type: ignore[no-untyped-def]
         if flow not in self._sessions and len(self._sessions) >= self.config.max_sessions:

@@ -165,6 +165,7 @@ class Session(StreamTranslation):
         self._local_ts: int | None = None
         self._remote_ts: int | None = None
         self.wire_mss = 536
+        self.pmtu: int | None = None  # the path MTU a too-big report gave, once there was one
 
     # ------------------------------------------------------------------ state machine
 
@@ -646,12 +647,22 @@ class Session(StreamTranslation):
                 self.closed_at = now
                 self._emit(SessionClosed(self.flow, "fin both ways"))
 
-    def too_big(self, message: TooBig) -> bytes | None:
+    def too_big(self, message: TooBig) -> Verdict:
         """RFC 1191 / RFC 4443 §3.2 toward our stack: the MTU less the frame overhead, and the
-        quoted sequence number in plain space, so that our stack accepts the report (DESIGN.md §3)."""
+        quoted sequence number in plain space, so that our stack accepts the report (DESIGN.md §3).
+
+        Host mode shares one route cache between our stack and the wire packets: once the stack
+        believes MTU - 20, the kernel would refuse our wire packets of MTU bytes (and report that
+        over lo, again and again, 20 bytes lower each time). So from the first report on, data
+        packets of this session leave through the injector, which the shell sends with path-MTU
+        discovery in probe mode (checked against the device MTU only), and a later report from our
+        own kernel about one of our wire packets is dropped, not passed on.
+        """
         send = self.send
         if not self.is_translating or send is None:
-            return None
+            return Verdict(Action.ACCEPT)
+        if self.pmtu is not None and message.src == self.flow.local_ip:
+            return DROP  # our kernel about a wire packet sent before the switch: stale
         *_, at, seq = message.quoted_tcp
         plain = send.wire_to_plain(to_offset(seq, send.base, send.acked_wire))
         quote = bytearray(message.quote)
@@ -661,8 +672,9 @@ class Session(StreamTranslation):
         # (IP header, TCP header and up to 20 bytes of TCP options).
         ip_header = 20 if message.icmp_type == 3 else 40
         self.wire_mss = max(min(self.wire_mss, message.mtu - ip_header - 40), 64)
+        self.pmtu = message.mtu if self.pmtu is None else min(self.pmtu, message.mtu)
         message.mtu = max(message.mtu - FRAME_OVERHEAD, 68 if message.icmp_type == 3 else 1280)
-        return serialize_too_big(message)
+        return Verdict(Action.ACCEPT, serialize_too_big(message))
 
     # ------------------------------------------------------------------ reporting
 

@@ -71,6 +71,7 @@ class StreamTranslation:
     bytes_in: int
     bytes_out: int
     wire_mss: int
+    pmtu: int | None
     _timers: dict[str, float]
     _inject: Callable[[Injection], None]
     _sent_since_rekey: int
@@ -148,6 +149,11 @@ class StreamTranslation:
         seg.flags = (seg.flags & ~TCP_FIN) | (TCP_FIN if first_fin else 0)
         for wire, payload, with_fin in packets[1:]:
             self._inject_wire(wire, payload, TCP_ACK | TCP_PSH | (TCP_FIN if with_fin else 0))
+        if self.pmtu is not None:
+            # Our stack believes the path MTU is 20 bytes below the real one (too_big), and the
+            # kernel would hold our larger wire packet to that belief: send it ourselves.
+            self._inject(Injection(serialize_segment(seg), Direction.OUTBOUND))
+            return DROP
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
     def _before_keys(self, seg: Segment, plain: int, end: int, now: float) -> Verdict:

@@ -22,6 +22,12 @@ from ..core.flow import Direction
 
 logger = logging.getLogger(__name__)
 
+# <linux/in.h>, <linux/in6.h>
+IP_MTU_DISCOVER = 10
+IP_PMTUDISC_PROBE = 3
+IPV6_MTU_DISCOVER = 23
+IPV6_PMTUDISC_PROBE = 3
+
 
 class Injector:
     """Sends complete IP packets (v4 or v6) through marked IPPROTO_RAW sockets, one per mark and family."""
@@ -42,6 +48,14 @@ class Injector:
             # IPPROTO_RAW implies IP_HDRINCL (IPv4) and IPV6_HDRINCL (IPv6, Linux >= 4.5): raw(7), raw(7)v6.
             sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            if mark == self.mark:
+                # Wire packets are sized by the engine for the real path MTU, which is 20 bytes
+                # above what our stack was told (core/session.py too_big): check them against the
+                # device MTU only, not the route's cached path MTU (ip(7), ipv6(7): PMTUDISC_PROBE).
+                if family == socket.AF_INET:
+                    sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
+                else:
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_PROBE)
             sock.setblocking(False)
             self._socks[key] = sock
         return sock

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from nfq_tcpcrypt.core.flow import Direction
+from nfq_tcpcrypt.core.verdict import Action
 from nfq_tcpcrypt.core.wire.icmp import TooBig, parse_too_big, serialize_too_big
 from nfq_tcpcrypt.core.wire.ip import checksum_fold, new_ip_header
 from nfq_tcpcrypt.core.wire.tcp import parse_segment
 from tests.core.tcpmodel import A_IP, Pair
 
 
-def _frag_needed(quoted: bytes, mtu: int) -> bytes:
-    header = bytearray(new_ip_header(bytes([10, 77, 0, 254]), A_IP))
+def _frag_needed(quoted: bytes, mtu: int, src: bytes = bytes([10, 77, 0, 254])) -> bytes:
+    header = bytearray(new_ip_header(src, A_IP))
     header[9] = 1  # ICMP
-    msg = TooBig(bytes(header), bytes([10, 77, 0, 254]), A_IP, 3, 4, mtu, quoted[:28])
+    msg = TooBig(bytes(header), src, A_IP, 3, 4, mtu, quoted[:28])
     return serialize_too_big(msg)
 
 
@@ -38,8 +39,23 @@ def test_frag_needed_is_translated():
     # The model ignores ICMP and keeps sending 1440-byte segments; the engine now splits each
     # frame (1460 bytes) so that every wire packet fits the 1400-byte path.
     before = len(pair.wire)
+    actions = []
+    process = pair.engine_a.process
+
+    def recording(packet, direction, now):
+        verdict = process(packet, direction, now)
+        if direction is Direction.OUTBOUND and len(parse_segment(packet).payload) > 1000:
+            sent = verdict.packet or packet
+            actions.append(Action.DROP if verdict.action is Action.DROP else len(parse_segment(sent).payload))
+        return verdict
+
+    pair.engine_a.process = recording
     pair.a.write(b"y" * 5000)
     pair.run()
+    # Our stack now believes MTU 1380 (shared route cache), so data leaves through the injector.
+    assert Action.DROP in actions and set(actions) <= {Action.DROP, 0}  # 0: an acked resend, now a probe
+    # A later report from our own kernel about one of our wire packets is stale: dropped.
+    assert process(_frag_needed(quoted, 1380, src=A_IP), Direction.INBOUND, pair.now).action is Action.DROP
     sizes = [len(parse_segment(p).payload) for p in pair.wire[before:] if parse_segment(p).src == A_IP]
     assert sizes and max(sizes) <= 1400 - 20 - 40
     assert bytes(pair.b.received) == b"z" * 20000 + b"y" * 5000

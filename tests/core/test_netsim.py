@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nfq_tcpcrypt.core.events import SessionAborted, SessionEstablished
+from nfq_tcpcrypt.core.events import FellBackToPlain, SessionAborted, SessionEstablished
 from tests.core.tcpmodel import Channel, Pair
 
 
@@ -37,7 +37,9 @@ def _run(channel: Channel, a_size: int, b_size: int, seed: int) -> Pair:
         assert bytes(pair.b.received) == a_data, (len(pair.b.received), len(a_data))
         assert bytes(pair.a.received) == b_data, (len(pair.a.received), len(b_data))
         assert pair.a.peer_fin and pair.b.peer_fin
-        assert sum(isinstance(e, SessionEstablished) for e in events) == 2
+        # Encrypted, unless three SYNs in a row were lost and the last went without ENO (plain).
+        fell_back = any(isinstance(e, FellBackToPlain) for e in events)
+        assert fell_back or sum(isinstance(e, SessionEstablished) for e in events) == 2
     return pair
 
 
