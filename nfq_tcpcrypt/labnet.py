@@ -593,9 +593,11 @@ def daemon_rules(topo: Topology, side: str, ipv6: bool = False) -> list[str]:
     return [line for line in text.splitlines() if "NFQ_TCPCRYPT" in line]
 
 
-def rule_packets(topo: Topology, side: str, table: str, chain: str, match: str) -> int:
+def rule_packets(
+    topo: Topology, side: str, table: str, chain: str, match: str, ipv6: bool = False
+) -> int:
     """Packets counted by the rules of `table`/`chain` in `side` whose `iptables -S` text contains `match`."""
-    text = topo.check(side, ["iptables", "-t", table, "-S", chain, "-v"])
+    text = topo.check(side, ["ip6tables" if ipv6 else "iptables", "-t", table, "-S", chain, "-v"])
     total = 0
     for line in text.splitlines():
         if match in line and (found := re.search(r"-c (\d+) \d+", line)):

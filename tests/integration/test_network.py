@@ -69,7 +69,7 @@ def _assert_clean(topo: Topology, daemons: dict[str, Daemon], counters: dict[str
         text = Path(daemon.log).read_text()[-3000:] if Path(daemon.log).exists() else ""
         assert daemon.proc.returncode == 0, f"daemon {side} exit {daemon.proc.returncode}: {text}"
         assert shell_faults(counters.get(side, {})) == {}, text
-        assert daemon_rules(topo, side) == [], f"rules left in {side}"
+        assert daemon_rules(topo, side) == [] and daemon_rules(topo, side, ipv6=True) == [], side
 
 
 def _assert_encrypted(result: TransferResult) -> None:
@@ -96,14 +96,15 @@ def _report(name: str, result: TransferResult, **extra: object) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("loss", [0.01, 0.05])
-def test_random_loss_in_router(routed: Topology, tmp_path: Path, loss: float) -> None:
+@pytest.mark.parametrize(("loss", "ipv6"), [(0.01, False), (0.05, False), (0.01, True)])
+def test_random_loss_in_router(routed: Topology, tmp_path: Path, loss: float, ipv6: bool) -> None:
     """DESIGN.md §3 loss recovery: r drops `loss` of forwarded TCP packets, both directions."""
-    _iptables(routed, "r", "-A", "FORWARD", "-p", "tcp", "-m", "statistic", "--mode", "random",
-              "--probability", str(loss), "-j", "DROP")  # fmt: skip
-    result = http_transfer(routed, tmp_path, size=SIZE, timeout=90)
-    dropped = rule_packets(routed, "r", "filter", "FORWARD", "statistic")
-    _report(f"loss {loss:.0%}", result, dropped_in_r=dropped)
+    tool = "ip6tables" if ipv6 else "iptables"
+    routed.check("r", [tool, "-A", "FORWARD", "-p", "tcp", "-m", "statistic", "--mode", "random",
+                       "--probability", str(loss), "-j", "DROP"])  # fmt: skip
+    result = http_transfer(routed, tmp_path, size=SIZE, timeout=90, ipv6=ipv6)
+    dropped = rule_packets(routed, "r", "filter", "FORWARD", "statistic", ipv6=ipv6)
+    _report(f"loss {loss:.0%}{' ipv6' if ipv6 else ''}", result, dropped_in_r=dropped)
     _assert_encrypted(result)
     assert dropped > 0
     _assert_clean(routed, result.daemons, result.counters)
