@@ -205,6 +205,7 @@ class RecvStream:
         self.finp = False  # a frame with FINp was verified (RFC 8548 §3.7)
         self.fin_delivered = False
         self.local_ack = 0  # highest plain offset the local stack acknowledged
+        self.ack_floor = 0  # highest wire offset we acknowledged to the peer
         self.gen = 0  # remote key generation (RFC 8548 §3.8)
         self.last_ooo: int | None = None  # wire offset of the latest out-of-order arrival
         self.fin_seen: int | None = None  # wire offset of a FIN that arrived, maybe ahead of a gap
@@ -308,6 +309,18 @@ class RecvStream:
         while len(points) > 1 and points[1][0] <= plain:
             points.popleft()
         first_plain, first_wire = points[0]
-        if plain <= first_plain:
-            return first_wire - (first_plain - plain) if plain < first_plain else first_wire
-        return first_wire
+        wire = first_wire - (first_plain - plain) if plain < first_plain else first_wire
+        if wire > self.ack_floor:
+            self.ack_floor = wire
+        return self.ack_floor  # never below an ACK we already sent
+
+    def ack_delivered(self) -> int:
+        """Acknowledge on the wire everything delivered to our stack, acknowledged by it or not.
+
+        The ACKs we inject while a gap is open use this: acknowledging only what our (delayed-ACK)
+        stack has acknowledged would show the peer a hole between that ACK and the first SACK
+        block, and it would resend frames we hold. Delivered plaintext stays in `replay` until our
+        stack acknowledges it, for the rare case that our stack drops it.
+        """
+        self.ack_floor = max(self.ack_floor, self.checkpoints[-1][1])
+        return self.ack_floor

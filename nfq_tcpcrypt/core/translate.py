@@ -57,6 +57,10 @@ if TYPE_CHECKING:
 MAX_DELIVER = 32768
 """Largest plaintext chunk handed to our stack in one packet (after a gap fills, many frames at once)."""
 
+REPLAY_TIMEOUT = 0.5
+"""Seconds our stack may take to acknowledge plaintext we already acknowledged for it (its delayed
+ACK is at most 0.2 s) before we hand it that plaintext again."""
+
 
 class StreamTranslation:
     """The per-packet rewriting of an encrypting session (a mixin of Session)."""
@@ -83,6 +87,8 @@ class StreamTranslation:
     _out_ip: bytes | None
     _in_ip: bytes | None
     _local_window: int
+    _remote_window: int
+    _replay_tries: int
     _local_ts: int | None
     _remote_ts: int | None
     _local_ws: int | None
@@ -230,7 +236,7 @@ class StreamTranslation:
                 # deliver that plaintext again so that our stack acknowledges it (DESIGN.md §3).
                 plain_start, redeliver = recv.unacked_plaintext(MAX_DELIVER)
             else:
-                self._inject_ack()  # a duplicate ACK (with SACK blocks) toward the peer
+                self._inject_ack(now)  # a duplicate ACK (with SACK blocks) toward the peer
         if recv.fin_seen is not None and recv.fin_at is None and recv.wire_next == recv.fin_seen:
             recv.fin_at = recv.fin_seen
         consumed = recv.buf_start
@@ -257,7 +263,7 @@ class StreamTranslation:
             out = redeliver
         elif not out and not fin_now and data and send.acked_plain == acked_before:
             if consumed:
-                self._inject_ack()  # frames with no plaintext (rekey): our stack will not ACK them
+                self._inject_ack(now)  # frames with no plaintext (rekey): our stack will not ACK them
             return DROP  # nothing new for our stack; an empty copy would look like a duplicate ACK
         self.bytes_in += len(out) if not redeliver else 0
         seg.flags &= ~(TCP_FIN | TCP_URG | TCP_PSH)
@@ -348,6 +354,8 @@ class StreamTranslation:
         if seg.is_syn:
             self._remote_ws = window_scale(options)
             self._remote_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
+        else:
+            self._remote_window = seg.window - (seg.window >> 6)
         ts = timestamp(options)
         if ts is not None:
             self._remote_ts = ts[0]
@@ -415,21 +423,46 @@ class StreamTranslation:
             seg.ip_header = without_ecn(self._out_ip)
         self._inject(Injection(serialize_segment(seg), Direction.OUTBOUND))
 
-    def _inject_ack(self) -> None:
-        assert self.send is not None
-        self._inject_wire(self.send.wire_next, b"", TCP_ACK)
+    def _inject_ack(self, now: float) -> None:
+        """An ACK (a duplicate one while a gap is open, with SACK blocks) toward the peer, for
+        everything we delivered; if our stack has not acknowledged all of it yet, a timer makes
+        sure it gets it (RecvStream.ack_delivered)."""
+        send, recv = self.send, self.recv
+        assert send is not None and recv is not None
+        recv.ack_delivered()
+        self._inject_wire(send.wire_next, b"", TCP_ACK)
+        if recv.local_ack < recv.plain_next - recv.fin_delivered and "replay" not in self._timers:
+            self._replay_tries = 0
+            self._arm("replay", now + REPLAY_TIMEOUT)
 
-    def _inject_local_rst(self) -> None:
+    def _on_replay(self, now: float) -> None:
+        """Our stack has still not acknowledged plaintext we acknowledged for it: give it again."""
+        recv = self.recv
+        assert recv is not None
+        start, data = recv.unacked_plaintext(MAX_DELIVER)
+        if not data or self._replay_tries >= 4:
+            return
+        self._replay_tries += 1
+        self._inject_local(start, data, TCP_ACK | TCP_PSH)
+        self._arm("replay", now + REPLAY_TIMEOUT * 2**self._replay_tries)
+
+    def _inject_local(self, plain: int, payload: bytes, flags: int) -> None:
+        """A segment toward our own stack, at plain offset `plain` of the peer's stream."""
         send, recv = self.send, self.recv
         assert send is not None and recv is not None
         f = self.flow
+        options = b"" if flags & TCP_RST else self._ts_options(self._remote_ts, self._local_ts)
         seg = new_segment(
-            f.remote_ip, f.local_ip, f.remote_port, f.local_port, to_seq(recv.plain_next, recv.base),
-            to_seq(send.acked_plain, send.base), TCP_RST | TCP_ACK, 0,
+            f.remote_ip, f.local_ip, f.remote_port, f.local_port, to_seq(plain, recv.base),
+            to_seq(send.acked_plain, send.base), flags, self._remote_window, options, payload,
         )
         if self._in_ip is not None:
             seg.ip_header = without_ecn(self._in_ip)
         self._inject(Injection(serialize_segment(seg), Direction.INBOUND))
+
+    def _inject_local_rst(self) -> None:
+        assert self.recv is not None
+        self._inject_local(self.recv.plain_next, b"", TCP_RST | TCP_ACK)
 
 
 def _has_sack_or_eno(parsed: list[tuple[int, bytes]]) -> bool:

@@ -42,7 +42,7 @@ def test_rekey_by_volume_both_directions_with_loss():
         ta, tb = pair.engine_a.session_table()[0], pair.engine_b.session_table()[0]
         # Both sides rekey by volume; a new rekey waits until the peer answered the last one,
         # so with 64 KiB windows a few generations pass, never more than one apart.
-        assert ta["rekeys"] >= 3 and tb["rekeys"] >= 3
+        assert ta["rekeys"] >= 2 and tb["rekeys"] >= 2
         assert ta["generation"] == tb["generation"][::-1]
         assert not any(isinstance(e, SessionAborted) for e in pair.events(pair.engine_a))
 
