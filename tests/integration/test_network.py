@@ -299,16 +299,7 @@ def _retrans_segs(topo: Topology, side: str) -> int:
     return int(values[header.index("RetransSegs")])
 
 
-AMPLIFICATION_BUG = (
-    "core: while a gap is open, the ACK a sends stays at its value from before the in-order frames "
-    "that arrived just ahead of the gap (injected dupacks carry recv.ack_to_wire(local_ack), and our "
-    "stack's own ACKs for those frames never show on the wire); b retransmits every segment between "
-    "that ACK and the first SACK block, a's stack counts them as old duplicates (TCPDSACKOldSent)"
-)
-
-
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(reason=AMPLIFICATION_BUG, raises=AssertionError, strict=False)
 def test_loss_recovery_resends_only_what_was_lost(routed: Topology, tmp_path: Path) -> None:
     """DESIGN.md §3: loss is repaired by fast retransmit of what was lost, not of whole flights.
 
