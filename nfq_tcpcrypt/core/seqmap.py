@@ -251,13 +251,6 @@ class RecvStream:
             blocks.sort(key=lambda block: not block[0] <= latest < block[1])
         return blocks[:limit]
 
-    def plain_edge_to_wire(self, plain: int) -> int | None:
-        """The wire offset of a frame boundary at plain offset `plain`, if still remembered."""
-        for point_plain, point_wire in self.checkpoints:
-            if point_plain == plain:
-                return point_wire
-        return None
-
     def consume(self, n: int) -> bytes:
         """Remove `n` bytes from the front of the reassembly buffer."""
         chunk = bytes(self.buf[:n])

@@ -163,6 +163,7 @@ class Session(StreamTranslation):
         self._local_window = 0
         self._remote_window = 0
         self._replay_tries = 0
+        self._replay_mark = 0
         self._local_ts: int | None = None
         self._remote_ts: int | None = None
         self.wire_mss = 536

@@ -89,6 +89,7 @@ class StreamTranslation:
     _local_window: int
     _remote_window: int
     _replay_tries: int
+    _replay_mark: int
     _local_ts: int | None
     _remote_ts: int | None
     _local_ws: int | None
@@ -367,18 +368,12 @@ class StreamTranslation:
         assert recv is not None
         if not self.need_nonsyn_eno and not recv.ooo and not _has_sack_or_eno(parsed):
             return raw  # the usual case: nothing to translate
-        kept, blocks = [], []
-        for kind, option in parsed:
-            if kind == TCPOPT_SACK:
-                for left, right in sack_pairs(option):
-                    lo = recv.plain_edge_to_wire(to_offset(left, recv.base, recv.local_ack))
-                    hi = recv.plain_edge_to_wire(to_offset(right, recv.base, recv.local_ack))
-                    if lo is not None and hi is not None and lo < hi:
-                        blocks.append((lo, hi))
-            elif kind > TCPOPT_NOP and kind != ENO_OPTION_KIND:
-                kept.append((kind, option))
-        if self.sack_ok and recv.ooo:
-            blocks = recv.sack_blocks(4) + blocks
+        # Our stack only ever gets in-order data, so the SACK blocks it sends can only be D-SACKs
+        # (RFC 2883) of our own redeliveries, which would mislead the peer: they are not passed
+        # on. The blocks the peer needs are ours: the out-of-order data we hold, in wire space.
+        kept = [(kind, option) for kind, option in parsed
+                if kind > TCPOPT_NOP and kind != ENO_OPTION_KIND and kind != TCPOPT_SACK]
+        blocks = recv.sack_blocks(4) if self.sack_ok and recv.ooo else []
         if self.need_nonsyn_eno:
             kept.append((ENO_OPTION_KIND, NON_SYN_ENO))
         return with_sack(kept, [(to_seq(lo, recv.base), to_seq(hi, recv.base)) for lo, hi in blocks])
@@ -433,14 +428,20 @@ class StreamTranslation:
         self._inject_wire(send.wire_next, b"", TCP_ACK)
         if recv.local_ack < recv.plain_next - recv.fin_delivered and "replay" not in self._timers:
             self._replay_tries = 0
+            self._replay_mark = recv.plain_next - recv.fin_delivered
             self._arm("replay", now + REPLAY_TIMEOUT)
 
     def _on_replay(self, now: float) -> None:
-        """Our stack has still not acknowledged plaintext we acknowledged for it: give it again."""
+        """Our stack has still not acknowledged plaintext we acknowledged for it: give it again.
+
+        Only what was delivered before the timer was armed counts: in a bulk transfer our stack
+        always lags the newest delivery by a delayed ACK, and that is no reason to redeliver."""
         recv = self.recv
         assert recv is not None
+        if recv.local_ack >= self._replay_mark or self._replay_tries >= 4:
+            return
         start, data = recv.unacked_plaintext(MAX_DELIVER)
-        if not data or self._replay_tries >= 4:
+        if not data:
             return
         self._replay_tries += 1
         self._inject_local(start, data, TCP_ACK | TCP_PSH)
