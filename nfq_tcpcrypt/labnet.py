@@ -456,18 +456,7 @@ def drop_on_wire(topo: Topology, side: str, probability: float, ipv6: bool = Fal
     wire-space packets, as a lossy link would. It disappears with the namespace.
     """
     tool = "ip6tables" if ipv6 else "iptables"
-    rule = [
-        "-p",
-        "tcp",
-        "-m",
-        "statistic",
-        "--mode",
-        "random",
-        "--probability",
-        str(probability),
-        "-j",
-        "DROP",
-    ]
+    rule = _loss_rule(topo, side, probability)
     result = topo.run(side, [tool, "-t", "raw", "-I", "PREROUTING", "1", *rule], timeout=10)
     if result.returncode != 0:
         raise LabError(f"cannot add the loss rule in {side}: {result.stderr.strip()}")
@@ -482,8 +471,6 @@ def wire_loss(
     Enter it after the daemons started, so that the loss rule comes first in raw PREROUTING.
     """
     tool = "ip6tables" if ipv6 else "iptables"
-    rule = ["PREROUTING", "-p", "tcp", "-m", "statistic", "--mode", "random",
-            "--probability", str(probability), "-j", "DROP"]  # fmt: skip
     added: list[str] = []
     try:
         for side in sides:
@@ -492,7 +479,15 @@ def wire_loss(
         yield
     finally:
         for side in added:
-            topo.run(side, [tool, "-t", "raw", "-D", *rule], timeout=10)
+            rule = _loss_rule(topo, side, probability)
+            topo.run(side, [tool, "-t", "raw", "-D", "PREROUTING", *rule], timeout=10)
+
+
+def _loss_rule(topo: Topology, side: str, probability: float) -> list[str]:
+    """Random loss of TCP packets arriving from the wire interface only: what the daemon injects
+    toward its own stack travels over lo and must not be lost as if it crossed a link."""
+    return ["-i", topo.ifnames[side], "-p", "tcp", "-m", "statistic", "--mode", "random",
+            "--probability", str(probability), "-j", "DROP"]  # fmt: skip
 
 
 # --- the whole experiment --------------------------------------------------------------------------
