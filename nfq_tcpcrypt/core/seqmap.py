@@ -206,6 +206,7 @@ class RecvStream:
         self.fin_delivered = False
         self.local_ack = 0  # highest plain offset the local stack acknowledged
         self.ack_floor = 0  # highest wire offset we acknowledged to the peer
+        self.local_ack_wire = 0  # our stack's own acknowledgment, in wire space
         self.gen = 0  # remote key generation (RFC 8548 §3.8)
         self.last_ooo: int | None = None  # wire offset of the latest out-of-order arrival
         self.fin_seen: int | None = None  # wire offset of a FIN that arrived, maybe ahead of a gap
@@ -303,6 +304,8 @@ class RecvStream:
             points.popleft()
         first_plain, first_wire = points[0]
         wire = first_wire - (first_plain - plain) if plain < first_plain else first_wire
+        if plain >= self.local_ack:
+            self.local_ack_wire = wire
         if wire > self.ack_floor:
             self.ack_floor = wire
         return self.ack_floor  # never below an ACK we already sent

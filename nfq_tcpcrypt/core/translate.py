@@ -118,6 +118,7 @@ class StreamTranslation:
         end = plain + len(data) + fin
         if seg.is_ack:
             seg.ack = to_seq(recv.ack_to_wire(to_offset(seg.ack, recv.base, recv.local_ack)), recv.base)
+            seg.window = self._wire_window(seg.window)
         seg.flags &= ~TCP_URG  # RFC 8548 §3.7: URG travels only as URGp; we send none
         seg.urgent = 0
         seg.options = self._options_out(options, seg.options)
@@ -412,11 +413,23 @@ class StreamTranslation:
             options = self._options_out(parse_options(options), options)
         seg = new_segment(
             f.local_ip, f.remote_ip, f.local_port, f.remote_port, to_seq(wire, send.base),
-            to_seq(recv.ack_to_wire(recv.local_ack), recv.base), flags, self._local_window, options, payload,
+            to_seq(recv.ack_to_wire(recv.local_ack), recv.base), flags, self._wire_window(self._local_window),
+            options, payload,
         )
         if self._out_ip is not None:
             seg.ip_header = without_ecn(self._out_ip)
         self._inject(Injection(serialize_segment(seg), Direction.OUTBOUND))
+
+    def _wire_window(self, window: int) -> int:
+        """Our stack's window field for the wire, where the ACK may be ahead of our stack's own
+        (RecvStream.ack_delivered): the right edge stays where our stack put it."""
+        recv = self.recv
+        assert recv is not None
+        ahead = recv.ack_floor - recv.local_ack_wire
+        if ahead <= 0:
+            return window
+        shift = self._local_ws if self._local_ws is not None and self._remote_ws is not None else 0
+        return max(0, (window << shift) - ahead) >> shift
 
     def _inject_ack(self, now: float) -> None:
         """An ACK (a duplicate one while a gap is open, with SACK blocks) toward the peer, for
