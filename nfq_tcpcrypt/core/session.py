@@ -324,9 +324,12 @@ class Session(StreamTranslation):
         self._local_ws = window_scale(options)
         self._local_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
         self._note_local(seg, options, syn=True)
-        if self.state not in (State.ENO_SENT, State.ENO_RECEIVED):
+        retransmitted_synack = seg.is_ack and self.is_translating and seg.seq == self.isn_local
+        if self.state not in (State.ENO_SENT, State.ENO_RECEIVED) and not retransmitted_synack:
             return Verdict(Action.ACCEPT)
         if seg.is_ack:
+            # Our SYN-ACK, or its retransmission after ENO already succeeded (the third ACK got
+            # through but our stack had resent anyway): the option must not change (§4.6).
             self.isn_local = seg.seq
         elif seg.seq != self.isn_local:
             return Verdict(Action.ACCEPT)

@@ -9,6 +9,7 @@ import pytest
 
 from nfq_tcpcrypt.core.constants import AEAD_NAMES, TEP_NAMES, Aead, Tep
 from nfq_tcpcrypt.core.events import FellBackToPlain, SessionAborted
+from nfq_tcpcrypt.core.flow import Direction
 from nfq_tcpcrypt.core.wire.eno import parse_eno
 from nfq_tcpcrypt.core.wire.tcp import parse_options, parse_segment
 from tests.core.tcpmodel import A_IP, B_IP, Pair, seeded_config
@@ -162,3 +163,16 @@ def test_syn_without_eno_after_retransmissions():
     pair.run()
     assert bytes(pair.b.received) == b"hello"
     assert any(isinstance(e, FellBackToPlain) and "without eno" in e.reason for e in pair.events(pair.engine_a))
+
+
+def test_retransmitted_synack_keeps_its_eno_option():
+    # RFC 8547 §4.6: the SYN-form option must not change across retransmissions, also when the
+    # passive side's stack resends its SYN-ACK after the session is already keyed.
+    pair = Pair(seed=b"synack").open()
+    b = pair.b
+    b.state = "syn-received"
+    b._send_syn()  # noqa: SLF001 - the model's own SYN-ACK retransmission
+    synack = b.out.pop()
+    verdict = pair.engine_b.process(synack, Direction.OUTBOUND, pair.now)
+    options = parse_options(parse_segment(verdict.packet).options)
+    assert [raw for kind, raw in options if kind == 69] == [bytes.fromhex("45040123")]
