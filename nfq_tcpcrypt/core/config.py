@@ -102,6 +102,11 @@ class Configuration:
     keepalive: float = 0.0
     """Seconds of silence after which we probe the peer with a rekey (RFC 8548 §3.9); 0 disables."""
 
+    deliver_max: int = 32768
+    """Largest plaintext chunk handed to the local side in one packet (after a gap fills, many
+    frames are ready at once). A host's own stack takes large packets; a gateway must stay within
+    the inside link's MSS."""
+
     held_limit: int = 1 << 20
     """Plaintext bytes held per connection while the key exchange runs; beyond it, segments drop."""
 

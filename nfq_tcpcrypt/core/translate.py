@@ -54,9 +54,6 @@ if TYPE_CHECKING:
     from .flow import FlowKey
     from .seqmap import RecvStream, SendStream
 
-MAX_DELIVER = 32768
-"""Largest plaintext chunk handed to our stack in one packet (after a gap fills, many frames at once)."""
-
 REPLAY_TIMEOUT = 0.5
 """Seconds our stack may take to acknowledge plaintext we already acknowledged for it (its delayed
 ACK is at most 0.2 s) before we hand it that plaintext again."""
@@ -236,7 +233,7 @@ class StreamTranslation:
             if wire + len(data) <= recv.wire_next and recv.local_ack < recv.plain_next - recv.fin_delivered:
                 # The peer resends what we delivered and our stack has not acknowledged:
                 # deliver that plaintext again so that our stack acknowledges it (DESIGN.md §3).
-                plain_start, redeliver = recv.unacked_plaintext(MAX_DELIVER)
+                plain_start, redeliver = recv.unacked_plaintext(self.config.deliver_max)
             else:
                 self._inject_ack(now)  # a duplicate ACK (with SACK blocks) toward the peer
         if recv.fin_seen is not None and recv.fin_at is None and recv.wire_next == recv.fin_seen:
@@ -277,11 +274,12 @@ class StreamTranslation:
         """Hand plaintext to our stack: the first chunk in the verdict, the rest injected."""
         recv = self.recv
         assert recv is not None
+        size = self.config.deliver_max
         first = None
         at = 0
         while True:
-            chunk = data[at : at + MAX_DELIVER]
-            last = at + MAX_DELIVER >= len(data)
+            chunk = data[at : at + size]
+            last = at + size >= len(data)
             seg.seq = to_seq(plain_start + at, recv.base)
             seg.payload = chunk
             flags = seg.flags & ~(TCP_FIN | TCP_PSH)
@@ -293,7 +291,7 @@ class StreamTranslation:
                 self._inject(Injection(packet, Direction.INBOUND))
             if last:
                 break
-            at += MAX_DELIVER
+            at += size
         return Verdict(Action.ACCEPT, first)
 
     def _drain(self, now: float) -> bytes:
@@ -453,7 +451,7 @@ class StreamTranslation:
         assert recv is not None
         if recv.local_ack >= self._replay_mark or self._replay_tries >= 4:
             return
-        start, data = recv.unacked_plaintext(MAX_DELIVER)
+        start, data = recv.unacked_plaintext(self.config.deliver_max)
         if not data:
             return
         self._replay_tries += 1
