@@ -27,7 +27,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Options given here win over the same keys in --config FILE.",
     )
     run.add_argument("--config", metavar="FILE", help="TOML file with the same keys (and [[policy]] tables)")
-    run.add_argument("--mode", choices=["host"], default=None)
+    run.add_argument(
+        "--mode",
+        choices=["host", "gateway"],
+        default=None,
+        help="host: this host's own connections (default); gateway: every TCP connection crossing --outside",
+    )
+    run.add_argument(
+        "--outside",
+        metavar="IF[,IF...]",
+        default=None,
+        help="gateway mode: the interfaces toward the wire (a final + matches a prefix, as in iptables)",
+    )
+    run.add_argument(
+        "--deliver-max",
+        type=int,
+        default=None,
+        metavar="N",
+        help="largest plaintext payload per packet toward the local side "
+        "(gateway default: smallest inside MTU - 60, or - 80 with --ipv6)",
+    )
     run.add_argument(
         "--queue-num", type=int, default=None, help="inbound queue N; outbound is N+1 (default 7100)"
     )
@@ -116,12 +135,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .core.errors import ConfigError
     from .shell.daemon import run_daemon
     from .shell.rules import RulesError
-    from .shell.settings import cli_values, load_file, options_from
+    from .shell.settings import cli_values, load_file, options_from, resolve_system
 
     log = logging.getLogger("nfq_tcpcrypt")
     try:
         file_values = load_file(args.config) if args.config else {}
         options = options_from(file_values, cli_values(args))
+        resolve_system(options)
     except ConfigError as exc:
         log.error("bad configuration: %s", exc)
         return 2

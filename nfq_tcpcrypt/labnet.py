@@ -12,6 +12,16 @@ copy) with 10.77.0.1/24 in a and 10.77.0.2/24 in b. Nothing is configured outsid
 a --veth-a/veth-ra-- r --veth-rb/veth-b-- b, two subnets (10.77.1.0/24 and 10.77.2.0/24, fd77:1::/64
 and fd77:2::/64), each host's default route via r, forwarding on in r only. The hosts' addresses
 are then `topo.addresses` (10.77.1.1 and 10.77.2.2); every helper here takes them from the topology.
+Run as a gateway (`--mode gateway`), r's outside interface is `topo.outside["r"]` (veth-rb, toward b).
+
+`Topology(gateways=True)` is two sites (gateway mode, DESIGN.md §1): a --veth-a/veth-ga-- ga
+--veth-gaw/veth-gbw-- gb --veth-gb/veth-b-- b. The inside links are 10.77.1.0/24 and 10.77.2.0/24 (the
+same host addresses as the router shape), the "internet" between the gateways 10.77.3.0/24
+(fd77:1::/64, fd77:2::/64, fd77:3::/64). Each host's default route goes via its gateway, each
+gateway's route to the other site via the other gateway; forwarding is on in ga and gb only. `topo.ifnames`
+names the wire-facing interface of every side (for ga and gb: the outside one, so `capture` and
+`wire_loss` there act on the internet link), `topo.outside` and `topo.inside` the gateways' two
+interfaces.
 """
 
 from __future__ import annotations
@@ -46,6 +56,14 @@ ROUTED_ADDRESSES6 = {"a": "fd77:1::1", "b": "fd77:2::2"}
 ROUTER_ADDRESSES = {"a": "10.77.1.254", "b": "10.77.2.254"}
 ROUTER_ADDRESSES6 = {"a": "fd77:1::fe", "b": "fd77:2::fe"}
 ROUTER_IFNAMES = {"a": "veth-ra", "b": "veth-rb"}
+# Two-site topology (gateways=True): gateway ga serves a, gb serves b; the internet link between them.
+GATEWAY_INSIDE_IFNAMES = {"ga": "veth-ga", "gb": "veth-gb"}
+GATEWAY_OUTSIDE_IFNAMES = {"ga": "veth-gaw", "gb": "veth-gbw"}
+GATEWAY_INSIDE_ADDRESSES = {"ga": "10.77.1.254", "gb": "10.77.2.254"}
+GATEWAY_INSIDE_ADDRESSES6 = {"ga": "fd77:1::fe", "gb": "fd77:2::fe"}
+GATEWAY_OUTSIDE_ADDRESSES = {"ga": "10.77.3.1", "gb": "10.77.3.2"}
+GATEWAY_OUTSIDE_ADDRESSES6 = {"ga": "fd77:3::1", "gb": "fd77:3::2"}
+GATEWAY_OF = {"a": "ga", "b": "gb"}
 HTTP_PORT = 8080
 KEYLOG_ES = re.compile(r"^ES [0-9a-f]{64} [0-9a-f]{64}$", re.MULTILINE)
 
@@ -55,20 +73,40 @@ class LabError(RuntimeError):
 
 
 class Topology:
-    """Context manager: two named network namespaces joined by a veth pair, or through a router.
+    """Context manager: two named network namespaces joined by a veth pair, through a router, or
+    behind two gateways.
 
-    With `router=True` a third namespace "r" forwards between a and b (see the module docstring).
-    `addresses`, `addresses6` and `ifnames` give each host's address and veth name for either shape.
+    With `router=True` a third namespace "r" forwards between a and b; with `gateways=True` two
+    namespaces "ga" and "gb" do (see the module docstring). `addresses`, `addresses6` and `ifnames`
+    give each host's address and veth name for every shape.
     """
 
-    def __init__(self, tag: str = "nfqtc", router: bool = False) -> None:
+    def __init__(self, tag: str = "nfqtc", router: bool = False, gateways: bool = False) -> None:
+        if router and gateways:
+            raise ValueError("router and gateways are two different shapes")
         suffix = f"{os.getpid()}-{secrets.token_hex(2)}"
         self.router = router
-        sides = ("a", "r", "b") if router else ("a", "b")
+        self.gateways = gateways
+        if gateways:
+            sides: tuple[str, ...] = ("a", "ga", "gb", "b")
+        else:
+            sides = ("a", "r", "b") if router else ("a", "b")
         self.names = {side: f"{tag}-{side}-{suffix}" for side in sides}
-        self.addresses = dict(ROUTED_ADDRESSES if router else ADDRESSES)
-        self.addresses6 = dict(ROUTED_ADDRESSES6 if router else ADDRESSES6)
+        routed = router or gateways
+        self.addresses = dict(ROUTED_ADDRESSES if routed else ADDRESSES)
+        self.addresses6 = dict(ROUTED_ADDRESSES6 if routed else ADDRESSES6)
         self.ifnames = dict(IFNAMES)
+        self.outside: dict[str, str] = {}
+        """Gateway side -> its outside interface (what `--outside` names)."""
+        self.inside: dict[str, str] = {}
+        """Gateway side -> its inside interface."""
+        if router:
+            self.outside = {"r": ROUTER_IFNAMES["b"]}
+            self.inside = {"r": ROUTER_IFNAMES["a"]}
+        if gateways:
+            self.outside = dict(GATEWAY_OUTSIDE_IFNAMES)
+            self.inside = dict(GATEWAY_INSIDE_IFNAMES)
+            self.ifnames.update(GATEWAY_OUTSIDE_IFNAMES)
         self._procs: list[subprocess.Popen[Any]] = []
         self._created: list[str] = []
 
@@ -89,6 +127,9 @@ class Topology:
             self._created.append(name)
         if self.router:
             self._build_routed()
+            return
+        if self.gateways:
+            self._build_gateways()
             return
         with IPRoute(netns=self.names["a"], flags=0) as ipr:
             ipr.link(
@@ -130,6 +171,49 @@ class Topology:
             self.check(side, ["ip", "-6", "route", "add", "default", "via", ROUTER_ADDRESSES6[side]])
         self.check("r", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         self.check("r", ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+
+    def _build_gateways(self) -> None:
+        for host, gateway in GATEWAY_OF.items():
+            with IPRoute(netns=self.names[host], flags=0) as ipr:
+                ipr.link(
+                    "add",
+                    ifname=IFNAMES[host],
+                    kind="veth",
+                    peer={"ifname": GATEWAY_INSIDE_IFNAMES[gateway], "net_ns_fd": self.names[gateway]},
+                )
+        with IPRoute(netns=self.names["ga"], flags=0) as ipr:
+            ipr.link(
+                "add",
+                ifname=GATEWAY_OUTSIDE_IFNAMES["ga"],
+                kind="veth",
+                peer={"ifname": GATEWAY_OUTSIDE_IFNAMES["gb"], "net_ns_fd": self.names["gb"]},
+            )
+        for host, gateway in GATEWAY_OF.items():
+            self._configure(host, IFNAMES[host], ROUTED_ADDRESSES[host], ROUTED_ADDRESSES6[host])
+            self._configure(
+                gateway,
+                GATEWAY_INSIDE_IFNAMES[gateway],
+                GATEWAY_INSIDE_ADDRESSES[gateway],
+                GATEWAY_INSIDE_ADDRESSES6[gateway],
+            )
+            self._configure(
+                gateway,
+                GATEWAY_OUTSIDE_IFNAMES[gateway],
+                GATEWAY_OUTSIDE_ADDRESSES[gateway],
+                GATEWAY_OUTSIDE_ADDRESSES6[gateway],
+                lo=False,
+            )
+            self.check(host, ["ip", "route", "add", "default", "via", GATEWAY_INSIDE_ADDRESSES[gateway]])
+            self.check(host, ["ip", "-6", "route", "add", "default", "via", GATEWAY_INSIDE_ADDRESSES6[gateway]])
+        # Each gateway reaches the other site through the other gateway (no default route: no loop).
+        for gateway, other, site, site6 in (
+            ("ga", "gb", "10.77.2.0/24", "fd77:2::/64"),
+            ("gb", "ga", "10.77.1.0/24", "fd77:1::/64"),
+        ):
+            self.check(gateway, ["ip", "route", "add", site, "via", GATEWAY_OUTSIDE_ADDRESSES[other]])
+            self.check(gateway, ["ip", "-6", "route", "add", site6, "via", GATEWAY_OUTSIDE_ADDRESSES6[other]])
+            self.check(gateway, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            self.check(gateway, ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
 
     def check(self, side: str, command: Sequence[str], timeout: float = 30.0, **kwargs: Any) -> str:
         """Run `command` in `side`; its stdout, or LabError with its stderr when it fails."""
@@ -286,16 +370,27 @@ def shell_faults(counters: dict[str, int]) -> dict[str, int]:
 
 
 def start_daemon(
-    topo: Topology, side: str, workdir: Path, extra: Sequence[str] = (), timeout: float = 20.0
+    topo: Topology,
+    side: str,
+    workdir: Path,
+    extra: Sequence[str] = (),
+    timeout: float = 20.0,
+    mode: str = "host",
 ) -> Daemon:
-    """Start the daemon in `side` and wait until its control socket answers (queue bound, rules in)."""
+    """Start the daemon in `side` and wait until its control socket answers (queue bound, rules in).
+
+    With `mode="gateway"` it runs `--mode gateway --outside topo.outside[side]`.
+    """
     from .shell.control import query
 
     control = str(workdir / f"{side}.sock")
     keylog = str(workdir / f"{side}.keys")
     log = str(workdir / f"{side}.log")
+    mode_args = ["--mode", mode]
+    if mode == "gateway":
+        mode_args += ["--outside", topo.outside[side]]
     command = [
-        sys.executable, "-m", "nfq_tcpcrypt", "run", "--mode", "host",
+        sys.executable, "-m", "nfq_tcpcrypt", "run", *mode_args,
         "--control", control, "--keylog", keylog, *extra,
     ]  # fmt: skip
     with open(log, "ab") as log_file:
@@ -507,6 +602,8 @@ class TransferResult:
     pcap: Path | None = None
     capture: CaptureStats | None = None
     fetch_seconds: float = 0.0
+    inside_wire: Any = None  # tools.pcapcheck.WireReport of the `inside_capture_at` capture, if any
+    inside_pcap: Path | None = None
 
     def session_for(self, side: str) -> dict[str, Any] | None:
         """The session of the HTTP connection in `side`'s table, if any."""
@@ -526,13 +623,22 @@ def http_transfer(
     timeout: float = 120.0,
     ipv6: bool = False,
     wire_loss: float = 0.0,
+    gateway_sides: Sequence[str] = (),
+    capture_at: tuple[str, str | None] = ("a", None),
+    inside_capture_at: tuple[str, str | None] | None = None,
+    loss_sides: Sequence[str] = ("a", "b"),
 ) -> TransferResult:
     """Serve a random file from b, fetch it with curl from a, capture a's veth, query the daemons.
 
     Daemons are started on `daemon_sides` (with `--ipv6` when `ipv6`) and stopped (SIGTERM) before
-    returning; their exit codes are in `result.daemons[side].proc.returncode`. With `wire_loss`, each
-    namespace drops that fraction of arriving TCP packets before the daemon sees them (see
-    `drop_on_wire`).
+    returning; their exit codes are in `result.daemons[side].proc.returncode`. The sides in
+    `gateway_sides` (a subset of `daemon_sides`) run in gateway mode (`start_daemon`). With
+    `wire_loss`, each of `loss_sides` drops that fraction of TCP packets arriving on its wire
+    interface before the daemon sees them (see `drop_on_wire`).
+
+    The wire capture is taken on `capture_at` = (side, interface; None: the side's `ifnames`), and
+    analysed into `result.wire`; `inside_capture_at` adds a second capture (e.g. on an inside link
+    of a gateway), analysed into `result.inside_wire`.
     """
     from .tools.pcapcheck import analyze
 
@@ -542,14 +648,19 @@ def http_transfer(
     markers = make_payload(source, size)
     received = workdir / "received.bin"
     pcap = workdir / "wire.pcap"
+    inside_pcap = workdir / "inside.pcap" if inside_capture_at is not None else None
     daemons: dict[str, Daemon] = {}
     try:
         for side in daemon_sides:
-            daemons[side] = start_daemon(topo, side, workdir, ["--ipv6"] if ipv6 else [])
+            mode = "gateway" if side in gateway_sides else "host"
+            daemons[side] = start_daemon(topo, side, workdir, ["--ipv6"] if ipv6 else [], mode=mode)
         if wire_loss:
-            for side in ("a", "b"):
+            for side in loss_sides:
                 drop_on_wire(topo, side, wire_loss, ipv6)
-        with capture(topo, "a", pcap) as capture_stats:
+        with contextlib.ExitStack() as captures:
+            capture_stats = captures.enter_context(capture(topo, capture_at[0], pcap, ifname=capture_at[1]))
+            if inside_capture_at is not None and inside_pcap is not None:
+                captures.enter_context(capture(topo, inside_capture_at[0], inside_pcap, ifname=inside_capture_at[1]))
             with http_server(topo, "b", served, ipv6=ipv6) as url:
                 started = time.monotonic()
                 fetch(topo, "a", f"{url}/payload.bin", received, timeout)
@@ -563,6 +674,9 @@ def http_transfer(
     needles["http-status-line"] = b"HTTP/1.0 200"
     addresses = topo.addresses6 if ipv6 else topo.addresses
     wire = analyze(pcap, addresses["a"], addresses["b"], HTTP_PORT, needles)
+    inside_wire = None
+    if inside_pcap is not None:
+        inside_wire = analyze(inside_pcap, addresses["a"], addresses["b"], HTTP_PORT, needles)
     keylogs = {
         side: Path(daemon.keylog).read_text()
         for side, daemon in daemons.items()
@@ -579,6 +693,8 @@ def http_transfer(
         pcap=pcap,
         capture=capture_stats,
         fetch_seconds=fetch_seconds,
+        inside_wire=inside_wire,
+        inside_pcap=inside_pcap,
     )
 
 

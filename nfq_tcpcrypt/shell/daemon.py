@@ -1,4 +1,8 @@
-"""Assembly of the host-mode daemon: keylog, engine, queues, injector, rules, control socket.
+"""Assembly of the daemon (host or gateway mode): keylog, engine, queues, injector, rules, control socket.
+
+The two modes differ only in the rules (gateway mode matches the outside interfaces, DESIGN.md §1)
+and in the engine's `deliver_max` (settings.resolve_system); the engine is direction-based, so the
+rest is the same.
 
 Start order: signal handlers first (a SIGTERM during start-up still ends in cleanup), then the
 queues are bound, the injector opened, the rules installed, and only then the control socket
@@ -60,11 +64,22 @@ def control_commands(engine: EngineLike, loop: EventLoop) -> dict[str, Any]:
     }
 
 
+def _warn_without_forwarding(ipv6: bool) -> None:
+    """A gateway that does not forward encrypts only its own connections: say so (refuse nothing)."""
+    paths = ["/proc/sys/net/ipv4/ip_forward"]
+    if ipv6:
+        paths.append("/proc/sys/net/ipv6/conf/all/forwarding")
+    for path in paths:
+        with contextlib.suppress(OSError, ValueError), open(path, encoding="ascii") as handle:
+            if int(handle.read().strip()) == 0:
+                logger.warning("gateway mode, but %s is 0: inside hosts are not forwarded", path)
+
+
 def run_daemon(options: DaemonOptions) -> int:
     """Run until SIGINT/SIGTERM; return the process exit status (0 when everything was cleaned up)."""
-    if options.mode != "host":
-        raise SystemExit(f"mode {options.mode!r} is not implemented yet (only 'host')")
     status = 0
+    if options.mode == "gateway":
+        _warn_without_forwarding(options.ipv6)
     with contextlib.ExitStack() as stack:
         signals = SignalWatch()
         stack.callback(signals.close)
@@ -86,7 +101,13 @@ def run_daemon(options: DaemonOptions) -> int:
         logger.info("queues %d (inbound) and %d (outbound) bound", options.queue_num, options.queue_num + 1)
         families = ("ipv4", "ipv6") if options.ipv6 else ("ipv4",)
         params = rules.RuleParams(
-            options.queue_num, options.queue_num + 1, options.mark, options.fail_closed, options.local_mark
+            options.queue_num,
+            options.queue_num + 1,
+            options.mark,
+            options.fail_closed,
+            options.local_mark,
+            mode=options.mode,
+            outside=options.outside,
         )
         installed = rules.install(params, families)
 

@@ -1,7 +1,8 @@
 """iptables rules of the daemon: render, install, remove exactly, check for leftovers (DESIGN.md §5).
 
 The templates live in `iptables/` at the top of the source tree (`host.rules` for IPv4, `host6.rules`
-for IPv6). They are applied with `iptables-restore --noflush`, so nothing else in the tables is
+for IPv6; `gateway.rules` and `gateway6.rules` in gateway mode, where a line naming `$outside` is
+repeated once per outside interface). They are applied with `iptables-restore --noflush`, so nothing else in the tables is
 touched. Removal is derived from the rendered text itself: every rule added to a built-in chain is
 deleted with the same specification, then every chain the template declared is flushed and deleted.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import string
 import subprocess
@@ -22,6 +24,11 @@ CHAIN_PREFIX = "NFQ_TCPCRYPT_"
 """Every chain the daemon creates starts with this name (DESIGN.md §5)."""
 
 TEMPLATES = {"ipv4": "host.rules", "ipv6": "host6.rules"}
+GATEWAY_TEMPLATES = {"ipv4": "gateway.rules", "ipv6": "gateway6.rules"}
+MODES = ("host", "gateway")
+IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,14}\+?")
+"""An interface name iptables accepts in `-i`/`-o` (at most 15 characters; a final `+` is a prefix
+match). Nothing else may reach the rule text."""
 RESTORE = {"ipv4": "iptables-restore", "ipv6": "ip6tables-restore"}
 SAVE = {"ipv4": "iptables-save", "ipv6": "ip6tables-save"}
 _COMMAND_TIMEOUT = 30.0
@@ -49,6 +56,19 @@ class RuleParams:
     fail_closed: bool = False
     local_mark: int | None = None
     """Mark of packets injected toward our own stack (tracked); None: `mark + 1`."""
+    mode: str = "host"
+    """"host" or "gateway" (the template pair)."""
+    outside: tuple[str, ...] = ()
+    """Gateway mode: the outside interfaces (where the wire is)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise RulesError(f"unknown mode {self.mode!r}; known: {', '.join(MODES)}")
+        if self.mode == "gateway" and not self.outside:
+            raise RulesError("gateway mode needs at least one outside interface")
+        for name in self.outside:
+            if not valid_ifname(name):
+                raise RulesError(f"{name!r} is not an interface name")
 
     def mapping(self) -> dict[str, str]:
         """Template placeholders -> text."""
@@ -63,10 +83,23 @@ class RuleParams:
         }
 
 
+def valid_ifname(name: str) -> bool:
+    """Whether `name` is a well-formed interface name (or `prefix+` pattern) for `-i`/`-o`."""
+    return IFNAME.fullmatch(name) is not None
+
+
 def render(family: str, params: RuleParams) -> str:
     """The iptables-restore input for `family` ("ipv4" or "ipv6"), comments stripped."""
-    text = (templates_dir() / TEMPLATES[family]).read_text()
-    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    templates = GATEWAY_TEMPLATES if params.mode == "gateway" else TEMPLATES
+    text = (templates_dir() / templates[family]).read_text()
+    lines: list[str] = []
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if "$outside" in line:
+            lines.extend(line.replace("$outside", name) for name in params.outside)
+        else:
+            lines.append(line)
     rendered = string.Template("\n".join(lines)).substitute(params.mapping())
     return "\n".join(" ".join(line.split()) for line in rendered.splitlines()) + "\n"
 
@@ -156,7 +189,7 @@ def available(family: str) -> bool:
 
 
 def install(params: RuleParams, families: tuple[str, ...] = ("ipv4",)) -> InstalledRules:
-    """Install the host-mode rules for each family; on any failure remove what went in and raise."""
+    """Install the rules of `params.mode` for each family; on any failure remove what went in and raise."""
     installed = InstalledRules()
     try:
         for family in families:
@@ -164,8 +197,10 @@ def install(params: RuleParams, families: tuple[str, ...] = ("ipv4",)) -> Instal
             _restore(family, text)
             installed.texts[family] = text
             logger.info(
-                "%s rules installed (queues %d/%d, mark %#x, %s)",
+                "%s %s-mode rules installed%s (queues %d/%d, mark %#x, %s)",
                 family,
+                params.mode,
+                f" (outside {','.join(params.outside)})" if params.outside else "",
                 params.inbound_queue,
                 params.outbound_queue,
                 params.mark,
@@ -181,7 +216,8 @@ def remove_stale(queue_num: int, families: tuple[str, ...] = ("ipv4", "ipv6")) -
     """Remove the chains a killed daemon (queues `queue_num`/+1) left behind; return the problems.
 
     The removal is derived from the template exactly as on a normal exit; the jump rules do not
-    depend on the mark or on fail-open/closed, and the chains are flushed whole.
+    depend on the mark, on fail-open/closed or on the mode (the gateway templates declare the same
+    chains and jumps as the host ones), and the chains are flushed whole.
     """
     problems: list[str] = []
     for family in families:

@@ -4,12 +4,18 @@ The file holds the same keys as the `run` options, spelled with dashes or unders
 (`rekey-bytes = 65536` or `rekey_bytes = 65536`), plus `[[policy]]` tables (`network`, `port`,
 `no_resume`, `no_cache`). The command line wins over the file, the file over the defaults. Unknown
 keys and values of the wrong type are errors that name the key, never silently ignored.
+
+Gateway mode (`mode = "gateway"`) needs `outside` (one interface or several, comma-separated or a
+TOML array). `resolve_system` then checks that they exist and, unless `deliver_max` is given, sets
+it from the smallest MTU of the other (inside) interfaces.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,11 +23,17 @@ from typing import Any
 
 from ..core.config import Configuration, PolicyRule, parse_aeads, parse_teps
 from ..core.errors import ConfigError
+from .rules import MODES, valid_ifname
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_NUM = 7100
 DEFAULT_MARK = 0x7463
 DEFAULT_LOCAL_MARK = 0x7464
 DEFAULT_CONTROL = "/run/nfq-tcpcrypt/control.sock"
+DELIVER_MAX_MIN = 512
+"""The smallest `deliver_max` accepted (IPv6's minimum MTU 1280 still leaves 1200)."""
+SYS_NET = "/sys/class/net"
 
 
 @dataclass
@@ -29,6 +41,8 @@ class DaemonOptions:
     """What `nfq-tcpcrypt run` was asked to do."""
 
     mode: str = "host"
+    outside: tuple[str, ...] = ()
+    """Gateway mode: the outside interfaces (the wire); every other interface is inside."""
     queue_num: int = DEFAULT_QUEUE_NUM
     mark: int = DEFAULT_MARK
     local_mark: int = DEFAULT_LOCAL_MARK
@@ -53,6 +67,7 @@ class DaemonOptions:
 # key -> (type, where): "daemon" keys are DaemonOptions fields, "engine" keys Configuration fields.
 DAEMON_KEYS: dict[str, type] = {
     "mode": str,
+    "outside": str,
     "queue_num": int,
     "mark": int,
     "local_mark": int,
@@ -80,6 +95,7 @@ ENGINE_KEYS: dict[str, type] = {
     "held_limit": int,
     "ooo_limit": int,
     "syn_retries_with_eno": int,
+    "deliver_max": int,
     "eno_app_aware": bool,
     "eno_app_aware_mandatory": bool,
     "eno_role_b": bool,
@@ -91,7 +107,7 @@ _OPTION_FIELD = {"tep": "teps", "aead": "aeads"}
 def _check_type(key: str, value: Any, kind: type, where: str) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if key in ("tep", "aead") and isinstance(value, list) and all(isinstance(item, str) for item in value):
+    if key in ("tep", "aead", "outside") and isinstance(value, list) and all(isinstance(item, str) for item in value):
         return ",".join(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: {key} must be {kind.__name__}, not {type(value).__name__} {value!r}")
@@ -159,17 +175,92 @@ def options_from(file_values: Mapping[str, Any], cli_values: Mapping[str, Any]) 
     merged.update({key: value for key, value in cli_values.items() if value is not None})
     options = DaemonOptions()
     for key, value in merged.items():
-        if key in DAEMON_KEYS:
+        if key == "outside":
+            options.outside = tuple(name.strip() for name in value.split(",") if name.strip())
+        elif key in DAEMON_KEYS:
             setattr(options, _OPTION_FIELD.get(key, key), value)
         elif key in ENGINE_KEYS or key == "policies":
             options.engine[key] = value
     for key, value in options.engine.items():
         if ENGINE_KEYS.get(key) in (int, float) and value < 0:
             raise ConfigError(f"{key.replace('_', '-')} must not be negative ({value})")
+    _check_mode(options)
     if options.mark == options.local_mark:
         raise ConfigError(f"mark and local-mark must differ (both {options.mark:#x})")
     options.configuration()  # validate now (names, ranges), before anything is installed
     return options
+
+
+def _check_mode(options: DaemonOptions) -> None:
+    if options.mode not in MODES:
+        raise ConfigError(f"unknown mode {options.mode!r}; known: {', '.join(MODES)}")
+    if options.mode == "gateway" and not options.outside:
+        raise ConfigError("gateway mode needs --outside IF[,IF...] (config key outside): the interfaces toward the wire")
+    if options.mode == "host" and options.outside:
+        raise ConfigError(f"outside ({','.join(options.outside)}) is for gateway mode only (--mode gateway)")
+    bad = [name for name in options.outside if not valid_ifname(name)]
+    if bad:
+        raise ConfigError(f"outside: {', '.join(repr(name) for name in bad)} is not an interface name")
+    if len(set(options.outside)) != len(options.outside):
+        raise ConfigError(f"outside names an interface twice ({','.join(options.outside)})")
+    deliver_max = options.engine.get("deliver_max")
+    if deliver_max is not None and deliver_max < DELIVER_MAX_MIN:
+        raise ConfigError(f"deliver-max {deliver_max} is below {DELIVER_MAX_MIN}")
+
+
+def _interface_mtus(sys_net: str) -> dict[str, int]:
+    """Interface name -> MTU, from sysfs."""
+    mtus: dict[str, int] = {}
+    try:
+        names = os.listdir(sys_net)
+    except OSError:
+        return mtus
+    for name in names:
+        try:
+            with open(os.path.join(sys_net, name, "mtu"), encoding="ascii") as handle:
+                mtus[name] = int(handle.read().strip())
+        except (OSError, ValueError):
+            continue
+    return mtus
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name.startswith(pattern[:-1]) if pattern.endswith("+") else name == pattern
+
+
+def inside_deliver_max(mtus: Mapping[str, int], outside: tuple[str, ...], ipv6: bool) -> int | None:
+    """The largest plaintext payload the engine may hand toward the inside in one packet.
+
+    The smallest MTU of the inside interfaces (every one but lo and the outside ones), less the IP
+    and TCP headers (40 bytes for IPv4, 60 with IPv6) and 20 bytes of TCP options (timestamps, SACK):
+    a forwarded packet larger than the inside link MTU would be dropped. None when there is no
+    inside interface.
+    """
+    inside = [
+        mtu for name, mtu in mtus.items() if name != "lo" and not any(_matches(name, p) for p in outside)
+    ]
+    if not inside:
+        return None
+    return max(DELIVER_MAX_MIN, min(inside) - (60 if ipv6 else 40) - 20)
+
+
+def resolve_system(options: DaemonOptions, sys_net: str = SYS_NET) -> None:
+    """Check the options against this machine: outside interfaces exist; gateway `deliver_max` default.
+
+    Raises ConfigError naming an interface that does not exist (a `prefix+` pattern must match one).
+    """
+    if options.mode != "gateway":
+        return
+    mtus = _interface_mtus(sys_net)
+    for pattern in options.outside:
+        if not any(_matches(name, pattern) for name in mtus):
+            known = ", ".join(sorted(mtus)) or "none"
+            raise ConfigError(f"outside interface {pattern!r} does not exist here (interfaces: {known})")
+    if "deliver_max" not in options.engine:
+        deliver_max = inside_deliver_max(mtus, options.outside, options.ipv6)
+        if deliver_max is not None:
+            options.engine["deliver_max"] = deliver_max
+            logger.info("deliver-max %d (from the inside interfaces' MTU)", deliver_max)
 
 
 def cli_values(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,0 +1,255 @@
+"""Gateway mode end to end: unmodified hosts behind gateways, real kernels and programs (DESIGN.md §1, §8).
+
+Two shapes from labnet:
+- `Topology(gateways=True)`: a - ga - gb - b. Gateways on ga and gb (`--outside` = the link between
+  them, the "internet"); a and b run no daemon at all.
+- `Topology(router=True)`: a - r - b. A gateway on r, and a host-mode daemon (or nothing) on the far
+  host: a gateway interoperates with a host-mode daemon, and falls back to plain TCP with a peer that
+  does not speak TCP-ENO.
+
+Every transfer is small (256 KiB to 1 MiB): these tests prove the plumbing, test_network.py the
+behaviour of the engine under stress.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nfq_tcpcrypt.labnet import (
+    HTTP_PORT,
+    IFNAMES,
+    ROUTER_IFNAMES,
+    Topology,
+    TransferResult,
+    http_transfer,
+    shell_faults,
+    start_daemon,
+)
+
+from .conftest import _unusable_reason
+
+SIZE = 256 * 1024
+INIT1, INIT2 = "15101a0e", "097105e0"
+
+
+def _topology(tag: str, **shape: bool) -> Iterator[Topology]:
+    reason = _unusable_reason()
+    if reason is not None:
+        if os.environ.get("NFQ_TCPCRYPT_REQUIRE_NETNS") == "1":
+            pytest.fail(f"integration environment required but unusable: {reason}")
+        pytest.skip(reason)
+    with Topology(tag, **shape) as topology:
+        yield topology
+
+
+@pytest.fixture
+def sites() -> Iterator[Topology]:
+    """a - ga - gb - b, always removed afterwards (same skip rules as `topo`)."""
+    yield from _topology("nfqgw", gateways=True)
+
+
+@pytest.fixture
+def routed() -> Iterator[Topology]:
+    """a - r - b, always removed afterwards."""
+    yield from _topology("nfqgr", router=True)
+
+
+def _all_rules(topo: Topology, side: str) -> list[str]:
+    """Lines of iptables-save and ip6tables-save in `side` naming our chains or NFQUEUE."""
+    lines = []
+    for tool in ("iptables-save", "ip6tables-save"):
+        text = topo.check(side, [tool])
+        lines += [line for line in text.splitlines() if "NFQ_TCPCRYPT" in line or "NFQUEUE" in line]
+    return lines
+
+
+def _assert_clean(topo: Topology, result: TransferResult) -> None:
+    """Every daemon exited 0 on SIGTERM, counted no shell fault and left no rule behind."""
+    for side, daemon in result.daemons.items():
+        text = Path(daemon.log).read_text()[-3000:]
+        assert daemon.proc.returncode == 0, f"daemon {side} exit {daemon.proc.returncode}: {text}"
+        assert shell_faults(result.counters[side]) == {}, text
+        assert _all_rules(topo, side) == [], side
+
+
+def _assert_encrypted(result: TransferResult, sides: tuple[str, str], loss: bool = False) -> None:
+    """Digests equal; on the wire ENO in SYN and SYN-ACK, Init1/Init2 first, no plaintext; equal session IDs."""
+    wire = result.wire
+    assert result.received_sha256 == result.sent_sha256
+    assert result.capture is not None and result.capture.dropped == 0, result.capture
+    assert wire.syn_has_eno, "no ENO option (kind 69) in the SYN on the wire"
+    if not loss:  # a retransmitted SYN-ACK may lack it (test_network.py)
+        assert wire.synack_has_eno, "no ENO option (kind 69) in the SYN-ACK on the wire"
+    assert wire.client_stream[:4].hex() == INIT1, "A->B stream does not start with Init1"
+    assert wire.server_stream[:4].hex() == INIT2, "B->A stream does not start with Init2"
+    assert wire.leaks == {}, f"plaintext on the wire: {wire.leaks}"
+    assert len(wire.server_stream) > SIZE
+    first, second = (result.session_for(side) for side in sides)
+    assert first is not None and second is not None, result.sessions
+    assert re.fullmatch(r"[0-9a-f]{66}", first["session_id"]), first
+    assert first["session_id"] == second["session_id"]
+    assert first["local"] == second["remote"] and first["remote"] == second["local"]
+    assert {first["role"], second["role"]} == {"A", "B"}
+
+
+def _assert_plain_inside(result: TransferResult, client_inside: bool = True) -> None:
+    """The inside link carries the hosts' own plaintext TCP: no ENO from the host, no Init messages.
+
+    Only the inside host's own handshake segment is checked for ENO: the one the gateway forwards
+    from the wire still carries the peer's option (the engine leaves it; a plain stack ignores it).
+    """
+    inside = result.inside_wire
+    assert inside is not None
+    own_eno = inside.syn_has_eno if client_inside else inside.synack_has_eno
+    assert not own_eno, "the inside host's SYN or SYN-ACK carries ENO: it is not an unmodified host"
+    assert inside.client_stream[:4].hex() not in (INIT1, INIT2)
+    assert inside.server_stream[:4].hex() not in (INIT1, INIT2)
+    assert "http-status-line" in inside.leaks and any(name.startswith("marker") for name in inside.leaks)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "ipv6"])
+def test_gateway_to_gateway(sites: Topology, tmp_path: Path, ipv6: bool) -> None:
+    """Two sites: hosts without any daemon, encrypted between the gateways, plaintext inside."""
+    result = http_transfer(
+        sites,
+        tmp_path,
+        size=SIZE,
+        ipv6=ipv6,
+        daemon_sides=("ga", "gb"),
+        gateway_sides=("ga", "gb"),
+        capture_at=("ga", sites.outside["ga"]),
+        inside_capture_at=("a", IFNAMES["a"]),
+    )
+    _assert_encrypted(result, ("ga", "gb"))
+    _assert_plain_inside(result)
+    ga = result.session_for("ga")
+    assert ga is not None and ga["role"] == "A" and ga["tep"] == "x25519" and ga["aead"] == "aes128gcm"
+    addresses = sites.addresses6 if ipv6 else sites.addresses
+    # "local" is the inside end: the hosts, not the gateways.
+    assert ga["local"].startswith(f"[{addresses['a']}]" if ipv6 else f"{addresses['a']}:"), ga
+    assert ga["remote"].endswith(f":{HTTP_PORT}"), ga
+    _assert_clean(sites, result)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("gateway_site", ["client", "server"])
+def test_gateway_to_host_daemon(routed: Topology, tmp_path: Path, gateway_site: str) -> None:
+    """A gateway on r and a host-mode daemon on the far host: the same wire protocol, either role."""
+    if gateway_site == "client":  # a (client) behind r; b (server) runs the host-mode daemon
+        host, inside_host, outside_if = "b", "a", ROUTER_IFNAMES["b"]
+    else:  # b (server) behind r; a (client) runs the host-mode daemon
+        host, inside_host, outside_if = "a", "b", ROUTER_IFNAMES["a"]
+    routed.outside["r"] = outside_if
+    result = http_transfer(
+        routed,
+        tmp_path,
+        size=SIZE,
+        daemon_sides=("r", host),
+        gateway_sides=("r",),
+        capture_at=(host, IFNAMES[host]),
+        inside_capture_at=(inside_host, IFNAMES[inside_host]),
+    )
+    _assert_encrypted(result, ("r", host))
+    _assert_plain_inside(result, client_inside=gateway_site == "client")
+    assert result.session_for("r")["role"] == ("A" if gateway_site == "client" else "B")
+    _assert_clean(routed, result)
+
+
+@pytest.mark.timeout(90)
+def test_host_behind_gateway_to_plain_peer(routed: Topology, tmp_path: Path) -> None:
+    """RFC 8547 §4.6 through a gateway: the far host has no daemon, the connection is plain and works."""
+    result = http_transfer(
+        routed,
+        tmp_path,
+        size=SIZE,
+        daemon_sides=("r",),
+        gateway_sides=("r",),
+        capture_at=("b", IFNAMES["b"]),
+    )
+    wire = result.wire
+    assert result.received_sha256 == result.sent_sha256
+    assert wire.syn_has_eno, "the gateway did not offer ENO in the SYN"
+    assert not wire.synack_has_eno
+    assert not wire.client_starts_with_init1 and not wire.server_starts_with_init2
+    # The checks that prove encryption elsewhere must see plaintext here, or they prove nothing.
+    assert "http-status-line" in wire.leaks and any(name.startswith("marker") for name in wire.leaks)
+    entry = result.session_for("r")
+    assert entry is None or entry["tep"] in (None, ""), entry
+    _assert_clean(routed, result)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("fail_closed", [False, True], ids=["fail-open", "fail-closed"])
+def test_sigterm_removes_gateway_rules(sites: Topology, tmp_path: Path, fail_closed: bool) -> None:
+    """The gateway's rules match the outside interface only, and are removed exactly on SIGTERM."""
+    assert _all_rules(sites, "ga") == []
+    extra = ["--ipv6"] + (["--fail-closed"] if fail_closed else [])
+    daemon = start_daemon(sites, "ga", tmp_path, extra, mode="gateway")
+    lines = _all_rules(sites, "ga")
+    outside = sites.outside["ga"]
+    queue_rules = [line for line in lines if "NFQUEUE" in line]
+    assert len(queue_rules) == 4, lines  # inbound and outbound, IPv4 and IPv6
+    assert all(("--queue-bypass" in line) != fail_closed for line in queue_rules), queue_rules
+    assert sum(f"-i {outside} -p tcp" in line for line in lines) == 2, lines
+    assert sum(f"-o {outside} -p tcp" in line and "NFQUEUE" in line for line in lines) == 2, lines
+    assert not any(f" {sites.inside['ga']} " in line for line in lines), lines
+    assert sum("--notrack" in line for line in lines) == 2, lines
+
+    assert daemon.stop(timeout=20) == 0, Path(daemon.log).read_text()[-2000:]
+    assert _all_rules(sites, "ga") == []
+    assert not os.path.exists(daemon.control)
+
+
+@pytest.mark.timeout(90)
+def test_rules_remove_after_sigkill_gateway(sites: Topology, tmp_path: Path) -> None:
+    """A SIGKILLed gateway leaves its chains; `rules remove` takes them away like a host daemon's."""
+    daemon = start_daemon(sites, "ga", tmp_path, ["--ipv6"], mode="gateway")
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait(10)
+    assert _all_rules(sites, "ga") != []
+    removed = sites.run(
+        "ga", [sys.executable, "-m", "nfq_tcpcrypt", "rules", "remove", "--control", daemon.control], timeout=30
+    )
+    assert removed.returncode == 0, removed.stderr
+    assert _all_rules(sites, "ga") == []
+
+
+@pytest.mark.timeout(120)
+def test_gateway_to_gateway_with_loss(sites: Topology, tmp_path: Path) -> None:
+    """2 % random loss on the link between the gateways (both directions): the digests still match."""
+    result = http_transfer(
+        sites,
+        tmp_path,
+        size=SIZE,
+        daemon_sides=("ga", "gb"),
+        gateway_sides=("ga", "gb"),
+        capture_at=("gb", sites.outside["gb"]),
+        wire_loss=0.02,
+        loss_sides=("ga", "gb"),
+        timeout=60,
+    )
+    _assert_encrypted(result, ("ga", "gb"), loss=True)
+    _assert_clean(sites, result)
+
+
+@pytest.mark.timeout(60)
+def test_gateway_refuses_unknown_interface(sites: Topology, tmp_path: Path) -> None:
+    """A missing or unknown outside interface is a configuration error (exit 2), nothing installed."""
+    base = [sys.executable, "-m", "nfq_tcpcrypt", "run", "--control", str(tmp_path / "c.sock")]
+    for args, message in (
+        (["--mode", "gateway"], "needs --outside"),
+        (["--mode", "gateway", "--outside", "veth-nosuch"], "'veth-nosuch' does not exist"),
+        (["--mode", "gateway", "--outside", f"{sites.outside['ga']},bad name"], "is not an interface name"),
+    ):
+        result = sites.run("ga", [*base, *args], timeout=30)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)
+    assert _all_rules(sites, "ga") == []
