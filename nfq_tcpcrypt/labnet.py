@@ -36,7 +36,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -627,6 +627,7 @@ def http_transfer(
     capture_at: tuple[str, str | None] = ("a", None),
     inside_capture_at: tuple[str, str | None] | None = None,
     loss_sides: Sequence[str] = ("a", "b"),
+    daemon_args: Mapping[str, Sequence[str]] | None = None,
 ) -> TransferResult:
     """Serve a random file from b, fetch it with curl from a, capture a's veth, query the daemons.
 
@@ -634,7 +635,7 @@ def http_transfer(
     returning; their exit codes are in `result.daemons[side].proc.returncode`. The sides in
     `gateway_sides` (a subset of `daemon_sides`) run in gateway mode (`start_daemon`). With
     `wire_loss`, each of `loss_sides` drops that fraction of TCP packets arriving on its wire
-    interface before the daemon sees them (see `drop_on_wire`).
+    interface before the daemon sees them (see `drop_on_wire`). `daemon_args` adds options per side.
 
     The wire capture is taken on `capture_at` = (side, interface; None: the side's `ifnames`), and
     analysed into `result.wire`; `inside_capture_at` adds a second capture (e.g. on an inside link
@@ -653,7 +654,8 @@ def http_transfer(
     try:
         for side in daemon_sides:
             mode = "gateway" if side in gateway_sides else "host"
-            daemons[side] = start_daemon(topo, side, workdir, ["--ipv6"] if ipv6 else [], mode=mode)
+            extra = [*(["--ipv6"] if ipv6 else []), *(daemon_args or {}).get(side, ())]
+            daemons[side] = start_daemon(topo, side, workdir, extra, mode=mode)
         if wire_loss:
             for side in loss_sides:
                 drop_on_wire(topo, side, wire_loss, ipv6)

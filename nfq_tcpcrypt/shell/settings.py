@@ -31,8 +31,8 @@ DEFAULT_QUEUE_NUM = 7100
 DEFAULT_MARK = 0x7463
 DEFAULT_LOCAL_MARK = 0x7464
 DEFAULT_CONTROL = "/run/nfq-tcpcrypt/control.sock"
-DELIVER_MAX_MIN = 512
-"""The smallest `deliver_max` accepted (IPv6's minimum MTU 1280 still leaves 1200)."""
+DELIVER_MAX_MIN = 256
+"""The smallest `deliver_max` accepted (an inside MTU of 336 bytes; IPv4 guarantees 576)."""
 SYS_NET = "/sys/class/net"
 
 

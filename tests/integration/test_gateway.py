@@ -29,6 +29,7 @@ from nfq_tcpcrypt.labnet import (
     Topology,
     TransferResult,
     http_transfer,
+    rule_packets,
     shell_faults,
     start_daemon,
 )
@@ -223,12 +224,23 @@ def test_rules_remove_after_sigkill_gateway(sites: Topology, tmp_path: Path) -> 
 
 
 @pytest.mark.timeout(120)
-def test_gateway_to_gateway_with_loss(sites: Topology, tmp_path: Path) -> None:
-    """2 % random loss on the link between the gateways (both directions): the digests still match."""
+@pytest.mark.parametrize("inside_mtu", [1500, 1400])
+def test_gateway_to_gateway_with_loss(sites: Topology, tmp_path: Path, inside_mtu: int) -> None:
+    """2 % random loss on the link between the gateways (both directions): the digests still match.
+
+    With a 1400-byte MTU on a's inside link, the plaintext ga hands toward a after a gap fills must
+    be cut to that link (deliver-max from the inside MTU): no forwarded packet is too big for it.
+    (With `--deliver-max 32768` this transfer stalls: ga drops what does not fit and reports it.)
+    """
+    if inside_mtu != 1500:
+        sites.set_mtu("a", IFNAMES["a"], inside_mtu)
+        sites.set_mtu("ga", sites.inside["ga"], inside_mtu)
+    for side in ("ga", "gb"):  # counts what the gateway's kernel refuses to forward for size
+        sites.check(side, ["iptables", "-I", "OUTPUT", "-p", "icmp", "--icmp-type", "fragmentation-needed"])
     result = http_transfer(
         sites,
         tmp_path,
-        size=SIZE,
+        size=4 * SIZE,
         daemon_sides=("ga", "gb"),
         gateway_sides=("ga", "gb"),
         capture_at=("gb", sites.outside["gb"]),
@@ -238,6 +250,10 @@ def test_gateway_to_gateway_with_loss(sites: Topology, tmp_path: Path) -> None:
     )
     _assert_encrypted(result, ("ga", "gb"), loss=True)
     _assert_clean(sites, result)
+    for side in ("ga", "gb"):
+        assert rule_packets(sites, side, "filter", "OUTPUT", "--icmp-type 3/4") == 0, side
+    if inside_mtu != 1500:
+        assert "deliver-max 1340" in Path(result.daemons["ga"].log).read_text()
 
 
 @pytest.mark.timeout(60)
