@@ -25,14 +25,21 @@ import pytest
 from nfq_tcpcrypt.labnet import (
     HTTP_PORT,
     IFNAMES,
+    ROUTER_ADDRESSES,
     ROUTER_IFNAMES,
     Topology,
     TransferResult,
+    capture,
+    fetch,
+    http_server,
     http_transfer,
+    make_payload,
     rule_packets,
+    sha256_file,
     shell_faults,
     start_daemon,
 )
+from nfq_tcpcrypt.tools.pcapcheck import analyze
 
 from .conftest import _unusable_reason
 
@@ -185,6 +192,39 @@ def test_host_behind_gateway_to_plain_peer(routed: Topology, tmp_path: Path) -> 
     entry = result.session_for("r")
     assert entry is None or entry["tep"] in (None, ""), entry
     _assert_clean(routed, result)
+
+
+@pytest.mark.timeout(90)
+def test_gateways_own_connection_is_encrypted(routed: Topology, tmp_path: Path) -> None:
+    """The gateway's own connections over its outside interface cross the same hooks: encrypted too."""
+    served = tmp_path / "www"
+    served.mkdir()
+    markers = make_payload(served / "payload.bin", SIZE)
+    gateway = start_daemon(routed, "r", tmp_path, mode="gateway")
+    host = start_daemon(routed, "b", tmp_path)
+    pcap = tmp_path / "wire.pcap"
+    try:
+        with capture(routed, "b", pcap), http_server(routed, "b", served) as url:
+            fetch(routed, "r", f"{url}/payload.bin", tmp_path / "received.bin")
+        sessions = {"r": gateway.sessions(), "b": host.sessions()}
+        counters = {"r": gateway.counters(), "b": host.counters()}
+    finally:
+        codes = (gateway.stop(), host.stop())
+    assert codes == (0, 0), Path(gateway.log).read_text()[-2000:]
+    assert sha256_file(tmp_path / "received.bin") == sha256_file(served / "payload.bin")
+    router_address = ROUTER_ADDRESSES["b"]
+    needles = {f"marker{i}": marker for i, marker in enumerate(markers)}
+    wire = analyze(pcap, router_address, routed.addresses["b"], HTTP_PORT, needles)
+    assert wire.syn_has_eno and wire.synack_has_eno
+    assert wire.client_stream[:4].hex() == INIT1 and wire.server_stream[:4].hex() == INIT2
+    assert wire.leaks == {}
+    (mine,) = [entry for entry in sessions["r"] if entry["remote"].endswith(f":{HTTP_PORT}")]
+    (theirs,) = [entry for entry in sessions["b"] if entry["local"].endswith(f":{HTTP_PORT}")]
+    assert mine["local"].startswith(f"{router_address}:") and mine["role"] == "A"
+    assert mine["session_id"] == theirs["session_id"]
+    for side in ("r", "b"):
+        assert shell_faults(counters[side]) == {}
+        assert _all_rules(routed, side) == []
 
 
 @pytest.mark.timeout(90)
