@@ -241,6 +241,7 @@ def test_sigterm_removes_gateway_rules(sites: Topology, tmp_path: Path, fail_clo
     assert all(("--queue-bypass" in line) != fail_closed for line in queue_rules), queue_rules
     assert sum(f"-i {outside} -p tcp" in line for line in lines) == 2, lines
     assert sum(f"-o {outside} -p tcp" in line and "NFQUEUE" in line for line in lines) == 2, lines
+    assert sum(f"-o {outside} -p tcp" in line and "TCPMSS --clamp-mss-to-pmtu" in line for line in lines) == 2
     assert not any(f" {sites.inside['ga']} " in line for line in lines), lines
     assert sum("--notrack" in line for line in lines) == 2, lines
 
@@ -294,6 +295,32 @@ def test_gateway_to_gateway_with_loss(sites: Topology, tmp_path: Path, inside_mt
         assert rule_packets(sites, side, "filter", "OUTPUT", "--icmp-type 3/4") == 0, side
     if inside_mtu != 1500:
         assert "deliver-max 1340" in Path(result.daemons["ga"].log).read_text()
+
+
+@pytest.mark.timeout(90)
+def test_smaller_outside_mtu(sites: Topology, tmp_path: Path) -> None:
+    """An internet link with a smaller MTU (1400) than the sites (1500), as behind PPPoE.
+
+    The gateways clamp the MSS of SYNs leaving through the outside interface to its MTU (the
+    engine takes the frame overhead off at the far end). Without that rule the connection stalls:
+    the gateway's kernel tells the inside host the plaintext limit, and encryption adds 20 bytes again.
+    """
+    for side in ("ga", "gb"):
+        sites.set_mtu(side, sites.outside[side], 1400)
+        sites.check(side, ["iptables", "-I", "OUTPUT", "-p", "icmp", "--icmp-type", "fragmentation-needed"])
+    result = http_transfer(
+        sites,
+        tmp_path,
+        size=4 * SIZE,
+        daemon_sides=("ga", "gb"),
+        gateway_sides=("ga", "gb"),
+        capture_at=("ga", sites.outside["ga"]),
+        timeout=30,
+    )
+    _assert_encrypted(result, ("ga", "gb"))
+    _assert_clean(sites, result)
+    for side in ("ga", "gb"):
+        assert rule_packets(sites, side, "filter", "OUTPUT", "--icmp-type 3/4") == 0, side
 
 
 @pytest.mark.timeout(60)

@@ -56,6 +56,12 @@ class TestGatewayRules:
             assert f"-A NFQ_TCPCRYPT_PRE_7100 -i {name} {icmp} -j NFQ_TCPCRYPT_INQ_7100" in text
             assert f"-A NFQ_TCPCRYPT_POST_7100 -o {name} -p tcp -j NFQUEUE --queue-num 7101 --queue-bypass" in text
         assert f"-A NFQ_TCPCRYPT_PRE_7100 -i lo {icmp} -j NFQ_TCPCRYPT_INQ_7100" in text
+        # SYNs toward the wire: MSS clamped to the outside route's MTU, then queued.
+        clamp = "-A NFQ_TCPCRYPT_POST_7100 -o wan0 -p tcp --tcp-flags SYN,RST SYN -j TCPMSS --clamp-mss-to-pmtu"
+        lines = text.splitlines()
+        assert lines.index(clamp) < lines.index(
+            "-A NFQ_TCPCRYPT_POST_7100 -o wan0 -p tcp -j NFQUEUE --queue-num 7101 --queue-bypass"
+        )
         # Every TCP rule names an outside interface: nothing else is queued.
         assert not any(" -p tcp" in line and " -i " not in line and " -o " not in line for line in text.splitlines())
         # Loopback and both marks are never queued; only the wire mark is notracked.
