@@ -16,9 +16,11 @@ Run as a gateway (`--mode gateway`), r's outside interface is `topo.outside["r"]
 
 `Topology(gateways=True)` is two sites (gateway mode, DESIGN.md §1): a --veth-a/veth-ga-- ga
 --veth-gaw/veth-gbw-- gb --veth-gb/veth-b-- b. The inside links are 10.77.1.0/24 and 10.77.2.0/24 (the
-same host addresses as the router shape), the "internet" between the gateways 10.77.3.0/24
-(fd77:1::/64, fd77:2::/64, fd77:3::/64). Each host's default route goes via its gateway, each
-gateway's route to the other site via the other gateway; forwarding is on in ga and gb only. `topo.ifnames`
+same host addresses as the router shape), the "internet" between the gateways 10.77.3.0/24, ga
+10.77.3.1 and gb 10.77.3.2 (fd77:1::/64, fd77:2::/64, fd77:3::/64). Each host's default route goes
+via its gateway, each gateway's route to the other site via the other gateway; forwarding is on in
+ga and gb only. `internet_routers=N` puts N routers (i1, i2, ...) between the gateways: link k of
+the internet (`topo.internet_links[k]`) is then 10.77.(3+k).0/24, .1 on its left end, .2 on its right. `topo.ifnames`
 names the wire-facing interface of every side (for ga and gb: the outside one, so `capture` and
 `wire_loss` there act on the internet link), `topo.outside` and `topo.inside` the gateways' two
 interfaces.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import re
 import secrets
@@ -61,8 +64,6 @@ GATEWAY_INSIDE_IFNAMES = {"ga": "veth-ga", "gb": "veth-gb"}
 GATEWAY_OUTSIDE_IFNAMES = {"ga": "veth-gaw", "gb": "veth-gbw"}
 GATEWAY_INSIDE_ADDRESSES = {"ga": "10.77.1.254", "gb": "10.77.2.254"}
 GATEWAY_INSIDE_ADDRESSES6 = {"ga": "fd77:1::fe", "gb": "fd77:2::fe"}
-GATEWAY_OUTSIDE_ADDRESSES = {"ga": "10.77.3.1", "gb": "10.77.3.2"}
-GATEWAY_OUTSIDE_ADDRESSES6 = {"ga": "fd77:3::1", "gb": "fd77:3::2"}
 GATEWAY_OF = {"a": "ga", "b": "gb"}
 HTTP_PORT = 8080
 KEYLOG_ES = re.compile(r"^ES [0-9a-f]{64} [0-9a-f]{64}$", re.MULTILINE)
@@ -81,14 +82,28 @@ class Topology:
     give each host's address and veth name for every shape.
     """
 
-    def __init__(self, tag: str = "nfqtc", router: bool = False, gateways: bool = False) -> None:
+    def __init__(
+        self, tag: str = "nfqtc", router: bool = False, gateways: bool = False, internet_routers: int = 0
+    ) -> None:
         if router and gateways:
             raise ValueError("router and gateways are two different shapes")
+        if internet_routers and not gateways:
+            raise ValueError("internet_routers only go between gateways")
         suffix = f"{os.getpid()}-{secrets.token_hex(2)}"
         self.router = router
         self.gateways = gateways
+        self.internet_routers = tuple(f"i{n + 1}" for n in range(internet_routers))
+        chain = ["ga", *self.internet_routers, "gb"]
+        self.internet_links = [
+            (
+                (left, GATEWAY_OUTSIDE_IFNAMES["ga"] if left == "ga" else f"veth-{left}r"),
+                (right, GATEWAY_OUTSIDE_IFNAMES["gb"] if right == "gb" else f"veth-{right}l"),
+            )
+            for left, right in itertools.pairwise(chain)
+        ]
+        """The links between the gateways, left (ga) to right (gb): ((side, ifname), (side, ifname))."""
         if gateways:
-            sides: tuple[str, ...] = ("a", "ga", "gb", "b")
+            sides: tuple[str, ...] = ("a", "ga", *self.internet_routers, "gb", "b")
         else:
             sides = ("a", "r", "b") if router else ("a", "b")
         self.names = {side: f"{tag}-{side}-{suffix}" for side in sides}
@@ -143,6 +158,9 @@ class Topology:
 
     def _configure(self, side: str, ifname: str, address: str, address6: str, lo: bool = True) -> None:
         """Bring `lo` (optionally) and `ifname` up in `side` with its IPv4 and IPv6 addresses."""
+        # No duplicate address detection on the link-local address either: while it is tentative,
+        # neighbour discovery through a router waits (the first SYN of an IPv6 test was lost, ~2 s).
+        self.check(side, ["sysctl", "-qw", f"net.ipv6.conf.{ifname}.accept_dad=0"])
         with IPRoute(netns=self.names[side], flags=0) as ipr:
             if lo:
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
@@ -181,13 +199,9 @@ class Topology:
                     kind="veth",
                     peer={"ifname": GATEWAY_INSIDE_IFNAMES[gateway], "net_ns_fd": self.names[gateway]},
                 )
-        with IPRoute(netns=self.names["ga"], flags=0) as ipr:
-            ipr.link(
-                "add",
-                ifname=GATEWAY_OUTSIDE_IFNAMES["ga"],
-                kind="veth",
-                peer={"ifname": GATEWAY_OUTSIDE_IFNAMES["gb"], "net_ns_fd": self.names["gb"]},
-            )
+        for left, right in self.internet_links:
+            with IPRoute(netns=self.names[left[0]], flags=0) as ipr:
+                ipr.link("add", ifname=left[1], kind="veth", peer={"ifname": right[1], "net_ns_fd": self.names[right[0]]})
         for host, gateway in GATEWAY_OF.items():
             self._configure(host, IFNAMES[host], ROUTED_ADDRESSES[host], ROUTED_ADDRESSES6[host])
             self._configure(
@@ -196,24 +210,25 @@ class Topology:
                 GATEWAY_INSIDE_ADDRESSES[gateway],
                 GATEWAY_INSIDE_ADDRESSES6[gateway],
             )
-            self._configure(
-                gateway,
-                GATEWAY_OUTSIDE_IFNAMES[gateway],
-                GATEWAY_OUTSIDE_ADDRESSES[gateway],
-                GATEWAY_OUTSIDE_ADDRESSES6[gateway],
-                lo=False,
-            )
             self.check(host, ["ip", "route", "add", "default", "via", GATEWAY_INSIDE_ADDRESSES[gateway]])
             self.check(host, ["ip", "-6", "route", "add", "default", "via", GATEWAY_INSIDE_ADDRESSES6[gateway]])
-        # Each gateway reaches the other site through the other gateway (no default route: no loop).
-        for gateway, other, site, site6 in (
-            ("ga", "gb", "10.77.2.0/24", "fd77:2::/64"),
-            ("gb", "ga", "10.77.1.0/24", "fd77:1::/64"),
-        ):
-            self.check(gateway, ["ip", "route", "add", site, "via", GATEWAY_OUTSIDE_ADDRESSES[other]])
-            self.check(gateway, ["ip", "-6", "route", "add", site6, "via", GATEWAY_OUTSIDE_ADDRESSES6[other]])
-            self.check(gateway, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-            self.check(gateway, ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+        # Link k of the internet is 10.77.(3+k).0/24 (fd77:(3+k)::/64): .1 on its left end, .2 on its right.
+        chain = ["ga", *self.internet_routers, "gb"]
+        for k, (left, right) in enumerate(self.internet_links):
+            for (side, ifname), host_id in ((left, 1), (right, 2)):
+                self._configure(
+                    side, ifname, f"10.77.{3 + k}.{host_id}", f"fd77:{3 + k}::{host_id}", lo=side not in ("ga", "gb")
+                )
+        # Every node of the chain reaches site A leftwards and site B rightwards (no default route: no loop).
+        for k, node in enumerate(chain):
+            if k > 0:
+                self.check(node, ["ip", "route", "add", "10.77.1.0/24", "via", f"10.77.{2 + k}.1"])
+                self.check(node, ["ip", "-6", "route", "add", "fd77:1::/64", "via", f"fd77:{2 + k}::1"])
+            if k < len(chain) - 1:
+                self.check(node, ["ip", "route", "add", "10.77.2.0/24", "via", f"10.77.{3 + k}.2"])
+                self.check(node, ["ip", "-6", "route", "add", "fd77:2::/64", "via", f"fd77:{3 + k}::2"])
+            self.check(node, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            self.check(node, ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
 
     def check(self, side: str, command: Sequence[str], timeout: float = 30.0, **kwargs: Any) -> str:
         """Run `command` in `side`; its stdout, or LabError with its stderr when it fails."""

@@ -323,6 +323,36 @@ def test_smaller_outside_mtu(sites: Topology, tmp_path: Path) -> None:
         assert rule_packets(sites, side, "filter", "OUTPUT", "--icmp-type 3/4") == 0, side
 
 
+@pytest.fixture
+def far_sites() -> Iterator[Topology]:
+    """a - ga - i1 - i2 - gb - b: two routers on the internet between the gateways."""
+    yield from _topology("nfqgi", gateways=True, internet_routers=2)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "ipv6"])
+def test_path_mtu_beyond_the_gateways(far_sites: Topology, tmp_path: Path, ipv6: bool) -> None:
+    """A 1400-byte link in the middle of the internet, adjacent to neither gateway: no MSS clamp can
+    know it, so the routers' too-big reports must reach the engine (MTU - 20 and the quoted sequence
+    number, toward the inside host) as in host mode."""
+    for side, ifname in far_sites.internet_links[1]:
+        far_sites.set_mtu(side, ifname, 1400)
+    result = http_transfer(
+        far_sites,
+        tmp_path,
+        size=4 * SIZE,
+        ipv6=ipv6,
+        daemon_sides=("ga", "gb"),
+        gateway_sides=("ga", "gb"),
+        capture_at=("gb", far_sites.outside["gb"]),
+        timeout=30,
+    )
+    _assert_encrypted(result, ("ga", "gb"))
+    _assert_clean(far_sites, result)
+    # b's data toward a met the small link: gb rewrote the routers' reports for b.
+    assert result.counters["gb"].get("icmp_rewritten", 0) > 0, result.counters["gb"]
+
+
 @pytest.mark.timeout(60)
 def test_gateway_refuses_unknown_interface(sites: Topology, tmp_path: Path) -> None:
     """A missing or unknown outside interface is a configuration error (exit 2), nothing installed."""
