@@ -298,6 +298,40 @@ def test_gateway_to_gateway_with_loss(sites: Topology, tmp_path: Path, inside_mt
 
 
 @pytest.mark.timeout(90)
+def test_stateful_firewall_on_the_gateways(sites: Topology, tmp_path: Path) -> None:
+    """DESIGN.md §5 on a router: FORWARD policy DROP, INVALID dropped, ESTABLISHED accepted, at 2 % loss.
+
+    The gateway's conntrack sees only plaintext (decrypted before it, encrypted after it), and the
+    plaintext the engine injects toward the inside host is tracked, so nothing is INVALID.
+    """
+    for gateway in ("ga", "gb"):
+        for rule in (
+            ["-P", "FORWARD", "DROP"],
+            ["-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"],
+            ["-A", "FORWARD", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+            ["-A", "FORWARD", "-i", sites.inside[gateway], "-j", "ACCEPT"],
+            ["-A", "FORWARD", "-i", sites.outside[gateway], "-p", "tcp", "--dport", str(HTTP_PORT),
+             "-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT"],
+        ):  # fmt: skip
+            sites.check(gateway, ["iptables", *rule])
+    result = http_transfer(
+        sites,
+        tmp_path,
+        size=4 * SIZE,
+        daemon_sides=("ga", "gb"),
+        gateway_sides=("ga", "gb"),
+        capture_at=("ga", sites.outside["ga"]),
+        wire_loss=0.02,
+        loss_sides=("ga", "gb"),
+        timeout=60,
+    )
+    _assert_encrypted(result, ("ga", "gb"), loss=True)
+    _assert_clean(sites, result)
+    for gateway in ("ga", "gb"):
+        assert rule_packets(sites, gateway, "filter", "FORWARD", "INVALID") == 0, gateway
+
+
+@pytest.mark.timeout(90)
 def test_smaller_outside_mtu(sites: Topology, tmp_path: Path) -> None:
     """An internet link with a smaller MTU (1400) than the sites (1500), as behind PPPoE.
 
