@@ -1,8 +1,9 @@
 """Gateway mode end to end: unmodified hosts behind gateways, real kernels and programs (DESIGN.md §1, §8).
 
-Two shapes from labnet:
+Three shapes from labnet:
 - `Topology(gateways=True)`: a - ga - gb - b. Gateways on ga and gb (`--outside` = the link between
-  them, the "internet"); a and b run no daemon at all.
+  them, the "internet"); a and b run no daemon at all. With `internet_routers=2`,
+  a - ga - i1 - i2 - gb - b (a bottleneck that neither gateway is attached to).
 - `Topology(router=True)`: a - r - b. A gateway on r, and a host-mode daemon (or nothing) on the far
   host: a gateway interoperates with a host-mode daemon, and falls back to plain TCP with a peer that
   does not speak TCP-ENO.
@@ -47,7 +48,7 @@ SIZE = 256 * 1024
 INIT1, INIT2 = "15101a0e", "097105e0"
 
 
-def _topology(tag: str, **shape: bool) -> Iterator[Topology]:
+def _topology(tag: str, **shape: int) -> Iterator[Topology]:
     reason = _unusable_reason()
     if reason is not None:
         if os.environ.get("NFQ_TCPCRYPT_REQUIRE_NETNS") == "1":
