@@ -76,10 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="offer and accept session resumption (default on)",
     )
     run.add_argument(
-        "--resume-nonce-len", type=int, default=None, metavar="N", help="bytes of fresh resumption nonce, 0..8 (default 8)"
+        "--resume-nonce-len", type=int, default=None, metavar="N",
+        help="bytes of fresh resumption nonce, 0..8 (default 8)",
     )
     run.add_argument(
-        "--resume-ttl", type=float, default=None, metavar="S", help="seconds a cached session stays resumable (default 3600)"
+        "--resume-ttl", type=float, default=None, metavar="S",
+        help="seconds a cached session stays resumable (default 3600)",
     )
     run.add_argument(
         "--fail-closed",

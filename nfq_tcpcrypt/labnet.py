@@ -201,7 +201,8 @@ class Topology:
                 )
         for left, right in self.internet_links:
             with IPRoute(netns=self.names[left[0]], flags=0) as ipr:
-                ipr.link("add", ifname=left[1], kind="veth", peer={"ifname": right[1], "net_ns_fd": self.names[right[0]]})
+                peer = {"ifname": right[1], "net_ns_fd": self.names[right[0]]}
+                ipr.link("add", ifname=left[1], kind="veth", peer=peer)
         for host, gateway in GATEWAY_OF.items():
             self._configure(host, IFNAMES[host], ROUTED_ADDRESSES[host], ROUTED_ADDRESSES6[host])
             self._configure(
@@ -437,9 +438,12 @@ class CaptureStats:
 
 @contextlib.contextmanager
 def capture(
-    topo: Topology, side: str, path: Path, timeout: float = 15.0, ifname: str | None = None
+    topo: Topology, side: str, path: Path, timeout: float = 15.0, ifname: str | None = None,
+    bpf: str = "tcp",
 ) -> Iterator[CaptureStats]:
-    """tcpdump (-s 0, every TCP packet) on `side`'s veth (or `ifname`) into `path`; flushed when the block ends."""
+    """tcpdump (-s 0, packets matching `bpf`) on `side`'s veth (or `ifname`) into `path`.
+
+    The file is flushed when the block ends."""
     proc = topo.popen(
         side,
         [
@@ -457,7 +461,7 @@ def capture(
             "root",
             "-w",
             str(path),
-            "tcp",
+            bpf,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -12,7 +12,7 @@ from .flow import Direction, FlowKey
 from .resumption import ResumptionCache
 from .session import Session, State
 from .verdict import ACCEPT, Injection, Verdict
-from .wire.icmp import parse_too_big
+from .wire.icmp import parse_icmp_error
 from .wire.tcp import parse_segment
 
 logger = logging.getLogger(__name__)
@@ -40,8 +40,8 @@ class Engine:
         Remote-caused problems become verdicts and events; only LocalProtocolError (a bug) escapes.
         """
         self.counters["packets"] += 1
-        if direction is Direction.INBOUND and len(packet) >= 40 and packet[9 if packet[0] >> 4 == 4 else 6] in (1, 58):
-            return self._icmp(packet)
+        if len(packet) >= 40 and packet[9 if packet[0] >> 4 == 4 else 6] in (1, 58):
+            return self._icmp(packet, direction)
         try:
             # Wire packets are checked: we rewrite checksums, so we must not launder corruption.
             seg = parse_segment(packet, verify_checksum=direction is Direction.INBOUND)
@@ -69,20 +69,27 @@ class Engine:
             self.counters["rewritten"] += 1
         return verdict
 
-    def _icmp(self, packet: bytes) -> Verdict:
-        """A path-MTU report about one of our segments: translate it to our stack's view."""
+    def _icmp(self, packet: bytes, direction: Direction) -> Verdict:
+        """An ICMP error quoting a segment of a session: translate it between the byte spaces.
+
+        INBOUND errors quote one of our wire packets (a router's report); OUTBOUND ones come from
+        this host's own kernel and quote a decrypted packet, plaintext that must not leave as is.
+        """
         try:
-            message = parse_too_big(packet)
+            message = parse_icmp_error(packet)
             if message is None:
                 return ACCEPT
             src, dst, sport, dport, _, _ = message.quoted_tcp
         except MalformedSegment:
             return ACCEPT
-        session = self._sessions.get(FlowKey(src, sport, dst, dport))
-        if session is None:
-            return ACCEPT
-        verdict = session.too_big(message)
-        self.counters["icmp_rewritten" if verdict.packet is not None else "icmp_" + verdict.action.value] += 1
+        if direction is Direction.INBOUND:
+            session = self._sessions.get(FlowKey(src, sport, dst, dport))
+            verdict = session.icmp_in(message) if session is not None else ACCEPT
+        else:
+            session = self._sessions.get(FlowKey(dst, dport, src, sport))
+            verdict = session.icmp_out(message) if session is not None else ACCEPT
+        if session is not None:
+            self.counters["icmp_rewritten" if verdict.packet is not None else "icmp_" + verdict.action.value] += 1
         return verdict
 
     def _open(self, flow: FlowKey, seg, direction: Direction, now: float) -> Verdict:  # type: ignore[no-untyped-def]

@@ -310,6 +310,15 @@ class RecvStream:
             self.ack_floor = wire
         return self.ack_floor  # never below an ACK we already sent
 
+    def plain_to_wire(self, plain: int) -> int:
+        """Wire offset near plain offset `plain` of delivered data (exact at frame boundaries)."""
+        best_plain, best_wire = self.checkpoints[0]
+        for point_plain, point_wire in self.checkpoints:
+            if point_plain > plain:
+                break
+            best_plain, best_wire = point_plain, point_wire
+        return best_wire + (plain - best_plain)
+
     def ack_delivered(self) -> int:
         """Acknowledge on the wire everything delivered to our stack, acknowledged by it or not.
 

@@ -41,7 +41,7 @@ from .seqmap import RecvStream, SendStream, to_offset, to_seq
 from .translate import StreamTranslation
 from .verdict import DROP, Action, Injection, Verdict
 from .wire.eno import parse_eno
-from .wire.icmp import TooBig, serialize_too_big
+from .wire.icmp import IcmpError, serialize_icmp_error
 from .wire.tcp import (
     Segment,
     clamp_mss,
@@ -261,6 +261,11 @@ class Session(StreamTranslation):
             # RFC 8547 §4.7: tcpcrypt defines no SYN data; a SYN with data or TFO stays plain.
             self._fall_back("syn carries data or tcp fast open")
             return Verdict(Action.ACCEPT)
+        if eno.eno_options(options):
+            # Our side speaks TCP-ENO itself (a host-mode daemon or a kernel behind a gateway):
+            # leave the connection to it, never encrypt twice.
+            self._fall_back("our side negotiates tcp-eno itself")
+            return Verdict(Action.ACCEPT)
         flow = self.flow
         no_resume, self._no_cache = self.config.flags_for(flow.remote_ip, flow.local_port, flow.remote_port)
         resume = None
@@ -315,7 +320,7 @@ class Session(StreamTranslation):
             return Verdict(Action.ACCEPT)
         self._set_state(Trigger.SYN_RECEIVED)
         self.wire_mss = mss(options) or self.wire_mss
-        seg.options = serialize_options(clamp_mss(options, FRAME_OVERHEAD))
+        seg.options = _toward_stack(options)
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
     def _syn_out(self, seg: Segment) -> Verdict:
@@ -371,7 +376,7 @@ class Session(StreamTranslation):
         elif not self.is_translating and self.state != State.ENO_RECEIVED:
             return Verdict(Action.ACCEPT)
         # The SYN or SYN-ACK reaches our stack with the MSS clamped (DESIGN.md §3).
-        seg.options = serialize_options(clamp_mss(options, FRAME_OVERHEAD))
+        seg.options = _toward_stack(options)
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
     def _peer_syn_eno(self) -> bytes:
@@ -652,9 +657,10 @@ class Session(StreamTranslation):
                 self.closed_at = now
                 self._emit(SessionClosed(self.flow, "fin both ways"))
 
-    def too_big(self, message: TooBig) -> Verdict:
-        """RFC 1191 / RFC 4443 §3.2 toward our stack: the MTU less the frame overhead, and the
-        quoted sequence number in plain space, so that our stack accepts the report (DESIGN.md §3).
+    def icmp_in(self, message: IcmpError) -> Verdict:
+        """An ICMP error from the network about one of our wire packets, toward our stack: the
+        quoted sequence number in plain space, so that our stack accepts it (DESIGN.md §3); for a
+        too-big report (RFC 1191 / RFC 4443 §3.2) also the MTU less the frame overhead.
 
         Host mode shares one route cache between our stack and the wire packets: once the stack
         believes MTU - 20, the kernel would refuse our wire packets of MTU bytes (and report that
@@ -666,20 +672,36 @@ class Session(StreamTranslation):
         send = self.send
         if not self.is_translating or send is None:
             return Verdict(Action.ACCEPT)
-        if self.pmtu is not None and message.src == self.flow.local_ip:
+        if message.is_too_big and self.pmtu is not None and message.src == self.flow.local_ip:
             return DROP  # our kernel about a wire packet sent before the switch: stale
         *_, at, seq = message.quoted_tcp
         plain = send.wire_to_plain(to_offset(seq, send.base, send.acked_wire))
         quote = bytearray(message.quote)
         struct.pack_into("!I", quote, at, to_seq(plain, send.base))
         message.quote = bytes(quote)
-        # Frames already logged keep their size; resent, they are split to fit the new path MTU
-        # (IP header, TCP header and up to 20 bytes of TCP options).
-        ip_header = 20 if message.icmp_type == 3 else 40
-        self.wire_mss = max(min(self.wire_mss, message.mtu - ip_header - 40), 64)
-        self.pmtu = message.mtu if self.pmtu is None else min(self.pmtu, message.mtu)
-        message.mtu = max(message.mtu - FRAME_OVERHEAD, 68 if message.icmp_type == 3 else 1280)
-        return Verdict(Action.ACCEPT, serialize_too_big(message))
+        if message.is_too_big:
+            # Frames already logged keep their size; resent, they are split to fit the new path
+            # MTU (IP header, TCP header and up to 20 bytes of TCP options).
+            ip_header = 20 if len(message.src) == 4 else 40
+            self.wire_mss = max(min(self.wire_mss, message.mtu - ip_header - 40), 64)
+            self.pmtu = message.mtu if self.pmtu is None else min(self.pmtu, message.mtu)
+            message.mtu = max(message.mtu - FRAME_OVERHEAD, 68 if len(message.src) == 4 else 1280)
+        return Verdict(Action.ACCEPT, serialize_icmp_error(message))
+
+    def icmp_out(self, message: IcmpError) -> Verdict:
+        """An ICMP error from this host's kernel about a packet we decrypted, toward the wire
+        (a gateway whose inside host is unreachable, say): its quote would carry plaintext. Only
+        the quoted IP header and the first 8 TCP bytes (ports, sequence number) go out, the
+        sequence number in wire space (RFC 792 asks for no more than that)."""
+        recv = self.recv
+        if not self.is_translating or recv is None:
+            return Verdict(Action.ACCEPT)
+        *_, at, seq = message.quoted_tcp
+        quote = bytearray(message.quote[: at + 4])
+        plain = to_offset(seq, recv.base, recv.plain_next)
+        struct.pack_into("!I", quote, at, to_seq(recv.plain_to_wire(plain), recv.base))
+        message.quote = bytes(quote)
+        return Verdict(Action.ACCEPT, serialize_icmp_error(message))
 
     # ------------------------------------------------------------------ reporting
 
@@ -703,3 +725,10 @@ class Session(StreamTranslation):
             "rekeys": self.rekeys,
             "generation": [self.send.gen, self.recv.gen] if self.send and self.recv else [0, 0],
         }
+
+
+def _toward_stack(options: list[tuple[int, bytes]]) -> bytes:
+    """A SYN's options as our side gets them: the MSS lowered by a frame's overhead (DESIGN.md §3),
+    and the peer's ENO option removed, which is ours to answer, not our side's."""
+    kept = [(kind, raw) for kind, raw in options if kind not in (ENO_OPTION_KIND, TCPOPT_NOP)]
+    return serialize_options(clamp_mss(kept, FRAME_OVERHEAD))

@@ -2,9 +2,10 @@
 
 The templates live in `iptables/` at the top of the source tree (`host.rules` for IPv4, `host6.rules`
 for IPv6; `gateway.rules` and `gateway6.rules` in gateway mode, where a line naming `$outside` is
-repeated once per outside interface). They are applied with `iptables-restore --noflush`, so nothing else in the tables is
-touched. Removal is derived from the rendered text itself: every rule added to a built-in chain is
-deleted with the same specification, then every chain the template declared is flushed and deleted.
+repeated once per outside interface). They are applied with `iptables-restore --noflush`, so
+nothing else in the tables is touched. Removal is derived from the rendered text itself: every rule
+added to a built-in chain is deleted with the same specification, then every chain the template
+declared is flushed and deleted.
 """
 
 from __future__ import annotations

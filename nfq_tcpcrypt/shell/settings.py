@@ -195,7 +195,9 @@ def _check_mode(options: DaemonOptions) -> None:
     if options.mode not in MODES:
         raise ConfigError(f"unknown mode {options.mode!r}; known: {', '.join(MODES)}")
     if options.mode == "gateway" and not options.outside:
-        raise ConfigError("gateway mode needs --outside IF[,IF...] (config key outside): the interfaces toward the wire")
+        raise ConfigError(
+            "gateway mode needs --outside IF[,IF...] (config key outside): the interfaces toward the wire"
+        )
     if options.mode == "host" and options.outside:
         raise ConfigError(f"outside ({','.join(options.outside)}) is for gateway mode only (--mode gateway)")
     bad = [name for name in options.outside if not valid_ifname(name)]

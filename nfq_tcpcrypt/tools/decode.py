@@ -333,7 +333,8 @@ class _Direction:
             return
         left = len(self.buf) - self.pos
         if self.mode == "init":
-            self.problem("init-lost", "the init message is incomplete: its bytes are in a gap", self.buf_offset + self.pos)
+            where = self.buf_offset + self.pos
+            self.problem("init-lost", "the init message is incomplete: its bytes are in a gap", where)
             self.conn.init_lost(self)
         elif left:
             self.problem("frame-lost", f"frame at offset {self.buf_offset + self.pos} is cut by the gap",
@@ -601,7 +602,8 @@ class _Direction:
         if rep.plaintext_bytes or rep.verified or rep.framing == "raw":
             rep.plaintext_sha256 = self.sha.hexdigest()
             rep.plaintext_complete = self.complete and rep.failed == 0 and rep.undecrypted == 0
-        if self.conn.keys == "ready" and rep.fin_offset is not None and rep.finp_offset is None and rep.framing != "raw":
+        fin_without_finp = rep.fin_offset is not None and rep.finp_offset is None
+        if self.conn.keys == "ready" and fin_without_finp and rep.framing != "raw":
             self.problem("fin-without-finp", "tcp FIN without a FINp frame (truncation?)", rep.fin_offset)
         if self.out is not None:
             self.out.close()
@@ -745,7 +747,8 @@ class _Connection:
             return "unknown", "the capture does not hold the SYN and SYN-ACK: negotiation unknown"
         syn, synack = self.syn_eno, self.synack_eno
         if syn is None:
-            return "plain", "the SYN carries no valid ENO option" if self.syn_eno_error else "the SYN carries no ENO option"
+            reason = "the SYN carries no valid ENO option" if self.syn_eno_error else "the SYN carries no ENO option"
+            return "plain", reason
         if synack is None:
             return "plain", "the SYN-ACK carries no ENO option (the server does not speak TCP-ENO or declined)"
         if syn.b == synack.b:
@@ -1084,7 +1087,8 @@ def render_text(report: DecodeReport) -> str:
                 lines.append(f"  keys: none ({c.key_problem or 'no key log'})")
         for d in c.directions:
             lines.append(f"  {d.side} {d.sender} -> {d.receiver}{f' (role {d.role})' if d.role else ''}: "
-                         f"{d.stream_bytes} bytes{'' if d.offsets_exact else ' (offsets relative to the first byte seen)'}"
+                         f"{d.stream_bytes} bytes"
+                         f"{'' if d.offsets_exact else ' (offsets relative to the first byte seen)'}"
                          f"{f', {d.repeated_bytes} repeated' if d.repeated_bytes else ''}"
                          f"{f', {len(d.gaps)} gap(s)' if d.gaps else ''}"
                          f"{', FIN' if d.fin_offset is not None else ''}{', RST' if d.rst else ''}")

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from nfq_tcpcrypt.core.flow import Direction
 from nfq_tcpcrypt.core.verdict import Action
-from nfq_tcpcrypt.core.wire.icmp import TooBig, parse_too_big, serialize_too_big
+from nfq_tcpcrypt.core.wire.icmp import IcmpError, parse_icmp_error, serialize_icmp_error
 from nfq_tcpcrypt.core.wire.ip import checksum_fold, new_ip_header
 from nfq_tcpcrypt.core.wire.tcp import parse_segment
-from tests.core.tcpmodel import A_IP, Pair
+from tests.core.tcpmodel import A_IP, B_IP, Pair
 
 
 def _frag_needed(quoted: bytes, mtu: int, src: bytes = bytes([10, 77, 0, 254])) -> bytes:
     header = bytearray(new_ip_header(src, A_IP))
     header[9] = 1  # ICMP
-    msg = TooBig(bytes(header), src, A_IP, 3, 4, mtu, quoted[:28])
-    return serialize_too_big(msg)
+    msg = IcmpError(bytes(header), src, A_IP, 3, 4, mtu, quoted[:28])
+    return serialize_icmp_error(msg)
 
 
 def test_frag_needed_is_translated():
@@ -27,7 +27,7 @@ def test_frag_needed_is_translated():
     icmp = _frag_needed(quoted, 1400)
     assert checksum_fold(icmp[20:]) == 0xFFFF  # a valid ICMP checksum
     verdict = pair.engine_a.process(icmp, Direction.INBOUND, pair.now)
-    out = parse_too_big(verdict.packet)
+    out = parse_icmp_error(verdict.packet)
     assert out.mtu == 1380
     wire_seq = parse_segment(quoted).seq
     _, _, _, _, _, plain_seq = out.quoted_tcp
@@ -59,3 +59,32 @@ def test_frag_needed_is_translated():
     sizes = [len(parse_segment(p).payload) for p in pair.wire[before:] if parse_segment(p).src == A_IP]
     assert sizes and max(sizes) <= 1400 - 20 - 40
     assert bytes(pair.b.received) == b"z" * 20000 + b"y" * 5000
+
+
+def test_icmp_error_from_our_kernel_quotes_no_plaintext():
+    # A gateway's kernel that cannot forward a decrypted packet to its inside host answers the
+    # peer with ICMP host unreachable, quoting that packet: plaintext. Only the IP header and the
+    # first 8 TCP bytes may leave, with the sequence number in wire space.
+    pair = Pair(seed=b"icmp-out")
+    pair.open()
+    lost = []  # the decrypted packet B's "inside" never got (so it is not acknowledged either)
+    receive = pair.b.receive
+
+    def unreachable(packet):
+        if not lost and b"secret plaintext" in parse_segment(packet).payload:
+            lost.append(packet)
+            return
+        receive(packet)
+
+    pair.b.receive = unreachable
+    pair.a.write(b"secret plaintext " * 200)
+    pair.run(max_time=0.05)
+    quoted = lost[0]
+    header = bytearray(new_ip_header(B_IP, A_IP))
+    header[9] = 1
+    icmp = serialize_icmp_error(IcmpError(bytes(header), B_IP, A_IP, 3, 1, 0, quoted[:548]))
+    verdict = pair.engine_b.process(icmp, Direction.OUTBOUND, pair.now)
+    out = parse_icmp_error(verdict.packet)
+    assert len(out.quote) == 28 and b"secret" not in verdict.packet
+    wire_seqs = {parse_segment(p).seq for p in pair.wire if parse_segment(p).src == A_IP}
+    assert out.quoted_tcp[5] in wire_seqs and out.quoted_tcp[5] != parse_segment(quoted).seq

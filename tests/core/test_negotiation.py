@@ -176,3 +176,29 @@ def test_retransmitted_synack_keeps_its_eno_option():
     verdict = pair.engine_b.process(synack, Direction.OUTBOUND, pair.now)
     options = parse_options(parse_segment(verdict.packet).options)
     assert [raw for kind, raw in options if kind == 69] == [bytes.fromhex("45040123")]
+
+
+def test_peer_eno_option_is_not_passed_to_our_side():
+    pair = Pair(seed=b"strip")
+    seen = []
+    receive = pair.b.receive
+    pair.b.receive = lambda packet: (seen.append(packet), receive(packet))[1]
+    pair.open()
+    syn = parse_segment(seen[0])
+    assert syn.is_syn and not any(kind == 69 for kind, _ in parse_options(syn.options))
+    assert pair.engine_b.session_table()[0]["role"] == "B"
+
+
+def test_our_side_speaking_eno_itself_is_left_alone():
+    from nfq_tcpcrypt.core.engine import Engine
+    from nfq_tcpcrypt.core.wire.tcp import new_segment, serialize_segment
+
+    engine = Engine(seeded_config(b"nested"))
+    options = b"\x02\x04\x05\xb4\x45\x03\x23\x00"  # MSS, and an ENO option of our side's own
+    syn = serialize_segment(new_segment(A_IP, B_IP, 40000, 80, 1, 0, 0x02, 1000, options))
+    verdict = engine.process(syn, Direction.OUTBOUND, 0.0)
+    assert verdict.packet is None  # untouched
+    events = []
+    while (event := engine.next_event()) is not None:
+        events.append(event)
+    assert any(isinstance(e, FellBackToPlain) and "tcp-eno itself" in e.reason for e in events)

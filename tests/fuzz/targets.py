@@ -18,7 +18,7 @@ from nfq_tcpcrypt.core.errors import LocalProtocolError, TcpcryptError
 from nfq_tcpcrypt.core.flow import Direction
 from nfq_tcpcrypt.core.seqmap import RecvStream
 from nfq_tcpcrypt.core.wire.eno import parse_eno
-from nfq_tcpcrypt.core.wire.icmp import parse_too_big
+from nfq_tcpcrypt.core.wire.icmp import parse_icmp_error
 from nfq_tcpcrypt.core.wire.tcp import parse_options, parse_segment
 from nfq_tcpcrypt.core.wire.tcpcrypt import parse_init1, parse_init2
 
@@ -28,7 +28,7 @@ _CIPHER = FrameCipher(Aead.AES_128_GCM, bytes(28))
 def packet_target(data: bytes) -> None:
     """IP/TCP, options, ENO and ICMP parsing of arbitrary bytes."""
     try:
-        parse_too_big(data)
+        parse_icmp_error(data)
         seg = parse_segment(data, verify_checksum=True)
     except TcpcryptError:
         return

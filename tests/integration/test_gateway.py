@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,8 +112,8 @@ def _assert_encrypted(result: TransferResult, sides: tuple[str, str], loss: bool
 def _assert_plain_inside(result: TransferResult, client_inside: bool = True) -> None:
     """The inside link carries the hosts' own plaintext TCP: no ENO from the host, no Init messages.
 
-    Only the inside host's own handshake segment is checked for ENO: the one the gateway forwards
-    from the wire still carries the peer's option (the engine leaves it; a plain stack ignores it).
+    The inside host's own handshake segment must carry no ENO; the gateway removes the peer's
+    option from the one it forwards from the wire.
     """
     inside = result.inside_wire
     assert inside is not None
@@ -241,7 +242,7 @@ def test_sigterm_removes_gateway_rules(sites: Topology, tmp_path: Path, fail_clo
     assert len(queue_rules) == 4, lines  # inbound and outbound, IPv4 and IPv6
     assert all(("--queue-bypass" in line) != fail_closed for line in queue_rules), queue_rules
     assert sum(f"-i {outside} -p tcp" in line for line in lines) == 2, lines
-    assert sum(f"-o {outside} -p tcp" in line and "NFQUEUE" in line for line in lines) == 2, lines
+    assert sum(f"-o {outside} -p tcp -j NFQ_TCPCRYPT_OUTQ" in line for line in lines) == 2, lines
     assert sum(f"-o {outside} -p tcp" in line and "TCPMSS --clamp-mss-to-pmtu" in line for line in lines) == 2
     assert not any(f" {sites.inside['ga']} " in line for line in lines), lines
     assert sum("--notrack" in line for line in lines) == 2, lines
@@ -401,3 +402,47 @@ def test_gateway_refuses_unknown_interface(sites: Topology, tmp_path: Path) -> N
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr, (args, result.stderr)
     assert _all_rules(sites, "ga") == []
+
+
+@pytest.mark.timeout(90)
+def test_icmp_errors_about_decrypted_packets_quote_no_plaintext(sites: Topology, tmp_path: Path) -> None:
+    """gb cannot forward a decrypted packet to b (an unreachable route): its kernel's ICMP host
+    unreachable would quote the plaintext; the engine cuts the quote to the IP header and 8 TCP
+    bytes (sequence number in wire space) before it leaves through the outside interface."""
+    from scapy.all import ICMP, IP, rdpcap
+
+    daemons = [
+        start_daemon(sites, g, tmp_path, ["--outside", sites.outside[g]], mode="gateway") for g in ("ga", "gb")
+    ]
+    marker = b"PLAINTEXT-MARKER-" * 40
+    b_addr = sites.addresses["b"]
+    server = sites.popen("b", [sys.executable, "-c", (
+        "import socket, time\n"
+        f"s = socket.create_server(('{b_addr}', 9000))\n"
+        "c, _ = s.accept(); c.recv(100); time.sleep(6)\n")])
+    pcap = tmp_path / "outside.pcap"
+    try:
+        with capture(sites, "ga", pcap, ifname=sites.outside["ga"], bpf="icmp or tcp"):
+            client = sites.popen("a", [sys.executable, "-c", (
+                "import socket, sys, time\n"
+                f"c = socket.create_connection(('{b_addr}', 9000), timeout=5)\n"
+                "c.sendall(b'hello'); time.sleep(1.5)\n"
+                f"c.sendall({marker!r}); time.sleep(2)\n")])
+            time.sleep(0.8)
+            sites.check("gb", ["ip", "route", "add", "unreachable", f"{b_addr}/32"])
+            client.wait(timeout=20)
+        counters = daemons[1].counters()
+    finally:
+        server.kill()
+        server.wait(timeout=5)
+        stops = [d.stop() for d in daemons]
+    packets = rdpcap(str(pcap))
+    errors = [p for p in packets if ICMP in p and p[ICMP].type == 3]
+    assert errors, "gb sent no host unreachable"
+    for error in errors:
+        quote = bytes(error[ICMP].payload)
+        assert len(quote) == 28, len(quote)  # IP header + 8 bytes of TCP
+        assert IP in error
+    assert b"PLAINTEXT-MARKER" not in pcap.read_bytes()
+    assert counters.get("engine.icmp_rewritten", counters.get("icmp_rewritten", 0)) >= 1, counters
+    assert stops == [0, 0]

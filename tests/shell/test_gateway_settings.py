@@ -48,20 +48,26 @@ class TestGatewayRules:
             if family == "ipv4"
             else "-p ipv6-icmp --icmpv6-type packet-too-big"
         )
+        icmp_out = (
+            "-p icmp --icmp-type destination-unreachable"
+            if family == "ipv4"
+            else "-p ipv6-icmp --icmpv6-type destination-unreachable"
+        )
         # The hooks of host mode (DESIGN.md §5), restricted to the outside interfaces.
         assert "-I PREROUTING 1 -j NFQ_TCPCRYPT_PRE_7100" in text
         assert "-I POSTROUTING 1 -j NFQ_TCPCRYPT_POST_7100" in text
         for name in ("wan0", "wan1"):
             assert f"-A NFQ_TCPCRYPT_PRE_7100 -i {name} -p tcp -j NFQ_TCPCRYPT_INQ_7100" in text
             assert f"-A NFQ_TCPCRYPT_PRE_7100 -i {name} {icmp} -j NFQ_TCPCRYPT_INQ_7100" in text
-            assert f"-A NFQ_TCPCRYPT_POST_7100 -o {name} -p tcp -j NFQUEUE --queue-num 7101 --queue-bypass" in text
+            assert f"-A NFQ_TCPCRYPT_POST_7100 -o {name} -p tcp -j NFQ_TCPCRYPT_OUTQ_7100" in text
+            # our kernel's ICMP errors about decrypted packets go through the engine too (plaintext quotes)
+            assert f"-A NFQ_TCPCRYPT_POST_7100 -o {name} {icmp_out} -j NFQ_TCPCRYPT_OUTQ_7100" in text
+        assert "-A NFQ_TCPCRYPT_OUTQ_7100 -j NFQUEUE --queue-num 7101 --queue-bypass" in text
         assert f"-A NFQ_TCPCRYPT_PRE_7100 -i lo {icmp} -j NFQ_TCPCRYPT_INQ_7100" in text
         # SYNs toward the wire: MSS clamped to the outside route's MTU, then queued.
         clamp = "-A NFQ_TCPCRYPT_POST_7100 -o wan0 -p tcp --tcp-flags SYN,RST SYN -j TCPMSS --clamp-mss-to-pmtu"
         lines = text.splitlines()
-        assert lines.index(clamp) < lines.index(
-            "-A NFQ_TCPCRYPT_POST_7100 -o wan0 -p tcp -j NFQUEUE --queue-num 7101 --queue-bypass"
-        )
+        assert lines.index(clamp) < lines.index("-A NFQ_TCPCRYPT_POST_7100 -o wan0 -p tcp -j NFQ_TCPCRYPT_OUTQ_7100")
         # Every TCP rule names an outside interface: nothing else is queued.
         assert not any(" -p tcp" in line and " -i " not in line and " -o " not in line for line in text.splitlines())
         # Loopback and both marks are never queued; only the wire mark is notracked.

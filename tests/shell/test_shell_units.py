@@ -66,7 +66,9 @@ class TestRules:
             "*mangle",
             "-D POSTROUTING -j NFQ_TCPCRYPT_POST_7100",
             "-F NFQ_TCPCRYPT_POST_7100",
+            "-F NFQ_TCPCRYPT_OUTQ_7100",
             "-X NFQ_TCPCRYPT_POST_7100",
+            "-X NFQ_TCPCRYPT_OUTQ_7100",
             "COMMIT",
         ]
 

@@ -79,7 +79,8 @@ def write_pcapng(path: Path, packets: list[bytes], linktype: int = 101) -> str:
 def ethernet(packet: bytes) -> bytes:
     """Wrap an IP packet in an Ethernet II header, with an 802.1Q tag to be thorough."""
     ethertype = 0x0800 if packet[0] >> 4 == 4 else 0x86DD
-    return b"\x02\x00\x00\x00\x00\x02" + b"\x02\x00\x00\x00\x00\x01" + struct.pack("!HHH", 0x8100, 7, ethertype) + packet
+    macs = b"\x02\x00\x00\x00\x00\x02" + b"\x02\x00\x00\x00\x00\x01"
+    return macs + struct.pack("!HHH", 0x8100, 7, ethertype) + packet
 
 
 def sll(packet: bytes) -> bytes:

@@ -89,7 +89,8 @@ def test_fresh_session_decrypted_with_key_log(tmp_path, fresh):
     assert client.isn == parse_segment(fresh.wire[0]).seq
     # the first frame of A follows Init1 directly (frame-ID offsets count the Init bytes)
     assert client.finp_offset == client.stream_bytes - 3 - client.clen_min
-    assert client.rekeys == [] and client.verified == len(data_packets(fresh.wire)) - 1  # one frame per packet after init1
+    # one frame per packet after init1
+    assert client.rekeys == [] and client.verified == len(data_packets(fresh.wire)) - 1
 
 
 def test_without_key_log_framing_only(tmp_path, fresh):
@@ -287,7 +288,8 @@ def test_init1_with_bad_magic_and_bad_length(tmp_path, fresh):
     index = data_packets(packets)[0]
     init1 = bytearray(parse_segment(packets[index]).payload)
     bad_magic = bytes(4) + init1[4:]
-    report = _decode(tmp_path, fresh, packets[:index] + [with_payload(packets[index], bad_magic)] + packets[index + 1 :])
+    damaged = packets[:index] + [with_payload(packets[index], bad_magic)] + packets[index + 1 :]
+    report = _decode(tmp_path, fresh, damaged)
     conn = report.connections[0]
     assert "malformed-init" in _kinds(conn) and conn.session_id is None
     assert conn.directions[0].framing_valid is False
