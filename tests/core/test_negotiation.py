@@ -202,3 +202,24 @@ def test_our_side_speaking_eno_itself_is_left_alone():
     while (event := engine.next_event()) is not None:
         events.append(event)
     assert any(isinstance(e, FellBackToPlain) and "tcp-eno itself" in e.reason for e in events)
+
+
+def test_ecn_setup_syns_negotiate_like_any_other():
+    # RFC 3168 §6.1.1: an ECN-setup SYN carries ECE and CWR, the SYN-ACK ECE; ENO is unaffected
+    # and the flags reach the other side unchanged.
+    from nfq_tcpcrypt.core.constants import TCP_CWR, TCP_ECE
+    from nfq_tcpcrypt.core.wire.tcp import serialize_segment
+
+    pair = Pair(seed=b"ecn")
+    pair.b.listen()
+    pair.a.connect(B_IP, 80)
+    syn = parse_segment(pair.a.out[0])
+    syn.flags |= TCP_ECE | TCP_CWR
+    pair.a.out[0] = serialize_segment(syn)
+    pair.run()
+    pair.talk(b"ecn" * 1000, b"ok")
+    assert bytes(pair.b.received) == b"ecn" * 1000
+    wire_syn = parse_segment(pair.wire[0])
+    assert wire_syn.flags & (TCP_ECE | TCP_CWR) == TCP_ECE | TCP_CWR
+    assert any(kind == 69 for kind, _ in parse_options(wire_syn.options))
+    assert pair.engine_a.session_table()[0]["session_id"] == pair.engine_b.session_table()[0]["session_id"]
