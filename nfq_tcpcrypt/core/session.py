@@ -633,8 +633,10 @@ class Session(StreamTranslation):
             raise exc
         if exc.disposition == Disposition.DROP_SEGMENT:
             return DROP
-        if exc.disposition == Disposition.PASS_THROUGH and self.state in (State.ENO_SENT, State.ENO_RECEIVED):
-            self._fall_back(str(exc))
+        if not self.is_translating:
+            # Before encryption starts every failure falls back to plain TCP (RFC 8547 §4.6).
+            if self.state in (State.ENO_SENT, State.ENO_RECEIVED):
+                self._fall_back(str(exc))
             return Verdict(Action.ACCEPT)
         self._abort(str(exc), now)
         return DROP
