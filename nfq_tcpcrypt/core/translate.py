@@ -227,7 +227,8 @@ class StreamTranslation:
         redeliver = b""
         if seg.is_fin and recv.fin_seen is None:
             recv.fin_seen = wire + len(data)
-        if data and not recv.add(wire, data, self.config.ooo_limit):
+        added = bool(data) and recv.add(wire, data, self.config.ooo_limit)
+        if data and not added:
             if send.cipher is not None and not send.prefix_acked:
                 self._send_prefix(now)
             if wire + len(data) <= recv.wire_next and recv.local_ack < recv.plain_next - recv.fin_delivered:
@@ -239,7 +240,7 @@ class StreamTranslation:
         if recv.fin_seen is not None and recv.fin_at is None and recv.wire_next == recv.fin_seen:
             recv.fin_at = recv.fin_seen
         consumed = recv.buf_start
-        out = self._drain(now)
+        out = self._drain(now) if added else b""  # frames only complete when bytes arrive
         consumed = recv.buf_start > consumed
         if out:
             recv.remember(plain_start, out)

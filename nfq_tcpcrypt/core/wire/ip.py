@@ -57,10 +57,12 @@ def parse_ip(packet: bytes) -> tuple[int, int, bytes, bytes]:
 
 
 def pseudo_header_sum(src: bytes, dst: bytes, length: int, proto: int = IPPROTO_TCP) -> int:
-    """Fold of the upper-layer pseudo-header (RFC 9293 §3.1, RFC 8200 §8.1)."""
-    if len(src) == 4:
-        return checksum_fold(src + dst + struct.pack("!xBH", proto, length))
-    return checksum_fold(src + dst + struct.pack("!I3xB", length, proto))
+    """Sum of the upper-layer pseudo-header (RFC 9293 §3.1, RFC 8200 §8.1), not yet folded.
+
+    The addresses fold as one big integer; protocol and length are 16-bit words of their own (an
+    IPv6 length above 65535 spans two words, which `length` as a plain number adds up the same).
+    """
+    return int.from_bytes(src + dst, "big") % 0xFFFF + proto + length
 
 
 def serialize_ip_header(template: bytes, payload_len: int) -> bytes:

@@ -97,17 +97,18 @@ def serialize_segment(seg: Segment) -> bytes:
     if len(options) & 3:
         options = options + bytes(4 - (len(options) & 3))  # EOL padding
     doff = 20 + len(options)
-    tcp = bytearray(
-        _TCP.pack(
-            seg.sport, seg.dport, seg.seq & 0xFFFFFFFF, seg.ack & 0xFFFFFFFF, (doff // 4) << 4,
-            seg.flags, seg.window, 0, seg.urgent,
-        )
+    tcp_len = doff + len(seg.payload)
+    ihl = len(seg.ip_header)
+    packet = bytearray(serialize_ip_header(seg.ip_header, tcp_len))
+    packet += _TCP.pack(
+        seg.sport, seg.dport, seg.seq & 0xFFFFFFFF, seg.ack & 0xFFFFFFFF, (doff // 4) << 4,
+        seg.flags, seg.window, 0, seg.urgent,
     )
-    tcp += options
-    tcp += seg.payload
-    total = pseudo_header_sum(seg.src, seg.dst, len(tcp)) + checksum_fold(tcp)
-    struct.pack_into("!H", tcp, 16, finish_checksum(total))
-    return serialize_ip_header(seg.ip_header, len(tcp)) + bytes(tcp)
+    packet += options
+    packet += seg.payload
+    total = pseudo_header_sum(seg.src, seg.dst, tcp_len) + checksum_fold(memoryview(packet)[ihl:])
+    struct.pack_into("!H", packet, ihl + 16, finish_checksum(total))
+    return bytes(packet)
 
 
 def new_segment(
