@@ -266,6 +266,28 @@ def test_rules_remove_after_sigkill_gateway(sites: Topology, tmp_path: Path) -> 
     assert _all_rules(sites, "ga") == []
 
 
+def _between_gateways(
+    topo: Topology, tmp_path: Path, capture_side: str, loss: float = 0.0, ipv6: bool = False
+) -> TransferResult:
+    """1 MiB between the unmodified hosts of two sites, gateways on both sides, optionally with
+    random loss on the link between the gateways; checked encrypted and clean."""
+    lossy = {"wire_loss": loss, "loss_sides": ("ga", "gb")} if loss else {}
+    result = http_transfer(
+        topo,
+        tmp_path,
+        size=4 * SIZE,
+        ipv6=ipv6,
+        daemon_sides=("ga", "gb"),
+        gateway_sides=("ga", "gb"),
+        capture_at=(capture_side, topo.outside[capture_side]),
+        timeout=60 if loss else 30,
+        **lossy,
+    )
+    _assert_encrypted(result, ("ga", "gb"), loss=bool(loss))
+    _assert_clean(topo, result)
+    return result
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("inside_mtu", [1500, 1400])
 def test_gateway_to_gateway_with_loss(sites: Topology, tmp_path: Path, inside_mtu: int) -> None:
@@ -280,19 +302,7 @@ def test_gateway_to_gateway_with_loss(sites: Topology, tmp_path: Path, inside_mt
         sites.set_mtu("ga", sites.inside["ga"], inside_mtu)
     for side in ("ga", "gb"):  # counts what the gateway's kernel refuses to forward for size
         sites.check(side, ["iptables", "-I", "OUTPUT", "-p", "icmp", "--icmp-type", "fragmentation-needed"])
-    result = http_transfer(
-        sites,
-        tmp_path,
-        size=4 * SIZE,
-        daemon_sides=("ga", "gb"),
-        gateway_sides=("ga", "gb"),
-        capture_at=("gb", sites.outside["gb"]),
-        wire_loss=0.02,
-        loss_sides=("ga", "gb"),
-        timeout=60,
-    )
-    _assert_encrypted(result, ("ga", "gb"), loss=True)
-    _assert_clean(sites, result)
+    result = _between_gateways(sites, tmp_path, capture_side="gb", loss=0.02)
     for side in ("ga", "gb"):
         assert rule_packets(sites, side, "filter", "OUTPUT", "--icmp-type 3/4") == 0, side
     if inside_mtu != 1500:
@@ -316,19 +326,7 @@ def test_stateful_firewall_on_the_gateways(sites: Topology, tmp_path: Path) -> N
              "-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT"],
         ):  # fmt: skip
             sites.check(gateway, ["iptables", *rule])
-    result = http_transfer(
-        sites,
-        tmp_path,
-        size=4 * SIZE,
-        daemon_sides=("ga", "gb"),
-        gateway_sides=("ga", "gb"),
-        capture_at=("ga", sites.outside["ga"]),
-        wire_loss=0.02,
-        loss_sides=("ga", "gb"),
-        timeout=60,
-    )
-    _assert_encrypted(result, ("ga", "gb"), loss=True)
-    _assert_clean(sites, result)
+    _between_gateways(sites, tmp_path, capture_side="ga", loss=0.02)
     for gateway in ("ga", "gb"):
         assert rule_packets(sites, gateway, "filter", "FORWARD", "INVALID") == 0, gateway
 
@@ -344,17 +342,7 @@ def test_smaller_outside_mtu(sites: Topology, tmp_path: Path) -> None:
     for side in ("ga", "gb"):
         sites.set_mtu(side, sites.outside[side], 1400)
         sites.check(side, ["iptables", "-I", "OUTPUT", "-p", "icmp", "--icmp-type", "fragmentation-needed"])
-    result = http_transfer(
-        sites,
-        tmp_path,
-        size=4 * SIZE,
-        daemon_sides=("ga", "gb"),
-        gateway_sides=("ga", "gb"),
-        capture_at=("ga", sites.outside["ga"]),
-        timeout=30,
-    )
-    _assert_encrypted(result, ("ga", "gb"))
-    _assert_clean(sites, result)
+    _between_gateways(sites, tmp_path, capture_side="ga")
     for side in ("ga", "gb"):
         assert rule_packets(sites, side, "filter", "OUTPUT", "--icmp-type 3/4") == 0, side
 
@@ -373,18 +361,7 @@ def test_path_mtu_beyond_the_gateways(far_sites: Topology, tmp_path: Path, ipv6:
     number, toward the inside host) as in host mode."""
     for side, ifname in far_sites.internet_links[1]:
         far_sites.set_mtu(side, ifname, 1400)
-    result = http_transfer(
-        far_sites,
-        tmp_path,
-        size=4 * SIZE,
-        ipv6=ipv6,
-        daemon_sides=("ga", "gb"),
-        gateway_sides=("ga", "gb"),
-        capture_at=("gb", far_sites.outside["gb"]),
-        timeout=30,
-    )
-    _assert_encrypted(result, ("ga", "gb"))
-    _assert_clean(far_sites, result)
+    result = _between_gateways(far_sites, tmp_path, capture_side="gb", ipv6=ipv6)
     # b's data toward a met the small link: gb rewrote the routers' reports for b.
     assert result.counters["gb"].get("icmp_rewritten", 0) > 0, result.counters["gb"]
 
