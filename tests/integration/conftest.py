@@ -62,13 +62,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.netns)
 
 
-@pytest.fixture
-def topo() -> Iterator[Topology]:
-    """A fresh two-namespace topology, always removed afterwards."""
+def lab_topology(tag: str, **shape: int) -> Iterator[Topology]:
+    """Body of every topology fixture: skip (or, with NFQ_TCPCRYPT_REQUIRE_NETNS=1 as in CI, fail)
+    when namespaces, iptables or NFQUEUE are unusable; else build the shape and always remove it."""
     reason = _unusable_reason()
     if reason is not None:
         if os.environ.get("NFQ_TCPCRYPT_REQUIRE_NETNS") == "1":
             pytest.fail(f"integration environment required but unusable: {reason}")
         pytest.skip(reason)
-    with Topology("nfqtest") as topology:
+    with Topology(tag, **shape) as topology:
         yield topology
+
+
+@pytest.fixture
+def topo() -> Iterator[Topology]:
+    """A fresh two-namespace topology, always removed afterwards."""
+    yield from lab_topology("nfqtest")
+
+
+@pytest.fixture
+def routed() -> Iterator[Topology]:
+    """A fresh a - r - b topology, always removed afterwards."""
+    yield from lab_topology("nfqnet", router=True)

@@ -43,32 +43,16 @@ from nfq_tcpcrypt.labnet import (
 )
 from nfq_tcpcrypt.tools.pcapcheck import analyze
 
-from .conftest import _unusable_reason
+from .conftest import lab_topology
 
 SIZE = 256 * 1024
 INIT1, INIT2 = "15101a0e", "097105e0"
 
 
-def _topology(tag: str, **shape: int) -> Iterator[Topology]:
-    reason = _unusable_reason()
-    if reason is not None:
-        if os.environ.get("NFQ_TCPCRYPT_REQUIRE_NETNS") == "1":
-            pytest.fail(f"integration environment required but unusable: {reason}")
-        pytest.skip(reason)
-    with Topology(tag, **shape) as topology:
-        yield topology
-
-
 @pytest.fixture
 def sites() -> Iterator[Topology]:
     """a - ga - gb - b, always removed afterwards (same skip rules as `topo`)."""
-    yield from _topology("nfqgw", gateways=True)
-
-
-@pytest.fixture
-def routed() -> Iterator[Topology]:
-    """a - r - b, always removed afterwards."""
-    yield from _topology("nfqgr", router=True)
+    yield from lab_topology("nfqgw", gateways=True)
 
 
 def _all_rules(topo: Topology, side: str) -> list[str]:
@@ -350,7 +334,7 @@ def test_smaller_outside_mtu(sites: Topology, tmp_path: Path) -> None:
 @pytest.fixture
 def far_sites() -> Iterator[Topology]:
     """a - ga - i1 - i2 - gb - b: two routers on the internet between the gateways."""
-    yield from _topology("nfqgi", gateways=True, internet_routers=2)
+    yield from lab_topology("nfqgi", gateways=True, internet_routers=2)
 
 
 @pytest.mark.timeout(90)

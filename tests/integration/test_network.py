@@ -36,26 +36,11 @@ from nfq_tcpcrypt.labnet import (
     start_daemon,
     start_ready,
 )
-from tests.integration.conftest import _unusable_reason
 
 SIZE = 2 * 1024 * 1024
 MIDDLEBOX = Path(__file__).with_name("middlebox.py")
 MIDDLEBOX_QUEUE = 7300
 log = logging.getLogger(__name__)
-
-
-@pytest.fixture
-def routed() -> Iterator[Topology]:
-    """A fresh a - r - b topology, always removed afterwards (same skip rules as `topo`)."""
-    reason = _unusable_reason()
-    if reason is not None:
-        import os
-
-        if os.environ.get("NFQ_TCPCRYPT_REQUIRE_NETNS") == "1":
-            pytest.fail(f"integration environment required but unusable: {reason}")
-        pytest.skip(reason)
-    with Topology("nfqnet", router=True) as topology:
-        yield topology
 
 
 def _iptables(topo: Topology, side: str, *args: str) -> None:

@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nfq_tcpcrypt.labnet import HTTP_PORT, Topology, http_transfer
 from nfq_tcpcrypt.tools.decode import decode_pcap, render_text
-from tests.integration.conftest import _unusable_reason
+from tests.integration.conftest import lab_topology
 
 pytestmark = pytest.mark.netns
 SIZE = 2 * 1024 * 1024
 
 
 @pytest.fixture
-def lab_topo():
-    reason = _unusable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    with Topology("nfqdec") as topology:
-        yield topology
+def lab_topo() -> Iterator[Topology]:
+    yield from lab_topology("nfqdec")
 
 
 def test_decode_real_lab_capture(lab_topo: Topology, tmp_path: Path) -> None:
