@@ -1,4 +1,4 @@
-"""Application API: the session ID of a connected socket (RFC 8547 §5.1, DESIGN.md §6).
+"""Application API: the session ID of a connected socket (RFC 8547 §5.1).
 
 RFC 8547 §5.1 asks every TCP-ENO implementation to give applications the session ID of their
 connection, and an error when there is none (ENO failed, or the connection is not established), so

@@ -16,7 +16,7 @@ HKDF_OKM = bytes.fromhex(
     "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
 )
 
-# spec/tcpcrypt.md §15: self-consistency vectors of RFC 8548 (helper-computed from the RFC formulas,
+# Self-consistency vectors of RFC 8548 (computed by us from the RFC formulas,
 # not published in the RFC). Inputs: the RFC 7748 keys above, N_A = 00..1f, N_B = 20..3f, A's SYN
 # ENO 45 03 23, B's SYN-ACK ENO 45 04 01 23, AEAD 0x0001.
 N_A = bytes(range(32))
@@ -46,7 +46,7 @@ RESUMED_K_BA0 = bytes.fromhex("0ef8fac7644befc90d8511d2d0f5d16f7abf75a8219a12724
 RESUMED_SESSION_ID = bytes.fromhex("a31f02a1dc80ff5b7c9961e672ff9b7b8fe4d208ae00ada876df6216fa879f0f11")
 SS2 = bytes.fromhex("213ea3b50172fba7f34b69e24eda7be2388921b63f23c8a32521218e87483161")
 
-# spec/tcp-eno.md §13 (RFC 8547 §6 and §4.8 with concrete bytes).
+# RFC 8547 §6 and §4.8 with concrete bytes.
 ENO_A_SYN = bytes.fromhex("45042423")  # A offers X448 (0x24) and X25519 (0x23)
 ENO_B_SYNACK = bytes.fromhex("45040123")  # B: global b=1, TEP 0x23
 ENO_EXAMPLE_TRANSCRIPT = bytes.fromhex("4504242345040123")

@@ -1,1 +1,1 @@
-"""Sans-I/O protocol core: no sockets, clocks, threads or randomness of its own (STYLE.md §2)."""
+"""Sans-I/O protocol core: no sockets, clocks, threads or randomness of its own (docs/architecture.md, "Layers")."""

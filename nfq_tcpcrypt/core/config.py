@@ -1,4 +1,4 @@
-"""Configuration of the engine: one dataclass, one docstring per field (STYLE.md §1)."""
+"""Configuration of the engine: one dataclass, one docstring per field."""
 
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ def is_resume_request(sub: TepSuboption) -> bool:
     """A v=1 suboption with an identifier half and a nonce of 0..8 bytes (RFC 8548 §3.5).
 
     Shorter data means a fresh offer (§3.5: MUST treat as v = 0); longer data breaks the sender's
-    MUST, and we do not resume on it (ambiguity 6) but keep it as a fresh offer.
+    MUST, and we do not resume on it (docs/protocol.md T6) but keep it as a fresh offer.
     """
     return sub.v and RESUME_HALF <= len(sub.data) <= RESUME_HALF + MAX_RESUME_NONCE
 
@@ -131,7 +131,7 @@ def negotiate(
     if not last.data:
         return negotiated
     assert resume is not None
-    # sn[i] = nonce_a | nonce_b, labelled by the ORIGINAL roles (ambiguity 10 of spec/tcpcrypt.md).
+    # sn[i] = nonce_a | nonce_b, labelled by the ORIGINAL roles (docs/protocol.md T10).
     mine = _suboption(ours, last.tep).data[RESUME_HALF:]
     peers = _suboption(theirs, last.tep).data[RESUME_HALF:]
     sn = mine + peers if resume.original_role == "A" else peers + mine

@@ -1,4 +1,4 @@
-"""Exceptions of the core; each protocol error carries its remedy (STYLE.md §4)."""
+"""Exceptions of the core; each protocol error carries its remedy."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ PrivateKey = Any  # one of the cryptography private-key classes of _SCHEMES
 
 
 class KeyFactory(Protocol):
-    """Makes ephemeral private keys (STYLE.md §8)."""
+    """Makes ephemeral private keys (the OS CSPRNG in production, a seed in tests)."""
 
     def generate(self, tep: Tep) -> PrivateKey:
         """Return a fresh private key for `tep`."""
@@ -56,7 +56,7 @@ def public_bytes(tep: Tep, private_key: PrivateKey) -> bytes:
     """Encode our public key as it appears in Init1/Init2 (RFC 8548 §5).
 
     X25519/X448 keys are raw. P-256/P-521 points are compressed and prefixed by `pubkey_len`.
-    Ambiguity 2 of spec/tcpcrypt.md: we send the figure's reading, pubkey_len = the whole structure
+    docs/protocol.md T2: we send the figure's reading, pubkey_len = the whole structure
     including its own two bytes (35 or 69), like Init1's message_len.
     """
     public = private_key.public_key()

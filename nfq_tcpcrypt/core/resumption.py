@@ -1,13 +1,13 @@
 """The resumption cache: session secrets kept for later resumption (RFC 8548 §3.5).
 
 Per peer address and original session it keeps the next unused secret ss[i], its index, the TEP,
-the AEAD (ambiguity 3 of spec/tcpcrypt.md: a resumed session uses the original AEAD) and our role
+the AEAD (docs/protocol.md T3: a resumed session uses the original AEAD) and our role
 in the original session, which fixes our identifier half, our key direction and which nonce is
 nonce_a. Secrets stay in memory only, in bytearrays that are zeroed when a secret is used up, and
 never appear in `info()`, logs or events.
 
 Index rules (§3.5): an active opener burns ss[i] the moment it offers it, whatever the outcome, so
-the next offer uses i+1; a passive opener recognises resume[i] .. resume[i+LOOKAHEAD-1] (ambiguity 8)
+the next offer uses i+1; a passive opener recognises resume[i] .. resume[i+LOOKAHEAD-1] (docs/protocol.md T8)
 and, when it agrees, erases every secret up to the one used. So an ss[i] never secures two
 connections, and crossing SYNs that offer the same secret both fall back to a fresh key exchange.
 """

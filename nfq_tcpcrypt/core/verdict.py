@@ -33,7 +33,8 @@ class Injection:
 
     OUTBOUND packets go to the wire: the shell marks them so they are neither queued nor tracked
     (conntrack never sees wire space). INBOUND packets go to our own stack: they are plaintext
-    space, so the shell marks them to skip the queues but lets conntrack track them (DESIGN.md §5).
+    space, so the shell marks them to skip the queues but lets conntrack track them
+    (docs/architecture.md, "Hooks, marks and conntrack").
     """
 
     packet: bytes

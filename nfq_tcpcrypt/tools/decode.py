@@ -8,7 +8,7 @@ session (§3.5), and verifies and decrypts every frame with the core's `KeySched
 The protocol itself lives in `core/`; nothing here re-implements it.
 
 Every malformed thing becomes a `Problem` in the report, located by packet number (1-based, as
-Wireshark counts) and stream offset (from ISN+1, the frame-ID origin of spec/tcpcrypt.md ambiguity 1).
+Wireshark counts) and stream offset (from ISN+1, the frame-ID origin of docs/protocol.md T1).
 The JSON form is documented in `decode_schema.md` beside this file.
 """
 
@@ -806,7 +806,7 @@ class _Connection:
         self.resume = found
         rep.key_source = "key log (resumption secret)"
         keylog.add_chain(ss)
-        self.keys = "ready"  # the AEAD is found by trial on the first frame (spec ambiguity 3)
+        self.keys = "ready"  # the AEAD is found by trial on the first frame (docs/protocol.md T3)
 
     def find_aead(self, direction: _Direction, offset: int, frame: bytes) -> bool:
         """Resumed session: find the AEAD of the original session by opening the first frame."""

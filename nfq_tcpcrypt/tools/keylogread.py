@@ -1,6 +1,6 @@
 """Reading the daemon's key log for `decode` (the writer is shell/keylog.py).
 
-Lines (README, skeleton issue): `ES <N_A hex> <ES hex>` for a fresh key exchange (N_A as sent in Init1,
+Lines (README, "Key log"): `ES <N_A hex> <ES hex>` for a fresh key exchange (N_A as sent in Init1,
 ES the key-agreement output) and `SS <resume[i] hex, 18 bytes> <ss[i] hex>` for a resumed session;
 `#` starts a comment. Both daemons of a connection log the same ES line, so duplicates are normal.
 

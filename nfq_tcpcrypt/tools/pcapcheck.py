@@ -1,7 +1,7 @@
 """Offline pcap checks: ENO in the handshake, Init magics, plaintext on the wire (RFC 8547 §4, RFC 8548 §4.3).
 
 scapy's `RawPcapReader` only reads the records; headers are parsed here with `struct`, strictly
-enough for a capture we made ourselves (scapy's option parsing is lenient, platform notes §5).
+enough for a capture we made ourselves (scapy's option parsing is lenient).
 Offline tool: never on the per-packet path.
 """
 

@@ -1,7 +1,7 @@
 """One direction of a captured TCP connection, reassembled into its byte stream (offline tool).
 
 Stream offsets count from the first payload byte after the SYN (ISN+1), the framing-stream offsets
-of RFC 8548 §3.6 (spec/tcpcrypt.md ambiguity 1). When the capture starts mid-connection the origin is
+of RFC 8548 §3.6 (docs/protocol.md T1). When the capture starts mid-connection the origin is
 the first payload byte seen instead, and `offsets_exact` is False.
 
 Data is delivered in order to a sink, once per byte: retransmitted and overlapping bytes are dropped

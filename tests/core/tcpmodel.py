@@ -1,4 +1,4 @@
-"""A small TCP endpoint model and a two-engine harness over an in-memory wire (DESIGN.md §8).
+"""A small TCP endpoint model and a two-engine harness over an in-memory wire.
 
 The model is just enough TCP to drive the engines: handshake with MSS/SACK-permitted/timestamps/
 window scale, cumulative ACKs, MSS-sized segments, FIN and RST. It never retransmits; the harness's
@@ -25,7 +25,7 @@ MASK = 0xFFFFFFFF
 
 
 class SeededRandom:
-    """Deterministic bytes from SHAKE-256 of a seed (STYLE.md §8)."""
+    """Deterministic bytes from SHAKE-256 of a seed."""
 
     def __init__(self, seed: bytes) -> None:
         self._seed = seed

@@ -1,4 +1,4 @@
-"""Property tests (issue 3): every codec round-trips; random bytes raise only our own errors."""
+"""Property tests: every codec round-trips; random bytes raise only our own errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""ICMP fragmentation-needed toward our stack (DESIGN.md §3): MTU less the frame overhead, quote in plain space."""
+"""ICMP fragmentation-needed toward our stack (docs/architecture.md, "Sizes"): MTU less the frame overhead,
+quote in plain space."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""STYLE.md §2 import rule: the core stays sans-I/O."""
+"""The import rule of docs/architecture.md ("Layers"): the core stays sans-I/O."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Malformed and hostile input at the engine (issue 3): each gets the RFC's answer (fall back,
+"""Malformed and hostile input at the engine: each gets the RFC's answer (fall back,
 drop, or abort with resets both ways), never an exception and never a byte of a bad frame."""
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def test_disjoint_teps_stay_plain():
 
 
 def test_disjoint_aeads_abort():
-    # RFC 8548 leaves it open (spec/tcpcrypt.md ambiguity 4); ENO already succeeded, so the only
+    # RFC 8548 leaves it open (docs/protocol.md T4); ENO already succeeded, so the only
     # safe outcome is an abort: B resets, A's stack sees an error, no byte flows in the clear.
     pair = _pair(dict(aeads=(Aead.AES_128_GCM,)), dict(aeads=(Aead.CHACHA20_POLY1305,)))
     events = pair.events(pair.engine_b)

@@ -1,4 +1,4 @@
-"""The stream engine over a bad network: loss, reordering, duplication, re-segmentation (issue 4).
+"""The stream engine over a bad network: loss, reordering, duplication, re-segmentation.
 
 Property: whatever the channel does, each side's stack receives exactly the bytes the other sent,
 as a prefix while the transfer runs and in full at the end, or the connection ends in a reported

@@ -1,4 +1,4 @@
-"""Two engines talk to each other in memory through the TCP model (DESIGN.md §8)."""
+"""Two engines talk to each other in memory through the TCP model."""
 
 from __future__ import annotations
 

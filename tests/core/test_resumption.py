@@ -1,4 +1,4 @@
-"""Session resumption with fresh per-direction nonces (RFC 8548 §3.5; issue 5)."""
+"""Session resumption with fresh per-direction nonces (RFC 8548 §3.5)."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def test_cloned_cache_gives_new_keys_and_is_accepted_once():
 
 def test_same_secret_two_nonces_two_key_sets():
     # Two engines restored from one cache resume against two peers that also share one cache:
-    # the nonces differ, so the keys and session IDs differ (issue 5).
+    # the nonces differ, so the keys and session IDs differ.
     pair = _pair()
     a_cache, b_cache = copy.deepcopy(pair.engine_a.cache), copy.deepcopy(pair.engine_b.cache)
     ids = []

@@ -1,4 +1,4 @@
-"""SACK in both byte spaces (issue 4): held out-of-order data is announced to the peer in wire
+"""SACK in both byte spaces: held out-of-order data is announced to the peer in wire
 space, and the peer's blocks reach our stack in plain space on frame boundaries."""
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ class TestEno:
     def test_data_suboption_last_and_with_length_byte(self):
         ident, nonce = bytes(range(9)), bytes(range(100, 108))
         last = serialize_eno(EnoOption(None, (TepSuboption(0x23, ident + nonce, True),)))
-        assert last == bytes((0x45, 0x14, 0xA3)) + ident + nonce  # spec/tcp-eno.md §13
+        assert last == bytes((0x45, 0x14, 0xA3)) + ident + nonce  # RFC 8547 §4.1, §4.4 with concrete bytes
         middle = serialize_eno(EnoOption(None, (TepSuboption(0x23, ident + nonce, True), TepSuboption(0x24))))
         assert middle == bytes((0x45, 0x16, 0x90, 0xA3)) + ident + nonce + b"\x24"
         for raw in (last, middle):

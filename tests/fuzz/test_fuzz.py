@@ -1,4 +1,4 @@
-"""Bounded fuzzing in the suite (issue 3): mutated and random inputs raise only our own errors."""
+"""Bounded fuzzing in the suite: mutated and random inputs raise only our own errors."""
 
 from __future__ import annotations
 

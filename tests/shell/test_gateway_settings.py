@@ -1,5 +1,5 @@
 """No-root tests of gateway mode's shell side: rule rendering and removal, `run` options, the checks
-against the machine's interfaces (DESIGN.md §1, §5)."""
+against the machine's interfaces (README, "Gateway mode")."""
 
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ class TestGatewayRules:
             if family == "ipv4"
             else "-p ipv6-icmp --icmpv6-type destination-unreachable"
         )
-        # The hooks of host mode (DESIGN.md §5), restricted to the outside interfaces.
+        # The hooks of host mode (docs/architecture.md, "Hooks, marks and conntrack"), restricted to the
+        # outside interfaces.
         assert "-I PREROUTING 1 -j NFQ_TCPCRYPT_PRE_7100" in text
         assert "-I POSTROUTING 1 -j NFQ_TCPCRYPT_POST_7100" in text
         for name in ("wan0", "wan1"):

@@ -30,7 +30,7 @@ class TestRules:
         assert "-A NFQ_TCPCRYPT_OUT_7100 -m mark --mark 0x7463 -j CT --notrack" in text
         assert "--queue-num 7100 --queue-bypass" in text
         assert "--queue-num 7101 --queue-bypass" in text
-        # DESIGN.md §5: packets injected toward our own stack skip both queues but are tracked.
+        # Packets injected toward our own stack skip both queues but are tracked.
         assert "-A NFQ_TCPCRYPT_PRE_7100 -m mark --mark 0x7464 -j RETURN" in text
         assert "-A NFQ_TCPCRYPT_POST_7100 -m mark --mark 0x7464 -j RETURN" in text
         assert "0x7464 -j CT --notrack" not in text

@@ -1,6 +1,6 @@
 """Captures for the decode tests, built from the real protocol bytes of the in-memory engine pair.
 
-scapy writes the files (pcap with linktype 101 for raw IP, platform notes §5; pcapng through
+scapy writes the files (pcap with linktype 101 for raw IP; pcapng through
 RawPcapNgWriter); the packets come from `tests.core.tcpmodel.Pair`.
 """
 

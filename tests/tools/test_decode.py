@@ -1,4 +1,4 @@
-"""`decode` against captures of real engine sessions and hand-broken variants of them (issue 6)."""
+"""`decode` against captures of real engine sessions and hand-broken variants of them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""decode on captures the engines themselves produce: every TEP/AEAD pair, rekeyed, resumed (issue 6)."""
+"""decode on captures the engines themselves produce: every TEP/AEAD pair, rekeyed, resumed."""
 
 from __future__ import annotations
 

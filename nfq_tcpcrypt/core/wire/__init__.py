@@ -1,1 +1,1 @@
-"""Strict wire codecs: parse_x(data) -> X and serialize_x(x) -> bytes pairs (STYLE.md §3)."""
+"""Strict wire codecs: parse_x(data) -> X and serialize_x(x) -> bytes pairs."""

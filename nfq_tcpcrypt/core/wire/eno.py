@@ -52,7 +52,7 @@ def parse_eno(raw: bytes) -> EnoOption:
     """Decode a SYN-form ENO option (kind and length included), per RFC 8547 §4.1 and §4.4.
 
     Raises MalformedSegment for the two length-byte errors of §4.4, the only ill-formed SYN-form
-    options the RFC defines (ambiguity 2 of spec/tcp-eno.md): the caller then treats the SYN as having
+    options the RFC defines (docs/protocol.md E2): the caller then treats the SYN as having
     no ENO option. Unknown TEP ids and reserved global bits are well-formed.
     """
     if len(raw) < 2 or raw[0] != ENO_OPTION_KIND or raw[1] != len(raw):

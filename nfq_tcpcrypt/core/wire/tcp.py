@@ -161,7 +161,7 @@ def serialize_options(options: list[tuple[int, bytes]]) -> bytes:
 
 
 def clamp_mss(options: list[tuple[int, bytes]], reduction: int) -> list[tuple[int, bytes]]:
-    """Lower the MSS option by `reduction` bytes (the frame overhead, DESIGN.md §3)."""
+    """Lower the MSS option by `reduction` bytes (the frame overhead, docs/architecture.md "Sizes")."""
     out = []
     for kind, raw in options:
         if kind == TCPOPT_MSS and len(raw) == 4:

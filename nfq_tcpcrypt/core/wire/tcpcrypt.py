@@ -35,7 +35,7 @@ class Init2:
 def init_message_length(data: bytes | bytearray, magic: int) -> int | None:
     """message_len of an Init message at the start of `data`, or None while fewer than 8 bytes.
 
-    Raises MalformedSegment when the magic is wrong (ambiguity 5: the caller aborts).
+    Raises MalformedSegment when the magic is wrong (docs/protocol.md T5: the caller aborts).
     """
     if len(data) < 8:
         return None
