@@ -66,7 +66,7 @@ GATEWAY_INSIDE_ADDRESSES = {"ga": "10.77.1.254", "gb": "10.77.2.254"}
 GATEWAY_INSIDE_ADDRESSES6 = {"ga": "fd77:1::fe", "gb": "fd77:2::fe"}
 GATEWAY_OF = {"a": "ga", "b": "gb"}
 HTTP_PORT = 8080
-KEYLOG_ES = re.compile(r"^ES [0-9a-f]{64} [0-9a-f]{64}$", re.MULTILINE)
+KEYLOG_ES = re.compile(r"^ES [0-9a-f]{64} (?:[0-9a-f]{2})+$", re.MULTILINE)  # N_A, then ES of any TEP
 
 
 class LabError(RuntimeError):

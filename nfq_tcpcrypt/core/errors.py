@@ -8,7 +8,6 @@ from enum import Enum
 class Disposition(Enum):
     """What the engine does with a connection after a protocol error."""
 
-    PASS_THROUGH = "pass-through"  # fall back to plain TCP; only before encryption starts
     DROP_SEGMENT = "drop-segment"
     RESET = "reset"
 

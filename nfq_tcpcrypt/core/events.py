@@ -39,13 +39,6 @@ class SessionEstablished(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class SegmentRejected(Event):
-    """A segment was dropped without harming the connection."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
 class SessionAborted(Event):
     """The connection was reset toward both ends (RFC 8548 §3.6, §3.7)."""
 

@@ -45,6 +45,7 @@ from ..core.constants import (
     Aead,
     Tep,
 )
+from ..core.eno import RESUME_HALF, unrepeated_teps
 from ..core.errors import IntegrityError, MalformedSegment
 from ..core.kex import KeySchedule, session_secret
 from ..core.wire.eno import EnoOption, parse_eno
@@ -62,7 +63,6 @@ PENDING_LIMIT = 64 << 20  # frame bytes held per direction while keys are undeci
 RESYNC_WINDOW = 1 << 20  # bytes searched for a frame boundary after a gap
 PLAINTEXT_RATIO = 0.75  # printable share above which bytes "look like text"
 _PRINTABLE = bytes(range(0x20, 0x7F)) + b"\t\r\n"
-_RESUME_HALF = 9
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -222,8 +222,8 @@ def _eno_report(option: EnoOption) -> EnoReport:
     subs = []
     for sub in option.teps:
         half = nonce = None
-        if sub.v and len(sub.data) >= _RESUME_HALF:
-            half, nonce = sub.data[:_RESUME_HALF].hex(), sub.data[_RESUME_HALF:].hex()
+        if sub.v and len(sub.data) >= RESUME_HALF:
+            half, nonce = sub.data[:RESUME_HALF].hex(), sub.data[RESUME_HALF:].hex()
         name = TEP_NAMES.get(sub.tep)  # type: ignore[call-overload]
         subs.append(SuboptionReport(sub.byte, sub.tep, name, sub.v, sub.data.hex(), half, nonce))
     return EnoReport(option.raw.hex(), option.global_byte, option.b, option.a, subs)
@@ -757,14 +757,9 @@ class _Connection:
         self.role_of = {a_side: "A", b_side: "B"}
         rep.role_a = a_side
         opt_a, opt_b = (syn, synack) if a_side == "client" else (synack, syn)
-        a_teps = [s.tep for s in opt_a.teps]
-        b_teps = [s.tep for s in opt_b.teps]
-        chosen = None
-        for sub in reversed(opt_b.teps):
-            # RFC 8547 §4.5: tcpcrypt defines no repeated suboptions, a repeated TEP is invalid
-            if sub.tep in a_teps and a_teps.count(sub.tep) == 1 and b_teps.count(sub.tep) == 1:
-                chosen = sub
-                break
+        # RFC 8547 §4.5: the last valid TEP in B's option; a repeated TEP is not valid for tcpcrypt.
+        valid = unrepeated_teps(opt_a) & unrepeated_teps(opt_b)
+        chosen = next((sub for sub in reversed(opt_b.teps) if sub.tep in valid), None)
         if chosen is None:
             return "plain", "no TEP is offered by both sides: ENO disabled"
         rep.tep, rep.tep_byte = chosen.tep, chosen.byte
@@ -774,7 +769,7 @@ class _Connection:
         if rep.ack_eno is False:
             return "plain", "the active opener's first ACK carries no ENO option (RFC 8547 §4.6): ENO disabled"
         a_sub = next(s for s in opt_a.teps if s.tep == chosen.tep)
-        if chosen.v and len(chosen.data) >= _RESUME_HALF and a_sub.v and len(a_sub.data) >= _RESUME_HALF:
+        if chosen.v and len(chosen.data) >= RESUME_HALF and a_sub.v and len(a_sub.data) >= RESUME_HALF:
             rep.resumed = True
             return "encrypted", f"resumed session with TEP {rep.tep_name}"
         return "encrypted", f"fresh key exchange with TEP {rep.tep_name}"
@@ -789,8 +784,8 @@ class _Connection:
             "client": next(s for s in syn.teps if s.tep == rep.tep),
             "server": next(s for s in synack.teps if s.tep == rep.tep),
         }
-        halves = {side: s.data[:_RESUME_HALF] for side, s in subs.items()}
-        nonces = {side: s.data[_RESUME_HALF:] for side, s in subs.items()}
+        halves = {side: s.data[:RESUME_HALF] for side, s in subs.items()}
+        nonces = {side: s.data[RESUME_HALF:] for side, s in subs.items()}
         keylog = self.decoder.keylog
         found = keylog.find_resumed(halves["client"], halves["server"]) if keylog else None
         if found is None:
@@ -798,7 +793,7 @@ class _Connection:
             self._no_keys("no key log" if keylog is None else "resume identifier not in the key log")
             return
         rid, ss = found
-        original_a = "client" if halves["client"] == rid[:_RESUME_HALF] else "server"
+        original_a = "client" if halves["client"] == rid[:RESUME_HALF] else "server"
         original_b = "server" if original_a == "client" else "client"
         rep.resume_id, rep.original_a = rid.hex(), original_a
         rep.nonce_a, rep.nonce_b = nonces[original_a].hex(), nonces[original_b].hex()

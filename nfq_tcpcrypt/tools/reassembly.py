@@ -15,8 +15,7 @@ import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
 
-MASK = 0xFFFFFFFF
-HALF = 1 << 31
+from ..core.seqmap import to_offset, to_seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +42,7 @@ class StreamReassembler:
                  hold_limit: int = 32 << 20) -> None:
         self._on_data = on_data
         self._on_gap = on_gap
-        self.base: int | None = None if isn is None else (isn + 1) & MASK
+        self.base: int | None = None if isn is None else to_seq(1, isn)
         self.offsets_exact = isn is not None
         self.next = 0
         self._held: dict[int, tuple[bytes, int]] = {}
@@ -57,10 +56,7 @@ class StreamReassembler:
     def offset_of(self, seq: int) -> int:
         """The stream offset of sequence number `seq`, unwrapped near the current position."""
         assert self.base is not None
-        delta = (seq - self.base - self.next) & MASK
-        if delta >= HALF:
-            delta -= 1 << 32
-        return self.next + delta
+        return to_offset(seq, self.base, self.next)
 
     def add(self, seq: int, payload: bytes, packet: int, fin: bool = False) -> None:
         """Take one segment's payload (and FIN flag)."""
