@@ -14,9 +14,11 @@ import selectors
 import signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import Any, Protocol
+
+from netfilterqueue import NetfilterQueue
 
 from ..core.events import Event
 from ..core.flow import Direction
@@ -89,6 +91,7 @@ class EventLoop:
         injector: Injector,
         signals: SignalWatch,
         freshness: Freshness | None = None,
+        queue_factory: Callable[[], Any] = NetfilterQueue,
     ) -> None:
         self.engine = engine
         self.freshness = freshness
@@ -97,7 +100,7 @@ class EventLoop:
         self.counters: dict[str, int] = {}
         self.now = time.monotonic()
         self.control: ControlServer | None = None
-        self.queues = QueuePair(queue_num, self._process, self.counters, after=self._flush)
+        self.queues = QueuePair(queue_num, self._process, self.counters, self._flush, queue_factory)
 
     def _process(self, packet: bytes, direction: Direction) -> Verdict:
         return self.engine.process(packet, direction, self.now)

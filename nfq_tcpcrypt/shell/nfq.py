@@ -57,16 +57,19 @@ class QueuePair:
         handler: Handler,
         counters: dict[str, int],
         after: Callable[[], None] = lambda: None,
+        queue_factory: Callable[[], Any] = NetfilterQueue,
     ) -> None:
+        """Bind queues `queue_num` (inbound) and `queue_num + 1` (outbound); `after` runs after each
+        verdict; `queue_factory` makes the binding (NetfilterQueue; a fake in the unit tests)."""
         self.queue_num = queue_num
         self._handler = handler
         self._after = after
         self._handled = 0
         self._counters = counters
-        self.queues: dict[Direction, NetfilterQueue] = {}
+        self.queues: dict[Direction, Any] = {}
         try:
             for offset, direction in ((0, Direction.INBOUND), (1, Direction.OUTBOUND)):
-                queue = NetfilterQueue()
+                queue = queue_factory()
                 queue.bind(
                     queue_num + offset,
                     self._callback(direction),
