@@ -295,7 +295,7 @@ def _terminate(proc: subprocess.Popen[Any], timeout: float) -> int | None:
     return proc.returncode
 
 
-def _wait_for_line(proc: subprocess.Popen[Any], stream: Any, pattern: str, timeout: float, what: str) -> str:
+def wait_for_line(proc: subprocess.Popen[Any], stream: Any, pattern: str, timeout: float, what: str) -> str:
     """Read `stream` of `proc` until a line contains `pattern`; LabError after `timeout` or on exit."""
     deadline = time.monotonic() + timeout
     seen: list[str] = []
@@ -324,7 +324,7 @@ def start_ready(
 ) -> subprocess.Popen[Any]:
     """Start `command` in `side` with stdout piped; return once it printed a line containing `ready`."""
     proc = topo.popen(side, command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _wait_for_line(proc, proc.stdout, ready, timeout, " ".join(command[:3]))
+    wait_for_line(proc, proc.stdout, ready, timeout, " ".join(command[:3]))
     return proc
 
 
@@ -468,7 +468,7 @@ def capture(
     )
     stats = CaptureStats(path)
     try:
-        _wait_for_line(proc, proc.stderr, "listening on", timeout, "tcpdump")
+        wait_for_line(proc, proc.stderr, "listening on", timeout, "tcpdump")
         yield stats
     finally:
         _wait_until_stable(path, settle=0.3, timeout=5.0)
@@ -544,7 +544,7 @@ def http_server(
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_for_line(proc, proc.stdout, "Serving HTTP", timeout, "http.server")
+        wait_for_line(proc, proc.stdout, "Serving HTTP", timeout, "http.server")
         yield f"http://[{address}]:{HTTP_PORT}" if ipv6 else f"http://{address}:{HTTP_PORT}"
     finally:
         _terminate(proc, 5.0)
@@ -753,7 +753,7 @@ def iperf3_throughput(topo: Topology, seconds: float = 5.0, timeout: float = 60.
         stderr=subprocess.STDOUT,
     )
     try:
-        _wait_for_line(server, server.stdout, "Server listening", 15.0, "iperf3 -s")
+        wait_for_line(server, server.stdout, "Server listening", 15.0, "iperf3 -s")
         result = topo.run(
             "a",
             ["iperf3", "-c", topo.addresses["b"], "-p", str(IPERF_PORT), "-t", str(seconds), "-J"],
