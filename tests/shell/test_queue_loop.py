@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from nfq_tcpcrypt.core.events import Event
 from nfq_tcpcrypt.core.flow import Direction
 from nfq_tcpcrypt.core.verdict import Action, Injection, Verdict
 from nfq_tcpcrypt.shell import nfq
 from nfq_tcpcrypt.shell.loop import EventLoop, SignalWatch
 from nfq_tcpcrypt.shell.nfq import QueuePair
+from nfq_tcpcrypt.shell.passthrough import PassThroughEngine
 
 PACKET = bytes([0x45, 0, 0, 40]) + bytes(36)  # an IPv4 header claiming 40 bytes, and 40 bytes
 
@@ -172,10 +172,11 @@ class FakeInjector:
         return True
 
 
-class FakeEngine:
+class FakeEngine(PassThroughEngine):
     """Each packet asks for one injection; a timer is due once; after `stop_after` packets, SIGTERM."""
 
     def __init__(self, log: list[tuple[str, Any]], stop_after: int, now_deadline: float) -> None:
+        super().__init__()
         self.log = log
         self.counters: dict[str, int] = {"packets": 0}
         self.stop_after = stop_after
@@ -200,18 +201,6 @@ class FakeEngine:
     def handle_timer(self, now: float) -> None:
         self.log.append(("timer", now))
         self._timer = None
-
-    def next_event(self) -> Event | None:
-        return None
-
-    def session_table(self) -> list[dict[str, object]]:
-        return []
-
-    def cache_info(self, now: float) -> list[dict[str, object]]:
-        return []
-
-    def flush_cache(self, reason: str, peer: bytes | None = None) -> int:
-        return 0
 
 
 @pytest.mark.timeout(30)
