@@ -147,13 +147,18 @@ class StreamTranslation:
             records += send.new_frame(new, fin)
         if not records:
             return DROP
-        packets = self._frame_packets(records)
-        first_wire, first_payload, first_fin = packets[0]
-        seg.seq = to_seq(first_wire, send.base)
-        seg.payload = first_payload
-        seg.flags = (seg.flags & ~TCP_FIN) | (TCP_FIN if first_fin else 0)
-        for wire, payload, with_fin in packets[1:]:
-            self._inject_wire(wire, payload, TCP_ACK | TCP_PSH | (TCP_FIN if with_fin else 0))
+        # The wire segment carries our options (SACK blocks for data we hold, the non-SYN ENO
+        # option), which our stack did not budget for: the payload shrinks to leave them room
+        # within the wire MSS, and the rest follows in segments of their own (RFC 6691).
+        wire, payload, fin = _joined(records)
+        size = max(self.wire_mss - _padded(seg.options), 1)
+        seg.seq = to_seq(wire, send.base)
+        seg.payload = payload[:size]
+        rest = payload[size:]
+        seg.flags = (seg.flags & ~TCP_FIN) | (TCP_FIN if fin and not rest else 0)
+        if rest:
+            seg.flags |= TCP_PSH
+            self._inject_wire(wire + size, rest, TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0))
         if self.pmtu is not None:
             # Our stack believes the path MTU is 20 bytes below the real one (too_big), and the
             # kernel would hold our larger wire packet to that belief: send it ourselves.
@@ -187,22 +192,9 @@ class StreamTranslation:
         seg.seq = to_seq(send.plain_to_wire(plain), send.base)
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
-    def _frame_packets(self, records: list[FrameRecord]) -> list[tuple[int, bytes, bool]]:
-        """Split consecutive frame records into (wire offset, payload, fin) packets of ≤ wire MSS."""
-        packets: list[tuple[int, bytes, bool]] = []
-        start = records[0].wire_start
-        payload = b"".join(r.data for r in records)
-        fin = records[-1].fin
-        size = max(self.wire_mss, 1)
-        for at in range(0, max(len(payload), 1), size):
-            chunk = payload[at : at + size]
-            last = at + size >= len(payload)
-            packets.append((start + at, chunk, fin and last))
-        return packets
-
     def _inject_frames(self, records: list[FrameRecord]) -> None:
-        for wire, payload, fin in self._frame_packets(records):
-            self._inject_wire(wire, payload, TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0))
+        wire, payload, fin = _joined(records)
+        self._inject_wire(wire, payload, TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0))
 
     def _translate_in(self, seg: Segment, options: list[tuple[int, bytes]], now: float) -> Verdict:
         send, recv = self.send, self.recv
@@ -275,7 +267,8 @@ class StreamTranslation:
         """Hand plaintext to our stack: the first chunk in the verdict, the rest injected."""
         recv = self.recv
         assert recv is not None
-        size = self.config.deliver_max
+        # deliver_max allows 20 bytes of options; more (SACK blocks) take room from the payload.
+        size = max(min(self.config.deliver_max, self.config.deliver_max + 20 - _padded(seg.options)), 1)
         first = None
         at = 0
         while True:
@@ -410,14 +403,25 @@ class StreamTranslation:
         options = self._ts_options(self._local_ts, self._remote_ts)
         if not flags & TCP_RST:
             options = self._options_out(parse_options(options), options)
-        seg = new_segment(
-            f.local_ip, f.remote_ip, f.local_port, f.remote_port, to_seq(wire, send.base),
-            to_seq(recv.ack_to_wire(recv.local_ack), recv.base), flags, self._wire_window(self._local_window),
-            options, payload,
-        )
-        if self._out_ip is not None:
-            seg.ip_header = without_ecn(self._out_ip)
-        self._inject(Injection(serialize_segment(seg), Direction.OUTBOUND))
+        ack = to_seq(recv.ack_to_wire(recv.local_ack), recv.base)
+        window = self._wire_window(self._local_window)
+        # Payload and options within the wire MSS (RFC 6691); a longer payload goes out in several
+        # segments, the FIN on the last.
+        size = max(self.wire_mss - _padded(options), 1)
+        at = 0
+        while True:
+            chunk = payload[at : at + size]
+            last = at + size >= len(payload)
+            seg = new_segment(
+                f.local_ip, f.remote_ip, f.local_port, f.remote_port, to_seq(wire + at, send.base), ack,
+                flags if last else flags & ~TCP_FIN, window, options, chunk,
+            )
+            if self._out_ip is not None:
+                seg.ip_header = without_ecn(self._out_ip)
+            self._inject(Injection(serialize_segment(seg), Direction.OUTBOUND))
+            if last:
+                return
+            at += size
 
     def _wire_window(self, window: int) -> int:
         """Our stack's window field for the wire, where the ACK may be ahead of our stack's own
@@ -480,3 +484,13 @@ class StreamTranslation:
 
 def _has_sack_or_eno(parsed: list[tuple[int, bytes]]) -> bool:
     return any(kind == TCPOPT_SACK or kind == ENO_OPTION_KIND for kind, _ in parsed)
+
+
+def _joined(records: list[FrameRecord]) -> tuple[int, bytes, bool]:
+    """(wire offset, bytes, fin) of consecutive frame records as one stretch of the wire stream."""
+    return records[0].wire_start, b"".join(r.data for r in records), records[-1].fin
+
+
+def _padded(options: bytes) -> int:
+    """Length of an options block on the wire (padded to 4 bytes, as serialize_segment does)."""
+    return (len(options) + 3) & ~3
