@@ -142,6 +142,8 @@ class Session(StreamTranslation):
         self._schedule: KeySchedule | None = None
         self._keys: dict[int, TrafficKeys] = {}
         self.rekeys = 0  # generations we moved to (RFC 8548 §3.8)
+        self.redelivered = 0  # plaintext our stack lost, handed to it again at once (its SACK/dup ACK)
+        self.replayed = 0  # plaintext handed to our stack again by the replay timer
         self._sent_since_rekey = 0
         self._init1_sent = False
         self._syn_eno = b""  # our SYN-form ENO option (the same in SYN and SYN-ACK, §4.6)
@@ -731,6 +733,8 @@ class Session(StreamTranslation):
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "rekeys": self.rekeys,
+            "redelivered": self.redelivered,
+            "replayed": self.replayed,
             "generation": [self.send.gen, self.recv.gen] if self.send and self.recv else [0, 0],
         }
 

@@ -58,6 +58,10 @@ REPLAY_TIMEOUT = 0.5
 """Seconds our stack may take to acknowledge plaintext we already acknowledged for it (its delayed
 ACK is at most 0.2 s) before we hand it that plaintext again."""
 
+REPLAY_MAX_BACKOFF = 16
+"""The replay timer's delay grows to at most this many times REPLAY_TIMEOUT (a persist timer,
+RFC 9293 §3.8.6.1: our stack may offer no window for a while)."""
+
 
 class StreamTranslation:
     """The per-packet rewriting of an encrypting session (a mixin of Session)."""
@@ -86,6 +90,8 @@ class StreamTranslation:
     _local_window: int
     _remote_window: int
     _replay_tries: int
+    redelivered: int
+    replayed: int
     _replay_mark: int
     _local_ts: int | None
     _remote_ts: int | None
@@ -108,13 +114,24 @@ class StreamTranslation:
         send, recv = self.send, self.recv
         assert send is not None and recv is not None
         options = parse_options(seg.options)
+        window_before = self._local_window
         self._note_local(seg, options)
         plain = to_offset(seg.seq, send.base, send.plain_next)
         data = seg.payload
         fin = seg.is_fin
         end = plain + len(data) + fin
+        local_loss = False
         if seg.is_ack:
-            seg.ack = to_seq(recv.ack_to_wire(to_offset(seg.ack, recv.base, recv.local_ack)), recv.base)
+            stack_ack = to_offset(seg.ack, recv.base, recv.local_ack)
+            same_window = seg.window == window_before
+            if stack_ack < recv.plain_next - recv.fin_delivered:
+                dup = not data and not fin and stack_ack == recv.local_ack and same_window
+                local_loss = self._redeliver_lost(stack_ack, options, dup, now)
+            ack_before = recv.ack_floor
+            seg.ack = to_seq(recv.ack_to_wire(stack_ack), recv.base)
+            # A duplicate ACK about plaintext our stack lost after us is ours to answer (above);
+            # the peer would take it for a loss on the wire and resend. It tells the peer nothing.
+            local_loss = local_loss and same_window and recv.ack_floor == ack_before and not recv.ooo
             seg.window = self._wire_window(seg.window)
         seg.flags &= ~TCP_URG  # RFC 8548 §3.7: URG travels only as URGp; we send none
         seg.urgent = 0
@@ -122,6 +139,8 @@ class StreamTranslation:
         if send.cipher is None:
             return self._before_keys(seg, plain, end, now)
         if not data and not fin:
+            if local_loss and not self.need_nonsyn_eno:
+                return DROP
             seg.seq = to_seq(send.plain_to_wire(plain), send.base)
             return Verdict(Action.ACCEPT, serialize_segment(seg))
         if end <= send.acked_plain:
@@ -442,26 +461,85 @@ class StreamTranslation:
         assert send is not None and recv is not None
         recv.ack_delivered()
         self._inject_wire(send.wire_next, b"", TCP_ACK)
-        if recv.local_ack < recv.plain_next - recv.fin_delivered and "replay" not in self._timers:
+        if recv.local_ack < recv.plain_next and "replay" not in self._timers:
             self._replay_tries = 0
-            self._replay_mark = recv.plain_next - recv.fin_delivered
+            self._replay_mark = recv.plain_next
             self._arm("replay", now + REPLAY_TIMEOUT)
+
+    def _redeliver_lost(self, stack_ack: int, options: list[tuple[int, bytes]], dup: bool, now: float) -> bool:
+        """Our stack's SACK blocks or duplicate ACK toward the peer show plaintext we delivered and
+        it lost on the way in (a firewall rule, a full queue): hand the missing bytes to it again
+        at once, as TCP's own fast retransmit would (RFC 6675 §5), within the window it offers.
+        Returns whether the ACK was such a report.
+
+        Each byte goes again this way at most once (`RecvStream.redelivered_to`); if that copy is
+        lost too, the replay timer, with its backoff, is the last resort."""
+        recv = self.recv
+        assert recv is not None
+        delivered = recv.plain_next - recv.fin_delivered
+        blocks = []
+        for kind, raw in options:
+            if kind == TCPOPT_SACK:
+                for left, right in sack_pairs(raw):
+                    lo, hi = to_offset(left, recv.base, stack_ack), to_offset(right, recv.base, stack_ack)
+                    if stack_ack < lo < hi <= delivered:
+                        blocks.append((lo, hi))
+        if blocks:
+            top = max(hi for _, hi in blocks)
+        elif dup:
+            top = min(delivered, stack_ack + self.config.deliver_max)
+        else:
+            return False
+        shift = self._local_ws if self._local_ws is not None and self._remote_ws is not None else 0
+        top = min(top, stack_ack + (self._local_window << shift))  # never beyond our stack's window
+        at = max(stack_ack, recv.redelivered_to)
+        if at >= top:
+            return True
+        holes = []
+        for lo, hi in sorted(blocks):
+            if lo > at:
+                holes.append((at, min(lo, top)))
+            at = max(at, hi)
+            if at >= top:
+                break
+        if not blocks:
+            holes.append((at, top))
+        recv.redelivered_to = top
+        if not holes:
+            return True
+        for lo, hi in holes:
+            data = recv.plaintext(lo, hi)
+            for chunk_at in range(0, len(data), self.config.deliver_max):
+                chunk = data[chunk_at : chunk_at + self.config.deliver_max]
+                self._inject_local(lo + chunk_at, chunk, TCP_ACK | TCP_PSH)
+        self.redelivered += len(holes)
+        if "replay" not in self._timers:
+            self._replay_tries = 0
+            self._replay_mark = top
+            self._arm("replay", now + REPLAY_TIMEOUT)
+        return True
 
     def _on_replay(self, now: float) -> None:
         """Our stack has still not acknowledged plaintext we acknowledged for it: give it again.
 
         Only what was delivered before the timer was armed counts: in a bulk transfer our stack
-        always lags the newest delivery by a delayed ACK, and that is no reason to redeliver."""
+        always lags the newest delivery by a delayed ACK, and that is no reason to redeliver.
+        The delay doubles with each try, up to REPLAY_MAX_BACKOFF times the first."""
         recv = self.recv
         assert recv is not None
-        if recv.local_ack >= self._replay_mark or self._replay_tries >= 4:
+        if recv.local_ack >= self._replay_mark:
             return
         start, data = recv.unacked_plaintext(self.config.deliver_max)
-        if not data:
+        if data:
+            self._inject_local(start, data, TCP_ACK | TCP_PSH)
+        elif recv.fin_delivered and recv.local_ack < recv.plain_next:
+            self._inject_local(recv.plain_next - 1, b"", TCP_ACK | TCP_FIN)  # our stack lost the FIN
+        else:
             return
         self._replay_tries += 1
-        self._inject_local(start, data, TCP_ACK | TCP_PSH)
-        self._arm("replay", now + REPLAY_TIMEOUT * 2**self._replay_tries)
+        self.replayed += 1
+        backoff = min(2**self._replay_tries, REPLAY_MAX_BACKOFF)
+        self._arm("replay", now + REPLAY_TIMEOUT * backoff)
 
     def _inject_local(self, plain: int, payload: bytes, flags: int) -> None:
         """A segment toward our own stack, at plain offset `plain` of the peer's stream."""

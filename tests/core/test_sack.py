@@ -59,3 +59,30 @@ def test_sack_blocks_cross_both_spaces():
     for left, right in plain_sacks:
         lo, hi = (left - isn_a - 1) & MASK, (right - isn_a - 1) & MASK
         assert lo >= 3 * SEG and lo % SEG == 0 and hi % SEG in (0, len(data) % SEG) and hi <= len(data)
+
+
+def test_plaintext_our_stack_lost_goes_again_on_its_sack():
+    # The 3rd decrypted segment toward B's stack is lost after B's engine (an INPUT rule, a full
+    # queue). B's stack announces the hole with SACK blocks toward A; B's engine hands the missing
+    # plaintext over again at once: no timer, and A's side resends nothing.
+    pair = Pair(seed=b"local-loss")
+    pair.open()
+    seen = {"n": 0}
+    receive = pair.b.receive
+
+    def lossy(packet):
+        if len(parse_segment(packet).payload) > 1000:
+            seen["n"] += 1
+            if seen["n"] == 3:
+                return
+        receive(packet)
+
+    pair.b.receive = lossy
+    data = bytes(range(256)) * 100
+    pair.a.write(data)
+    pair.run(max_time=0.1)  # well before the replay timer (0.5 s) or the model's RTO (0.2 s)
+    assert bytes(pair.b.received) == data
+    session = pair.engine_b.session_table()[0]
+    assert session["redelivered"] == 1 and session["replayed"] == 0
+    seqs = [parse_segment(p).seq for p in pair.wire if parse_segment(p).src == A_IP and parse_segment(p).payload]
+    assert len(seqs) == len(set(seqs)), ("A's side retransmitted", sorted(s for s in seqs if seqs.count(s) > 1))
