@@ -21,6 +21,7 @@ from .constants import (
     MAX_INIT_LEN,
     TCP_ACK,
     TCP_FIN,
+    TCP_MAX_OPTIONS,
     TCP_PSH,
     TCP_RST,
     TCP_URG,
@@ -135,7 +136,8 @@ class StreamTranslation:
             seg.window = self._wire_window(seg.window)
         seg.flags &= ~TCP_URG  # RFC 8548 §3.7: URG travels only as URGp; we send none
         seg.urgent = 0
-        seg.options = self._options_out(options, seg.options)
+        raw_options = seg.options
+        seg.options = self._options_out(options, raw_options)
         if send.cipher is None:
             return self._before_keys(seg, plain, end, now)
         if not data and not fin:
@@ -166,13 +168,14 @@ class StreamTranslation:
             records += send.new_frame(new, fin)
         if not records:
             return DROP
-        # The wire segment carries our options (SACK blocks for data we hold, the non-SYN ENO
-        # option), which our stack did not budget for: the payload shrinks to leave them room
-        # within the wire MSS, and the rest follows in segments of their own (RFC 6691).
+        # Payload and options within the wire MSS (RFC 6691). Our stack sized its segment for its
+        # own options; the non-SYN ENO option or frames resent together can make it longer: the
+        # rest follows in segments of their own. SACK blocks only take the room that is left.
         wire, payload, fin = _joined(records)
-        size = max(self.wire_mss - _padded(seg.options), 1)
+        size = max(self.wire_mss - _padded(self._options_out(options, raw_options, self.wire_mss)), 1)
         seg.seq = to_seq(wire, send.base)
         seg.payload = payload[:size]
+        seg.options = self._options_out(options, raw_options, len(seg.payload))
         rest = payload[size:]
         seg.flags = (seg.flags & ~TCP_FIN) | (TCP_FIN if fin and not rest else 0)
         if rest:
@@ -373,22 +376,27 @@ class StreamTranslation:
         if ts is not None:
             self._remote_ts = ts[0]
 
-    def _options_out(self, parsed: list[tuple[int, bytes]], raw: bytes) -> bytes:
-        """Options of a segment toward the wire: SACK blocks into wire space, plus our own blocks
-        for out-of-order data we hold, plus the non-SYN ENO option while RFC 8547 §4.6 wants it."""
+    def _options_out(self, parsed: list[tuple[int, bytes]], raw: bytes, payload_len: int = 0) -> bytes:
+        """Options of a segment toward the wire: our own SACK blocks for out-of-order data we hold,
+        in wire space, plus the non-SYN ENO option while RFC 8547 §4.6 wants it.
+
+        The SACK blocks take at most the room `payload_len` bytes of payload leave within the
+        wire MSS (RFC 6691): the blocks that do not fit are left out (RFC 2018 §4 puts the most
+        recent first), and every duplicate ACK we send without payload carries them all."""
         recv = self.recv
         assert recv is not None
         if not self.need_nonsyn_eno and not recv.ooo and not _has_sack_or_eno(parsed):
             return raw  # the usual case: nothing to translate
-        # Our stack only ever gets in-order data, so the SACK blocks it sends can only be D-SACKs
-        # (RFC 2883) of our own redeliveries, which would mislead the peer: they are not passed
-        # on. The blocks the peer needs are ours: the out-of-order data we hold, in wire space.
+        # The SACK blocks our stack sends are about plaintext it lost after us, or D-SACKs
+        # (RFC 2883) of our own redeliveries: ours to answer (_redeliver_lost), and they would
+        # mislead the peer. The blocks the peer needs are ours: the out-of-order data we hold.
         kept = [(kind, option) for kind, option in parsed
                 if kind > TCPOPT_NOP and kind != ENO_OPTION_KIND and kind != TCPOPT_SACK]
         blocks = recv.sack_blocks(4) if self.sack_ok and recv.ooo else []
         if self.need_nonsyn_eno:
             kept.append((ENO_OPTION_KIND, NON_SYN_ENO))
-        return with_sack(kept, [(to_seq(lo, recv.base), to_seq(hi, recv.base)) for lo, hi in blocks])
+        limit = min(TCP_MAX_OPTIONS, self.wire_mss - payload_len)
+        return with_sack(kept, [(to_seq(lo, recv.base), to_seq(hi, recv.base)) for lo, hi in blocks], limit)
 
     def _options_in(self, parsed: list[tuple[int, bytes]], raw: bytes) -> bytes:
         """Options of a segment toward our stack: SACK blocks into plain space, ENO removed."""
@@ -419,18 +427,18 @@ class StreamTranslation:
         send, recv = self.send, self.recv
         assert send is not None and recv is not None
         f = self.flow
-        options = self._ts_options(self._local_ts, self._remote_ts)
-        if not flags & TCP_RST:
-            options = self._options_out(parse_options(options), options)
+        ts = self._ts_options(self._local_ts, self._remote_ts)
+        parsed = parse_options(ts)
         ack = to_seq(recv.ack_to_wire(recv.local_ack), recv.base)
         window = self._wire_window(self._local_window)
         # Payload and options within the wire MSS (RFC 6691); a longer payload goes out in several
         # segments, the FIN on the last.
-        size = max(self.wire_mss - _padded(options), 1)
+        size = max(self.wire_mss - _padded(ts if flags & TCP_RST else self._options_out(parsed, ts, self.wire_mss)), 1)
         at = 0
         while True:
             chunk = payload[at : at + size]
             last = at + size >= len(payload)
+            options = ts if flags & TCP_RST else self._options_out(parsed, ts, len(chunk))
             seg = new_segment(
                 f.local_ip, f.remote_ip, f.local_port, f.remote_port, to_seq(wire + at, send.base), ack,
                 flags if last else flags & ~TCP_FIN, window, options, chunk,

@@ -8,7 +8,10 @@ The server prints "ready" once it listens. Each side ends with one JSON line: pe
 bytes received and their SHA-256 (compare with `expected_sha256` of the peer's `--send`), or the
 error. `--pause-after B --pause S` idles a sender for S seconds after B bytes (an idle connection
 in the middle of a transfer); `--rcvbuf` sets SO_RCVBUF (a tiny receive buffer makes the stack
-itself prune). Exit status 1 when any connection failed.
+itself prune). With `--seconds T` each side sends `--send` bytes over and over for T seconds
+instead, the receiver checks every byte against that pattern as it arrives and reports `mismatch`
+(bytes that differ) and `rate` (bit/s from first to last byte): the benchmarks' mode.
+Exit status 1 when any connection failed.
 """
 
 from __future__ import annotations
@@ -35,14 +38,25 @@ def expected_sha256(role: str, size: int) -> str:
     return hashlib.sha256(payload(role, size)).hexdigest()
 
 
-def _exchange(sock: socket.socket, data: bytes, pause_after: int, pause: float) -> dict[str, Any]:
-    """Send `data` (then shut down writing) while receiving until EOF; what was received."""
+def _exchange(
+    sock: socket.socket, data: bytes, pause_after: int, pause: float, seconds: float = 0.0,
+    expect: bytes = b"",
+) -> dict[str, Any]:
+    """Send `data` (then shut down writing) while receiving until EOF; what was received. With
+    `seconds`, send `data` cyclically for that long, and check what arrives against cyclic `expect`."""
     errors: list[str] = []
 
     def sender() -> None:
         try:
             sent = 0
-            while sent < len(data):
+            if seconds:
+                view = memoryview(data)
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    at = sent % len(data)
+                    sock.sendall(view[at : at + CHUNK])
+                    sent += min(CHUNK, len(data) - at)
+            while not seconds and sent < len(data):
                 limit = pause_after if pause and sent < pause_after else len(data)
                 end = min(sent + CHUNK, limit)
                 sock.sendall(data[sent:end])
@@ -56,16 +70,32 @@ def _exchange(sock: socket.socket, data: bytes, pause_after: int, pause: float) 
     thread = threading.Thread(target=sender, daemon=True)
     thread.start()
     digest = hashlib.sha256()
-    received = 0
+    received = mismatch = 0
+    first = last = 0.0
     try:
         while chunk := sock.recv(CHUNK):
-            digest.update(chunk)
+            last = time.monotonic()
+            first = first or last
+            if seconds:
+                at = received % len(expect)
+                want = expect[at : at + len(chunk)]
+                if len(want) < len(chunk):
+                    want += expect[: len(chunk) - len(want)]
+                if chunk != want:
+                    mismatch += sum(x != y for x, y in zip(chunk, want, strict=True))
+            else:
+                digest.update(chunk)
             received += len(chunk)
     except OSError as exc:
         errors.append(f"recv: {exc}")
     thread.join()
     sock.close()
-    return {"received": received, "sha256": digest.hexdigest(), "error": "; ".join(errors) or None}
+    result: dict[str, Any] = {"received": received, "error": "; ".join(errors) or None}
+    if seconds:
+        result.update(mismatch=mismatch, rate=received * 8 / (last - first) if last > first else 0.0)
+    else:
+        result["sha256"] = digest.hexdigest()
+    return result
 
 
 def _socket(family: int, rcvbuf: int | None, timeout: float) -> socket.socket:
@@ -87,16 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pause", type=float, default=0.0)
     parser.add_argument("--rcvbuf", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a socket may stall")
+    parser.add_argument("--seconds", type=float, default=0.0, help="send cyclically for this long")
     args = parser.parse_args(argv)
     family = socket.AF_INET6 if ":" in args.address else socket.AF_INET
     role = "server" if args.mode == "serve" else "client"
     data = payload(role, args.send)
+    expect = payload("client" if role == "server" else "server", args.send) if args.seconds else b""
     results: list[dict[str, Any]] = [{} for _ in range(args.connections)]
     started = time.monotonic()
 
     def run(i: int, sock: socket.socket) -> None:
         try:
-            results[i] = _exchange(sock, data, args.pause_after, args.pause)
+            results[i] = _exchange(sock, data, args.pause_after, args.pause, args.seconds, expect)
         except OSError as exc:
             results[i] = {"received": 0, "sha256": None, "error": str(exc)}
 
@@ -131,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     for thread in threads:
         thread.join()
     print(json.dumps({"connections": results, "seconds": round(time.monotonic() - started, 3)}), flush=True)
-    return 1 if any(r.get("error") or r.get("sha256") is None for r in results) else 0
+    failed = [r for r in results if r.get("error") or not r.get("sha256", args.seconds) or r.get("mismatch")]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
