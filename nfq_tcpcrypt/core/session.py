@@ -168,10 +168,9 @@ class Session(StreamTranslation):
         self._replay_mark = 0
         self._local_ts: int | None = None
         self._remote_ts: int | None = None
-        # The largest payload plus options of a wire segment (RFC 6691): the smaller of the two
-        # SYNs' MSS options, lowered by a too-big report.
+        # The largest payload plus options of a wire segment (RFC 6691): the peer's MSS option,
+        # lowered by a too-big report (our own link's MTU shows up as one, sent by our kernel).
         self.wire_mss = 536
-        self._local_mss: int | None = None
         self.pmtu: int | None = None  # the path MTU a too-big report gave, once there was one
 
     # ------------------------------------------------------------------ state machine
@@ -262,7 +261,6 @@ class Session(StreamTranslation):
         options = parse_options(seg.options)
         self._local_ws = window_scale(options)
         self._local_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
-        self._local_mss = mss(options)
         if seg.payload or any(kind == TCPOPT_FASTOPEN for kind, _ in options):
             # RFC 8547 §4.7: tcpcrypt defines no SYN data; a SYN with data or TFO stays plain.
             self._fall_back("syn carries data or tcp fast open")
@@ -335,8 +333,6 @@ class Session(StreamTranslation):
         self._local_ws = window_scale(options)
         self._local_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
         self._note_local(seg, options, syn=True)
-        self._local_mss = mss(options) or self._local_mss
-        self.wire_mss = min(self.wire_mss, self._local_mss or self.wire_mss)
         retransmitted_synack = seg.is_ack and self.is_translating and seg.seq == self.isn_local
         if self.state not in (State.ENO_SENT, State.ENO_RECEIVED) and not retransmitted_synack:
             return Verdict(Action.ACCEPT)
@@ -372,7 +368,7 @@ class Session(StreamTranslation):
                     )
                     self._simultaneous = not seg.is_ack
                     self.isn_remote = seg.seq
-                    self.wire_mss = min(mss(options) or 536, self._local_mss or 65535)
+                    self.wire_mss = mss(options) or self.wire_mss
                 elif enos != [self._peer_syn_eno()]:
                     raise eno.EnoFailed("peer changed its eno option between syn and syn-ack")
             except eno.EnoFailed as exc:

@@ -88,6 +88,7 @@ def _exchange(
             received += len(chunk)
     except OSError as exc:
         errors.append(f"recv: {exc}")
+    last = time.monotonic()  # the rate counts a stall before EOF (or the error) as time spent
     thread.join()
     sock.close()
     result: dict[str, Any] = {"received": received, "error": "; ".join(errors) or None}

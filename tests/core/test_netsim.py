@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nfq_tcpcrypt.core.events import FellBackToPlain, SessionAborted, SessionEstablished
+from nfq_tcpcrypt.core.wire.tcp import parse_segment
 from tests.core.tcpmodel import Channel, Pair
 
 
@@ -127,3 +128,34 @@ def test_loss_between_the_engine_and_its_stack(loss):
         timer += sum(s["replayed"] for s in sessions)
     # The stacks' own SACK blocks drive the recovery; the timer is only the last resort.
     assert fast > 0 and timer <= fast // 4, (fast, timer)
+
+
+def test_rekeys_and_gateway_sized_deliveries_under_loss_both_ways():
+    # Rekey frames every 16 kB in both directions, and a gateway's deliver_max (an inside link of
+    # MTU 1400: 1400 - 40 - 20): every wire segment fits the MSS (Pair checks it), and every segment
+    # toward a stack fits deliver_max with 20 option bytes, whatever SACK blocks it carries.
+    from tests.core.tcpmodel import seeded_config
+
+    limit = 1340
+    for seed in range(max(SEEDS // 4, 2)):
+        configs = {side: seeded_config(b"%d%s" % (seed, side), rekey_bytes=16_000, deliver_max=limit)
+                   for side in (b"a", b"b")}  # fmt: skip
+        pair = Pair(seed=seed.to_bytes(4, "big"), a_config=configs[b"a"], b_config=configs[b"b"],
+                    channel=Channel(seed, loss=0.02, reorder=0.05))  # fmt: skip
+        sizes = []
+        for endpoint in (pair.a, pair.b):
+            receive = endpoint.receive
+
+            def checked(packet, receive=receive, sizes=sizes):
+                seg = parse_segment(packet)
+                sizes.append(len(seg.options) + len(seg.payload))
+                receive(packet)
+
+            endpoint.receive = checked
+        pair.open()
+        a_data, b_data = _data(seed, 80_000), _data(seed + 1, 80_000)
+        pair.talk(a_data, b_data)
+        pair.close()
+        assert bytes(pair.b.received) == a_data and bytes(pair.a.received) == b_data
+        assert max(sizes) <= limit + 20, max(sizes)
+        assert all(s["rekeys"] >= 2 for s in pair.engine_a.session_table() + pair.engine_b.session_table())
