@@ -13,6 +13,7 @@ integration test, no failed injection).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,14 @@ import pytest
 
 from nfq_tcpcrypt.labnet import (
     DUPLEX_PORT,
+    IFNAMES,
     ROUTER_IFNAMES,
     Daemon,
     DuplexResult,
     Topology,
     capture,
     daemon_rules,
+    drop_on_wire,
     duplex_needles,
     duplex_transfer,
     rule_packets,
@@ -33,6 +36,7 @@ from nfq_tcpcrypt.labnet import (
     start_daemon,
 )
 from nfq_tcpcrypt.tools.pcapcheck import analyze
+from tests.integration.conftest import lab_topology
 from tests.integration.test_network import middlebox
 
 MIB = 1024 * 1024
@@ -46,15 +50,20 @@ def _loss(topo: Topology, chain: str, side: str, probability: float, ipv6: bool 
 
 def _run(
     topo: Topology, tmp_path: Path, a_sends: int, b_sends: int, connections: int = 1, ipv6: bool = False,
-    client_args: tuple[str, ...] = (), timeout: float = 100.0,
+    client_args: tuple[str, ...] = (), timeout: float = 100.0, gateways: bool = False, wire_loss: float = 0.0,
 ) -> tuple[DuplexResult, dict[str, Any]]:
-    """Daemons on a and b, a capture on a's veth, the duplex transfer; every check but the case's own."""
+    """Daemons on a and b (with `gateways`: on ga and gb in gateway mode, `wire_loss` on their outside
+    interfaces), a capture on a's veth (gb's outside one), the duplex transfer; every check but the
+    case's own."""
     daemons: dict[str, Daemon] = {}
     pcap = tmp_path / "wire.pcap"
+    sides, mode = (("ga", "gb"), "gateway") if gateways else (("a", "b"), "host")
     try:
-        for side in ("a", "b"):
-            daemons[side] = start_daemon(topo, side, tmp_path, ["--ipv6"] if ipv6 else [])
-        with capture(topo, "a", pcap):
+        for side in sides:
+            daemons[side] = start_daemon(topo, side, tmp_path, ["--ipv6"] if ipv6 else [], mode=mode)
+        for side in sides if wire_loss else ():
+            drop_on_wire(topo, side, wire_loss, ipv6)
+        with capture(topo, "gb" if gateways else "a", pcap):
             result = duplex_transfer(topo, a_sends, b_sends, connections, ipv6=ipv6, client_args=client_args,
                                      timeout=timeout)  # fmt: skip
         sessions = {side: daemon.sessions() for side, daemon in daemons.items()}
@@ -75,6 +84,8 @@ def _run(
         assert daemon.proc.returncode == 0, logs[side]
         assert daemon.final_counters is not None and shell_faults(daemon.final_counters) == {}, logs[side]
         assert daemon_rules(topo, side) == [] and daemon_rules(topo, side, ipv6=True) == []
+        if gateways:  # the gateway's kernel refused nothing for size (SACK blocks budgeted)
+            assert rule_packets(topo, side, "filter", "OUTPUT", "--icmp-type 3/4") == 0, side
     stats = {
         side: {key: sum(int(s[key]) for s in sessions[side]) for key in ("redelivered", "replayed")}
         for side in daemons
@@ -154,3 +165,21 @@ def test_tiny_receive_buffer(routed: Topology, tmp_path: Path) -> None:
     """a's sockets have SO_RCVBUF 4096: a's stack itself drops what does not fit its queue."""
     result, stats = _run(routed, tmp_path, 256 * 1024, 2 * MIB, client_args=("--rcvbuf", "4096"))
     _report("rcvbuf 4096", result, daemons=json.dumps(stats))
+
+
+@pytest.fixture
+def sites() -> Iterator[Topology]:
+    """a - ga - gb - b, always removed afterwards."""
+    yield from lab_topology("nfqdx", gateways=True)
+
+
+@pytest.mark.timeout(150)
+def test_gateways_loss_both_directions(sites: Topology, tmp_path: Path) -> None:
+    """Gateway mode: 1 % loss between the gateways, both ways at once, a 1400-byte inside link at a
+    (plaintext toward a carries SACK blocks within the inside MTU: no frag-needed from the gateways)."""
+    sites.set_mtu("a", IFNAMES["a"], 1400)
+    sites.set_mtu("ga", sites.inside["ga"], 1400)
+    for side in ("ga", "gb"):
+        sites.check(side, ["iptables", "-I", "OUTPUT", "-p", "icmp", "--icmp-type", "fragmentation-needed"])
+    result, stats = _run(sites, tmp_path, 1 * MIB, 4 * MIB, gateways=True, wire_loss=0.01)
+    _report("gateways loss 1%", result, daemons=json.dumps(stats))
