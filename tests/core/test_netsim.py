@@ -119,15 +119,15 @@ def test_loss_between_the_engine_and_its_stack(loss):
     # Plaintext the engine delivered can be lost on its way into the local stack (a firewall
     # rule, a full queue): the stack's SACK blocks and duplicate ACKs make the engine hand it
     # over again; the transfer completes without an abort, both ways at once.
-    fast = timer = 0
+    fast = timer = lost = 0
     for seed in range(max(SEEDS // 4, 2)):
         pair = _run(Channel(seed), 60_000, 60_000, seed, abort_ok=False, local=Channel(seed + 99, loss=loss))
-        assert pair.local_lost
+        lost += pair.local_lost
         sessions = pair.engine_a.session_table() + pair.engine_b.session_table()
         fast += sum(s["redelivered"] for s in sessions)
         timer += sum(s["replayed"] for s in sessions)
     # The stacks' own SACK blocks drive the recovery; the timer is only the last resort.
-    assert fast > 0 and timer <= fast // 4, (fast, timer)
+    assert lost and fast > 0 and timer <= fast // 4, (lost, fast, timer)
 
 
 def test_rekeys_and_gateway_sized_deliveries_under_loss_both_ways():
