@@ -124,6 +124,7 @@ class Topology:
             self.ifnames.update(GATEWAY_OUTSIDE_IFNAMES)
         self._procs: list[subprocess.Popen[Any]] = []
         self._created: list[str] = []
+        self.daemons: list[Daemon] = []  # started by start_daemon; stopped (final counters) on close
 
     def __enter__(self) -> Self:
         try:
@@ -261,7 +262,11 @@ class Topology:
         return proc
 
     def close(self) -> None:
-        """Kill what we started (by pid), then delete both namespaces. Idempotent."""
+        """Stop our daemons (keeping their final counters), kill what else we started (by pid),
+        then delete the namespaces. Idempotent."""
+        for daemon in self.daemons:
+            daemon.stop(10.0)
+        self.daemons.clear()
         for proc in reversed(self._procs):
             _terminate(proc, 5.0)
         self._procs.clear()
@@ -340,10 +345,14 @@ class Daemon:
     control: str
     keylog: str
     log: str
+    final_counters: dict[str, int] | None = None
+    """The counters as the daemon reported them just before `stop` ended it (None: no answer)."""
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM and wait; the exit status (None when it had to be killed)."""
+        """Fetch the final counters, SIGTERM and wait; the exit status (None when it had to be killed)."""
         if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError, LabError):
+                self.final_counters = self.counters()
             self.proc.send_signal(signal.SIGTERM)
             try:
                 return self.proc.wait(timeout)
@@ -379,6 +388,19 @@ class Daemon:
 
 SHELL_FAULTS = ("shell.handler_errors", "shell.truncated_accepted", "shell.inject_failed")
 
+STARTED: list[Daemon] = []
+"""Every daemon `start_daemon` started in this process, for checks after a test (failed injections)."""
+
+
+def failed_injections(daemon: Daemon) -> int:
+    """Packets the daemon failed to inject: its `shell.inject_failed` counter at stop, or, when it
+    could not answer then, the injection warnings in its log."""
+    if daemon.final_counters is not None:
+        return daemon.final_counters.get("shell.inject_failed", 0)
+    with contextlib.suppress(OSError):
+        return Path(daemon.log).read_text(errors="replace").count("injection of a ")
+    return 0
+
 
 def shell_faults(counters: dict[str, int]) -> dict[str, int]:
     """The nonzero counters that mean the shell saw trouble: engine exceptions, truncated copies, failed sends."""
@@ -412,6 +434,8 @@ def start_daemon(
     with open(log, "ab") as log_file:
         proc = topo.popen(side, command, stdout=log_file, stderr=subprocess.STDOUT)
     daemon = Daemon(side, proc, control, keylog, log)
+    STARTED.append(daemon)
+    topo.daemons.append(daemon)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -769,3 +793,83 @@ def iperf3_throughput(topo: Topology, seconds: float = 5.0, timeout: float = 60.
         _terminate(server, 5.0)
         if server.stdout is not None:
             server.stdout.close()
+
+
+# --- traffic both ways at once ----------------------------------------------------------------------
+
+DUPLEX_PORT = 8090
+
+
+@dataclass
+class DuplexResult:
+    """One `tools.duplex` run between a (client) and b (server): what each side received."""
+
+    client: dict[str, Any]
+    server: dict[str, Any]
+    a_sends: int
+    b_sends: int
+    seconds: float
+    problems: list[str] = field(default_factory=list)
+    """Per connection, what differs from the expected bytes (empty: all digests equal both ways)."""
+
+
+def duplex_needles(a_sends: int, b_sends: int, count: int = 8, length: int = 32) -> dict[str, bytes]:
+    """Chunks of both directions' payloads to look for on the wire (plaintext leaks)."""
+    from .tools.duplex import payload
+
+    needles = {}
+    for role, size in (("client", a_sends), ("server", b_sends)):
+        data = payload(role, size)
+        step = max(1, (size - length) // count)
+        for i in range(count):
+            if i * step + 7 + length <= size:
+                needles[f"{role}{i}"] = data[i * step + 7 : i * step + 7 + length]
+    return needles
+
+
+def duplex_transfer(
+    topo: Topology,
+    a_sends: int,
+    b_sends: int,
+    connections: int = 1,
+    ipv6: bool = False,
+    client_args: Sequence[str] = (),
+    server_args: Sequence[str] = (),
+    timeout: float = 120.0,
+    port: int = DUPLEX_PORT,
+) -> DuplexResult:
+    """`connections` TCP connections from a to b; on each, a sends `a_sends` bytes while b sends
+    `b_sends`. Checks both digests of every connection (`DuplexResult.problems`)."""
+    from .tools.duplex import expected_sha256
+
+    address = (topo.addresses6 if ipv6 else topo.addresses)["b"]
+    program = [sys.executable, "-m", "nfq_tcpcrypt.tools.duplex"]
+    common = ["--connections", str(connections), "--timeout", str(min(timeout, 60.0))]
+    server = start_ready(
+        topo, "b", [*program, "serve", address, str(port), "--send", str(b_sends), *common, *server_args], "ready"
+    )
+    import json
+
+    started = time.monotonic()
+    try:
+        client = topo.run(
+            "a", [*program, "connect", address, str(port), "--send", str(a_sends), *common, *client_args],
+            timeout=timeout, capture_output=True, text=True,
+        )  # fmt: skip
+        seconds = time.monotonic() - started
+        out, err = server.communicate(timeout=30)
+    finally:
+        _terminate(server, 5.0)
+    try:
+        client_report = json.loads(client.stdout.strip().splitlines()[-1])
+        server_report = json.loads(out.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise LabError(f"duplex failed: client {client.stdout[-500:]} {client.stderr[-1000:]} "
+                       f"server {out[-500:]!r} {err[-1000:]!r}") from None  # fmt: skip
+    problems = []
+    want = {"client": expected_sha256("server", b_sends), "server": expected_sha256("client", a_sends)}
+    for name, report in (("client", client_report), ("server", server_report)):
+        for i, conn in enumerate(report["connections"]):
+            if conn.get("sha256") != want[name] or conn.get("error"):
+                problems.append(f"{name} connection {i}: {conn}")
+    return DuplexResult(client_report, server_report, a_sends, b_sends, seconds, problems)

@@ -211,6 +211,7 @@ class RecvStream:
         self.last_ooo: int | None = None  # wire offset of the latest out-of-order arrival
         self.fin_seen: int | None = None  # wire offset of a FIN that arrived, maybe ahead of a gap
         self.replay: deque[tuple[int, bytes]] = deque()  # delivered plaintext our stack has not acked
+        self.redelivered_to = 0  # plain offset up to which lost plaintext was handed over again
 
     def add(self, wire: int, data: bytes, limit: int) -> bool:
         """Take payload at wire offset `wire`; return False when nothing new could be used."""
@@ -291,6 +292,16 @@ class RecvStream:
             if len(out) >= limit:
                 break
         return start, bytes(out[:limit])
+
+    def plaintext(self, start: int, end: int) -> bytes:
+        """Delivered plaintext of plain range [start, end) our stack has not acknowledged yet."""
+        out = bytearray()
+        for at, data in self.replay:
+            if at >= end:
+                break
+            if at + len(data) > start:
+                out += data[max(start - at, 0) : end - at]
+        return bytes(out)
 
     def ack_to_wire(self, plain: int) -> int:
         """Translate the local stack's acknowledgment (plain offset) into a wire offset."""

@@ -142,6 +142,8 @@ class Session(StreamTranslation):
         self._schedule: KeySchedule | None = None
         self._keys: dict[int, TrafficKeys] = {}
         self.rekeys = 0  # generations we moved to (RFC 8548 §3.8)
+        self.redelivered = 0  # plaintext our stack lost, handed to it again at once (its SACK/dup ACK)
+        self.replayed = 0  # plaintext handed to our stack again by the replay timer
         self._sent_since_rekey = 0
         self._init1_sent = False
         self._syn_eno = b""  # our SYN-form ENO option (the same in SYN and SYN-ACK, §4.6)
@@ -166,6 +168,8 @@ class Session(StreamTranslation):
         self._replay_mark = 0
         self._local_ts: int | None = None
         self._remote_ts: int | None = None
+        # The largest payload plus options of a wire segment (RFC 6691): the peer's MSS option,
+        # lowered by a too-big report (our own link's MTU shows up as one, sent by our kernel).
         self.wire_mss = 536
         self.pmtu: int | None = None  # the path MTU a too-big report gave, once there was one
 
@@ -683,9 +687,9 @@ class Session(StreamTranslation):
         message.quote = bytes(quote)
         if message.is_too_big:
             # Frames already logged keep their size; resent, they are split to fit the new path
-            # MTU (IP header, TCP header and up to 20 bytes of TCP options).
+            # MTU (IP and TCP headers; segments budget their options within wire_mss).
             ip_header = 20 if len(message.src) == 4 else 40
-            self.wire_mss = max(min(self.wire_mss, message.mtu - ip_header - 40), 64)
+            self.wire_mss = max(min(self.wire_mss, message.mtu - ip_header - 20), 64)
             self.pmtu = message.mtu if self.pmtu is None else min(self.pmtu, message.mtu)
             message.mtu = max(message.mtu - FRAME_OVERHEAD, 68 if len(message.src) == 4 else 1280)
         return Verdict(Action.ACCEPT, serialize_icmp_error(message))
@@ -725,6 +729,8 @@ class Session(StreamTranslation):
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "rekeys": self.rekeys,
+            "redelivered": self.redelivered,
+            "replayed": self.replayed,
             "generation": [self.send.gen, self.recv.gen] if self.send and self.recv else [0, 0],
         }
 

@@ -21,6 +21,7 @@ from .constants import (
     MAX_INIT_LEN,
     TCP_ACK,
     TCP_FIN,
+    TCP_MAX_OPTIONS,
     TCP_PSH,
     TCP_RST,
     TCP_URG,
@@ -58,6 +59,10 @@ REPLAY_TIMEOUT = 0.5
 """Seconds our stack may take to acknowledge plaintext we already acknowledged for it (its delayed
 ACK is at most 0.2 s) before we hand it that plaintext again."""
 
+REPLAY_MAX_BACKOFF = 16
+"""The replay timer's delay grows to at most this many times REPLAY_TIMEOUT (a persist timer,
+RFC 9293 §3.8.6.1: our stack may offer no window for a while)."""
+
 
 class StreamTranslation:
     """The per-packet rewriting of an encrypting session (a mixin of Session)."""
@@ -86,6 +91,8 @@ class StreamTranslation:
     _local_window: int
     _remote_window: int
     _replay_tries: int
+    redelivered: int
+    replayed: int
     _replay_mark: int
     _local_ts: int | None
     _remote_ts: int | None
@@ -108,20 +115,34 @@ class StreamTranslation:
         send, recv = self.send, self.recv
         assert send is not None and recv is not None
         options = parse_options(seg.options)
+        window_before = self._local_window
         self._note_local(seg, options)
         plain = to_offset(seg.seq, send.base, send.plain_next)
         data = seg.payload
         fin = seg.is_fin
         end = plain + len(data) + fin
+        local_loss = False
         if seg.is_ack:
-            seg.ack = to_seq(recv.ack_to_wire(to_offset(seg.ack, recv.base, recv.local_ack)), recv.base)
+            stack_ack = to_offset(seg.ack, recv.base, recv.local_ack)
+            same_window = seg.window == window_before
+            if stack_ack < recv.plain_next - recv.fin_delivered:
+                dup = not data and not fin and stack_ack == recv.local_ack and same_window
+                local_loss = self._redeliver_lost(stack_ack, options, dup, now)
+            ack_before = recv.ack_floor
+            seg.ack = to_seq(recv.ack_to_wire(stack_ack), recv.base)
+            # A duplicate ACK about plaintext our stack lost after us is ours to answer (above);
+            # the peer would take it for a loss on the wire and resend. It tells the peer nothing.
+            local_loss = local_loss and same_window and recv.ack_floor == ack_before and not recv.ooo
             seg.window = self._wire_window(seg.window)
         seg.flags &= ~TCP_URG  # RFC 8548 §3.7: URG travels only as URGp; we send none
         seg.urgent = 0
-        seg.options = self._options_out(options, seg.options)
+        raw_options = seg.options
+        seg.options = self._options_out(options, raw_options)
         if send.cipher is None:
             return self._before_keys(seg, plain, end, now)
         if not data and not fin:
+            if local_loss and not self.need_nonsyn_eno:
+                return DROP
             seg.seq = to_seq(send.plain_to_wire(plain), send.base)
             return Verdict(Action.ACCEPT, serialize_segment(seg))
         if end <= send.acked_plain:
@@ -147,13 +168,19 @@ class StreamTranslation:
             records += send.new_frame(new, fin)
         if not records:
             return DROP
-        packets = self._frame_packets(records)
-        first_wire, first_payload, first_fin = packets[0]
-        seg.seq = to_seq(first_wire, send.base)
-        seg.payload = first_payload
-        seg.flags = (seg.flags & ~TCP_FIN) | (TCP_FIN if first_fin else 0)
-        for wire, payload, with_fin in packets[1:]:
-            self._inject_wire(wire, payload, TCP_ACK | TCP_PSH | (TCP_FIN if with_fin else 0))
+        # Payload and options within the wire MSS (RFC 6691). Our stack sized its segment for its
+        # own options; the non-SYN ENO option or frames resent together can make it longer: the
+        # rest follows in segments of their own. SACK blocks only take the room that is left.
+        wire, payload, fin = _joined(records)
+        size = max(self.wire_mss - _padded(self._options_out(options, raw_options, self.wire_mss)), 1)
+        seg.seq = to_seq(wire, send.base)
+        seg.payload = payload[:size]
+        seg.options = self._options_out(options, raw_options, len(seg.payload))
+        rest = payload[size:]
+        seg.flags = (seg.flags & ~TCP_FIN) | (TCP_FIN if fin and not rest else 0)
+        if rest:
+            seg.flags |= TCP_PSH
+            self._inject_wire(wire + size, rest, TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0))
         if self.pmtu is not None:
             # Our stack believes the path MTU is 20 bytes below the real one (too_big), and the
             # kernel would hold our larger wire packet to that belief: send it ourselves.
@@ -187,22 +214,9 @@ class StreamTranslation:
         seg.seq = to_seq(send.plain_to_wire(plain), send.base)
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
-    def _frame_packets(self, records: list[FrameRecord]) -> list[tuple[int, bytes, bool]]:
-        """Split consecutive frame records into (wire offset, payload, fin) packets of ≤ wire MSS."""
-        packets: list[tuple[int, bytes, bool]] = []
-        start = records[0].wire_start
-        payload = b"".join(r.data for r in records)
-        fin = records[-1].fin
-        size = max(self.wire_mss, 1)
-        for at in range(0, max(len(payload), 1), size):
-            chunk = payload[at : at + size]
-            last = at + size >= len(payload)
-            packets.append((start + at, chunk, fin and last))
-        return packets
-
     def _inject_frames(self, records: list[FrameRecord]) -> None:
-        for wire, payload, fin in self._frame_packets(records):
-            self._inject_wire(wire, payload, TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0))
+        wire, payload, fin = _joined(records)
+        self._inject_wire(wire, payload, TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0))
 
     def _translate_in(self, seg: Segment, options: list[tuple[int, bytes]], now: float) -> Verdict:
         send, recv = self.send, self.recv
@@ -275,7 +289,8 @@ class StreamTranslation:
         """Hand plaintext to our stack: the first chunk in the verdict, the rest injected."""
         recv = self.recv
         assert recv is not None
-        size = self.config.deliver_max
+        # deliver_max allows 20 bytes of options; more (SACK blocks) take room from the payload.
+        size = max(min(self.config.deliver_max, self.config.deliver_max + 20 - _padded(seg.options)), 1)
         first = None
         at = 0
         while True:
@@ -361,22 +376,27 @@ class StreamTranslation:
         if ts is not None:
             self._remote_ts = ts[0]
 
-    def _options_out(self, parsed: list[tuple[int, bytes]], raw: bytes) -> bytes:
-        """Options of a segment toward the wire: SACK blocks into wire space, plus our own blocks
-        for out-of-order data we hold, plus the non-SYN ENO option while RFC 8547 §4.6 wants it."""
+    def _options_out(self, parsed: list[tuple[int, bytes]], raw: bytes, payload_len: int = 0) -> bytes:
+        """Options of a segment toward the wire: our own SACK blocks for out-of-order data we hold,
+        in wire space, plus the non-SYN ENO option while RFC 8547 §4.6 wants it.
+
+        The SACK blocks take at most the room `payload_len` bytes of payload leave within the
+        wire MSS (RFC 6691): the blocks that do not fit are left out (RFC 2018 §4 puts the most
+        recent first), and every duplicate ACK we send without payload carries them all."""
         recv = self.recv
         assert recv is not None
         if not self.need_nonsyn_eno and not recv.ooo and not _has_sack_or_eno(parsed):
             return raw  # the usual case: nothing to translate
-        # Our stack only ever gets in-order data, so the SACK blocks it sends can only be D-SACKs
-        # (RFC 2883) of our own redeliveries, which would mislead the peer: they are not passed
-        # on. The blocks the peer needs are ours: the out-of-order data we hold, in wire space.
+        # The SACK blocks our stack sends are about plaintext it lost after us, or D-SACKs
+        # (RFC 2883) of our own redeliveries: ours to answer (_redeliver_lost), and they would
+        # mislead the peer. The blocks the peer needs are ours: the out-of-order data we hold.
         kept = [(kind, option) for kind, option in parsed
                 if kind > TCPOPT_NOP and kind != ENO_OPTION_KIND and kind != TCPOPT_SACK]
         blocks = recv.sack_blocks(4) if self.sack_ok and recv.ooo else []
         if self.need_nonsyn_eno:
             kept.append((ENO_OPTION_KIND, NON_SYN_ENO))
-        return with_sack(kept, [(to_seq(lo, recv.base), to_seq(hi, recv.base)) for lo, hi in blocks])
+        limit = min(TCP_MAX_OPTIONS, self.wire_mss - payload_len)
+        return with_sack(kept, [(to_seq(lo, recv.base), to_seq(hi, recv.base)) for lo, hi in blocks], limit)
 
     def _options_in(self, parsed: list[tuple[int, bytes]], raw: bytes) -> bytes:
         """Options of a segment toward our stack: SACK blocks into plain space, ENO removed."""
@@ -407,17 +427,28 @@ class StreamTranslation:
         send, recv = self.send, self.recv
         assert send is not None and recv is not None
         f = self.flow
-        options = self._ts_options(self._local_ts, self._remote_ts)
-        if not flags & TCP_RST:
-            options = self._options_out(parse_options(options), options)
-        seg = new_segment(
-            f.local_ip, f.remote_ip, f.local_port, f.remote_port, to_seq(wire, send.base),
-            to_seq(recv.ack_to_wire(recv.local_ack), recv.base), flags, self._wire_window(self._local_window),
-            options, payload,
-        )
-        if self._out_ip is not None:
-            seg.ip_header = without_ecn(self._out_ip)
-        self._inject(Injection(serialize_segment(seg), Direction.OUTBOUND))
+        ts = self._ts_options(self._local_ts, self._remote_ts)
+        parsed = parse_options(ts)
+        ack = to_seq(recv.ack_to_wire(recv.local_ack), recv.base)
+        window = self._wire_window(self._local_window)
+        # Payload and options within the wire MSS (RFC 6691); a longer payload goes out in several
+        # segments, the FIN on the last.
+        size = max(self.wire_mss - _padded(ts if flags & TCP_RST else self._options_out(parsed, ts, self.wire_mss)), 1)
+        at = 0
+        while True:
+            chunk = payload[at : at + size]
+            last = at + size >= len(payload)
+            options = ts if flags & TCP_RST else self._options_out(parsed, ts, len(chunk))
+            seg = new_segment(
+                f.local_ip, f.remote_ip, f.local_port, f.remote_port, to_seq(wire + at, send.base), ack,
+                flags if last else flags & ~TCP_FIN, window, options, chunk,
+            )
+            if self._out_ip is not None:
+                seg.ip_header = without_ecn(self._out_ip)
+            self._inject(Injection(serialize_segment(seg), Direction.OUTBOUND))
+            if last:
+                return
+            at += size
 
     def _wire_window(self, window: int) -> int:
         """Our stack's window field for the wire, where the ACK may be ahead of our stack's own
@@ -438,26 +469,85 @@ class StreamTranslation:
         assert send is not None and recv is not None
         recv.ack_delivered()
         self._inject_wire(send.wire_next, b"", TCP_ACK)
-        if recv.local_ack < recv.plain_next - recv.fin_delivered and "replay" not in self._timers:
+        if recv.local_ack < recv.plain_next and "replay" not in self._timers:
             self._replay_tries = 0
-            self._replay_mark = recv.plain_next - recv.fin_delivered
+            self._replay_mark = recv.plain_next
             self._arm("replay", now + REPLAY_TIMEOUT)
+
+    def _redeliver_lost(self, stack_ack: int, options: list[tuple[int, bytes]], dup: bool, now: float) -> bool:
+        """Our stack's SACK blocks or duplicate ACK toward the peer show plaintext we delivered and
+        it lost on the way in (a firewall rule, a full queue): hand the missing bytes to it again
+        at once, as TCP's own fast retransmit would (RFC 6675 §5), within the window it offers.
+        Returns whether the ACK was such a report.
+
+        Each byte goes again this way at most once (`RecvStream.redelivered_to`); if that copy is
+        lost too, the replay timer, with its backoff, is the last resort."""
+        recv = self.recv
+        assert recv is not None
+        delivered = recv.plain_next - recv.fin_delivered
+        blocks = []
+        for kind, raw in options:
+            if kind == TCPOPT_SACK:
+                for left, right in sack_pairs(raw):
+                    lo, hi = to_offset(left, recv.base, stack_ack), to_offset(right, recv.base, stack_ack)
+                    if stack_ack < lo < hi <= delivered:
+                        blocks.append((lo, hi))
+        if blocks:
+            top = max(hi for _, hi in blocks)
+        elif dup:
+            top = min(delivered, stack_ack + self.config.deliver_max)
+        else:
+            return False
+        shift = self._local_ws if self._local_ws is not None and self._remote_ws is not None else 0
+        top = min(top, stack_ack + (self._local_window << shift))  # never beyond our stack's window
+        at = max(stack_ack, recv.redelivered_to)
+        if at >= top:
+            return True
+        holes = []
+        for lo, hi in sorted(blocks):
+            if lo > at:
+                holes.append((at, min(lo, top)))
+            at = max(at, hi)
+            if at >= top:
+                break
+        if not blocks:
+            holes.append((at, top))
+        recv.redelivered_to = top
+        if not holes:
+            return True
+        for lo, hi in holes:
+            data = recv.plaintext(lo, hi)
+            for chunk_at in range(0, len(data), self.config.deliver_max):
+                chunk = data[chunk_at : chunk_at + self.config.deliver_max]
+                self._inject_local(lo + chunk_at, chunk, TCP_ACK | TCP_PSH)
+        self.redelivered += len(holes)
+        if "replay" not in self._timers:
+            self._replay_tries = 0
+            self._replay_mark = top
+            self._arm("replay", now + REPLAY_TIMEOUT)
+        return True
 
     def _on_replay(self, now: float) -> None:
         """Our stack has still not acknowledged plaintext we acknowledged for it: give it again.
 
         Only what was delivered before the timer was armed counts: in a bulk transfer our stack
-        always lags the newest delivery by a delayed ACK, and that is no reason to redeliver."""
+        always lags the newest delivery by a delayed ACK, and that is no reason to redeliver.
+        The delay doubles with each try, up to REPLAY_MAX_BACKOFF times the first."""
         recv = self.recv
         assert recv is not None
-        if recv.local_ack >= self._replay_mark or self._replay_tries >= 4:
+        if recv.local_ack >= self._replay_mark:
             return
         start, data = recv.unacked_plaintext(self.config.deliver_max)
-        if not data:
+        if data:
+            self._inject_local(start, data, TCP_ACK | TCP_PSH)
+        elif recv.fin_delivered and recv.local_ack < recv.plain_next:
+            self._inject_local(recv.plain_next - 1, b"", TCP_ACK | TCP_FIN)  # our stack lost the FIN
+        else:
             return
         self._replay_tries += 1
-        self._inject_local(start, data, TCP_ACK | TCP_PSH)
-        self._arm("replay", now + REPLAY_TIMEOUT * 2**self._replay_tries)
+        self.replayed += 1
+        backoff = min(2**self._replay_tries, REPLAY_MAX_BACKOFF)
+        self._arm("replay", now + REPLAY_TIMEOUT * backoff)
 
     def _inject_local(self, plain: int, payload: bytes, flags: int) -> None:
         """A segment toward our own stack, at plain offset `plain` of the peer's stream."""
@@ -480,3 +570,13 @@ class StreamTranslation:
 
 def _has_sack_or_eno(parsed: list[tuple[int, bytes]]) -> bool:
     return any(kind == TCPOPT_SACK or kind == ENO_OPTION_KIND for kind, _ in parsed)
+
+
+def _joined(records: list[FrameRecord]) -> tuple[int, bytes, bool]:
+    """(wire offset, bytes, fin) of consecutive frame records as one stretch of the wire stream."""
+    return records[0].wire_start, b"".join(r.data for r in records), records[-1].fin
+
+
+def _padded(options: bytes) -> int:
+    """Length of an options block on the wire (padded to 4 bytes, as serialize_segment does)."""
+    return (len(options) + 3) & ~3

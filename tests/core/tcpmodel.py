@@ -1,8 +1,9 @@
 """A small TCP endpoint model and a two-engine harness over an in-memory wire.
 
 The model is just enough TCP to drive the engines: handshake with MSS/SACK-permitted/timestamps/
-window scale, cumulative ACKs, MSS-sized segments, FIN and RST. It never retransmits; the harness's
-channel is in order and lossless.
+window scale, cumulative ACKs, segments of the MSS less their options, SACK blocks for held data,
+retransmission, FIN and RST. The harness's wire is lossless unless a Channel is given; every wire
+segment must fit the MSS of both ends.
 """
 
 from __future__ import annotations
@@ -93,16 +94,37 @@ class Endpoint:
         self.rto_at: float | None = None
         self.dupacks = 0
         self.now = 0.0
+        self.sack_ok = False
 
     # -- helpers
     @property
     def rcv_nxt(self) -> int:
         return (self.irs + 1 + len(self.received) + self.peer_fin) & MASK
 
+    def _options(self) -> bytes:
+        """Timestamps, and SACK blocks (RFC 2018) for held out-of-order data, as Linux sends them."""
+        options = struct.pack("!BBBBII", 1, 1, 8, 10, self.ts, self.ts_recent)
+        if self.sack_ok and self.ooo:
+            blocks: list[list[int]] = []
+            for start in sorted(self.ooo):
+                end = start + len(self.ooo[start])
+                if blocks and start <= blocks[-1][1]:
+                    blocks[-1][1] = max(blocks[-1][1], end)
+                else:
+                    blocks.append([start, end])
+            base = self.irs + 1
+            body = b"".join(struct.pack("!II", (base + lo) & MASK, (base + hi) & MASK) for lo, hi in blocks[:3])
+            options += bytes((1, 1, 5, 2 + len(body))) + body
+        return options
+
+    def _payload_room(self) -> int:
+        """The MSS less the options a data segment would carry now (RFC 6691), as Linux sizes it."""
+        return min(self.mss, self.peer_mss) - len(self._options())
+
     def _emit(self, flags: int, payload: bytes = b"", options: bytes | None = None, seq: int | None = None) -> None:
         self.ts += 1
         if options is None:
-            options = struct.pack("!BBBBII", 1, 1, 8, 10, self.ts, self.ts_recent)
+            options = self._options()
         if seq is None:
             seq = self.isn + 1 + self.nxt
         seg = new_segment(
@@ -144,7 +166,7 @@ class Endpoint:
     def pump(self) -> None:
         if self.state not in ("established", "fin-sent"):
             return
-        mss = min(self.mss, self.peer_mss)
+        mss = self._payload_room()
         end = len(self.stream)
         while self.nxt < end and self.nxt - self.una < self.WINDOW:
             chunk = bytes(self.stream[self.nxt : self.nxt + mss])
@@ -187,6 +209,7 @@ class Endpoint:
         if seg.is_syn:
             if 2 in options:
                 self.peer_mss = struct.unpack_from("!H", options[2], 2)[0]
+            self.sack_ok = 4 in options
             if self.state in ("listen", "syn-received", "syn-sent") and not seg.is_ack:
                 # a new peer, its retransmitted SYN, or a simultaneous open (both SYN-only)
                 self.peer_ip, self.peer_port = seg.src, seg.sport
@@ -220,7 +243,7 @@ class Endpoint:
             elif acked == self.una and not seg.payload and self.nxt > self.una:
                 self.dupacks += 1
                 if self.dupacks == 3:  # fast retransmit of one segment
-                    mss = min(self.mss, self.peer_mss)
+                    mss = self._payload_room()
                     chunk = bytes(self.stream[self.una : self.una + mss])
                     fin = self.fin_written and self.una + len(chunk) == len(self.stream)
                     self._emit(TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0), chunk, seq=self.isn + 1 + self.una)
@@ -291,12 +314,14 @@ class Pair:
 
     def __init__(self, seed: bytes = b"pair", a_config: Configuration | None = None,
                  b_config: Configuration | None = None, a_engine: bool = True, b_engine: bool = True,
-                 channel: Channel | None = None) -> None:
+                 channel: Channel | None = None, local_channel: Channel | None = None) -> None:
         self.a = Endpoint(A_IP, 40000, 0xFFFFFF00)  # ISNs near the 2**32 wrap on purpose
         self.b = Endpoint(B_IP, 80, 0x7FFFFFF0)
         self.engine_a = Engine(a_config or seeded_config(seed + b"a")) if a_engine else None
         self.engine_b = Engine(b_config or seeded_config(seed + b"b")) if b_engine else None
         self.channel = channel
+        self.local_channel = local_channel  # between each engine and its own stack (toward the stack)
+        self.local_lost = 0
         self.wire: list[bytes] = []  # every packet that crossed the wire, in order
         self.now = 0.0
         self._delayed: list[tuple[int, str, bytes]] = []
@@ -397,6 +422,7 @@ class Pair:
                     queue.append((side + "-wire", packet2))
             elif where.endswith("-wire"):
                 other = "b" if where[0] == "a" else "a"
+                self._check_size(packet)
                 carried = [(0, packet)] if self.channel is None else self.channel.carry(packet)
                 for delay, piece in carried:
                     if delay:
@@ -408,10 +434,24 @@ class Pair:
                 self.wire.append(packet)
                 packet2 = self._through(self.engine_b if other == "b" else self.engine_a, packet, Direction.INBOUND)
                 if packet2 is not None:
-                    (self.b if other == "b" else self.a).receive(packet2)
+                    self._to_stack(self.b if other == "b" else self.a, packet2)
             else:  # injected toward the engine's own stack
-                (self.a if where[0] == "a" else self.b).receive(packet)
+                self._to_stack(self.a if where[0] == "a" else self.b, packet)
         raise AssertionError("the pair did not go quiet")
+
+    def _to_stack(self, endpoint: Endpoint, packet: bytes) -> None:
+        """The leg from an engine to its own stack: lossless unless `local_channel` is set."""
+        if self.local_channel is not None and self.local_channel.random.random() < self.local_channel.loss:
+            self.local_lost += 1
+            return
+        endpoint.receive(packet)
+
+    def _check_size(self, packet: bytes) -> None:
+        """Every wire segment fits the path: options and payload within both ends' MSS (RFC 6691)."""
+        seg = parse_segment(packet)
+        limit = min(self.a.mss, self.b.mss)
+        size = len(seg.options) + len(seg.payload)
+        assert size <= limit, f"wire segment of {size} option and payload bytes over the MSS {limit}"
 
     def events(self, engine: Engine) -> list:
         out = []

@@ -7,6 +7,8 @@ from nfq_tcpcrypt.core.wire.tcp import parse_options, parse_segment, sack_pairs
 from tests.core.tcpmodel import A_IP, B_IP, Channel, Pair
 
 MASK = 0xFFFFFFFF
+SEG = 1428  # plain bytes per segment of the model's stack: MSS 1440 less 12 bytes of timestamps
+FRAME = SEG + 20  # one frame per segment on the wire
 
 
 class DropOne(Channel):
@@ -36,24 +38,51 @@ def test_sack_blocks_cross_both_spaces():
     seen_by_a: list[bytes] = []
     receive = pair.a.receive
     pair.a.receive = lambda packet: (seen_by_a.append(packet), receive(packet))[1]
-    data = bytes(range(256)) * 100  # 25600 bytes: 18 segments of 1440
+    data = bytes(range(256)) * 100  # 25600 bytes: 18 segments of 1428 (1440 less the timestamps)
     pair.a.write(data)
     pair.run()
     assert bytes(pair.b.received) == data
 
     # On the wire, B's engine sent duplicate ACKs with SACK blocks for what it held (wire space):
-    # the blocks start after the lost frame, on a frame boundary (1460 = 1440 + 20 per frame).
+    # the blocks start after the lost frame, on a frame boundary (1448 = 1428 + 20 per frame).
     wire_sacks = [b for p in pair.wire if parse_segment(p).src == B_IP for b in _blocks(p)]
     assert wire_sacks, "no SACK block on the wire"
     isn_a = pair.a.isn
     init1_len = 75
-    lost_wire_start = init1_len + 2 * 1460
+    lost_wire_start = init1_len + 2 * FRAME
     for left, _right in wire_sacks:
         offset = (left - isn_a - 1) & MASK
-        assert offset >= lost_wire_start + 1460 and (offset - init1_len) % 1460 == 0
+        assert offset >= lost_wire_start + FRAME and (offset - init1_len) % FRAME == 0
     # A's stack saw the same blocks in plain space, on its own segment boundaries.
     plain_sacks = [b for p in seen_by_a for b in _blocks(p)]
     assert plain_sacks, "no SACK block reached A's stack"
     for left, right in plain_sacks:
         lo, hi = (left - isn_a - 1) & MASK, (right - isn_a - 1) & MASK
-        assert lo >= 3 * 1440 and lo % 1440 == 0 and hi % 1440 in (0, len(data) % 1440) and hi <= len(data)
+        assert lo >= 3 * SEG and lo % SEG == 0 and hi % SEG in (0, len(data) % SEG) and hi <= len(data)
+
+
+def test_plaintext_our_stack_lost_goes_again_on_its_sack():
+    # The 3rd decrypted segment toward B's stack is lost after B's engine (an INPUT rule, a full
+    # queue). B's stack announces the hole with SACK blocks toward A; B's engine hands the missing
+    # plaintext over again at once: no timer, and A's side resends nothing.
+    pair = Pair(seed=b"local-loss")
+    pair.open()
+    seen = {"n": 0}
+    receive = pair.b.receive
+
+    def lossy(packet):
+        if len(parse_segment(packet).payload) > 1000:
+            seen["n"] += 1
+            if seen["n"] == 3:
+                return
+        receive(packet)
+
+    pair.b.receive = lossy
+    data = bytes(range(256)) * 100
+    pair.a.write(data)
+    pair.run(max_time=0.1)  # well before the replay timer (0.5 s) or the model's RTO (0.2 s)
+    assert bytes(pair.b.received) == data
+    session = pair.engine_b.session_table()[0]
+    assert session["redelivered"] == 1 and session["replayed"] == 0
+    seqs = [parse_segment(p).seq for p in pair.wire if parse_segment(p).src == A_IP and parse_segment(p).payload]
+    assert len(seqs) == len(set(seqs)), ("A's side retransmitted", sorted(s for s in seqs if seqs.count(s) > 1))

@@ -11,8 +11,11 @@ from nfq_tcpcrypt.core.wire.tcp import (
     new_segment,
     parse_options,
     parse_segment,
+    sack_pairs,
     serialize_options,
     serialize_segment,
+    timestamp_option,
+    with_sack,
 )
 from nfq_tcpcrypt.core.wire.tcpcrypt import (
     Init1,
@@ -124,3 +127,13 @@ class TestSegment:
     def test_options_round_trip(self):
         raw = b"\x02\x04\x05\xb4\x04\x02\x08\x0a" + bytes(8) + b"\x01\x03\x03\x07"
         assert serialize_options(parse_options(raw)) == raw
+
+
+def test_with_sack_keeps_the_first_blocks_that_fit_the_limit():
+    ts = [(8, timestamp_option(1, 2)[2:])]  # 10 bytes
+    blocks = [(100, 200), (300, 400), (500, 600), (700, 800)]
+    full = with_sack(ts, blocks)  # 10 + 2 + 3 * 8 = 36, padded to 36: three blocks fit in 40
+    assert len(full) == 36 and sack_pairs(full[full.index(5) :]) == blocks[:3]
+    one = with_sack(ts, blocks, limit=24)  # 10 + 2 + 8 = 20 -> 20
+    assert len(one) == 20 and sack_pairs(one[one.index(5) :]) == blocks[:1]
+    assert with_sack(ts, blocks, limit=12) == with_sack(ts, [])  # no room: no SACK option at all

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from nfq_tcpcrypt import labnet
 from nfq_tcpcrypt.labnet import Topology
 
 TOOLS = ("ip", "iptables-restore", "iptables-save", "tcpdump", "curl")
@@ -60,6 +61,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if str(item.fspath).startswith(here):
             item.add_marker(pytest.mark.netns)
+
+
+@pytest.fixture(autouse=True)
+def no_failed_injections() -> Iterator[None]:
+    """Every daemon a test started must end with zero failed injections (an oversized or otherwise
+    refused packet is a lost packet). Set up before the topology fixtures, so this runs after they
+    stopped the daemons."""
+    labnet.STARTED.clear()
+    yield
+    failed = {f"{d.side} ({d.log})": n for d in labnet.STARTED if (n := labnet.failed_injections(d))}
+    labnet.STARTED.clear()
+    assert not failed, f"failed injections: {failed}"
 
 
 def lab_topology(tag: str, **shape: int) -> Iterator[Topology]:

@@ -194,11 +194,12 @@ def sack_pairs(option: bytes) -> list[tuple[int, int]]:
     return pairs
 
 
-def with_sack(options: list[tuple[int, bytes]], blocks: list[tuple[int, int]]) -> bytes:
-    """Serialize `options` plus as many SACK blocks (sequence pairs) as fit in 40 bytes (RFC 2018 §3)."""
+def with_sack(options: list[tuple[int, bytes]], blocks: list[tuple[int, int]], limit: int = TCP_MAX_OPTIONS) -> bytes:
+    """Serialize `options` plus as many of the SACK blocks (sequence pairs, the first ones first) as
+    fit in `limit` bytes, at most 40 (RFC 2018 §3)."""
     used = sum(len(option) for _, option in options)
     n = min(len(blocks), 4)
-    while n and (used + 2 + 8 * n + 3) // 4 * 4 > TCP_MAX_OPTIONS:
+    while n and (used + 2 + 8 * n + 3) // 4 * 4 > min(limit, TCP_MAX_OPTIONS):
         n -= 1
     if n:
         body = b"".join(struct.pack("!II", lo, hi) for lo, hi in blocks[:n])
