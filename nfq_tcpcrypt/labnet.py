@@ -392,10 +392,12 @@ def start_daemon(
     extra: Sequence[str] = (),
     timeout: float = 20.0,
     mode: str = "host",
+    program: Sequence[str] | None = None,
 ) -> Daemon:
     """Start the daemon in `side` and wait until its control socket answers (queue bound, rules in).
 
-    With `mode="gateway"` it runs `--mode gateway --outside topo.outside[side]`.
+    With `mode="gateway"` it runs `--mode gateway --outside topo.outside[side]`. `program` replaces
+    `python -m nfq_tcpcrypt` (e.g. the `nfq-tcpcrypt` script of another installation).
     """
     from .shell.control import query
 
@@ -406,7 +408,7 @@ def start_daemon(
     if mode == "gateway":
         mode_args += ["--outside", topo.outside[side]]
     command = [
-        sys.executable, "-m", "nfq_tcpcrypt", "run", *mode_args,
+        *(program or (sys.executable, "-m", "nfq_tcpcrypt")), "run", *mode_args,
         "--control", control, "--keylog", keylog, *extra,
     ]  # fmt: skip
     with open(log, "ab") as log_file:
@@ -647,6 +649,7 @@ def http_transfer(
     inside_capture_at: tuple[str, str | None] | None = None,
     loss_sides: Sequence[str] = ("a", "b"),
     daemon_args: Mapping[str, Sequence[str]] | None = None,
+    daemon_program: Sequence[str] | None = None,
 ) -> TransferResult:
     """Serve a random file from b, fetch it with curl from a, capture a's veth, query the daemons.
 
@@ -654,7 +657,8 @@ def http_transfer(
     returning; their exit codes are in `result.daemons[side].proc.returncode`. The sides in
     `gateway_sides` (a subset of `daemon_sides`) run in gateway mode (`start_daemon`). With
     `wire_loss`, each of `loss_sides` drops that fraction of TCP packets arriving on its wire
-    interface before the daemon sees them (see `drop_on_wire`). `daemon_args` adds options per side.
+    interface before the daemon sees them (see `drop_on_wire`). `daemon_args` adds options per side;
+    `daemon_program` runs another installation's daemon (see `start_daemon`).
 
     The wire capture is taken on `capture_at` = (side, interface; None: the side's `ifnames`), and
     analysed into `result.wire`; `inside_capture_at` adds a second capture (e.g. on an inside link
@@ -674,7 +678,7 @@ def http_transfer(
         for side in daemon_sides:
             mode = "gateway" if side in gateway_sides else "host"
             extra = [*(["--ipv6"] if ipv6 else []), *(daemon_args or {}).get(side, ())]
-            daemons[side] = start_daemon(topo, side, workdir, extra, mode=mode)
+            daemons[side] = start_daemon(topo, side, workdir, extra, mode=mode, program=daemon_program)
         if wire_loss:
             for side in loss_sides:
                 drop_on_wire(topo, side, wire_loss, ipv6)

@@ -1,7 +1,7 @@
 """iptables rules of the daemon: render, install, remove exactly, check for leftovers (DESIGN.md §5).
 
-The templates live in `iptables/` at the top of the source tree (`host.rules` for IPv4, `host6.rules`
-for IPv6; `gateway.rules` and `gateway6.rules` in gateway mode, where a line naming `$outside` is
+The templates live in `iptables/` at the top of the source tree, and an installed wheel carries
+them as `nfq_tcpcrypt/iptables/` (`host.rules` for IPv4, `host6.rules` for IPv6; `gateway.rules` and `gateway6.rules` in gateway mode, where a line naming `$outside` is
 repeated once per outside interface). They are applied with `iptables-restore --noflush`, so
 nothing else in the tables is touched. Removal is derived from the rendered text itself: every rule
 added to a built-in chain is deleted with the same specification, then every chain the template
@@ -40,11 +40,16 @@ class RulesError(RuntimeError):
 
 
 def templates_dir() -> Path:
-    """The directory of the rule templates: $NFQ_TCPCRYPT_RULES_DIR, else `iptables/` in the tree."""
+    """The directory of the rule templates: $NFQ_TCPCRYPT_RULES_DIR, else the package data of an
+    installed wheel (`nfq_tcpcrypt/iptables/`), else `iptables/` at the top of a source tree."""
     override = os.environ.get("NFQ_TCPCRYPT_RULES_DIR")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[2] / "iptables"
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "iptables"
+    if (installed / TEMPLATES["ipv4"]).is_file():
+        return installed
+    return package.parent / "iptables"
 
 
 @dataclass(frozen=True)
@@ -198,9 +203,10 @@ def install(params: RuleParams, families: tuple[str, ...] = ("ipv4",)) -> Instal
             _restore(family, text)
             installed.texts[family] = text
             logger.info(
-                "%s %s-mode rules installed%s (queues %d/%d, mark %#x, %s)",
+                "%s %s-mode rules installed from %s%s (queues %d/%d, mark %#x, %s)",
                 family,
                 params.mode,
+                templates_dir(),
                 f" (outside {','.join(params.outside)})" if params.outside else "",
                 params.inbound_queue,
                 params.outbound_queue,
