@@ -229,6 +229,8 @@ def _cmd_rules(args: argparse.Namespace) -> int:
             if rules.available(family):
                 for line in rules.leftovers(family):
                     print(f"{family}: {line}")
+                for chain in rules.nft_chains(family):
+                    print(f"{family}: nft base chain {rules.NFT_FAMILY[family]} mangle {chain}")
         return 0
     try:
         query(args.control, "ping", timeout=2.0)

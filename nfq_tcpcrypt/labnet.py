@@ -23,7 +23,8 @@ ga and gb only. `internet_routers=N` puts N routers (i1, i2, ...) between the ga
 the internet (`topo.internet_links[k]`) is then 10.77.(3+k).0/24, .1 on its left end, .2 on its right. `topo.ifnames`
 names the wire-facing interface of every side (for ga and gb: the outside one, so `capture` and
 `wire_loss` there act on the internet link), `topo.outside` and `topo.inside` the gateways' two
-interfaces.
+interfaces. `masquerade(gateway)` and `port_forward(gateway, ...)` add NAT on a gateway (README: NAT on
+the gateway); `topo.public(gateway)` is its outside address.
 """
 
 from __future__ import annotations
@@ -230,6 +231,37 @@ class Topology:
                 self.check(node, ["ip", "-6", "route", "add", "fd77:2::/64", "via", f"fd77:{3 + k}::2"])
             self.check(node, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
             self.check(node, ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+
+    def public(self, gateway: str, ipv6: bool = False) -> str:
+        """The address of `gateway` ("ga" or "gb") on its outside (internet) link."""
+        k, end = (0, 1) if gateway == "ga" else (len(self.internet_links) - 1, 2)
+        return f"fd77:{3 + k}::{end}" if ipv6 else f"10.77.{3 + k}.{end}"
+
+    def _site_only_behind(self, gateway: str, ipv6: bool) -> None:
+        """Every other node of the chain forgets its route to `gateway`'s site: only NAT reaches it."""
+        site = ("fd77:1::/64" if ipv6 else "10.77.1.0/24") if gateway == "ga" else (
+            "fd77:2::/64" if ipv6 else "10.77.2.0/24")  # fmt: skip
+        for node in ("ga", *self.internet_routers, "gb"):
+            if node != gateway:
+                self.check(node, ["ip", *(["-6"] if ipv6 else []), "route", "del", site])
+
+    def masquerade(self, gateway: str, ipv6: bool = False, ports: str = "40000-40100") -> None:
+        """Site NAT on `gateway`: MASQUERADE (source ports mapped into `ports`) what leaves through its
+        outside interface; the rest of the internet no longer routes to the inside addresses."""
+        tool = "ip6tables" if ipv6 else "iptables"
+        self.check(gateway, [tool, "-t", "nat", "-A", "POSTROUTING", "-o", self.outside[gateway],
+                             "-p", "tcp", "-j", "MASQUERADE", "--to-ports", ports])  # fmt: skip
+        self.check(gateway, [tool, "-t", "nat", "-A", "POSTROUTING", "-o", self.outside[gateway], "-j", "MASQUERADE"])
+        self._site_only_behind(gateway, ipv6)
+
+    def port_forward(self, gateway: str, port: int, host: str, host_port: int, ipv6: bool = False) -> None:
+        """DNAT on `gateway`: TCP to its public address, port `port`, goes to `host`:`host_port` inside."""
+        tool = "ip6tables" if ipv6 else "iptables"
+        address = (self.addresses6 if ipv6 else self.addresses)[host]
+        target = f"[{address}]:{host_port}" if ipv6 else f"{address}:{host_port}"
+        self.check(gateway, [tool, "-t", "nat", "-A", "PREROUTING", "-i", self.outside[gateway], "-p", "tcp",
+                             "-d", self.public(gateway, ipv6), "--dport", str(port),
+                             "-j", "DNAT", "--to-destination", target])  # fmt: skip
 
     def check(self, side: str, command: Sequence[str], timeout: float = 30.0, **kwargs: Any) -> str:
         """Run `command` in `side`; its stdout, or LabError with its stderr when it fails."""

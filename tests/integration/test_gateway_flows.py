@@ -1,0 +1,72 @@
+"""Many concurrent connections through a gateway pair (README: Gateway mode): 64 curl transfers at
+once from a to b through ga and gb, every one encrypted on the internet link, verified by `decode`
+with the key logs, and digest-equal at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nfq_tcpcrypt.labnet import (
+    HTTP_PORT,
+    Topology,
+    capture,
+    http_server,
+    sha256_file,
+    shell_faults,
+    start_daemon,
+)
+
+from .conftest import lab_topology
+from .decoded import decoded_connections
+
+FLOWS = 64
+SIZE = 96 * 1024
+
+
+@pytest.fixture
+def sites() -> Iterator[Topology]:
+    """a - ga - gb - b, always removed afterwards."""
+    yield from lab_topology("nfqflows", gateways=True)
+
+
+@pytest.mark.timeout(240)
+def test_64_concurrent_flows(sites: Topology, tmp_path: Path) -> None:
+    """64 connections open at once (curl --parallel): all digest-equal, all encrypted on the wire."""
+    www, got = tmp_path / "www", tmp_path / "got"
+    www.mkdir()
+    got.mkdir()
+    for n in range(FLOWS):
+        (www / f"f{n}.bin").write_bytes(secrets.token_bytes(SIZE))
+    pcap = tmp_path / "wire.pcap"
+    daemons = {side: start_daemon(sites, side, tmp_path, mode="gateway") for side in ("ga", "gb")}
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(capture(sites, "ga", pcap, ifname=sites.outside["ga"]))
+            url = stack.enter_context(http_server(sites, "b", www))
+            argv = ["curl", "-sS", "--fail", "--parallel", "--parallel-immediate", "--parallel-max", str(FLOWS),
+                    "--max-time", "120"]  # fmt: skip
+            for n in range(FLOWS):
+                argv += ["-o", str(got / f"f{n}.bin"), f"{url}/f{n}.bin"]
+            result = sites.run("a", argv, timeout=180)
+            assert result.returncode == 0, result.stderr[-2000:]
+        tables = {side: daemon.sessions() for side, daemon in daemons.items()}
+        counters = {side: daemon.counters() for side, daemon in daemons.items()}
+    finally:
+        codes = {side: daemon.stop() for side, daemon in daemons.items()}
+    logs = {side: Path(daemon.log).read_text()[-3000:] for side, daemon in daemons.items()}
+    assert codes == {"ga": 0, "gb": 0}, logs
+    assert all(shell_faults(c) == {} for c in counters.values()), (counters, logs)
+    for n in range(FLOWS):
+        assert sha256_file(got / f"f{n}.bin") == sha256_file(www / f"f{n}.bin"), n
+    conns = decoded_connections(pcap, [Path(d.keylog).read_text() for d in daemons.values()], HTTP_PORT)
+    assert len(conns) == FLOWS, [c.client for c in conns]
+    assert all(d.plaintext_bytes > 0 for c in conns for d in c.directions)
+    ids = {side: {e["session_id"] for e in table if str(e["remote"]).endswith(f":{HTTP_PORT}")
+                  or str(e["local"]).endswith(f":{HTTP_PORT}")} for side, table in tables.items()}  # fmt: skip
+    assert ids["ga"] == ids["gb"] == {c.session_id for c in conns}, ids
+    assert len(ids["ga"]) == FLOWS
