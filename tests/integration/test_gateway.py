@@ -56,11 +56,18 @@ def sites() -> Iterator[Topology]:
 
 
 def _all_rules(topo: Topology, side: str) -> list[str]:
-    """Lines of iptables-save and ip6tables-save in `side` naming our chains or NFQUEUE."""
+    """Lines of iptables-save and ip6tables-save in `side` naming our chains or NFQUEUE, and the nft
+    ruleset's lines naming our base chains (the gateway's chain after source NAT)."""
     lines = []
     for tool in ("iptables-save", "ip6tables-save"):
         text = topo.check(side, [tool])
         lines += [line for line in text.splitlines() if "NFQ_TCPCRYPT" in line or "NFQUEUE" in line]
+    inside_chain = False
+    for line in topo.check(side, ["nft", "list", "ruleset"]).splitlines():
+        inside_chain = inside_chain or "chain NFQ_TCPCRYPT_SNAT" in line
+        if inside_chain:
+            lines.append(f"nft: {line.strip()}")
+            inside_chain = line.strip() != "}"
     return lines
 
 
@@ -230,6 +237,10 @@ def test_sigterm_removes_gateway_rules(sites: Topology, tmp_path: Path, fail_clo
     assert sum(f"-o {outside} -p tcp" in line and "TCPMSS --clamp-mss-to-pmtu" in line for line in lines) == 2
     assert not any(f" {sites.inside['ga']} " in line for line in lines), lines
     assert sum("--notrack" in line for line in lines) == 2, lines
+    # after source NAT: one nft base chain per family at srcnat + 10, jumping to the rules
+    assert sum("chain NFQ_TCPCRYPT_SNAT_7100" in line for line in lines) == 2, lines
+    assert sum("priority srcnat + 10" in line for line in lines) == 2, lines
+    assert sum("jump NFQ_TCPCRYPT_POST_7100" in line for line in lines) == 2, lines
 
     assert daemon.stop(timeout=20) == 0, Path(daemon.log).read_text()[-2000:]
     assert _all_rules(sites, "ga") == []
@@ -242,7 +253,10 @@ def test_rules_remove_after_sigkill_gateway(sites: Topology, tmp_path: Path) -> 
     daemon = start_daemon(sites, "ga", tmp_path, ["--ipv6"], mode="gateway")
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait(10)
-    assert _all_rules(sites, "ga") != []
+    assert sum("chain NFQ_TCPCRYPT_SNAT" in line for line in _all_rules(sites, "ga")) == 2
+    shown = sites.check("ga", [sys.executable, "-m", "nfq_tcpcrypt", "rules", "show"])
+    assert "nft base chain ip mangle NFQ_TCPCRYPT_SNAT_7100" in shown, shown
+    assert "nft base chain ip6 mangle NFQ_TCPCRYPT_SNAT_7100" in shown, shown
     removed = sites.run(
         "ga", [sys.executable, "-m", "nfq_tcpcrypt", "rules", "remove", "--control", daemon.control], timeout=30
     )
