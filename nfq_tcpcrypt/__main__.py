@@ -104,10 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     rules_cmd = sub.add_parser("rules", help="show or remove the daemon's iptables rules (after a SIGKILL)")
     rules_cmd.add_argument("action", choices=["show", "remove"])
-    rules_cmd.add_argument("--queue-num", type=int, default=7100, help="the killed daemon's --queue-num")
+    rules_cmd.add_argument("--queue-num", type=int, default=None, help="the killed daemon's --queue-num (7100)")
     rules_cmd.add_argument(
-        "--control", default=DEFAULT_PATH, help="refuse to remove while this socket answers"
+        "--control", default=None, help=f"refuse to remove while this socket answers ({DEFAULT_PATH})"
     )
+    rules_cmd.add_argument("--config", metavar="FILE", help="take queue-num and control from the daemon's config")
 
     cache = sub.add_parser("cache", help="show or flush the resumption cache (never shows secrets)")
     cache_sub = cache.add_subparsers(dest="action", required=True)
@@ -221,8 +222,17 @@ def _print_table(columns: list[str], table: list[dict[str, object]]) -> None:
 
 
 def _cmd_rules(args: argparse.Namespace) -> int:
-    from .shell import rules
+    from .core.errors import ConfigError
+    from .shell import rules, settings
     from .shell.control import query
+
+    try:
+        file_values = settings.load_file(args.config) if args.config else {}
+    except ConfigError as exc:
+        print(f"nfq-tcpcrypt: {exc}", file=sys.stderr)
+        return 2
+    args.queue_num = args.queue_num or file_values.get("queue_num", settings.DEFAULT_QUEUE_NUM)
+    args.control = args.control or file_values.get("control", DEFAULT_PATH)
 
     if args.action == "show":
         for family in ("ipv4", "ipv6"):
