@@ -96,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="accept every packet unchanged (benchmark baseline)",
     )
+    run.add_argument(
+        "--workers", type=int, default=None, metavar="N",
+        help="worker processes, each with its own queue pair (default: 1; gateway mode: one per CPU)",
+    )
+    run.add_argument(
+        "--metrics-file", default=None, metavar="FILE",
+        help="rewrite FILE with the Prometheus metrics every few seconds (node_exporter textfile)",
+    )
     run.add_argument("--log-level", dest="sub_log_level", default=None, help="DEBUG, INFO, WARNING, ERROR")
 
     sessions = sub.add_parser("sessions", help="show the daemon's session table")
@@ -145,6 +153,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         file_values = load_file(args.config) if args.config else {}
         options = options_from(file_values, cli_values(args))
         resolve_system(options)
+        options.config_file, options.cli = args.config, cli_values(args)
     except ConfigError as exc:
         log.error("bad configuration: %s", exc)
         return 2

@@ -550,6 +550,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+_BACKLOG_SERVER = (
+    "import functools, http.server, sys\n"
+    "port, address, directory, backlog = sys.argv[1:]\n"
+    "http.server.ThreadingHTTPServer.request_queue_size = int(backlog)\n"
+    "handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)\n"
+    "http.server.test(HandlerClass=handler, ServerClass=http.server.ThreadingHTTPServer, port=int(port), bind=address)\n"
+)
+
+
 @contextlib.contextmanager
 def http_server(
     topo: Topology,
@@ -558,25 +567,18 @@ def http_server(
     timeout: float = 15.0,
     ipv6: bool = False,
     address: str | None = None,
+    backlog: int | None = None,
 ) -> Iterator[str]:
-    """`python3 -m http.server` serving `directory` in `side` (on its veth address unless `address`)."""
+    """`python3 -m http.server` serving `directory` in `side` (on its veth address unless `address`).
+
+    `backlog` replaces its listen backlog of 5 (for many connections opened at once)."""
     address = address or (topo.addresses6 if ipv6 else topo.addresses)[side]
-    proc = topo.popen(
-        side,
-        [
-            sys.executable,
-            "-u",
-            "-m",
-            "http.server",
-            str(HTTP_PORT),
-            "--bind",
-            address,
-            "--directory",
-            str(directory),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
+    if backlog is None:
+        command = [sys.executable, "-u", "-m", "http.server", str(HTTP_PORT), "--bind", address,
+                   "--directory", str(directory)]  # fmt: skip
+    else:
+        command = [sys.executable, "-u", "-c", _BACKLOG_SERVER, str(HTTP_PORT), address, str(directory), str(backlog)]
+    proc = topo.popen(side, command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         _wait_for_line(proc, proc.stdout, "Serving HTTP", timeout, "http.server")
         yield f"http://[{address}]:{HTTP_PORT}" if ipv6 else f"http://{address}:{HTTP_PORT}"

@@ -14,7 +14,7 @@ import selectors
 import signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import Any, Protocol
 
@@ -29,6 +29,7 @@ from .nfq import QueuePair, kernel_queue_stats
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+RELOAD_SIGNAL = signal.SIGHUP
 
 
 class EngineLike(Protocol):
@@ -48,19 +49,28 @@ class EngineLike(Protocol):
 
 
 class SignalWatch:
-    """Turns SIGINT/SIGTERM into a flag plus a readable fd; restores the old handlers on close."""
+    """Turns SIGINT/SIGTERM into a flag, SIGHUP into a reload request, plus a readable fd; restores
+    the old handlers on close."""
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.reload = False
         self.reader, self._writer = socket.socketpair()
         self.reader.setblocking(False)
         self._writer.setblocking(False)
         self._old_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
-        self._old = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        self._old = {sig: signal.signal(sig, self._on_signal) for sig in (*STOP_SIGNALS, RELOAD_SIGNAL)}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.received is None:
+        if signum == RELOAD_SIGNAL:
+            self.reload = True
+        elif self.received is None:
             self.received = signum
+
+    def take_reload(self) -> bool:
+        """Whether a SIGHUP arrived since the last call."""
+        reload, self.reload = self.reload, False
+        return reload
 
     def clear(self) -> None:
         """Empty the wakeup fd."""
@@ -97,6 +107,9 @@ class EventLoop:
         self.counters: dict[str, int] = {}
         self.now = time.monotonic()
         self.control: ControlServer | None = None
+        self.on_reload: Callable[[], None] | None = None
+        """Called on the loop thread after a SIGHUP (daemon.py: re-read the config)."""
+        self.extra_counters: Callable[[], Mapping[str, int]] | None = None
         self.queues = QueuePair(queue_num, self._process, self.counters, after=self._flush)
 
     def _process(self, packet: bytes, direction: Direction) -> Verdict:
@@ -120,6 +133,8 @@ class EventLoop:
             out.update({f"shell.{name}": value for name, value in self.freshness.counters.items()})
         num = self.queues.queue_num
         out.update(kernel_queue_stats((num, num + 1)))
+        if self.extra_counters is not None:
+            out.update(self.extra_counters())
         return out
 
     def run(self) -> int:
@@ -158,6 +173,8 @@ class EventLoop:
             self.queues.drain(arg)
         elif kind == "signal":
             self.signals.clear()
+            if self.signals.take_reload() and self.on_reload is not None:
+                self.on_reload()
         elif kind == "uevent" and self.freshness is not None:
             self.freshness.uevent_readable()
         elif kind == "accept" and self.control is not None:

@@ -21,6 +21,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import dispatch
+
 logger = logging.getLogger(__name__)
 
 CHAIN_PREFIX = "NFQ_TCPCRYPT_"
@@ -29,6 +31,7 @@ CHAIN_PREFIX = "NFQ_TCPCRYPT_"
 TEMPLATES = {"ipv4": "host.rules", "ipv6": "host6.rules"}
 GATEWAY_TEMPLATES = {"ipv4": "gateway.rules", "ipv6": "gateway6.rules"}
 MODES = ("host", "gateway")
+MAX_WORKERS = 64
 IFNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,14}\+?")
 """An interface name iptables accepts in `-i`/`-o` (at most 15 characters; a final `+` is a prefix
 match). Nothing else may reach the rule text."""
@@ -72,6 +75,8 @@ class RuleParams:
     """"host" or "gateway" (the template pair)."""
     outside: tuple[str, ...] = ()
     """Gateway mode: the outside interfaces (where the wire is)."""
+    workers: int = 1
+    """Worker k has the queues inbound_queue + 2k and outbound_queue + 2k (dispatch.py chooses k)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -81,11 +86,18 @@ class RuleParams:
         for name in self.outside:
             if not valid_ifname(name):
                 raise RulesError(f"{name!r} is not an interface name")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise RulesError(f"workers must be 1..{MAX_WORKERS}, not {self.workers}")
 
     def mapping(self) -> dict[str, str]:
         """Template placeholders -> text."""
         local_mark = self.mark + 1 if self.local_mark is None else self.local_mark
+        per_worker = {}
+        for k in range(self.workers):
+            per_worker[f"inbound_queue_{k}"] = str(self.inbound_queue + 2 * k)
+            per_worker[f"outbound_queue_{k}"] = str(self.outbound_queue + 2 * k)
         return {
+            **per_worker,
             "suffix": str(self.inbound_queue),
             "inbound_queue": str(self.inbound_queue),
             "outbound_queue": str(self.outbound_queue),
@@ -122,12 +134,27 @@ def _render(family: str, params: RuleParams, nft: bool) -> str:
         line = line.removeprefix(NFT_PREFIX)
         if "$outside" in line:
             lines.extend(line.replace("$outside", name) for name in params.outside)
+        elif "-j NFQUEUE" in line and params.workers > 1:
+            lines.extend(_per_worker(family, line, params.workers))
         else:
             lines.append(line)
     if not lines:
         return ""
     rendered = string.Template("\n".join(lines)).substitute(params.mapping())
     return "\n".join(" ".join(line.split()) for line in rendered.splitlines()) + "\n"
+
+
+def _per_worker(family: str, line: str, workers: int) -> list[str]:
+    """The NFQUEUE rule `line` once per worker: its queue number + 2k, chosen by the symmetric
+    4-tuple hash (dispatch.py); the last worker's rule takes whatever is left."""
+    out = []
+    for k in range(workers):
+        queued = re.sub(r"\$(inbound|outbound)_queue", rf"${{\1_queue_{k}}}", line)
+        if k < workers - 1:
+            match = f'-m bpf --bytecode "{dispatch.program(family, workers, k)}"'
+            queued = queued.replace("-j NFQUEUE", f"{match} -j NFQUEUE")
+        out.append(queued)
+    return out
 
 
 def nft_removal_text(installed: str) -> str:
@@ -254,13 +281,14 @@ def install(params: RuleParams, families: tuple[str, ...] = ("ipv4",)) -> Instal
                 installed.nft[family] = nft_text
                 _nft(nft_text)
             logger.info(
-                "%s %s-mode rules installed from %s%s (queues %d/%d, mark %#x, %s)",
+                "%s %s-mode rules installed from %s%s (queues %d/%d%s, mark %#x, %s)",
                 family,
                 params.mode,
                 templates_dir(),
                 f" (outside {','.join(params.outside)})" if params.outside else "",
                 params.inbound_queue,
                 params.outbound_queue,
+                f" + 2k for workers k < {params.workers}" if params.workers > 1 else "",
                 params.mark,
                 "fail-closed" if params.fail_closed else "fail-open",
             )

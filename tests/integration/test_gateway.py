@@ -225,12 +225,16 @@ def test_gateways_own_connection_is_encrypted(routed: Topology, tmp_path: Path) 
 def test_sigterm_removes_gateway_rules(sites: Topology, tmp_path: Path, fail_closed: bool) -> None:
     """The gateway's rules match the outside interface only, and are removed exactly on SIGTERM."""
     assert _all_rules(sites, "ga") == []
-    extra = ["--ipv6"] + (["--fail-closed"] if fail_closed else [])
+    extra = ["--ipv6", "--workers", "2"] + (["--fail-closed"] if fail_closed else [])
     daemon = start_daemon(sites, "ga", tmp_path, extra, mode="gateway")
     lines = _all_rules(sites, "ga")
     outside = sites.outside["ga"]
     queue_rules = [line for line in lines if "NFQUEUE" in line]
-    assert len(queue_rules) == 4, lines  # inbound and outbound, IPv4 and IPv6
+    assert len(queue_rules) == 8, lines  # inbound and outbound, IPv4 and IPv6, for each of 2 workers
+    # worker 0 by the 4-tuple hash (a BPF match), worker 1 the rest; queues 7100..7103
+    assert sum("-m bpf --bytecode" in line for line in queue_rules) == 4, queue_rules
+    for queue in (7100, 7101, 7102, 7103):
+        assert sum(f"--queue-num {queue}" in line for line in queue_rules) == 2, queue_rules
     assert all(("--queue-bypass" in line) != fail_closed for line in queue_rules), queue_rules
     assert sum(f"-i {outside} -p tcp" in line for line in lines) == 2, lines
     assert sum(f"-o {outside} -p tcp -j NFQ_TCPCRYPT_OUTQ" in line for line in lines) == 2, lines
