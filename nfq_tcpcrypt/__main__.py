@@ -1,4 +1,5 @@
-"""Command line of nfq_tcpcrypt: `run`, `sessions`, `cache`, `rules`, `decode`, `lab` (DESIGN.md §6)."""
+"""Command line of nfq_tcpcrypt: `run`, `status`, `metrics`, `sessions`, `cache`, `rules`, `decode`, `lab`
+(DESIGN.md §6)."""
 
 from __future__ import annotations
 
@@ -109,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     sessions = sub.add_parser("sessions", help="show the daemon's session table")
     sessions.add_argument("--json", action="store_true", help="print a JSON array")
     sessions.add_argument("--control", default=DEFAULT_PATH)
+
+    status_cmd = sub.add_parser("status", help="version, mode, workers, rules in place and the main counters")
+    status_cmd.add_argument("--json", action="store_true", help="print the whole status document as JSON")
+    status_cmd.add_argument("--control", default=DEFAULT_PATH)
+
+    metrics_cmd = sub.add_parser("metrics", help="the counters in the Prometheus text format")
+    metrics_cmd.add_argument("--control", default=DEFAULT_PATH)
 
     rules_cmd = sub.add_parser("rules", help="show or remove the daemon's iptables rules (after a SIGKILL)")
     rules_cmd.add_argument("action", choices=["show", "remove"])
@@ -222,6 +230,45 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .shell.control import query
+
+    try:
+        doc = query(args.control, "status")
+    except OSError as exc:
+        print(f"nfq-tcpcrypt: cannot reach the daemon at {args.control}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    handshakes = doc["handshakes"]
+    print(f"nfq-tcpcrypt {doc['version']}: {doc['mode']} mode, pid {doc['pid']}, {doc['workers']} worker(s), "
+          f"queues {doc['queues'][0]}..{doc['queues'][-1]}")  # fmt: skip
+    print(f"rules in place: {len(doc['rules'])}")
+    for line in doc["rules"]:
+        print(f"  {line}")
+    print(f"sessions in the table: {doc['sessions']}; resumption cache entries: {doc['cache_entries']}")
+    print(f"handshakes: {handshakes['fresh']} fresh, {handshakes['resumed']} resumed")
+    for title, table in (("fallbacks to plain TCP", doc["fallbacks"]), ("aborts", doc["aborts"])):
+        print(f"{title}: {sum(table.values())}")
+        for reason, count in sorted(table.items(), key=lambda item: -item[1]):
+            print(f"  {count:8d}  {reason}")
+    print(f"tag failures: {doc['tag_failures']}; kernel queue drops: {doc['kernel_queue_drops']}")
+    return 0
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    from .shell.control import query
+
+    try:
+        reply = query(args.control, "metrics")
+    except OSError as exc:
+        print(f"nfq-tcpcrypt: cannot reach the daemon at {args.control}: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(reply["text"])
+    return 0
+
+
 def _print_table(columns: list[str], table: list[dict[str, object]]) -> None:
     rows = [[str(entry.get(col, "")) for col in columns] for entry in table]
     widths = [max([len(col), *(len(row[i]) for row in rows)]) for i, col in enumerate(columns)]
@@ -280,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         "sessions": _cmd_sessions,
         "cache": _cmd_cache,
         "rules": _cmd_rules,
+        "status": _cmd_status,
+        "metrics": _cmd_metrics,
         "decode": decode_tool.run,
         "lab": _cmd_lab,
     }

@@ -555,7 +555,8 @@ _BACKLOG_SERVER = (
     "port, address, directory, backlog = sys.argv[1:]\n"
     "http.server.ThreadingHTTPServer.request_queue_size = int(backlog)\n"
     "handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)\n"
-    "http.server.test(HandlerClass=handler, ServerClass=http.server.ThreadingHTTPServer, port=int(port), bind=address)\n"
+    "server = http.server.ThreadingHTTPServer\n"
+    "http.server.test(HandlerClass=handler, ServerClass=server, port=int(port), bind=address)\n"
 )
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..core.engine import Engine
 from ..core.errors import ConfigError
-from . import rules, settings
+from . import metrics, rules, settings
 from .control import CommandError, ControlServer
 from .freshness import Freshness
 from .inject import Injector
@@ -95,6 +95,18 @@ def make_reload(
     return reload
 
 
+def metrics_writer(path: str, status: Callable[[], dict[str, Any]]) -> Callable[[], None]:
+    """A callback that rewrites the metrics textfile at `path`; a failure is logged, never fatal."""
+
+    def write() -> None:
+        try:
+            metrics.write_textfile(path, metrics.prometheus(status()))
+        except OSError as exc:
+            logger.warning("cannot write the metrics file %s: %s", path, exc)
+
+    return write
+
+
 def _warn_without_forwarding(ipv6: bool) -> None:
     """A gateway that does not forward encrypts only its own connections: say so (refuse nothing)."""
     paths = ["/proc/sys/net/ipv4/ip_forward"]
@@ -156,7 +168,22 @@ def run_daemon(options: DaemonOptions) -> int:
                 logger.info("rules removed")
 
         stack.callback(remove_rules)
-        control = ControlServer(options.control, control_commands(engine, loop))
+        commands = control_commands(engine, loop)
+
+        def counters() -> dict[str, int]:
+            return {**loop.all_counters(), "cache_entries": len(engine.cache) if isinstance(engine, Engine) else 0}
+
+        def status_doc() -> dict[str, Any]:
+            meta = {"mode": options.mode, "workers": 1, "pid": os.getpid(),
+                    "queues": [options.queue_num, options.queue_num + 1], "rules": installed.lines()}  # fmt: skip
+            return metrics.status(counters(), meta)
+
+        commands["counters"] = lambda request: counters()
+        commands["status"] = lambda request: status_doc()
+        commands["metrics"] = lambda request: {"text": metrics.prometheus(status_doc())}
+        if options.metrics_file:
+            loop.periodic = (metrics.METRICS_INTERVAL, metrics_writer(options.metrics_file, status_doc))
+        control = ControlServer(options.control, commands)
         stack.callback(control.close)
         loop.control = control
         logger.info("control socket %s ready", options.control)

@@ -24,6 +24,7 @@ from ..core.verdict import Injection, Verdict
 from .control import ControlServer
 from .freshness import Freshness
 from .inject import Injector
+from .metrics import EventStats
 from .nfq import QueuePair, kernel_queue_stats
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,9 @@ class EventLoop:
         self.on_reload: Callable[[], None] | None = None
         """Called on the loop thread after a SIGHUP (daemon.py: re-read the config)."""
         self.extra_counters: Callable[[], Mapping[str, int]] | None = None
+        self.stats = EventStats()
+        self.periodic: tuple[float, Callable[[], None]] | None = None
+        """(interval, callback): run on the loop thread every `interval` seconds (the metrics file)."""
         self.queues = QueuePair(queue_num, self._process, self.counters, after=self._flush)
 
     def _process(self, packet: bytes, direction: Direction) -> Verdict:
@@ -121,6 +125,7 @@ class EventLoop:
             self.injector.send(injection.packet, injection.direction)
         while (event := self.engine.next_event()) is not None:
             _log_event(event)
+            self.stats.observe(event)
 
     def all_counters(self) -> dict[str, int]:
         """Engine counters plus the shell's own (prefixed `shell.`)."""
@@ -133,6 +138,8 @@ class EventLoop:
             out.update({f"shell.{name}": value for name, value in self.freshness.counters.items()})
         num = self.queues.queue_num
         out.update(kernel_queue_stats((num, num + 1)))
+        out.update(self.stats.counters)
+        out["sessions"] = len(self.engine.session_table())
         if self.extra_counters is not None:
             out.update(self.extra_counters())
         return out
@@ -148,11 +155,17 @@ class EventLoop:
                 selector.register(self.control.sock, selectors.EVENT_READ, ("accept", None))
             if self.freshness is not None and self.freshness.vmgen is not None:
                 selector.register(self.freshness.vmgen.fileno(), selectors.EVENT_READ, ("uevent", None))
+            next_periodic = time.monotonic() if self.periodic is not None else None
             while self.signals.received is None:
                 deadline = self.engine.get_timer()
+                if next_periodic is not None:
+                    deadline = next_periodic if deadline is None else min(deadline, next_periodic)
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 ready = selector.select(timeout)
                 self.now = time.monotonic()
+                if self.periodic is not None and next_periodic is not None and self.now >= next_periodic:
+                    next_periodic = self.now + self.periodic[0]
+                    self.periodic[1]()
                 # The cache is flushed before the packets of this wakeup, so no SYN resumes from it.
                 if self.freshness is not None:
                     self.freshness.check_clock()

@@ -224,6 +224,13 @@ class InstalledRules:
     nft: dict[str, str] = field(default_factory=dict)
     """Per family, the `nft -f` text installed after the iptables part (removed before it)."""
 
+    def lines(self) -> list[str]:
+        """The rules in place, one line each, prefixed with their family (for `status`)."""
+        out = [f"{family}: {line}" for family, text in self.texts.items()
+               for line in text.splitlines() if line.startswith(("-A", "-I"))]  # fmt: skip
+        out += [f"{family}: nft {line}" for family, text in self.nft.items() for line in text.splitlines()]
+        return out
+
     def remove(self) -> list[str]:
         """Remove every installed rule and chain; return the problems met (empty when clean)."""
         problems: list[str] = []

@@ -38,8 +38,9 @@ from typing import Any
 from ..core.constants import Aead, Tep
 from ..core.engine import Engine
 from ..core.resumption import Resumable, ResumptionCache
-from . import rules
+from . import metrics, rules
 from .control import CommandError, ControlServer
+from .daemon import _peer, control_commands, make_reload, metrics_writer
 from .freshness import Freshness
 from .inject import Injector
 from .keylog import KeyLog
@@ -139,8 +140,6 @@ def worker_control_path(control: str, index: int) -> str:
 
 def _worker_main(options: DaemonOptions, index: int, sock: socket.socket) -> int:
     """Body of worker `index` (a forked child): serve its queue pair until SIGTERM."""
-    from .daemon import control_commands, make_reload
-
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s w{index} %(name)s: %(message)s"))
     with contextlib.ExitStack() as stack:
@@ -217,6 +216,8 @@ class Supervisor:
         self.dead: dict[int, int] = {}
         self.counters: Counter[str] = Counter()
         self.freshness: Freshness | None = None
+        self.installed: rules.InstalledRules | None = None
+        self._counters_command: Any = dict
 
     # workers
     def spawn(self) -> None:
@@ -358,6 +359,8 @@ class Supervisor:
                 table += [{**entry, "worker": index} for entry in self.ask(index, "sessions")]
             return table
 
+        self._counters_command = lambda: counters({})
+
         def counters(request: dict[str, Any]) -> dict[str, int]:
             total: Counter[str] = Counter()
             for index in sorted(self.socks):
@@ -370,21 +373,32 @@ class Supervisor:
             return dict(total)
 
         def flush(request: dict[str, Any]) -> dict[str, int]:
-            from .daemon import _peer
-
             peer = _peer(request)
             count = self.cache.flush(peer)
             self.counters["cache_flushes"] += 1
             logger.info("resumption cache flushed (operator request): %d entries", count)
             return {"flushed": count}
 
+        def status(request: dict[str, Any]) -> dict[str, Any]:
+            return self.status()
+
         return {
             "sessions": sessions,
             "counters": counters,
+            "status": status,
+            "metrics": lambda request: {"text": metrics.prometheus(self.status())},
             "ping": lambda request: {"ok": True, "pid": os.getpid(), "workers": self.count},
             "cache": lambda request: self.cache.info(time.monotonic()),
             "cache_flush": flush,
         }
+
+    def status(self) -> dict[str, Any]:
+        """The `status` document for all workers."""
+        options = self.options
+        meta = {"mode": options.mode, "workers": self.count, "pid": os.getpid(),
+                "queues": list(range(options.queue_num, options.queue_num + 2 * self.count)),
+                "rules": self.installed.lines() if self.installed is not None else []}  # fmt: skip
+        return metrics.status(self._counters_command(), meta)
 
     def _flush_fresh(self, reason: str) -> None:
         count = self.cache.flush()
@@ -401,9 +415,16 @@ class Supervisor:
                 selector.register(sock, selectors.EVENT_READ, ("worker", index))
             if self.freshness.vmgen is not None:
                 selector.register(self.freshness.vmgen.fileno(), selectors.EVENT_READ, ("uevent", None))
+            write_metrics = None
+            if self.options.metrics_file:
+                write_metrics = metrics_writer(self.options.metrics_file, self.status)
+            next_metrics = time.monotonic()
             while signals.received is None and not self.dead:
                 ready = selector.select(1.0)
                 self.freshness.check_clock()
+                if write_metrics is not None and time.monotonic() >= next_metrics:
+                    next_metrics = time.monotonic() + metrics.METRICS_INTERVAL
+                    write_metrics()
                 for key, _ in ready:
                     kind, arg = key.data
                     if kind == "signal":
@@ -453,6 +474,7 @@ def run_workers(options: DaemonOptions, workers: int) -> int:
                                   options.local_mark, mode=options.mode, outside=options.outside,
                                   workers=workers)  # fmt: skip
         installed = rules.install(params, families)
+        supervisor.installed = installed
 
         def remove_rules() -> None:
             nonlocal status
@@ -462,7 +484,8 @@ def run_workers(options: DaemonOptions, workers: int) -> int:
                 logger.info("rules removed")
 
         stack.callback(remove_rules)
-        control = ControlServer(options.control, supervisor.commands())
+        commands = supervisor.commands()
+        control = ControlServer(options.control, commands)
         stack.callback(control.close)
         logger.info("control socket %s ready", options.control)
         signum = supervisor.run(signals, control) if signals.received is None else signals.received

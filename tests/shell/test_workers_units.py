@@ -70,6 +70,7 @@ def test_a_secret_stored_by_one_worker_resumes_on_another() -> None:
     w0, w1 = (RemoteCache(child) for _, child in pairs)
     peer = bytes([10, 77, 2, 2])
     w0.store(peer, bytes(range(32)), Tep.X25519, Aead.AES_128_GCM, "A", now=100.0)
+    assert len(w0.info(100.0)) == 1  # answered after the store, on the same socket: it is in
     offer = w1.take_for_offer(peer, (Tep.X25519,), now=101.0)
     assert offer is not None and offer.tep is Tep.X25519 and offer.original_role == "A"
     again = w0.take_for_offer(peer, (Tep.X25519,), now=101.0)
