@@ -18,12 +18,15 @@ are never logged. A worker that gets no answer within `CACHE_TIMEOUT` goes on wi
 
 On SIGINT/SIGTERM the supervisor removes the rules first, then stops the workers (SIGTERM, then
 SIGKILL after `STOP_TIMEOUT`). A worker that dies stops the whole daemon with status 1 (its flows
-could not be served), so `Restart=on-failure` starts it again. SIGHUP is passed on to every worker.
+could not be served), so `Restart=on-failure` starts it again. A supervisor that dies (even by
+SIGKILL) takes its workers with it (PR_SET_PDEATHSIG), so `rules remove` leaves nothing running.
+SIGHUP is passed on to every worker.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -56,6 +59,7 @@ READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 QUERY_TIMEOUT = 5.0
 MAX_MESSAGE = 65536
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 # --- worker side ----------------------------------------------------------------------------------
@@ -171,6 +175,15 @@ def _worker_main(options: DaemonOptions, index: int, sock: socket.socket) -> int
     return 0
 
 
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM this worker when the supervisor dies, even by SIGKILL (prctl(2) PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the supervisor died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 # --- supervisor side ------------------------------------------------------------------------------
 
 
@@ -228,6 +241,7 @@ class Supervisor:
             if pid == 0:  # the worker
                 code = 1
                 try:
+                    _die_with_parent(os.getppid())
                     parent_end.close()
                     for other in self.socks.values():
                         other.close()

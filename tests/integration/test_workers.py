@@ -9,6 +9,10 @@ a - ga - gb - b, gateways on ga and gb, nothing on a and b. The client ports are
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,3 +157,48 @@ def test_resumption_across_workers(sites: Topology, tmp_path: Path) -> None:
     assert resumed.session_id == tables["ga"][second]["session_id"] == tables["gb"][second]["session_id"]
     for port in (first, second):
         assert sha256_file(tmp_path / f"got{port}") == sha256_file(www / "f.bin")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _worker_pids(daemon: Daemon) -> list[int]:
+    children = Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children").read_text().split()
+    # the daemon runs under `ip netns exec`, which execs: its pid is the supervisor's
+    return [int(pid) for pid in children]
+
+
+@pytest.mark.timeout(120)
+def test_a_dying_worker_stops_the_daemon_and_a_killed_supervisor_takes_its_workers(
+    sites: Topology, tmp_path: Path
+) -> None:
+    """SIGKILL of one worker: the daemon exits 1 and removes its rules. SIGKILL of the supervisor:
+    its workers go too (nothing left bound), and `rules remove` cleans up."""
+    (tmp_path / "ga").mkdir()
+    ga = start_daemon(sites, "ga", tmp_path / "ga", ["--workers", "2"], mode="gateway")
+    workers = _worker_pids(ga)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    assert ga.proc.wait(30) == 1, Path(ga.log).read_text()[-2000:]
+    assert not any(_alive(pid) for pid in workers)
+    assert "worker 1 exited" in Path(ga.log).read_text()
+    rules = sites.check("ga", ["iptables-save"])
+    assert "NFQ_TCPCRYPT" not in rules, rules
+
+    (tmp_path / "gb").mkdir()
+    gb = start_daemon(sites, "gb", tmp_path / "gb", ["--workers", "2"], mode="gateway")
+    workers = _worker_pids(gb)
+    gb.proc.send_signal(signal.SIGKILL)
+    gb.proc.wait(10)
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers), "workers outlived their supervisor"
+    removed = sites.run("gb", [sys.executable, "-m", "nfq_tcpcrypt", "rules", "remove", "--control", gb.control])
+    assert removed.returncode == 0, removed.stderr
+    assert "NFQ_TCPCRYPT" not in sites.check("gb", ["iptables-save"])
