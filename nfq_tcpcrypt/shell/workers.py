@@ -149,6 +149,9 @@ def _worker_main(options: DaemonOptions, index: int, sock: socket.socket) -> int
     with contextlib.ExitStack() as stack:
         signals = SignalWatch()
         stack.callback(signals.close)
+        # Ctrl-C reaches the whole process group: only the supervisor acts on it, removing the rules
+        # before it stops the workers (no packet waits on a queue nobody reads).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         keylog = None
         if options.keylog:
             keylog = KeyLog(options.keylog)
@@ -344,6 +347,12 @@ class Supervisor:
     # control
     def ask(self, index: int, cmd: str) -> Any:
         """`cmd` on worker `index`'s private control socket, serving cache requests while waiting."""
+        try:
+            return self._ask(index, cmd)
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"worker {index} did not answer {cmd!r}: {exc}") from None
+
+    def _ask(self, index: int, cmd: str) -> Any:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(QUERY_TIMEOUT)
             conn.connect(worker_control_path(self.options.control, index))

@@ -33,6 +33,7 @@ def test_unit_runs_the_daemon_with_its_config_and_minimal_capabilities() -> None
     assert unit["ExecStopPost"] == [f"{INSTALLED_SCRIPT} rules remove --config {config}"]
     assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert unit["Restart"] == ["on-failure"]
+    assert unit["KillMode"] == ["mixed"]  # the supervisor removes the rules before its workers stop
     assert unit["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_NET_RAW"]
     assert unit["NoNewPrivileges"] == ["yes"] and unit["ProtectSystem"] == ["strict"]
     assert unit["ConfigurationDirectory"] == ["nfq-tcpcrypt"]
