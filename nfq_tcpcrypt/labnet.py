@@ -781,8 +781,9 @@ def rule_packets(
 IPERF_PORT = 5201
 
 
-def iperf3_throughput(topo: Topology, seconds: float = 5.0, timeout: float = 60.0) -> float:
-    """iperf3 from a (client) to b (server) for `seconds`; the receiver's rate in bit/s."""
+def iperf3_throughput(topo: Topology, seconds: float = 5.0, timeout: float = 60.0, streams: int = 1) -> float:
+    """iperf3 from a (client) to b (server) for `seconds` with `streams` parallel connections; the
+    receiver's rate in bit/s."""
     import json
 
     server = topo.popen(
@@ -795,7 +796,7 @@ def iperf3_throughput(topo: Topology, seconds: float = 5.0, timeout: float = 60.
         _wait_for_line(server, server.stdout, "Server listening", 15.0, "iperf3 -s")
         result = topo.run(
             "a",
-            ["iperf3", "-c", topo.addresses["b"], "-p", str(IPERF_PORT), "-t", str(seconds), "-J"],
+            ["iperf3", "-c", topo.addresses["b"], "-p", str(IPERF_PORT), "-t", str(seconds), "-P", str(streams), "-J"],
             timeout=timeout,
         )
         if result.returncode != 0:
