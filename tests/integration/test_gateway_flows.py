@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,14 @@ def sites() -> Iterator[Topology]:
     yield from lab_topology("nfqflows", gateways=True)
 
 
+def _parallel_fetch(sites: Topology, url: str, got: Path) -> subprocess.CompletedProcess[str]:
+    argv = ["curl", "-sS", "--fail", "--parallel", "--parallel-immediate", "--parallel-max", str(FLOWS),
+            "--max-time", "120"]  # fmt: skip
+    for n in range(FLOWS):
+        argv += ["-o", str(got / f"f{n}.bin"), f"{url}/f{n}.bin"]
+    return sites.run("a", argv, timeout=180)
+
+
 @pytest.mark.timeout(240)
 def test_64_concurrent_flows(sites: Topology, tmp_path: Path) -> None:
     """64 connections open at once (curl --parallel): all digest-equal, all encrypted on the wire."""
@@ -49,11 +58,7 @@ def test_64_concurrent_flows(sites: Topology, tmp_path: Path) -> None:
             stack.enter_context(capture(sites, "ga", pcap, ifname=sites.outside["ga"]))
             # a listen backlog for all of them: with http.server's 5 the server's stack drops handshakes
             url = stack.enter_context(http_server(sites, "b", www, backlog=128))
-            argv = ["curl", "-sS", "--fail", "--parallel", "--parallel-immediate", "--parallel-max", str(FLOWS),
-                    "--max-time", "120"]  # fmt: skip
-            for n in range(FLOWS):
-                argv += ["-o", str(got / f"f{n}.bin"), f"{url}/f{n}.bin"]
-            result = sites.run("a", argv, timeout=180)
+            result = _parallel_fetch(sites, url, got)
             assert result.returncode == 0, result.stderr[-2000:]
         tables = {side: daemon.sessions() for side, daemon in daemons.items()}
         counters = {side: daemon.counters() for side, daemon in daemons.items()}
@@ -71,3 +76,27 @@ def test_64_concurrent_flows(sites: Topology, tmp_path: Path) -> None:
                   or str(e["local"]).endswith(f":{HTTP_PORT}")} for side, table in tables.items()}  # fmt: skip
     assert ids["ga"] == ids["gb"] == {c.session_id for c in conns}, ids
     assert len(ids["ga"]) == FLOWS
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.xfail(
+    strict=True,
+    reason="a server whose accept queue overflows (http.server's backlog of 5, 64 connections at once) "
+    "resets some encrypted connections: its stack drops the handshake's last ACK and the first data "
+    "(listen overflow, tcp_abort_on_overflow=0) and answers a later segment the engine hands it with "
+    "RST ('reset by the local stack'); plain TCP only waits. Seen in host mode as well.",
+)
+def test_64_flows_to_a_server_with_a_small_backlog(sites: Topology, tmp_path: Path) -> None:
+    www, got = tmp_path / "www", tmp_path / "got"
+    www.mkdir()
+    got.mkdir()
+    for n in range(FLOWS):
+        (www / f"f{n}.bin").write_bytes(secrets.token_bytes(SIZE))
+    daemons = {side: start_daemon(sites, side, tmp_path, ["--workers", "1"], mode="gateway") for side in ("ga", "gb")}
+    try:
+        with http_server(sites, "b", www) as url:
+            result = _parallel_fetch(sites, url, got)
+    finally:
+        for daemon in daemons.values():
+            daemon.stop()
+    assert result.returncode == 0, result.stderr[-2000:]
