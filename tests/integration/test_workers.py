@@ -44,9 +44,12 @@ def sites() -> Iterator[Topology]:
     yield from lab_topology("nfqwork", gateways=True)
 
 
-def _ports(topo: Topology, workers: int, per_worker: int, first: int = 42000) -> list[tuple[int, int]]:
+def _ports(
+    topo: Topology, workers: int, per_worker: int, first: int = 42000, ipv6: bool = False
+) -> list[tuple[int, int]]:
     """(client port, expected worker): `per_worker` ports for each worker, in turn."""
-    a, b = topo.addresses["a"], topo.addresses["b"]
+    addresses = topo.addresses6 if ipv6 else topo.addresses
+    a, b = addresses["a"], addresses["b"]
     chosen: dict[int, list[int]] = {k: [] for k in range(workers)}
     port = first
     while any(len(ports) < per_worker for ports in chosen.values()):
@@ -58,9 +61,9 @@ def _ports(topo: Topology, workers: int, per_worker: int, first: int = 42000) ->
 
 
 @contextlib.contextmanager
-def _gateways(topo: Topology, tmp_path: Path, workers: int) -> Iterator[dict[str, Daemon]]:
-    daemons = {side: start_daemon(topo, side, tmp_path, ["--workers", str(workers)], mode="gateway")
-               for side in ("ga", "gb")}  # fmt: skip
+def _gateways(topo: Topology, tmp_path: Path, workers: int, ipv6: bool = False) -> Iterator[dict[str, Daemon]]:
+    args = ["--workers", str(workers), *(["--ipv6"] if ipv6 else [])]
+    daemons = {side: start_daemon(topo, side, tmp_path, args, mode="gateway") for side in ("ga", "gb")}
     try:
         yield daemons
     finally:
@@ -88,16 +91,17 @@ def _table(daemon: Daemon) -> dict[int, dict[str, object]]:
 
 
 @pytest.mark.timeout(240)
-def test_affinity_many_flows_between_two_hosts(sites: Topology, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "ipv6"])
+def test_affinity_many_flows_between_two_hosts(sites: Topology, tmp_path: Path, ipv6: bool) -> None:
     """3 workers, 12 connections between the same two hosts: each one whole on its hashed worker."""
     workers = 3
-    plan = _ports(sites, workers, per_worker=4)
+    plan = _ports(sites, workers, per_worker=4, ipv6=ipv6)
     www = tmp_path / "www"
     www.mkdir()
     make_payload(www / "f.bin", SIZE)
     pcap = tmp_path / "wire.pcap"
-    with _gateways(sites, tmp_path, workers) as daemons:
-        with capture(sites, "ga", pcap, ifname=sites.outside["ga"]), http_server(sites, "b", www) as url:
+    with _gateways(sites, tmp_path, workers, ipv6) as daemons:
+        with capture(sites, "ga", pcap, ifname=sites.outside["ga"]), http_server(sites, "b", www, ipv6=ipv6) as url:
             for port, _ in plan:
                 _fetch_from(sites, f"{url}/f.bin", tmp_path / f"got{port}", port)
         tables = {side: _table(daemon) for side, daemon in daemons.items()}
