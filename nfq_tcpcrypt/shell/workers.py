@@ -477,6 +477,8 @@ class Supervisor:
 def run_workers(options: DaemonOptions, workers: int) -> int:
     """The daemon with `workers` processes; return the exit status (0 when all was cleaned up)."""
     supervisor = Supervisor(options, workers)
+    if options.keylog:
+        KeyLog(options.keylog).close()  # created (0600, with its header) once, before the workers append
     supervisor.spawn()
     status = 0
     with contextlib.ExitStack() as stack:
