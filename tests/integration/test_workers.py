@@ -206,3 +206,23 @@ def test_a_dying_worker_stops_the_daemon_and_a_killed_supervisor_takes_its_worke
     removed = sites.run("gb", [sys.executable, "-m", "nfq_tcpcrypt", "rules", "remove", "--control", gb.control])
     assert removed.returncode == 0, removed.stderr
     assert "NFQ_TCPCRYPT" not in sites.check("gb", ["iptables-save"])
+
+
+@pytest.mark.timeout(120)
+def test_host_mode_with_workers(topo: Topology, tmp_path: Path) -> None:
+    """`--workers 2` in host mode: the same dispatch; the transfer is encrypted and verified."""
+    from nfq_tcpcrypt.labnet import http_transfer
+
+    result = http_transfer(topo, tmp_path, size=256 * 1024,
+                           daemon_args={side: ["--workers", "2"] for side in ("a", "b")})  # fmt: skip
+    assert result.received_sha256 == result.sent_sha256
+    assert result.wire.client_starts_with_init1 and result.wire.leaks == {}
+    a, b = result.session_for("a"), result.session_for("b")
+    assert a is not None and b is not None and a["session_id"] == b["session_id"]
+    assert a["worker"] == b["worker"] == worker_of(topo.addresses["a"], int(a["local"].rsplit(":", 1)[1]),
+                                                   topo.addresses["b"], HTTP_PORT, 2)  # fmt: skip
+    assert all(d.proc.returncode == 0 for d in result.daemons.values())
+    assert result.keylogs["a"].count("# nfq-tcpcrypt key log") == 1
+    assert result.pcap is not None
+    (conn,) = decoded_connections(result.pcap, result.keylogs.values(), HTTP_PORT)
+    assert conn.session_id == a["session_id"]
