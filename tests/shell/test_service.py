@@ -55,6 +55,10 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     unit.write_text(UNIT.read_text().replace(INSTALLED_SCRIPT, str(script)))
     result = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0 and "nfq-tcpcrypt.service" not in result.stderr, result.stderr
+    # exposure (systemd's own scoring of the sandbox, 0 best .. 10 worst): 3.7 when written
+    security = subprocess.run([tool, "security", "--offline=true", "--threshold=40", str(unit)],
+                              capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert security.returncode == 0, security.stdout[-3000:]
     # the check is real: a bad value is reported against the unit (as a warning: the exit status
     # alone would not show it, so the stderr of the good unit must not name it either)
     broken = tmp_path / "broken" / "nfq-tcpcrypt.service"
