@@ -1,5 +1,5 @@
 """Command line of nfq_tcpcrypt: `run`, `status`, `metrics`, `sessions`, `cache`, `rules`, `decode`, `lab`
-(DESIGN.md §6)."""
+(README: Usage)."""
 
 from __future__ import annotations
 
