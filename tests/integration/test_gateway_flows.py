@@ -21,6 +21,7 @@ from nfq_tcpcrypt.labnet import (
     shell_faults,
     start_daemon,
 )
+from nfq_tcpcrypt.shell.dispatch import worker_of
 
 from .conftest import lab_topology
 from .decoded import decoded_connections
@@ -76,6 +77,16 @@ def test_64_concurrent_flows(sites: Topology, tmp_path: Path) -> None:
                   or str(e["local"]).endswith(f":{HTTP_PORT}")} for side, table in tables.items()}  # fmt: skip
     assert ids["ga"] == ids["gb"] == {c.session_id for c in conns}, ids
     assert len(ids["ga"]) == FLOWS
+    # each connection whole on the worker its 4-tuple hashes to, on both gateways, and both used
+    a, b = sites.addresses["a"], sites.addresses["b"]
+    for side, table in tables.items():
+        workers = set()
+        for entry in table:
+            client = str(entry["local"] if side == "ga" else entry["remote"])
+            expected = worker_of(a, int(client.rsplit(":", 1)[1]), b, HTTP_PORT, 2)
+            assert entry["worker"] == expected, (side, entry)
+            workers.add(expected)
+        assert workers == {0, 1}, side
 
 
 @pytest.mark.timeout(240)
