@@ -40,6 +40,7 @@ from nfq_tcpcrypt.labnet import (
     sha256_file,
     shell_faults,
     start_daemon,
+    start_ready,
 )
 from nfq_tcpcrypt.tools.pcapcheck import analyze
 
@@ -398,10 +399,10 @@ def test_icmp_errors_about_decrypted_packets_quote_no_plaintext(sites: Topology,
     ]
     marker = b"PLAINTEXT-MARKER-" * 40
     b_addr = sites.addresses["b"]
-    server = sites.popen("b", [sys.executable, "-c", (
+    server = start_ready(sites, "b", [sys.executable, "-u", "-c", (
         "import socket, time\n"
-        f"s = socket.create_server(('{b_addr}', 9000))\n"
-        "c, _ = s.accept(); c.recv(100); time.sleep(6)\n")])
+        f"s = socket.create_server(('{b_addr}', 9000)); print('listening')\n"
+        "c, _ = s.accept(); c.recv(100); time.sleep(6)\n")], "listening")  # fmt: skip
     pcap = tmp_path / "outside.pcap"
     try:
         with capture(sites, "ga", pcap, ifname=sites.outside["ga"], bpf="icmp or tcp"):
