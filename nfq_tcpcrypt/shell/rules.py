@@ -285,8 +285,8 @@ def install(params: RuleParams, families: tuple[str, ...] = ("ipv4",)) -> Instal
             installed.texts[family] = text
             nft_text = render_nft(family, params)
             if nft_text:
+                _nft(nft_text)  # one transaction: all of it or nothing
                 installed.nft[family] = nft_text
-                _nft(nft_text)
             logger.info(
                 "%s %s-mode rules installed from %s%s (queues %d/%d%s, mark %#x, %s)",
                 family,
