@@ -112,3 +112,31 @@ def test_nat_on_the_gateway(sites: Topology, tmp_path: Path, ipv6: bool, shape: 
         assert leftover == [], (side, leftover)
         if "NFQ_TCPCRYPT" in sites.check(side, ["nft", "list", "ruleset"]):
             raise LabError(f"nft chain left in {side}")
+
+
+@pytest.mark.timeout(60)
+def test_gateway_without_nft_fails_cleanly(sites: Topology, tmp_path: Path) -> None:
+    """Without the nft tool the iptables part goes in, the nft part cannot: the daemon says why,
+    exits 1, and takes the iptables part out again."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("ip", "iptables", "iptables-restore", "iptables-save", "ip6tables", "ip6tables-restore",
+                 "ip6tables-save", "sysctl"):  # fmt: skip
+        found = shutil.which(tool)
+        assert found is not None, tool
+        (bin_dir / tool).symlink_to(found)
+    env = {**os.environ, "PATH": str(bin_dir)}
+    result = subprocess.run(
+        ["ip", "netns", "exec", sites.names["ga"], sys.executable, "-m", "nfq_tcpcrypt", "run", "--mode", "gateway",
+         "--outside", sites.outside["ga"], "--workers", "1", "--control", str(tmp_path / "c.sock")],
+        capture_output=True, text=True, timeout=40, env=env, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "nft tool is missing" in result.stderr, result.stderr[-2000:]
+    assert "NFQ_TCPCRYPT" not in sites.check("ga", ["iptables-save"])
+    assert not (tmp_path / "c.sock").exists()
