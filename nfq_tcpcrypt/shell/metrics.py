@@ -28,6 +28,10 @@ TAG_FAILURE = "failed authentication"
 METRICS_INTERVAL = 5.0
 """Seconds between two rewrites of `--metrics-file`."""
 _NUMBER = re.compile(r"0x[0-9a-fA-F]+|\d+")
+_EXPOSED = frozenset(
+    {"handshakes_fresh", "handshakes_resumed", "tag_failures", "sessions", "cache_entries", "shell.workers"}
+)
+"""Counters that have a metric of their own (the gauges among them are no `events_total`)."""
 
 
 def reason_class(reason: str) -> str:
@@ -132,7 +136,7 @@ def prometheus(doc: Mapping[str, Any]) -> str:
     metric("sessions", "gauge", "Sessions in the table.", [({}, doc["sessions"])])
     metric("resumption_cache_entries", "gauge", "Peers with a cached session secret.", [({}, doc["cache_entries"])])
     plain = [(name, value) for name, value in sorted(doc["counters"].items())
-             if not name.startswith((FALLBACK, ABORT, "kernel."))]  # fmt: skip
+             if not name.startswith((FALLBACK, ABORT, "kernel.")) and name not in _EXPOSED]  # fmt: skip
     metric("events_total", "counter", "Every other counter of the engine and the shell, by name.",
            [({"name": name}, int(value)) for name, value in plain])  # fmt: skip
     return "\n".join(lines) + "\n"

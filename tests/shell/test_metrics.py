@@ -40,6 +40,7 @@ def test_status_and_prometheus() -> None:
     assert 'nfq_tcpcrypt_fallbacks_total{reason="syn \\"retransmitted\\" without eno"} 1' in text
     assert 'nfq_tcpcrypt_kernel_queue_drops_total{queue="7100",kind="queue_dropped"} 3' in text
     assert 'nfq_tcpcrypt_events_total{name="packets"} 10' in text
+    assert 'name="sessions"' not in text and 'name="handshakes_fresh"' not in text  # own metrics
     for line in text.splitlines():
         assert line.startswith("# ") or re.fullmatch(r"nfq_tcpcrypt_\w+(\{.*\})? \d+", line), line
 
