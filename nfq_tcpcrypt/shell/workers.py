@@ -40,8 +40,9 @@ from typing import Any
 
 from ..core.constants import Aead, Tep
 from ..core.engine import Engine
+from ..core.errors import ConfigError
 from ..core.resumption import Resumable, ResumptionCache
-from . import metrics, rules
+from . import metrics, rules, settings
 from .control import CommandError, ControlServer
 from .daemon import _peer, control_commands, make_reload, metrics_writer
 from .freshness import Freshness
@@ -423,6 +424,17 @@ class Supervisor:
                 "rules": self.installed.lines() if self.installed is not None else []}  # fmt: skip
         return metrics.status(self._counters_command(), meta)
 
+    def reload_cache_settings(self) -> None:
+        """On SIGHUP: the shared cache takes the new resume-ttl and resume-cache-size (the workers
+        reload the rest themselves); a bad file changes nothing here either."""
+        try:
+            self.options = settings.reload_options(self.options)
+            config = self.options.configuration()
+        except (ConfigError, OSError) as exc:
+            logger.error("reload failed, the running cache settings stay: %s", exc)
+            return
+        self.cache.ttl, self.cache.max_entries = config.resume_ttl, config.resume_cache_size
+
     def _flush_fresh(self, reason: str) -> None:
         count = self.cache.flush()
         logger.info("resumption cache flushed (%s): %d entries", reason, count)
@@ -453,6 +465,7 @@ class Supervisor:
                     if kind == "signal":
                         signals.clear()
                         if signals.take_reload():
+                            self.reload_cache_settings()
                             self.signal_workers(signal.SIGHUP)
                     elif kind == "uevent":
                         self.freshness.uevent_readable()

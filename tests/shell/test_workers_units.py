@@ -94,3 +94,21 @@ def test_a_late_answer_is_not_taken_for_the_next_one() -> None:
     remote.timeout = 2.0
     assert remote.take_for_offer(bytes([10, 0, 0, 2]), (Tep.X25519,), now=1.0) is None  # not the late one
     child.close()
+
+
+def test_sighup_gives_the_shared_cache_the_new_ttl_and_size(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from nfq_tcpcrypt.shell import settings
+    from nfq_tcpcrypt.shell.workers import Supervisor
+
+    path = tmp_path / "c.toml"
+    path.write_text("resume-ttl = 600\n")
+    options = settings.options_from(settings.load_file(str(path)), {})
+    options.config_file = str(path)
+    supervisor = Supervisor(options, 2)  # no worker is forked before spawn()
+    assert supervisor.cache.ttl == 600
+    path.write_text("resume-ttl = 60\nresume-cache-size = 10\n")
+    supervisor.reload_cache_settings()
+    assert (supervisor.cache.ttl, supervisor.cache.max_entries) == (60, 10)
+    path.write_text("resume-ttl = 'soon'\n")
+    supervisor.reload_cache_settings()  # a bad file: logged, nothing changes
+    assert (supervisor.cache.ttl, supervisor.cache.max_entries) == (60, 10)
