@@ -1,4 +1,5 @@
-"""Command line of nfq_tcpcrypt: `run`, `sessions`, `cache`, `rules`, `decode`, `lab` (DESIGN.md §6)."""
+"""Command line of nfq_tcpcrypt: `run`, `status`, `metrics`, `sessions`, `cache`, `rules`, `decode`, `lab`
+(README: Usage)."""
 
 from __future__ import annotations
 
@@ -96,18 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="accept every packet unchanged (benchmark baseline)",
     )
+    run.add_argument(
+        "--workers", type=int, default=None, metavar="N",
+        help="worker processes, each with its own queue pair (default: 1; gateway mode: one per CPU)",
+    )
+    run.add_argument(
+        "--metrics-file", default=None, metavar="FILE",
+        help="rewrite FILE with the Prometheus metrics every few seconds (node_exporter textfile)",
+    )
     run.add_argument("--log-level", dest="sub_log_level", default=None, help="DEBUG, INFO, WARNING, ERROR")
 
     sessions = sub.add_parser("sessions", help="show the daemon's session table")
     sessions.add_argument("--json", action="store_true", help="print a JSON array")
     sessions.add_argument("--control", default=DEFAULT_PATH)
 
+    status_cmd = sub.add_parser("status", help="version, mode, workers, rules in place and the main counters")
+    status_cmd.add_argument("--json", action="store_true", help="print the whole status document as JSON")
+    status_cmd.add_argument("--control", default=DEFAULT_PATH)
+
+    metrics_cmd = sub.add_parser("metrics", help="the counters in the Prometheus text format")
+    metrics_cmd.add_argument("--control", default=DEFAULT_PATH)
+
     rules_cmd = sub.add_parser("rules", help="show or remove the daemon's iptables rules (after a SIGKILL)")
     rules_cmd.add_argument("action", choices=["show", "remove"])
-    rules_cmd.add_argument("--queue-num", type=int, default=7100, help="the killed daemon's --queue-num")
+    rules_cmd.add_argument("--queue-num", type=int, default=None, help="the killed daemon's --queue-num (7100)")
     rules_cmd.add_argument(
-        "--control", default=DEFAULT_PATH, help="refuse to remove while this socket answers"
+        "--control", default=None, help=f"refuse to remove while this socket answers ({DEFAULT_PATH})"
     )
+    rules_cmd.add_argument("--config", metavar="FILE", help="take queue-num and control from the daemon's config")
 
     cache = sub.add_parser("cache", help="show or flush the resumption cache (never shows secrets)")
     cache_sub = cache.add_subparsers(dest="action", required=True)
@@ -144,6 +161,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         file_values = load_file(args.config) if args.config else {}
         options = options_from(file_values, cli_values(args))
         resolve_system(options)
+        options.config_file, options.cli = args.config, cli_values(args)
     except ConfigError as exc:
         log.error("bad configuration: %s", exc)
         return 2
@@ -212,6 +230,45 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .shell.control import query
+
+    try:
+        doc = query(args.control, "status")
+    except OSError as exc:
+        print(f"nfq-tcpcrypt: cannot reach the daemon at {args.control}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    handshakes = doc["handshakes"]
+    print(f"nfq-tcpcrypt {doc['version']}: {doc['mode']} mode, pid {doc['pid']}, {doc['workers']} worker(s), "
+          f"queues {doc['queues'][0]}..{doc['queues'][-1]}")  # fmt: skip
+    print(f"rules in place: {len(doc['rules'])}")
+    for line in doc["rules"]:
+        print(f"  {line}")
+    print(f"sessions in the table: {doc['sessions']}; resumption cache entries: {doc['cache_entries']}")
+    print(f"handshakes: {handshakes['fresh']} fresh, {handshakes['resumed']} resumed")
+    for title, table in (("fallbacks to plain TCP", doc["fallbacks"]), ("aborts", doc["aborts"])):
+        print(f"{title}: {sum(table.values())}")
+        for reason, count in sorted(table.items(), key=lambda item: -item[1]):
+            print(f"  {count:8d}  {reason}")
+    print(f"tag failures: {doc['tag_failures']}; kernel queue drops: {doc['kernel_queue_drops']}")
+    return 0
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    from .shell.control import query
+
+    try:
+        reply = query(args.control, "metrics")
+    except OSError as exc:
+        print(f"nfq-tcpcrypt: cannot reach the daemon at {args.control}: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(reply["text"])
+    return 0
+
+
 def _print_table(columns: list[str], table: list[dict[str, object]]) -> None:
     rows = [[str(entry.get(col, "")) for col in columns] for entry in table]
     widths = [max([len(col), *(len(row[i]) for row in rows)]) for i, col in enumerate(columns)]
@@ -221,14 +278,25 @@ def _print_table(columns: list[str], table: list[dict[str, object]]) -> None:
 
 
 def _cmd_rules(args: argparse.Namespace) -> int:
-    from .shell import rules
+    from .core.errors import ConfigError
+    from .shell import rules, settings
     from .shell.control import query
+
+    try:
+        file_values = settings.load_file(args.config) if args.config else {}
+    except ConfigError as exc:
+        print(f"nfq-tcpcrypt: {exc}", file=sys.stderr)
+        return 2
+    args.queue_num = args.queue_num or file_values.get("queue_num", settings.DEFAULT_QUEUE_NUM)
+    args.control = args.control or file_values.get("control", DEFAULT_PATH)
 
     if args.action == "show":
         for family in ("ipv4", "ipv6"):
             if rules.available(family):
                 for line in rules.leftovers(family):
                     print(f"{family}: {line}")
+                for chain in rules.nft_chains(family):
+                    print(f"{family}: nft base chain {rules.NFT_FAMILY[family]} mangle {chain}")
         return 0
     try:
         query(args.control, "ping", timeout=2.0)
@@ -259,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         "sessions": _cmd_sessions,
         "cache": _cmd_cache,
         "rules": _cmd_rules,
+        "status": _cmd_status,
+        "metrics": _cmd_metrics,
         "decode": decode_tool.run,
         "lab": _cmd_lab,
     }

@@ -23,7 +23,8 @@ ga and gb only. `internet_routers=N` puts N routers (i1, i2, ...) between the ga
 the internet (`topo.internet_links[k]`) is then 10.77.(3+k).0/24, .1 on its left end, .2 on its right. `topo.ifnames`
 names the wire-facing interface of every side (for ga and gb: the outside one, so `capture` and
 `wire_loss` there act on the internet link), `topo.outside` and `topo.inside` the gateways' two
-interfaces.
+interfaces. `masquerade(gateway)` and `port_forward(gateway, ...)` add NAT on a gateway (README: NAT on
+the gateway); `topo.public(gateway)` is its outside address.
 """
 
 from __future__ import annotations
@@ -232,6 +233,37 @@ class Topology:
             self.check(node, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
             self.check(node, ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
 
+    def public(self, gateway: str, ipv6: bool = False) -> str:
+        """The address of `gateway` ("ga" or "gb") on its outside (internet) link."""
+        k, end = (0, 1) if gateway == "ga" else (len(self.internet_links) - 1, 2)
+        return f"fd77:{3 + k}::{end}" if ipv6 else f"10.77.{3 + k}.{end}"
+
+    def _site_only_behind(self, gateway: str, ipv6: bool) -> None:
+        """Every other node of the chain forgets its route to `gateway`'s site: only NAT reaches it."""
+        site = ("fd77:1::/64" if ipv6 else "10.77.1.0/24") if gateway == "ga" else (
+            "fd77:2::/64" if ipv6 else "10.77.2.0/24")  # fmt: skip
+        for node in ("ga", *self.internet_routers, "gb"):
+            if node != gateway:
+                self.check(node, ["ip", *(["-6"] if ipv6 else []), "route", "del", site])
+
+    def masquerade(self, gateway: str, ipv6: bool = False, ports: str = "40000-40100") -> None:
+        """Site NAT on `gateway`: MASQUERADE (source ports mapped into `ports`) what leaves through its
+        outside interface; the rest of the internet no longer routes to the inside addresses."""
+        tool = "ip6tables" if ipv6 else "iptables"
+        self.check(gateway, [tool, "-t", "nat", "-A", "POSTROUTING", "-o", self.outside[gateway],
+                             "-p", "tcp", "-j", "MASQUERADE", "--to-ports", ports])  # fmt: skip
+        self.check(gateway, [tool, "-t", "nat", "-A", "POSTROUTING", "-o", self.outside[gateway], "-j", "MASQUERADE"])
+        self._site_only_behind(gateway, ipv6)
+
+    def port_forward(self, gateway: str, port: int, host: str, host_port: int, ipv6: bool = False) -> None:
+        """DNAT on `gateway`: TCP to its public address, port `port`, goes to `host`:`host_port` inside."""
+        tool = "ip6tables" if ipv6 else "iptables"
+        address = (self.addresses6 if ipv6 else self.addresses)[host]
+        target = f"[{address}]:{host_port}" if ipv6 else f"{address}:{host_port}"
+        self.check(gateway, [tool, "-t", "nat", "-A", "PREROUTING", "-i", self.outside[gateway], "-p", "tcp",
+                             "-d", self.public(gateway, ipv6), "--dport", str(port),
+                             "-j", "DNAT", "--to-destination", target])  # fmt: skip
+
     def check(self, side: str, command: Sequence[str], timeout: float = 30.0, **kwargs: Any) -> str:
         """Run `command` in `side`; its stdout, or LabError with its stderr when it fails."""
         result = self.run(side, command, timeout=timeout, **kwargs)
@@ -414,10 +446,12 @@ def start_daemon(
     extra: Sequence[str] = (),
     timeout: float = 20.0,
     mode: str = "host",
+    program: Sequence[str] | None = None,
 ) -> Daemon:
     """Start the daemon in `side` and wait until its control socket answers (queue bound, rules in).
 
-    With `mode="gateway"` it runs `--mode gateway --outside topo.outside[side]`.
+    With `mode="gateway"` it runs `--mode gateway --outside topo.outside[side]`. `program` replaces
+    `python -m nfq_tcpcrypt` (e.g. the `nfq-tcpcrypt` script of another installation).
     """
     from .shell.control import query
 
@@ -428,7 +462,7 @@ def start_daemon(
     if mode == "gateway":
         mode_args += ["--outside", topo.outside[side]]
     command = [
-        sys.executable, "-m", "nfq_tcpcrypt", "run", *mode_args,
+        *(program or (sys.executable, "-m", "nfq_tcpcrypt")), "run", *mode_args,
         "--control", control, "--keylog", keylog, *extra,
     ]  # fmt: skip
     with open(log, "ab") as log_file:
@@ -540,6 +574,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+_BACKLOG_SERVER = (
+    "import functools, http.server, sys\n"
+    "port, address, directory, backlog = sys.argv[1:]\n"
+    "http.server.ThreadingHTTPServer.request_queue_size = int(backlog)\n"
+    "handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)\n"
+    "server = http.server.ThreadingHTTPServer\n"
+    "http.server.test(HandlerClass=handler, ServerClass=server, port=int(port), bind=address)\n"
+)
+
+
 @contextlib.contextmanager
 def http_server(
     topo: Topology,
@@ -548,25 +592,18 @@ def http_server(
     timeout: float = 15.0,
     ipv6: bool = False,
     address: str | None = None,
+    backlog: int | None = None,
 ) -> Iterator[str]:
-    """`python3 -m http.server` serving `directory` in `side` (on its veth address unless `address`)."""
+    """`python3 -m http.server` serving `directory` in `side` (on its veth address unless `address`).
+
+    `backlog` replaces its listen backlog of 5 (for many connections opened at once)."""
     address = address or (topo.addresses6 if ipv6 else topo.addresses)[side]
-    proc = topo.popen(
-        side,
-        [
-            sys.executable,
-            "-u",
-            "-m",
-            "http.server",
-            str(HTTP_PORT),
-            "--bind",
-            address,
-            "--directory",
-            str(directory),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
+    if backlog is None:
+        command = [sys.executable, "-u", "-m", "http.server", str(HTTP_PORT), "--bind", address,
+                   "--directory", str(directory)]  # fmt: skip
+    else:
+        command = [sys.executable, "-u", "-c", _BACKLOG_SERVER, str(HTTP_PORT), address, str(directory), str(backlog)]
+    proc = topo.popen(side, command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         wait_for_line(proc, proc.stdout, "Serving HTTP", timeout, "http.server")
         yield f"http://[{address}]:{HTTP_PORT}" if ipv6 else f"http://{address}:{HTTP_PORT}"
@@ -671,6 +708,7 @@ def http_transfer(
     inside_capture_at: tuple[str, str | None] | None = None,
     loss_sides: Sequence[str] = ("a", "b"),
     daemon_args: Mapping[str, Sequence[str]] | None = None,
+    daemon_program: Sequence[str] | None = None,
 ) -> TransferResult:
     """Serve a random file from b, fetch it with curl from a, capture a's veth, query the daemons.
 
@@ -678,7 +716,8 @@ def http_transfer(
     returning; their exit codes are in `result.daemons[side].proc.returncode`. The sides in
     `gateway_sides` (a subset of `daemon_sides`) run in gateway mode (`start_daemon`). With
     `wire_loss`, each of `loss_sides` drops that fraction of TCP packets arriving on its wire
-    interface before the daemon sees them (see `drop_on_wire`). `daemon_args` adds options per side.
+    interface before the daemon sees them (see `drop_on_wire`). `daemon_args` adds options per side;
+    `daemon_program` runs another installation's daemon (see `start_daemon`).
 
     The wire capture is taken on `capture_at` = (side, interface; None: the side's `ifnames`), and
     analysed into `result.wire`; `inside_capture_at` adds a second capture (e.g. on an inside link
@@ -698,7 +737,7 @@ def http_transfer(
         for side in daemon_sides:
             mode = "gateway" if side in gateway_sides else "host"
             extra = [*(["--ipv6"] if ipv6 else []), *(daemon_args or {}).get(side, ())]
-            daemons[side] = start_daemon(topo, side, workdir, extra, mode=mode)
+            daemons[side] = start_daemon(topo, side, workdir, extra, mode=mode, program=daemon_program)
         if wire_loss:
             for side in loss_sides:
                 drop_on_wire(topo, side, wire_loss, ipv6)
@@ -766,8 +805,9 @@ def rule_packets(
 IPERF_PORT = 5201
 
 
-def iperf3_throughput(topo: Topology, seconds: float = 5.0, timeout: float = 60.0) -> float:
-    """iperf3 from a (client) to b (server) for `seconds`; the receiver's rate in bit/s."""
+def iperf3_throughput(topo: Topology, seconds: float = 5.0, timeout: float = 60.0, streams: int = 1) -> float:
+    """iperf3 from a (client) to b (server) for `seconds` with `streams` parallel connections; the
+    receiver's rate in bit/s."""
     import json
 
     server = topo.popen(
@@ -780,7 +820,7 @@ def iperf3_throughput(topo: Topology, seconds: float = 5.0, timeout: float = 60.
         wait_for_line(server, server.stdout, "Server listening", 15.0, "iperf3 -s")
         result = topo.run(
             "a",
-            ["iperf3", "-c", topo.addresses["b"], "-p", str(IPERF_PORT), "-t", str(seconds), "-J"],
+            ["iperf3", "-c", topo.addresses["b"], "-p", str(IPERF_PORT), "-t", str(seconds), "-P", str(streams), "-J"],
             timeout=timeout,
         )
         if result.returncode != 0:

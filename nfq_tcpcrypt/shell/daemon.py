@@ -19,10 +19,12 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..core.engine import Engine
-from . import rules
+from ..core.errors import ConfigError
+from . import metrics, rules, settings
 from .control import CommandError, ControlServer
 from .freshness import Freshness
 from .inject import Injector
@@ -64,6 +66,47 @@ def control_commands(engine: EngineLike, loop: EventLoop) -> dict[str, Any]:
     }
 
 
+def make_reload(
+    options: DaemonOptions, engine: EngineLike, secrets_log: Callable[[str], None] | None, counters: dict[str, int]
+) -> Callable[[], None]:
+    """The SIGHUP handler: re-read the config; new connections get the new TEP and AEAD lists,
+    policy and engine settings; sessions in progress keep theirs, so no connection is dropped."""
+    current = [options]
+    counters.setdefault("reloads", 0)
+    counters.setdefault("reload_failed", 0)
+
+    def reload() -> None:
+        try:
+            fresh = settings.reload_options(current[0])
+            config = fresh.configuration(secrets_log)
+        except (ConfigError, OSError) as exc:
+            counters["reload_failed"] += 1
+            logger.error("reload failed, the running configuration stays: %s", exc)
+            return
+        if isinstance(engine, Engine):
+            engine.config = config
+        current[0] = fresh
+        counters["reloads"] += 1
+        logger.info(
+            "configuration reloaded: tep %s, aead %s, %d policy rule(s)",
+            fresh.teps, fresh.aeads, len(fresh.engine.get("policies", ())),
+        )  # fmt: skip
+
+    return reload
+
+
+def metrics_writer(path: str, status: Callable[[], dict[str, Any]]) -> Callable[[], None]:
+    """A callback that rewrites the metrics textfile at `path`; a failure is logged, never fatal."""
+
+    def write() -> None:
+        try:
+            metrics.write_textfile(path, metrics.prometheus(status()))
+        except OSError as exc:
+            logger.warning("cannot write the metrics file %s: %s", path, exc)
+
+    return write
+
+
 def _warn_without_forwarding(ipv6: bool) -> None:
     """A gateway that does not forward encrypts only its own connections: say so (refuse nothing)."""
     paths = ["/proc/sys/net/ipv4/ip_forward"]
@@ -80,6 +123,11 @@ def run_daemon(options: DaemonOptions) -> int:
     status = 0
     if options.mode == "gateway":
         _warn_without_forwarding(options.ipv6)
+    workers = settings.worker_count(options)
+    if workers > 1:
+        from .workers import run_workers
+
+        return run_workers(options, workers)
     with contextlib.ExitStack() as stack:
         signals = SignalWatch()
         stack.callback(signals.close)
@@ -98,6 +146,7 @@ def run_daemon(options: DaemonOptions) -> int:
         stack.callback(injector.close)
         loop = EventLoop(engine, options.queue_num, injector, signals, freshness)
         stack.callback(loop.close)
+        loop.on_reload = make_reload(options, engine, keylog.write if keylog else None, loop.counters)
         logger.info("queues %d (inbound) and %d (outbound) bound", options.queue_num, options.queue_num + 1)
         families = ("ipv4", "ipv6") if options.ipv6 else ("ipv4",)
         params = rules.RuleParams(
@@ -119,7 +168,22 @@ def run_daemon(options: DaemonOptions) -> int:
                 logger.info("rules removed")
 
         stack.callback(remove_rules)
-        control = ControlServer(options.control, control_commands(engine, loop))
+        commands = control_commands(engine, loop)
+
+        def counters() -> dict[str, int]:
+            return {**loop.all_counters(), "cache_entries": len(engine.cache) if isinstance(engine, Engine) else 0}
+
+        def status_doc() -> dict[str, Any]:
+            meta = {"mode": options.mode, "workers": 1, "pid": os.getpid(),
+                    "queues": [options.queue_num, options.queue_num + 1], "rules": installed.lines()}  # fmt: skip
+            return metrics.status(counters(), meta)
+
+        commands["counters"] = lambda request: counters()
+        commands["status"] = lambda request: status_doc()
+        commands["metrics"] = lambda request: {"text": metrics.prometheus(status_doc())}
+        if options.metrics_file:
+            loop.periodic = (metrics.METRICS_INTERVAL, metrics_writer(options.metrics_file, status_doc))
+        control = ControlServer(options.control, commands)
         stack.callback(control.close)
         loop.control = control
         logger.info("control socket %s ready", options.control)

@@ -26,11 +26,13 @@ from ..core.verdict import Injection, Verdict
 from .control import ControlServer
 from .freshness import Freshness
 from .inject import Injector
+from .metrics import EventStats
 from .nfq import QueuePair, kernel_queue_stats
 
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+RELOAD_SIGNAL = signal.SIGHUP
 
 
 class EngineLike(Protocol):
@@ -50,19 +52,28 @@ class EngineLike(Protocol):
 
 
 class SignalWatch:
-    """Turns SIGINT/SIGTERM into a flag plus a readable fd; restores the old handlers on close."""
+    """Turns SIGINT/SIGTERM into a flag, SIGHUP into a reload request, plus a readable fd; restores
+    the old handlers on close."""
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.reload = False
         self.reader, self._writer = socket.socketpair()
         self.reader.setblocking(False)
         self._writer.setblocking(False)
         self._old_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
-        self._old = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        self._old = {sig: signal.signal(sig, self._on_signal) for sig in (*STOP_SIGNALS, RELOAD_SIGNAL)}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.received is None:
+        if signum == RELOAD_SIGNAL:
+            self.reload = True
+        elif self.received is None:
             self.received = signum
+
+    def take_reload(self) -> bool:
+        """Whether a SIGHUP arrived since the last call."""
+        reload, self.reload = self.reload, False
+        return reload
 
     def clear(self) -> None:
         """Empty the wakeup fd."""
@@ -100,6 +111,12 @@ class EventLoop:
         self.counters: dict[str, int] = {}
         self.now = time.monotonic()
         self.control: ControlServer | None = None
+        self.on_reload: Callable[[], None] | None = None
+        """Called on the loop thread after a SIGHUP (daemon.py: re-read the config)."""
+        self.extra_counters: Callable[[], Mapping[str, int]] | None = None
+        self.stats = EventStats()
+        self.periodic: tuple[float, Callable[[], None]] | None = None
+        """(interval, callback): run on the loop thread every `interval` seconds (the metrics file)."""
         self.queues = QueuePair(queue_num, self._process, self.counters, self._flush, queue_factory)
 
     def _process(self, packet: bytes, direction: Direction) -> Verdict:
@@ -111,6 +128,7 @@ class EventLoop:
             self.injector.send(injection.packet, injection.direction)
         while (event := self.engine.next_event()) is not None:
             _log_event(event)
+            self.stats.observe(event)
 
     def all_counters(self) -> dict[str, int]:
         """Engine counters plus the shell's own (prefixed `shell.`)."""
@@ -123,6 +141,10 @@ class EventLoop:
             out.update({f"shell.{name}": value for name, value in self.freshness.counters.items()})
         num = self.queues.queue_num
         out.update(kernel_queue_stats((num, num + 1)))
+        out.update(self.stats.counters)
+        out["sessions"] = len(self.engine.session_table())
+        if self.extra_counters is not None:
+            out.update(self.extra_counters())
         return out
 
     def run(self) -> int:
@@ -136,11 +158,17 @@ class EventLoop:
                 selector.register(self.control.sock, selectors.EVENT_READ, ("accept", None))
             if self.freshness is not None and self.freshness.vmgen is not None:
                 selector.register(self.freshness.vmgen.fileno(), selectors.EVENT_READ, ("uevent", None))
+            next_periodic = time.monotonic() if self.periodic is not None else None
             while self.signals.received is None:
                 deadline = self.engine.get_timer()
+                if next_periodic is not None:
+                    deadline = next_periodic if deadline is None else min(deadline, next_periodic)
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 ready = selector.select(timeout)
                 self.now = time.monotonic()
+                if self.periodic is not None and next_periodic is not None and self.now >= next_periodic:
+                    next_periodic = self.now + self.periodic[0]
+                    self.periodic[1]()
                 # The cache is flushed before the packets of this wakeup, so no SYN resumes from it.
                 if self.freshness is not None:
                     self.freshness.check_clock()
@@ -161,6 +189,8 @@ class EventLoop:
             self.queues.drain(arg)
         elif kind == "signal":
             self.signals.clear()
+            if self.signals.take_reload() and self.on_reload is not None:
+                self.on_reload()
         elif kind == "uevent" and self.freshness is not None:
             self.freshness.uevent_readable()
         elif kind == "accept" and self.control is not None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..core.config import Configuration, PolicyRule, parse_aeads, parse_teps
 from ..core.errors import ConfigError
-from .rules import MODES, valid_ifname
+from .rules import MAX_WORKERS, MODES, valid_ifname
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,14 @@ class DaemonOptions:
     ipv6: bool = False
     pass_through: bool = False
     log_level: str | None = None
+    workers: int | None = None
+    """Worker processes (workers.py); None: 1 in host mode, one per CPU in gateway mode."""
+    metrics_file: str | None = None
+    """A Prometheus textfile the daemon rewrites (metrics.py)."""
+    config_file: str | None = None
+    """The --config file, re-read on SIGHUP."""
+    cli: dict[str, Any] = field(default_factory=dict)
+    """The command-line values, applied again over the file on SIGHUP."""
     engine: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of `core.config.Configuration` beyond teps/aeads (rekey_bytes, resume, policies...)."""
 
@@ -79,6 +87,8 @@ DAEMON_KEYS: dict[str, type] = {
     "ipv6": bool,
     "pass_through": bool,
     "log_level": str,
+    "workers": int,
+    "metrics_file": str,
 }
 ENGINE_KEYS: dict[str, type] = {
     "rekey_bytes": int,
@@ -185,6 +195,8 @@ def options_from(file_values: Mapping[str, Any], cli_values: Mapping[str, Any]) 
         if ENGINE_KEYS.get(key) in (int, float) and value < 0:
             raise ConfigError(f"{key.replace('_', '-')} must not be negative ({value})")
     _check_mode(options)
+    if options.workers is not None and not 1 <= options.workers <= MAX_WORKERS:
+        raise ConfigError(f"workers must be 1..{MAX_WORKERS}, not {options.workers}")
     if options.mark == options.local_mark:
         raise ConfigError(f"mark and local-mark must differ (both {options.mark:#x})")
     options.configuration()  # validate now (names, ranges), before anything is installed
@@ -263,6 +275,37 @@ def resolve_system(options: DaemonOptions, sys_net: str = SYS_NET) -> None:
         if deliver_max is not None:
             options.engine["deliver_max"] = deliver_max
             logger.info("deliver-max %d (from the inside interfaces' MTU)", deliver_max)
+
+
+def worker_count(options: DaemonOptions) -> int:
+    """`options.workers`, or its default: 1 in host mode, one per CPU in gateway mode."""
+    if options.workers is not None:
+        return options.workers
+    return min(MAX_WORKERS, os.cpu_count() or 1) if options.mode == "gateway" else 1
+
+
+RELOADABLE = ("teps", "aeads", "engine")
+"""What SIGHUP changes (new connections only); every other option needs a restart."""
+
+
+def reload_options(options: DaemonOptions) -> DaemonOptions:
+    """The options after re-reading `options.config_file` (the command line still wins).
+
+    Raises ConfigError for a bad file. Options that cannot change while running keep their value,
+    with a warning naming them.
+    """
+    file_values = load_file(options.config_file) if options.config_file else {}
+    fresh = options_from(file_values, options.cli)
+    resolve_system(fresh)
+    fixed = [name for name in ("mode", "outside", "queue_num", "mark", "local_mark", "control", "keylog",
+                               "fail_closed", "ipv6", "pass_through", "workers", "metrics_file")
+             if getattr(fresh, name) != getattr(options, name)]  # fmt: skip
+    if fixed:
+        logger.warning("reload: %s changed in the config; that takes a restart", ", ".join(fixed))
+    for name in fixed:
+        setattr(fresh, name, getattr(options, name))
+    fresh.config_file, fresh.cli = options.config_file, options.cli
+    return fresh
 
 
 def cli_values(args: argparse.Namespace) -> dict[str, Any]:

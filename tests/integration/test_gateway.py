@@ -40,6 +40,7 @@ from nfq_tcpcrypt.labnet import (
     sha256_file,
     shell_faults,
     start_daemon,
+    start_ready,
 )
 from nfq_tcpcrypt.tools.pcapcheck import analyze
 
@@ -56,11 +57,18 @@ def sites() -> Iterator[Topology]:
 
 
 def _all_rules(topo: Topology, side: str) -> list[str]:
-    """Lines of iptables-save and ip6tables-save in `side` naming our chains or NFQUEUE."""
+    """Lines of iptables-save and ip6tables-save in `side` naming our chains or NFQUEUE, and the nft
+    ruleset's lines naming our base chains (the gateway's chain after source NAT)."""
     lines = []
     for tool in ("iptables-save", "ip6tables-save"):
         text = topo.check(side, [tool])
         lines += [line for line in text.splitlines() if "NFQ_TCPCRYPT" in line or "NFQUEUE" in line]
+    inside_chain = False
+    for line in topo.check(side, ["nft", "list", "ruleset"]).splitlines():
+        inside_chain = inside_chain or "chain NFQ_TCPCRYPT_SNAT" in line
+        if inside_chain:
+            lines.append(f"nft: {line.strip()}")
+            inside_chain = line.strip() != "}"
     return lines
 
 
@@ -218,18 +226,26 @@ def test_gateways_own_connection_is_encrypted(routed: Topology, tmp_path: Path) 
 def test_sigterm_removes_gateway_rules(sites: Topology, tmp_path: Path, fail_closed: bool) -> None:
     """The gateway's rules match the outside interface only, and are removed exactly on SIGTERM."""
     assert _all_rules(sites, "ga") == []
-    extra = ["--ipv6"] + (["--fail-closed"] if fail_closed else [])
+    extra = ["--ipv6", "--workers", "2"] + (["--fail-closed"] if fail_closed else [])
     daemon = start_daemon(sites, "ga", tmp_path, extra, mode="gateway")
     lines = _all_rules(sites, "ga")
     outside = sites.outside["ga"]
     queue_rules = [line for line in lines if "NFQUEUE" in line]
-    assert len(queue_rules) == 4, lines  # inbound and outbound, IPv4 and IPv6
+    assert len(queue_rules) == 8, lines  # inbound and outbound, IPv4 and IPv6, for each of 2 workers
+    # worker 0 by the 4-tuple hash (a BPF match), worker 1 the rest; queues 7100..7103
+    assert sum("-m bpf --bytecode" in line for line in queue_rules) == 4, queue_rules
+    for queue in (7100, 7101, 7102, 7103):
+        assert sum(f"--queue-num {queue}" in line for line in queue_rules) == 2, queue_rules
     assert all(("--queue-bypass" in line) != fail_closed for line in queue_rules), queue_rules
     assert sum(f"-i {outside} -p tcp" in line for line in lines) == 2, lines
     assert sum(f"-o {outside} -p tcp -j NFQ_TCPCRYPT_OUTQ" in line for line in lines) == 2, lines
     assert sum(f"-o {outside} -p tcp" in line and "TCPMSS --clamp-mss-to-pmtu" in line for line in lines) == 2
     assert not any(f" {sites.inside['ga']} " in line for line in lines), lines
     assert sum("--notrack" in line for line in lines) == 2, lines
+    # after source NAT: one nft base chain per family at srcnat + 10, jumping to the rules
+    assert sum("chain NFQ_TCPCRYPT_SNAT_7100" in line for line in lines) == 2, lines
+    assert sum("priority srcnat + 10" in line for line in lines) == 2, lines
+    assert sum("jump NFQ_TCPCRYPT_POST_7100" in line for line in lines) == 2, lines
 
     assert daemon.stop(timeout=20) == 0, Path(daemon.log).read_text()[-2000:]
     assert _all_rules(sites, "ga") == []
@@ -242,7 +258,10 @@ def test_rules_remove_after_sigkill_gateway(sites: Topology, tmp_path: Path) -> 
     daemon = start_daemon(sites, "ga", tmp_path, ["--ipv6"], mode="gateway")
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait(10)
-    assert _all_rules(sites, "ga") != []
+    assert sum("chain NFQ_TCPCRYPT_SNAT" in line for line in _all_rules(sites, "ga")) == 2
+    shown = sites.check("ga", [sys.executable, "-m", "nfq_tcpcrypt", "rules", "show"])
+    assert "nft base chain ip mangle NFQ_TCPCRYPT_SNAT_7100" in shown, shown
+    assert "nft base chain ip6 mangle NFQ_TCPCRYPT_SNAT_7100" in shown, shown
     removed = sites.run(
         "ga", [sys.executable, "-m", "nfq_tcpcrypt", "rules", "remove", "--control", daemon.control], timeout=30
     )
@@ -251,7 +270,7 @@ def test_rules_remove_after_sigkill_gateway(sites: Topology, tmp_path: Path) -> 
 
 
 def _between_gateways(
-    topo: Topology, tmp_path: Path, capture_side: str, loss: float = 0.0, ipv6: bool = False
+    topo: Topology, tmp_path: Path, capture_side: str, loss: float = 0.0, ipv6: bool = False, workers: int | None = None
 ) -> TransferResult:
     """1 MiB between the unmodified hosts of two sites, gateways on both sides, optionally with
     random loss on the link between the gateways; checked encrypted and clean."""
@@ -265,6 +284,7 @@ def _between_gateways(
         gateway_sides=("ga", "gb"),
         capture_at=(capture_side, topo.outside[capture_side]),
         timeout=60 if loss else 30,
+        daemon_args={side: ["--workers", str(workers)] for side in ("ga", "gb")} if workers else None,
         **lossy,
     )
     _assert_encrypted(result, ("ga", "gb"), loss=bool(loss))
@@ -345,7 +365,9 @@ def test_path_mtu_beyond_the_gateways(far_sites: Topology, tmp_path: Path, ipv6:
     number, toward the inside host) as in host mode."""
     for side, ifname in far_sites.internet_links[1]:
         far_sites.set_mtu(side, ifname, 1400)
-    result = _between_gateways(far_sites, tmp_path, capture_side="gb", ipv6=ipv6)
+    # 3 workers: the reports must reach the worker of their connection (hashed on the quoted TCP
+    # header), or b never learns the smaller MTU and the transfer stalls.
+    result = _between_gateways(far_sites, tmp_path, capture_side="gb", ipv6=ipv6, workers=3)
     # b's data toward a met the small link: gb rewrote the routers' reports for b.
     assert result.counters["gb"].get("icmp_rewritten", 0) > 0, result.counters["gb"]
 
@@ -377,10 +399,10 @@ def test_icmp_errors_about_decrypted_packets_quote_no_plaintext(sites: Topology,
     ]
     marker = b"PLAINTEXT-MARKER-" * 40
     b_addr = sites.addresses["b"]
-    server = sites.popen("b", [sys.executable, "-c", (
+    server = start_ready(sites, "b", [sys.executable, "-u", "-c", (
         "import socket, time\n"
-        f"s = socket.create_server(('{b_addr}', 9000))\n"
-        "c, _ = s.accept(); c.recv(100); time.sleep(6)\n")])
+        f"s = socket.create_server(('{b_addr}', 9000)); print('listening')\n"
+        "c, _ = s.accept(); c.recv(100); time.sleep(6)\n")], "listening")  # fmt: skip
     pcap = tmp_path / "outside.pcap"
     try:
         with capture(sites, "ga", pcap, ifname=sites.outside["ga"], bpf="icmp or tcp"):

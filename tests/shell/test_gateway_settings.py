@@ -53,10 +53,19 @@ class TestGatewayRules:
             if family == "ipv4"
             else "-p ipv6-icmp --icmpv6-type destination-unreachable"
         )
-        # The hooks of host mode (docs/architecture.md, "Hooks, marks and conntrack"), restricted to the
-        # outside interfaces.
+        # Decrypt as in host mode; encrypt after source NAT: no iptables jump into POSTROUTING, an
+        # nft base chain at srcnat + 10 jumps to the same user chain (README: NAT on the gateway).
         assert "-I PREROUTING 1 -j NFQ_TCPCRYPT_PRE_7100" in text
-        assert "-I POSTROUTING 1 -j NFQ_TCPCRYPT_POST_7100" in text
+        assert "POSTROUTING" not in text and ":NFQ_TCPCRYPT_POST_7100 - [0:0]" in text
+        nft = rules.render_nft(family, self.params)
+        table = "ip" if family == "ipv4" else "ip6"
+        assert nft.splitlines() == [
+            f"add chain {table} mangle NFQ_TCPCRYPT_SNAT_7100 "
+            "{ type filter hook postrouting priority srcnat + 10; policy accept; }",
+            f"add rule {table} mangle NFQ_TCPCRYPT_SNAT_7100 jump NFQ_TCPCRYPT_POST_7100",
+        ]
+        assert rules.nft_removal_text(nft) == f"delete chain {table} mangle NFQ_TCPCRYPT_SNAT_7100\n"
+        assert rules.render_nft(family, rules.RuleParams(7100, 7101, 0x7463)) == ""
         for name in ("wan0", "wan1"):
             assert f"-A NFQ_TCPCRYPT_PRE_7100 -i {name} -p tcp -j NFQ_TCPCRYPT_INQ_7100" in text
             assert f"-A NFQ_TCPCRYPT_PRE_7100 -i {name} {icmp} -j NFQ_TCPCRYPT_INQ_7100" in text
@@ -90,12 +99,12 @@ class TestGatewayRules:
         assert "--queue-bypass" not in text and text.count("NFQUEUE") == 2
 
     @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
-    def test_removal_is_that_of_host_mode(self, family: str) -> None:
-        """Same chains and jumps as host mode: `rules remove` (rendered from the host template) fits."""
+    def test_removal_is_that_of_host_mode_but_the_postrouting_jump(self, family: str) -> None:
+        """Same chains as host mode; the only jump host mode has and a gateway lacks is POSTROUTING's."""
         host = rules.RuleParams(7100, 7101, 0x7463)
-        assert rules.removal_text(rules.render(family, self.params)) == rules.removal_text(
-            rules.render(family, host)
-        )
+        gateway_removal = rules.removal_text(rules.render(family, self.params)).splitlines()
+        host_removal = rules.removal_text(rules.render(family, host)).splitlines()
+        assert [line for line in host_removal if "POSTROUTING" not in line] == gateway_removal
 
     @pytest.mark.parametrize("name", ["-j", "eth0 -j ACCEPT", "a" * 16, "", "+", "eth0\nCOMMIT", "x/y"])
     def test_bad_interface_names_never_reach_the_text(self, name: str) -> None:
