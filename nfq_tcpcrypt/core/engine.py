@@ -172,6 +172,9 @@ class Engine:
 
 
 def _is_new_syn(session: Session, seg, direction: Direction) -> bool:  # type: ignore[no-untyped-def]
-    """A SYN with another ISN on a known 4-tuple starts a new connection (port reuse)."""
+    """A SYN with another ISN on a known 4-tuple starts a new connection (port reuse), except
+    from the wire on a live translating session: the session answers that (RFC 5961 §4)."""
+    if direction is Direction.INBOUND and session.is_translating and session.closed_at is None:
+        return False
     isn = session.isn_local if direction is Direction.OUTBOUND else session.isn_remote
     return isn is not None and isn != seg.seq

@@ -35,6 +35,7 @@ from .constants import (
 from .errors import Disposition, LocalProtocolError, MalformedSegment, ProtocolError, RemoteProtocolError
 from .events import EnoNegotiated, Event, FellBackToPlain, SessionAborted, SessionClosed, SessionEstablished
 from .flow import FlowKey
+from .guard import ChallengeLimiter, RstCheck, check_rst
 from .kex import KeySchedule, TrafficKeys, public_bytes, session_secret, shared_secret
 from .resumption import Resumable, ResumptionCache
 from .seqmap import RecvStream, SendStream, to_offset, to_seq
@@ -168,6 +169,7 @@ class Session(StreamTranslation):
         self._remote_ts: int | None = None
         self.wire_mss = 536
         self.pmtu: int | None = None  # the path MTU a too-big report gave, once there was one
+        self._challenges = ChallengeLimiter()
 
     # ------------------------------------------------------------------ state machine
 
@@ -223,6 +225,12 @@ class Session(StreamTranslation):
             return self._plain(seg)
         if self.state == State.ABORTED:
             return DROP
+        if self.is_translating:
+            # RFC 5961: checked in wire space before anything of the segment is taken.
+            if seg.is_syn and seg.seq != self.isn_remote:
+                return self._challenge(now)  # §4.2: a SYN on a synchronized connection
+            if seg.is_rst:
+                return self._rst_in(seg, now)
         self._in_ip = seg.ip_header
         try:
             options = parse_options(seg.options)
@@ -235,8 +243,6 @@ class Session(StreamTranslation):
                 self._fall_back("non-syn segment before the syn-ack")
             if not self.is_translating:
                 return self._plain(seg)
-            if seg.is_rst:
-                return self._rst_in(seg, now)
             return self._translate_in(seg, options, now)
         except MalformedSegment:
             return DROP if self.is_translating else Verdict(Action.ACCEPT)
@@ -618,7 +624,19 @@ class Session(StreamTranslation):
         return Verdict(Action.ACCEPT)
 
     def _rst_in(self, seg: Segment, now: float) -> Verdict:
+        """An RST from the wire: taken only at exactly the next expected wire sequence number (or
+        the acknowledgment we last sent); inside the window a challenge ACK, else dropped (RFC 5961
+        §3.2). A taken RST reaches our stack at exactly its next expected sequence number."""
         assert self.send is not None and self.recv is not None
+        recv = self.recv
+        wire = to_offset(seg.seq, recv.base, recv.wire_next)
+        rcv_nxt = recv.wire_next + (recv.fin_seen == recv.wire_next)
+        shift = self._local_ws if self._local_ws is not None and self._remote_ws is not None else 0
+        check = check_rst(wire, (rcv_nxt, recv.ack_floor), rcv_nxt, self._local_window << shift)
+        if check is RstCheck.CHALLENGE:
+            return self._challenge(now)
+        if check is RstCheck.DROP:
+            return DROP
         seg.seq = to_seq(self.recv.plain_next, self.recv.base)
         if seg.is_ack:
             send = self.send
@@ -627,6 +645,13 @@ class Session(StreamTranslation):
         self.closed_at = self.closed_at or now
         self._emit(SessionClosed(self.flow, "reset by the peer"))
         return Verdict(Action.ACCEPT, serialize_segment(seg))
+
+    def _challenge(self, now: float) -> Verdict:
+        """A challenge ACK toward the peer (rate limited, RFC 5961 §7); the segment is dropped."""
+        assert self.send is not None
+        if self._challenges.allow(now):
+            self._inject_wire(self.send.wire_next, b"", TCP_ACK)
+        return DROP
 
     def _error(self, exc: ProtocolError, seg: Segment, now: float, outbound: bool) -> Verdict:
         if isinstance(exc, LocalProtocolError):

@@ -1,0 +1,92 @@
+"""Hostile peers and on-path attackers against a live encrypted connection (README: Security model).
+
+An attacker who knows the 4-tuple forges segments toward B's engine as if from A. Whatever it
+sends, no byte of the connection may leave in plaintext and no forged byte may reach B's stack.
+"""
+
+from __future__ import annotations
+
+import os
+
+from nfq_tcpcrypt.core.constants import TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN
+from nfq_tcpcrypt.core.flow import Direction
+from nfq_tcpcrypt.core.verdict import Action
+from nfq_tcpcrypt.core.wire.tcp import new_segment, parse_segment, serialize_segment
+from tests.core.tcpmodel import A_IP, B_IP, MASK, Pair, seeded_config
+
+
+def _live(seed: bytes = b"attack", **b_config) -> Pair:  # type: ignore[no-untyped-def]
+    pair = Pair(seed=seed, b_config=seeded_config(seed + b"b", **b_config) if b_config else None)
+    pair.open()
+    pair.talk(b"hello from a" * 100, b"hello from b" * 100)
+    return pair
+
+
+def _last_wire(pair: Pair, src: bytes):  # type: ignore[no-untyped-def]
+    return next(parse_segment(p) for p in reversed(pair.wire) if parse_segment(p).src == src)
+
+
+def _forge(pair: Pair, flags: int, seq: int, ack: int = 0, payload: bytes = b"", options: bytes = b"") -> list:
+    """A segment from A's address to B's engine; returns what reached B's stack."""
+    seg = new_segment(A_IP, B_IP, pair.a.port, pair.b.port, seq & MASK, ack & MASK, flags, 1000, options, payload)
+    verdict = pair.engine_b.process(serialize_segment(seg), Direction.INBOUND, pair.now)
+    delivered = []
+    if verdict.action is Action.ACCEPT:
+        delivered.append(verdict.packet or serialize_segment(seg))
+    for injection in pair.engine_b.segments_to_inject():
+        if injection.direction is Direction.INBOUND:
+            delivered.append(injection.packet)
+        else:
+            pair.wire.append(injection.packet)
+    for packet in delivered:
+        pair.b.receive(packet)
+    return delivered
+
+
+def _b_plaintext_on_wire(pair: Pair, secret: bytes) -> bool:
+    return any(secret in parse_segment(p).payload for p in pair.wire if parse_segment(p).src == B_IP)
+
+
+def test_forged_syn_does_not_replace_an_encrypted_session():
+    """RFC 5961 §4: a SYN in a synchronized state gets a challenge ACK and changes nothing."""
+    pair = _live()
+    before = len(pair.wire)
+    delivered = _forge(pair, TCP_SYN, 0x12345678)
+    assert delivered == []  # the SYN never reaches B's stack
+    challenge = [parse_segment(p) for p in pair.wire[before:]]
+    assert len(challenge) == 1 and challenge[0].flags == TCP_ACK and not challenge[0].payload
+    table = pair.engine_b.session_table()
+    assert len(table) == 1 and table[0]["state"] == "encrypting"
+    secret = os.urandom(3000)
+    pair.talk(b"", secret)
+    assert bytes(pair.a.received).endswith(secret)
+    assert not _b_plaintext_on_wire(pair, secret[:64])
+    # A forged plaintext segment at B's expected plain sequence number is not delivered either.
+    got = len(pair.b.received)
+    _forge(pair, TCP_ACK | TCP_PSH, pair.b.irs + 1 + got, pair.b.isn + 1 + pair.b.nxt, b"FORGED")
+    assert b"FORGED" not in bytes(pair.b.received)
+
+
+def test_blind_rst_is_dropped_and_in_window_rst_challenged():
+    """RFC 5961 §3: only an RST at exactly the next expected wire sequence number resets."""
+    pair = _live()
+    a_last = _last_wire(pair, A_IP)
+    rcv_nxt = (a_last.seq + len(a_last.payload)) & MASK
+    # Far outside the window: dropped, no reset, no challenge.
+    before = len(pair.wire)
+    assert _forge(pair, TCP_RST, rcv_nxt + 0x40000000) == []
+    assert len(pair.wire) == before and not pair.b.was_reset
+    # Inside the window but not exact: a challenge ACK toward the peer, no reset.
+    assert _forge(pair, TCP_RST, rcv_nxt + 100) == []
+    assert not pair.b.was_reset
+    challenge = [parse_segment(p) for p in pair.wire[before:]]
+    assert len(challenge) == 1 and challenge[0].flags == TCP_ACK
+    assert challenge[0].ack == rcv_nxt
+    assert pair.engine_b.session_table()[0]["state"] == "encrypting"
+    pair.talk(b"still", b"alive")
+    assert bytes(pair.b.received).endswith(b"still")
+    # Exactly the next expected sequence number: the reset is real and reaches B's stack.
+    a_last = _last_wire(pair, A_IP)
+    rcv_nxt = (a_last.seq + len(a_last.payload)) & MASK
+    delivered = _forge(pair, TCP_RST, rcv_nxt)
+    assert len(delivered) == 1 and parse_segment(delivered[0]).is_rst and pair.b.was_reset
