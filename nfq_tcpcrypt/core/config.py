@@ -61,6 +61,13 @@ class Configuration:
     idle_timeout: float = 7200.0
     """Seconds without a packet after which a session is dropped from the table."""
 
+    tombstone_ttl: float = 86400.0
+    """Seconds an encrypted connection is remembered after its session left the table: its late
+    packets reset both ends instead of passing in plaintext (README: Security model)."""
+
+    max_tombstones: int = 65536
+    """Tombstones at most (about 200 bytes each); the oldest go first."""
+
     kex_timeout: float = 1.0
     """First retransmission timeout of Init1/Init2, doubled on each try."""
 

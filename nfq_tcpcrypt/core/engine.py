@@ -6,14 +6,17 @@ import logging
 from collections import Counter, deque
 
 from .config import Configuration
+from .constants import TCP_RST
 from .errors import MalformedSegment
 from .events import Event, SessionExpired
 from .flow import Direction, FlowKey
 from .resumption import ResumptionCache
+from .seqmap import to_seq
 from .session import Session, State
-from .verdict import ACCEPT, Injection, Verdict
+from .tombstones import Tombstone, Tombstones
+from .verdict import ACCEPT, DROP, Action, Injection, Verdict
 from .wire.icmp import parse_icmp_error
-from .wire.tcp import parse_segment
+from .wire.tcp import Segment, new_segment, parse_segment, serialize_segment
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +34,16 @@ class Engine:
         self._inject: list[Injection] = []
         self._next_sweep: float | None = None
         self.cache = ResumptionCache(self.config.resume_cache_size, self.config.resume_ttl)
+        self.tombstones = Tombstones(self.config.max_tombstones, self.config.tombstone_ttl)
 
     # ------------------------------------------------------------------ packets
 
-    def process(self, packet: bytes, direction: Direction, now: float) -> Verdict:
+    def process(self, packet: bytes, direction: Direction, now: float, encrypted: bool = False) -> Verdict:
         """Handle one queued IP packet travelling in `direction`; return its verdict.
 
-        Remote-caused problems become verdicts and events; only LocalProtocolError (a bug) escapes.
+        `encrypted`: the shell knows (conntrack's mark) that the packet's connection negotiated
+        encryption, whatever the table says, after a restart say. Remote-caused problems become
+        verdicts and events; only LocalProtocolError (a bug) escapes.
         """
         self.counters["packets"] += 1
         if len(packet) >= 40 and packet[9 if packet[0] >> 4 == 4 else 6] in (1, 58):
@@ -54,6 +60,12 @@ class Engine:
         else:
             flow = FlowKey(seg.dst, seg.dport, seg.src, seg.sport)
         session = self._sessions.get(flow)
+        if session is None and (encrypted or len(self.tombstones)):
+            tombstone = self.tombstones.get(flow, now)
+            if tombstone is not None or encrypted:
+                if not (seg.is_syn and not seg.is_ack and direction is Direction.OUTBOUND):
+                    return self._fail_closed(flow, seg, direction, tombstone)
+                self.tombstones.discard(flow)  # our stack opens anew: its old connection is gone
         if seg.is_syn and not seg.is_ack and (session is None or _is_new_syn(session, seg, direction)):
             return self._open(flow, seg, direction, now)
         if session is None:
@@ -67,7 +79,33 @@ class Engine:
             self._schedule_sweep(session.closed_at + self.config.session_linger)
         if verdict.packet is not None:
             self.counters["rewritten"] += 1
+        if session.send is not None and verdict.action is Action.ACCEPT:
+            return Verdict(Action.ACCEPT, verdict.packet, encrypted=True)
         return verdict
+
+    def _fail_closed(self, flow: FlowKey, seg: Segment, direction: Direction, tombstone: Tombstone | None) -> Verdict:
+        """A packet of a once encrypted connection that has no session (README: Security model).
+
+        From our stack: reset it (an RST at the sequence number it acknowledges, RFC 9293 §3.10.7.3)
+        and the peer (at our next wire sequence number, when known), and drop the packet, so that
+        none of its bytes leaves in plaintext. From the wire: drop it, so that no unauthenticated
+        byte reaches our stack.
+        """
+        if direction is Direction.INBOUND:
+            self.counters["fail_closed_dropped"] += 1
+            return DROP
+        self.counters["fail_closed_reset"] += 1
+        if seg.is_rst:
+            return DROP
+        if seg.is_ack:
+            rst = new_segment(flow.remote_ip, flow.local_ip, flow.remote_port, flow.local_port, seg.ack, 0, TCP_RST, 0)
+            self._inject.append(Injection(serialize_segment(rst), Direction.INBOUND))
+        if tombstone is not None and tombstone.wire_seq is not None:
+            rst = new_segment(flow.local_ip, flow.remote_ip, flow.local_port, flow.remote_port, tombstone.wire_seq,
+                              0, TCP_RST, 0)
+            self._inject.append(Injection(serialize_segment(rst), Direction.OUTBOUND))
+        logger.info("%s: packet of an encrypted connection without a session: reset, dropped", flow)
+        return DROP
 
     def _icmp(self, packet: bytes, direction: Direction) -> Verdict:
         """An ICMP error quoting a segment of a session: translate it between the byte spaces.
@@ -147,9 +185,19 @@ class Engine:
                 expires = min(expires, session.closed_at + linger)
             if expires <= now:
                 del self._sessions[flow]
+                self._bury(session, now)
                 self._events.append(SessionExpired(flow))
             else:
                 self._schedule_sweep(max(expires, now + SWEEP_INTERVAL))
+        next_tombstone = self.tombstones.expire(now)
+        if next_tombstone is not None:
+            self._schedule_sweep(max(next_tombstone, now + SWEEP_INTERVAL))
+
+    def _bury(self, session: Session, now: float) -> None:
+        """A session leaves the table: if it ever translated, leave a tombstone (fail closed)."""
+        send = session.send
+        if send is not None:
+            self.tombstones.add(session.flow, to_seq(send.wire_next, send.base), now)
 
     def cache_info(self, now: float) -> list[dict[str, object]]:
         """The resumption cache: peers and counters, never secrets (`nfq-tcpcrypt cache show`)."""

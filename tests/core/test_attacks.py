@@ -90,3 +90,62 @@ def test_blind_rst_is_dropped_and_in_window_rst_challenged():
     rcv_nxt = (a_last.seq + len(a_last.payload)) & MASK
     delivered = _forge(pair, TCP_RST, rcv_nxt)
     assert len(delivered) == 1 and parse_segment(delivered[0]).is_rst and pair.b.was_reset
+
+
+def _expire_b(pair: Pair, seconds: float) -> None:
+    pair.now += seconds
+    pair.engine_b.handle_timer(pair.now)
+
+
+def test_idle_expiry_fails_closed_both_ways():
+    """After the idle timeout our stack's next write resets the connection, never leaves in
+    plaintext; the peer's late ciphertext never reaches our stack."""
+    pair = _live(idle_timeout=5.0)
+    _expire_b(pair, 10.0)
+    assert pair.engine_b.session_table() == []
+    got = len(pair.b.received)
+    pair.a.write(b"late frames from a")
+    pair.run(max_time=1.0)
+    assert len(pair.b.received) == got  # ciphertext without a session is not delivered
+    secret = os.urandom(2000)
+    pair.b.write(secret)
+    pair.run(max_time=5.0)
+    assert not _b_plaintext_on_wire(pair, secret[:64])
+    assert pair.b.was_reset and pair.a.was_reset  # both ends reset, the peer in wire space
+    assert pair.engine_b.counters["fail_closed_reset"] >= 1
+
+
+def test_encrypted_hint_after_restart_fails_closed():
+    """A daemon restarted in the middle of a connection has no session, but conntrack remembers
+    the connection was encrypted: our stack is reset, nothing leaves in plaintext."""
+    pair = _live()
+    fresh = type(pair.engine_b)(seeded_config(b"restarted"))
+    process = fresh.process
+    pair.engine_b = fresh
+    fresh.process = lambda packet, direction, now: process(  # type: ignore[method-assign]
+        packet, direction, now, encrypted=direction is Direction.OUTBOUND
+    )
+    secret = os.urandom(2000)
+    pair.b.write(secret)
+    pair.run(max_time=5.0)
+    assert not _b_plaintext_on_wire(pair, secret[:64]) and pair.b.was_reset
+    # Our stack opening a new connection on the same 4-tuple is not blocked: its SYN gets ENO.
+    syn = new_segment(B_IP, A_IP, pair.b.port, pair.a.port, 0x5000, 0, TCP_SYN, 1000, b"\x02\x04\x05\xb4")
+    verdict = fresh.process(serialize_segment(syn), Direction.OUTBOUND, pair.now)
+    assert verdict.action is Action.ACCEPT and verdict.packet is not None
+    assert fresh.session_table()[0]["state"] == "eno-sent"
+
+
+def test_verdicts_of_an_encrypted_connection_say_so():
+    pair = _live()
+    a_last = _last_wire(pair, A_IP)
+    seg = new_segment(A_IP, B_IP, pair.a.port, pair.b.port, (a_last.seq + len(a_last.payload)) & MASK,
+                      a_last.ack, TCP_ACK, 1000)
+    verdict = pair.engine_b.process(serialize_segment(seg), Direction.INBOUND, pair.now)
+    assert verdict.encrypted
+    plain = Pair(seed=b"plain", a_engine=False)
+    plain.open()
+    plain.talk(b"x", b"y")
+    last = _last_wire(plain, A_IP)
+    seg = new_segment(A_IP, B_IP, plain.a.port, plain.b.port, last.seq, last.ack, TCP_ACK, 1000)
+    assert not plain.engine_b.process(serialize_segment(seg), Direction.INBOUND, plain.now).encrypted
