@@ -37,7 +37,7 @@ class EngineLike(Protocol):
     @property
     def counters(self) -> Mapping[str, int]: ...
 
-    def process(self, packet: bytes, direction: Direction, now: float) -> Verdict: ...
+    def process(self, packet: bytes, direction: Direction, now: float, encrypted: bool = False) -> Verdict: ...
     def segments_to_inject(self) -> list[Injection]: ...
     def get_timer(self) -> float | None: ...
     def handle_timer(self, now: float) -> None: ...
@@ -99,8 +99,8 @@ class EventLoop:
         self.control: ControlServer | None = None
         self.queues = QueuePair(queue_num, self._process, self.counters, after=self._flush)
 
-    def _process(self, packet: bytes, direction: Direction) -> Verdict:
-        return self.engine.process(packet, direction, self.now)
+    def _process(self, packet: bytes, direction: Direction, encrypted: bool) -> Verdict:
+        return self.engine.process(packet, direction, self.now, encrypted)
 
     def _flush(self) -> None:
         """Inject what the engine produced and log its events."""

@@ -13,7 +13,7 @@ class PassThroughEngine:
     def __init__(self) -> None:
         self.counters: dict[str, int] = {}
 
-    def process(self, packet: bytes, direction: Direction, now: float) -> Verdict:
+    def process(self, packet: bytes, direction: Direction, now: float, encrypted: bool = False) -> Verdict:
         """Accept unchanged."""
         return ACCEPT
 

@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 CHAIN_PREFIX = "NFQ_TCPCRYPT_"
 """Every chain the daemon creates starts with this name (DESIGN.md §5)."""
 
+ENCRYPTED_MARK = 0x40000000
+"""Packet-mark bit of packets of connections that negotiated encryption (README: Security model).
+The daemon sets it in the verdicts of such packets; the rules save it in conntrack's mark, restore
+it on the way out, and while no daemon runs drop those packets instead of letting them pass."""
+
 TEMPLATES = {"ipv4": "host.rules", "ipv6": "host6.rules"}
 GATEWAY_TEMPLATES = {"ipv4": "gateway.rules", "ipv6": "gateway6.rules"}
 MODES = ("host", "gateway")
@@ -81,6 +86,7 @@ class RuleParams:
             "mark": f"{self.mark:#x}",
             "local_mark": f"{local_mark:#x}",
             "bypass": "" if self.fail_closed else "--queue-bypass",
+            "enc_mark": f"{ENCRYPTED_MARK:#x}",
         }
 
 

@@ -34,8 +34,9 @@ class TestRules:
         assert "-A NFQ_TCPCRYPT_PRE_7100 -m mark --mark 0x7464 -j RETURN" in text
         assert "-A NFQ_TCPCRYPT_POST_7100 -m mark --mark 0x7464 -j RETURN" in text
         assert "0x7464 -j CT --notrack" not in text
-        # One NFQUEUE target per queue; TCP and the path-MTU ICMP type reach the inbound one.
-        assert text.count("NFQUEUE") == 2
+        # One NFQUEUE target per queue, plus the bypass-free one of encrypted connections; TCP and
+        # the path-MTU ICMP type reach the inbound one.
+        assert text.count("NFQUEUE") == 3
         icmp = (
             "-p icmp --icmp-type fragmentation-needed"
             if family == "ipv4"
@@ -48,7 +49,7 @@ class TestRules:
     def test_fail_closed_has_no_bypass(self) -> None:
         closed = rules.RuleParams(7100, 7101, 0x7463, fail_closed=True)
         text = rules.render("ipv4", closed)
-        assert "--queue-bypass" not in text and text.count("NFQUEUE") == 2
+        assert "--queue-bypass" not in text and text.count("NFQUEUE") == 3
 
     def test_removal_undoes_exactly_the_install(self) -> None:
         removal = rules.removal_text(rules.render("ipv4", self.params)).splitlines()
@@ -64,13 +65,34 @@ class TestRules:
             "-X NFQ_TCPCRYPT_OUT_7100",
             "COMMIT",
             "*mangle",
+            "-D PREROUTING -j NFQ_TCPCRYPT_ENC_7100",
             "-D POSTROUTING -j NFQ_TCPCRYPT_POST_7100",
             "-F NFQ_TCPCRYPT_POST_7100",
             "-F NFQ_TCPCRYPT_OUTQ_7100",
+            "-F NFQ_TCPCRYPT_ENC_7100",
+            "-F NFQ_TCPCRYPT_ENCQ_7100",
             "-X NFQ_TCPCRYPT_POST_7100",
             "-X NFQ_TCPCRYPT_OUTQ_7100",
+            "-X NFQ_TCPCRYPT_ENC_7100",
+            "-X NFQ_TCPCRYPT_ENCQ_7100",
             "COMMIT",
         ]
+
+    @pytest.mark.parametrize("mode", ["host", "gateway"])
+    @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+    def test_encrypted_connections_fail_closed(self, family: str, mode: str) -> None:
+        """Conntrack remembers encrypted connections; their packets never bypass the queue."""
+        params = rules.RuleParams(7100, 7101, 0x7463, mode=mode, outside=("wan0",) if mode == "gateway" else ())
+        lines = rules.render(family, params).splitlines()
+        enc = f"{rules.ENCRYPTED_MARK:#x}/{rules.ENCRYPTED_MARK:#x}"
+        i_out, o_out = ("-i wan0 ", "-o wan0 ") if mode == "gateway" else ("", "")
+        save = f"-A NFQ_TCPCRYPT_ENC_7100 {i_out}-p tcp -m mark --mark {enc} -j CONNMARK --set-xmark {enc}"
+        drop = f"-A NFQ_TCPCRYPT_ENC_7100 {i_out}-p tcp -m connmark --mark {enc} -m mark ! --mark {enc} -j DROP"
+        assert lines.index(save) < lines.index(drop)
+        to_encq = f"-A NFQ_TCPCRYPT_POST_7100 {o_out}-p tcp -m connmark --mark {enc} -j NFQ_TCPCRYPT_ENCQ_7100"
+        assert lines.index(to_encq) < lines.index(f"-A NFQ_TCPCRYPT_POST_7100 {o_out}-p tcp -j NFQ_TCPCRYPT_OUTQ_7100")
+        assert f"-A NFQ_TCPCRYPT_ENCQ_7100 -j MARK --set-xmark {enc}" in lines
+        assert "-A NFQ_TCPCRYPT_ENCQ_7100 -j NFQUEUE --queue-num 7101" in lines  # no --queue-bypass
 
 
 def test_control_socket_answers_json(tmp_path: Path) -> None:
