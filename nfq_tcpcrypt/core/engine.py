@@ -199,6 +199,16 @@ class Engine:
         if send is not None:
             self.tombstones.add(session.flow, to_seq(send.wire_next, send.base), now)
 
+    def abort_all(self, reason: str, now: float) -> int:
+        """Reset every live encrypted connection toward both ends (the daemon stops: its rules go,
+        and such a connection must not go on in plaintext, README: Security model); return how many."""
+        count = 0
+        for session in self._sessions.values():
+            if session.is_translating and session.closed_at is None:
+                session.abort(reason, now)
+                count += 1
+        return count
+
     def cache_info(self, now: float) -> list[dict[str, object]]:
         """The resumption cache: peers and counters, never secrets (`nfq-tcpcrypt cache show`)."""
         return self.cache.info(now)

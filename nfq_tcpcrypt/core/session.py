@@ -666,6 +666,11 @@ class Session(StreamTranslation):
         self._abort(str(exc), now)
         return DROP
 
+    def abort(self, reason: str, now: float) -> None:
+        """Abort from outside (the daemon stops): RST toward both ends."""
+        if self.is_translating:
+            self._abort(reason, now)
+
     def _abort(self, reason: str, now: float) -> None:
         """RST toward the peer and toward the local stack (RFC 8548 §3.6: an error, never EOF)."""
         logger.warning("%s: aborting: %s", self.flow, reason)

@@ -119,6 +119,15 @@ def run_daemon(options: DaemonOptions) -> int:
                 logger.info("rules removed")
 
         stack.callback(remove_rules)
+
+        def abort_encrypted() -> None:
+            # Before the rules go: an encrypted connection is reset, never continued in plaintext.
+            count = engine.abort_all("daemon stopping", time.monotonic())
+            loop.flush_injections()
+            if count:
+                logger.info("reset %d encrypted connections on the way out", count)
+
+        stack.callback(abort_encrypted)
         control = ControlServer(options.control, control_commands(engine, loop))
         stack.callback(control.close)
         loop.control = control

@@ -45,6 +45,7 @@ class EngineLike(Protocol):
     def session_table(self) -> list[dict[str, object]]: ...
     def cache_info(self, now: float) -> list[dict[str, object]]: ...
     def flush_cache(self, reason: str, peer: bytes | None = None) -> int: ...
+    def abort_all(self, reason: str, now: float) -> int: ...
 
 
 class SignalWatch:
@@ -101,6 +102,10 @@ class EventLoop:
 
     def _process(self, packet: bytes, direction: Direction, encrypted: bool) -> Verdict:
         return self.engine.process(packet, direction, self.now, encrypted)
+
+    def flush_injections(self) -> None:
+        """Send what the engine produced outside a packet callback (at shutdown)."""
+        self._flush()
 
     def _flush(self) -> None:
         """Inject what the engine produced and log its events."""

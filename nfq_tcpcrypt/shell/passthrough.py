@@ -43,3 +43,7 @@ class PassThroughEngine:
     def flush_cache(self, reason: str, peer: bytes | None = None) -> int:
         """No cache."""
         return 0
+
+    def abort_all(self, reason: str, now: float) -> int:
+        """No sessions."""
+        return 0

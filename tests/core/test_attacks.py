@@ -149,3 +149,12 @@ def test_verdicts_of_an_encrypted_connection_say_so():
     last = _last_wire(plain, A_IP)
     seg = new_segment(A_IP, B_IP, plain.a.port, plain.b.port, last.seq, last.ack, TCP_ACK, 1000)
     assert not plain.engine_b.process(serialize_segment(seg), Direction.INBOUND, plain.now).encrypted
+
+
+def test_abort_all_resets_encrypted_connections_both_ways():
+    """The daemon stops (its rules go): live encrypted connections are reset, not left to go plain."""
+    pair = _live()
+    assert pair.engine_b.abort_all("daemon stopping", pair.now) == 1
+    pair.run(max_time=1.0)
+    assert pair.a.was_reset and pair.b.was_reset
+    assert pair.engine_b.abort_all("again", pair.now) == 0
