@@ -53,7 +53,12 @@ class Configuration:
     """Opt-in key log writer: receives one line per established session; None disables it."""
 
     max_sessions: int = 65536
-    """Above this many sessions new connections pass through as plain TCP (counted)."""
+    """Sessions at most. At the limit a new connection evicts the oldest session that holds no
+    keys (embryonic or plain); when every session holds keys it passes as plain TCP (counted)."""
+
+    embryonic_timeout: float = 75.0
+    """Seconds a session may stay before ENO succeeds (a spoofed SYN's session goes after this);
+    Linux gives up a passive open after about 63 s of SYN-ACK retries."""
 
     session_linger: float = 120.0
     """Seconds a closed or aborted session stays in the table (for `sessions` and late segments)."""

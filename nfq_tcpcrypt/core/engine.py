@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 
 from .config import Configuration
 from .constants import TCP_RST
@@ -30,6 +30,7 @@ class Engine:
         self.config = config or Configuration()
         self.counters: Counter[str] = Counter()
         self._sessions: dict[FlowKey, Session] = {}
+        self._unkeyed: OrderedDict[FlowKey, Session] = OrderedDict()  # eviction candidates, oldest first
         self._events: deque[Event] = deque()
         self._inject: list[Injection] = []
         self._next_sweep: float | None = None
@@ -131,13 +132,15 @@ class Engine:
         return verdict
 
     def _open(self, flow: FlowKey, seg, direction: Direction, now: float) -> Verdict:  # type: ignore[no-untyped-def]
-        if flow not in self._sessions and len(self._sessions) >= self.config.max_sessions:
+        if flow not in self._sessions and len(self._sessions) >= self.config.max_sessions and not self._evict():
             self.counters["table_full"] += 1
             return ACCEPT
         session = Session(flow, self.config, self._events.append, self._inject.append, self.cache)
         self._sessions[flow] = session
+        self._unkeyed.pop(flow, None)
+        self._unkeyed[flow] = session
         self.counters["connections"] += 1
-        self._schedule_sweep(now + self.config.idle_timeout)
+        self._schedule_sweep(now + min(self.config.idle_timeout, self.config.embryonic_timeout))
         try:
             if direction is Direction.OUTBOUND:
                 return session.start_active(seg, now)
@@ -147,6 +150,16 @@ class Engine:
             self.counters["malformed"] += 1
             logger.debug("%s: syn the codec rejects, passing as plain: %s", flow, exc)
             return ACCEPT
+
+    def _evict(self) -> bool:
+        """Make room: drop the oldest session that holds no keys (never a keyed one)."""
+        while self._unkeyed:
+            flow, session = self._unkeyed.popitem(last=False)
+            if self._sessions.get(flow) is session and session.send is None:
+                del self._sessions[flow]
+                self.counters["evicted_embryonic"] += 1
+                return True
+        return False
 
     # ------------------------------------------------------------------ outputs and timers
 
@@ -178,17 +191,20 @@ class Engine:
 
     def _sweep(self, now: float) -> None:
         """Drop sessions past their linger or idle time; schedule the next sweep at the next expiry."""
-        linger, idle = self.config.session_linger, self.config.idle_timeout
+        linger, idle, embryonic = self.config.session_linger, self.config.idle_timeout, self.config.embryonic_timeout
         for flow, session in list(self._sessions.items()):
-            expires = session.last_seen + idle
+            expires = session.last_seen + (embryonic if session.embryonic else idle)
             if session.closed_at is not None:
                 expires = min(expires, session.closed_at + linger)
             if expires <= now:
                 del self._sessions[flow]
+                self._unkeyed.pop(flow, None)
                 self._bury(session, now)
                 self._events.append(SessionExpired(flow))
             else:
                 self._schedule_sweep(max(expires, now + SWEEP_INTERVAL))
+        for flow in [flow for flow, session in self._unkeyed.items() if session.send is not None]:
+            del self._unkeyed[flow]  # keyed since: no longer a candidate for eviction
         next_tombstone = self.tombstones.expire(now)
         if next_tombstone is not None:
             self._schedule_sweep(max(next_tombstone, now + SWEEP_INTERVAL))

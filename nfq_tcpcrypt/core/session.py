@@ -170,6 +170,7 @@ class Session(StreamTranslation):
         self.wire_mss = 536
         self.pmtu: int | None = None  # the path MTU a too-big report gave, once there was one
         self._challenges = ChallengeLimiter()
+        self._synchronized = False  # a non-SYN segment came from the wire
 
     # ------------------------------------------------------------------ state machine
 
@@ -189,6 +190,14 @@ class Session(StreamTranslation):
     def sack_ok(self) -> bool:
         """Both SYNs carried SACK-permitted (RFC 2018 §2)."""
         return self._local_sack_perm and self._remote_sack_perm
+
+    @property
+    def embryonic(self) -> bool:
+        """Whether the connection is still opening: ENO has not succeeded, and no non-SYN segment
+        came from the wire (a spoofed SYN's session never gets one): a short timeout applies."""
+        return self.state in (State.NEW, State.ENO_SENT, State.ENO_RECEIVED) or (
+            self.state == State.PLAIN and not self._synchronized
+        )
 
     @property
     def is_translating(self) -> bool:
@@ -221,6 +230,7 @@ class Session(StreamTranslation):
     def inbound(self, seg: Segment, now: float) -> Verdict:
         """A packet from the wire toward the local stack."""
         self.last_seen = now
+        self._synchronized = self._synchronized or not seg.is_syn
         if self.state in (State.PLAIN, State.NEW):
             return self._plain(seg)
         if self.state == State.ABORTED:

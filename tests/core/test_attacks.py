@@ -158,3 +158,38 @@ def test_abort_all_resets_encrypted_connections_both_ways():
     pair.run(max_time=1.0)
     assert pair.a.was_reset and pair.b.was_reset
     assert pair.engine_b.abort_all("again", pair.now) == 0
+
+
+def _syn_flood(pair: Pair, count: int, with_eno: bool, first_port: int = 20000) -> None:
+    template = parse_segment(pair.wire[0])  # A's SYN with our ENO option
+    assert template.is_syn and not template.is_ack
+    for i in range(count):
+        seg = parse_segment(pair.wire[0])
+        seg.sport = first_port + i
+        seg.seq = (0x1000 * i) & MASK
+        if not with_eno:
+            seg.options = b"\x02\x04\x05\xb4"
+        pair.engine_b.process(serialize_segment(seg), Direction.INBOUND, pair.now)
+
+
+def test_syn_flood_never_evicts_keyed_sessions_and_leaves_room():
+    """Embryonic sessions go first under pressure and expire quickly; keyed ones stay."""
+    for with_eno in (True, False):
+        pair = _live(max_sessions=8, embryonic_timeout=10.0)
+        pair.wire = [p for p in pair.wire]  # keep A's SYN at index 0
+        _syn_flood(pair, 100, with_eno)
+        table = pair.engine_b.session_table()
+        assert len(table) <= 8
+        keyed = [s for s in table if s["state"] == "encrypting"]
+        assert len(keyed) == 1
+        # A genuine connection still gets a session and is encrypted.
+        pair.new_connection(41000, 81)
+        pair.talk(b"genuine", b"reply")
+        assert bytes(pair.b.received) == b"genuine"
+        states = sorted(s["state"] for s in pair.engine_b.session_table())
+        assert states.count("encrypting") == 2, states
+        assert pair.engine_b.counters["evicted_embryonic"] > 0
+        # What is left of the flood expires after the embryonic timeout.
+        pair.now += 11.0
+        pair.engine_b.handle_timer(pair.now)
+        assert all(s["state"] == "encrypting" for s in pair.engine_b.session_table())
