@@ -63,6 +63,11 @@ from .wire.tcpcrypt import (
 
 logger = logging.getLogger(__name__)
 
+MIN_PMTU_V4 = 552
+"""The lowest IPv4 path MTU a too-big report can set (Linux's net.ipv4.route.min_pmtu default)."""
+MIN_PMTU_V6 = 1280
+"""The IPv6 minimum link MTU (RFC 8200 §5)."""
+
 
 class State(Enum):
     """States of a session (DESIGN.md §4)."""
@@ -717,17 +722,22 @@ class Session(StreamTranslation):
         if message.is_too_big and self.pmtu is not None and message.src == self.flow.local_ip:
             return DROP  # our kernel about a wire packet sent before the switch: stale
         *_, at, seq = message.quoted_tcp
-        plain = send.wire_to_plain(to_offset(seq, send.base, send.acked_wire))
+        wire = to_offset(seq, send.base, send.acked_wire)
+        if not send.acked_wire <= wire <= send.wire_next:
+            return DROP  # not about data in flight (Linux tcp_v4_err: snd_una <= seq <= snd_nxt)
+        plain = send.wire_to_plain(wire)
         quote = bytearray(message.quote)
         struct.pack_into("!I", quote, at, to_seq(plain, send.base))
         message.quote = bytes(quote)
         if message.is_too_big:
             # Frames already logged keep their size; resent, they are split to fit the new path
-            # MTU (IP header, TCP header and up to 20 bytes of TCP options).
-            ip_header = 20 if len(message.src) == 4 else 40
-            self.wire_mss = max(min(self.wire_mss, message.mtu - ip_header - 40), 64)
-            self.pmtu = message.mtu if self.pmtu is None else min(self.pmtu, message.mtu)
-            message.mtu = max(message.mtu - FRAME_OVERHEAD, 68 if len(message.src) == 4 else 1280)
+            # MTU (IP header, TCP header and up to 20 bytes of TCP options). Linux's floors: IPv4
+            # min_pmtu 552, IPv6 1280 (RFC 8200 §5).
+            v4 = len(message.src) == 4
+            mtu = max(message.mtu, MIN_PMTU_V4 if v4 else MIN_PMTU_V6)
+            self.wire_mss = min(self.wire_mss, mtu - (20 if v4 else 40) - 40)
+            self.pmtu = mtu if self.pmtu is None else min(self.pmtu, mtu)
+            message.mtu = max(mtu - FRAME_OVERHEAD, 68 if v4 else 1280)
         return Verdict(Action.ACCEPT, serialize_icmp_error(message))
 
     def icmp_out(self, message: IcmpError) -> Verdict:

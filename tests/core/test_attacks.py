@@ -193,3 +193,35 @@ def test_syn_flood_never_evicts_keyed_sessions_and_leaves_room():
         pair.now += 11.0
         pair.engine_b.handle_timer(pair.now)
         assert all(s["state"] == "encrypting" for s in pair.engine_b.session_table())
+
+
+def test_forged_frag_needed_is_bounded_and_checked_against_data_in_flight():
+    """Linux's floor for IPv4 path MTU (min_pmtu 552); a quoted sequence number must lie in
+    [snd_una, snd_nxt] of the wire stream (tcp_v4_err), else the report is dropped."""
+    from nfq_tcpcrypt.core.wire.icmp import IcmpError, parse_icmp_error, serialize_icmp_error
+    from nfq_tcpcrypt.core.wire.ip import new_ip_header
+
+    pair = _live()
+    b_last = _last_wire(pair, B_IP)
+    router = bytes([10, 77, 0, 254])
+
+    def too_big(seq: int, mtu: int) -> bytes:
+        quoted = parse_segment(serialize_segment(b_last))
+        quoted.seq = seq & MASK
+        header = bytearray(new_ip_header(router, B_IP))
+        header[9] = 1
+        return serialize_icmp_error(IcmpError(bytes(header), router, B_IP, 3, 4, mtu, serialize_segment(quoted)[:28]))
+
+    session = pair.engine_b._sessions[next(iter(pair.engine_b._sessions))]
+    mss = session.wire_mss
+    in_flight = b_last.seq + len(b_last.payload)  # snd_nxt = snd_una after everything was acknowledged
+    for seq in (in_flight + 0x10000, in_flight - 0x10000, in_flight + 0x80000000):
+        verdict = pair.engine_b.process(too_big(seq, 600), Direction.INBOUND, pair.now)
+        assert verdict.action is Action.DROP
+    assert session.wire_mss == mss and session.pmtu is None
+    verdict = pair.engine_b.process(too_big(in_flight, 64), Direction.INBOUND, pair.now)
+    assert verdict.action is Action.ACCEPT
+    assert session.wire_mss == 552 - 20 - 40 and session.pmtu == 552
+    assert parse_icmp_error(verdict.packet).mtu >= 68
+    pair.talk(b"", os.urandom(5000))
+    assert max(len(parse_segment(p).payload) for p in pair.wire[-10:] if parse_segment(p).src == B_IP) <= 492
