@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,6 +12,8 @@ from typing import TypeVar
 from .constants import AEAD_NAMES, TEP_NAMES, Aead, Tep
 from .errors import ConfigError
 from .kex import KeyFactory, SystemKeyFactory
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,11 @@ class Configuration:
             raise ConfigError("teps and aeads must not repeat a name")
         if not 0 <= self.resume_nonce_len <= 8:
             raise ConfigError(f"resume_nonce_len {self.resume_nonce_len} is outside 0..8 (RFC 8548 §3.5)")
+        if self.resume_nonce_len == 0 and self.resume:
+            logger.warning(
+                "resume-nonce-len 0: a cloned or restored resumption cache yields the same keys again "
+                "(RFC 8548 §3.5 asks for 8); use it only for interoperability tests"
+            )
 
 
 def parse_teps(text: str) -> tuple[Tep, ...]:

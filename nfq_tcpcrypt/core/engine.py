@@ -157,6 +157,7 @@ class Engine:
             flow, session = self._unkeyed.popitem(last=False)
             if self._sessions.get(flow) is session and session.send is None:
                 del self._sessions[flow]
+                session.wipe_secrets()
                 self.counters["evicted_embryonic"] += 1
                 return True
         return False
@@ -200,6 +201,7 @@ class Engine:
                 del self._sessions[flow]
                 self._unkeyed.pop(flow, None)
                 self._bury(session, now)
+                session.wipe_secrets()
                 self._events.append(SessionExpired(flow))
             else:
                 self._schedule_sweep(max(expires, now + SWEEP_INTERVAL))

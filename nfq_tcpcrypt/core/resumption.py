@@ -15,7 +15,7 @@ connections, and crossing SYNs that offer the same secret both fall back to a fr
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .constants import AEAD_NAMES, TEP_NAMES, Aead, Tep
 from .kex import next_session_secret, resume_identifier
@@ -27,7 +27,7 @@ LOOKAHEAD = 4
 class Resumable:
     """What one resumption needs: the secret ss[i] and the original session's parameters."""
 
-    ss: bytes
+    ss: bytes = field(repr=False)
     resume_id: bytes  # resume[i], 18 bytes
     tep: Tep
     aead: Aead
@@ -73,6 +73,9 @@ class _Entry:
 
     def wipe(self) -> None:
         self.ss[:] = bytes(len(self.ss))
+
+    def __repr__(self) -> str:
+        return f"_Entry(index={self.index}, tep={self.tep.name}, uses={self.uses})"
 
 
 class ResumptionCache:

@@ -518,7 +518,7 @@ class Session(StreamTranslation):
         if keys is None:
             keys = self._keys[generation] = self._schedule.keys(generation)
         for old in [g for g in self._keys if g < generation - 1]:
-            del self._keys[old]  # SHOULD delete old keys (§3.8); one older set may still be needed
+            self._keys.pop(old).wipe()  # SHOULD delete old keys (§3.8); one older set may still be needed
         mine_ab = (self.key_role == "A") == sending
         return FrameCipher(self.aead, keys.k_ab if mine_ab else keys.k_ba)
 
@@ -695,7 +695,22 @@ class Session(StreamTranslation):
         self._set_state(Trigger.ABORT)
         self.closed_at = now
         self._timers.clear()
+        self.wipe_secrets()
         self._emit(SessionAborted(self.flow, reason))
+
+    def wipe_secrets(self) -> None:
+        """Best-effort erasure when the session ends: traffic and master keys zeroed, private key,
+        ciphers and resumption secret dropped (README: Security model)."""
+        for keys in self._keys.values():
+            keys.wipe()
+        self._keys.clear()
+        if self._schedule is not None:
+            self._schedule.wipe()
+            self._schedule = None
+        self._private_key = None
+        self._resume = None
+        if self.send is not None and self.recv is not None:
+            self.send.cipher = self.recv.cipher = None
 
     def _check_closed(self, now: float) -> None:
         send, recv = self.send, self.recv

@@ -225,3 +225,30 @@ def test_forged_frag_needed_is_bounded_and_checked_against_data_in_flight():
     assert parse_icmp_error(verdict.packet).mtu >= 68
     pair.talk(b"", os.urandom(5000))
     assert max(len(parse_segment(p).payload) for p in pair.wire[-10:] if parse_segment(p).src == B_IP) <= 492
+
+
+def test_no_secret_in_reprs_and_erased_when_the_session_ends(caplog):  # type: ignore[no-untyped-def]
+    """Reprs never show keys or session secrets; an aborted session's keys are zeroed."""
+    import logging
+
+    pair = _live()
+    session = next(iter(pair.engine_b._sessions.values()))
+    keys = list(session._keys.values())
+    secrets = [bytes(k.k_ab) for k in keys] + [bytes(k.k_ba) for k in keys]
+    secrets.append(bytes(session._schedule._mk))
+    cached = next(iter(pair.engine_b.cache._entries.values()))
+    secrets.append(bytes(cached.ss))
+    offer = cached.resumable()
+    secrets.append(offer.ss)
+    negotiated = session._negotiated
+    for thing in (*keys, session._schedule, cached, offer, negotiated, session, pair.engine_b.config):
+        text = repr(thing)
+        for secret in secrets:
+            assert secret.hex() not in text and repr(secret)[2:-1] not in text, type(thing)
+    pair.engine_b.abort_all("test", pair.now)
+    assert all(not any(k.k_ab) and not any(k.k_ba) for k in keys)
+    assert session._keys == {} and session._schedule is None
+    # resume-nonce-len 0 is accepted, with a warning (RFC 8548 §3.5 asks for 8).
+    with caplog.at_level(logging.WARNING):
+        seeded_config(b"n", resume_nonce_len=0)
+    assert any("resume-nonce-len 0" in record.getMessage() for record in caplog.records)

@@ -12,7 +12,7 @@ import pytest
 
 from nfq_tcpcrypt.shell import rules
 from nfq_tcpcrypt.shell.control import ControlServer, query
-from nfq_tcpcrypt.shell.keylog import HEADER, KeyLog
+from nfq_tcpcrypt.shell.keylog import HEADER, KeyLog, KeyLogError
 from nfq_tcpcrypt.shell.nfq import ip_total_length
 
 
@@ -140,6 +140,37 @@ def test_keylog_header_mode_and_flush(tmp_path: Path) -> None:
     again.write("SS " + "22" * 18 + " " + "33" * 32 + "\n")
     again.close()
     assert path.read_text().count("#") == 1 and path.read_text().endswith("33" * 32 + "\n")
+
+
+def test_keylog_refuses_unsafe_paths(tmp_path: Path) -> None:
+    """O_NOFOLLOW, and only a regular file of ours with mode 0600 (README: Security model)."""
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    os.chmod(target, 0o600)
+    link = tmp_path / "link.log"
+    link.symlink_to(target)
+    fifo = tmp_path / "fifo.log"
+    os.mkfifo(fifo, 0o600)
+    loose = tmp_path / "loose.log"
+    loose.write_text("")
+    os.chmod(loose, 0o644)
+    for path in (link, fifo, tmp_path, loose):
+        with pytest.raises(KeyLogError):
+            KeyLog(str(path))
+    assert target.read_text() == "" and stat.S_IMODE(os.stat(loose).st_mode) == 0o644
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs.log"
+        theirs.write_text("")
+        os.chmod(theirs, 0o600)
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(KeyLogError, match="owned by uid 65534"):
+            KeyLog(str(theirs))
+    old = os.umask(0o277)  # a new file is 0600 whatever the umask
+    try:
+        KeyLog(str(tmp_path / "new.log")).close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "new.log").st_mode) == 0o600
 
 
 def test_ip_total_length() -> None:
