@@ -227,7 +227,7 @@ class StreamTranslation:
         redeliver = b""
         if seg.is_fin and recv.fin_seen is None:
             recv.fin_seen = wire + len(data)
-        added = bool(data) and recv.add(wire, data, self.config.ooo_limit)
+        added = bool(data) and recv.add(wire, data, self.config.ooo_limit, now)
         if data and not added:
             if send.cipher is not None and not send.prefix_acked:
                 self._send_prefix(now)

@@ -252,3 +252,33 @@ def test_no_secret_in_reprs_and_erased_when_the_session_ends(caplog):  # type: i
     with caplog.at_level(logging.WARNING):
         seeded_config(b"n", resume_nonce_len=0)
     assert any("resume-nonce-len 0" in record.getMessage() for record in caplog.records)
+
+
+def test_forged_out_of_order_piece_does_not_stall_or_abort_the_connection():
+    """A forged piece lands beyond a gap ahead of the genuine bytes: the genuine stream still gets
+    through whole and authenticated, no forged byte is delivered, the connection is not aborted."""
+    pair = Pair(seed=b"forged-ooo")
+    pair.open()
+    process = pair.engine_b.process
+    state = {"held": None, "done": False}
+
+    def intercept(packet, direction, now):  # type: ignore[no-untyped-def]
+        seg = parse_segment(packet)
+        if direction is Direction.INBOUND and not state["done"] and len(seg.payload) > 1000:
+            if state["held"] is None:
+                state["held"] = packet  # "lost": the gap
+                forged = parse_segment(packet)
+                forged.seq = (seg.seq + len(seg.payload)) & MASK
+                forged.payload = os.urandom(len(seg.payload))
+                process(serialize_segment(forged), direction, now)  # lands beyond the gap first
+                from nfq_tcpcrypt.core.verdict import DROP
+
+                return DROP
+            state["done"] = True
+        return process(packet, direction, now)
+
+    pair.engine_b.process = intercept  # type: ignore[method-assign]
+    data = os.urandom(60_000)
+    pair.talk(data, b"")
+    assert bytes(pair.b.received) == data
+    assert not pair.b.was_reset and pair.engine_b.session_table()[0]["state"] == "encrypting"
