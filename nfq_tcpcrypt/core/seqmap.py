@@ -11,7 +11,7 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 
 from .aead import FrameCipher
-from .constants import FLAG_FINP, FRAME_HEADER_LEN, MAX_FRAME_DATA
+from .constants import FLAG_FINP, FRAME_HEADER_LEN, MAX_FRAME_DATA, MAX_INIT_LEN
 from .outoforder import OutOfOrder
 
 MASK = 0xFFFFFFFF
@@ -210,6 +210,8 @@ class RecvStream:
         self.gen = 0  # remote key generation (RFC 8548 §3.8)
         self.fin_seen: int | None = None  # wire offset of a FIN that arrived, maybe ahead of a gap
         self.replay: deque[tuple[int, bytes]] = deque()  # delivered plaintext our stack has not acked
+        self.right_edge = 0xFFFF + MAX_INIT_LEN  # wire offset past our stack's receive window
+        self.edge_known = False  # right_edge still the guess before our stack's first ACK
 
     def add(self, wire: int, data: bytes, limit: int, now: float = 0.0) -> bool:
         """Take payload at wire offset `wire`; return False when nothing new could be used.

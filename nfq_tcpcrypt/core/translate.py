@@ -115,6 +115,7 @@ class StreamTranslation:
         end = plain + len(data) + fin
         if seg.is_ack:
             seg.ack = to_seq(recv.ack_to_wire(to_offset(seg.ack, recv.base, recv.local_ack)), recv.base)
+            self._note_right_edge(seg.window)
             seg.window = self._wire_window(seg.window)
         seg.flags &= ~TCP_URG  # RFC 8548 §3.7: URG travels only as URGp; we send none
         seg.urgent = 0
@@ -223,6 +224,11 @@ class StreamTranslation:
         seg.options = self._options_in(options, seg.options)
         wire = to_offset(seg.seq, recv.base, recv.wire_next)
         data = seg.payload
+        if wire + len(data) > recv.right_edge:
+            # A peer that ignores our stack's receive window: what lies beyond it is not taken,
+            # so that the plaintext held for our stack stays within that window.
+            data = data[: max(recv.right_edge - wire, 0)]
+            seg.flags &= ~TCP_FIN
         plain_start = recv.plain_next
         redeliver = b""
         if seg.is_fin and recv.fin_seen is None:
@@ -418,6 +424,15 @@ class StreamTranslation:
         if self._out_ip is not None:
             seg.ip_header = without_ecn(self._out_ip)
         self._inject(Injection(serialize_segment(seg), Direction.OUTBOUND))
+
+    def _note_right_edge(self, window: int) -> None:
+        """Our stack's window field: its right edge in wire space (never moves left, RFC 7323 §2.4)."""
+        recv = self.recv
+        assert recv is not None
+        shift = self._local_ws if self._local_ws is not None and self._remote_ws is not None else 0
+        edge = recv.local_ack_wire + (window << shift)
+        recv.right_edge = max(recv.right_edge, edge) if recv.edge_known else edge
+        recv.edge_known = True
 
     def _wire_window(self, window: int) -> int:
         """Our stack's window field for the wire, where the ACK may be ahead of our stack's own

@@ -12,7 +12,7 @@ from nfq_tcpcrypt.core.constants import TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN
 from nfq_tcpcrypt.core.flow import Direction
 from nfq_tcpcrypt.core.verdict import Action
 from nfq_tcpcrypt.core.wire.tcp import new_segment, parse_segment, serialize_segment
-from tests.core.tcpmodel import A_IP, B_IP, MASK, Pair, seeded_config
+from tests.core.tcpmodel import A_IP, B_IP, MASK, Endpoint, Pair, seeded_config
 
 
 def _live(seed: bytes = b"attack", **b_config) -> Pair:  # type: ignore[no-untyped-def]
@@ -282,3 +282,43 @@ def test_forged_out_of_order_piece_does_not_stall_or_abort_the_connection():
     pair.talk(data, b"")
     assert bytes(pair.b.received) == data
     assert not pair.b.was_reset and pair.engine_b.session_table()[0]["state"] == "encrypting"
+
+
+class _StalledReader(Endpoint):
+    """A stack whose application reads nothing: a 16 KiB receive buffer that only fills; data
+    beyond the window is dropped, as a real stack does."""
+
+    BUFFER = 16 * 1024
+
+    def _emit(self, flags, payload=b"", options=None, seq=None):  # type: ignore[no-untyped-def]
+        super()._emit(flags, payload, options, seq)
+        if flags & TCP_ACK and not flags & TCP_SYN:
+            seg = parse_segment(self.out[-1])
+            seg.window = max(self.BUFFER - len(self.received), 0) >> 7
+            self.out[-1] = serialize_segment(seg)
+
+    def receive(self, packet):  # type: ignore[no-untyped-def]
+        seg = parse_segment(packet)
+        room = self.BUFFER - len(self.received)
+        start = (seg.seq - self.irs - 1) & MASK
+        if seg.payload and start == len(self.received) and len(seg.payload) > room:
+            seg.payload = seg.payload[: max(room, 0)]
+            seg.flags &= ~0x01
+            packet = serialize_segment(seg)
+        super().receive(packet)
+
+
+def test_peer_that_ignores_the_window_cannot_grow_held_plaintext():
+    """The plaintext held for our stack (replay, checkpoints) stays within its receive window
+    (before our stack's first ACK the engine assumes the largest unscaled window, 64 KiB)."""
+    pair = Pair(seed=b"window")
+    pair.b = _StalledReader(B_IP, 80, 0x7FFFFFF0)
+    pair.open()
+    pair.a.WINDOW = 4 << 20  # type: ignore[misc]  # the model sender ignores the peer's window
+    pair.a.write(os.urandom(300_000))
+    pair.run(max_time=2.0)
+    recv = next(iter(pair.engine_b._sessions.values())).recv
+    held = sum(len(data) for _, data in recv.replay)
+    assert len(pair.b.received) == _StalledReader.BUFFER
+    assert held <= 0xFFFF, held  # 300 kB were sent
+    assert len(recv.checkpoints) <= 64 and recv.ooo.cost <= 1 << 20

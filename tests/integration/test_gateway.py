@@ -223,9 +223,9 @@ def test_sigterm_removes_gateway_rules(sites: Topology, tmp_path: Path, fail_clo
     lines = _all_rules(sites, "ga")
     outside = sites.outside["ga"]
     queue_rules = [line for line in lines if "NFQUEUE" in line]
-    assert len(queue_rules) == 4, lines  # inbound and outbound, IPv4 and IPv6
-    assert all(("--queue-bypass" in line) != fail_closed for line in queue_rules), queue_rules
-    assert sum(f"-i {outside} -p tcp" in line for line in lines) == 2, lines
+    assert len(queue_rules) == 6, lines  # inbound, outbound and encrypted outbound, IPv4 and IPv6
+    assert all(("--queue-bypass" in line) != (fail_closed or "ENCQ" in line) for line in queue_rules), queue_rules
+    assert sum(f"-i {outside} -p tcp -j NFQ_TCPCRYPT_INQ" in line for line in lines) == 2, lines
     assert sum(f"-o {outside} -p tcp -j NFQ_TCPCRYPT_OUTQ" in line for line in lines) == 2, lines
     assert sum(f"-o {outside} -p tcp" in line and "TCPMSS --clamp-mss-to-pmtu" in line for line in lines) == 2
     assert not any(f" {sites.inside['ga']} " in line for line in lines), lines
