@@ -108,6 +108,9 @@ class Configuration:
     resume_cache_size: int = 4096
     """Cached secrets at most; the least recently used go first."""
 
+    resume_per_peer: int = 16
+    """Cached secrets per peer address at most; that peer's least recently used goes first."""
+
     policies: tuple[PolicyRule, ...] = ()
     """Per-port / per-network controls (RFC 8548 §3.5 cache controls)."""
 

@@ -34,7 +34,9 @@ class Engine:
         self._events: deque[Event] = deque()
         self._inject: list[Injection] = []
         self._next_sweep: float | None = None
-        self.cache = ResumptionCache(self.config.resume_cache_size, self.config.resume_ttl)
+        self.cache = ResumptionCache(
+            self.config.resume_cache_size, self.config.resume_ttl, self.config.resume_per_peer
+        )
         self.tombstones = Tombstones(self.config.max_tombstones, self.config.tombstone_ttl)
 
     # ------------------------------------------------------------------ packets

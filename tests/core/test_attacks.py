@@ -322,3 +322,30 @@ def test_peer_that_ignores_the_window_cannot_grow_held_plaintext():
     assert len(pair.b.received) == _StalledReader.BUFFER
     assert held <= 0xFFFF, held  # 300 kB were sent
     assert len(recv.checkpoints) <= 64 and recv.ooo.cost <= 1 << 20
+
+
+def test_resumption_lookups_cost_no_derivation_and_peers_are_capped(monkeypatch):  # type: ignore[no-untyped-def]
+    """A SYN with a bogus resumption identifier costs a dictionary lookup, not HMACs per entry;
+    one peer holds at most `per_peer` cached secrets."""
+    from nfq_tcpcrypt.core import kex, resumption
+    from nfq_tcpcrypt.core.constants import Tep
+
+    cache = resumption.ResumptionCache(max_entries=4096, per_peer=16)
+    peer, other = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+    for i in range(4096):
+        cache.store(peer if i % 2 else other, os.urandom(32), Tep.X25519, 1, "A", 0.0)
+    assert len(cache) == 32 and {e["peer"] for e in cache.info(0.0)} == {"10.0.0.1", "10.0.0.2"}
+    calls = []
+    real = kex.cprf
+    monkeypatch.setattr(resumption, "next_session_secret", lambda ss: calls.append(1) or kex.next_session_secret(ss))
+    monkeypatch.setattr(resumption, "resume_identifier", lambda ss: calls.append(1) or kex.resume_identifier(ss))
+    monkeypatch.setattr(kex, "cprf", lambda *a: calls.append(1) or real(*a))
+    for _ in range(100):
+        assert cache.take_for_answer(peer, int(Tep.X25519), os.urandom(9), 1.0) is None
+    assert calls == []
+    # A genuine identifier is still found (the original A sent it: its half is bytes 0..8).
+    key = cache._by_peer[peer][-1]
+    entry = cache._entries[key]
+    wanted = entry.resumable(2)
+    found = cache.take_for_answer(peer, int(Tep.X25519), wanted.peer_half, 1.0)
+    assert found is not None and found.ss == wanted.ss and entry.index == 4
