@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PolicyRule:
-    """Resumption controls for connections to `network` and/or on `port` (either end)."""
+    """Controls for connections to `network` and/or on `port` (either end): resumption, and
+    whether encryption is required or the connection is left alone (README: Security model)."""
 
     network: str | None = None
     port: int | None = None
@@ -26,6 +27,15 @@ class PolicyRule:
     """Ignore resumption requests and offer none: always a fresh key exchange."""
     no_cache: bool = False
     """Cache no session secret from these connections."""
+    require: bool = False
+    """A connection that cannot be encrypted is reset toward both ends (counted, logged), never
+    carried in plaintext: no opportunistic fallback (RFC 8547 §4.6 allows it only as policy)."""
+    exclude: bool = False
+    """Never touched: no ENO option, no session, passed as they are."""
+
+    def __post_init__(self) -> None:
+        if self.require and self.exclude:
+            raise ConfigError("a policy rule cannot both require and exclude")
 
     def matches(self, remote_ip: bytes, local_port: int, remote_port: int) -> bool:
         """Whether the rule applies to a connection."""
@@ -139,6 +149,13 @@ class Configuration:
                 no_resume |= rule.no_resume
                 no_cache |= rule.no_cache
         return no_resume or not self.resume, no_cache or not self.resume
+
+    def policy_action(self, remote_ip: bytes, local_port: int, remote_port: int) -> str | None:
+        """"require", "exclude" or None: the first matching rule that says either decides."""
+        for rule in self.policies:
+            if (rule.require or rule.exclude) and rule.matches(remote_ip, local_port, remote_port):
+                return "require" if rule.require else "exclude"
+        return None
 
     def __post_init__(self) -> None:
         if not self.teps:

@@ -6,7 +6,7 @@ import logging
 from collections import Counter, OrderedDict, deque
 
 from .config import Configuration
-from .constants import TCP_RST
+from .constants import TCP_ACK, TCP_RST
 from .errors import MalformedSegment
 from .events import Event, SessionExpired
 from .flow import Direction, FlowKey
@@ -74,10 +74,14 @@ class Engine:
         if session is None:
             self.counters["untracked"] += 1
             return ACCEPT
+        if session.refused:
+            return DROP
         if direction is Direction.OUTBOUND:
             verdict = session.outbound(seg, now)
         else:
             verdict = session.inbound(seg, now)
+        if session.required and session.state is State.PLAIN:
+            return self._refuse(session, seg, direction, now)
         if session.closed_at is not None:
             self._schedule_sweep(session.closed_at + self.config.session_linger)
         if verdict.packet is not None:
@@ -85,6 +89,35 @@ class Engine:
         if session.send is not None and verdict.action is Action.ACCEPT:
             return Verdict(Action.ACCEPT, verdict.packet, encrypted=True)
         return verdict
+
+    def _refuse(self, session: Session, seg: Segment, direction: Direction, now: float) -> Verdict:
+        """Policy `require`: the connection cannot be encrypted, so it is reset toward both ends
+        and the packet dropped; later packets of it are dropped too (README: Security model)."""
+        session.refused = True
+        session.closed_at = session.closed_at or now
+        self._schedule_sweep(now + self.config.session_linger)
+        self.counters["refused_plain"] += 1
+        logger.warning("%s: encryption required but not possible: connection reset", session.flow)
+        flow = session.flow
+        local, remote = (flow.local_ip, flow.local_port), (flow.remote_ip, flow.remote_port)
+        sender, receiver = (local, remote) if direction is Direction.OUTBOUND else (remote, local)
+        toward_sender = Direction.INBOUND if direction is Direction.OUTBOUND else Direction.OUTBOUND
+        size = len(seg.payload) + seg.is_syn + seg.is_fin
+        if seg.is_rst:
+            return DROP
+        # RFC 9293 §3.10.7.1: the reset that answers `seg`, toward its sender ...
+        if seg.is_ack:
+            answer = new_segment(receiver[0], sender[0], receiver[1], sender[1], seg.ack, 0, TCP_RST, 0)
+        else:
+            answer = new_segment(receiver[0], sender[0], receiver[1], sender[1], 0, (seg.seq + size) & 0xFFFFFFFF,
+                                 TCP_RST | TCP_ACK, 0)
+        self._inject.append(Injection(serialize_segment(answer), toward_sender))
+        # ... and one in the sender's name toward the receiver, which already holds the connection.
+        if seg.is_ack:
+            seq = (seg.seq + seg.is_syn) & 0xFFFFFFFF
+            onward = new_segment(sender[0], receiver[0], sender[1], receiver[1], seq, seg.ack, TCP_RST | TCP_ACK, 0)
+            self._inject.append(Injection(serialize_segment(onward), direction))
+        return DROP
 
     def _fail_closed(self, flow: FlowKey, seg: Segment, direction: Direction, tombstone: Tombstone | None) -> Verdict:
         """A packet of a once encrypted connection that has no session (README: Security model).
@@ -133,7 +166,23 @@ class Engine:
             self.counters["icmp_rewritten" if verdict.packet is not None else "icmp_" + verdict.action.value] += 1
         return verdict
 
-    def _open(self, flow: FlowKey, seg, direction: Direction, now: float) -> Verdict:  # type: ignore[no-untyped-def]
+    def _open(self, flow: FlowKey, seg: Segment, direction: Direction, now: float) -> Verdict:
+        action = None
+        if self.config.policies:
+            action = self.config.policy_action(flow.remote_ip, flow.local_port, flow.remote_port)
+        if action == "exclude":
+            self._sessions.pop(flow, None)
+            self.counters["excluded"] += 1
+            return ACCEPT
+        verdict = self._start(flow, seg, direction, now)
+        session = self._sessions.get(flow)
+        if session is not None and action == "require":
+            session.required = True
+            if session.state is State.PLAIN:
+                return self._refuse(session, seg, direction, now)
+        return verdict
+
+    def _start(self, flow: FlowKey, seg: Segment, direction: Direction, now: float) -> Verdict:
         if flow not in self._sessions and len(self._sessions) >= self.config.max_sessions and not self._evict():
             self.counters["table_full"] += 1
             return ACCEPT

@@ -176,6 +176,8 @@ class Session(StreamTranslation):
         self.pmtu: int | None = None  # the path MTU a too-big report gave, once there was one
         self._challenges = ChallengeLimiter()
         self._synchronized = False  # a non-SYN segment came from the wire
+        self.required = False  # policy `require`: never plain (the engine resets instead)
+        self.refused = False  # reset under `require`; its packets are dropped
 
     # ------------------------------------------------------------------ state machine
 
@@ -774,7 +776,7 @@ class Session(StreamTranslation):
 
     def info(self) -> dict[str, object]:
         """The session as a JSON-ready dict (README: `sessions --json`); no secrets."""
-        state = self.state.value
+        state = "refused" if self.refused else self.state.value
         if self.closed_at is not None and self.state == State.ENCRYPTING:
             state = "closed"
         return {

@@ -104,7 +104,9 @@ ENGINE_KEYS: dict[str, type] = {
     "eno_app_aware_mandatory": bool,
     "eno_role_b": bool,
 }
-POLICY_KEYS: dict[str, type] = {"network": str, "port": int, "no_resume": bool, "no_cache": bool}
+POLICY_KEYS: dict[str, type] = {
+    "network": str, "port": int, "no_resume": bool, "no_cache": bool, "require": bool, "exclude": bool,
+}
 _OPTION_FIELD = {"tep": "teps", "aead": "aeads"}
 
 
@@ -135,7 +137,25 @@ def _policy(index: int, table: Any, source: str) -> PolicyRule:
             raise ConfigError(f"{where}: network {values['network']!r}: {exc}") from None
     if "port" in values and not 0 < values["port"] < 65536:
         raise ConfigError(f"{where}: port {values['port']} is outside 1..65535")
-    return PolicyRule(**values)
+    try:
+        return PolicyRule(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def policy_spec(text: str, action: str) -> PolicyRule:
+    """`--require` / `--exclude` SPEC: NETWORK, @PORT or NETWORK@PORT (README: Security model)."""
+    network, _, port = text.partition("@")
+    table: dict[str, Any] = {action: True}
+    if network:
+        table["network"] = network
+    if port:
+        if not port.isdigit():
+            raise ConfigError(f"--{action} {text!r}: port {port!r} is not a number")
+        table["port"] = int(port)
+    if len(table) == 1:
+        raise ConfigError(f"--{action} {text!r}: give NETWORK, @PORT or NETWORK@PORT")
+    return _policy(0, table, f"--{action} {text}")
 
 
 def parse_file_text(text: str, source: str = "config") -> dict[str, Any]:
@@ -185,6 +205,9 @@ def options_from(file_values: Mapping[str, Any], cli_values: Mapping[str, Any]) 
             setattr(options, _OPTION_FIELD.get(key, key), value)
         elif key in ENGINE_KEYS or key == "policies":
             options.engine[key] = value
+    cli_rules = tuple(cli_values.get("cli_policies") or ())
+    if cli_rules:  # the command line's rules come first: the first matching rule decides
+        options.engine["policies"] = cli_rules + tuple(options.engine.get("policies", ()))
     for key, value in options.engine.items():
         if ENGINE_KEYS.get(key) in (int, float) and value < 0:
             raise ConfigError(f"{key.replace('_', '-')} must not be negative ({value})")
@@ -274,4 +297,7 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
     keys = [*DAEMON_KEYS, *ENGINE_KEYS]
     values = {key: getattr(args, key, None) for key in keys}
     values["log_level"] = getattr(args, "sub_log_level", None)
+    values["cli_policies"] = tuple(
+        policy_spec(spec, action) for action in ("require", "exclude") for spec in getattr(args, action, None) or ()
+    )
     return values

@@ -349,3 +349,45 @@ def test_resumption_lookups_cost_no_derivation_and_peers_are_capped(monkeypatch)
     wanted = entry.resumable(2)
     found = cache.take_for_answer(peer, int(Tep.X25519), wanted.peer_half, 1.0)
     assert found is not None and found.ss == wanted.ss and entry.index == 4
+
+
+def _policy_pair(rule, a_engine=True, **pair_kwargs):  # type: ignore[no-untyped-def]
+    from nfq_tcpcrypt.core.config import PolicyRule
+
+    config = seeded_config(b"policy-b", policies=(PolicyRule(**rule),))
+    return Pair(seed=b"policy", b_config=config, a_engine=a_engine, **pair_kwargs)
+
+
+def test_require_resets_a_connection_that_cannot_be_encrypted():
+    """Policy `require`: a peer without ENO gets a reset, not plaintext; counted, both ends reset."""
+    for b_opens in (False, True):
+        pair = _policy_pair({"port": 80, "require": True}, a_engine=False)
+        if b_opens:
+            pair.a.listen()
+            pair.b.connect(A_IP, 40000)
+        else:
+            pair.b.listen()
+            pair.a.connect(B_IP, 80)
+        pair.run(max_time=5.0)
+        pair.a.write(b"plaintext from a")
+        pair.b.write(b"plaintext from b")
+        pair.run(max_time=5.0)
+        assert pair.engine_b.counters["refused_plain"] == 1
+        assert b"plaintext" not in b"".join(parse_segment(p).payload for p in pair.wire)
+        assert pair.a.state in ("closed", "listen") and pair.b.state in ("closed", "listen")
+        assert (pair.a.was_reset, pair.b.was_reset) == ((True, True) if b_opens else (True, False))
+        assert pair.engine_b.session_table()[0]["state"] == "refused"
+    # A peer with ENO is encrypted as usual under the same policy.
+    pair = _policy_pair({"network": "10.77.0.0/16", "require": True})
+    pair.open()
+    pair.talk(b"fine", b"also")
+    assert bytes(pair.b.received) == b"fine" and pair.engine_b.session_table()[0]["state"] == "encrypting"
+
+
+def test_exclude_leaves_connections_untouched():
+    pair = _policy_pair({"port": 80, "exclude": True})
+    pair.open()
+    pair.talk(b"left alone", b"ok")
+    assert bytes(pair.b.received) == b"left alone"
+    assert pair.engine_b.session_table() == [] and pair.engine_b.counters["excluded"] >= 1
+    assert any(b"left alone" in parse_segment(p).payload for p in pair.wire)  # A's engine fell back
