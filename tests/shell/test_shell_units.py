@@ -178,3 +178,17 @@ def test_ip_total_length() -> None:
     v6 = bytes([0x60, 0, 0, 0, 0x05, 0xB4]) + bytes(34)
     assert ip_total_length(v4) == 1500
     assert ip_total_length(v6) == 1500
+
+
+def test_takeover_keeps_the_present_jumps_once() -> None:
+    """A restarted daemon refills a killed one's chains without adding a second jump to them."""
+    text = rules.render("ipv4", rules.RuleParams(7100, 7101, 0x7463))
+    present = ["-A PREROUTING -j NFQ_TCPCRYPT_PRE_7100", "-A POSTROUTING -j NFQ_TCPCRYPT_POST_7100"]
+    takeover = rules.without_present_jumps(text, present).splitlines()
+    assert "-I PREROUTING 1 -j NFQ_TCPCRYPT_PRE_7100" not in takeover
+    assert "-I POSTROUTING 1 -j NFQ_TCPCRYPT_POST_7100" not in takeover
+    assert "-I OUTPUT 1 -j NFQ_TCPCRYPT_OUT_7100" in takeover  # missing: added
+    assert "-I PREROUTING 1 -j NFQ_TCPCRYPT_ENC_7100" in takeover
+    assert [line for line in text.splitlines() if line.startswith((":", "-A NFQ"))] == [
+        line for line in takeover if line.startswith((":", "-A NFQ"))
+    ]
