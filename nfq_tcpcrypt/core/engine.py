@@ -80,7 +80,7 @@ class Engine:
             verdict = session.outbound(seg, now)
         else:
             verdict = session.inbound(seg, now)
-        if session.required and session.state is State.PLAIN:
+        if session.required and session.state is State.PLAIN and not session.delegated:
             return self._refuse(session, seg, direction, now)
         if session.closed_at is not None:
             self._schedule_sweep(session.closed_at + self.config.session_linger)
@@ -178,7 +178,7 @@ class Engine:
         session = self._sessions.get(flow)
         if session is not None and action == "require":
             session.required = True
-            if session.state is State.PLAIN:
+            if session.state is State.PLAIN and not session.delegated:
                 return self._refuse(session, seg, direction, now)
         return verdict
 

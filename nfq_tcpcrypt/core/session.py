@@ -178,6 +178,7 @@ class Session(StreamTranslation):
         self._synchronized = False  # a non-SYN segment came from the wire
         self.required = False  # policy `require`: never plain (the engine resets instead)
         self.refused = False  # reset under `require`; its packets are dropped
+        self.delegated = False  # our side negotiates TCP-ENO itself: not plain, not ours
 
     # ------------------------------------------------------------------ state machine
 
@@ -287,6 +288,7 @@ class Session(StreamTranslation):
         if eno.eno_options(options):
             # Our side speaks TCP-ENO itself (a host-mode daemon or a kernel behind a gateway):
             # leave the connection to it, never encrypt twice.
+            self.delegated = True
             self._fall_back("our side negotiates tcp-eno itself")
             return Verdict(Action.ACCEPT)
         flow = self.flow

@@ -391,3 +391,17 @@ def test_exclude_leaves_connections_untouched():
     assert bytes(pair.b.received) == b"left alone"
     assert pair.engine_b.session_table() == [] and pair.engine_b.counters["excluded"] >= 1
     assert any(b"left alone" in parse_segment(p).payload for p in pair.wire)  # A's engine fell back
+
+
+def test_require_leaves_a_side_that_speaks_eno_itself_alone():
+    """Behind a gateway, a host that negotiates TCP-ENO itself is not reset under `require`."""
+    from nfq_tcpcrypt.tools.scapy_layers import eno_option
+
+    pair = _policy_pair({"port": 80, "require": True})
+    kind, contents = eno_option(teps=[0x21])
+    options = b"\x02\x04\x05\xb4" + bytes((kind, len(contents) + 2)) + contents
+    options += b"\x00" * (-len(options) % 4)
+    syn = new_segment(B_IP, A_IP, 80, 40000, 0x1000, 0, TCP_SYN, 1000, options)
+    verdict = pair.engine_b.process(serialize_segment(syn), Direction.OUTBOUND, 0.0)
+    assert verdict.action is Action.ACCEPT and pair.engine_b.counters["refused_plain"] == 0
+    assert [p for p in pair.engine_b.segments_to_inject()] == []
