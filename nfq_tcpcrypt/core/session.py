@@ -795,7 +795,18 @@ class Session(StreamTranslation):
             "bytes_out": self.bytes_out,
             "rekeys": self.rekeys,
             "generation": [self.send.gen, self.recv.gen] if self.send and self.recv else [0, 0],
+            "held_bytes": self.held_bytes(),
         }
+
+    def held_bytes(self) -> int:
+        """Bytes this session holds for either side (plaintext before keys, out-of-order wire
+        bytes with their overhead, plaintext kept for redelivery): README, Memory bounds."""
+        held = 0
+        if self.send is not None:
+            held += sum(len(data) for _, data, _ in self.send.held)
+        if self.recv is not None:
+            held += self.recv.ooo.cost + sum(len(data) for _, data in self.recv.replay)
+        return held
 
 
 def _toward_stack(options: list[tuple[int, bytes]]) -> bytes:

@@ -403,3 +403,65 @@ def test_sigkill_and_restart_mid_transfer(routed_attack: Topology, tmp_path: Pat
     assert report.leaks == {}, report.leaks
     for daemon in daemons.values():
         daemon.stop()
+
+
+# In r: every TCP packet from b to a gets the largest window field, so a's stack ignores b's real
+# receive window (a peer that ignores the window, as far as b can tell).
+INFLATE_WINDOW = r"""
+import struct, sys
+from netfilterqueue import NetfilterQueue
+
+def fold(total):
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+def on_packet(pkt):
+    data = bytearray(pkt.get_payload())
+    ihl = (data[0] & 15) * 4
+    tcp = data[ihl:]
+    if len(tcp) >= 20:
+        old = struct.unpack_from("!H", tcp, 14)[0]
+        check = struct.unpack_from("!H", tcp, 16)[0]
+        check = 0xFFFF - fold((0xFFFF - check) + (0xFFFF - old) + 0xFFFF)
+        struct.pack_into("!HH", data, ihl + 14, 0xFFFF, check)
+        pkt.set_payload(bytes(data))
+    pkt.accept()
+
+queue = NetfilterQueue()
+queue.bind(int(sys.argv[1]), on_packet)
+print("ready", flush=True)
+queue.run()
+"""
+
+
+@pytest.mark.timeout(240)
+def test_peer_that_ignores_the_window(routed_attack: Topology, tmp_path: Path) -> None:
+    """a's stack is made to ignore b's receive window (r inflates b's window field): b's daemon
+    takes nothing beyond the window b's stack advertised, so what it holds stays bounded while b's
+    application reads nothing; then b reads everything, intact."""
+    topo = routed_attack
+    daemons = _daemons(topo, tmp_path)
+    b_ip = topo.addresses["b"]
+    topo.check("r", ["iptables", "-A", "FORWARD", "-p", "tcp", "-s", b_ip, "-j", "NFQUEUE", "--queue-num", "77"])
+    inflater = topo.popen("r", [sys.executable, "-u", "-c", INFLATE_WINDOW, "77"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    assert inflater.stdout is not None and inflater.stdout.readline().strip() == "ready"
+    data = secrets.token_bytes(16 * 1024 * 1024)
+    held = []
+    client, server, _ = _connect(topo, tmp_path)
+    client.write("send " + data.hex())  # b's application reads nothing for a while
+    for _ in range(8):
+        time.sleep(0.5)
+        held.append(_session(daemons["b"], PORT)["held_bytes"])
+    assert server.do(f"wait {len(data)}", timeout=120).startswith("got")
+    assert client.line(timeout=60) == "sent"
+    client.close()
+    got = server.close()
+    assert got == data
+    # Once b's stack has acknowledged everything it took (its window is full), the daemon holds
+    # nothing: what a sent beyond that window was not taken (without the check: the ~60 kB a's
+    # stack pushed past the window sat in the redelivery buffer).
+    assert held[-4:] == [0, 0, 0, 0], held
+    for daemon in daemons.values():
+        assert daemon.stop() == 0
