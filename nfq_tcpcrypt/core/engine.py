@@ -276,6 +276,8 @@ class Engine:
             if session.is_translating and session.closed_at is None:
                 session.abort(reason, now)
                 count += 1
+        if count:
+            self._schedule_sweep(now + self.config.session_linger)
         return count
 
     def cache_info(self, now: float) -> list[dict[str, object]]:

@@ -405,3 +405,21 @@ def test_require_leaves_a_side_that_speaks_eno_itself_alone():
     verdict = pair.engine_b.process(serialize_segment(syn), Direction.OUTBOUND, 0.0)
     assert verdict.action is Action.ACCEPT and pair.engine_b.counters["refused_plain"] == 0
     assert [p for p in pair.engine_b.segments_to_inject()] == []
+
+
+def test_after_an_abort_and_its_linger_late_packets_never_pass():
+    """An aborted encrypted session leaves the table after its linger: its late packets are
+    dropped (and our stack reset), never passed unchanged."""
+    pair = _live(session_linger=5.0)
+    pair.engine_b.abort_all("test", pair.now)
+    pair.run(max_time=1.0)
+    _expire_b(pair, 10.0)
+    assert pair.engine_b.session_table() == []
+    a_last = _last_wire(pair, A_IP)
+    assert _forge(pair, TCP_ACK | TCP_PSH, a_last.seq + 5000, a_last.ack, b"late ciphertext") == []
+    outbound = new_segment(B_IP, A_IP, pair.b.port, pair.a.port, pair.b.isn + 1 + pair.b.nxt,
+                           pair.b.irs + 1 + len(pair.b.received), TCP_ACK | TCP_PSH, 1000, b"", b"plain late write")
+    verdict = pair.engine_b.process(serialize_segment(outbound), Direction.OUTBOUND, pair.now)
+    assert verdict.action is Action.DROP
+    injected = pair.engine_b.segments_to_inject()
+    assert [parse_segment(i.packet).is_rst for i in injected] == [True, True]
