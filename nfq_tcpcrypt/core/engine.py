@@ -72,6 +72,11 @@ class Engine:
         if seg.is_syn and not seg.is_ack and (session is None or _is_new_syn(session, seg, direction)):
             return self._open(flow, seg, direction, now)
         if session is None:
+            if self.config.policies and self._required(flow):
+                # A connection that must be encrypted and has no session (it was evicted, or the
+                # table was full when it opened): it must not go on in plaintext.
+                self.counters["refused_untracked"] += 1
+                return DROP
             self.counters["untracked"] += 1
             return ACCEPT
         if session.refused:
@@ -176,16 +181,25 @@ class Engine:
             return ACCEPT
         verdict = self._start(flow, seg, direction, now)
         session = self._sessions.get(flow)
-        if session is not None and action == "require":
+        if action == "require":
+            if session is None:  # no room in the table: it cannot be encrypted
+                self.counters["refused_plain"] += 1
+                return DROP
             session.required = True
             if session.state is State.PLAIN and not session.delegated:
                 return self._refuse(session, seg, direction, now)
         return verdict
 
+    def _required(self, flow: FlowKey) -> bool:
+        return self.config.policy_action(flow.remote_ip, flow.local_port, flow.remote_port) == "require"
+
     def _start(self, flow: FlowKey, seg: Segment, direction: Direction, now: float) -> Verdict:
         if flow not in self._sessions and len(self._sessions) >= self.config.max_sessions and not self._evict():
             self.counters["table_full"] += 1
             return ACCEPT
+        old = self._sessions.get(flow)
+        if old is not None:
+            old.wipe_secrets()  # port reuse: the old connection is over
         session = Session(flow, self.config, self._events.append, self._inject.append, self.cache)
         self._sessions[flow] = session
         self._unkeyed.pop(flow, None)

@@ -423,3 +423,20 @@ def test_after_an_abort_and_its_linger_late_packets_never_pass():
     assert verdict.action is Action.DROP
     injected = pair.engine_b.segments_to_inject()
     assert [parse_segment(i.packet).is_rst for i in injected] == [True, True]
+
+
+def test_require_holds_under_table_pressure():
+    """A required connection never goes plain for want of a session: a full table refuses its
+    SYN, and its packets without a session (evicted while opening) are dropped."""
+    from nfq_tcpcrypt.core.config import PolicyRule
+
+    config = seeded_config(b"req-b", policies=(PolicyRule(port=80, require=True),), max_sessions=1)
+    pair = Pair(seed=b"req", b_config=config)
+    pair.open()
+    pair.talk(b"first", b"ok")  # the one keyed session fills the table
+    pair.new_connection(41000, 80)
+    assert pair.engine_b.counters["refused_plain"] >= 1
+    assert pair.b.state == "listen" and pair.a.state != "established"
+    late = new_segment(A_IP, B_IP, 42000, 80, 1, 1, TCP_ACK | TCP_PSH, 1000, b"", b"plaintext")
+    verdict = pair.engine_b.process(serialize_segment(late), Direction.INBOUND, pair.now)
+    assert verdict.action is Action.DROP and pair.engine_b.counters["refused_untracked"] == 1
