@@ -141,6 +141,9 @@ class Configuration:
     ooo_limit: int = 1 << 20
     """Wire bytes held per direction while a gap in the wire stream is open."""
 
+    ooo_total_limit: int = 256 << 20
+    """Out-of-order wire bytes all sessions together may hold (README: Memory bounds)."""
+
     def flags_for(self, remote_ip: bytes, local_port: int, remote_port: int) -> tuple[bool, bool]:
         """(no_resume, no_cache) for a connection, from the matching policy rules."""
         no_resume = no_cache = False

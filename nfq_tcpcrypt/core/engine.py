@@ -10,6 +10,7 @@ from .constants import TCP_ACK, TCP_RST
 from .errors import MalformedSegment
 from .events import Event, SessionExpired
 from .flow import Direction, FlowKey
+from .outoforder import Budget
 from .resumption import ResumptionCache
 from .seqmap import to_seq
 from .session import Session, State
@@ -38,6 +39,7 @@ class Engine:
             self.config.resume_cache_size, self.config.resume_ttl, self.config.resume_per_peer
         )
         self.tombstones = Tombstones(self.config.max_tombstones, self.config.tombstone_ttl)
+        self.ooo_budget = Budget(self.config.ooo_total_limit)
 
     # ------------------------------------------------------------------ packets
 
@@ -200,7 +202,7 @@ class Engine:
         old = self._sessions.get(flow)
         if old is not None:
             old.wipe_secrets()  # port reuse: the old connection is over
-        session = Session(flow, self.config, self._events.append, self._inject.append, self.cache)
+        session = Session(flow, self.config, self._events.append, self._inject.append, self.cache, self.ooo_budget)
         self._sessions[flow] = session
         self._unkeyed.pop(flow, None)
         self._unkeyed[flow] = session

@@ -23,6 +23,20 @@ HOLD_TTL = 10.0
 """Seconds a piece may wait for its gap to fill before it is dropped (the peer resends it)."""
 
 
+class Budget:
+    """Bytes all sessions' out-of-order buffers may hold together (the daemon-wide bound)."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def allows(self, more: int) -> bool:
+        """Whether `more` bytes still fit."""
+        return self.used + more <= self.limit
+
+
 class OutOfOrder:
     """Coalesced out-of-order pieces of one direction's wire stream.
 
@@ -30,7 +44,7 @@ class OutOfOrder:
     handing the first pieces over when a gap fills costs O(1) (the lists are cut now and then)."""
 
     __slots__ = ("starts", "pieces", "stamps", "cost", "latest", "dropped_conflicts", "dropped_expired",
-                 "_check_at", "_head")
+                 "_check_at", "_head", "budget")
 
     def __init__(self) -> None:
         self.starts: list[int] = []
@@ -42,6 +56,7 @@ class OutOfOrder:
         self.dropped_expired = 0
         self._check_at: float | None = None  # no piece can expire before this
         self._head = 0
+        self.budget: Budget | None = None  # shared by every session of an engine, when set
 
     def __bool__(self) -> bool:
         return len(self.starts) > self._head
@@ -66,18 +81,19 @@ class OutOfOrder:
                 self.dropped_conflicts += 1
                 return False
         if i == j:
-            if self.cost + len(data) + PIECE_OVERHEAD > limit:
+            if self.cost + len(data) + PIECE_OVERHEAD > limit or not self._fits(len(data) + PIECE_OVERHEAD):
                 return False
             starts.insert(i, wire)
             pieces.insert(i, bytearray(data))
             self.stamps.insert(i, now)
-            self.cost += len(data) + PIECE_OVERHEAD
+            self._charge(len(data) + PIECE_OVERHEAD)
             self.latest = wire
             return True
         first, last_end = starts[i], max(starts[j - 1] + len(pieces[j - 1]), end)
         new_start = min(first, wire)
         grown = (last_end - new_start) - sum(len(pieces[k]) for k in range(i, j))
-        if self.cost + grown - (j - i - 1) * PIECE_OVERHEAD > limit:
+        delta = grown - (j - i - 1) * PIECE_OVERHEAD
+        if self.cost + delta > limit or not self._fits(delta):
             return False
         if wire >= first and j == i + 1:
             piece = pieces[i]  # the usual case: the piece grows at its end, in place
@@ -92,7 +108,7 @@ class OutOfOrder:
             pieces[i:j] = [merged]
             self.stamps[i:j] = [now]
         self.stamps[i] = now
-        self.cost += grown - (j - i - 1) * PIECE_OVERHEAD
+        self._charge(delta)
         self.latest = wire
         return True
 
@@ -115,7 +131,7 @@ class OutOfOrder:
         n = bisect_right(starts, expected, lo=head)
         ready = list(zip(starts[head:n], self.pieces[head:n], strict=True))
         for _, piece in ready:
-            self.cost -= len(piece) + PIECE_OVERHEAD
+            self._charge(-len(piece) - PIECE_OVERHEAD)
         for k in range(head, n):
             self.pieces[k] = _EMPTY  # release the bytes now; the slots go at the next cut
         self._head = n
@@ -151,9 +167,21 @@ class OutOfOrder:
                 first = [k] + [n for n in first if n != k]
         return [(starts[k], starts[k] + len(pieces[k])) for k in first[:limit]]
 
+    def clear(self) -> None:
+        """Drop everything (the session ends): the budget gets its bytes back."""
+        self._drop(self._head, len(self.starts))
+
+    def _fits(self, more: int) -> bool:
+        return self.budget is None or more <= 0 or self.budget.allows(more)
+
+    def _charge(self, delta: int) -> None:
+        self.cost += delta
+        if self.budget is not None:
+            self.budget.used += delta
+
     def _drop(self, i: int, j: int) -> None:
         for k in range(i, j):
-            self.cost -= len(self.pieces[k]) + PIECE_OVERHEAD
+            self._charge(-len(self.pieces[k]) - PIECE_OVERHEAD)
         del self.starts[i:j], self.pieces[i:j], self.stamps[i:j]
 
 

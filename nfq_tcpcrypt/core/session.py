@@ -37,6 +37,7 @@ from .events import EnoNegotiated, Event, FellBackToPlain, SessionAborted, Sessi
 from .flow import FlowKey
 from .guard import ChallengeLimiter, RstCheck, check_rst
 from .kex import KeySchedule, TrafficKeys, public_bytes, session_secret, shared_secret
+from .outoforder import Budget
 from .resumption import Resumable, ResumptionCache
 from .seqmap import RecvStream, SendStream, to_offset, to_seq
 from .translate import StreamTranslation
@@ -114,8 +115,10 @@ class Session(StreamTranslation):
     def __init__(
         self, flow: FlowKey, config: Configuration, emit: Callable[[Event], None],
         inject: Callable[[Injection], None], cache: ResumptionCache | None = None,
+        ooo_budget: Budget | None = None,
     ) -> None:
         self._cache = cache
+        self._ooo_budget = ooo_budget
         self._no_cache = False
         self._resume: Resumable | None = None
         self.flow = flow
@@ -450,6 +453,7 @@ class Session(StreamTranslation):
             raise LocalProtocolError("streams opened before both isns are known")
         self.send = SendStream(self.isn_local)
         self.recv = RecvStream(self.isn_remote)
+        self.recv.ooo.budget = self._ooo_budget
 
     # ------------------------------------------------------------------ key exchange (RFC 8548 §3.3)
 
@@ -715,6 +719,7 @@ class Session(StreamTranslation):
         self._resume = None
         if self.send is not None and self.recv is not None:
             self.send.cipher = self.recv.cipher = None
+            self.recv.ooo.clear()  # the daemon-wide budget gets its bytes back
 
     def _check_closed(self, now: float) -> None:
         send, recv = self.send, self.recv

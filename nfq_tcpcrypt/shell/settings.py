@@ -98,6 +98,7 @@ ENGINE_KEYS: dict[str, type] = {
     "kex_retries": int,
     "held_limit": int,
     "ooo_limit": int,
+    "ooo_total_limit": int,
     "syn_retries_with_eno": int,
     "deliver_max": int,
     "eno_app_aware": bool,

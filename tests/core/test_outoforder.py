@@ -67,3 +67,37 @@ def test_pieces_that_never_line_up_expire():
     recv.add(5000, b"z" * 100, 1 << 20, now=HOLD_TTL - 1)
     recv.add(0, b"a", 1 << 20, now=HOLD_TTL + 0.5)
     assert recv.sack_blocks(4) == [(5000, 5100)] and recv.ooo.dropped_expired == 1
+
+
+def test_daemon_wide_budget_is_shared_and_given_back():
+    """All sessions' out-of-order bytes together stay within the engine's budget (README: Memory
+    bounds); a session that ends gives its share back."""
+    from nfq_tcpcrypt.core.outoforder import Budget
+
+    budget = Budget(10_000)
+    first, second = RecvStream(0), RecvStream(0)
+    first.ooo.budget = second.ooo.budget = budget
+    first.add(100, b"x" * 6000, 1 << 20)
+    second.add(100, b"y" * 6000, 1 << 20)  # does not fit any more
+    assert budget.used == first.ooo.cost == 6000 + PIECE_OVERHEAD and not second.ooo
+    second.add(100, b"y" * 3000, 1 << 20)
+    assert budget.used == first.ooo.cost + second.ooo.cost <= budget.limit
+    first.ooo.clear()
+    second.add(0, b"y" * 100, 1 << 20)  # fills the gap: the piece goes to the buffer
+    assert budget.used == 0
+    second.add(10_000, b"z" * 6000, 1 << 20)
+    assert budget.used == 6000 + PIECE_OVERHEAD
+
+
+def test_engine_sessions_share_the_budget():
+    from tests.core.tcpmodel import Pair, seeded_config
+
+    pair = Pair(seed=b"budget", b_config=seeded_config(b"budget-b", ooo_total_limit=5000))
+    pair.open()
+    pair.talk(b"x", b"y")
+    session = next(iter(pair.engine_b._sessions.values()))
+    assert session.recv.ooo.budget is pair.engine_b.ooo_budget
+    session.recv.add(session.recv.wire_next + 100, b"q" * 4000, 1 << 20)
+    assert pair.engine_b.ooo_budget.used == 4000 + PIECE_OVERHEAD
+    pair.engine_b.abort_all("test", pair.now)
+    assert pair.engine_b.ooo_budget.used == 0
