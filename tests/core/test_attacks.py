@@ -440,3 +440,19 @@ def test_require_holds_under_table_pressure():
     late = new_segment(A_IP, B_IP, 42000, 80, 1, 1, TCP_ACK | TCP_PSH, 1000, b"", b"plaintext")
     verdict = pair.engine_b.process(serialize_segment(late), Direction.INBOUND, pair.now)
     assert verdict.action is Action.DROP and pair.engine_b.counters["refused_untracked"] == 1
+
+
+def test_challenge_acks_are_rate_limited():
+    """RFC 5961 §7: a burst of forged SYNs and in-window RSTs earns one challenge ACK per 0.5 s."""
+    pair = _live()
+    a_last = _last_wire(pair, A_IP)
+    rcv_nxt = (a_last.seq + len(a_last.payload)) & MASK
+    before = len(pair.wire)
+    for i in range(50):
+        _forge(pair, TCP_SYN, 0x1000 + i)
+        _forge(pair, TCP_RST, rcv_nxt + 10 + i)
+    assert len(pair.wire) - before == 1
+    pair.now += 0.6
+    _forge(pair, TCP_SYN, 0x9999)
+    assert len(pair.wire) - before == 2
+    assert pair.engine_b.session_table()[0]["state"] == "encrypting" and not pair.b.was_reset
