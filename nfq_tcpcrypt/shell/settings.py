@@ -23,7 +23,7 @@ from typing import Any
 
 from ..core.config import Configuration, PolicyRule, parse_aeads, parse_teps
 from ..core.errors import ConfigError
-from .rules import MODES, valid_ifname
+from .rules import ENCRYPTED_MARK, MODES, valid_ifname
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +215,9 @@ def options_from(file_values: Mapping[str, Any], cli_values: Mapping[str, Any]) 
     _check_mode(options)
     if options.mark == options.local_mark:
         raise ConfigError(f"mark and local-mark must differ (both {options.mark:#x})")
+    for name, value in (("mark", options.mark), ("local-mark", options.local_mark)):
+        if value & ENCRYPTED_MARK:
+            raise ConfigError(f"{name} {value:#x} uses bit {ENCRYPTED_MARK:#x}, which marks encrypted connections")
     options.configuration()  # validate now (names, ranges), before anything is installed
     return options
 

@@ -231,3 +231,8 @@ def test_require_and_exclude_from_file_and_command_line() -> None:
             cli_values(build_parser().parse_args(["run", "--require", bad]))
     with pytest.raises(ConfigError, match="both require and exclude"):
         parse_file_text("[[policy]]\nport = 1\nrequire = true\nexclude = true\n")
+
+
+def test_marks_must_leave_the_encrypted_bit_alone() -> None:
+    with pytest.raises(ConfigError, match="0x40000000"):
+        _options(["--mark", str(0x40000001)])
