@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="no --queue-bypass: TCP stops while the daemon is down",
     )
+    run.add_argument(
+        "--require", action="append", metavar="SPEC",
+        help="NETWORK, @PORT or NETWORK@PORT: such connections are encrypted or reset (repeatable)",
+    )
+    run.add_argument(
+        "--exclude", action="append", metavar="SPEC",
+        help="NETWORK, @PORT or NETWORK@PORT: such connections are never touched (repeatable)",
+    )
     run.add_argument("--ipv6", action="store_true", default=None, help="also queue IPv6 TCP (ip6tables)")
     run.add_argument(
         "--pass-through",

@@ -40,7 +40,7 @@ class FrameCipher:
 
     _aead: AESGCM | ChaCha20Poly1305
 
-    def __init__(self, aead: Aead, traffic_key: bytes) -> None:
+    def __init__(self, aead: Aead, traffic_key: bytes | bytearray) -> None:
         key_len = AEAD_KEY_LEN[aead]
         if len(traffic_key) != key_len + AEAD_NONCE_LEN:
             raise LocalProtocolError(f"traffic key of {len(traffic_key)} bytes for {aead.name}")

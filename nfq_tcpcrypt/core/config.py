@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,10 +13,13 @@ from .constants import AEAD_NAMES, TEP_NAMES, Aead, Tep
 from .errors import ConfigError
 from .kex import KeyFactory, SystemKeyFactory
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class PolicyRule:
-    """Resumption controls for connections to `network` and/or on `port` (either end)."""
+    """Controls for connections to `network` and/or on `port` (either end): resumption, and
+    whether encryption is required or the connection is left alone (README: Security model)."""
 
     network: str | None = None
     port: int | None = None
@@ -23,6 +27,15 @@ class PolicyRule:
     """Ignore resumption requests and offer none: always a fresh key exchange."""
     no_cache: bool = False
     """Cache no session secret from these connections."""
+    require: bool = False
+    """A connection that cannot be encrypted is reset toward both ends (counted, logged), never
+    carried in plaintext: no opportunistic fallback (RFC 8547 §4.6 allows it only as policy)."""
+    exclude: bool = False
+    """Never touched: no ENO option, no session, passed as they are."""
+
+    def __post_init__(self) -> None:
+        if self.require and self.exclude:
+            raise ConfigError("a policy rule cannot both require and exclude")
 
     def matches(self, remote_ip: bytes, local_port: int, remote_port: int) -> bool:
         """Whether the rule applies to a connection."""
@@ -53,13 +66,25 @@ class Configuration:
     """Opt-in key log writer: receives one line per established session; None disables it."""
 
     max_sessions: int = 65536
-    """Above this many sessions new connections pass through as plain TCP (counted)."""
+    """Sessions at most. At the limit a new connection evicts the oldest session that holds no
+    keys (embryonic or plain); when every session holds keys it passes as plain TCP (counted)."""
+
+    embryonic_timeout: float = 75.0
+    """Seconds a session may stay before ENO succeeds (a spoofed SYN's session goes after this);
+    Linux gives up a passive open after about 63 s of SYN-ACK retries."""
 
     session_linger: float = 120.0
     """Seconds a closed or aborted session stays in the table (for `sessions` and late segments)."""
 
     idle_timeout: float = 7200.0
     """Seconds without a packet after which a session is dropped from the table."""
+
+    tombstone_ttl: float = 86400.0
+    """Seconds an encrypted connection is remembered after its session left the table: its late
+    packets reset both ends instead of passing in plaintext (README: Security model)."""
+
+    max_tombstones: int = 65536
+    """Tombstones at most (about 200 bytes each); the oldest go first."""
 
     kex_timeout: float = 1.0
     """First retransmission timeout of Init1/Init2, doubled on each try."""
@@ -93,6 +118,9 @@ class Configuration:
     resume_cache_size: int = 4096
     """Cached secrets at most; the least recently used go first."""
 
+    resume_per_peer: int = 16
+    """Cached secrets per peer address at most; that peer's least recently used goes first."""
+
     policies: tuple[PolicyRule, ...] = ()
     """Per-port / per-network controls (RFC 8548 §3.5 cache controls)."""
 
@@ -113,6 +141,9 @@ class Configuration:
     ooo_limit: int = 1 << 20
     """Wire bytes held per direction while a gap in the wire stream is open."""
 
+    ooo_total_limit: int = 256 << 20
+    """Out-of-order wire bytes all sessions together may hold (README: Memory bounds)."""
+
     def flags_for(self, remote_ip: bytes, local_port: int, remote_port: int) -> tuple[bool, bool]:
         """(no_resume, no_cache) for a connection, from the matching policy rules."""
         no_resume = no_cache = False
@@ -121,6 +152,13 @@ class Configuration:
                 no_resume |= rule.no_resume
                 no_cache |= rule.no_cache
         return no_resume or not self.resume, no_cache or not self.resume
+
+    def policy_action(self, remote_ip: bytes, local_port: int, remote_port: int) -> str | None:
+        """"require", "exclude" or None: the first matching rule that says either decides."""
+        for rule in self.policies:
+            if (rule.require or rule.exclude) and rule.matches(remote_ip, local_port, remote_port):
+                return "require" if rule.require else "exclude"
+        return None
 
     def __post_init__(self) -> None:
         if not self.teps:
@@ -131,6 +169,11 @@ class Configuration:
             raise ConfigError("teps and aeads must not repeat a name")
         if not 0 <= self.resume_nonce_len <= 8:
             raise ConfigError(f"resume_nonce_len {self.resume_nonce_len} is outside 0..8 (RFC 8548 §3.5)")
+        if self.resume_nonce_len == 0 and self.resume:
+            logger.warning(
+                "resume-nonce-len 0: a cloned or restored resumption cache yields the same keys again "
+                "(RFC 8548 §3.5 asks for 8); use it only for interoperability tests"
+            )
 
 
 def parse_teps(text: str) -> tuple[Tep, ...]:

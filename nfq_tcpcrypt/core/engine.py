@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 
 from .config import Configuration
+from .constants import TCP_ACK, TCP_RST
 from .errors import MalformedSegment
 from .events import Event, SessionExpired
 from .flow import Direction, FlowKey
+from .outoforder import Budget
 from .resumption import ResumptionCache
+from .seqmap import to_seq
 from .session import Session, State
-from .verdict import ACCEPT, Injection, Verdict
+from .tombstones import Tombstone, Tombstones
+from .verdict import ACCEPT, DROP, Action, Injection, Verdict
 from .wire.icmp import parse_icmp_error
-from .wire.tcp import parse_segment
+from .wire.tcp import Segment, new_segment, parse_segment, serialize_segment
 
 logger = logging.getLogger(__name__)
 
@@ -27,17 +31,24 @@ class Engine:
         self.config = config or Configuration()
         self.counters: Counter[str] = Counter()
         self._sessions: dict[FlowKey, Session] = {}
+        self._unkeyed: OrderedDict[FlowKey, Session] = OrderedDict()  # eviction candidates, oldest first
         self._events: deque[Event] = deque()
         self._inject: list[Injection] = []
         self._next_sweep: float | None = None
-        self.cache = ResumptionCache(self.config.resume_cache_size, self.config.resume_ttl)
+        self.cache = ResumptionCache(
+            self.config.resume_cache_size, self.config.resume_ttl, self.config.resume_per_peer
+        )
+        self.tombstones = Tombstones(self.config.max_tombstones, self.config.tombstone_ttl)
+        self.ooo_budget = Budget(self.config.ooo_total_limit)
 
     # ------------------------------------------------------------------ packets
 
-    def process(self, packet: bytes, direction: Direction, now: float) -> Verdict:
+    def process(self, packet: bytes, direction: Direction, now: float, encrypted: bool = False) -> Verdict:
         """Handle one queued IP packet travelling in `direction`; return its verdict.
 
-        Remote-caused problems become verdicts and events; only LocalProtocolError (a bug) escapes.
+        `encrypted`: the shell knows (conntrack's mark) that the packet's connection negotiated
+        encryption, whatever the table says, after a restart say. Remote-caused problems become
+        verdicts and events; only LocalProtocolError (a bug) escapes.
         """
         self.counters["packets"] += 1
         if len(packet) >= 40 and packet[9 if packet[0] >> 4 == 4 else 6] in (1, 58):
@@ -54,20 +65,90 @@ class Engine:
         else:
             flow = FlowKey(seg.dst, seg.dport, seg.src, seg.sport)
         session = self._sessions.get(flow)
+        if session is None and (encrypted or len(self.tombstones)):
+            tombstone = self.tombstones.get(flow, now)
+            if tombstone is not None or encrypted:
+                if not (seg.is_syn and not seg.is_ack and direction is Direction.OUTBOUND):
+                    return self._fail_closed(flow, seg, direction, tombstone)
+                self.tombstones.discard(flow)  # our stack opens anew: its old connection is gone
         if seg.is_syn and not seg.is_ack and (session is None or _is_new_syn(session, seg, direction)):
             return self._open(flow, seg, direction, now)
         if session is None:
+            if self.config.policies and self._required(flow):
+                # A connection that must be encrypted and has no session (it was evicted, or the
+                # table was full when it opened): it must not go on in plaintext.
+                self.counters["refused_untracked"] += 1
+                return DROP
             self.counters["untracked"] += 1
             return ACCEPT
+        if session.refused:
+            return DROP
         if direction is Direction.OUTBOUND:
             verdict = session.outbound(seg, now)
         else:
             verdict = session.inbound(seg, now)
+        if session.required and session.state is State.PLAIN and not session.delegated:
+            return self._refuse(session, seg, direction, now)
         if session.closed_at is not None:
             self._schedule_sweep(session.closed_at + self.config.session_linger)
         if verdict.packet is not None:
             self.counters["rewritten"] += 1
+        if session.send is not None and verdict.action is Action.ACCEPT:
+            return Verdict(Action.ACCEPT, verdict.packet, encrypted=True)
         return verdict
+
+    def _refuse(self, session: Session, seg: Segment, direction: Direction, now: float) -> Verdict:
+        """Policy `require`: the connection cannot be encrypted, so it is reset toward both ends
+        and the packet dropped; later packets of it are dropped too (README: Security model)."""
+        session.refused = True
+        session.closed_at = session.closed_at or now
+        self._schedule_sweep(now + self.config.session_linger)
+        self.counters["refused_plain"] += 1
+        logger.warning("%s: encryption required but not possible: connection reset", session.flow)
+        flow = session.flow
+        local, remote = (flow.local_ip, flow.local_port), (flow.remote_ip, flow.remote_port)
+        sender, receiver = (local, remote) if direction is Direction.OUTBOUND else (remote, local)
+        toward_sender = Direction.INBOUND if direction is Direction.OUTBOUND else Direction.OUTBOUND
+        size = len(seg.payload) + seg.is_syn + seg.is_fin
+        if seg.is_rst:
+            return DROP
+        # RFC 9293 §3.10.7.1: the reset that answers `seg`, toward its sender ...
+        if seg.is_ack:
+            answer = new_segment(receiver[0], sender[0], receiver[1], sender[1], seg.ack, 0, TCP_RST, 0)
+        else:
+            answer = new_segment(receiver[0], sender[0], receiver[1], sender[1], 0, (seg.seq + size) & 0xFFFFFFFF,
+                                 TCP_RST | TCP_ACK, 0)
+        self._inject.append(Injection(serialize_segment(answer), toward_sender))
+        # ... and one in the sender's name toward the receiver, which already holds the connection.
+        if seg.is_ack:
+            seq = (seg.seq + seg.is_syn) & 0xFFFFFFFF
+            onward = new_segment(sender[0], receiver[0], sender[1], receiver[1], seq, seg.ack, TCP_RST | TCP_ACK, 0)
+            self._inject.append(Injection(serialize_segment(onward), direction))
+        return DROP
+
+    def _fail_closed(self, flow: FlowKey, seg: Segment, direction: Direction, tombstone: Tombstone | None) -> Verdict:
+        """A packet of a once encrypted connection that has no session (README: Security model).
+
+        From our stack: reset it (an RST at the sequence number it acknowledges, RFC 9293 §3.10.7.3)
+        and the peer (at our next wire sequence number, when known), and drop the packet, so that
+        none of its bytes leaves in plaintext. From the wire: drop it, so that no unauthenticated
+        byte reaches our stack.
+        """
+        if direction is Direction.INBOUND:
+            self.counters["fail_closed_dropped"] += 1
+            return DROP
+        self.counters["fail_closed_reset"] += 1
+        if seg.is_rst:
+            return DROP
+        if seg.is_ack:
+            rst = new_segment(flow.remote_ip, flow.local_ip, flow.remote_port, flow.local_port, seg.ack, 0, TCP_RST, 0)
+            self._inject.append(Injection(serialize_segment(rst), Direction.INBOUND))
+        if tombstone is not None and tombstone.wire_seq is not None:
+            rst = new_segment(flow.local_ip, flow.remote_ip, flow.local_port, flow.remote_port, tombstone.wire_seq,
+                              0, TCP_RST, 0)
+            self._inject.append(Injection(serialize_segment(rst), Direction.OUTBOUND))
+        logger.info("%s: packet of an encrypted connection without a session: reset, dropped", flow)
+        return DROP
 
     def _icmp(self, packet: bytes, direction: Direction) -> Verdict:
         """An ICMP error quoting a segment of a session: translate it between the byte spaces.
@@ -92,14 +173,41 @@ class Engine:
             self.counters["icmp_rewritten" if verdict.packet is not None else "icmp_" + verdict.action.value] += 1
         return verdict
 
-    def _open(self, flow: FlowKey, seg, direction: Direction, now: float) -> Verdict:  # type: ignore[no-untyped-def]
-        if flow not in self._sessions and len(self._sessions) >= self.config.max_sessions:
+    def _open(self, flow: FlowKey, seg: Segment, direction: Direction, now: float) -> Verdict:
+        action = None
+        if self.config.policies:
+            action = self.config.policy_action(flow.remote_ip, flow.local_port, flow.remote_port)
+        if action == "exclude":
+            self._sessions.pop(flow, None)
+            self.counters["excluded"] += 1
+            return ACCEPT
+        verdict = self._start(flow, seg, direction, now)
+        session = self._sessions.get(flow)
+        if action == "require":
+            if session is None:  # no room in the table: it cannot be encrypted
+                self.counters["refused_plain"] += 1
+                return DROP
+            session.required = True
+            if session.state is State.PLAIN and not session.delegated:
+                return self._refuse(session, seg, direction, now)
+        return verdict
+
+    def _required(self, flow: FlowKey) -> bool:
+        return self.config.policy_action(flow.remote_ip, flow.local_port, flow.remote_port) == "require"
+
+    def _start(self, flow: FlowKey, seg: Segment, direction: Direction, now: float) -> Verdict:
+        if flow not in self._sessions and len(self._sessions) >= self.config.max_sessions and not self._evict():
             self.counters["table_full"] += 1
             return ACCEPT
-        session = Session(flow, self.config, self._events.append, self._inject.append, self.cache)
+        old = self._sessions.get(flow)
+        if old is not None:
+            old.wipe_secrets()  # port reuse: the old connection is over
+        session = Session(flow, self.config, self._events.append, self._inject.append, self.cache, self.ooo_budget)
         self._sessions[flow] = session
+        self._unkeyed.pop(flow, None)
+        self._unkeyed[flow] = session
         self.counters["connections"] += 1
-        self._schedule_sweep(now + self.config.idle_timeout)
+        self._schedule_sweep(now + min(self.config.idle_timeout, self.config.embryonic_timeout))
         try:
             if direction is Direction.OUTBOUND:
                 return session.start_active(seg, now)
@@ -109,6 +217,17 @@ class Engine:
             self.counters["malformed"] += 1
             logger.debug("%s: syn the codec rejects, passing as plain: %s", flow, exc)
             return ACCEPT
+
+    def _evict(self) -> bool:
+        """Make room: drop the oldest session that holds no keys (never a keyed one)."""
+        while self._unkeyed:
+            flow, session = self._unkeyed.popitem(last=False)
+            if self._sessions.get(flow) is session and session.send is None:
+                del self._sessions[flow]
+                session.wipe_secrets()
+                self.counters["evicted_embryonic"] += 1
+                return True
+        return False
 
     # ------------------------------------------------------------------ outputs and timers
 
@@ -140,16 +259,42 @@ class Engine:
 
     def _sweep(self, now: float) -> None:
         """Drop sessions past their linger or idle time; schedule the next sweep at the next expiry."""
-        linger, idle = self.config.session_linger, self.config.idle_timeout
+        linger, idle, embryonic = self.config.session_linger, self.config.idle_timeout, self.config.embryonic_timeout
         for flow, session in list(self._sessions.items()):
-            expires = session.last_seen + idle
+            expires = session.last_seen + (embryonic if session.embryonic else idle)
             if session.closed_at is not None:
                 expires = min(expires, session.closed_at + linger)
             if expires <= now:
                 del self._sessions[flow]
+                self._unkeyed.pop(flow, None)
+                self._bury(session, now)
+                session.wipe_secrets()
                 self._events.append(SessionExpired(flow))
             else:
                 self._schedule_sweep(max(expires, now + SWEEP_INTERVAL))
+        for flow in [flow for flow, session in self._unkeyed.items() if session.send is not None]:
+            del self._unkeyed[flow]  # keyed since: no longer a candidate for eviction
+        next_tombstone = self.tombstones.expire(now)
+        if next_tombstone is not None:
+            self._schedule_sweep(max(next_tombstone, now + SWEEP_INTERVAL))
+
+    def _bury(self, session: Session, now: float) -> None:
+        """A session leaves the table: if it ever translated, leave a tombstone (fail closed)."""
+        send = session.send
+        if send is not None:
+            self.tombstones.add(session.flow, to_seq(send.wire_next, send.base), now)
+
+    def abort_all(self, reason: str, now: float) -> int:
+        """Reset every live encrypted connection toward both ends (the daemon stops: its rules go,
+        and such a connection must not go on in plaintext, README: Security model); return how many."""
+        count = 0
+        for session in self._sessions.values():
+            if session.is_translating and session.closed_at is None:
+                session.abort(reason, now)
+                count += 1
+        if count:
+            self._schedule_sweep(now + self.config.session_linger)
+        return count
 
     def cache_info(self, now: float) -> list[dict[str, object]]:
         """The resumption cache: peers and counters, never secrets (`nfq-tcpcrypt cache show`)."""
@@ -172,6 +317,9 @@ class Engine:
 
 
 def _is_new_syn(session: Session, seg, direction: Direction) -> bool:  # type: ignore[no-untyped-def]
-    """A SYN with another ISN on a known 4-tuple starts a new connection (port reuse)."""
+    """A SYN with another ISN on a known 4-tuple starts a new connection (port reuse), except
+    from the wire on a live translating session: the session answers that (RFC 5961 §4)."""
+    if direction is Direction.INBOUND and session.is_translating and session.closed_at is None:
+        return False
     isn = session.isn_local if direction is Direction.OUTBOUND else session.isn_remote
     return isn is not None and isn != seg.seq

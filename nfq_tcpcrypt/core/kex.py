@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec, x448, x25519
@@ -137,10 +137,22 @@ def resume_identifier(ss: bytes) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class TrafficKeys:
-    """One key set j: the AEAD key and nonce randomizer for each direction (RFC 8548 §3.3, §3.8)."""
+    """One key set j: the AEAD key and nonce randomizer for each direction (RFC 8548 §3.3, §3.8).
 
-    k_ab: bytes
-    k_ba: bytes
+    Never in a repr; `wipe` zeroes them (best effort: the AEAD objects keep their own copies)."""
+
+    k_ab: bytearray = field(repr=False)
+    k_ba: bytearray = field(repr=False)
+
+    def wipe(self) -> None:
+        """Zero both keys."""
+        wipe(self.k_ab)
+        wipe(self.k_ba)
+
+
+def wipe(secret: bytearray) -> None:
+    """Overwrite a secret held in a bytearray with zeros (best-effort erasure)."""
+    secret[:] = bytes(len(secret))
 
 
 class KeySchedule:
@@ -148,7 +160,7 @@ class KeySchedule:
 
     def __init__(self, ss: bytes, sn: bytes, tep_byte: int, traffic_key_len: int) -> None:
         self._traffic_key_len = traffic_key_len
-        self._mk = cprf(ss, bytes((CONST_REKEY,)) + sn, K_LEN)
+        self._mk = bytearray(cprf(ss, bytes((CONST_REKEY,)) + sn, K_LEN))
         self._generation = 0
         self.session_id = bytes((tep_byte,)) + cprf(ss, bytes((CONST_SESSID,)) + sn, K_LEN)
 
@@ -157,10 +169,19 @@ class KeySchedule:
         if generation < self._generation:
             raise ValueError(f"generation {generation} is older than {self._generation}")
         while self._generation < generation:
-            self._mk = cprf(self._mk, bytes((CONST_REKEY,)), K_LEN)
+            mk = bytearray(cprf(bytes(self._mk), bytes((CONST_REKEY,)), K_LEN))
+            wipe(self._mk)
+            self._mk = mk
             self._generation += 1
         length = self._traffic_key_len
         return TrafficKeys(
-            k_ab=cprf(self._mk, bytes((CONST_KEY_A,)), length),
-            k_ba=cprf(self._mk, bytes((CONST_KEY_B,)), length),
+            k_ab=bytearray(cprf(bytes(self._mk), bytes((CONST_KEY_A,)), length)),
+            k_ba=bytearray(cprf(bytes(self._mk), bytes((CONST_KEY_B,)), length)),
         )
+
+    def wipe(self) -> None:
+        """Zero the master key (the session ended)."""
+        wipe(self._mk)
+
+    def __repr__(self) -> str:
+        return f"KeySchedule(generation={self._generation})"

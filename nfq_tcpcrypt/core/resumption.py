@@ -15,7 +15,7 @@ connections, and crossing SYNs that offer the same secret both fall back to a fr
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .constants import AEAD_NAMES, TEP_NAMES, Aead, Tep
 from .kex import next_session_secret, resume_identifier
@@ -27,7 +27,7 @@ LOOKAHEAD = 4
 class Resumable:
     """What one resumption needs: the secret ss[i] and the original session's parameters."""
 
-    ss: bytes
+    ss: bytes = field(repr=False)
     resume_id: bytes  # resume[i], 18 bytes
     tep: Tep
     aead: Aead
@@ -45,7 +45,7 @@ class Resumable:
 
 
 class _Entry:
-    __slots__ = ("peer", "ss", "index", "tep", "aead", "original_role", "expires_at", "uses")
+    __slots__ = ("peer", "ss", "index", "tep", "aead", "original_role", "expires_at", "uses", "halves")
 
     def __init__(self, peer: bytes, ss: bytes, tep: Tep, aead: Aead, role: str, expires_at: float) -> None:
         self.peer = peer
@@ -56,6 +56,18 @@ class _Entry:
         self.original_role = role
         self.expires_at = expires_at
         self.uses = 0
+        self.halves: list[bytes] = []  # the peer's identifier halves of ss[index .. index+LOOKAHEAD-1]
+        self._look_ahead()
+
+    def _look_ahead(self) -> None:
+        """Derive the identifier halves a peer may send next, once per step (not per SYN)."""
+        ss = bytes(self.ss)
+        halves = []
+        for ahead in range(LOOKAHEAD):
+            if ahead:
+                ss = next_session_secret(ss)
+            halves.append(Resumable(ss, resume_identifier(ss), self.tep, self.aead, self.original_role).peer_half)
+        self.halves = halves
 
     def advance(self, steps: int) -> None:
         """Move to ss[index + steps], zeroing the secrets left behind."""
@@ -64,6 +76,7 @@ class _Entry:
             self.ss[:] = bytes(len(self.ss))
             self.ss = bytearray(nxt)
             self.index += 1
+        self._look_ahead()
 
     def resumable(self, ahead: int = 0) -> Resumable:
         ss = bytes(self.ss)
@@ -74,62 +87,87 @@ class _Entry:
     def wipe(self) -> None:
         self.ss[:] = bytes(len(self.ss))
 
+    def __repr__(self) -> str:
+        return f"_Entry(index={self.index}, tep={self.tep.name}, uses={self.uses})"
+
 
 class ResumptionCache:
-    """Bounded (LRU), expiring store of session secrets per peer (RFC 8548 §3.5)."""
+    """Bounded (LRU, and per peer), expiring store of session secrets (RFC 8548 §3.5).
 
-    def __init__(self, max_entries: int = 4096, ttl: float = 3600.0) -> None:
+    Lookups cost no key derivation: each entry keeps the identifier halves the peer may send next,
+    indexed by (peer, half), so a SYN with a bogus identifier costs one dictionary lookup.
+    """
+
+    def __init__(self, max_entries: int = 4096, ttl: float = 3600.0, per_peer: int = 16) -> None:
         self.max_entries = max_entries
         self.ttl = ttl
+        self.per_peer = per_peer
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._by_peer: dict[bytes, list[int]] = {}  # entry keys of each peer, oldest first
+        self._by_half: dict[tuple[bytes, bytes], int] = {}  # (peer, identifier half) -> entry key
         self._next_key = 0
+        self._next_expiry = 0.0
         self.flushes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def store(self, peer: bytes, ss0: bytes, tep: Tep, aead: Aead, role: str, now: float) -> None:
-        """Cache ss[1] of a fresh session (ss[0] itself is not kept, §3.5)."""
+        """Cache ss[1] of a fresh session (ss[0] itself is not kept, §3.5); a peer's oldest entry
+        goes when it has `per_peer` already, the least recently used one when the cache is full."""
         entry = _Entry(peer, next_session_secret(ss0), tep, aead, role, now + self.ttl)
-        self._entries[self._next_key] = entry
+        key = self._next_key
         self._next_key += 1
+        self._entries[key] = entry
+        self._by_peer.setdefault(peer, []).append(key)
+        self._index(key, entry)
+        while len(self._by_peer[peer]) > self.per_peer:
+            self._remove(self._by_peer[peer][0])
         while len(self._entries) > self.max_entries:
-            _, old = self._entries.popitem(last=False)
-            old.wipe()
+            self._remove(next(iter(self._entries)))
 
     def take_for_offer(self, peer: bytes, teps: tuple[Tep, ...], now: float) -> Resumable | None:
         """The secret to offer to `peer` on an active open, burned at once (§3.5: lowest unused i)."""
         self._expire(now)
-        for key in reversed(self._entries):
-            entry = self._entries[key]
-            if entry.peer == peer and entry.tep in teps:
-                offer = entry.resumable()
-                entry.advance(1)
-                entry.uses += 1
-                self._entries.move_to_end(key)
-                return offer
-        return None
+        best = next(
+            (key for key in reversed(self._by_peer.get(peer, []))  # at most per_peer, latest used first
+             if self._entries[key].tep in teps and self._entries[key].expires_at > now),
+            None,
+        )
+        if best is None:
+            return None
+        entry = self._entries[best]
+        offer = entry.resumable()
+        self._unindex(best, entry)
+        entry.advance(1)
+        self._index(best, entry)
+        entry.uses += 1
+        self._touch(best, entry)
+        return offer
 
     def take_for_answer(self, peer: bytes, tep: int, half: bytes, now: float) -> Resumable | None:
         """The cached secret whose identifier half `half` the peer sent, if any, burned (§3.5)."""
         self._expire(now)
-        for key, entry in self._entries.items():
-            if entry.peer != peer or int(entry.tep) != tep:
-                continue
-            for ahead in range(LOOKAHEAD):
-                candidate = entry.resumable(ahead)
-                if candidate.peer_half == half:
-                    entry.advance(ahead + 1)
-                    entry.uses += 1
-                    self._entries.move_to_end(key)
-                    return candidate
-        return None
+        key = self._by_half.get((peer, bytes(half)))
+        if key is None:
+            return None
+        entry = self._entries[key]
+        if int(entry.tep) != tep or entry.expires_at <= now:
+            return None
+        ahead = entry.halves.index(bytes(half))
+        candidate = entry.resumable(ahead)
+        self._unindex(key, entry)
+        entry.advance(ahead + 1)
+        self._index(key, entry)
+        entry.uses += 1
+        self._touch(key, entry)
+        return candidate
 
     def flush(self, peer: bytes | None = None) -> int:
         """Forget every secret (of one peer, or all); return how many entries went."""
         keys = [k for k, e in self._entries.items() if peer is None or e.peer == peer]
         for key in keys:
-            self._entries.pop(key).wipe()
+            self._remove(key)
         self.flushes += 1
         return len(keys)
 
@@ -137,7 +175,7 @@ class ResumptionCache:
         """Peers and counters, never secrets (`nfq-tcpcrypt cache show`)."""
         import ipaddress
 
-        self._expire(now)
+        self._expire(now, force=True)
         return [
             {
                 "peer": str(ipaddress.ip_address(e.peer)),
@@ -151,6 +189,35 @@ class ResumptionCache:
             for e in self._entries.values()
         ]
 
-    def _expire(self, now: float) -> None:
+    def _touch(self, key: int, entry: _Entry) -> None:
+        """`key` was just used: most recent, in the cache and among its peer's entries."""
+        self._entries.move_to_end(key)
+        keys = self._by_peer[entry.peer]
+        keys.remove(key)
+        keys.append(key)
+
+    def _index(self, key: int, entry: _Entry) -> None:
+        for half in entry.halves:
+            self._by_half[(entry.peer, half)] = key
+
+    def _unindex(self, key: int, entry: _Entry) -> None:
+        for half in entry.halves:
+            if self._by_half.get((entry.peer, half)) == key:
+                del self._by_half[(entry.peer, half)]
+
+    def _remove(self, key: int) -> None:
+        entry = self._entries.pop(key)
+        self._unindex(key, entry)
+        keys = self._by_peer[entry.peer]
+        keys.remove(key)
+        if not keys:
+            del self._by_peer[entry.peer]
+        entry.wipe()
+
+    def _expire(self, now: float, force: bool = False) -> None:
+        """Drop expired entries: a full pass at most once a second (lookups check expiry anyway)."""
+        if not force and now < self._next_expiry:
+            return
+        self._next_expiry = now + 1.0
         for key in [k for k, e in self._entries.items() if e.expires_at <= now]:
-            self._entries.pop(key).wipe()
+            self._remove(key)

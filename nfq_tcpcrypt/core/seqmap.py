@@ -11,7 +11,8 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 
 from .aead import FrameCipher
-from .constants import FLAG_FINP, FRAME_HEADER_LEN, MAX_FRAME_DATA
+from .constants import FLAG_FINP, FRAME_HEADER_LEN, MAX_FRAME_DATA, MAX_INIT_LEN
+from .outoforder import OutOfOrder
 
 MASK = 0xFFFFFFFF
 HALF = 1 << 31
@@ -198,8 +199,7 @@ class RecvStream:
         self.buf_start = 0
         self.plain_next = 0  # next plain offset to deliver
         self.checkpoints: deque[tuple[int, int]] = deque([(0, 0)])  # (plain, wire) frame ends
-        self.ooo: dict[int, bytes] = {}
-        self.ooo_bytes = 0
+        self.ooo = OutOfOrder()  # wire bytes beyond a gap, bounded (outoforder.py)
         self.cipher: FrameCipher | None = None
         self.fin_at: int | None = None  # wire offset of the peer's FIN
         self.finp = False  # a frame with FINp was verified (RFC 8548 §3.7)
@@ -208,50 +208,41 @@ class RecvStream:
         self.ack_floor = 0  # highest wire offset we acknowledged to the peer
         self.local_ack_wire = 0  # our stack's own acknowledgment, in wire space
         self.gen = 0  # remote key generation (RFC 8548 §3.8)
-        self.last_ooo: int | None = None  # wire offset of the latest out-of-order arrival
         self.fin_seen: int | None = None  # wire offset of a FIN that arrived, maybe ahead of a gap
         self.replay: deque[tuple[int, bytes]] = deque()  # delivered plaintext our stack has not acked
         self.redelivered_to = 0  # plain offset up to which lost plaintext was handed over again
+        self.right_edge = 0xFFFF + MAX_INIT_LEN  # wire offset past our stack's receive window
+        self.edge_known = False  # right_edge still the guess before our stack's first ACK
 
-    def add(self, wire: int, data: bytes, limit: int) -> bool:
-        """Take payload at wire offset `wire`; return False when nothing new could be used."""
+    def add(self, wire: int, data: bytes, limit: int, now: float = 0.0) -> bool:
+        """Take payload at wire offset `wire`; return False when nothing new could be used.
+
+        Out-of-order data is held only within `limit` bytes of `wire_next` and within a memory
+        budget of `limit` bytes, overhead counted (outoforder.py)."""
         end = wire + len(data)
+        ooo = self.ooo
+        if ooo:
+            ooo.expire(now)
         if end <= self.wire_next:
             return False
         if wire > self.wire_next:
-            if self.ooo_bytes + len(data) <= limit and len(data) > len(self.ooo.get(wire, b"")):
-                self.ooo_bytes += len(data) - len(self.ooo.get(wire, b""))
-                self.ooo[wire] = data
-                self.last_ooo = wire
+            ooo.add(wire, data, self.wire_next, limit, limit, now)
             return False
-        self.buf += data[self.wire_next - wire :]
+        new = data[self.wire_next - wire :]
+        if ooo:
+            ooo.check_in_order(self.wire_next, new)
+        self.buf += new
         self.wire_next = end
-        while self.ooo:
-            ready = [w for w in self.ooo if w <= self.wire_next]
-            if not ready:
-                break
-            for w in ready:
-                piece = self.ooo.pop(w)
-                self.ooo_bytes -= len(piece)
-                if w + len(piece) > self.wire_next:
-                    self.buf += piece[self.wire_next - w :]
-                    self.wire_next = w + len(piece)
+        while ready := ooo.pop_ready(self.wire_next):
+            for start, piece in ready:
+                if start + len(piece) > self.wire_next:
+                    self.buf += piece[self.wire_next - start :]
+                    self.wire_next = start + len(piece)
         return True
 
     def sack_blocks(self, limit: int) -> list[tuple[int, int]]:
         """Held out-of-order wire ranges as SACK blocks, the latest arrival first (RFC 2018 §4)."""
-        merged: list[list[int]] = []
-        for start in sorted(self.ooo):
-            end = start + len(self.ooo[start])
-            if merged and start <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], end)
-            else:
-                merged.append([start, end])
-        blocks = [(a, b) for a, b in merged]
-        latest = self.last_ooo
-        if latest is not None:
-            blocks.sort(key=lambda block: not block[0] <= latest < block[1])
-        return blocks[:limit]
+        return self.ooo.blocks(limit)
 
     def consume(self, n: int) -> bytes:
         """Remove `n` bytes from the front of the reassembly buffer."""

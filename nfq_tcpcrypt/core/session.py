@@ -35,7 +35,9 @@ from .constants import (
 from .errors import Disposition, LocalProtocolError, MalformedSegment, ProtocolError, RemoteProtocolError
 from .events import EnoNegotiated, Event, FellBackToPlain, SessionAborted, SessionClosed, SessionEstablished
 from .flow import FlowKey
+from .guard import ChallengeLimiter, RstCheck, check_rst
 from .kex import KeySchedule, TrafficKeys, public_bytes, session_secret, shared_secret
+from .outoforder import Budget
 from .resumption import Resumable, ResumptionCache
 from .seqmap import RecvStream, SendStream, to_offset, to_seq
 from .translate import StreamTranslation
@@ -61,6 +63,11 @@ from .wire.tcpcrypt import (
 )
 
 logger = logging.getLogger(__name__)
+
+MIN_PMTU_V4 = 552
+"""The lowest IPv4 path MTU a too-big report can set (Linux's net.ipv4.route.min_pmtu default)."""
+MIN_PMTU_V6 = 1280
+"""The IPv6 minimum link MTU (RFC 8200 §5)."""
 
 
 class State(Enum):
@@ -108,8 +115,10 @@ class Session(StreamTranslation):
     def __init__(
         self, flow: FlowKey, config: Configuration, emit: Callable[[Event], None],
         inject: Callable[[Injection], None], cache: ResumptionCache | None = None,
+        ooo_budget: Budget | None = None,
     ) -> None:
         self._cache = cache
+        self._ooo_budget = ooo_budget
         self._no_cache = False
         self._resume: Resumable | None = None
         self.flow = flow
@@ -172,6 +181,11 @@ class Session(StreamTranslation):
         # lowered by a too-big report (our own link's MTU shows up as one, sent by our kernel).
         self.wire_mss = 536
         self.pmtu: int | None = None  # the path MTU a too-big report gave, once there was one
+        self._challenges = ChallengeLimiter()
+        self._synchronized = False  # a non-SYN segment came from the wire
+        self.required = False  # policy `require`: never plain (the engine resets instead)
+        self.refused = False  # reset under `require`; its packets are dropped
+        self.delegated = False  # our side negotiates TCP-ENO itself: not plain, not ours
 
     # ------------------------------------------------------------------ state machine
 
@@ -191,6 +205,14 @@ class Session(StreamTranslation):
     def sack_ok(self) -> bool:
         """Both SYNs carried SACK-permitted (RFC 2018 §2)."""
         return self._local_sack_perm and self._remote_sack_perm
+
+    @property
+    def embryonic(self) -> bool:
+        """Whether the connection is still opening: ENO has not succeeded, and no non-SYN segment
+        came from the wire (a spoofed SYN's session never gets one): a short timeout applies."""
+        return self.state in (State.NEW, State.ENO_SENT, State.ENO_RECEIVED) or (
+            self.state == State.PLAIN and not self._synchronized
+        )
 
     @property
     def is_translating(self) -> bool:
@@ -223,10 +245,17 @@ class Session(StreamTranslation):
     def inbound(self, seg: Segment, now: float) -> Verdict:
         """A packet from the wire toward the local stack."""
         self.last_seen = now
+        self._synchronized = self._synchronized or not seg.is_syn
         if self.state in (State.PLAIN, State.NEW):
             return self._plain(seg)
         if self.state == State.ABORTED:
             return DROP
+        if self.is_translating:
+            # RFC 5961: checked in wire space before anything of the segment is taken.
+            if seg.is_syn and seg.seq != self.isn_remote:
+                return self._challenge(now)  # §4.2: a SYN on a synchronized connection
+            if seg.is_rst:
+                return self._rst_in(seg, now)
         self._in_ip = seg.ip_header
         try:
             options = parse_options(seg.options)
@@ -239,8 +268,6 @@ class Session(StreamTranslation):
                 self._fall_back("non-syn segment before the syn-ack")
             if not self.is_translating:
                 return self._plain(seg)
-            if seg.is_rst:
-                return self._rst_in(seg, now)
             return self._translate_in(seg, options, now)
         except MalformedSegment:
             return DROP if self.is_translating else Verdict(Action.ACCEPT)
@@ -268,6 +295,7 @@ class Session(StreamTranslation):
         if eno.eno_options(options):
             # Our side speaks TCP-ENO itself (a host-mode daemon or a kernel behind a gateway):
             # leave the connection to it, never encrypt twice.
+            self.delegated = True
             self._fall_back("our side negotiates tcp-eno itself")
             return Verdict(Action.ACCEPT)
         flow = self.flow
@@ -429,6 +457,7 @@ class Session(StreamTranslation):
             raise LocalProtocolError("streams opened before both isns are known")
         self.send = SendStream(self.isn_local)
         self.recv = RecvStream(self.isn_remote)
+        self.recv.ooo.budget = self._ooo_budget
 
     # ------------------------------------------------------------------ key exchange (RFC 8548 §3.3)
 
@@ -501,7 +530,7 @@ class Session(StreamTranslation):
         if keys is None:
             keys = self._keys[generation] = self._schedule.keys(generation)
         for old in [g for g in self._keys if g < generation - 1]:
-            del self._keys[old]  # SHOULD delete old keys (§3.8); one older set may still be needed
+            self._keys.pop(old).wipe()  # SHOULD delete old keys (§3.8); one older set may still be needed
         mine_ab = (self.key_role == "A") == sending
         return FrameCipher(self.aead, keys.k_ab if mine_ab else keys.k_ba)
 
@@ -622,7 +651,19 @@ class Session(StreamTranslation):
         return Verdict(Action.ACCEPT)
 
     def _rst_in(self, seg: Segment, now: float) -> Verdict:
+        """An RST from the wire: taken only at exactly the next expected wire sequence number (or
+        the acknowledgment we last sent); inside the window a challenge ACK, else dropped (RFC 5961
+        §3.2). A taken RST reaches our stack at exactly its next expected sequence number."""
         assert self.send is not None and self.recv is not None
+        recv = self.recv
+        wire = to_offset(seg.seq, recv.base, recv.wire_next)
+        rcv_nxt = recv.wire_next + (recv.fin_seen == recv.wire_next)
+        shift = self._local_ws if self._local_ws is not None and self._remote_ws is not None else 0
+        check = check_rst(wire, (rcv_nxt, recv.ack_floor), rcv_nxt, self._local_window << shift)
+        if check is RstCheck.CHALLENGE:
+            return self._challenge(now)
+        if check is RstCheck.DROP:
+            return DROP
         seg.seq = to_seq(self.recv.plain_next, self.recv.base)
         if seg.is_ack:
             send = self.send
@@ -631,6 +672,13 @@ class Session(StreamTranslation):
         self.closed_at = self.closed_at or now
         self._emit(SessionClosed(self.flow, "reset by the peer"))
         return Verdict(Action.ACCEPT, serialize_segment(seg))
+
+    def _challenge(self, now: float) -> Verdict:
+        """A challenge ACK toward the peer (rate limited, RFC 5961 §7); the segment is dropped."""
+        assert self.send is not None
+        if self._challenges.allow(now):
+            self._inject_wire(self.send.wire_next, b"", TCP_ACK)
+        return DROP
 
     def _error(self, exc: ProtocolError, seg: Segment, now: float, outbound: bool) -> Verdict:
         if isinstance(exc, LocalProtocolError):
@@ -645,6 +693,11 @@ class Session(StreamTranslation):
         self._abort(str(exc), now)
         return DROP
 
+    def abort(self, reason: str, now: float) -> None:
+        """Abort from outside (the daemon stops): RST toward both ends."""
+        if self.is_translating:
+            self._abort(reason, now)
+
     def _abort(self, reason: str, now: float) -> None:
         """RST toward the peer and toward the local stack (RFC 8548 §3.6: an error, never EOF)."""
         logger.warning("%s: aborting: %s", self.flow, reason)
@@ -654,7 +707,23 @@ class Session(StreamTranslation):
         self._set_state(Trigger.ABORT)
         self.closed_at = now
         self._timers.clear()
+        self.wipe_secrets()
         self._emit(SessionAborted(self.flow, reason))
+
+    def wipe_secrets(self) -> None:
+        """Best-effort erasure when the session ends: traffic and master keys zeroed, private key,
+        ciphers and resumption secret dropped (README: Security model)."""
+        for keys in self._keys.values():
+            keys.wipe()
+        self._keys.clear()
+        if self._schedule is not None:
+            self._schedule.wipe()
+            self._schedule = None
+        self._private_key = None
+        self._resume = None
+        if self.send is not None and self.recv is not None:
+            self.send.cipher = self.recv.cipher = None
+            self.recv.ooo.clear()  # the daemon-wide budget gets its bytes back
 
     def _check_closed(self, now: float) -> None:
         send, recv = self.send, self.recv
@@ -681,17 +750,22 @@ class Session(StreamTranslation):
         if message.is_too_big and self.pmtu is not None and message.src == self.flow.local_ip:
             return DROP  # our kernel about a wire packet sent before the switch: stale
         *_, at, seq = message.quoted_tcp
-        plain = send.wire_to_plain(to_offset(seq, send.base, send.acked_wire))
+        wire = to_offset(seq, send.base, send.acked_wire)
+        if not send.acked_wire <= wire <= send.wire_next:
+            return DROP  # not about data in flight (Linux tcp_v4_err: snd_una <= seq <= snd_nxt)
+        plain = send.wire_to_plain(wire)
         quote = bytearray(message.quote)
         struct.pack_into("!I", quote, at, to_seq(plain, send.base))
         message.quote = bytes(quote)
         if message.is_too_big:
             # Frames already logged keep their size; resent, they are split to fit the new path
-            # MTU (IP and TCP headers; segments budget their options within wire_mss).
-            ip_header = 20 if len(message.src) == 4 else 40
-            self.wire_mss = max(min(self.wire_mss, message.mtu - ip_header - 20), 64)
-            self.pmtu = message.mtu if self.pmtu is None else min(self.pmtu, message.mtu)
-            message.mtu = max(message.mtu - FRAME_OVERHEAD, 68 if len(message.src) == 4 else 1280)
+            # MTU (IP and TCP headers; segments budget their options within wire_mss). Linux's
+            # floors: IPv4 min_pmtu 552, IPv6 1280 (RFC 8200 §5).
+            v4 = len(message.src) == 4
+            mtu = max(message.mtu, MIN_PMTU_V4 if v4 else MIN_PMTU_V6)
+            self.wire_mss = min(self.wire_mss, mtu - (20 if v4 else 40) - 20)
+            self.pmtu = mtu if self.pmtu is None else min(self.pmtu, mtu)
+            message.mtu = max(mtu - FRAME_OVERHEAD, 68 if v4 else 1280)
         return Verdict(Action.ACCEPT, serialize_icmp_error(message))
 
     def icmp_out(self, message: IcmpError) -> Verdict:
@@ -713,7 +787,7 @@ class Session(StreamTranslation):
 
     def info(self) -> dict[str, object]:
         """The session as a JSON-ready dict (README: `sessions --json`); no secrets."""
-        state = self.state.value
+        state = "refused" if self.refused else self.state.value
         if self.closed_at is not None and self.state == State.ENCRYPTING:
             state = "closed"
         return {
@@ -732,7 +806,18 @@ class Session(StreamTranslation):
             "redelivered": self.redelivered,
             "replayed": self.replayed,
             "generation": [self.send.gen, self.recv.gen] if self.send and self.recv else [0, 0],
+            "held_bytes": self.held_bytes(),
         }
+
+    def held_bytes(self) -> int:
+        """Bytes this session holds for either side (plaintext before keys, out-of-order wire
+        bytes with their overhead, plaintext kept for redelivery): README, Memory bounds."""
+        held = 0
+        if self.send is not None:
+            held += sum(len(data) for _, data, _ in self.send.held)
+        if self.recv is not None:
+            held += self.recv.ooo.cost + sum(len(data) for _, data in self.recv.replay)
+        return held
 
 
 def _toward_stack(options: list[tuple[int, bytes]]) -> bytes:

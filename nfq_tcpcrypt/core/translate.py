@@ -130,6 +130,7 @@ class StreamTranslation:
                 local_loss = self._redeliver_lost(stack_ack, options, dup, now)
             ack_before = recv.ack_floor
             seg.ack = to_seq(recv.ack_to_wire(stack_ack), recv.base)
+            self._note_right_edge(seg.window)
             # A duplicate ACK about plaintext our stack lost after us is ours to answer (above);
             # the peer would take it for a loss on the wire and resend. It tells the peer nothing.
             local_loss = local_loss and same_window and recv.ack_floor == ack_before and not recv.ooo
@@ -237,11 +238,16 @@ class StreamTranslation:
         seg.options = self._options_in(options, seg.options)
         wire = to_offset(seg.seq, recv.base, recv.wire_next)
         data = seg.payload
+        if wire + len(data) > recv.right_edge:
+            # A peer that ignores our stack's receive window: what lies beyond it is not taken,
+            # so that the plaintext held for our stack stays within that window.
+            data = data[: max(recv.right_edge - wire, 0)]
+            seg.flags &= ~TCP_FIN
         plain_start = recv.plain_next
         redeliver = b""
         if seg.is_fin and recv.fin_seen is None:
             recv.fin_seen = wire + len(data)
-        added = bool(data) and recv.add(wire, data, self.config.ooo_limit)
+        added = bool(data) and recv.add(wire, data, self.config.ooo_limit, now)
         if data and not added:
             if send.cipher is not None and not send.prefix_acked:
                 self._send_prefix(now)
@@ -449,6 +455,15 @@ class StreamTranslation:
             if last:
                 return
             at += size
+
+    def _note_right_edge(self, window: int) -> None:
+        """Our stack's window field: its right edge in wire space (never moves left, RFC 7323 §2.4)."""
+        recv = self.recv
+        assert recv is not None
+        shift = self._local_ws if self._local_ws is not None and self._remote_ws is not None else 0
+        edge = recv.local_ack_wire + (window << shift)
+        recv.right_edge = max(recv.right_edge, edge) if recv.edge_known else edge
+        recv.edge_known = True
 
     def _wire_window(self, window: int) -> int:
         """Our stack's window field for the wire, where the ACK may be ahead of our stack's own

@@ -17,10 +17,16 @@ class Action(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """ACCEPT or DROP, and for ACCEPT optionally the bytes that replace the packet."""
+    """ACCEPT or DROP, and for ACCEPT optionally the bytes that replace the packet.
+
+    `encrypted` says the packet belongs to a connection that negotiated encryption: the shell marks
+    it so that conntrack remembers the connection, and the rules keep its packets from leaving in
+    plaintext while no daemon runs (README: Security model).
+    """
 
     action: Action
     packet: bytes | None = None
+    encrypted: bool = False
 
 
 ACCEPT = Verdict(Action.ACCEPT)

@@ -63,7 +63,18 @@ def control_commands(engine: EngineLike, loop: EventLoop) -> dict[str, Any]:
         "ping": lambda request: {"ok": True, "pid": os.getpid()},
         "cache": lambda request: engine.cache_info(time.monotonic()),
         "cache_flush": flush,
+        "abort_all": lambda request: {"reset": abort_encrypted(engine, loop)},
     }
+
+
+def abort_encrypted(engine: EngineLike, loop: EventLoop) -> int:
+    """Reset every live encrypted connection toward both ends, now: the daemon is about to remove its
+    rules, and such a connection must never go on in plaintext (README: Security model)."""
+    count = engine.abort_all("daemon stopping", time.monotonic())
+    loop.flush_injections()
+    if count:
+        logger.info("reset %d encrypted connections on the way out", count)
+    return count
 
 
 def make_reload(
@@ -168,6 +179,7 @@ def run_daemon(options: DaemonOptions) -> int:
                 logger.info("rules removed")
 
         stack.callback(remove_rules)
+        stack.callback(abort_encrypted, engine, loop)  # runs before remove_rules
         commands = control_commands(engine, loop)
 
         def counters() -> dict[str, int]:

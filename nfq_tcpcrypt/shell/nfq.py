@@ -15,6 +15,7 @@ from netfilterqueue import NetfilterQueue
 
 from ..core.flow import Direction
 from ..core.verdict import Action, Verdict
+from .rules import ENCRYPTED_MARK
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ MAX_LEN = 4096
 DRAIN_BUDGET = 128
 """Packets handled per `drain()` before control returns to the loop (timers, control socket, `now`)."""
 
-Handler = Callable[[bytes, Direction], Verdict]
+Handler = Callable[[bytes, Direction, bool], Verdict]
 
 
 class _BudgetSpent(Exception):
@@ -99,7 +100,7 @@ class QueuePair:
                     )
                     verdict = Verdict(Action.ACCEPT)
                 else:
-                    verdict = self._handler(payload, direction)
+                    verdict = self._handler(payload, direction, bool(pkt.get_mark() & ENCRYPTED_MARK))
             except Exception:
                 self._count("handler_errors")
                 logger.exception("engine failed on a %s packet; dropping it", direction.value)
@@ -161,6 +162,8 @@ def _apply(pkt: Any, verdict: Verdict | None) -> None:
     if verdict is None or verdict.action is Action.DROP:
         pkt.drop()
         return
+    if verdict.encrypted:
+        pkt.set_mark(pkt.get_mark() | ENCRYPTED_MARK)
     if verdict.packet is not None:
         try:
             pkt.set_payload(bytes(verdict.packet))

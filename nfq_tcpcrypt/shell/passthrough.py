@@ -13,7 +13,7 @@ class PassThroughEngine:
     def __init__(self) -> None:
         self.counters: dict[str, int] = {}
 
-    def process(self, packet: bytes, direction: Direction, now: float) -> Verdict:
+    def process(self, packet: bytes, direction: Direction, now: float, encrypted: bool = False) -> Verdict:
         """Accept unchanged."""
         return ACCEPT
 
@@ -42,4 +42,8 @@ class PassThroughEngine:
 
     def flush_cache(self, reason: str, peer: bytes | None = None) -> int:
         """No cache."""
+        return 0
+
+    def abort_all(self, reason: str, now: float) -> int:
+        """No sessions."""
         return 0

@@ -28,6 +28,11 @@ logger = logging.getLogger(__name__)
 CHAIN_PREFIX = "NFQ_TCPCRYPT_"
 """Every chain the daemon creates starts with this name (DESIGN.md §5)."""
 
+ENCRYPTED_MARK = 0x40000000
+"""Packet-mark bit of packets of connections that negotiated encryption (README: Security model).
+The daemon sets it in the verdicts of such packets; the rules save it in conntrack's mark, restore
+it on the way out, and while no daemon runs drop those packets instead of letting them pass."""
+
 TEMPLATES = {"ipv4": "host.rules", "ipv6": "host6.rules"}
 GATEWAY_TEMPLATES = {"ipv4": "gateway.rules", "ipv6": "gateway6.rules"}
 MODES = ("host", "gateway")
@@ -104,6 +109,7 @@ class RuleParams:
             "mark": f"{self.mark:#x}",
             "local_mark": f"{local_mark:#x}",
             "bypass": "" if self.fail_closed else "--queue-bypass",
+            "enc_mark": f"{ENCRYPTED_MARK:#x}",
         }
 
 
@@ -203,6 +209,23 @@ def removal_text(installed: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def without_present_jumps(text: str, present: list[str]) -> str:
+    """`text` without the jumps from built-in chains that `present` (iptables-save lines) already
+    has; declaring our chains again flushes them, so the rest refills them in place."""
+    have = {" ".join(line.split()) for line in present}
+    out = []
+    for line in text.splitlines():
+        words = line.split()
+        if words[:1] in (["-A"], ["-I"]) and not words[1].startswith(CHAIN_PREFIX):
+            spec = words[2:]
+            if words[0] == "-I" and spec and spec[0].isdigit():
+                spec = spec[1:]
+            if " ".join(["-A", words[1], *spec]) in have:
+                continue
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
 def _restore(family: str, text: str) -> None:
     result = subprocess.run(
         [RESTORE[family], "--noflush"],
@@ -281,7 +304,15 @@ def install(params: RuleParams, families: tuple[str, ...] = ("ipv4",)) -> Instal
     try:
         for family in families:
             text = render(family, params)
-            _restore(family, text)
+            present = leftovers(family) if available(family) else []
+            if any(f"{CHAIN_PREFIX}PRE_{params.inbound_queue}" in line for line in present):
+                # A killed daemon's rules are still in (they keep encrypted connections from
+                # leaving in plaintext): take them over in one transaction per table, never
+                # leaving a moment without them (README: Security model).
+                logger.info("%s: taking over the rules a killed daemon left", family)
+                _restore(family, without_present_jumps(text, present))
+            else:
+                _restore(family, text)
             installed.texts[family] = text
             nft_text = render_nft(family, params)
             if nft_text:

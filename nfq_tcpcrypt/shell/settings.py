@@ -23,7 +23,7 @@ from typing import Any
 
 from ..core.config import Configuration, PolicyRule, parse_aeads, parse_teps
 from ..core.errors import ConfigError
-from .rules import MAX_WORKERS, MODES, valid_ifname
+from .rules import ENCRYPTED_MARK, MAX_WORKERS, MODES, valid_ifname
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,10 @@ ENGINE_KEYS: dict[str, type] = {
     "resume_nonce_len": int,
     "resume_ttl": float,
     "resume_cache_size": int,
+    "resume_per_peer": int,
+    "embryonic_timeout": float,
+    "tombstone_ttl": float,
+    "max_tombstones": int,
     "max_sessions": int,
     "session_linger": float,
     "idle_timeout": float,
@@ -104,13 +108,16 @@ ENGINE_KEYS: dict[str, type] = {
     "kex_retries": int,
     "held_limit": int,
     "ooo_limit": int,
+    "ooo_total_limit": int,
     "syn_retries_with_eno": int,
     "deliver_max": int,
     "eno_app_aware": bool,
     "eno_app_aware_mandatory": bool,
     "eno_role_b": bool,
 }
-POLICY_KEYS: dict[str, type] = {"network": str, "port": int, "no_resume": bool, "no_cache": bool}
+POLICY_KEYS: dict[str, type] = {
+    "network": str, "port": int, "no_resume": bool, "no_cache": bool, "require": bool, "exclude": bool,
+}
 _OPTION_FIELD = {"tep": "teps", "aead": "aeads"}
 
 
@@ -141,7 +148,25 @@ def _policy(index: int, table: Any, source: str) -> PolicyRule:
             raise ConfigError(f"{where}: network {values['network']!r}: {exc}") from None
     if "port" in values and not 0 < values["port"] < 65536:
         raise ConfigError(f"{where}: port {values['port']} is outside 1..65535")
-    return PolicyRule(**values)
+    try:
+        return PolicyRule(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def policy_spec(text: str, action: str) -> PolicyRule:
+    """`--require` / `--exclude` SPEC: NETWORK, @PORT or NETWORK@PORT (README: Security model)."""
+    network, _, port = text.partition("@")
+    table: dict[str, Any] = {action: True}
+    if network:
+        table["network"] = network
+    if port:
+        if not port.isdigit():
+            raise ConfigError(f"--{action} {text!r}: port {port!r} is not a number")
+        table["port"] = int(port)
+    if len(table) == 1:
+        raise ConfigError(f"--{action} {text!r}: give NETWORK, @PORT or NETWORK@PORT")
+    return _policy(0, table, f"--{action} {text}")
 
 
 def parse_file_text(text: str, source: str = "config") -> dict[str, Any]:
@@ -191,6 +216,9 @@ def options_from(file_values: Mapping[str, Any], cli_values: Mapping[str, Any]) 
             setattr(options, _OPTION_FIELD.get(key, key), value)
         elif key in ENGINE_KEYS or key == "policies":
             options.engine[key] = value
+    cli_rules = tuple(cli_values.get("cli_policies") or ())
+    if cli_rules:  # the command line's rules come first: the first matching rule decides
+        options.engine["policies"] = cli_rules + tuple(options.engine.get("policies", ()))
     for key, value in options.engine.items():
         if ENGINE_KEYS.get(key) in (int, float) and value < 0:
             raise ConfigError(f"{key.replace('_', '-')} must not be negative ({value})")
@@ -199,6 +227,9 @@ def options_from(file_values: Mapping[str, Any], cli_values: Mapping[str, Any]) 
         raise ConfigError(f"workers must be 1..{MAX_WORKERS}, not {options.workers}")
     if options.mark == options.local_mark:
         raise ConfigError(f"mark and local-mark must differ (both {options.mark:#x})")
+    for name, value in (("mark", options.mark), ("local-mark", options.local_mark)):
+        if value & ENCRYPTED_MARK:
+            raise ConfigError(f"{name} {value:#x} uses bit {ENCRYPTED_MARK:#x}, which marks encrypted connections")
     options.configuration()  # validate now (names, ranges), before anything is installed
     return options
 
@@ -313,4 +344,7 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
     keys = [*DAEMON_KEYS, *ENGINE_KEYS]
     values = {key: getattr(args, key, None) for key in keys}
     values["log_level"] = getattr(args, "sub_log_level", None)
+    values["cli_policies"] = tuple(
+        policy_spec(spec, action) for action in ("require", "exclude") for spec in getattr(args, action, None) or ()
+    )
     return values

@@ -16,8 +16,9 @@ and still secures at most one connection. The secrets cross only that socketpair
 are never logged. A worker that gets no answer within `CACHE_TIMEOUT` goes on without resumption
 (a fresh key exchange). The cache flushes on a new VM generation or a suspend run in the supervisor.
 
-On SIGINT/SIGTERM the supervisor removes the rules first, then stops the workers (SIGTERM, then
-SIGKILL after `STOP_TIMEOUT`). A worker that dies stops the whole daemon with status 1 (its flows
+On SIGINT/SIGTERM the supervisor has every worker reset its encrypted connections toward both ends
+(README: Security model), removes the rules, then stops the workers (SIGTERM, then SIGKILL after
+`STOP_TIMEOUT`). A worker that dies stops the whole daemon with status 1 (its flows
 could not be served), so `Restart=on-failure` starts it again. A supervisor that dies (even by
 SIGKILL) takes its workers with it (PR_SET_PDEATHSIG), so `rules remove` leaves nothing running.
 SIGHUP is passed on to every worker.
@@ -522,6 +523,17 @@ def run_workers(options: DaemonOptions, workers: int) -> int:
                 logger.info("rules removed")
 
         stack.callback(remove_rules)
+
+        def abort_encrypted() -> None:
+            # Before the rules go, every worker resets its encrypted connections (README: Security
+            # model); a worker that does not answer is stopped with its connections unreset.
+            for index in sorted(supervisor.pids):
+                try:
+                    supervisor.ask(index, "abort_all")
+                except CommandError as exc:
+                    logger.warning("%s", exc)
+
+        stack.callback(abort_encrypted)
         commands = supervisor.commands()
         control = ControlServer(options.control, commands)
         stack.callback(control.close)

@@ -268,7 +268,7 @@ class _Direction:
 
     def start(self, isn: int | None) -> None:
         if self.reasm is None:
-            self.reasm = StreamReassembler(self._data, self._gap, isn)
+            self.reasm = StreamReassembler(self._data, self._gap, isn, on_conflict=self._differs)
             self.report.isn = isn
             self.report.offsets_exact = isn is not None
 
@@ -315,6 +315,13 @@ class _Direction:
         self.marks.append((offset, packet))
         self.buf += data
         self._parse()
+
+    def _differs(self, offset: int, length: int, packet: int) -> None:
+        self.conn.problem(
+            "retransmission-differs",
+            f"{length} bytes at offset {offset} differ from what was sent there before (forged or broken)",
+            packet, self.side, offset,
+        )
 
     def _gap(self, gap: Gap) -> None:
         self.report.gaps.append({"offset": gap.offset, "length": gap.length, "packet": gap.packet})

@@ -7,6 +7,11 @@ the first payload byte seen instead, and `offsets_exact` is False.
 Data is delivered in order to a sink, once per byte: retransmitted and overlapping bytes are dropped
 (first arrival wins), reordered segments wait (bounded by `hold_limit`). A hole that cannot fill (the
 capture lost the segment, or the hold limit was reached) is reported as a gap and skipped.
+
+Retransmitted bytes are compared with what was seen earlier at the same offset (the last
+`history_limit` bytes delivered, and pieces still held): TCP resends the same bytes, and tcpcrypt
+resends frames byte-identical (RFC 8548 §3.6), so a difference means a forgery or a broken sender;
+it goes to `on_conflict`.
 """
 
 from __future__ import annotations
@@ -33,15 +38,21 @@ class Gap:
 
 DataSink = Callable[[int, bytes, int], None]  # (offset, data, packet number)
 GapSink = Callable[[Gap], None]
+ConflictSink = Callable[[int, int, int], None]  # (offset, length of the differing span, packet number)
 
 
 class StreamReassembler:
     """In-order delivery of one direction's payload bytes, coping with loss, reordering and repeats."""
 
     def __init__(self, on_data: DataSink, on_gap: GapSink, isn: int | None = None,
-                 hold_limit: int = 32 << 20) -> None:
+                 hold_limit: int = 32 << 20, on_conflict: ConflictSink | None = None,
+                 history_limit: int = 8 << 20) -> None:
         self._on_data = on_data
         self._on_gap = on_gap
+        self._on_conflict = on_conflict
+        self._history = bytearray()  # the last bytes delivered, ending at `next`
+        self._history_limit = history_limit
+        self.differing_bytes = 0
         self.base: int | None = None if isn is None else to_seq(1, isn)
         self.offsets_exact = isn is not None
         self.next = 0
@@ -70,6 +81,8 @@ class StreamReassembler:
         if not payload:
             return
         end = offset + len(payload)
+        if offset < self.next:
+            self._compare(offset, payload[: self.next - offset], packet)
         if end <= self.next:
             self.repeated_bytes += len(payload)
             return
@@ -78,13 +91,15 @@ class StreamReassembler:
             payload = payload[self.next - offset :]
             offset = self.next
         if offset == self.next:
-            self.next = end
-            self._on_data(offset, payload, packet)
+            self._deliver(offset, payload, packet)
             if self._held:
                 self._drain()
             return
         held = self._held.get(offset)
         if held is not None:
+            common = min(len(held[0]), len(payload))
+            if held[0][:common] != payload[:common]:
+                self._conflict(offset, held[0][:common], payload[:common], packet)
             if len(held[0]) >= len(payload):
                 self.repeated_bytes += len(payload)
                 return
@@ -110,6 +125,8 @@ class StreamReassembler:
             payload, packet = self._held.pop(offset)
             self._held_bytes -= len(payload)
             end = offset + len(payload)
+            if offset < self.next:
+                self._compare(offset, payload[: self.next - offset], packet)
             if end <= self.next:
                 self.repeated_bytes += len(payload)
                 continue
@@ -117,14 +134,41 @@ class StreamReassembler:
                 self.repeated_bytes += self.next - offset
                 payload = payload[self.next - offset :]
                 offset = self.next
-            self.next = end
-            self._on_data(offset, payload, packet)
+            self._deliver(offset, payload, packet)
+
+    def _deliver(self, offset: int, payload: bytes, packet: int) -> None:
+        self.next = offset + len(payload)
+        if self._on_conflict is not None:
+            self._history += payload
+            if len(self._history) > 2 * self._history_limit:
+                del self._history[: len(self._history) - self._history_limit]
+        self._on_data(offset, payload, packet)
+
+    def _compare(self, offset: int, repeat: bytes, packet: int) -> None:
+        """`repeat` (bytes before `next`) against what was delivered there, where still known."""
+        if self._on_conflict is None:
+            return
+        known_from = self.next - len(self._history)
+        start = max(offset, known_from)
+        if start >= offset + len(repeat):
+            return
+        earlier = self._history[start - known_from : start - known_from + offset + len(repeat) - start]
+        self._conflict(start, bytes(earlier), repeat[start - offset :], packet)
+
+    def _conflict(self, offset: int, earlier: bytes, later: bytes, packet: int) -> None:
+        if earlier == later or self._on_conflict is None:
+            return
+        first = next(i for i in range(len(earlier)) if earlier[i] != later[i])
+        last = max(i for i in range(len(earlier)) if earlier[i] != later[i])
+        self.differing_bytes += sum(1 for x, y in zip(earlier, later, strict=True) if x != y)
+        self._on_conflict(offset + first, last - first + 1, packet)
 
     def _skip_gap(self) -> None:
         offset = self._heap[0]
         packet = self._held[offset][1]
         self._on_gap(Gap(self.next, offset - self.next, packet))
         self.next = offset
+        self._history.clear()  # nothing known before the gap's end any more
         self._drain()
 
     def finish(self) -> None:

@@ -7,7 +7,7 @@ from nfq_tcpcrypt.core.flow import Direction
 from nfq_tcpcrypt.core.verdict import Action
 from nfq_tcpcrypt.core.wire.icmp import IcmpError, parse_icmp_error, serialize_icmp_error
 from nfq_tcpcrypt.core.wire.ip import checksum_fold, new_ip_header
-from nfq_tcpcrypt.core.wire.tcp import parse_segment
+from nfq_tcpcrypt.core.wire.tcp import parse_segment, serialize_segment
 from tests.core.tcpmodel import A_IP, B_IP, Pair
 
 
@@ -24,7 +24,11 @@ def test_frag_needed_is_translated():
     pair.a.write(b"z" * 20000)
     pair.run()
     wire_data = [p for p in pair.wire if parse_segment(p).src == A_IP and len(parse_segment(p).payload) > 1000]
-    quoted = wire_data[-1]
+    # The router reports the packet at snd_nxt (everything before it is acknowledged; a quote
+    # outside snd_una..snd_nxt is dropped, as Linux does).
+    last = parse_segment(wire_data[-1])
+    last.seq = (last.seq + len(last.payload)) & 0xFFFFFFFF
+    quoted = serialize_segment(last)
     icmp = _frag_needed(quoted, 1400)
     assert checksum_fold(icmp[20:]) == 0xFFFF  # a valid ICMP checksum
     verdict = pair.engine_a.process(icmp, Direction.INBOUND, pair.now)

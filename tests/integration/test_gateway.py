@@ -231,13 +231,14 @@ def test_sigterm_removes_gateway_rules(sites: Topology, tmp_path: Path, fail_clo
     lines = _all_rules(sites, "ga")
     outside = sites.outside["ga"]
     queue_rules = [line for line in lines if "NFQUEUE" in line]
-    assert len(queue_rules) == 8, lines  # inbound and outbound, IPv4 and IPv6, for each of 2 workers
+    # inbound, outbound and encrypted outbound, IPv4 and IPv6, for each of 2 workers
+    assert len(queue_rules) == 12, lines
     # worker 0 by the 4-tuple hash (a BPF match), worker 1 the rest; queues 7100..7103
-    assert sum("-m bpf --bytecode" in line for line in queue_rules) == 4, queue_rules
-    for queue in (7100, 7101, 7102, 7103):
-        assert sum(f"--queue-num {queue}" in line for line in queue_rules) == 2, queue_rules
-    assert all(("--queue-bypass" in line) != fail_closed for line in queue_rules), queue_rules
-    assert sum(f"-i {outside} -p tcp" in line for line in lines) == 2, lines
+    assert sum("-m bpf --bytecode" in line for line in queue_rules) == 6, queue_rules
+    for queue, count in ((7100, 2), (7101, 4), (7102, 2), (7103, 4)):
+        assert sum(f"--queue-num {queue}" in line for line in queue_rules) == count, queue_rules
+    assert all(("--queue-bypass" in line) != (fail_closed or "ENCQ" in line) for line in queue_rules), queue_rules
+    assert sum(f"-i {outside} -p tcp -j NFQ_TCPCRYPT_INQ" in line for line in lines) == 2, lines
     assert sum(f"-o {outside} -p tcp -j NFQ_TCPCRYPT_OUTQ" in line for line in lines) == 2, lines
     assert sum(f"-o {outside} -p tcp" in line and "TCPMSS --clamp-mss-to-pmtu" in line for line in lines) == 2
     assert not any(f" {sites.inside['ga']} " in line for line in lines), lines

@@ -94,8 +94,9 @@ def test_sigterm_removes_rules(topo: Topology, tmp_path: Path, fail_closed: bool
     assert any("NFQ_TCPCRYPT" in line and line.startswith("-A PREROUTING") for line in lines), lines
     assert any("NFQ_TCPCRYPT" in line and line.startswith("-A POSTROUTING") for line in lines), lines
     assert any("--notrack" in line for line in lines), lines
-    assert len(queue_rules) == 2
-    assert all(("--queue-bypass" in line) != fail_closed for line in queue_rules), queue_rules
+    assert len(queue_rules) == 3
+    # Encrypted connections' packets never bypass the queue (README: Security model).
+    assert all(("--queue-bypass" in line) != (fail_closed or "ENCQ" in line) for line in queue_rules), queue_rules
 
     assert daemon.stop(timeout=20) == 0, Path(daemon.log).read_text()[-2000:]
     assert _rule_lines(topo, "a") == []

@@ -96,7 +96,7 @@ class TestGatewayRules:
     def test_fail_closed(self) -> None:
         closed = rules.RuleParams(7100, 7101, 0x7463, fail_closed=True, mode="gateway", outside=("wan0",))
         text = rules.render("ipv4", closed)
-        assert "--queue-bypass" not in text and text.count("NFQUEUE") == 2
+        assert "--queue-bypass" not in text and text.count("NFQUEUE") == 3
 
     @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
     def test_removal_is_that_of_host_mode_but_the_postrouting_jump(self, family: str) -> None:

@@ -205,3 +205,34 @@ def test_injector_marks_by_direction() -> None:
     injector.mark, injector.local_mark = 0x7463, 0x7464
     assert injector.mark_for(Direction.OUTBOUND) == 0x7463
     assert injector.mark_for(Direction.INBOUND) == 0x7464
+
+
+def test_require_and_exclude_from_file_and_command_line() -> None:
+    """Policy `require` / `exclude` per network and port; the command line's rules come first."""
+
+    text = '[[policy]]\nnetwork = "192.0.2.0/24"\nrequire = true\n[[policy]]\nport = 22\nexclude = true\n'
+    args = build_parser().parse_args(["run", "--exclude", "192.0.2.7/32", "--require", "@443",
+                                      "--require", "2001:db8::/32@8443"])
+    options = options_from(parse_file_text(text), cli_values(args))
+    config = options.configuration()
+    assert config.policies[:3] == (
+        PolicyRule(port=443, require=True),  # the --require rules first, then the --exclude ones
+        PolicyRule(network="2001:db8::/32", port=8443, require=True),
+        PolicyRule(network="192.0.2.7/32", exclude=True),
+    )
+    peer, other = bytes([192, 0, 2, 9]), bytes([198, 51, 100, 1])
+    assert config.policy_action(peer, 40000, 80) == "require"
+    assert config.policy_action(bytes([192, 0, 2, 7]), 40000, 80) == "exclude"
+    assert config.policy_action(other, 40000, 22) == "exclude"
+    assert config.policy_action(other, 40000, 443) == "require"
+    assert config.policy_action(other, 40000, 80) is None
+    for bad in ("@http", "", "@"):
+        with pytest.raises(ConfigError):
+            cli_values(build_parser().parse_args(["run", "--require", bad]))
+    with pytest.raises(ConfigError, match="both require and exclude"):
+        parse_file_text("[[policy]]\nport = 1\nrequire = true\nexclude = true\n")
+
+
+def test_marks_must_leave_the_encrypted_bit_alone() -> None:
+    with pytest.raises(ConfigError, match="0x40000000"):
+        _options(["--mark", str(0x40000001)])

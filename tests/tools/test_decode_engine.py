@@ -85,3 +85,27 @@ def test_resumed(tmp_path, b_opens):
     opener, answerer = conn.directions  # the client direction is the active opener's
     sent = (b"second reply" * 500, b"second" * 1000) if b_opens else (b"second" * 1000, b"second reply" * 500)
     assert opener.plaintext_sha256 == _sha(sent[0]) and answerer.plaintext_sha256 == _sha(sent[1])
+
+
+def test_retransmission_with_different_bytes_is_flagged(tmp_path):
+    """A segment resent at the same offset with other bytes (an injected forgery) is a problem;
+    genuine retransmissions (byte-identical) are not."""
+    from nfq_tcpcrypt.core.wire.tcp import parse_segment, serialize_segment
+    from tests.core.tcpmodel import A_IP
+
+    log: list[str] = []
+    wire = _talk(_pair(log), b"q" * 20_000, b"r" * 100)
+    index = next(i for i, p in enumerate(wire) if parse_segment(p).src == A_IP and len(parse_segment(p).payload) > 1000)
+    genuine = wire[:index + 1] + [wire[index]] + wire[index + 1 :]
+    conn = _decode(tmp_path, genuine, log)
+    assert conn.problems == []
+    forged = parse_segment(wire[index])
+    payload = bytearray(forged.payload)
+    payload[100] ^= 0xFF
+    forged.payload = bytes(payload)
+    keys = tmp_path / "keys"
+    report = decode_pcap(write_pcap(tmp_path / "f.pcap", wire[:index + 1] + [serialize_segment(forged)]
+                                    + wire[index + 1 :]), str(keys))
+    problems = report.connections[0].problems
+    assert [p.kind for p in problems] == ["retransmission-differs"], problems
+    assert problems[0].packet == index + 2 and "1 bytes" in problems[0].message

@@ -1,0 +1,458 @@
+"""Hostile peers and on-path attackers against a live encrypted connection (README: Security model).
+
+An attacker who knows the 4-tuple forges segments toward B's engine as if from A. Whatever it
+sends, no byte of the connection may leave in plaintext and no forged byte may reach B's stack.
+"""
+
+from __future__ import annotations
+
+import os
+
+from nfq_tcpcrypt.core.constants import TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN
+from nfq_tcpcrypt.core.flow import Direction
+from nfq_tcpcrypt.core.verdict import Action
+from nfq_tcpcrypt.core.wire.tcp import new_segment, parse_segment, serialize_segment
+from tests.core.tcpmodel import A_IP, B_IP, MASK, Endpoint, Pair, seeded_config
+
+
+def _live(seed: bytes = b"attack", **b_config) -> Pair:  # type: ignore[no-untyped-def]
+    pair = Pair(seed=seed, b_config=seeded_config(seed + b"b", **b_config) if b_config else None)
+    pair.open()
+    pair.talk(b"hello from a" * 100, b"hello from b" * 100)
+    return pair
+
+
+def _last_wire(pair: Pair, src: bytes):  # type: ignore[no-untyped-def]
+    return next(parse_segment(p) for p in reversed(pair.wire) if parse_segment(p).src == src)
+
+
+def _forge(pair: Pair, flags: int, seq: int, ack: int = 0, payload: bytes = b"", options: bytes = b"") -> list:
+    """A segment from A's address to B's engine; returns what reached B's stack."""
+    seg = new_segment(A_IP, B_IP, pair.a.port, pair.b.port, seq & MASK, ack & MASK, flags, 1000, options, payload)
+    verdict = pair.engine_b.process(serialize_segment(seg), Direction.INBOUND, pair.now)
+    delivered = []
+    if verdict.action is Action.ACCEPT:
+        delivered.append(verdict.packet or serialize_segment(seg))
+    for injection in pair.engine_b.segments_to_inject():
+        if injection.direction is Direction.INBOUND:
+            delivered.append(injection.packet)
+        else:
+            pair.wire.append(injection.packet)
+    for packet in delivered:
+        pair.b.receive(packet)
+    return delivered
+
+
+def _b_plaintext_on_wire(pair: Pair, secret: bytes) -> bool:
+    return any(secret in parse_segment(p).payload for p in pair.wire if parse_segment(p).src == B_IP)
+
+
+def test_forged_syn_does_not_replace_an_encrypted_session():
+    """RFC 5961 §4: a SYN in a synchronized state gets a challenge ACK and changes nothing."""
+    pair = _live()
+    before = len(pair.wire)
+    delivered = _forge(pair, TCP_SYN, 0x12345678)
+    assert delivered == []  # the SYN never reaches B's stack
+    challenge = [parse_segment(p) for p in pair.wire[before:]]
+    assert len(challenge) == 1 and challenge[0].flags == TCP_ACK and not challenge[0].payload
+    table = pair.engine_b.session_table()
+    assert len(table) == 1 and table[0]["state"] == "encrypting"
+    secret = os.urandom(3000)
+    pair.talk(b"", secret)
+    assert bytes(pair.a.received).endswith(secret)
+    assert not _b_plaintext_on_wire(pair, secret[:64])
+    # A forged plaintext segment at B's expected plain sequence number is not delivered either.
+    got = len(pair.b.received)
+    _forge(pair, TCP_ACK | TCP_PSH, pair.b.irs + 1 + got, pair.b.isn + 1 + pair.b.nxt, b"FORGED")
+    assert b"FORGED" not in bytes(pair.b.received)
+
+
+def test_blind_rst_is_dropped_and_in_window_rst_challenged():
+    """RFC 5961 §3: only an RST at exactly the next expected wire sequence number resets."""
+    pair = _live()
+    a_last = _last_wire(pair, A_IP)
+    rcv_nxt = (a_last.seq + len(a_last.payload)) & MASK
+    # Far outside the window: dropped, no reset, no challenge.
+    before = len(pair.wire)
+    assert _forge(pair, TCP_RST, rcv_nxt + 0x40000000) == []
+    assert len(pair.wire) == before and not pair.b.was_reset
+    # Inside the window but not exact: a challenge ACK toward the peer, no reset.
+    assert _forge(pair, TCP_RST, rcv_nxt + 100) == []
+    assert not pair.b.was_reset
+    challenge = [parse_segment(p) for p in pair.wire[before:]]
+    assert len(challenge) == 1 and challenge[0].flags == TCP_ACK
+    assert challenge[0].ack == rcv_nxt
+    assert pair.engine_b.session_table()[0]["state"] == "encrypting"
+    pair.talk(b"still", b"alive")
+    assert bytes(pair.b.received).endswith(b"still")
+    # Exactly the next expected sequence number: the reset is real and reaches B's stack.
+    a_last = _last_wire(pair, A_IP)
+    rcv_nxt = (a_last.seq + len(a_last.payload)) & MASK
+    delivered = _forge(pair, TCP_RST, rcv_nxt)
+    assert len(delivered) == 1 and parse_segment(delivered[0]).is_rst and pair.b.was_reset
+
+
+def _expire_b(pair: Pair, seconds: float) -> None:
+    pair.now += seconds
+    pair.engine_b.handle_timer(pair.now)
+
+
+def test_idle_expiry_fails_closed_both_ways():
+    """After the idle timeout our stack's next write resets the connection, never leaves in
+    plaintext; the peer's late ciphertext never reaches our stack."""
+    pair = _live(idle_timeout=5.0)
+    _expire_b(pair, 10.0)
+    assert pair.engine_b.session_table() == []
+    got = len(pair.b.received)
+    pair.a.write(b"late frames from a")
+    pair.run(max_time=1.0)
+    assert len(pair.b.received) == got  # ciphertext without a session is not delivered
+    secret = os.urandom(2000)
+    pair.b.write(secret)
+    pair.run(max_time=5.0)
+    assert not _b_plaintext_on_wire(pair, secret[:64])
+    assert pair.b.was_reset and pair.a.was_reset  # both ends reset, the peer in wire space
+    assert pair.engine_b.counters["fail_closed_reset"] >= 1
+
+
+def test_encrypted_hint_after_restart_fails_closed():
+    """A daemon restarted in the middle of a connection has no session, but conntrack remembers
+    the connection was encrypted: our stack is reset, nothing leaves in plaintext."""
+    pair = _live()
+    fresh = type(pair.engine_b)(seeded_config(b"restarted"))
+    process = fresh.process
+    pair.engine_b = fresh
+    fresh.process = lambda packet, direction, now: process(  # type: ignore[method-assign]
+        packet, direction, now, encrypted=direction is Direction.OUTBOUND
+    )
+    secret = os.urandom(2000)
+    pair.b.write(secret)
+    pair.run(max_time=5.0)
+    assert not _b_plaintext_on_wire(pair, secret[:64]) and pair.b.was_reset
+    # Our stack opening a new connection on the same 4-tuple is not blocked: its SYN gets ENO.
+    syn = new_segment(B_IP, A_IP, pair.b.port, pair.a.port, 0x5000, 0, TCP_SYN, 1000, b"\x02\x04\x05\xb4")
+    verdict = fresh.process(serialize_segment(syn), Direction.OUTBOUND, pair.now)
+    assert verdict.action is Action.ACCEPT and verdict.packet is not None
+    assert fresh.session_table()[0]["state"] == "eno-sent"
+
+
+def test_verdicts_of_an_encrypted_connection_say_so():
+    pair = _live()
+    a_last = _last_wire(pair, A_IP)
+    seg = new_segment(A_IP, B_IP, pair.a.port, pair.b.port, (a_last.seq + len(a_last.payload)) & MASK,
+                      a_last.ack, TCP_ACK, 1000)
+    verdict = pair.engine_b.process(serialize_segment(seg), Direction.INBOUND, pair.now)
+    assert verdict.encrypted
+    plain = Pair(seed=b"plain", a_engine=False)
+    plain.open()
+    plain.talk(b"x", b"y")
+    last = _last_wire(plain, A_IP)
+    seg = new_segment(A_IP, B_IP, plain.a.port, plain.b.port, last.seq, last.ack, TCP_ACK, 1000)
+    assert not plain.engine_b.process(serialize_segment(seg), Direction.INBOUND, plain.now).encrypted
+
+
+def test_abort_all_resets_encrypted_connections_both_ways():
+    """The daemon stops (its rules go): live encrypted connections are reset, not left to go plain."""
+    pair = _live()
+    assert pair.engine_b.abort_all("daemon stopping", pair.now) == 1
+    pair.run(max_time=1.0)
+    assert pair.a.was_reset and pair.b.was_reset
+    assert pair.engine_b.abort_all("again", pair.now) == 0
+
+
+def _syn_flood(pair: Pair, count: int, with_eno: bool, first_port: int = 20000) -> None:
+    template = parse_segment(pair.wire[0])  # A's SYN with our ENO option
+    assert template.is_syn and not template.is_ack
+    for i in range(count):
+        seg = parse_segment(pair.wire[0])
+        seg.sport = first_port + i
+        seg.seq = (0x1000 * i) & MASK
+        if not with_eno:
+            seg.options = b"\x02\x04\x05\xb4"
+        pair.engine_b.process(serialize_segment(seg), Direction.INBOUND, pair.now)
+
+
+def test_syn_flood_never_evicts_keyed_sessions_and_leaves_room():
+    """Embryonic sessions go first under pressure and expire quickly; keyed ones stay."""
+    for with_eno in (True, False):
+        pair = _live(max_sessions=8, embryonic_timeout=10.0)
+        pair.wire = [p for p in pair.wire]  # keep A's SYN at index 0
+        _syn_flood(pair, 100, with_eno)
+        table = pair.engine_b.session_table()
+        assert len(table) <= 8
+        keyed = [s for s in table if s["state"] == "encrypting"]
+        assert len(keyed) == 1
+        # A genuine connection still gets a session and is encrypted.
+        pair.new_connection(41000, 81)
+        pair.talk(b"genuine", b"reply")
+        assert bytes(pair.b.received) == b"genuine"
+        states = sorted(s["state"] for s in pair.engine_b.session_table())
+        assert states.count("encrypting") == 2, states
+        assert pair.engine_b.counters["evicted_embryonic"] > 0
+        # What is left of the flood expires after the embryonic timeout.
+        pair.now += 11.0
+        pair.engine_b.handle_timer(pair.now)
+        assert all(s["state"] == "encrypting" for s in pair.engine_b.session_table())
+
+
+def test_forged_frag_needed_is_bounded_and_checked_against_data_in_flight():
+    """Linux's floor for IPv4 path MTU (min_pmtu 552); a quoted sequence number must lie in
+    [snd_una, snd_nxt] of the wire stream (tcp_v4_err), else the report is dropped."""
+    from nfq_tcpcrypt.core.wire.icmp import IcmpError, parse_icmp_error, serialize_icmp_error
+    from nfq_tcpcrypt.core.wire.ip import new_ip_header
+
+    pair = _live()
+    b_last = _last_wire(pair, B_IP)
+    router = bytes([10, 77, 0, 254])
+
+    def too_big(seq: int, mtu: int) -> bytes:
+        quoted = parse_segment(serialize_segment(b_last))
+        quoted.seq = seq & MASK
+        header = bytearray(new_ip_header(router, B_IP))
+        header[9] = 1
+        return serialize_icmp_error(IcmpError(bytes(header), router, B_IP, 3, 4, mtu, serialize_segment(quoted)[:28]))
+
+    session = pair.engine_b._sessions[next(iter(pair.engine_b._sessions))]
+    mss = session.wire_mss
+    in_flight = b_last.seq + len(b_last.payload)  # snd_nxt = snd_una after everything was acknowledged
+    for seq in (in_flight + 0x10000, in_flight - 0x10000, in_flight + 0x80000000):
+        verdict = pair.engine_b.process(too_big(seq, 600), Direction.INBOUND, pair.now)
+        assert verdict.action is Action.DROP
+    assert session.wire_mss == mss and session.pmtu is None
+    verdict = pair.engine_b.process(too_big(in_flight, 64), Direction.INBOUND, pair.now)
+    assert verdict.action is Action.ACCEPT
+    assert session.wire_mss == 552 - 20 - 40 and session.pmtu == 552
+    assert parse_icmp_error(verdict.packet).mtu >= 68
+    pair.talk(b"", os.urandom(5000))
+    assert max(len(parse_segment(p).payload) for p in pair.wire[-10:] if parse_segment(p).src == B_IP) <= 492
+
+
+def test_no_secret_in_reprs_and_erased_when_the_session_ends(caplog):  # type: ignore[no-untyped-def]
+    """Reprs never show keys or session secrets; an aborted session's keys are zeroed."""
+    import logging
+
+    pair = _live()
+    session = next(iter(pair.engine_b._sessions.values()))
+    keys = list(session._keys.values())
+    secrets = [bytes(k.k_ab) for k in keys] + [bytes(k.k_ba) for k in keys]
+    secrets.append(bytes(session._schedule._mk))
+    cached = next(iter(pair.engine_b.cache._entries.values()))
+    secrets.append(bytes(cached.ss))
+    offer = cached.resumable()
+    secrets.append(offer.ss)
+    negotiated = session._negotiated
+    for thing in (*keys, session._schedule, cached, offer, negotiated, session, pair.engine_b.config):
+        text = repr(thing)
+        for secret in secrets:
+            assert secret.hex() not in text and repr(secret)[2:-1] not in text, type(thing)
+    pair.engine_b.abort_all("test", pair.now)
+    assert all(not any(k.k_ab) and not any(k.k_ba) for k in keys)
+    assert session._keys == {} and session._schedule is None
+    # resume-nonce-len 0 is accepted, with a warning (RFC 8548 §3.5 asks for 8).
+    with caplog.at_level(logging.WARNING):
+        seeded_config(b"n", resume_nonce_len=0)
+    assert any("resume-nonce-len 0" in record.getMessage() for record in caplog.records)
+
+
+def test_forged_out_of_order_piece_does_not_stall_or_abort_the_connection():
+    """A forged piece lands beyond a gap ahead of the genuine bytes: the genuine stream still gets
+    through whole and authenticated, no forged byte is delivered, the connection is not aborted."""
+    pair = Pair(seed=b"forged-ooo")
+    pair.open()
+    process = pair.engine_b.process
+    state = {"held": None, "done": False}
+
+    def intercept(packet, direction, now):  # type: ignore[no-untyped-def]
+        seg = parse_segment(packet)
+        if direction is Direction.INBOUND and not state["done"] and len(seg.payload) > 1000:
+            if state["held"] is None:
+                state["held"] = packet  # "lost": the gap
+                forged = parse_segment(packet)
+                forged.seq = (seg.seq + len(seg.payload)) & MASK
+                forged.payload = os.urandom(len(seg.payload))
+                process(serialize_segment(forged), direction, now)  # lands beyond the gap first
+                from nfq_tcpcrypt.core.verdict import DROP
+
+                return DROP
+            state["done"] = True
+        return process(packet, direction, now)
+
+    pair.engine_b.process = intercept  # type: ignore[method-assign]
+    data = os.urandom(60_000)
+    pair.talk(data, b"")
+    assert bytes(pair.b.received) == data
+    assert not pair.b.was_reset and pair.engine_b.session_table()[0]["state"] == "encrypting"
+
+
+class _StalledReader(Endpoint):
+    """A stack whose application reads nothing: a 16 KiB receive buffer that only fills; data
+    beyond the window is dropped, as a real stack does."""
+
+    BUFFER = 16 * 1024
+
+    def _emit(self, flags, payload=b"", options=None, seq=None):  # type: ignore[no-untyped-def]
+        super()._emit(flags, payload, options, seq)
+        if flags & TCP_ACK and not flags & TCP_SYN:
+            seg = parse_segment(self.out[-1])
+            seg.window = max(self.BUFFER - len(self.received), 0) >> 7
+            self.out[-1] = serialize_segment(seg)
+
+    def receive(self, packet):  # type: ignore[no-untyped-def]
+        seg = parse_segment(packet)
+        room = self.BUFFER - len(self.received)
+        start = (seg.seq - self.irs - 1) & MASK
+        if seg.payload and start == len(self.received) and len(seg.payload) > room:
+            seg.payload = seg.payload[: max(room, 0)]
+            seg.flags &= ~0x01
+            packet = serialize_segment(seg)
+        super().receive(packet)
+
+
+def test_peer_that_ignores_the_window_cannot_grow_held_plaintext():
+    """The plaintext held for our stack (replay, checkpoints) stays within its receive window
+    (before our stack's first ACK the engine assumes the largest unscaled window, 64 KiB)."""
+    pair = Pair(seed=b"window")
+    pair.b = _StalledReader(B_IP, 80, 0x7FFFFFF0)
+    pair.open()
+    pair.a.WINDOW = 4 << 20  # type: ignore[misc]  # the model sender ignores the peer's window
+    pair.a.write(os.urandom(300_000))
+    pair.run(max_time=2.0)
+    recv = next(iter(pair.engine_b._sessions.values())).recv
+    held = sum(len(data) for _, data in recv.replay)
+    assert len(pair.b.received) == _StalledReader.BUFFER
+    assert held <= 0xFFFF, held  # 300 kB were sent
+    assert len(recv.checkpoints) <= 64 and recv.ooo.cost <= 1 << 20
+
+
+def test_resumption_lookups_cost_no_derivation_and_peers_are_capped(monkeypatch):  # type: ignore[no-untyped-def]
+    """A SYN with a bogus resumption identifier costs a dictionary lookup, not HMACs per entry;
+    one peer holds at most `per_peer` cached secrets."""
+    from nfq_tcpcrypt.core import kex, resumption
+    from nfq_tcpcrypt.core.constants import Tep
+
+    cache = resumption.ResumptionCache(max_entries=4096, per_peer=16)
+    peer, other = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+    for i in range(4096):
+        cache.store(peer if i % 2 else other, os.urandom(32), Tep.X25519, 1, "A", 0.0)
+    assert len(cache) == 32 and {e["peer"] for e in cache.info(0.0)} == {"10.0.0.1", "10.0.0.2"}
+    calls = []
+    real = kex.cprf
+    monkeypatch.setattr(resumption, "next_session_secret", lambda ss: calls.append(1) or kex.next_session_secret(ss))
+    monkeypatch.setattr(resumption, "resume_identifier", lambda ss: calls.append(1) or kex.resume_identifier(ss))
+    monkeypatch.setattr(kex, "cprf", lambda *a: calls.append(1) or real(*a))
+    for _ in range(100):
+        assert cache.take_for_answer(peer, int(Tep.X25519), os.urandom(9), 1.0) is None
+    assert calls == []
+    # A genuine identifier is still found (the original A sent it: its half is bytes 0..8).
+    key = cache._by_peer[peer][-1]
+    entry = cache._entries[key]
+    wanted = entry.resumable(2)
+    found = cache.take_for_answer(peer, int(Tep.X25519), wanted.peer_half, 1.0)
+    assert found is not None and found.ss == wanted.ss and entry.index == 4
+
+
+def _policy_pair(rule, a_engine=True, **pair_kwargs):  # type: ignore[no-untyped-def]
+    from nfq_tcpcrypt.core.config import PolicyRule
+
+    config = seeded_config(b"policy-b", policies=(PolicyRule(**rule),))
+    return Pair(seed=b"policy", b_config=config, a_engine=a_engine, **pair_kwargs)
+
+
+def test_require_resets_a_connection_that_cannot_be_encrypted():
+    """Policy `require`: a peer without ENO gets a reset, not plaintext; counted, both ends reset."""
+    for b_opens in (False, True):
+        pair = _policy_pair({"port": 80, "require": True}, a_engine=False)
+        if b_opens:
+            pair.a.listen()
+            pair.b.connect(A_IP, 40000)
+        else:
+            pair.b.listen()
+            pair.a.connect(B_IP, 80)
+        pair.run(max_time=5.0)
+        pair.a.write(b"plaintext from a")
+        pair.b.write(b"plaintext from b")
+        pair.run(max_time=5.0)
+        assert pair.engine_b.counters["refused_plain"] == 1
+        assert b"plaintext" not in b"".join(parse_segment(p).payload for p in pair.wire)
+        assert pair.a.state in ("closed", "listen") and pair.b.state in ("closed", "listen")
+        assert (pair.a.was_reset, pair.b.was_reset) == ((True, True) if b_opens else (True, False))
+        assert pair.engine_b.session_table()[0]["state"] == "refused"
+    # A peer with ENO is encrypted as usual under the same policy.
+    pair = _policy_pair({"network": "10.77.0.0/16", "require": True})
+    pair.open()
+    pair.talk(b"fine", b"also")
+    assert bytes(pair.b.received) == b"fine" and pair.engine_b.session_table()[0]["state"] == "encrypting"
+
+
+def test_exclude_leaves_connections_untouched():
+    pair = _policy_pair({"port": 80, "exclude": True})
+    pair.open()
+    pair.talk(b"left alone", b"ok")
+    assert bytes(pair.b.received) == b"left alone"
+    assert pair.engine_b.session_table() == [] and pair.engine_b.counters["excluded"] >= 1
+    assert any(b"left alone" in parse_segment(p).payload for p in pair.wire)  # A's engine fell back
+
+
+def test_require_leaves_a_side_that_speaks_eno_itself_alone():
+    """Behind a gateway, a host that negotiates TCP-ENO itself is not reset under `require`."""
+    from nfq_tcpcrypt.tools.scapy_layers import eno_option
+
+    pair = _policy_pair({"port": 80, "require": True})
+    kind, contents = eno_option(teps=[0x21])
+    options = b"\x02\x04\x05\xb4" + bytes((kind, len(contents) + 2)) + contents
+    options += b"\x00" * (-len(options) % 4)
+    syn = new_segment(B_IP, A_IP, 80, 40000, 0x1000, 0, TCP_SYN, 1000, options)
+    verdict = pair.engine_b.process(serialize_segment(syn), Direction.OUTBOUND, 0.0)
+    assert verdict.action is Action.ACCEPT and pair.engine_b.counters["refused_plain"] == 0
+    assert [p for p in pair.engine_b.segments_to_inject()] == []
+
+
+def test_after_an_abort_and_its_linger_late_packets_never_pass():
+    """An aborted encrypted session leaves the table after its linger: its late packets are
+    dropped (and our stack reset), never passed unchanged."""
+    pair = _live(session_linger=5.0)
+    pair.engine_b.abort_all("test", pair.now)
+    pair.run(max_time=1.0)
+    _expire_b(pair, 10.0)
+    assert pair.engine_b.session_table() == []
+    a_last = _last_wire(pair, A_IP)
+    assert _forge(pair, TCP_ACK | TCP_PSH, a_last.seq + 5000, a_last.ack, b"late ciphertext") == []
+    outbound = new_segment(B_IP, A_IP, pair.b.port, pair.a.port, pair.b.isn + 1 + pair.b.nxt,
+                           pair.b.irs + 1 + len(pair.b.received), TCP_ACK | TCP_PSH, 1000, b"", b"plain late write")
+    verdict = pair.engine_b.process(serialize_segment(outbound), Direction.OUTBOUND, pair.now)
+    assert verdict.action is Action.DROP
+    injected = pair.engine_b.segments_to_inject()
+    assert [parse_segment(i.packet).is_rst for i in injected] == [True, True]
+
+
+def test_require_holds_under_table_pressure():
+    """A required connection never goes plain for want of a session: a full table refuses its
+    SYN, and its packets without a session (evicted while opening) are dropped."""
+    from nfq_tcpcrypt.core.config import PolicyRule
+
+    config = seeded_config(b"req-b", policies=(PolicyRule(port=80, require=True),), max_sessions=1)
+    pair = Pair(seed=b"req", b_config=config)
+    pair.open()
+    pair.talk(b"first", b"ok")  # the one keyed session fills the table
+    pair.new_connection(41000, 80)
+    assert pair.engine_b.counters["refused_plain"] >= 1
+    assert pair.b.state == "listen" and pair.a.state != "established"
+    late = new_segment(A_IP, B_IP, 42000, 80, 1, 1, TCP_ACK | TCP_PSH, 1000, b"", b"plaintext")
+    verdict = pair.engine_b.process(serialize_segment(late), Direction.INBOUND, pair.now)
+    assert verdict.action is Action.DROP and pair.engine_b.counters["refused_untracked"] == 1
+
+
+def test_challenge_acks_are_rate_limited():
+    """RFC 5961 §7: a burst of forged SYNs and in-window RSTs earns one challenge ACK per 0.5 s."""
+    pair = _live()
+    a_last = _last_wire(pair, A_IP)
+    rcv_nxt = (a_last.seq + len(a_last.payload)) & MASK
+    before = len(pair.wire)
+    for i in range(50):
+        _forge(pair, TCP_SYN, 0x1000 + i)
+        _forge(pair, TCP_RST, rcv_nxt + 10 + i)
+    assert len(pair.wire) - before == 1
+    pair.now += 0.6
+    _forge(pair, TCP_SYN, 0x9999)
+    assert len(pair.wire) - before == 2
+    assert pair.engine_b.session_table()[0]["state"] == "encrypting" and not pair.b.was_reset
