@@ -40,11 +40,13 @@ def test_rules_per_worker() -> None:
     params = rules.RuleParams(7100, 7101, 0x7463, mode="gateway", outside=("wan0",), workers=3)
     text = rules.render("ipv4", params)
     queued = [line for line in text.splitlines() if "NFQUEUE" in line]
+    # inbound, outbound, and outbound of encrypted connections (no bypass), each once per worker
     assert [line.split("--queue-num ")[1].split()[0] for line in queued] == ["7100", "7102", "7104",
+                                                                            "7101", "7103", "7105",
                                                                             "7101", "7103", "7105"]
     # the last worker takes what the others did not match: no packet leaves a chain unqueued
-    assert ["-m bpf" in line for line in queued] == [True, True, False, True, True, False]
-    assert rules.render("ipv4", rules.RuleParams(7100, 7101, 0x7463)).count("NFQUEUE") == 2
+    assert ["-m bpf" in line for line in queued] == [True, True, False] * 3
+    assert rules.render("ipv4", rules.RuleParams(7100, 7101, 0x7463)).count("NFQUEUE") == 3
     with pytest.raises(rules.RulesError):
         rules.RuleParams(7100, 7101, 0x7463, workers=65)
 
