@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept every packet unchanged (benchmark baseline)",
     )
     run.add_argument(
+        "--queue-backend", choices=("netfilterqueue", "fast"), default=None,
+        help="NFQUEUE binding: netfilterqueue (default) or fast (batched netlink, queue flags)",
+    )
+    run.add_argument(
+        "--queue-gso", action=argparse.BooleanOptionalAction, default=None,
+        help="fast backend: take GSO super-packets unsegmented (default: on with --pass-through only)",
+    )
+    run.add_argument(
         "--workers", type=int, default=None, metavar="N",
         help="worker processes, each with its own queue pair (default: 1; gateway mode: one per CPU)",
     )

@@ -44,7 +44,7 @@ from ..core.errors import ConfigError
 from ..core.resumption import Resumable, ResumptionCache
 from . import metrics, rules, settings
 from .control import CommandError, ControlServer
-from .daemon import _peer, control_commands, make_reload, metrics_writer
+from .daemon import _peer, control_commands, make_reload, metrics_writer, queue_binding
 from .freshness import Freshness
 from .inject import Injector
 from .keylog import KeyLog
@@ -167,7 +167,7 @@ def _worker_main(options: DaemonOptions, index: int, sock: socket.socket) -> int
             engine = real
         injector = Injector(options.mark, options.local_mark)
         stack.callback(injector.close)
-        loop = EventLoop(engine, options.queue_num + 2 * index, injector, signals, None)
+        loop = EventLoop(engine, options.queue_num + 2 * index, injector, signals, None, queue_binding(options))
         stack.callback(loop.close)
         loop.extra_counters = lambda: {"shell.cache_remote_failed": remote.failures}
         loop.on_reload = make_reload(options, engine, keylog.write if keylog else None, loop.counters)
