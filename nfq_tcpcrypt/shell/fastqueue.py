@@ -163,7 +163,7 @@ class FastQueue:
                         continue
                     raise
                 self.counters["recv_calls"] += 1
-                for item in nl.parse(memoryview(buffer)[:size]):
+                for item in nl.parse(buffer, size):
                     if isinstance(item, nl.Ack):
                         if item.errno:
                             self.counters["verdict_errors"] += 1

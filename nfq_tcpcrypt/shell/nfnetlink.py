@@ -9,7 +9,6 @@ uapi headers linux/netfilter/nfnetlink_queue.h and linux/netlink.h.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 NETLINK_NETFILTER = 12
@@ -186,58 +185,60 @@ class Ack:
     seq: int
 
 
-def parse(data: bytes | memoryview) -> Iterator[QueuedPacket | Ack]:
-    """The packets and acknowledgements/errors in one datagram; malformed trailing bytes end it."""
-    view = memoryview(data)
+def parse(data: bytes | bytearray | memoryview, end: int | None = None) -> list[QueuedPacket | Ack]:
+    """The packets and acknowledgements/errors in the first `end` bytes of a datagram; a malformed
+    message ends it (what came before it stands)."""
+    out: list[QueuedPacket | Ack] = []
     offset = 0
-    end = len(view)
-    while offset + _NLMSGHDR.size <= end:
-        length, msg_type, _flags, seq, _pid = _NLMSGHDR.unpack_from(view, offset)
-        if length < _NLMSGHDR.size or offset + length > end:
-            return
-        if msg_type == NLMSG_ERROR and length >= _NLMSGHDR.size + 4:
-            (errno,) = _ERRNO.unpack_from(view, offset + _NLMSGHDR.size)
-            yield Ack(-errno, seq)
-        elif msg_type == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET and length >= HEADER_LEN:
-            packet = _packet(view, offset, offset + length)
-            if packet is not None:
-                yield packet
+    end = len(data) if end is None else end
+    while offset + 16 <= end:
+        length, msg_type, _flags, seq, _pid = _NLMSGHDR_UNPACK(data, offset)
+        if length < 16 or offset + length > end:
+            break
+        if msg_type == _PACKET_TYPE:
+            if length >= HEADER_LEN:
+                packet = _packet(data, offset, offset + length)
+                if packet is not None:
+                    out.append(packet)
+        elif msg_type == NLMSG_ERROR and length >= 20:
+            out.append(Ack(-_ERRNO_UNPACK(data, offset + 16)[0], seq))
         offset += (length + 3) & ~3
+    return out
 
 
-def _packet(view: memoryview, start: int, end: int) -> QueuedPacket | None:
-    """One NFQNL_MSG_PACKET; None without a packet header or payload."""
-    _family, _version, queue_num = _NFGENMSG.unpack_from(view, start + _NLMSGHDR.size)
+_NLMSGHDR_UNPACK = _NLMSGHDR.unpack_from
+_NLATTR_UNPACK = _NLATTR.unpack_from
+_BE32_UNPACK = _BE32.unpack_from
+_BE16_UNPACK = _BE16.unpack_from
+_ERRNO_UNPACK = _ERRNO.unpack_from
+_PACKET_HDR_UNPACK = _PACKET_HDR.unpack_from
+_PACKET_TYPE = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
+_NUMBERS = frozenset((NFQA_CAP_LEN, NFQA_SKB_INFO, NFQA_MARK, NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV))
+
+
+def _packet(data: bytes | bytearray | memoryview, start: int, end: int) -> QueuedPacket | None:
+    """One NFQNL_MSG_PACKET; None without a packet header or payload, or with a bad attribute."""
+    queue_num = _BE16_UNPACK(data, start + 18)[0]
     header: tuple[int, int, int] | None = None
     payload: bytes | None = None
-    cap_len = skb_info = mark = indev = outdev = 0
+    numbers = {NFQA_CAP_LEN: 0, NFQA_SKB_INFO: 0, NFQA_MARK: 0, NFQA_IFINDEX_INDEV: 0, NFQA_IFINDEX_OUTDEV: 0}
     offset = start + HEADER_LEN
     while offset + 4 <= end:
-        length, kind = _NLATTR.unpack_from(view, offset)
+        length, kind = _NLATTR_UNPACK(data, offset)
         if length < 4 or offset + length > end:
             return None
         kind &= NLA_TYPE_MASK
-        value = offset + 4
-        size = length - 4
         if kind == NFQA_PAYLOAD:
-            payload = bytes(view[value : value + size])
-        elif kind == NFQA_PACKET_HDR and size >= _PACKET_HDR.size:
-            header = _PACKET_HDR.unpack_from(view, value)
-        elif size >= 4 and kind in (NFQA_CAP_LEN, NFQA_SKB_INFO, NFQA_MARK, NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV):
-            (number,) = _BE32.unpack_from(view, value)
-            if kind == NFQA_CAP_LEN:
-                cap_len = number
-            elif kind == NFQA_SKB_INFO:
-                skb_info = number
-            elif kind == NFQA_MARK:
-                mark = number
-            elif kind == NFQA_IFINDEX_INDEV:
-                indev = number
-            else:
-                outdev = number
+            payload = bytes(data[offset + 4 : offset + length])
+        elif kind == NFQA_PACKET_HDR:
+            if length >= 4 + _PACKET_HDR.size:
+                header = _PACKET_HDR_UNPACK(data, offset + 4)
+        elif kind in _NUMBERS and length >= 8:
+            numbers[kind] = _BE32_UNPACK(data, offset + 4)[0]
         offset += (length + 3) & ~3
     if header is None or payload is None:
         return None
     return QueuedPacket(
-        queue_num, header[0], header[1], header[2], payload, cap_len or len(payload), skb_info, mark, indev, outdev
-    )
+        queue_num, header[0], header[1], header[2], payload, numbers[NFQA_CAP_LEN] or len(payload),
+        numbers[NFQA_SKB_INFO], numbers[NFQA_MARK], numbers[NFQA_IFINDEX_INDEV], numbers[NFQA_IFINDEX_OUTDEV],
+    )  # fmt: skip
