@@ -111,9 +111,14 @@ class QueuePair:
         def on_packet(pkt: Any) -> None:
             verdict: Verdict | None = None
             try:
-                self.info = getattr(pkt, "info", None)
+                info = self.info = getattr(pkt, "info", None)
                 payload = pkt.get_payload()
                 self._count("packets_" + direction.value)
+                if info is not None and info.skb_info:
+                    if info.gso:
+                        self._count("gso_packets")
+                    if info.csum_not_ready:
+                        self._count("csum_not_ready")
                 if pkt.get_payload_len() != ip_total_length(payload):
                     self._count("truncated_accepted")
                     logger.warning(

@@ -367,3 +367,21 @@ class TestQueuePairOnFastQueue:
         loop.queues.drain(Direction.INBOUND)
         assert order == ["inject after 1 verdict datagram(s)"]
         loop.close()
+
+
+class TestOptions:
+    def test_backend_and_gso_options(self) -> None:
+        from nfq_tcpcrypt.core.errors import ConfigError
+        from nfq_tcpcrypt.shell.settings import gso_enabled, options_from, parse_file_text
+
+        assert options_from({}, {}).queue_backend == "netfilterqueue"
+        fast = options_from(parse_file_text('queue-backend = "fast"'), {})
+        assert fast.queue_backend == "fast" and not gso_enabled(fast)
+        assert gso_enabled(options_from({}, {"queue_backend": "fast", "pass_through": True}))
+        assert not gso_enabled(options_from({}, {"queue_backend": "fast", "pass_through": True, "queue_gso": False}))
+        with pytest.raises(ConfigError, match="unknown queue-backend"):
+            options_from({}, {"queue_backend": "libnfq"})
+        with pytest.raises(ConfigError, match="needs queue-backend fast"):
+            options_from({}, {"queue_gso": True, "pass_through": True})
+        with pytest.raises(ConfigError, match="pass-through only"):
+            options_from({}, {"queue_backend": "fast", "queue_gso": True})
