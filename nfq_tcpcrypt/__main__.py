@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="fast backend: take GSO super-packets unsegmented (default: on with --pass-through only)",
     )
     run.add_argument(
+        "--queue-fail-open", action="store_true", default=None,
+        help="fast backend with --pass-through: a full queue accepts packets unqueued (NFQA_CFG_F_FAIL_OPEN)",
+    )
+    run.add_argument(
         "--workers", type=int, default=None, metavar="N",
         help="worker processes, each with its own queue pair (default: 1; gateway mode: one per CPU)",
     )

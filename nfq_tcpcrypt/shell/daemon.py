@@ -108,8 +108,8 @@ def metrics_writer(path: str, status: Callable[[], dict[str, Any]]) -> Callable[
 
 
 def queue_binding(options: DaemonOptions) -> Callable[[], Any]:
-    """The queue factory `options` ask for: backend, fail-open flag (unless --fail-closed), GSO."""
-    return nfq.queue_factory(options.queue_backend, not options.fail_closed, settings.gso_enabled(options))
+    """The queue factory `options` ask for: backend, fail-open flag, GSO (README: Queue backends)."""
+    return nfq.queue_factory(options.queue_backend, options.queue_fail_open, settings.gso_enabled(options))
 
 
 def _warn_without_forwarding(ipv6: bool) -> None:

@@ -36,12 +36,12 @@ Handler = Callable[[bytes, Direction], Verdict]
 BACKENDS = ("netfilterqueue", "fast")
 
 
-def queue_factory(backend: str, fail_open: bool = True, gso: bool = False) -> Callable[[], Any]:
+def queue_factory(backend: str, fail_open: bool = False, gso: bool = False) -> Callable[[], Any]:
     """The binding for `backend`; the fast one is bound with NFQA_CFG_F_FAIL_OPEN when `fail_open`
     (a full queue accepts instead of dropping) and NFQA_CFG_F_GSO when `gso`."""
     if backend == "netfilterqueue":
-        if gso:
-            raise ValueError("NetfilterQueue cannot take GSO super-packets")
+        if gso or fail_open:
+            raise ValueError("NetfilterQueue cannot set queue flags (GSO, fail-open)")
         return NetfilterQueue
     if backend == "fast":
         from .fastqueue import factory

@@ -63,6 +63,8 @@ class DaemonOptions:
     """The NFQUEUE binding (nfq.BACKENDS): NetfilterQueue, or our own netlink binding (fastqueue.py)."""
     queue_gso: bool | None = None
     """GSO super-packets from the queue (fast backend only); None: on for --pass-through only."""
+    queue_fail_open: bool = False
+    """NFQA_CFG_F_FAIL_OPEN: a full queue accepts packets unqueued (fast backend, --pass-through only)."""
     config_file: str | None = None
     """The --config file, re-read on SIGHUP."""
     cli: dict[str, Any] = field(default_factory=dict)
@@ -96,6 +98,7 @@ DAEMON_KEYS: dict[str, type] = {
     "metrics_file": str,
     "queue_backend": str,
     "queue_gso": bool,
+    "queue_fail_open": bool,
 }
 ENGINE_KEYS: dict[str, type] = {
     "rekey_bytes": int,
@@ -220,6 +223,13 @@ def _check_queue(options: DaemonOptions) -> None:
         raise ConfigError("queue-gso needs queue-backend fast (NetfilterQueue cannot set queue flags)")
     if options.queue_gso and not options.pass_through:
         raise ConfigError("queue-gso is for --pass-through only: the engine handles one segment per packet")
+    if options.queue_fail_open and options.queue_backend != "fast":
+        raise ConfigError("queue-fail-open needs queue-backend fast (NetfilterQueue cannot set queue flags)")
+    if options.queue_fail_open and not options.pass_through:
+        raise ConfigError(
+            "queue-fail-open is for --pass-through only: a full queue would let an encrypted connection's "
+            "plaintext onto the wire and unauthenticated bytes into the stack"
+        )
 
 
 def gso_enabled(options: DaemonOptions) -> bool:
@@ -325,7 +335,7 @@ def reload_options(options: DaemonOptions) -> DaemonOptions:
     resolve_system(fresh)
     fixed = [name for name in ("mode", "outside", "queue_num", "mark", "local_mark", "control", "keylog",
                                "fail_closed", "ipv6", "pass_through", "workers", "metrics_file",
-                               "queue_backend", "queue_gso")
+                               "queue_backend", "queue_gso", "queue_fail_open")
              if getattr(fresh, name) != getattr(options, name)]  # fmt: skip
     if fixed:
         logger.warning("reload: %s changed in the config; that takes a restart", ", ".join(fixed))

@@ -385,3 +385,18 @@ class TestOptions:
             options_from({}, {"queue_gso": True, "pass_through": True})
         with pytest.raises(ConfigError, match="pass-through only"):
             options_from({}, {"queue_backend": "fast", "queue_gso": True})
+        # a full queue that accepts unqueued would put an encrypted connection's plaintext on the wire
+        with pytest.raises(ConfigError, match="plaintext onto the wire"):
+            options_from({}, {"queue_backend": "fast", "queue_fail_open": True})
+        with pytest.raises(ConfigError, match="needs queue-backend fast"):
+            options_from({}, {"queue_fail_open": True, "pass_through": True})
+        allowed = options_from({}, {"queue_backend": "fast", "queue_fail_open": True, "pass_through": True})
+        assert allowed.queue_fail_open
+
+    def test_the_daemon_binds_without_fail_open_unless_asked(self) -> None:
+        from nfq_tcpcrypt.shell.daemon import queue_binding
+        from nfq_tcpcrypt.shell.settings import options_from
+
+        assert queue_binding(options_from({}, {"queue_backend": "fast"}))().flags == 0
+        passing = options_from({}, {"queue_backend": "fast", "pass_through": True, "queue_fail_open": True})
+        assert queue_binding(passing)().flags == nl.NFQA_CFG_F_FAIL_OPEN | nl.NFQA_CFG_F_GSO
