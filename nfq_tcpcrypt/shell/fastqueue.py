@@ -1,7 +1,7 @@
 """The fast queue backend (`--queue-backend fast`): our own NFQUEUE binding on a raw netlink socket.
 
 Against NetfilterQueue it adds the queue flags (fail-open on a full queue, GSO super-packets),
-whole-packet copies (65,535 bytes), a receive buffer set with SO_RCVBUFFORCE, and verdicts sent in
+whole-packet copies (up to 65,531 bytes), a receive buffer set with SO_RCVBUFFORCE, and verdicts sent in
 batches: the verdicts of one drain go out in one sendmsg, and a run of plain accepts becomes one
 NFQNL_MSG_VERDICT_BATCH. Verdicts keep the packets' order: a run of plain accepts is closed by a
 batch verdict before any other verdict follows. Its packets have NetfilterQueue's surface
@@ -22,7 +22,7 @@ from . import nfnetlink as nl
 logger = logging.getLogger(__name__)
 
 RECV_SIZE = 0x10000 + 4096
-"""One datagram: a whole 65,535-byte packet plus the headers and attributes around it."""
+"""One datagram: the largest packet copy plus the headers and attributes around it."""
 
 SEND_CHUNK = 128 * 1024
 """Verdict bytes gathered into one sendmsg before it goes (below the default netlink send buffer)."""
@@ -60,9 +60,9 @@ class FastPacket:
         return self.info.mark
 
     def set_payload(self, data: bytes) -> None:
-        """Replace the packet's bytes with the verdict (at most 65,535)."""
-        if len(data) > nl.COPY_RANGE:
-            raise ValueError(f"a packet of {len(data)} bytes does not fit an IP packet")
+        """Replace the packet's bytes with the verdict (at most 65,531: what a netlink attribute holds)."""
+        if len(data) > nl.MAX_PAYLOAD:
+            raise ValueError(f"a packet of {len(data)} bytes does not fit a verdict (at most {nl.MAX_PAYLOAD})")
         self._payload = bytes(data)
 
     def set_mark(self, mark: int) -> None:

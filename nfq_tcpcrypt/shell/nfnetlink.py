@@ -59,8 +59,12 @@ NFQA_SKB_CSUM_NOTVERIFIED = 0x4
 NF_DROP = 0
 NF_ACCEPT = 1
 
-COPY_RANGE = 0xFFFF
-"""Bytes of each packet copied to us: all of it, up to the largest IP packet without BIG TCP."""
+MAX_PAYLOAD = 0xFFFF - 4
+"""The most packet bytes one attribute can hold (its length field is 16 bits, header included): the
+kernel's copy range is capped there (NFQNL_MAX_COPY_RANGE), and a verdict's new packet must fit too."""
+COPY_RANGE = MAX_PAYLOAD
+"""Bytes of each packet copied to us: all of it, up to 65,531 (a longer one arrives cut, with its
+real length in NFQA_CAP_LEN, and is accepted unchanged)."""
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("!BBH")

@@ -75,7 +75,7 @@ class TestMessages:
     def test_queue_config_copies_whole_packets_with_flags_under_mask(self) -> None:
         [(kind, flags, queue, attrs)] = decode(nl.config_queue(7100, 4096, nl.NFQA_CFG_F_GSO, 7))
         assert kind == 0x302 and flags & nl.NLM_F_ACK and queue == 7100
-        assert attrs[nl.NFQA_CFG_PARAMS] == struct.pack("!IB", 0xFFFF, 2)  # copy range, NFQNL_COPY_PACKET
+        assert attrs[nl.NFQA_CFG_PARAMS] == struct.pack("!IB", 0xFFFF - 4, 2)  # copy range, NFQNL_COPY_PACKET
         assert attrs[nl.NFQA_CFG_QUEUE_MAXLEN] == struct.pack("!I", 4096)
         assert attrs[nl.NFQA_CFG_FLAGS] == struct.pack("!I", 4) and attrs[nl.NFQA_CFG_MASK] == struct.pack("!I", 7)
 
@@ -259,11 +259,17 @@ class TestFastQueue:
         with pytest.raises(OSError):
             queue.run(block=False)
 
-    def test_a_packet_larger_than_ip_allows_is_refused(self) -> None:
+    def test_a_packet_larger_than_a_verdict_holds_is_refused(self) -> None:
+        """A netlink attribute's 16-bit length includes its 4-byte header: 65,531 bytes at most."""
         queue, sock = fake_queue(lambda pkt: pkt.accept())
         packet = FastPacket(queue, nl.parse(kernel_packet(1, IP_PACKET))[0])  # type: ignore[arg-type]
         with pytest.raises(ValueError):
-            packet.set_payload(bytes(65536))
+            packet.set_payload(bytes(65532))
+        packet.set_payload(bytes(65531))
+        packet.accept()
+        queue.flush()
+        assert verdicts(sock) == [("one", 1, 1, bytes(65531))]
+        assert nl.COPY_RANGE == 65531
 
     def test_verdicts_beyond_the_chunk_size_take_more_sendmsg_calls(self) -> None:
         def handle(pkt: FastPacket) -> None:
