@@ -163,6 +163,9 @@ class FastQueue:
                         continue
                     raise
                 self.counters["recv_calls"] += 1
+                # The kernel sends one packet per datagram; should one hold more, every packet in it
+                # still gets its verdict before an exception of the callback propagates.
+                error: BaseException | None = None
                 for item in nl.parse(buffer, size):
                     if isinstance(item, nl.Ack):
                         if item.errno:
@@ -172,9 +175,13 @@ class FastQueue:
                     packet = FastPacket(self, item)
                     try:
                         callback(packet)
+                    except BaseException as exc:
+                        error = error or exc
                     finally:
                         if packet._verdict is None:
                             packet.drop()
+                if error is not None:
+                    raise error
         finally:
             self.flush()
 

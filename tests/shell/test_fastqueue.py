@@ -235,6 +235,18 @@ class TestFastQueue:
         queue.run(block=False)  # the next drain takes the packet left in the socket
         assert verdicts(sock)[-1] == ("batch", 1, 3, None)
 
+    def test_every_packet_of_a_datagram_gets_its_verdict_before_an_exception_propagates(self) -> None:
+        def handle(pkt: FastPacket) -> None:
+            if pkt.id == 1:
+                raise RuntimeError("engine bug")
+            pkt.accept()
+
+        queue, sock = fake_queue(handle)
+        sock.incoming = [kernel_packet(1, IP_PACKET) + kernel_packet(2, IP_PACKET) + kernel_packet(3, IP_PACKET)]
+        with pytest.raises(RuntimeError):
+            queue.run(block=False)
+        assert verdicts(sock) == [("one", 0, 1, None), ("batch", 1, 3, None)]
+
     def test_a_second_verdict_is_refused(self) -> None:
         def handle(pkt: FastPacket) -> None:
             pkt.accept()
