@@ -189,6 +189,15 @@ class TestFastQueue:
         assert seen == list(range(10, 20))
         assert verdicts(sock) == [("batch", 1, 19, None)] and len(sock.sent) == 1
 
+    def test_verdicts_wait_for_at_most_hold_max_packets(self) -> None:
+        from nfq_tcpcrypt.shell.fastqueue import HOLD_MAX
+
+        queue, sock = fake_queue(lambda pkt: pkt.accept())
+        sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(1, 2 * HOLD_MAX + 6)]
+        queue.run(block=False)
+        assert verdicts(sock) == [("batch", 1, HOLD_MAX, None), ("batch", 1, 2 * HOLD_MAX, None),
+                                  ("batch", 1, 2 * HOLD_MAX + 5, None)]  # fmt: skip
+
     def test_verdicts_keep_the_packets_order(self) -> None:
         """A run of plain accepts is closed by a batch verdict before a drop or a mangled packet."""
 
@@ -292,6 +301,16 @@ class TestFastQueue:
         sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(1, 6)]
         queue.run(block=False)
         assert [v[2] for v in verdicts(sock)] == [1, 2, 3, 4, 5] and 2 <= len(sock.sent) <= 3
+
+    def test_the_chunk_size_splits_verdicts_held_together(self) -> None:
+        queue, sock = fake_queue(lambda pkt: pkt.accept())
+        for i in range(1, 6):
+            packet = FastPacket(queue, nl.parse(kernel_packet(i, IP_PACKET))[0])  # type: ignore[arg-type]
+            packet.set_payload(bytes(60000))
+            queue._pending.append(packet)
+            packet._verdict = nl.NF_ACCEPT
+        queue.flush()
+        assert [v[2] for v in verdicts(sock)] == [1, 2, 3, 4, 5] and len(sock.sent) == 2  # 180 KB, then 120 KB
 
     def test_blocking_run_is_refused(self) -> None:
         queue, _ = fake_queue(lambda pkt: pkt.accept())
