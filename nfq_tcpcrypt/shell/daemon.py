@@ -181,7 +181,8 @@ def run_daemon(options: DaemonOptions) -> int:
 
         def status_doc() -> dict[str, Any]:
             meta = {"mode": options.mode, "workers": 1, "pid": os.getpid(),
-                    "queues": [options.queue_num, options.queue_num + 1], "rules": installed.lines()}  # fmt: skip
+                    "queues": [options.queue_num, options.queue_num + 1], "rules": installed.lines(),
+                    "queue_backend": options.queue_backend, "queue_gso": settings.gso_enabled(options)}  # fmt: skip
             return metrics.status(counters(), meta)
 
         commands["counters"] = lambda request: counters()

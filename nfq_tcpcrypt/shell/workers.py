@@ -421,7 +421,8 @@ class Supervisor:
         options = self.options
         meta = {"mode": options.mode, "workers": self.count, "pid": os.getpid(),
                 "queues": list(range(options.queue_num, options.queue_num + 2 * self.count)),
-                "rules": self.installed.lines() if self.installed is not None else []}  # fmt: skip
+                "rules": self.installed.lines() if self.installed is not None else [],
+                "queue_backend": options.queue_backend, "queue_gso": settings.gso_enabled(options)}  # fmt: skip
         return metrics.status(self._counters_command(), meta)
 
     def reload_cache_settings(self) -> None:

@@ -6,11 +6,14 @@ The whole integration suite runs on the fast backend with NFQ_TCPCRYPT_QUEUE_BAC
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from nfq_tcpcrypt.labnet import Topology, http_transfer, shell_faults
+from nfq_tcpcrypt.labnet import Topology, http_transfer, shell_faults, start_daemon
+from nfq_tcpcrypt.shell.control import query
 
 SIZE = 4 * 1024 * 1024
 
@@ -57,3 +60,18 @@ def test_pass_through_takes_gso_super_packets(topo: Topology, tmp_path: Path) ->
     assert shell_faults(sender) == {}
     # super-packets: far fewer queued data packets than MTU-sized segments of the file
     assert sender["shell.packets_outbound"] < SIZE // 1448 // 2, sender
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_status_names_the_backend(topo: Topology, tmp_path: Path, workers: int) -> None:
+    """`status` (JSON and text) says which binding the queues are on, with one worker and with several."""
+    daemon = start_daemon(topo, "a", tmp_path, ["--queue-backend", "fast", "--workers", str(workers)])
+    try:
+        doc = query(daemon.control, "status")
+        assert doc["queue_backend"] == "fast" and doc["queue_gso"] is False and doc["workers"] == workers
+        text = subprocess.run([sys.executable, "-m", "nfq_tcpcrypt", "status", "--control", daemon.control],
+                              capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
+        assert "(fast)" in text.splitlines()[0], text
+    finally:
+        assert daemon.stop() == 0
