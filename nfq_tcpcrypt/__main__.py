@@ -106,6 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept every packet unchanged (benchmark baseline)",
     )
     run.add_argument(
+        "--queue-backend", choices=("netfilterqueue", "fast"), default=None,
+        help="NFQUEUE binding: netfilterqueue (default) or fast (batched netlink, queue flags)",
+    )
+    run.add_argument(
+        "--queue-gso", action=argparse.BooleanOptionalAction, default=None,
+        help="fast backend: take GSO super-packets unsegmented (default: on with --pass-through only)",
+    )
+    run.add_argument(
+        "--queue-fail-open", action="store_true", default=None,
+        help="fast backend with --pass-through: a full queue accepts packets unqueued (NFQA_CFG_F_FAIL_OPEN)",
+    )
+    run.add_argument(
         "--workers", type=int, default=None, metavar="N",
         help="worker processes, each with its own queue pair (default: 1; gateway mode: one per CPU)",
     )
@@ -251,7 +263,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 0
     handshakes = doc["handshakes"]
     print(f"nfq-tcpcrypt {doc['version']}: {doc['mode']} mode, pid {doc['pid']}, {doc['workers']} worker(s), "
-          f"queues {doc['queues'][0]}..{doc['queues'][-1]}")  # fmt: skip
+          f"queues {doc['queues'][0]}..{doc['queues'][-1]} ({doc.get('queue_backend', 'netfilterqueue')}"
+          f"{', GSO' if doc.get('queue_gso') else ''})")  # fmt: skip
     print(f"rules in place: {len(doc['rules'])}")
     for line in doc["rules"]:
         print(f"  {line}")

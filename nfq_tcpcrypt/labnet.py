@@ -439,6 +439,10 @@ def shell_faults(counters: dict[str, int]) -> dict[str, int]:
     return {name: value for name, value in counters.items() if name in SHELL_FAULTS and value}
 
 
+QUEUE_BACKEND_ENV = "NFQ_TCPCRYPT_QUEUE_BACKEND"
+"""The environment variable that picks the daemons' queue backend in start_daemon."""
+
+
 def start_daemon(
     topo: Topology,
     side: str,
@@ -451,7 +455,9 @@ def start_daemon(
     """Start the daemon in `side` and wait until its control socket answers (queue bound, rules in).
 
     With `mode="gateway"` it runs `--mode gateway --outside topo.outside[side]`. `program` replaces
-    `python -m nfq_tcpcrypt` (e.g. the `nfq-tcpcrypt` script of another installation).
+    `python -m nfq_tcpcrypt` (e.g. the `nfq-tcpcrypt` script of another installation). The
+    environment variable NFQ_TCPCRYPT_QUEUE_BACKEND, when set, becomes `--queue-backend` (unless
+    `extra` names one), so the integration suite runs on either backend.
     """
     from .shell.control import query
 
@@ -459,6 +465,9 @@ def start_daemon(
     keylog = str(workdir / f"{side}.keys")
     log = str(workdir / f"{side}.log")
     mode_args = ["--mode", mode]
+    backend = os.environ.get(QUEUE_BACKEND_ENV)
+    if backend and "--queue-backend" not in extra:
+        mode_args += ["--queue-backend", backend]
     if mode == "gateway":
         mode_args += ["--outside", topo.outside[side]]
     command = [

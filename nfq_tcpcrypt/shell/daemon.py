@@ -24,7 +24,7 @@ from typing import Any
 
 from ..core.engine import Engine
 from ..core.errors import ConfigError
-from . import metrics, rules, settings
+from . import metrics, nfq, rules, settings
 from .control import CommandError, ControlServer
 from .freshness import Freshness
 from .inject import Injector
@@ -118,6 +118,11 @@ def metrics_writer(path: str, status: Callable[[], dict[str, Any]]) -> Callable[
     return write
 
 
+def queue_binding(options: DaemonOptions) -> Callable[[], Any]:
+    """The queue factory `options` ask for: backend, fail-open flag, GSO (README: Queue backends)."""
+    return nfq.queue_factory(options.queue_backend, options.queue_fail_open, settings.gso_enabled(options))
+
+
 def _warn_without_forwarding(ipv6: bool) -> None:
     """A gateway that does not forward encrypts only its own connections: say so (refuse nothing)."""
     paths = ["/proc/sys/net/ipv4/ip_forward"]
@@ -155,10 +160,11 @@ def run_daemon(options: DaemonOptions) -> int:
         stack.callback(freshness.close)
         injector = Injector(options.mark, options.local_mark)
         stack.callback(injector.close)
-        loop = EventLoop(engine, options.queue_num, injector, signals, freshness)
+        loop = EventLoop(engine, options.queue_num, injector, signals, freshness, queue_binding(options))
         stack.callback(loop.close)
         loop.on_reload = make_reload(options, engine, keylog.write if keylog else None, loop.counters)
-        logger.info("queues %d (inbound) and %d (outbound) bound", options.queue_num, options.queue_num + 1)
+        logger.info("queues %d (inbound) and %d (outbound) bound (%s%s)", options.queue_num, options.queue_num + 1,
+                    options.queue_backend, ", GSO" if settings.gso_enabled(options) else "")
         families = ("ipv4", "ipv6") if options.ipv6 else ("ipv4",)
         params = rules.RuleParams(
             options.queue_num,
@@ -187,7 +193,8 @@ def run_daemon(options: DaemonOptions) -> int:
 
         def status_doc() -> dict[str, Any]:
             meta = {"mode": options.mode, "workers": 1, "pid": os.getpid(),
-                    "queues": [options.queue_num, options.queue_num + 1], "rules": installed.lines()}  # fmt: skip
+                    "queues": [options.queue_num, options.queue_num + 1], "rules": installed.lines(),
+                    "queue_backend": options.queue_backend, "queue_gso": settings.gso_enabled(options)}  # fmt: skip
             return metrics.status(counters(), meta)
 
         commands["counters"] = lambda request: counters()

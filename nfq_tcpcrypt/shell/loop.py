@@ -128,8 +128,11 @@ class EventLoop:
         self._flush()
 
     def _flush(self) -> None:
-        """Inject what the engine produced and log its events."""
-        for injection in self.engine.segments_to_inject():
+        """Inject what the engine produced (after the verdicts held so far) and log its events."""
+        injections = self.engine.segments_to_inject()
+        if injections:
+            self.queues.flush_verdicts()
+        for injection in injections:
             self.injector.send(injection.packet, injection.direction)
         while (event := self.engine.next_event()) is not None:
             _log_event(event)
@@ -142,6 +145,7 @@ class EventLoop:
         out["shell.injected"] = self.injector.sent
         out["shell.injected_local"] = self.injector.sent_local
         out["shell.inject_failed"] = self.injector.failed
+        out.update({f"shell.queue_{name}": value for name, value in self.queues.backend_counters().items()})
         if self.freshness is not None:
             out.update({f"shell.{name}": value for name, value in self.freshness.counters.items()})
         num = self.queues.queue_num

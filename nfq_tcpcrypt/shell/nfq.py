@@ -3,6 +3,10 @@
 Queue N carries INBOUND packets (wire -> local, decrypt), queue N+1 OUTBOUND (local -> wire, encrypt).
 Every packet gets exactly one verdict, inside try/finally. A packet whose copy is shorter than its IP
 total length (the 4016-byte copy cap) is accepted unchanged and counted: rewriting it would cut it.
+
+Two bindings have this surface (README: Queue backends): NetfilterQueue, and our own netlink
+binding (fastqueue.py), which batches and exposes the kernel's metadata of each packet
+(`QueuePair.info`: GSO super-packet, checksum not ready).
 """
 
 from __future__ import annotations
@@ -29,6 +33,22 @@ DRAIN_BUDGET = 128
 """Packets handled per `drain()` before control returns to the loop (timers, control socket, `now`)."""
 
 Handler = Callable[[bytes, Direction, bool], Verdict]
+
+BACKENDS = ("netfilterqueue", "fast")
+
+
+def queue_factory(backend: str, fail_open: bool = False, gso: bool = False) -> Callable[[], Any]:
+    """The binding for `backend`; the fast one is bound with NFQA_CFG_F_FAIL_OPEN when `fail_open`
+    (a full queue accepts instead of dropping) and NFQA_CFG_F_GSO when `gso`."""
+    if backend == "netfilterqueue":
+        if gso or fail_open:
+            raise ValueError("NetfilterQueue cannot set queue flags (GSO, fail-open)")
+        return NetfilterQueue
+    if backend == "fast":
+        from .fastqueue import factory
+
+        return factory(fail_open, gso)
+    raise ValueError(f"unknown queue backend {backend!r}")
 
 
 class _BudgetSpent(Exception):
@@ -67,6 +87,9 @@ class QueuePair:
         self._after = after
         self._handled = 0
         self._counters = counters
+        self.info: Any = None
+        """The kernel's metadata of the packet being handled (fast backend: nfnetlink.QueuedPacket,
+        with its GSO and checksum-not-ready flags); None on NetfilterQueue."""
         self.queues: dict[Direction, Any] = {}
         try:
             for offset, direction in ((0, Direction.INBOUND), (1, Direction.OUTBOUND)):
@@ -89,8 +112,14 @@ class QueuePair:
         def on_packet(pkt: Any) -> None:
             verdict: Verdict | None = None
             try:
+                info = self.info = getattr(pkt, "info", None)
                 payload = pkt.get_payload()
                 self._count("packets_" + direction.value)
+                if info is not None and info.skb_info:
+                    if info.gso:
+                        self._count("gso_packets")
+                    if info.csum_not_ready:
+                        self._count("csum_not_ready")
                 if pkt.get_payload_len() != ip_total_length(payload):
                     self._count("truncated_accepted")
                     logger.warning(
@@ -125,6 +154,23 @@ class QueuePair:
             self.queues[direction].run(block=False)
         except _BudgetSpent:
             self._count("drain_budget_spent")
+
+    def flush_verdicts(self) -> None:
+        """Send the verdicts a batching backend still holds (before packets are injected, so the
+        wire keeps the order the engine produced)."""
+        for queue in self.queues.values():
+            flush = getattr(queue, "flush", None)
+            if flush is not None:
+                flush()
+
+    def backend_counters(self) -> dict[str, int]:
+        """The binding's own counters over both queues (fast backend: ENOBUFS, refused verdicts,
+        receive and verdict system calls)."""
+        out: dict[str, int] = {}
+        for queue in self.queues.values():
+            for name, value in getattr(queue, "counters", {}).items():
+                out[name] = out.get(name, 0) + value
+        return out
 
     def close(self) -> None:
         """Unbind both queues."""

@@ -31,6 +31,7 @@ DEFAULT_QUEUE_NUM = 7100
 DEFAULT_MARK = 0x7463
 DEFAULT_LOCAL_MARK = 0x7464
 DEFAULT_CONTROL = "/run/nfq-tcpcrypt/control.sock"
+QUEUE_BACKENDS = ("netfilterqueue", "fast")
 DELIVER_MAX_MIN = 256
 """The smallest `deliver_max` accepted (an inside MTU of 336 bytes; IPv4 guarantees 576)."""
 SYS_NET = "/sys/class/net"
@@ -58,6 +59,12 @@ class DaemonOptions:
     """Worker processes (workers.py); None: 1 in host mode, one per CPU in gateway mode."""
     metrics_file: str | None = None
     """A Prometheus textfile the daemon rewrites (metrics.py)."""
+    queue_backend: str = "netfilterqueue"
+    """The NFQUEUE binding (nfq.BACKENDS): NetfilterQueue, or our own netlink binding (fastqueue.py)."""
+    queue_gso: bool | None = None
+    """GSO super-packets from the queue (fast backend only); None: on for --pass-through only."""
+    queue_fail_open: bool = False
+    """NFQA_CFG_F_FAIL_OPEN: a full queue accepts packets unqueued (fast backend, --pass-through only)."""
     config_file: str | None = None
     """The --config file, re-read on SIGHUP."""
     cli: dict[str, Any] = field(default_factory=dict)
@@ -89,6 +96,9 @@ DAEMON_KEYS: dict[str, type] = {
     "log_level": str,
     "workers": int,
     "metrics_file": str,
+    "queue_backend": str,
+    "queue_gso": bool,
+    "queue_fail_open": bool,
 }
 ENGINE_KEYS: dict[str, type] = {
     "rekey_bytes": int,
@@ -225,6 +235,7 @@ def options_from(file_values: Mapping[str, Any], cli_values: Mapping[str, Any]) 
     _check_mode(options)
     if options.workers is not None and not 1 <= options.workers <= MAX_WORKERS:
         raise ConfigError(f"workers must be 1..{MAX_WORKERS}, not {options.workers}")
+    _check_queue(options)
     if options.mark == options.local_mark:
         raise ConfigError(f"mark and local-mark must differ (both {options.mark:#x})")
     for name, value in (("mark", options.mark), ("local-mark", options.local_mark)):
@@ -232,6 +243,31 @@ def options_from(file_values: Mapping[str, Any], cli_values: Mapping[str, Any]) 
             raise ConfigError(f"{name} {value:#x} uses bit {ENCRYPTED_MARK:#x}, which marks encrypted connections")
     options.configuration()  # validate now (names, ranges), before anything is installed
     return options
+
+
+def _check_queue(options: DaemonOptions) -> None:
+    """A known backend; GSO only on the fast one, and (until the engine frames super-packets) only
+    with --pass-through (README: Queue backends)."""
+    if options.queue_backend not in QUEUE_BACKENDS:
+        raise ConfigError(f"unknown queue-backend {options.queue_backend!r}; known: {', '.join(QUEUE_BACKENDS)}")
+    if options.queue_gso and options.queue_backend != "fast":
+        raise ConfigError("queue-gso needs queue-backend fast (NetfilterQueue cannot set queue flags)")
+    if options.queue_gso and not options.pass_through:
+        raise ConfigError("queue-gso is for --pass-through only: the engine handles one segment per packet")
+    if options.queue_fail_open and options.queue_backend != "fast":
+        raise ConfigError("queue-fail-open needs queue-backend fast (NetfilterQueue cannot set queue flags)")
+    if options.queue_fail_open and not options.pass_through:
+        raise ConfigError(
+            "queue-fail-open is for --pass-through only: a full queue would let an encrypted connection's "
+            "plaintext onto the wire and unauthenticated bytes into the stack"
+        )
+
+
+def gso_enabled(options: DaemonOptions) -> bool:
+    """Whether the queues are bound with NFQA_CFG_F_GSO: asked for, or by default in a fast pass-through."""
+    if options.queue_gso is not None:
+        return options.queue_gso
+    return options.queue_backend == "fast" and options.pass_through
 
 
 def _check_mode(options: DaemonOptions) -> None:
@@ -329,7 +365,8 @@ def reload_options(options: DaemonOptions) -> DaemonOptions:
     fresh = options_from(file_values, options.cli)
     resolve_system(fresh)
     fixed = [name for name in ("mode", "outside", "queue_num", "mark", "local_mark", "control", "keylog",
-                               "fail_closed", "ipv6", "pass_through", "workers", "metrics_file")
+                               "fail_closed", "ipv6", "pass_through", "workers", "metrics_file",
+                               "queue_backend", "queue_gso", "queue_fail_open")
              if getattr(fresh, name) != getattr(options, name)]  # fmt: skip
     if fixed:
         logger.warning("reload: %s changed in the config; that takes a restart", ", ".join(fixed))

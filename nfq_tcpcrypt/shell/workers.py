@@ -45,7 +45,7 @@ from ..core.errors import ConfigError
 from ..core.resumption import Resumable, ResumptionCache
 from . import metrics, rules, settings
 from .control import CommandError, ControlServer
-from .daemon import _peer, control_commands, make_reload, metrics_writer
+from .daemon import _peer, control_commands, make_reload, metrics_writer, queue_binding
 from .freshness import Freshness
 from .inject import Injector
 from .keylog import KeyLog
@@ -168,7 +168,7 @@ def _worker_main(options: DaemonOptions, index: int, sock: socket.socket) -> int
             engine = real
         injector = Injector(options.mark, options.local_mark)
         stack.callback(injector.close)
-        loop = EventLoop(engine, options.queue_num + 2 * index, injector, signals, None)
+        loop = EventLoop(engine, options.queue_num + 2 * index, injector, signals, None, queue_binding(options))
         stack.callback(loop.close)
         loop.extra_counters = lambda: {"shell.cache_remote_failed": remote.failures}
         loop.on_reload = make_reload(options, engine, keylog.write if keylog else None, loop.counters)
@@ -422,7 +422,8 @@ class Supervisor:
         options = self.options
         meta = {"mode": options.mode, "workers": self.count, "pid": os.getpid(),
                 "queues": list(range(options.queue_num, options.queue_num + 2 * self.count)),
-                "rules": self.installed.lines() if self.installed is not None else []}  # fmt: skip
+                "rules": self.installed.lines() if self.installed is not None else [],
+                "queue_backend": options.queue_backend, "queue_gso": settings.gso_enabled(options)}  # fmt: skip
         return metrics.status(self._counters_command(), meta)
 
     def reload_cache_settings(self) -> None:

@@ -1,0 +1,260 @@
+"""The fast queue backend (`--queue-backend fast`): our own NFQUEUE binding on a raw netlink socket.
+
+Against NetfilterQueue it adds the queue flags (fail-open on a full queue, GSO super-packets),
+whole-packet copies (up to 65,531 bytes), a receive buffer set with SO_RCVBUFFORCE, and verdicts
+sent in batches: the verdicts of one drain go out together (one sendmsg per HOLD_MAX packets at
+most), and a run of plain accepts becomes one NFQNL_MSG_VERDICT_BATCH. Verdicts keep the packets'
+order: a run of plain accepts is closed by a batch verdict before any other verdict follows. Its
+packets have NetfilterQueue's surface (get_payload, set_payload, accept, drop), so shell/nfq.py's
+QueuePair drives both backends, plus the kernel's metadata (`info`: GSO, checksum not ready).
+README: Queue backends.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from . import nfnetlink as nl
+
+logger = logging.getLogger(__name__)
+
+RECV_SIZE = 0x10000 + 4096
+"""One datagram: the largest packet copy plus the headers and attributes around it."""
+
+HOLD_MAX = 32
+"""Verdicts held before they go out even while more packets wait: a packet's verdict waits for at
+most this many packets' handling (about 0.5 ms under the engine), not for the whole drain."""
+
+SEND_CHUNK = 128 * 1024
+"""Verdict bytes gathered into one sendmsg before it goes (below the default netlink send buffer)."""
+
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
+class FastPacket:
+    """One queued packet; its verdict is recorded and sent with the others of its drain."""
+
+    __slots__ = ("_queue", "info", "_verdict", "_payload", "_mark")
+
+    def __init__(self, queue: FastQueue, info: nl.QueuedPacket) -> None:
+        self._queue = queue
+        self.info = info
+        self._verdict: int | None = None
+        self._payload: bytes | None = None
+        self._mark: int | None = None
+
+    @property
+    def id(self) -> int:
+        """The kernel's packet id."""
+        return self.info.packet_id
+
+    def get_payload(self) -> bytes:
+        """The copied packet (the whole packet unless `get_payload_len() < info.cap_len`)."""
+        return self.info.payload
+
+    def get_payload_len(self) -> int:
+        """The packet's length: the copy's when whole, the real (larger) one when the copy was cut."""
+        return self.info.cap_len
+
+    def get_mark(self) -> int:
+        """The packet's mark."""
+        return self.info.mark
+
+    def set_payload(self, data: bytes) -> None:
+        """Replace the packet's bytes with the verdict (at most 65,531: what a netlink attribute holds)."""
+        if len(data) > nl.MAX_PAYLOAD:
+            raise ValueError(f"a packet of {len(data)} bytes does not fit a verdict (at most {nl.MAX_PAYLOAD})")
+        self._payload = bytes(data)
+
+    def set_mark(self, mark: int) -> None:
+        """Set the packet's mark with the verdict."""
+        self._mark = mark
+
+    def _give(self, verdict: int) -> None:
+        if self._verdict is not None:
+            raise RuntimeError("Verdict already given for this packet")
+        self._verdict = verdict
+        pending = self._queue._pending
+        pending.append(self)
+        if len(pending) >= HOLD_MAX:
+            self._queue.flush()
+
+    def accept(self) -> None:
+        """Accept (with the new payload and mark, if set)."""
+        self._give(nl.NF_ACCEPT)
+
+    def drop(self) -> None:
+        """Drop."""
+        self._give(nl.NF_DROP)
+
+
+class FastQueue:
+    """One NFQUEUE bound on its own NETLINK_NETFILTER socket, with NetfilterQueue's method names."""
+
+    def __init__(self, flags: int = 0) -> None:
+        """`flags`: NFQA_CFG_F_* set when binding (FAIL_OPEN, GSO); every other flag is cleared."""
+        self.flags = flags
+        self.queue_num: int | None = None
+        self.counters: dict[str, int] = {"enobufs": 0, "verdict_errors": 0, "recv_calls": 0, "verdict_sends": 0}
+        self._sock: socket.socket | None = None
+        self._callback: Callable[[Any], None] | None = None
+        self._pending: list[FastPacket] = []
+        self._buffer = bytearray(RECV_SIZE)
+        self._seq = 0
+
+    def bind(self, queue_num: int, callback: Callable[[Any], None], max_len: int = 1024, sock_len: int = 0) -> None:
+        """Bind `queue_num`: copy whole packets, at most `max_len` waiting, our flags; `sock_len` is
+        the receive buffer (SO_RCVBUFFORCE, as root; SO_RCVBUF when that is refused)."""
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, nl.NETLINK_NETFILTER)
+        try:
+            sock.bind((0, 0))
+            if sock_len:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, sock_len)
+                except PermissionError:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sock_len)
+            mask = nl.NFQA_CFG_F_FAIL_OPEN | nl.NFQA_CFG_F_GSO | nl.NFQA_CFG_F_CONNTRACK
+            seq = self._next_seq()
+            self._request(sock, nl.config_command(queue_num, nl.NFQNL_CFG_CMD_BIND, seq), seq)
+            seq = self._next_seq()
+            self._request(sock, nl.config_queue(queue_num, max_len, self.flags & mask, mask, seq), seq)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock, self.queue_num, self._callback = sock, queue_num, callback
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _request(self, sock: socket.socket, request: bytes, seq: int) -> None:
+        """Send one acknowledged request and wait for its answer (NetlinkError when refused)."""
+        sock.send(request)
+        sock.settimeout(5.0)
+        while True:
+            data = sock.recv(RECV_SIZE)
+            for item in nl.parse(data):
+                if isinstance(item, nl.Ack) and item.seq == seq:
+                    if item.errno:
+                        raise nl.NetlinkError(item.errno, seq)
+                    return
+
+    def get_fd(self) -> int:
+        """The socket's fd, for the selector."""
+        if self._sock is None:
+            raise RuntimeError("queue not bound")
+        return self._sock.fileno()
+
+    def run(self, block: bool = True) -> None:
+        """Handle every packet waiting now, then send their verdicts; exceptions of the callback
+        propagate after the verdicts already given have been sent."""
+        if block:
+            raise ValueError("FastQueue only runs without blocking (the event loop selects)")
+        sock, callback = self._sock, self._callback
+        if sock is None or callback is None:
+            raise RuntimeError("queue not bound")
+        buffer = self._buffer
+        try:
+            while True:
+                try:
+                    size = sock.recv_into(buffer)
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    if exc.errno == errno.ENOBUFS:  # the kernel dropped or bypassed what did not fit
+                        self.counters["enobufs"] += 1
+                        continue
+                    raise
+                self.counters["recv_calls"] += 1
+                # The kernel sends one packet per datagram; should one hold more, every packet in it
+                # still gets its verdict before an exception of the callback propagates.
+                error: BaseException | None = None
+                for item in nl.parse(buffer, size):
+                    if isinstance(item, nl.Ack):
+                        if item.errno:
+                            self.counters["verdict_errors"] += 1
+                            logger.warning("queue %s refused a verdict: errno %d", self.queue_num, item.errno)
+                        continue
+                    packet = FastPacket(self, item)
+                    try:
+                        callback(packet)
+                    except BaseException as exc:
+                        error = error or exc
+                    finally:
+                        if packet._verdict is None:
+                            packet.drop()
+                if error is not None:
+                    raise error
+        finally:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the verdicts given so far, in order, in as few sendmsg calls as they fit."""
+        pending, self._pending = self._pending, []
+        if not pending or self._sock is None or self.queue_num is None:
+            return
+        queue_num = self.queue_num
+        parts: list[bytes] = []
+        size = 0
+        plain: int | None = None  # the last id of a run of plain accepts not yet sent
+        for packet in pending:
+            if packet._verdict == nl.NF_ACCEPT and packet._payload is None and packet._mark is None:
+                plain = packet.info.packet_id
+                continue
+            if plain is not None:
+                parts.append(nl.verdict_batch(queue_num, plain, nl.NF_ACCEPT))
+                size += 32
+                plain = None
+            payload = packet._payload
+            assert packet._verdict is not None
+            if payload is None:
+                parts.append(nl.verdict(queue_num, packet.info.packet_id, packet._verdict, packet._mark))
+                size += 40
+            else:
+                head = nl.verdict_head(queue_num, packet.info.packet_id, packet._verdict, packet._mark, len(payload))
+                parts += (head, payload, nl.pad(4 + len(payload)))
+                size += len(head) + len(payload) + 4
+            if size >= SEND_CHUNK:
+                self._send(parts)
+                parts, size = [], 0
+        if plain is not None:
+            parts.append(nl.verdict_batch(queue_num, plain, nl.NF_ACCEPT))
+        if parts:
+            self._send(parts)
+
+    def _send(self, parts: list[bytes]) -> None:
+        assert self._sock is not None
+        self.counters["verdict_sends"] += 1
+        try:
+            self._sock.sendmsg(parts)
+        except BlockingIOError:  # the kernel handles verdicts as they are sent; wait for room once
+            self._sock.settimeout(1.0)
+            try:
+                self._sock.sendmsg(parts)
+            finally:
+                self._sock.setblocking(False)
+
+    def unbind(self) -> None:
+        """Unbind the queue and close the socket (packets still waiting go to the queue's default)."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        try:
+            if self.queue_num is not None:
+                seq = self._next_seq()
+                self._request(sock, nl.config_command(self.queue_num, nl.NFQNL_CFG_CMD_UNBIND, seq), seq)
+        except OSError:
+            logger.debug("unbind of queue %s failed", self.queue_num, exc_info=True)
+        finally:
+            sock.close()
+
+
+def factory(fail_open: bool, gso: bool) -> Callable[[], FastQueue]:
+    """A queue factory for QueuePair with the given flags."""
+    flags = (nl.NFQA_CFG_F_FAIL_OPEN if fail_open else 0) | (nl.NFQA_CFG_F_GSO if gso else 0)
+    return lambda: FastQueue(flags)

@@ -1,0 +1,248 @@
+"""The nfnetlink_queue wire format: config, verdict and packet messages (no socket here).
+
+Messages are a netlink header, an nfgenmsg (family, version, queue number big-endian) and
+attributes (length, type, value padded to 4 bytes). Values inside the queue's attributes are
+big-endian; netlink's own headers are in host order. Names and numbers are those of the kernel's
+uapi headers linux/netfilter/nfnetlink_queue.h and linux/netlink.h.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NFNL_SUBSYS_QUEUE = 3
+
+NFQNL_MSG_PACKET = 0
+NFQNL_MSG_VERDICT = 1
+NFQNL_MSG_CONFIG = 2
+NFQNL_MSG_VERDICT_BATCH = 3
+
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLMSG_NOOP = 1
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
+
+# config attributes and commands
+NFQA_CFG_CMD = 1
+NFQA_CFG_PARAMS = 2
+NFQA_CFG_QUEUE_MAXLEN = 3
+NFQA_CFG_MASK = 4
+NFQA_CFG_FLAGS = 5
+NFQNL_CFG_CMD_BIND = 1
+NFQNL_CFG_CMD_UNBIND = 2
+NFQNL_COPY_PACKET = 2
+NFQA_CFG_F_FAIL_OPEN = 0x1
+NFQA_CFG_F_CONNTRACK = 0x2
+NFQA_CFG_F_GSO = 0x4
+
+# packet and verdict attributes
+NFQA_PACKET_HDR = 1
+NFQA_VERDICT_HDR = 2
+NFQA_MARK = 3
+NFQA_IFINDEX_INDEV = 5
+NFQA_IFINDEX_OUTDEV = 6
+NFQA_PAYLOAD = 10
+NFQA_CAP_LEN = 13
+NFQA_SKB_INFO = 14
+
+NFQA_SKB_CSUMNOTREADY = 0x1
+"""The transport checksum is not filled in yet (CHECKSUM_PARTIAL; only with NFQA_CFG_F_GSO)."""
+NFQA_SKB_GSO = 0x2
+"""A GSO/GRO super-packet the kernel segments after the verdict (only with NFQA_CFG_F_GSO)."""
+NFQA_SKB_CSUM_NOTVERIFIED = 0x4
+
+NF_DROP = 0
+NF_ACCEPT = 1
+
+MAX_PAYLOAD = 0xFFFF - 4
+"""The most packet bytes one attribute can hold (its length field is 16 bits, header included): the
+kernel's copy range is capped there (NFQNL_MAX_COPY_RANGE), and a verdict's new packet must fit too."""
+COPY_RANGE = MAX_PAYLOAD
+"""Bytes of each packet copied to us: all of it, up to 65,531 (a longer one arrives cut, with its
+real length in NFQA_CAP_LEN, and is accepted unchanged)."""
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_NFGENMSG = struct.Struct("!BBH")
+_NLATTR = struct.Struct("=HH")
+_BE32 = struct.Struct("!I")
+_BE16 = struct.Struct("!H")
+_U8 = struct.Struct("B")
+_PACKET_HDR = struct.Struct("!IHB")
+_VERDICT_HDR = struct.Struct("!II")
+_ERRNO = struct.Struct("=i")
+HEADER_LEN = _NLMSGHDR.size + _NFGENMSG.size
+_PADS = (b"", b"\0\0\0", b"\0\0", b"\0")
+
+
+def pad(length: int) -> bytes:
+    """The zero bytes that round `length` up to netlink's 4-byte alignment."""
+    return _PADS[length & 3]
+
+
+def attr(kind: int, value: bytes) -> bytes:
+    """One attribute, padded."""
+    length = _NLATTR.size + len(value)
+    return _NLATTR.pack(length, kind) + value + pad(length)
+
+
+def message(msg: int, queue_num: int, attrs: bytes, flags: int = NLM_F_REQUEST, seq: int = 0) -> bytes:
+    """A whole nfnetlink_queue message of type `msg` for `queue_num`."""
+    length = HEADER_LEN + len(attrs)
+    return (
+        _NLMSGHDR.pack(length, (NFNL_SUBSYS_QUEUE << 8) | msg, flags, seq, 0)
+        + _NFGENMSG.pack(0, 0, queue_num)
+        + attrs
+    )
+
+
+def config_command(queue_num: int, command: int, seq: int = 0) -> bytes:
+    """Bind or unbind `queue_num` (acknowledged: the kernel answers with an NLMSG_ERROR)."""
+    value = struct.pack("!BxH", command, 0)
+    return message(NFQNL_MSG_CONFIG, queue_num, attr(NFQA_CFG_CMD, value), NLM_F_REQUEST | NLM_F_ACK, seq)
+
+
+def config_queue(queue_num: int, max_len: int, flags: int, mask: int, seq: int = 0) -> bytes:
+    """Copy whole packets (COPY_RANGE), at most `max_len` waiting, and the queue flags under `mask`."""
+    attrs = (
+        attr(NFQA_CFG_PARAMS, _BE32.pack(COPY_RANGE) + _U8.pack(NFQNL_COPY_PACKET))
+        + attr(NFQA_CFG_QUEUE_MAXLEN, _BE32.pack(max_len))
+        + attr(NFQA_CFG_FLAGS, _BE32.pack(flags))
+        + attr(NFQA_CFG_MASK, _BE32.pack(mask))
+    )
+    return message(NFQNL_MSG_CONFIG, queue_num, attrs, NLM_F_REQUEST | NLM_F_ACK, seq)
+
+
+def verdict_head(queue_num: int, packet_id: int, action: int, mark: int | None, payload_len: int | None) -> bytes:
+    """A verdict message up to (and with) the payload attribute's header; the payload and `pad`
+    follow, so a mangled packet goes out without being copied into the message."""
+    attrs = attr(NFQA_VERDICT_HDR, _VERDICT_HDR.pack(action, packet_id))
+    if mark is not None:
+        attrs += attr(NFQA_MARK, _BE32.pack(mark))
+    if payload_len is None:
+        return message(NFQNL_MSG_VERDICT, queue_num, attrs)
+    attr_len = _NLATTR.size + payload_len
+    total = HEADER_LEN + len(attrs) + attr_len + len(pad(attr_len))
+    head = _NLMSGHDR.pack(total, (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, 0)
+    return head + _NFGENMSG.pack(0, 0, queue_num) + attrs + _NLATTR.pack(attr_len, NFQA_PAYLOAD)
+
+
+def verdict(
+    queue_num: int, packet_id: int, action: int, mark: int | None = None, payload: bytes | None = None
+) -> bytes:
+    """One packet's verdict, optionally with a new mark and replacement bytes."""
+    if payload is None:
+        return verdict_head(queue_num, packet_id, action, mark, None)
+    return verdict_head(queue_num, packet_id, action, mark, len(payload)) + payload + pad(4 + len(payload))
+
+
+def verdict_batch(queue_num: int, packet_id: int, action: int) -> bytes:
+    """The same verdict for every packet of the queue with an id up to `packet_id`."""
+    return message(NFQNL_MSG_VERDICT_BATCH, queue_num, attr(NFQA_VERDICT_HDR, _VERDICT_HDR.pack(action, packet_id)))
+
+
+@dataclass(slots=True)
+class QueuedPacket:
+    """What the kernel told us about one queued packet."""
+
+    queue_num: int
+    packet_id: int
+    hw_protocol: int
+    hook: int
+    payload: bytes
+    cap_len: int
+    """The packet's real length (larger than len(payload) when the copy was cut)."""
+    skb_info: int = 0
+    """NFQA_SKB_* flags: GSO super-packet, checksum not ready."""
+    mark: int = 0
+    indev: int = 0
+    outdev: int = 0
+
+    @property
+    def gso(self) -> bool:
+        """A super-packet the kernel segments after the verdict."""
+        return bool(self.skb_info & NFQA_SKB_GSO)
+
+    @property
+    def csum_not_ready(self) -> bool:
+        """Its transport checksum is left for the kernel (or us, after a rewrite) to fill in."""
+        return bool(self.skb_info & NFQA_SKB_CSUMNOTREADY)
+
+
+class NetlinkError(OSError):
+    """The kernel refused a request (an NLMSG_ERROR with a negative errno)."""
+
+    def __init__(self, errno: int, seq: int) -> None:
+        super().__init__(errno, f"netlink request {seq} failed: errno {errno}")
+        self.seq = seq
+
+
+@dataclass(slots=True)
+class Ack:
+    """An NLMSG_ERROR: `errno` 0 is an acknowledgement."""
+
+    errno: int
+    seq: int
+
+
+def parse(data: bytes | bytearray | memoryview, end: int | None = None) -> list[QueuedPacket | Ack]:
+    """The packets and acknowledgements/errors in the first `end` bytes of a datagram; a malformed
+    message ends it (what came before it stands)."""
+    out: list[QueuedPacket | Ack] = []
+    offset = 0
+    end = len(data) if end is None else end
+    while offset + 16 <= end:
+        length, msg_type, _flags, seq, _pid = _NLMSGHDR_UNPACK(data, offset)
+        if length < 16 or offset + length > end:
+            break
+        if msg_type == _PACKET_TYPE:
+            if length >= HEADER_LEN:
+                packet = _packet(data, offset, offset + length)
+                if packet is not None:
+                    out.append(packet)
+        elif msg_type == NLMSG_ERROR and length >= 20:
+            out.append(Ack(-_ERRNO_UNPACK(data, offset + 16)[0], seq))
+        offset += (length + 3) & ~3
+    return out
+
+
+_NLMSGHDR_UNPACK = _NLMSGHDR.unpack_from
+_NLATTR_UNPACK = _NLATTR.unpack_from
+_BE32_UNPACK = _BE32.unpack_from
+_BE16_UNPACK = _BE16.unpack_from
+_ERRNO_UNPACK = _ERRNO.unpack_from
+_PACKET_HDR_UNPACK = _PACKET_HDR.unpack_from
+_PACKET_TYPE = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
+_NUMBERS = frozenset((NFQA_CAP_LEN, NFQA_SKB_INFO, NFQA_MARK, NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV))
+
+
+def _packet(data: bytes | bytearray | memoryview, start: int, end: int) -> QueuedPacket | None:
+    """One NFQNL_MSG_PACKET; None without a packet header or payload, or with a bad attribute."""
+    queue_num = _BE16_UNPACK(data, start + 18)[0]
+    header: tuple[int, int, int] | None = None
+    payload: bytes | None = None
+    numbers = {NFQA_CAP_LEN: 0, NFQA_SKB_INFO: 0, NFQA_MARK: 0, NFQA_IFINDEX_INDEV: 0, NFQA_IFINDEX_OUTDEV: 0}
+    offset = start + HEADER_LEN
+    while offset + 4 <= end:
+        length, kind = _NLATTR_UNPACK(data, offset)
+        if length < 4 or offset + length > end:
+            return None
+        kind &= NLA_TYPE_MASK
+        if kind == NFQA_PAYLOAD:
+            payload = bytes(data[offset + 4 : offset + length])
+        elif kind == NFQA_PACKET_HDR:
+            if length >= 4 + _PACKET_HDR.size:
+                header = _PACKET_HDR_UNPACK(data, offset + 4)
+        elif kind in _NUMBERS and length >= 8:
+            numbers[kind] = _BE32_UNPACK(data, offset + 4)[0]
+        offset += (length + 3) & ~3
+    if header is None or payload is None:
+        return None
+    return QueuedPacket(
+        queue_num, header[0], header[1], header[2], payload, numbers[NFQA_CAP_LEN] or len(payload),
+        numbers[NFQA_SKB_INFO], numbers[NFQA_MARK], numbers[NFQA_IFINDEX_INDEV], numbers[NFQA_IFINDEX_OUTDEV],
+    )  # fmt: skip

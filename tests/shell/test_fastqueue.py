@@ -1,0 +1,439 @@
+"""The fast queue backend without root: its netlink messages byte by byte (decoded here independently of
+the codec), the packets it parses from kernel-shaped messages, and FastQueue's verdict batching driven
+through a fake socket. The binding against the kernel runs in tests/integration/test_fast_backend.py
+and, with NFQ_TCPCRYPT_QUEUE_BACKEND=fast, the whole integration suite."""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nfq_tcpcrypt.core.flow import Direction
+from nfq_tcpcrypt.core.verdict import Action, Injection, Verdict
+from nfq_tcpcrypt.shell import nfnetlink as nl
+from nfq_tcpcrypt.shell.fastqueue import FastPacket, FastQueue, factory
+from nfq_tcpcrypt.shell.nfq import QueuePair, queue_factory
+
+IP_PACKET = bytes([0x45, 0, 0, 40]) + bytes(36)  # an IPv4 header claiming 40 bytes, and 40 bytes
+
+
+def decode(data: bytes) -> list[tuple[int, int, int, dict[int, bytes]]]:
+    """(type, flags, queue, {attribute: value}) of each message in `data`, read without the codec."""
+    out = []
+    offset = 0
+    while offset < len(data):
+        length, kind, flags, _seq, _pid = struct.unpack_from("=IHHII", data, offset)
+        assert length >= 20 and offset + length <= len(data)
+        family, version, queue = struct.unpack_from("!BBH", data, offset + 16)
+        assert (family, version) == (0, 0)
+        attrs: dict[int, bytes] = {}
+        pos = offset + 20
+        while pos < offset + length:
+            alen, akind = struct.unpack_from("=HH", data, pos)
+            attrs[akind] = data[pos + 4 : pos + alen]
+            pos += (alen + 3) & ~3
+        assert pos == offset + length  # padded to the end of the message
+        out.append((kind, flags, queue, attrs))
+        offset += length
+    return out
+
+
+def kernel_packet(packet_id: int, payload: bytes, queue: int = 7100, skb_info: int | None = None,
+                  cap_len: int | None = None, mark: int = 0) -> bytes:  # fmt: skip
+    """A NFQNL_MSG_PACKET as the kernel builds it (nfqnl_build_packet_message: header first,
+    payload last, other attributes between)."""
+    attrs = nl.attr(nl.NFQA_PACKET_HDR, struct.pack("!IHBx", packet_id, 0x0800, 3))
+    attrs += nl.attr(nl.NFQA_IFINDEX_OUTDEV, struct.pack("!I", 2))
+    attrs += nl.attr(nl.NFQA_MARK, struct.pack("!I", mark))
+    attrs += nl.attr(0x4000 | 4, bytes(16))  # a timestamp, with the net-byte-order bit the kernel sets
+    if skb_info is not None:
+        attrs += nl.attr(nl.NFQA_SKB_INFO, struct.pack("!I", skb_info))
+    if cap_len is not None:
+        attrs += nl.attr(nl.NFQA_CAP_LEN, struct.pack("!I", cap_len))
+    attrs += nl.attr(nl.NFQA_PAYLOAD, payload)
+    return nl.message(nl.NFQNL_MSG_PACKET, queue, attrs, flags=0)
+
+
+def ack(seq: int, error: int = 0) -> bytes:
+    body = struct.pack("=i", error) + struct.pack("=IHHII", 36, 0x302, 5, seq, 0)
+    return struct.pack("=IHHII", 16 + len(body), nl.NLMSG_ERROR, 0, seq, 0) + body
+
+
+class TestMessages:
+    def test_bind_and_unbind_are_acknowledged_config_commands(self) -> None:
+        for command in (nl.NFQNL_CFG_CMD_BIND, nl.NFQNL_CFG_CMD_UNBIND):
+            [(kind, flags, queue, attrs)] = decode(nl.config_command(7101, command, seq=9))
+            assert kind == 0x302 and flags == nl.NLM_F_REQUEST | nl.NLM_F_ACK and queue == 7101
+            assert attrs == {nl.NFQA_CFG_CMD: bytes([command, 0, 0, 0])}
+
+    def test_queue_config_copies_whole_packets_with_flags_under_mask(self) -> None:
+        [(kind, flags, queue, attrs)] = decode(nl.config_queue(7100, 4096, nl.NFQA_CFG_F_GSO, 7))
+        assert kind == 0x302 and flags & nl.NLM_F_ACK and queue == 7100
+        assert attrs[nl.NFQA_CFG_PARAMS] == struct.pack("!IB", 0xFFFF - 4, 2)  # copy range, NFQNL_COPY_PACKET
+        assert attrs[nl.NFQA_CFG_QUEUE_MAXLEN] == struct.pack("!I", 4096)
+        assert attrs[nl.NFQA_CFG_FLAGS] == struct.pack("!I", 4) and attrs[nl.NFQA_CFG_MASK] == struct.pack("!I", 7)
+
+    def test_verdict_with_mark_and_payload(self) -> None:
+        payload = bytes(range(7))  # odd length: the message is padded
+        [(kind, flags, queue, attrs)] = decode(nl.verdict(7100, 0xABCDEF01, nl.NF_ACCEPT, 0x7463, payload))
+        assert kind == 0x301 and flags == nl.NLM_F_REQUEST and queue == 7100
+        assert attrs[nl.NFQA_VERDICT_HDR] == struct.pack("!II", 1, 0xABCDEF01)
+        assert attrs[nl.NFQA_MARK] == struct.pack("!I", 0x7463)
+        assert attrs[nl.NFQA_PAYLOAD] == payload
+
+    def test_plain_drop_and_batch_accept(self) -> None:
+        [(kind, _, _, attrs)] = decode(nl.verdict(7100, 5, nl.NF_DROP))
+        assert kind == 0x301 and attrs == {nl.NFQA_VERDICT_HDR: struct.pack("!II", 0, 5)}
+        [(kind, _, queue, attrs)] = decode(nl.verdict_batch(7101, 99, nl.NF_ACCEPT))
+        assert kind == 0x303 and queue == 7101 and attrs == {nl.NFQA_VERDICT_HDR: struct.pack("!II", 1, 99)}
+
+
+class TestParse:
+    def test_packet_fields_and_flags(self) -> None:
+        data = kernel_packet(42, IP_PACKET, skb_info=nl.NFQA_SKB_GSO | nl.NFQA_SKB_CSUMNOTREADY, mark=3)
+        [packet] = nl.parse(data)
+        assert isinstance(packet, nl.QueuedPacket)
+        assert (packet.queue_num, packet.packet_id, packet.hw_protocol, packet.hook) == (7100, 42, 0x0800, 3)
+        assert packet.payload == IP_PACKET and packet.cap_len == len(IP_PACKET)
+        assert packet.gso and packet.csum_not_ready and packet.mark == 3 and packet.outdev == 2
+
+    def test_without_skb_info_no_flags_and_a_cut_copy_keeps_the_real_length(self) -> None:
+        [packet] = nl.parse(kernel_packet(1, IP_PACKET[:20], cap_len=40))
+        assert isinstance(packet, nl.QueuedPacket)
+        assert not packet.gso and not packet.csum_not_ready
+        assert len(packet.payload) == 20 and packet.cap_len == 40
+
+    def test_several_messages_and_acks_in_one_datagram(self) -> None:
+        items = nl.parse(kernel_packet(1, IP_PACKET) + ack(7) + ack(8, -errno.ENOENT) + kernel_packet(2, b"\x45"))
+        assert [type(item).__name__ for item in items] == ["QueuedPacket", "Ack", "Ack", "QueuedPacket"]
+        assert items[1] == nl.Ack(0, 7) and items[2] == nl.Ack(errno.ENOENT, 8)
+
+    def test_only_the_first_end_bytes_count(self) -> None:
+        data = bytearray(kernel_packet(1, IP_PACKET)) + bytearray(100)
+        assert len(nl.parse(data, len(data) - 100)) == 1
+        assert nl.parse(data, 30) == []
+
+    def test_malformed_messages_end_the_datagram(self) -> None:
+        good = kernel_packet(1, IP_PACKET)
+        bad_attr = bytearray(kernel_packet(2, IP_PACKET))
+        struct.pack_into("=H", bad_attr, 20, 2)  # attribute length below its header
+        assert nl.parse(good + bytes(bad_attr)) == nl.parse(good)
+        no_header = nl.message(nl.NFQNL_MSG_PACKET, 7100, nl.attr(nl.NFQA_PAYLOAD, IP_PACKET), flags=0)
+        assert nl.parse(no_header) == []
+        long_claim = bytearray(good)
+        struct.pack_into("=I", long_claim, 0, len(good) + 4)
+        assert nl.parse(bytes(long_claim)) == []
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=400), st.integers(min_value=0, max_value=399))
+    def test_any_bytes_parse_without_an_exception(self, noise: bytes, cut: int) -> None:
+        data = bytearray(kernel_packet(5, IP_PACKET))
+        data[cut % len(data) :] = noise
+        for item in nl.parse(bytes(data)):
+            assert isinstance(item, nl.QueuedPacket | nl.Ack)
+
+
+class FakeSocket:
+    """recv_into from queued datagrams (an OSError instance is raised instead), sendmsg recorded."""
+
+    def __init__(self) -> None:
+        self.incoming: list[bytes | OSError] = []
+        self.sent: list[bytes] = []
+
+    def recv_into(self, buffer: bytearray) -> int:
+        if not self.incoming:
+            raise BlockingIOError
+        item = self.incoming.pop(0)
+        if isinstance(item, OSError):
+            raise item
+        buffer[: len(item)] = item
+        return len(item)
+
+    def sendmsg(self, parts: list[bytes]) -> int:
+        self.sent.append(b"".join(parts))
+        return len(self.sent[-1])
+
+    def fileno(self) -> int:
+        return -1
+
+
+def fake_queue(callback: Callable[[Any], None], flags: int = 0) -> tuple[FastQueue, FakeSocket]:
+    queue = FastQueue(flags)
+    sock = FakeSocket()
+    queue._sock, queue.queue_num, queue._callback = sock, 7100, callback  # type: ignore[assignment]
+    return queue, sock
+
+
+def verdicts(sock: FakeSocket) -> list[tuple[str, int, int, bytes | None]]:
+    """(batch|one, verdict, id, payload) of every verdict sent, in order."""
+    out = []
+    for datagram in sock.sent:
+        for kind, _, _, attrs in decode(datagram):
+            action, packet_id = struct.unpack("!II", attrs[nl.NFQA_VERDICT_HDR])
+            out.append(("batch" if kind == 0x303 else "one", action, packet_id, attrs.get(nl.NFQA_PAYLOAD)))
+    return out
+
+
+class TestFastQueue:
+    def test_plain_accepts_become_one_batch_verdict_in_one_sendmsg(self) -> None:
+        seen: list[int] = []
+        queue, sock = fake_queue(lambda pkt: (seen.append(pkt.id), pkt.accept()))
+        sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(10, 20)]
+        queue.run(block=False)
+        assert seen == list(range(10, 20))
+        assert verdicts(sock) == [("batch", 1, 19, None)] and len(sock.sent) == 1
+
+    def test_verdicts_wait_for_at_most_hold_max_packets(self) -> None:
+        from nfq_tcpcrypt.shell.fastqueue import HOLD_MAX
+
+        queue, sock = fake_queue(lambda pkt: pkt.accept())
+        sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(1, 2 * HOLD_MAX + 6)]
+        queue.run(block=False)
+        assert verdicts(sock) == [("batch", 1, HOLD_MAX, None), ("batch", 1, 2 * HOLD_MAX, None),
+                                  ("batch", 1, 2 * HOLD_MAX + 5, None)]  # fmt: skip
+
+    def test_verdicts_keep_the_packets_order(self) -> None:
+        """A run of plain accepts is closed by a batch verdict before a drop or a mangled packet."""
+
+        def handle(pkt: FastPacket) -> None:
+            if pkt.id == 3:
+                pkt.drop()
+            elif pkt.id == 5:
+                pkt.set_payload(b"new")
+                pkt.accept()
+            else:
+                pkt.accept()
+
+        queue, sock = fake_queue(handle)
+        sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(1, 8)]
+        queue.run(block=False)
+        assert verdicts(sock) == [
+            ("batch", 1, 2, None), ("one", 0, 3, None), ("batch", 1, 4, None), ("one", 1, 5, b"new"),
+            ("batch", 1, 7, None),
+        ]  # fmt: skip
+        assert len(sock.sent) == 1
+
+    def test_a_marked_accept_is_its_own_verdict(self) -> None:
+        def handle(pkt: FastPacket) -> None:
+            pkt.set_mark(9)
+            pkt.accept()
+
+        queue, sock = fake_queue(handle)
+        sock.incoming = [kernel_packet(1, IP_PACKET)]
+        queue.run(block=False)
+        [(kind, _, _, attrs)] = decode(sock.sent[0])
+        assert kind == 0x301 and attrs[nl.NFQA_MARK] == struct.pack("!I", 9)
+
+    def test_a_callback_exception_still_sends_every_verdict_and_propagates(self) -> None:
+        def handle(pkt: FastPacket) -> None:
+            if pkt.id == 2:
+                raise RuntimeError("engine bug")  # no verdict given: the queue drops the packet
+            pkt.accept()
+
+        queue, sock = fake_queue(handle)
+        sock.incoming = [kernel_packet(i, IP_PACKET) for i in (1, 2, 3)]
+        with pytest.raises(RuntimeError):
+            queue.run(block=False)
+        assert verdicts(sock) == [("batch", 1, 1, None), ("one", 0, 2, None)]
+        queue.run(block=False)  # the next drain takes the packet left in the socket
+        assert verdicts(sock)[-1] == ("batch", 1, 3, None)
+
+    def test_every_packet_of_a_datagram_gets_its_verdict_before_an_exception_propagates(self) -> None:
+        def handle(pkt: FastPacket) -> None:
+            if pkt.id == 1:
+                raise RuntimeError("engine bug")
+            pkt.accept()
+
+        queue, sock = fake_queue(handle)
+        sock.incoming = [kernel_packet(1, IP_PACKET) + kernel_packet(2, IP_PACKET) + kernel_packet(3, IP_PACKET)]
+        with pytest.raises(RuntimeError):
+            queue.run(block=False)
+        assert verdicts(sock) == [("one", 0, 1, None), ("batch", 1, 3, None)]
+
+    def test_a_second_verdict_is_refused(self) -> None:
+        def handle(pkt: FastPacket) -> None:
+            pkt.accept()
+            with pytest.raises(RuntimeError):
+                pkt.drop()
+
+        queue, sock = fake_queue(handle)
+        sock.incoming = [kernel_packet(1, IP_PACKET)]
+        queue.run(block=False)
+        assert verdicts(sock) == [("batch", 1, 1, None)]
+
+    def test_enobufs_is_counted_and_refused_verdicts_are_counted(self) -> None:
+        queue, sock = fake_queue(lambda pkt: pkt.accept())
+        sock.incoming = [OSError(errno.ENOBUFS, "no buffer space"), ack(0, -errno.ENOENT), kernel_packet(1, IP_PACKET)]
+        queue.run(block=False)
+        assert queue.counters["enobufs"] == 1 and queue.counters["verdict_errors"] == 1
+        assert verdicts(sock) == [("batch", 1, 1, None)]
+
+    def test_other_socket_errors_propagate(self) -> None:
+        queue, sock = fake_queue(lambda pkt: pkt.accept())
+        sock.incoming = [OSError(errno.EBADF, "bad fd")]
+        with pytest.raises(OSError):
+            queue.run(block=False)
+
+    def test_a_packet_larger_than_a_verdict_holds_is_refused(self) -> None:
+        """A netlink attribute's 16-bit length includes its 4-byte header: 65,531 bytes at most."""
+        queue, sock = fake_queue(lambda pkt: pkt.accept())
+        packet = FastPacket(queue, nl.parse(kernel_packet(1, IP_PACKET))[0])  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            packet.set_payload(bytes(65532))
+        packet.set_payload(bytes(65531))
+        packet.accept()
+        queue.flush()
+        assert verdicts(sock) == [("one", 1, 1, bytes(65531))]
+        assert nl.COPY_RANGE == 65531
+
+    def test_verdicts_beyond_the_chunk_size_take_more_sendmsg_calls(self) -> None:
+        def handle(pkt: FastPacket) -> None:
+            pkt.set_payload(bytes(60000))
+            pkt.accept()
+
+        queue, sock = fake_queue(handle)
+        sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(1, 6)]
+        queue.run(block=False)
+        assert [v[2] for v in verdicts(sock)] == [1, 2, 3, 4, 5] and 2 <= len(sock.sent) <= 3
+
+    def test_the_chunk_size_splits_verdicts_held_together(self) -> None:
+        queue, sock = fake_queue(lambda pkt: pkt.accept())
+        for i in range(1, 6):
+            packet = FastPacket(queue, nl.parse(kernel_packet(i, IP_PACKET))[0])  # type: ignore[arg-type]
+            packet.set_payload(bytes(60000))
+            queue._pending.append(packet)
+            packet._verdict = nl.NF_ACCEPT
+        queue.flush()
+        assert [v[2] for v in verdicts(sock)] == [1, 2, 3, 4, 5] and len(sock.sent) == 2  # 180 KB, then 120 KB
+
+    def test_blocking_run_is_refused(self) -> None:
+        queue, _ = fake_queue(lambda pkt: pkt.accept())
+        with pytest.raises(ValueError):
+            queue.run(block=True)
+
+    def test_factory_flags(self) -> None:
+        assert factory(True, False)().flags == nl.NFQA_CFG_F_FAIL_OPEN
+        assert factory(False, True)().flags == nl.NFQA_CFG_F_GSO
+        with pytest.raises(ValueError):
+            queue_factory("netfilterqueue", gso=True)
+        with pytest.raises(ValueError):
+            queue_factory("nope")
+
+
+class BoundFake(FastQueue):
+    """A FastQueue 'bound' to a FakeSocket, for QueuePair."""
+
+    def bind(self, queue_num: int, callback: Callable[[Any], None], max_len: int = 1024, sock_len: int = 0) -> None:
+        self.sock = FakeSocket()
+        self._sock, self.queue_num, self._callback = self.sock, queue_num, callback  # type: ignore[assignment]
+
+    def unbind(self) -> None:
+        self._sock = None
+
+
+class TestQueuePairOnFastQueue:
+    def test_info_reaches_the_handler_side_and_verdicts_flush_before_injection(self) -> None:
+        made: list[BoundFake] = []
+        log: list[object] = []
+        infos: list[Any] = []
+
+        def make() -> BoundFake:
+            made.append(BoundFake())
+            return made[-1]
+
+        def handler(payload: bytes, direction: Direction) -> Verdict:
+            infos.append(pair.info)
+            return Verdict(Action.ACCEPT, payload + b"!") if len(infos) == 2 else Verdict(Action.ACCEPT)
+
+        def after() -> None:  # what EventLoop._flush does when the engine has something to inject
+            if len(infos) == 2:
+                pair.flush_verdicts()
+                log.append(("inject", len(made[0].sock.sent)))
+
+        pair = QueuePair(7100, handler, {}, after, make)
+        inbound = made[0]
+        inbound.sock.incoming = [kernel_packet(i, IP_PACKET, skb_info=nl.NFQA_SKB_GSO if i == 1 else 0)
+                                 for i in (1, 2, 3)]  # fmt: skip
+        pair.drain(Direction.INBOUND)
+        assert infos[0].gso and not infos[1].gso
+        # packets 1 and 2 were sent before the injection; packet 3 with the drain's end
+        assert log == [("inject", 1)]
+        assert verdicts(inbound.sock) == [("batch", 1, 1, None), ("one", 1, 2, IP_PACKET + b"!"),
+                                          ("batch", 1, 3, None)]  # fmt: skip
+        assert pair.backend_counters()["recv_calls"] == 3
+        pair.close()
+
+    def test_event_loop_sends_held_verdicts_before_it_injects(self) -> None:
+        from nfq_tcpcrypt.shell.loop import EventLoop
+
+        order: list[str] = []
+
+        class Engine:
+            counters: dict[str, int] = {}
+            pending: list[Injection] = []
+
+            def process(self, packet: bytes, direction: Direction, now: float) -> Verdict:
+                self.pending = [Injection(b"ack", Direction.INBOUND)]
+                return Verdict(Action.ACCEPT)
+
+            def segments_to_inject(self) -> list[Injection]:
+                out, self.pending = self.pending, []
+                return out
+
+            def next_event(self) -> None:
+                return None
+
+        class Injector:
+            def send(self, packet: bytes, direction: Direction) -> None:
+                order.append(f"inject after {len(made[0].sock.sent)} verdict datagram(s)")
+
+        made: list[BoundFake] = []
+
+        def make() -> BoundFake:
+            made.append(BoundFake())
+            return made[-1]
+
+        loop = EventLoop(Engine(), 7100, Injector(), None, None, make)  # type: ignore[arg-type]
+        made[0].sock.incoming = [kernel_packet(1, IP_PACKET)]
+        loop.queues.drain(Direction.INBOUND)
+        assert order == ["inject after 1 verdict datagram(s)"]
+        loop.close()
+
+
+class TestOptions:
+    def test_backend_and_gso_options(self) -> None:
+        from nfq_tcpcrypt.core.errors import ConfigError
+        from nfq_tcpcrypt.shell.settings import gso_enabled, options_from, parse_file_text
+
+        assert options_from({}, {}).queue_backend == "netfilterqueue"
+        fast = options_from(parse_file_text('queue-backend = "fast"'), {})
+        assert fast.queue_backend == "fast" and not gso_enabled(fast)
+        assert gso_enabled(options_from({}, {"queue_backend": "fast", "pass_through": True}))
+        assert not gso_enabled(options_from({}, {"queue_backend": "fast", "pass_through": True, "queue_gso": False}))
+        with pytest.raises(ConfigError, match="unknown queue-backend"):
+            options_from({}, {"queue_backend": "libnfq"})
+        with pytest.raises(ConfigError, match="needs queue-backend fast"):
+            options_from({}, {"queue_gso": True, "pass_through": True})
+        with pytest.raises(ConfigError, match="pass-through only"):
+            options_from({}, {"queue_backend": "fast", "queue_gso": True})
+        # a full queue that accepts unqueued would put an encrypted connection's plaintext on the wire
+        with pytest.raises(ConfigError, match="plaintext onto the wire"):
+            options_from({}, {"queue_backend": "fast", "queue_fail_open": True})
+        with pytest.raises(ConfigError, match="needs queue-backend fast"):
+            options_from({}, {"queue_fail_open": True, "pass_through": True})
+        allowed = options_from({}, {"queue_backend": "fast", "queue_fail_open": True, "pass_through": True})
+        assert allowed.queue_fail_open
+
+    def test_the_daemon_binds_without_fail_open_unless_asked(self) -> None:
+        from nfq_tcpcrypt.shell.daemon import queue_binding
+        from nfq_tcpcrypt.shell.settings import options_from
+
+        assert queue_binding(options_from({}, {"queue_backend": "fast"}))().flags == 0
+        passing = options_from({}, {"queue_backend": "fast", "pass_through": True, "queue_fail_open": True})
+        assert queue_binding(passing)().flags == nl.NFQA_CFG_F_FAIL_OPEN | nl.NFQA_CFG_F_GSO
