@@ -347,7 +347,7 @@ class TestQueuePairOnFastQueue:
             made.append(BoundFake())
             return made[-1]
 
-        def handler(payload: bytes, direction: Direction) -> Verdict:
+        def handler(payload: bytes, direction: Direction, encrypted: bool) -> Verdict:
             infos.append(pair.info)
             return Verdict(Action.ACCEPT, payload + b"!") if len(infos) == 2 else Verdict(Action.ACCEPT)
 
@@ -378,7 +378,7 @@ class TestQueuePairOnFastQueue:
             counters: dict[str, int] = {}
             pending: list[Injection] = []
 
-            def process(self, packet: bytes, direction: Direction, now: float) -> Verdict:
+            def process(self, packet: bytes, direction: Direction, now: float, encrypted: bool = False) -> Verdict:
                 self.pending = [Injection(b"ack", Direction.INBOUND)]
                 return Verdict(Action.ACCEPT)
 
