@@ -4,8 +4,9 @@
 #   LINKS   ifname=mac=address/prefix[,...]: each lab interface is renamed by its MAC and addressed
 #   ROUTES  network=via[,...]
 # The source tree is at /opt/nfq_tcpcrypt/src (vagrant's rsync); the package is installed from it
-# with `pip install` into /opt/nfq_tcpcrypt/venv, from vagrant/.build/wheelhouse when present (no
-# package index needed), otherwise from the index. The daemon runs as nfq-tcpcrypt.service.
+# with `pip install -e` into /opt/nfq_tcpcrypt/venv (as scripts/setup does), from
+# vagrant/.build/wheelhouse when present (no package index needed), otherwise from the index.
+# The daemon runs as nfq-tcpcrypt.service (vagrant/units/).
 set -euo pipefail
 ROLE="$1" LINKS="$2" ROUTES="${3:-}"
 SRC=/opt/nfq_tcpcrypt/src
@@ -60,14 +61,19 @@ if [ "$ROLE" = gateway ]; then
     sysctl -q -w net.ipv4.ip_forward=1
 fi
 
-# --- the package, as the README installs it: a venv and pip ------------------------------------
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-pip_args=()
-if [ -d "$HERE/.build/wheelhouse" ]; then
-    pip_args=(--no-index --find-links "$HERE/.build/wheelhouse")
+# --- the package, as the README (scripts/setup) installs it: a venv, `pip install -e` ------------
+# Only where a daemon runs (gateway, host): the other roles are unmodified machines.
+if [ "$ROLE" = gateway ] || [ "$ROLE" = host ]; then
+    [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+    pip_args=()
+    if [ -d "$HERE/.build/wheelhouse" ]; then
+        pip_args=(--no-index --find-links "$HERE/.build/wheelhouse")
+    fi
+    # The build backend once into the venv, and no bytecode compiled ahead: pip is slow under TCG.
+    "$VENV/bin/pip" install -q --no-compile "${pip_args[@]}" "setuptools>=68" wheel
+    "$VENV/bin/pip" install -q --no-compile --no-build-isolation "${pip_args[@]}" -e "$SRC"
+    ln -sf "$VENV/bin/nfq-tcpcrypt" /usr/local/bin/nfq-tcpcrypt
 fi
-"$VENV/bin/pip" install -q "${pip_args[@]}" "$SRC"
-ln -sf "$VENV/bin/nfq-tcpcrypt" /usr/local/bin/nfq-tcpcrypt
 
 # --- the role's services ----------------------------------------------------------------------
 case "$ROLE" in
@@ -79,9 +85,10 @@ case "$ROLE" in
         systemctl daemon-reload
         systemctl enable nfq-tcpcrypt.service >/dev/null 2>&1
         systemctl restart nfq-tcpcrypt.service
-        for _ in $(seq 300); do
-            nfq-tcpcrypt sessions >/dev/null 2>&1 && break
-            sleep 0.2
+        deadline=$((SECONDS + 180))
+        while [ "$SECONDS" -lt "$deadline" ] && systemctl is-active -q nfq-tcpcrypt.service; do
+            [ -S /run/nfq-tcpcrypt/control.sock ] && nfq-tcpcrypt sessions >/dev/null 2>&1 && break
+            sleep 1
         done
         nfq-tcpcrypt sessions >/dev/null || { journalctl -u nfq-tcpcrypt -n 30 --no-pager >&2; exit 1; }
         ;;

@@ -243,7 +243,7 @@ def run(size: int, bulk_seconds: int, box: str, keep: str | None, up_timeout: fl
             exits[daemon] = dict(line.split("=", 1) for line in shown.split())
             rules_left[daemon] = int(vms.ssh(daemon, "sudo iptables-save | grep -c NFQUEUE || true").strip() or 0)
 
-        print(f"vmlab: baseline: the same iperf3 run with both gateways' daemons stopped (plain TCP)")
+        print("vmlab: baseline: the same iperf3 run with both gateways' daemons stopped (plain TCP)")
         base = json.loads(
             vms.ssh("client", f"iperf3 -c {server} -t {bulk_seconds} -J", timeout=bulk_seconds + 120)
         )
@@ -272,8 +272,9 @@ def run(size: int, bulk_seconds: int, box: str, keep: str | None, up_timeout: fl
 
         # --- bulk -------------------------------------------------------------------------------------
         bulk_raw = bulk_pcaps["internet"].read_bytes()
+        ratio = bulk_mbps / base_mbps if base_mbps else 0.0
         print(f"  bulk: {bulk_mbps:.1f} Mbit/s encrypted, {base_mbps:.1f} Mbit/s plain (same run), "
-              f"ratio {bulk_mbps / base_mbps if base_mbps else 0:.2f}; gwa sessions to iperf3: {len(bulk_sessions)}")  # fmt: skip
+              f"ratio {ratio:.2f}; gwa sessions to iperf3: {len(bulk_sessions)}")  # fmt: skip
         checks.append(("bulk: iperf3 connections encrypted by gwa (session IDs)",
                        len(bulk_sessions) >= 2 and all(e.get("session_id") for e in bulk_sessions)))  # fmt: skip
         checks.append(("bulk: no iperf3 payload pattern on the wire", bulk_raw.count(IPERF_PATTERN) == 0))
