@@ -274,7 +274,7 @@ def run(size: int, bulk_seconds: int, box: str, keep: str | None, up_timeout: fl
         bulk_raw = bulk_pcaps["internet"].read_bytes()
         ratio = bulk_mbps / base_mbps if base_mbps else 0.0
         print(f"  bulk: {bulk_mbps:.1f} Mbit/s encrypted, {base_mbps:.1f} Mbit/s plain (same run), "
-              f"ratio {ratio:.2f}; gwa sessions to iperf3: {len(bulk_sessions)}")  # fmt: skip
+              f"ratio {ratio:.3f}; gwa sessions to iperf3: {len(bulk_sessions)}")  # fmt: skip
         checks.append(("bulk: iperf3 connections encrypted by gwa (session IDs)",
                        len(bulk_sessions) >= 2 and all(e.get("session_id") for e in bulk_sessions)))  # fmt: skip
         checks.append(("bulk: no iperf3 payload pattern on the wire", bulk_raw.count(IPERF_PATTERN) == 0))
