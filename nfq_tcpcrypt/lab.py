@@ -11,6 +11,8 @@ import hashlib
 import shutil
 import signal
 import tempfile
+from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,11 @@ from .tools.decode import DecodeReport, decode_pcap, render_text
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+def role_file(role: str) -> Path:
+    """The lab role's config file (`nfq_tcpcrypt/roles/ROLE.toml`), shared with the Vagrant lab."""
+    return Path(str(resources.files("nfq_tcpcrypt") / "roles" / f"{role}.toml"))
 
 
 def run_lab(size: int = 4 * 1024 * 1024, keep: str | None = None) -> int:
@@ -32,8 +39,9 @@ def run_lab(size: int = 4 * 1024 * 1024, keep: str | None = None) -> int:
             print(
                 f"lab: namespaces {topo.names['a']} (10.77.0.1, curl) and {topo.names['b']} (10.77.0.2, http.server)"
             )
-            result = http_transfer(topo, workdir, size=size)
-        return _report(result, _decode(result, workdir), size)
+            host_role = ["--config", str(role_file("host"))]
+            result = http_transfer(topo, workdir, size=size, daemon_args={"a": host_role, "b": host_role})
+        return _report(result, decode_capture(result, workdir), size)
     except KeyboardInterrupt:
         print("lab: interrupted; cleaned up")
         return 130
@@ -49,7 +57,7 @@ def run_lab(size: int = 4 * 1024 * 1024, keep: str | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _decode(result: Any, workdir: Path) -> DecodeReport | None:
+def decode_capture(result: Any, workdir: Path, where: str = "a's wire") -> DecodeReport | None:
     """`nfq-tcpcrypt decode` of the capture with both key logs; its text is printed."""
     if result.pcap is None:
         return None
@@ -57,20 +65,20 @@ def _decode(result: Any, workdir: Path) -> DecodeReport | None:
     keylog.write_text("".join(result.keylogs.values()))
     plain = workdir / "plaintext"
     report = decode_pcap(str(result.pcap), str(keylog), str(plain))
-    print("lab: `nfq-tcpcrypt decode` of the capture of a's wire, with the key logs:\n")
+    print(f"lab: `nfq-tcpcrypt decode` of the capture of {where}, with the key logs:\n")
     print("\n".join("  | " + line for line in render_text(report).splitlines()))
     print()
     return report
 
 
-def _decode_checks(report: DecodeReport | None, result: Any, size: int) -> list[tuple[str, bool]]:
+def _decode_checks(report: DecodeReport | None, result: Any, size: int, side: str = "a") -> list[tuple[str, bool]]:
     """The decoded capture agrees with the daemons and with the served file."""
     conns = [c for c in report.connections if c.server.endswith(f":{HTTP_PORT}")] if report else []
     checks = [("decode: one HTTP connection in the capture", len(conns) == 1)]
     if len(conns) != 1:
         return checks
     conn = conns[0]
-    a = result.session_for("a")
+    a = result.session_for(side)
     checks.append(("decode: connection encrypted, handshake complete", conn.status == "encrypted"))
     checks.append(
         (
@@ -91,9 +99,39 @@ def _decode_checks(report: DecodeReport | None, result: Any, size: int) -> list[
 
 
 def _report(result: Any, report: DecodeReport | None = None, size: int = 0) -> int:
+    checks = transfer_checks(result, report, size)
+    for side, daemon in result.daemons.items():
+        faults = shell_faults(result.counters.get(side, {}))
+        checks.append(
+            (
+                f"daemon {side}: no engine errors, truncated copies or failed injections {faults or ''}",
+                not faults,
+            )
+        )
+        checks.append((f"daemon {side} exited 0 after SIGTERM", daemon.proc.returncode == 0))
+    print()
+    return print_checks(checks, "lab")
+
+
+def print_checks(checks: Sequence[tuple[str, bool]], prefix: str) -> int:
+    """The PASS/FAIL lines and the verdict; 0 when every check passed."""
+    for name, ok in checks:
+        print(f"  [{'PASS' if ok else 'FAIL'}] {name}")
+    ok = all(passed for _, passed in checks)
+    print(f"\n{prefix}: {'all checks passed' if ok else 'SOME CHECKS FAILED'}")
+    return 0 if ok and checks else 1
+
+
+def transfer_checks(
+    result: Any, report: DecodeReport | None = None, size: int = 0, sides: tuple[str, str] = ("a", "b")
+) -> list[tuple[str, bool]]:
+    """The namespace lab's checks of one encrypted HTTP transfer (sessions, digests, wire, decode).
+
+    `result` is a `labnet.TransferResult`; `sides` name the two daemons in it (client side first).
+    The Vagrant lab (vagrant/) runs the same checks on its VMs."""
     checks: list[tuple[str, bool]] = []
-    a, b = result.session_for("a"), result.session_for("b")
-    for side, entry in (("a", a), ("b", b)):
+    a, b = result.session_for(sides[0]), result.session_for(sides[1])
+    for side, entry in ((sides[0], a), (sides[1], b)):
         if entry is None:
             print(f"  session ({side}):       none found in the daemon's table")
         else:
@@ -130,19 +168,5 @@ def _report(result: Any, report: DecodeReport | None = None, size: int = 0) -> i
     leaked = ", ".join(f"{name} x{count}" for name, count in wire.leaks.items()) or "none"
     print(f"  plaintext on wire:    {leaked}")
     checks.append(("no plaintext on the wire", not wire.leaks))
-    checks.extend(_decode_checks(report, result, size))
-    for side, daemon in result.daemons.items():
-        faults = shell_faults(result.counters.get(side, {}))
-        checks.append(
-            (
-                f"daemon {side}: no engine errors, truncated copies or failed injections {faults or ''}",
-                not faults,
-            )
-        )
-        checks.append((f"daemon {side} exited 0 after SIGTERM", daemon.proc.returncode == 0))
-    print()
-    for name, ok in checks:
-        print(f"  [{'PASS' if ok else 'FAIL'}] {name}")
-    ok = all(passed for _, passed in checks)
-    print(f"\nlab: {'all checks passed' if ok else 'SOME CHECKS FAILED'}")
-    return 0 if ok else 1
+    checks.extend(_decode_checks(report, result, size, sides[0]))
+    return checks
