@@ -307,15 +307,7 @@ class StreamTranslator:
         self.need_nonsyn_eno = False  # RFC 8547 §4.6: a non-SYN segment arrived
         acked_before = send.acked_plain
         if seg.is_ack:
-            wire_ack = to_offset(seg.ack, send.base, send.acked_wire)
-            if send.cipher is not None and not send.prefix_acked and wire_ack == send.acked_wire:
-                # The peer lacks our Init message and says so with duplicate ACKs: resend it now.
-                self._prefix_dupacks += 1
-                if self._prefix_dupacks % 3 == 0:
-                    self.send_prefix(now)
-            seg.ack = to_seq(send.ack_to_plain(wire_ack), send.base)
-            if send.prefix_acked and send.cipher is not None:
-                self._timers.cancel(Timer.KEX)
+            self._ack_in(seg, now)
         seg.window = seg.window - (seg.window >> 6)  # frames cost ~1.4 %: keep the peer's window honest
         seg.options = self._options_in(options, seg.options)
         wire = to_offset(seg.seq, recv.base, recv.wire_next)
@@ -325,6 +317,44 @@ class StreamTranslator:
             # so that the plaintext held for our stack stays within that window.
             data = data[: max(recv.right_edge - wire, 0)]
             seg.flags &= ~TCP_FIN
+        added, plain_start, redeliver = self._take(seg, wire, data, now)
+        consumed = recv.buf_start
+        out = self._drain(now) if added else b""  # frames only complete when bytes arrive
+        consumed = recv.buf_start > consumed
+        if out:
+            recv.remember(plain_start, out)
+        fin_now, plain_start = self._fin_in(seg, wire, data, bool(out or redeliver), plain_start)
+        if redeliver:
+            out = redeliver
+        elif not out and not fin_now and data and send.acked_plain == acked_before:
+            if consumed:
+                self._inject_ack(now)  # frames with no plaintext (rekey): our stack will not ACK them
+            # Nothing new for our stack; an empty copy would look like a duplicate ACK.
+            return self._result(DROP, check_finished=False)
+        self.bytes_in += len(out) if not redeliver else 0
+        seg.flags &= ~(TCP_FIN | TCP_URG | TCP_PSH)
+        seg.urgent = 0
+        return self._result(self._deliver(seg, plain_start, out, fin_now))
+
+    def _ack_in(self, seg: Segment, now: float) -> None:
+        """The peer's acknowledgment, into plain space; a missing Init message resent."""
+        send = self.send
+        assert send is not None
+        wire_ack = to_offset(seg.ack, send.base, send.acked_wire)
+        if send.cipher is not None and not send.prefix_acked and wire_ack == send.acked_wire:
+            # The peer lacks our Init message and says so with duplicate ACKs: resend it now.
+            self._prefix_dupacks += 1
+            if self._prefix_dupacks % 3 == 0:
+                self.send_prefix(now)
+        seg.ack = to_seq(send.ack_to_plain(wire_ack), send.base)
+        if send.prefix_acked and send.cipher is not None:
+            self._timers.cancel(Timer.KEX)
+
+    def _take(self, seg: Segment, wire: int, data: bytes, now: float) -> tuple[bool, int, bytes]:
+        """Wire bytes into the receive stream: (whether they were new, the plain offset of what
+        the drain delivers, plaintext to deliver again for a peer's retransmission)."""
+        send, recv = self.send, self.recv
+        assert send is not None and recv is not None
         plain_start = recv.plain_next
         redeliver = b""
         if seg.is_fin and recv.fin_seen is None:
@@ -341,37 +371,28 @@ class StreamTranslator:
                 self._inject_ack(now)  # a duplicate ACK (with SACK blocks) toward the peer
         if recv.fin_seen is not None and recv.fin_at is None and recv.wire_next == recv.fin_seen:
             recv.fin_at = recv.fin_seen
-        consumed = recv.buf_start
-        out = self._drain(now) if added else b""  # frames only complete when bytes arrive
-        consumed = recv.buf_start > consumed
-        if out:
-            recv.remember(plain_start, out)
-        fin_now = False
+        return added, plain_start, redeliver
+
+    def _fin_in(self, seg: Segment, wire: int, data: bytes, delivering: bool, plain_start: int) -> tuple[bool, int]:
+        """The peer's FIN toward our stack once every byte before it is delivered, and only after
+        a FINp frame (RFC 8548 §3.7); also a retransmitted FIN or a keepalive probe shown again.
+        Returns (whether this segment carries the FIN to our stack, its plain offset)."""
+        recv = self.recv
+        assert recv is not None
         if recv.fin_at is not None and not recv.fin_delivered and recv.buf_start == recv.fin_at:
             if not recv.finp:
                 # RFC 8548 §3.7: a FIN without FINp; abort with an error distinct from EOF.
                 raise RemoteProtocolError("fin without a finp frame")
-            fin_now = True
             recv.fin_delivered = True
             recv.delivered(0, True)
-        elif recv.finp and recv.buf:
+            return True, plain_start
+        if recv.finp and recv.buf:
             raise RemoteProtocolError("data after the finp frame")
-        elif seg.is_fin and recv.fin_delivered and not out and not redeliver:
-            plain_start = recv.plain_next - 1  # a retransmitted FIN: show it again, our stack re-ACKs
-            fin_now = True
-        elif not data and not seg.is_fin and wire < recv.wire_next:
-            plain_start = recv.plain_next - 1 - recv.fin_delivered  # a keepalive probe: let our stack answer
-        if redeliver:
-            out = redeliver
-        elif not out and not fin_now and data and send.acked_plain == acked_before:
-            if consumed:
-                self._inject_ack(now)  # frames with no plaintext (rekey): our stack will not ACK them
-            # Nothing new for our stack; an empty copy would look like a duplicate ACK.
-            return self._result(DROP, check_finished=False)
-        self.bytes_in += len(out) if not redeliver else 0
-        seg.flags &= ~(TCP_FIN | TCP_URG | TCP_PSH)
-        seg.urgent = 0
-        return self._result(self._deliver(seg, plain_start, out, fin_now))
+        if seg.is_fin and recv.fin_delivered and not delivering:
+            return True, recv.plain_next - 1  # a retransmitted FIN: show it again, our stack re-ACKs
+        if not data and not seg.is_fin and wire < recv.wire_next:
+            return False, recv.plain_next - 1 - recv.fin_delivered  # a keepalive probe: our stack answers
+        return False, plain_start
 
     def _result(self, verdict: Verdict, check_finished: bool = True) -> Translated:
         send, recv = self.send, self.recv
