@@ -221,7 +221,7 @@ def test_forged_frag_needed_is_bounded_and_checked_against_data_in_flight():
     assert session.wire_mss == mss and session.pmtu is None
     verdict = pair.engine_b.process(too_big(in_flight, 64), Direction.INBOUND, pair.now)
     assert verdict.action is Action.ACCEPT
-    assert session.wire_mss == 552 - 20 - 40 and session.pmtu == 552
+    assert session.wire_mss == 552 - 20 - 20 and session.pmtu == 552  # IPv4 and TCP headers
     assert parse_icmp_error(verdict.packet).mtu >= 68
     pair.talk(b"", os.urandom(5000))
     assert max(len(parse_segment(p).payload) for p in pair.wire[-10:] if parse_segment(p).src == B_IP) <= 492
