@@ -1,6 +1,6 @@
 """Session: one connection's state machine: handshake, key exchange, rekeying, aborts (DESIGN.md §4).
 
-Rule (as in h11): every state change of a connection lives in this file, in `_TRANSITIONS`, and goes
+Rule (as in h11): every state change of a connection lives in this file, in `TRANSITIONS`, and goes
 through `_set_state`. The session is role-agnostic at the packet level: `Direction` says which way a
 packet travels; the ENO role (A or B, RFC 8547 §4.3) says which keys and Init message apply.
 """
@@ -28,6 +28,7 @@ from .constants import (
     TCPOPT_NOP,
     TEP_NAMES,
     Aead,
+    Role,
     Tep,
 )
 from .errors import Disposition, LocalProtocolError, MalformedSegment, ProtocolError, RemoteProtocolError
@@ -69,15 +70,18 @@ MIN_PMTU_V6 = 1280
 
 
 class State(Enum):
-    """States of a session (DESIGN.md §4)."""
+    """States of a session (docs/states.md, generated from `TRANSITIONS`)."""
 
     NEW = "new"
     ENO_SENT = "eno-sent"  # active opener: our SYN carries ENO
     ENO_RECEIVED = "eno-received"  # passive opener: the peer's SYN carried a TEP we accept
     KEY_EXCHANGE = "key-exchange"  # ENO succeeded (RFC 8547 §4.6); Init1/Init2 in flight
     ENCRYPTING = "encrypting"  # keys exist; every payload byte is framed
+    CLOSING = "closing"  # a FIN went one way (framed by us, or delivered to our stack)
+    CLOSED = "closed"  # FIN both ways and ours acknowledged, or a reset; lingers, still translated
     PLAIN = "plain"  # fallback: the connection passes untouched
-    ABORTED = "aborted"  # reset toward both ends
+    REFUSED = "refused"  # policy `require` could not be met: reset, its packets dropped
+    ABORTED = "aborted"  # reset by us toward both ends
 
 
 class Trigger(Enum):
@@ -88,23 +92,46 @@ class Trigger(Enum):
     ENO_OK = "eno-ok"
     KEYS = "keys"
     FALLBACK = "fallback"
+    FIN = "fin"  # a FIN one way
+    FINISHED = "finished"  # FIN both ways, ours acknowledged (for a plain connection: a FIN)
+    RESET = "reset"  # an RST from either end
+    REFUSE = "refuse"
     ABORT = "abort"
 
 
-_TRANSITIONS: dict[tuple[State, Trigger], State] = {
+TRANSITIONS: dict[tuple[State, Trigger], State] = {
     (State.NEW, Trigger.SYN_SENT): State.ENO_SENT,
     (State.NEW, Trigger.SYN_RECEIVED): State.ENO_RECEIVED,
     (State.NEW, Trigger.FALLBACK): State.PLAIN,
     (State.ENO_SENT, Trigger.ENO_OK): State.KEY_EXCHANGE,
     (State.ENO_SENT, Trigger.FALLBACK): State.PLAIN,
+    (State.ENO_SENT, Trigger.RESET): State.CLOSED,
     (State.ENO_RECEIVED, Trigger.ENO_OK): State.KEY_EXCHANGE,
     (State.ENO_RECEIVED, Trigger.FALLBACK): State.PLAIN,
+    (State.ENO_RECEIVED, Trigger.RESET): State.CLOSED,
     (State.KEY_EXCHANGE, Trigger.KEYS): State.ENCRYPTING,
+    (State.KEY_EXCHANGE, Trigger.RESET): State.CLOSED,
     (State.KEY_EXCHANGE, Trigger.ABORT): State.ABORTED,
+    (State.ENCRYPTING, Trigger.FIN): State.CLOSING,
+    (State.ENCRYPTING, Trigger.RESET): State.CLOSED,
     (State.ENCRYPTING, Trigger.ABORT): State.ABORTED,
+    (State.CLOSING, Trigger.FINISHED): State.CLOSED,
+    (State.CLOSING, Trigger.RESET): State.CLOSED,
+    (State.CLOSING, Trigger.ABORT): State.ABORTED,
+    (State.CLOSED, Trigger.RESET): State.CLOSED,
+    (State.CLOSED, Trigger.ABORT): State.ABORTED,
+    (State.PLAIN, Trigger.FINISHED): State.PLAIN,
+    (State.PLAIN, Trigger.RESET): State.PLAIN,
+    (State.PLAIN, Trigger.REFUSE): State.REFUSED,
 }
+"""Every state change of a session: (state, trigger) -> new state."""
 
-_TRANSLATING = (State.KEY_EXCHANGE, State.ENCRYPTING)
+_ENDING = frozenset({Trigger.FINISHED, Trigger.RESET, Trigger.REFUSE, Trigger.ABORT})
+"""Triggers that end the connection: the session lingers from the first of them on."""
+
+_TRANSLATING = frozenset({State.KEY_EXCHANGE, State.ENCRYPTING, State.CLOSING})
+_KEYED = frozenset({State.ENCRYPTING, State.CLOSING})
+_LIVE = frozenset({State.KEY_EXCHANGE, State.ENCRYPTING, State.CLOSING})
 
 
 class Session:
@@ -123,8 +150,8 @@ class Session:
         self.config = config
         self._emit = emit
         self.state = State.NEW
-        self.role: str | None = None  # "A" or "B" (RFC 8547 §4.3)
-        self.key_role: str | None = None  # our role in the session that made ss[0] (RFC 8548 §3.5)
+        self.role: Role | None = None  # RFC 8547 §4.3
+        self.key_role: Role | None = None  # our role in the session that made ss[0] (RFC 8548 §3.5)
         self.tep: Tep | None = None
         self.tep_byte = 0  # the negotiated TEP's byte as B sent it (RFC 8547 §5.1)
         self.aead: Aead | None = None
@@ -153,22 +180,48 @@ class Session:
         self._challenges = ChallengeLimiter()
         self._synchronized = False  # a non-SYN segment came from the wire
         self.required = False  # policy `require`: never plain (the engine resets instead)
-        self.refused = False  # reset under `require`; its packets are dropped
         self.delegated = False  # our side negotiates TCP-ENO itself: not plain, not ours
 
     # ------------------------------------------------------------------ state machine
 
-    def _set_state(self, trigger: Trigger) -> None:
+    def _set_state(self, trigger: Trigger, now: float | None = None) -> None:
+        """The one way to change state: through `TRANSITIONS`; an ending trigger stamps `closed_at`."""
         try:
-            new = _TRANSITIONS[(self.state, trigger)]
+            new = TRANSITIONS[(self.state, trigger)]
         except KeyError:
             raise LocalProtocolError(f"no transition from {self.state.value} on {trigger.value}") from None
         logger.debug("%s: %s -> %s (%s)", self.flow, self.state.value, new.value, trigger.value)
         self.state = new
+        if trigger in _ENDING and self.closed_at is None:
+            self.closed_at = self.last_seen if now is None else now
 
     def _fall_back(self, reason: str) -> None:
         self._set_state(Trigger.FALLBACK)
         self._emit(FellBackToPlain(self.flow, reason))
+
+    def pass_plain(self) -> None:
+        """The engine cannot parse what the session was started with: the connection stays plain."""
+        if (self.state, Trigger.FALLBACK) in TRANSITIONS:
+            self._set_state(Trigger.FALLBACK)
+
+    def refuse(self, now: float) -> None:
+        """Policy `require` and a plain connection: the engine resets it (README: Security model)."""
+        self._set_state(Trigger.REFUSE, now)
+
+    @property
+    def refused(self) -> bool:
+        """Reset under `require`: its packets are dropped."""
+        return self.state is State.REFUSED
+
+    @property
+    def live(self) -> bool:
+        """Translating and not yet ended: a daemon that stops must abort it."""
+        return self.state in _LIVE
+
+    @property
+    def keys_ready(self) -> bool:
+        """Whether traffic keys exist (RFC 8548 §3.3): encrypting, closing, or closed after keys."""
+        return self.state in _KEYED or (self.state is State.CLOSED and self.session_id is not None)
 
     @property
     def send(self) -> SendStream | None:
@@ -200,8 +253,9 @@ class Session:
 
     @property
     def is_translating(self) -> bool:
-        """Whether packets of this session are rewritten between the two byte spaces."""
-        return self.state in _TRANSLATING
+        """Whether packets of this session are rewritten between the two byte spaces: from ENO's
+        success on, also once closed (retransmissions, the last ACKs), until it lingers out."""
+        return self.state in _TRANSLATING or (self.state is State.CLOSED and self.tx.send is not None)
 
     # ------------------------------------------------------------------ entry points
 
@@ -220,7 +274,7 @@ class Session:
                 return self._syn_out(seg)
             if not self.is_translating:
                 return self._plain(seg)
-            return self.tx.translate_out(seg, now)
+            return self._after_out(self.tx.translate_out(seg, now))
         except MalformedSegment:
             return DROP if self.is_translating else Verdict(Action.ACCEPT)
         except ProtocolError as exc:
@@ -259,8 +313,10 @@ class Session:
             return self._error(exc, seg, now, outbound=False)
 
     def _plain(self, seg: Segment) -> Verdict:
-        if seg.is_rst or seg.is_fin:
-            self.closed_at = self.closed_at or self.last_seen
+        if self.state is State.PLAIN and (seg.is_rst or seg.is_fin):
+            self._set_state(Trigger.RESET if seg.is_rst else Trigger.FINISHED)
+        elif self.state is State.CLOSED and seg.is_rst:
+            self._set_state(Trigger.RESET)
         return Verdict(Action.ACCEPT)
 
     # ------------------------------------------------------------------ handshake (RFC 8547 §4.6)
@@ -395,7 +451,7 @@ class Session:
 
     def _peer_syn_eno(self) -> bytes:
         assert self._negotiated is not None
-        return self._negotiated.eno_b if self._negotiated.role == "A" else self._negotiated.eno_a
+        return self._negotiated.eno_b if self._negotiated.role is Role.A else self._negotiated.eno_a
 
     def _third_ack(self, options: list[tuple[int, bytes]], now: float) -> None:
         """Host B: the first ACK after our SYN-ACK must carry ENO, else plain TCP (§4.6 rule 1)."""
@@ -419,7 +475,7 @@ class Session:
         self.tx.need_nonsyn_eno = True
         if negotiated.resume is not None:
             self._resumed_keys(negotiated, now)
-        elif self.role == "A":
+        elif self.role is Role.A:
             # Host A's stream starts with Init1; it rides on our stack's third ACK (DESIGN.md §3),
             # or goes out at once after a simultaneous open, where no third ACK exists.
             assert self.send is not None
@@ -444,7 +500,7 @@ class Session:
     def init_message(self, message: bytes, now: float) -> None:
         """The peer's Init message: answer Init1 with Init2 (host B), or finish (host A)."""
         assert self.tep is not None and self.send is not None
-        if self.role == "B":
+        if self.role is Role.B:
             init1 = parse_init1(message, self.tep)
             choice = next((a for a in self.config.aeads if int(a) in init1.sym_ciphers), None)
             if choice is None:
@@ -512,7 +568,7 @@ class Session:
             keys = self._keys[generation] = self._schedule.keys(generation)
         for old in [g for g in self._keys if g < generation - 1]:
             self._keys.pop(old).wipe()  # SHOULD delete old keys (§3.8); one older set may still be needed
-        mine_ab = (self.key_role == "A") == sending
+        mine_ab = (self.key_role is Role.A) == sending
         return FrameCipher(self.aead, keys.k_ab if mine_ab else keys.k_ba)
 
     # ------------------------------------------------------------------ timers
@@ -576,12 +632,20 @@ class Session:
             self._tail_tries = 0
             self._timers.arm(Timer.TAIL, now + self.config.kex_timeout)
 
+    def _after_out(self, verdict: Verdict) -> Verdict:
+        """Our stack's FIN framed: the session is closing."""
+        if self.state is State.ENCRYPTING and self.send is not None and self.send.fin_framed:
+            self._set_state(Trigger.FIN)
+        return verdict
+
     def _after_in(self, result: Translated, now: float) -> Verdict:
-        """Act on what an inbound packet did: follow the peer's rekey, note the end."""
+        """Act on what an inbound packet did: follow the peer's rekey, move through closing."""
         if result.peer_rekeyed:
             self._peer_rekeyed(now)
-        if result.finished and self.closed_at is None:
-            self.closed_at = now
+        if self.state is State.ENCRYPTING and self.recv is not None and self.recv.fin_delivered:
+            self._set_state(Trigger.FIN)
+        if result.finished and self.state is State.CLOSING:
+            self._set_state(Trigger.FINISHED, now)
             self._emit(SessionClosed(self.flow, "fin both ways"))
         return result.verdict
 
@@ -604,10 +668,10 @@ class Session:
             if seg.is_ack:
                 seg.ack = to_seq(self.recv.ack_to_wire(self.recv.plain_next), self.recv.base)
             seg.payload = b""
-            self.closed_at = self.closed_at or now
+            self._set_state(Trigger.RESET, now)
             self._emit(SessionClosed(self.flow, "reset by the local stack"))
             return Verdict(Action.ACCEPT, serialize_segment(seg))
-        self.closed_at = self.closed_at or now
+        self._set_state(Trigger.RESET, now)
         return Verdict(Action.ACCEPT)
 
     def _rst_in(self, seg: Segment, now: float) -> Verdict:
@@ -628,7 +692,7 @@ class Session:
             send = self.send
             seg.ack = to_seq(send.ack_to_plain(to_offset(seg.ack, send.base, send.acked_wire)), send.base)
         seg.payload = b""
-        self.closed_at = self.closed_at or now
+        self._set_state(Trigger.RESET, now)
         self._emit(SessionClosed(self.flow, "reset by the peer"))
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
@@ -663,8 +727,8 @@ class Session:
         if self.send is not None and self.recv is not None:
             self.tx.inject_wire(self.send.wire_next, b"", TCP_RST | TCP_ACK)
             self.tx.inject_local_rst()
-        self._set_state(Trigger.ABORT)
-        self.closed_at = now
+        self.closed_at = None  # the abort's time counts, not an earlier end
+        self._set_state(Trigger.ABORT, now)
         self._timers.clear()
         self.wipe_secrets()
         self._emit(SessionAborted(self.flow, reason))
@@ -740,14 +804,11 @@ class Session:
 
     def info(self) -> dict[str, object]:
         """The session as a JSON-ready dict (README: `sessions --json`); no secrets."""
-        state = "refused" if self.refused else self.state.value
-        if self.closed_at is not None and self.state == State.ENCRYPTING:
-            state = "closed"
         return {
             "local": self.flow.local,
             "remote": self.flow.remote,
-            "state": state,
-            "role": self.role,
+            "state": self.state.value,
+            "role": self.role.value if self.role is not None else None,
             "tep": TEP_NAMES[self.tep] if self.tep is not None and self.state != State.PLAIN else None,
             "aead": AEAD_NAMES[self.aead] if self.aead is not None else None,
             "session_id": self.session_id.hex() if self.session_id is not None else None,

@@ -32,6 +32,7 @@ from .constants import (
     TCPOPT_NOP,
     TCPOPT_SACK,
     TCPOPT_SACK_PERM,
+    Role,
 )
 from .errors import MalformedSegment, RemoteProtocolError, StackAnomaly
 from .flow import Direction
@@ -71,6 +72,11 @@ RFC 9293 §3.8.6.1: our stack may offer no window for a while)."""
 class Keys(Protocol):
     """What the translator needs from the session's key exchange."""
 
+    @property
+    def keys_ready(self) -> bool:
+        """Whether the traffic keys exist (the session's state says)."""
+        ...
+
     def cipher(self, generation: int, sending: bool) -> FrameCipher:
         """The frame cipher of key set `generation` for one direction (RFC 8548 §3.8)."""
         ...
@@ -102,7 +108,7 @@ class StreamTranslator:
         self._keys = keys
         self.send: SendStream | None = None
         self.recv: RecvStream | None = None
-        self.role: str | None = None  # "A" or "B" (RFC 8547 §4.3)
+        self.role: Role | None = None  # RFC 8547 §4.3
         self.need_nonsyn_eno = False  # RFC 8547 §4.6: ENO in every segment until a non-SYN arrives
         self.bytes_in = 0  # plaintext delivered to the local stack
         self.bytes_out = 0  # plaintext framed toward the peer
@@ -219,7 +225,7 @@ class StreamTranslator:
         seg.urgent = 0
         raw_options = seg.options
         seg.options = self._options_out(options, raw_options)
-        if send.cipher is None:
+        if not self._keys.keys_ready:
             return self._before_keys(seg, plain, end, now)
         if not data and not fin:
             if local_loss and not self.need_nonsyn_eno:
@@ -281,7 +287,7 @@ class StreamTranslator:
         if send.held_end < end <= self.config.held_limit and plain <= send.held_end:
             send.held.append((send.held_end, bytes(data[send.held_end - plain :]), fin))
             send.held_end = end
-        if self.role == "A" and not send.prefix_acked and (not self.init1_sent or not (data or fin)):
+        if self.role is Role.A and not send.prefix_acked and (not self.init1_sent or not (data or fin)):
             self.init1_sent = True
             seg.seq = send.base
             seg.payload = send.prefix
@@ -341,13 +347,13 @@ class StreamTranslator:
         send = self.send
         assert send is not None
         wire_ack = to_offset(seg.ack, send.base, send.acked_wire)
-        if send.cipher is not None and not send.prefix_acked and wire_ack == send.acked_wire:
+        if self._keys.keys_ready and not send.prefix_acked and wire_ack == send.acked_wire:
             # The peer lacks our Init message and says so with duplicate ACKs: resend it now.
             self._prefix_dupacks += 1
             if self._prefix_dupacks % 3 == 0:
                 self.send_prefix(now)
         seg.ack = to_seq(send.ack_to_plain(wire_ack), send.base)
-        if send.prefix_acked and send.cipher is not None:
+        if send.prefix_acked and self._keys.keys_ready:
             self._timers.cancel(Timer.KEX)
 
     def _take(self, seg: Segment, wire: int, data: bytes, now: float) -> tuple[bool, int, bytes]:
@@ -361,7 +367,7 @@ class StreamTranslator:
             recv.fin_seen = wire + len(data)
         added = bool(data) and recv.add(wire, data, self.config.ooo_limit, now)
         if data and not added:
-            if send.cipher is not None and not send.prefix_acked:
+            if self._keys.keys_ready and not send.prefix_acked:
                 self.send_prefix(now)
             if wire + len(data) <= recv.wire_next and recv.local_ack < recv.plain_next - recv.fin_delivered:
                 # The peer resends what we delivered and our stack has not acknowledged:
@@ -430,8 +436,8 @@ class StreamTranslator:
         """Consume the Init message and every complete frame; return the plaintext to deliver."""
         recv = self.recv
         assert recv is not None
-        if recv.cipher is None:
-            magic = INIT1_MAGIC if self.role == "B" else INIT2_MAGIC
+        if not self._keys.keys_ready:  # the peer's Init message comes first (RFC 8548 §3.3)
+            magic = INIT1_MAGIC if self.role is Role.B else INIT2_MAGIC
             try:
                 length = init_message_length(recv.buf, magic)
             except MalformedSegment as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from nfq_tcpcrypt.core.constants import TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN
+from nfq_tcpcrypt.core.constants import TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN, Role
 from nfq_tcpcrypt.core.flow import Direction
 from nfq_tcpcrypt.core.verdict import Action
 from nfq_tcpcrypt.core.wire.tcp import new_segment, parse_segment, serialize_segment
@@ -333,7 +333,7 @@ def test_resumption_lookups_cost_no_derivation_and_peers_are_capped(monkeypatch)
     cache = resumption.ResumptionCache(max_entries=4096, per_peer=16)
     peer, other = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
     for i in range(4096):
-        cache.store(peer if i % 2 else other, os.urandom(32), Tep.X25519, 1, "A", 0.0)
+        cache.store(peer if i % 2 else other, os.urandom(32), Tep.X25519, 1, Role.A, 0.0)
     assert len(cache) == 32 and {e["peer"] for e in cache.info(0.0)} == {"10.0.0.1", "10.0.0.2"}
     calls = []
     real = kex.cprf

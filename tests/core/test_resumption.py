@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from nfq_tcpcrypt.core.config import PolicyRule
-from nfq_tcpcrypt.core.constants import INIT1_MAGIC, INIT2_MAGIC, Tep
+from nfq_tcpcrypt.core.constants import INIT1_MAGIC, INIT2_MAGIC, Role, Tep
 from nfq_tcpcrypt.core.engine import Engine
 from nfq_tcpcrypt.core.events import FellBackToPlain
 from nfq_tcpcrypt.core.wire.eno import parse_eno
@@ -234,5 +234,5 @@ class TestControls:
 
         cache = ResumptionCache(max_entries=size)
         for i in range(3):
-            cache.store(bytes([10, 0, 0, i]), bytes(32), Tep.X25519, 1, "A", 0.0)
+            cache.store(bytes([10, 0, 0, i]), bytes(32), Tep.X25519, 1, Role.A, 0.0)
         assert [e["peer"] for e in cache.info(0.0)] == [f"10.0.0.{i}" for i in range(3 - size, 3)]

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from nfq_tcpcrypt.core.constants import Aead, Tep
+from nfq_tcpcrypt.core.constants import Aead, Role, Tep
 from nfq_tcpcrypt.core.resumption import ResumptionCache
 from nfq_tcpcrypt.shell import dispatch, rules
 from nfq_tcpcrypt.shell.workers import RemoteCache, serve_cache
@@ -69,10 +69,10 @@ def test_a_secret_stored_by_one_worker_resumes_on_another() -> None:
         threading.Thread(target=_supervisor, args=(cache, parent, []), daemon=True).start()
     w0, w1 = (RemoteCache(child) for _, child in pairs)
     peer = bytes([10, 77, 2, 2])
-    w0.store(peer, bytes(range(32)), Tep.X25519, Aead.AES_128_GCM, "A", now=100.0)
+    w0.store(peer, bytes(range(32)), Tep.X25519, Aead.AES_128_GCM, Role.A, now=100.0)
     assert len(w0.info(100.0)) == 1  # answered after the store, on the same socket: it is in
     offer = w1.take_for_offer(peer, (Tep.X25519,), now=101.0)
-    assert offer is not None and offer.tep is Tep.X25519 and offer.original_role == "A"
+    assert offer is not None and offer.tep is Tep.X25519 and offer.original_role is Role.A
     again = w0.take_for_offer(peer, (Tep.X25519,), now=101.0)
     assert again is not None and again.ss != offer.ss  # the next secret, ss[i+1]
     assert w0.info(101.0)[0]["resumptions"] == 2 and "ss" not in json.dumps(w0.info(101.0))
