@@ -16,10 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .constants import (
-    CONTROL_REKEY,
     ENO_OPTION_KIND,
-    FLAG_FINP,
-    FLAG_URGP,
     INIT1_MAGIC,
     INIT2_MAGIC,
     MAX_INIT_LEN,
@@ -52,7 +49,7 @@ from .wire.tcp import (
     window_scale,
     with_sack,
 )
-from .wire.tcpcrypt import init_message_length
+from .wire.tcpcrypt import frame_data, init_message_length, is_rekey
 
 if TYPE_CHECKING:
     from .aead import FrameCipher
@@ -462,7 +459,7 @@ class StreamTranslator:
             offset, frame = item
             if recv.finp:
                 raise RemoteProtocolError("frame after the finp frame")
-            if frame[0] & CONTROL_REKEY:
+            if is_rekey(frame[0]):
                 # The peer moved to its next key set (RFC 8548 §3.8); the session answers.
                 recv.gen += 1
                 recv.cipher = cipher = self._keys.cipher(recv.gen, sending=False)
@@ -470,11 +467,10 @@ class StreamTranslator:
             plaintext = cipher.open(offset, frame)
             if not plaintext:
                 raise RemoteProtocolError(f"frame at offset {offset} has no flags byte")
-            flags = plaintext[0]
-            body = plaintext[3:] if flags & FLAG_URGP else plaintext[1:]
+            body, finp = frame_data(plaintext)
             out += body
             recv.delivered(len(body))
-            if flags & FLAG_FINP:
+            if finp:
                 recv.finp = True
         return bytes(out)
 
