@@ -12,7 +12,7 @@ from nfq_tcpcrypt.core.constants import TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN, Role
 from nfq_tcpcrypt.core.flow import Direction
 from nfq_tcpcrypt.core.verdict import Action
 from nfq_tcpcrypt.core.wire.tcp import new_segment, parse_segment, serialize_segment
-from tests.core.tcpmodel import A_IP, B_IP, MASK, Endpoint, Pair, seeded_config
+from nfq_tcpcrypt.lab.tcpmodel import A_IP, B_IP, MASK, Endpoint, Pair, seeded_config
 
 
 def _live(seed: bytes = b"attack", **b_config) -> Pair:  # type: ignore[no-untyped-def]

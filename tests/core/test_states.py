@@ -10,7 +10,7 @@ from nfq_tcpcrypt.core.config import Configuration
 from nfq_tcpcrypt.core.errors import LocalProtocolError
 from nfq_tcpcrypt.core.flow import FlowKey
 from nfq_tcpcrypt.core.session import TRANSITIONS, Session, State, Trigger
-from tests.core.tcpmodel import A_IP, B_IP, Pair
+from nfq_tcpcrypt.lab.tcpmodel import A_IP, B_IP, Pair
 
 ENDING = {Trigger.FINISHED, Trigger.RESET, Trigger.REFUSE, Trigger.ABORT}
 

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from nfq_tcpcrypt import labnet
-from nfq_tcpcrypt.labnet import Topology
+from nfq_tcpcrypt.lab import net as labnet
+from nfq_tcpcrypt.lab.net import Topology
 
 TOOLS = ("ip", "iptables-restore", "iptables-save", "tcpdump", "curl")
 _PROBE = (

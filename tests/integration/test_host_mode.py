@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nfq_tcpcrypt.labnet import (
+from nfq_tcpcrypt.lab.net import (
     KEYLOG_ES,
     Topology,
     fetch,

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from nfq_tcpcrypt.labnet import (
+from nfq_tcpcrypt.lab.net import (
     HTTP_PORT,
     KEYLOG_ES,
     Daemon,
@@ -75,7 +75,7 @@ class Served:
 @contextlib.contextmanager
 def serving(topo: Topology, workdir: Path, size: int) -> Iterator[Served]:
     """http.server in b on its veth address, serving one random file of `size` bytes."""
-    from nfq_tcpcrypt.labnet import http_server
+    from nfq_tcpcrypt.lab.net import http_server
 
     www = workdir / "www"
     www.mkdir(exist_ok=True)

@@ -412,7 +412,7 @@ class Daemon:
 
     def counters(self) -> dict[str, int]:
         """Engine and shell counters from the control socket."""
-        from .shell.control import query
+        from ..shell.control import query
 
         counters: dict[str, int] = query(self.control, "counters")
         return counters
@@ -453,7 +453,7 @@ def start_daemon(
     With `mode="gateway"` it runs `--mode gateway --outside topo.outside[side]`. `program` replaces
     `python -m nfq_tcpcrypt` (e.g. the `nfq-tcpcrypt` script of another installation).
     """
-    from .shell.control import query
+    from ..shell.control import query
 
     control = str(workdir / f"{side}.sock")
     keylog = str(workdir / f"{side}.keys")
@@ -723,7 +723,7 @@ def http_transfer(
     analysed into `result.wire`; `inside_capture_at` adds a second capture (e.g. on an inside link
     of a gateway), analysed into `result.inside_wire`.
     """
-    from .tools.pcapcheck import analyze
+    from ..tools.pcapcheck import analyze
 
     served = workdir / "www"
     served.mkdir(exist_ok=True)
@@ -842,7 +842,7 @@ DUPLEX_PORT = 8090
 
 @dataclass
 class DuplexResult:
-    """One `tools.duplex` run between a (client) and b (server): what each side received."""
+    """One `lab.duplex` run between a (client) and b (server): what each side received."""
 
     client: dict[str, Any]
     server: dict[str, Any]
@@ -855,7 +855,7 @@ class DuplexResult:
 
 def duplex_needles(a_sends: int, b_sends: int, count: int = 8, length: int = 32) -> dict[str, bytes]:
     """Chunks of both directions' payloads to look for on the wire (plaintext leaks)."""
-    from .tools.duplex import payload
+    from .duplex import payload
 
     needles = {}
     for role, size in (("client", a_sends), ("server", b_sends)):
@@ -880,10 +880,10 @@ def duplex_transfer(
 ) -> DuplexResult:
     """`connections` TCP connections from a to b; on each, a sends `a_sends` bytes while b sends
     `b_sends`. Checks both digests of every connection (`DuplexResult.problems`)."""
-    from .tools.duplex import expected_sha256
+    from .duplex import expected_sha256
 
     address = (topo.addresses6 if ipv6 else topo.addresses)["b"]
-    program = [sys.executable, "-m", "nfq_tcpcrypt.tools.duplex"]
+    program = [sys.executable, "-m", "nfq_tcpcrypt.lab.duplex"]
     common = ["--connections", str(connections), "--timeout", str(min(timeout, 60.0))]
     server = start_ready(
         topo, "b", [*program, "serve", address, str(port), "--send", str(b_sends), *common, *server_args], "ready"

@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .labnet import HTTP_PORT, Topology, http_transfer, shell_faults
-from .tools.decode import DecodeReport, decode_pcap, render_text
+from ..tools.decode import DecodeReport, decode_pcap, render_text
+from .net import HTTP_PORT, Topology, http_transfer, shell_faults
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
