@@ -1,4 +1,4 @@
-"""Engine: the session table, dispatch of packets to sessions, timers and counters (DESIGN.md §2, §4)."""
+"""Engine: the session table, dispatch of packets to sessions, timers and counters (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ SWEEP_INTERVAL = 1.0
 
 
 class Engine:
-    """The sans-I/O core the shell talks to (STYLE.md §2): packets in, verdicts and packets out."""
+    """The sans-I/O core the shell talks to (docs/architecture.md: Layers): packets in, verdicts and packets out."""
 
     def __init__(self, config: Configuration | None = None) -> None:
         self.config = config or Configuration()

@@ -1,4 +1,4 @@
-"""Sequence arithmetic and the two byte spaces of one TCP stream (DESIGN.md §3).
+"""Sequence arithmetic and the two byte spaces of one TCP stream (docs/architecture.md).
 
 Per direction the local stack sees the *plain* space and the peer sees the *wire* space
 (`[Init1 or Init2] + frame + frame + …`, RFC 8548 §3.3, §3.6). Both share the ISN. Internally every
@@ -47,7 +47,7 @@ class FrameRecord:
 
 
 class SendStream:
-    """The local→wire direction: the frame log kept until the peer acknowledges it (DESIGN.md §3).
+    """The local→wire direction: the frame log kept until the peer acknowledges it (docs/architecture.md).
 
     The log is a list in send order with a moving head, so lookups by plain or wire position are
     binary searches (retransmissions, SACK blocks, ICMP quotes) and acknowledged frames cost O(1).
@@ -104,7 +104,7 @@ class SendStream:
         return records
 
     def covering(self, start: int, end: int) -> list[FrameRecord]:
-        """Logged frames that overlap plain range [start, end) (a retransmission, DESIGN.md §3)."""
+        """Logged frames that overlap plain range [start, end) (a retransmission, docs/architecture.md)."""
         frames = self.frames
         i = bisect_left(frames, start, lo=self._head, key=_plain_end)
         while i < len(frames) and frames[i].plain_end == start and frames[i].plain_start < start:

@@ -1,4 +1,4 @@
-"""Session: one connection's state machine: handshake, key exchange, rekeying, aborts (DESIGN.md §4).
+"""Session: one connection's state machine: handshake, key exchange, rekeying, closing, aborts (docs/states.md).
 
 Rule (as in h11): every state change of a connection lives in this file, in `TRANSITIONS`, and goes
 through `_set_state`. The session is role-agnostic at the packet level: `Direction` says which way a
@@ -445,7 +445,7 @@ class Session:
                 self._eno_succeeded(now)
         elif not self.is_translating and self.state != State.ENO_RECEIVED:
             return Verdict(Action.ACCEPT)
-        # The SYN or SYN-ACK reaches our stack with the MSS clamped (DESIGN.md §3).
+        # The SYN or SYN-ACK reaches our stack with the MSS clamped (docs/architecture.md: Sizes).
         seg.options = _toward_stack(options)
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
@@ -476,7 +476,7 @@ class Session:
         if negotiated.resume is not None:
             self._resumed_keys(negotiated, now)
         elif self.role is Role.A:
-            # Host A's stream starts with Init1; it rides on our stack's third ACK (DESIGN.md §3),
+            # Host A's stream starts with Init1; it rides on our stack's third ACK (docs/architecture.md),
             # or goes out at once after a simultaneous open, where no third ACK exists.
             assert self.send is not None
             self._private_key = self.config.key_factory.generate(self.tep)
@@ -504,7 +504,7 @@ class Session:
             init1 = parse_init1(message, self.tep)
             choice = next((a for a in self.config.aeads if int(a) in init1.sym_ciphers), None)
             if choice is None:
-                # Ambiguity 4 of spec/tcpcrypt.md: no common AEAD; abort.
+                # docs/protocol.md T4: no common AEAD; abort.
                 raise RemoteProtocolError(f"init1 offers no aead we accept: {list(init1.sym_ciphers)}")
             private_key = self.config.key_factory.generate(self.tep)
             n_b = self.config.random_bytes(N_B_LEN)
@@ -750,7 +750,7 @@ class Session:
 
     def icmp_in(self, message: IcmpError) -> Verdict:
         """An ICMP error from the network about one of our wire packets, toward our stack: the
-        quoted sequence number in plain space, so that our stack accepts it (DESIGN.md §3); for a
+        quoted sequence number in plain space, so that our stack accepts it (docs/architecture.md); for a
         too-big report (RFC 1191 / RFC 4443 §3.2) also the MTU less the frame overhead.
 
         Host mode shares one route cache between our stack and the wire packets: once the stack
@@ -835,7 +835,7 @@ class Session:
 
 
 def _toward_stack(options: list[tuple[int, bytes]]) -> bytes:
-    """A SYN's options as our side gets them: the MSS lowered by a frame's overhead (DESIGN.md §3),
+    """A SYN's options as our side gets them: the MSS lowered by a frame's overhead (docs/architecture.md: Sizes),
     and the peer's ENO option removed, which is ours to answer, not our side's."""
     kept = [(kind, raw) for kind, raw in options if kind not in (ENO_OPTION_KIND, TCPOPT_NOP)]
     return serialize_options(clamp_mss(kept, FRAME_OVERHEAD))

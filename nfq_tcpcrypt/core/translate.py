@@ -266,7 +266,7 @@ class StreamTranslator:
             seg.flags |= TCP_PSH
             self.inject_wire(wire + size, rest, TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0))
         if self.pmtu is not None:
-            # Our stack believes the path MTU is 20 bytes below the real one (too_big), and the
+            # Our stack believes the path MTU is 20 bytes below the real one (Session.icmp_in), and the
             # kernel would hold our larger wire packet to that belief: send it ourselves.
             self._inject(Injection(serialize_segment(seg), Direction.OUTBOUND))
             return DROP

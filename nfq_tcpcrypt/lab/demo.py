@@ -1,6 +1,6 @@
-"""`nfq-tcpcrypt lab`: the two-namespace demo of issue 2, built from the same helpers as the tests.
+"""`nfq-tcpcrypt lab`: the two-namespace demo (README: Try it), built from the same helpers as the tests.
 
-Its final proof is `decode` (issue 6): the capture of the wire plus the daemons' key logs give the
+Its final proof is `decode`: the capture of the wire plus the daemons' key logs give the
 negotiation, the session ID and the verified plaintext, which must match what the daemons and the
 served file say.
 """

@@ -1,20 +1,20 @@
-"""Two-namespace lab topology and the helpers that move traffic across it (DESIGN.md §8, STYLE.md §10).
+"""Two-namespace lab topology and the helpers that move traffic across it (README: Benchmark, Layout).
 
 One module, used by the integration tests, `nfq-tcpcrypt lab` and `bench/throughput`, so that each
 thing (build the namespaces, start a daemon, capture, transfer a file) is done one way only.
 
 Topology: namespaces "a" and "b" (named with the pid and a random tag, so runs never collide), each
-with `lo` up, joined by a veth pair (MTU 1500, never `lo`: see platform notes §4 on the 4016-byte
-copy) with 10.77.0.1/24 in a and 10.77.0.2/24 in b. Nothing is configured outside them, and
+with `lo` up, joined by a veth pair (MTU 1500, never `lo`: docs/architecture.md, "The NFQUEUE binding",
+on the 4016-byte copy) with 10.77.0.1/24 in a and 10.77.0.2/24 in b. Nothing is configured outside them, and
 `Topology.__exit__` always kills what it started there and deletes both, also on KeyboardInterrupt.
 
-`Topology(router=True)` puts a third namespace "r" between them (issue 4: middleboxes in the path):
+`Topology(router=True)` puts a third namespace "r" between them (middleboxes in the path):
 a --veth-a/veth-ra-- r --veth-rb/veth-b-- b, two subnets (10.77.1.0/24 and 10.77.2.0/24, fd77:1::/64
 and fd77:2::/64), each host's default route via r, forwarding on in r only. The hosts' addresses
 are then `topo.addresses` (10.77.1.1 and 10.77.2.2); every helper here takes them from the topology.
 Run as a gateway (`--mode gateway`), r's outside interface is `topo.outside["r"]` (veth-rb, toward b).
 
-`Topology(gateways=True)` is two sites (gateway mode, DESIGN.md §1): a --veth-a/veth-ga-- ga
+`Topology(gateways=True)` is two sites (README: Gateway mode): a --veth-a/veth-ga-- ga
 --veth-gaw/veth-gbw-- gb --veth-gb/veth-b-- b. The inside links are 10.77.1.0/24 and 10.77.2.0/24 (the
 same host addresses as the router shape), the "internet" between the gateways 10.77.3.0/24, ga
 10.77.3.1 and gb 10.77.3.2 (fd77:1::/64, fd77:2::/64, fd77:3::/64). Each host's default route goes

@@ -1,4 +1,4 @@
-"""Integration fixtures: root, network namespaces, iptables and NFQUEUE, or a clean skip (DESIGN.md §8).
+"""Integration fixtures: root, network namespaces, iptables and NFQUEUE, or a clean skip.
 
 Every test here is marked `netns`. The topology fixture always deletes its namespaces (and kills the
 processes it started in them), pass or fail; nothing outside the namespaces is configured.

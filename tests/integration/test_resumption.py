@@ -1,4 +1,4 @@
-"""Session resumption end to end (issue 5 "Done when"; RFC 8548 §3.5, spec digest §7).
+"""Session resumption end to end (RFC 8548 §3.5; README: Resumption and cloned machines).
 
 Two daemons, one http.server in b, curl run several times from a (separate TCP connections), each
 under its own capture: the first connection does the full key exchange, the second resumes it
