@@ -124,7 +124,7 @@ class RemoteCache:
 
     def info(self, now: float) -> list[dict[str, object]]:
         """The supervisor's cache listing (never secrets)."""
-        reply = self._request({"op": "info"})
+        reply = self._request({"op": "info", "now": now})
         return list(reply.get("info", [])) if reply else []
 
     def __len__(self) -> int:
@@ -211,7 +211,7 @@ def serve_cache(cache: ResumptionCache, message: dict[str, Any]) -> dict[str, An
         peer_hex = message.get("peer")
         reply["flushed"] = cache.flush(bytes.fromhex(peer_hex) if peer_hex else None)
     elif op == "info":
-        reply["info"] = cache.info(time.monotonic())
+        reply["info"] = cache.info(float(message.get("now", time.monotonic())))  # the asker's clock
     else:
         reply["error"] = f"unknown op {op!r}"
     if found is not None:

@@ -39,12 +39,16 @@ def test_worker_of_is_symmetric_and_spreads(src: str, dst: str) -> None:
 def test_rules_per_worker() -> None:
     params = rules.RuleParams(7100, 7101, 0x7463, mode="gateway", outside=("wan0",), workers=3)
     text = rules.render("ipv4", params)
-    queued = [line for line in text.splitlines() if "NFQUEUE" in line]
+    queued = [line for line in text.splitlines() if "NFQUEUE" in line and "_ENCQ_" not in line]
     assert [line.split("--queue-num ")[1].split()[0] for line in queued] == ["7100", "7102", "7104",
                                                                             "7101", "7103", "7105"]
     # the last worker takes what the others did not match: no packet leaves a chain unqueued
     assert ["-m bpf" in line for line in queued] == [True, True, False, True, True, False]
-    assert rules.render("ipv4", rules.RuleParams(7100, 7101, 0x7463)).count("NFQUEUE") == 2
+    # encrypted connections go to the same outbound queues, never bypassed (fail closed)
+    encrypted = [line for line in text.splitlines() if "NFQUEUE" in line and "_ENCQ_" in line]
+    assert [line.split("--queue-num ")[1].split()[0] for line in encrypted] == ["7101", "7103", "7105"]
+    assert not any("--queue-bypass" in line for line in encrypted)
+    assert rules.render("ipv4", rules.RuleParams(7100, 7101, 0x7463)).count("NFQUEUE") == 3  # in, out, encrypted
     with pytest.raises(rules.RulesError):
         rules.RuleParams(7100, 7101, 0x7463, workers=65)
 
