@@ -195,36 +195,19 @@ class StreamTranslator:
 
     def translate_out(self, seg: Segment, now: float) -> Verdict:
         """A segment of our stack toward the wire: framed, in wire space."""
-        send, recv = self.send, self.recv
-        assert send is not None and recv is not None
+        send = self.send
+        assert send is not None
         options = parse_options(seg.options)
-        window_before = self.local_window
-        self.note_local(seg, options)
         plain = to_offset(seg.seq, send.base, send.plain_next)
-        data = seg.payload
-        fin = seg.is_fin
-        end = plain + len(data) + fin
-        local_loss = False
-        if seg.is_ack:
-            stack_ack = to_offset(seg.ack, recv.base, recv.local_ack)
-            same_window = seg.window == window_before
-            if stack_ack < recv.plain_next - recv.fin_delivered:
-                dup = not data and not fin and stack_ack == recv.local_ack and same_window
-                local_loss = self._redeliver_lost(stack_ack, options, dup, now)
-            ack_before = recv.ack_floor
-            seg.ack = to_seq(recv.ack_to_wire(stack_ack), recv.base)
-            self._note_right_edge(seg.window)
-            # A duplicate ACK about plaintext our stack lost after us is ours to answer (above);
-            # the peer would take it for a loss on the wire and resend. It tells the peer nothing.
-            local_loss = local_loss and same_window and recv.ack_floor == ack_before and not recv.ooo
-            seg.window = self._wire_window(seg.window)
+        end = plain + len(seg.payload) + seg.is_fin
+        local_loss = self._ack_out(seg, options, now)
         seg.flags &= ~TCP_URG  # RFC 8548 §3.7: URG travels only as URGp; we send none
         seg.urgent = 0
         raw_options = seg.options
         seg.options = self._options_out(options, raw_options)
         if not self._keys.keys_ready:
             return self._before_keys(seg, plain, end, now)
-        if not data and not fin:
+        if not seg.payload and not seg.is_fin:
             if local_loss and not self.need_nonsyn_eno:
                 return DROP
             seg.seq = to_seq(send.plain_to_wire(plain), send.base)
@@ -238,23 +221,59 @@ class StreamTranslator:
             return Verdict(Action.ACCEPT, serialize_segment(seg))
         if plain > send.plain_next:
             raise StackAnomaly(f"local segment skips plain bytes {send.plain_next}..{plain}")
-        # Retransmitted ranges are sent as the logged frames, byte-identical (RFC 8548 §3.6).
+        records = self._records_out(seg, plain, end)
+        if not records:
+            return DROP
+        return self._send_records(seg, records, options, raw_options)
+
+    def _ack_out(self, seg: Segment, options: list[tuple[int, bytes]], now: float) -> bool:
+        """Our stack's acknowledgment and window, into wire space; returns whether the segment is
+        a duplicate ACK about plaintext our stack lost after us (ours to answer, not the peer's)."""
+        recv = self.recv
+        assert recv is not None
+        window_before = self.local_window
+        self.note_local(seg, options)
+        if not seg.is_ack:
+            return False
+        local_loss = False
+        stack_ack = to_offset(seg.ack, recv.base, recv.local_ack)
+        same_window = seg.window == window_before
+        if stack_ack < recv.plain_next - recv.fin_delivered:
+            dup = not seg.payload and not seg.is_fin and stack_ack == recv.local_ack and same_window
+            local_loss = self._redeliver_lost(stack_ack, options, dup, now)
+        ack_before = recv.ack_floor
+        seg.ack = to_seq(recv.ack_to_wire(stack_ack), recv.base)
+        self._note_right_edge(seg.window)
+        seg.window = self._wire_window(seg.window)
+        # A duplicate ACK about plaintext our stack lost after us is ours to answer (above);
+        # the peer would take it for a loss on the wire and resend. It tells the peer nothing.
+        return local_loss and same_window and recv.ack_floor == ack_before and not recv.ooo
+
+    def _records_out(self, seg: Segment, plain: int, end: int) -> list[FrameRecord]:
+        """The frames that carry plain range [plain, end): logged ones for a retransmission, sent
+        byte-identical (RFC 8548 §3.6), and new frames for new data."""
+        send, recv = self.send, self.recv
+        assert send is not None and recv is not None
         records = send.covering(plain, min(end, send.plain_next)) if plain < send.plain_next else []
         if end > send.plain_next:
             if send.fin_framed:
                 raise StackAnomaly("local segment carries data after its fin")
-            new = bytes(data[send.plain_next - plain :])
+            new = bytes(seg.payload[send.plain_next - plain :])
             self.bytes_out += len(new)
             self._sent_since_rekey += len(new)
             rekey_bytes = self.config.rekey_bytes
             if rekey_bytes and self._sent_since_rekey > rekey_bytes and recv.gen == send.gen:
                 self.start_rekey()  # by volume; this frame carries rekey = 1
-            records += send.new_frame(new, fin)
-        if not records:
-            return DROP
-        # Payload and options within the wire MSS (RFC 6691). Our stack sized its segment for its
-        # own options; the non-SYN ENO option or frames resent together can make it longer: the
-        # rest follows in segments of their own. SACK blocks only take the room that is left.
+            records += send.new_frame(new, seg.is_fin)
+        return records
+
+    def _send_records(self, seg: Segment, records: list[FrameRecord], options: list[tuple[int, bytes]],
+                      raw_options: bytes) -> Verdict:
+        """Frames out in `seg`, payload and options within the wire MSS (RFC 6691). Our stack sized
+        its segment for its own options; the non-SYN ENO option or frames resent together can make
+        it longer: the rest follows in segments of their own. SACK blocks only take the room left."""
+        send = self.send
+        assert send is not None
         wire, payload, fin = _joined(records)
         size = max(self.wire_mss - _padded(self._options_out(options, raw_options, self.wire_mss)), 1)
         seg.seq = to_seq(wire, send.base)
@@ -266,8 +285,8 @@ class StreamTranslator:
             seg.flags |= TCP_PSH
             self.inject_wire(wire + size, rest, TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0))
         if self.pmtu is not None:
-            # Our stack believes the path MTU is 20 bytes below the real one (Session.icmp_in), and the
-            # kernel would hold our larger wire packet to that belief: send it ourselves.
+            # Our stack believes the path MTU is 20 bytes below the real one (Session.icmp_in), and
+            # the kernel would hold our larger wire packet to that belief: send it ourselves.
             self._inject(Injection(serialize_segment(seg), Direction.OUTBOUND))
             return DROP
         return Verdict(Action.ACCEPT, serialize_segment(seg))
