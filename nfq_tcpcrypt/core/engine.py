@@ -81,7 +81,7 @@ class Engine:
                 return DROP
             self.counters["untracked"] += 1
             return ACCEPT
-        if session.refused:
+        if session.state is State.REFUSED:
             return DROP
         if direction is Direction.OUTBOUND:
             verdict = session.outbound(seg, now)
@@ -93,7 +93,7 @@ class Engine:
             self._schedule_sweep(session.closed_at + self.config.session_linger)
         if verdict.packet is not None:
             self.counters["rewritten"] += 1
-        if session.send is not None and verdict.action is Action.ACCEPT:
+        if session.tx.send is not None and verdict.action is Action.ACCEPT:
             return Verdict(Action.ACCEPT, verdict.packet, encrypted=True)
         return verdict
 

@@ -126,12 +126,13 @@ TRANSITIONS: dict[tuple[State, Trigger], State] = {
 }
 """Every state change of a session: (state, trigger) -> new state."""
 
-_ENDING = frozenset({Trigger.FINISHED, Trigger.RESET, Trigger.REFUSE, Trigger.ABORT})
+_ENDING = (Trigger.FINISHED, Trigger.RESET, Trigger.REFUSE, Trigger.ABORT)
 """Triggers that end the connection: the session lingers from the first of them on."""
 
-_TRANSLATING = frozenset({State.KEY_EXCHANGE, State.ENCRYPTING, State.CLOSING})
-_KEYED = frozenset({State.ENCRYPTING, State.CLOSING})
-_LIVE = frozenset({State.KEY_EXCHANGE, State.ENCRYPTING, State.CLOSING})
+# Tuples, not sets: membership by identity, without hashing an Enum on the per-packet path.
+_TRANSLATING = (State.KEY_EXCHANGE, State.ENCRYPTING, State.CLOSING)
+_KEYED = (State.ENCRYPTING, State.CLOSING)
+_LIVE = _TRANSLATING
 
 
 class Session:
@@ -150,6 +151,9 @@ class Session:
         self.config = config
         self._emit = emit
         self.state = State.NEW
+        # Whether traffic keys exist (RFC 8548 §3.3): encrypting, closing, or closed after keys;
+        # set by _set_state with every change of state, read on every packet.
+        self.keys_ready = False
         self.role: Role | None = None  # RFC 8547 §4.3
         self.key_role: Role | None = None  # our role in the session that made ss[0] (RFC 8548 §3.5)
         self.tep: Tep | None = None
@@ -192,6 +196,7 @@ class Session:
             raise LocalProtocolError(f"no transition from {self.state.value} on {trigger.value}") from None
         logger.debug("%s: %s -> %s (%s)", self.flow, self.state.value, new.value, trigger.value)
         self.state = new
+        self.keys_ready = new in _KEYED or (new is State.CLOSED and self.session_id is not None)
         if trigger in _ENDING and self.closed_at is None:
             self.closed_at = self.last_seen if now is None else now
 
@@ -218,10 +223,6 @@ class Session:
         """Translating and not yet ended: a daemon that stops must abort it."""
         return self.state in _LIVE
 
-    @property
-    def keys_ready(self) -> bool:
-        """Whether traffic keys exist (RFC 8548 §3.3): encrypting, closing, or closed after keys."""
-        return self.state in _KEYED or (self.state is State.CLOSED and self.session_id is not None)
 
     @property
     def send(self) -> SendStream | None:
@@ -266,7 +267,7 @@ class Session:
             return self._plain(seg)
         if self.state == State.ABORTED:
             return DROP
-        self.tx.note_ip(seg.ip_header, outbound=True)
+        self.tx.out_ip = seg.ip_header
         try:
             if seg.is_rst:
                 return self._rst_out(seg, now)
@@ -274,7 +275,11 @@ class Session:
                 return self._syn_out(seg)
             if not self.is_translating:
                 return self._plain(seg)
-            return self._after_out(self.tx.translate_out(seg, now))
+            fin = seg.is_fin
+            verdict = self.tx.translate_out(seg, now)
+            if fin and self.state is State.ENCRYPTING:
+                self._after_out()
+            return verdict
         except MalformedSegment:
             return DROP if self.is_translating else Verdict(Action.ACCEPT)
         except ProtocolError as exc:
@@ -294,7 +299,7 @@ class Session:
                 return self._challenge(now)  # §4.2: a SYN on a synchronized connection
             if seg.is_rst:
                 return self._rst_in(seg, now)
-        self.tx.note_ip(seg.ip_header, outbound=False)
+        self.tx.in_ip = seg.ip_header
         try:
             options = parse_options(seg.options)
             self.tx.note_remote(seg, options)
@@ -632,17 +637,16 @@ class Session:
             self._tail_tries = 0
             self._timers.arm(Timer.TAIL, now + self.config.kex_timeout)
 
-    def _after_out(self, verdict: Verdict) -> Verdict:
-        """Our stack's FIN framed: the session is closing."""
-        if self.state is State.ENCRYPTING and self.send is not None and self.send.fin_framed:
+    def _after_out(self) -> None:
+        """Our stack sent a FIN: once it is framed, the session is closing."""
+        if self.send is not None and self.send.fin_framed:
             self._set_state(Trigger.FIN)
-        return verdict
 
     def _after_in(self, result: Translated, now: float) -> Verdict:
         """Act on what an inbound packet did: follow the peer's rekey, move through closing."""
         if result.peer_rekeyed:
             self._peer_rekeyed(now)
-        if self.state is State.ENCRYPTING and self.recv is not None and self.recv.fin_delivered:
+        if result.closing and self.state is State.ENCRYPTING:
             self._set_state(Trigger.FIN)
         if result.finished and self.state is State.CLOSING:
             self._set_state(Trigger.FINISHED, now)

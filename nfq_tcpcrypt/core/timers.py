@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class Timer(Enum):
-    """The kinds of timer a session runs."""
+class Timer(StrEnum):
+    """The kinds of timer a session runs (a StrEnum: hashed as fast as the string)."""
 
     KEX = "kex"  # our Init message unacknowledged (RFC 8548 §3.3)
     TAIL = "tail"  # wire-only frames unacknowledged (empty rekey frames, RFC 8548 §3.8)

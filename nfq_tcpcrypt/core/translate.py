@@ -89,7 +89,8 @@ class Translated:
 
     verdict: Verdict
     peer_rekeyed: bool = False  # the peer's generation moved up (RFC 8548 §3.8)
-    finished: bool = False  # FIN both ways, ours acknowledged: the connection is closing
+    closing: bool = False  # a FIN went one way: framed by us, or delivered to our stack
+    finished: bool = False  # FIN both ways, ours acknowledged
 
 
 class StreamTranslator:
@@ -125,8 +126,8 @@ class StreamTranslator:
         self._replay_mark = 0
         # Header material for the segments we build: the latest IP headers, windows, TSvals and the
         # SYN options that govern them (window scale, SACK-permitted, RFC 7323 §2.2, RFC 2018 §2).
-        self._out_ip: bytes | None = None
-        self._in_ip: bytes | None = None
+        self.out_ip: bytes | None = None  # set by the session with every packet each way
+        self.in_ip: bytes | None = None
         self.local_window = 0
         self._remote_window = 0
         self._local_ts: int | None = None
@@ -151,13 +152,6 @@ class StreamTranslator:
         self.send = SendStream(isn_local)
         self.recv = RecvStream(isn_remote)
         self.recv.ooo.budget = budget
-
-    def note_ip(self, header: bytes, outbound: bool) -> None:
-        """The latest IP header each way, for the segments we build."""
-        if outbound:
-            self._out_ip = header
-        else:
-            self._in_ip = header
 
     def note_local_syn(self, options: list[tuple[int, bytes]]) -> None:
         """Our stack's SYN options: window scale and SACK-permitted."""
@@ -345,7 +339,9 @@ class StreamTranslator:
         consumed = recv.buf_start > consumed
         if out:
             recv.remember(plain_start, out)
-        fin_now, plain_start = self._fin_in(seg, wire, data, bool(out or redeliver), plain_start)
+        fin_now = False
+        if recv.fin_at is not None or recv.finp or seg.is_fin or (not data and wire < recv.wire_next):
+            fin_now, plain_start = self._fin_in(seg, wire, data, bool(out or redeliver), plain_start)
         if redeliver:
             out = redeliver
         elif not out and not fin_now and data and send.acked_plain == acked_before:
@@ -420,8 +416,9 @@ class StreamTranslator:
         send, recv = self.send, self.recv
         assert send is not None and recv is not None
         rekeyed, self._peer_rekeyed = self._peer_rekeyed, False
+        closing = recv.fin_delivered or send.fin_framed
         finished = check_finished and recv.fin_delivered and send.fin_framed and send.unacked == 0
-        return Translated(verdict, rekeyed, finished)
+        return Translated(verdict, rekeyed, closing, finished)
 
     def _deliver(self, seg: Segment, plain_start: int, data: bytes, fin: bool) -> Verdict:
         """Hand plaintext to our stack: the first chunk in the verdict, the rest injected."""
@@ -581,8 +578,8 @@ class StreamTranslator:
                 f.local_ip, f.remote_ip, f.local_port, f.remote_port, to_seq(wire + at, send.base), ack,
                 flags if last else flags & ~TCP_FIN, window, options, chunk,
             )
-            if self._out_ip is not None:
-                seg.ip_header = without_ecn(self._out_ip)
+            if self.out_ip is not None:
+                seg.ip_header = without_ecn(self.out_ip)
             self._inject(Injection(serialize_segment(seg), Direction.OUTBOUND))
             if last:
                 return
@@ -592,7 +589,7 @@ class StreamTranslator:
         """Our stack's window field: its right edge in wire space (never moves left, RFC 7323 §2.4)."""
         recv = self.recv
         assert recv is not None
-        shift = self.window_shift
+        shift = self.local_ws if self.local_ws is not None and self.remote_ws is not None else 0
         edge = recv.local_ack_wire + (window << shift)
         recv.right_edge = max(recv.right_edge, edge) if recv.edge_known else edge
         recv.edge_known = True
@@ -605,7 +602,7 @@ class StreamTranslator:
         ahead = recv.ack_floor - recv.local_ack_wire
         if ahead <= 0:
             return window
-        shift = self.window_shift
+        shift = self.local_ws if self.local_ws is not None and self.remote_ws is not None else 0
         return max(0, (window << shift) - ahead) >> shift
 
     def _inject_ack(self, now: float) -> None:
@@ -645,7 +642,7 @@ class StreamTranslator:
             top = min(delivered, stack_ack + self.config.deliver_max)
         else:
             return False
-        shift = self.window_shift
+        shift = self.local_ws if self.local_ws is not None and self.remote_ws is not None else 0
         top = min(top, stack_ack + (self.local_window << shift))  # never beyond our stack's window
         at = max(stack_ack, recv.redelivered_to)
         if at >= top:
@@ -706,8 +703,8 @@ class StreamTranslator:
             f.remote_ip, f.local_ip, f.remote_port, f.local_port, to_seq(plain, recv.base),
             to_seq(send.acked_plain, send.base), flags, self._remote_window, options, payload,
         )
-        if self._in_ip is not None:
-            seg.ip_header = without_ecn(self._in_ip)
+        if self.in_ip is not None:
+            seg.ip_header = without_ecn(self.in_ip)
         self._inject(Injection(serialize_segment(seg), Direction.INBOUND))
 
     def inject_local_rst(self) -> None:
@@ -716,7 +713,10 @@ class StreamTranslator:
 
 
 def _has_sack_or_eno(parsed: list[tuple[int, bytes]]) -> bool:
-    return any(kind == TCPOPT_SACK or kind == ENO_OPTION_KIND for kind, _ in parsed)
+    for kind, _ in parsed:  # a loop, not any(...): this runs twice per packet
+        if kind == TCPOPT_SACK or kind == ENO_OPTION_KIND:
+            return True
+    return False
 
 
 def _joined(records: list[FrameRecord]) -> tuple[int, bytes, bool]:
