@@ -1060,69 +1060,85 @@ def render_text(report: DecodeReport) -> str:
         lines.append(f"  ! {p.kind}{f' (packet {p.packet})' if p.packet else ''}: {p.message}")
     for c in report.connections:
         lines.append("")
-        lines.append(f"connection {c.index}: {c.client} -> {c.server}  packets {c.first_packet}-{c.last_packet} "
-                     f"({c.packets}), handshake {c.handshake}")
-        lines.append(f"  SYN ENO:     {_eno_text(c.syn_eno)}")
-        lines.append(f"  SYN-ACK ENO: {_eno_text(c.synack_eno)}")
-        if c.ack_eno is not None:
-            lines.append(f"  first ACK ENO: {'yes' if c.ack_eno else 'no'}")
-        lines.append(f"  status: {c.status.upper()} - {c.reason}")
-        if c.status == "encrypted":
-            lines.append(f"  roles: A = {c.role_a}, B = {'server' if c.role_a == 'client' else 'client'}; "
-                         f"TEP byte {c.tep_byte:02x}; {'resumed' if c.resumed else 'fresh'}")
-            if c.resumed:
-                lines.append(f"  resume id {c.resume_id or '?'} (original A = {c.original_a or '?'}), "
-                             f"nonce_a {c.nonce_a or '?'}, nonce_b {c.nonce_b or '?'}")
-            for init in (c.init1, c.init2):
-                if init is not None:
-                    ciphers = ", ".join(_name(x, AEAD_NAMES) for x in init.sym_ciphers)
-                    lines.append(f"  {init.message}: {init.length} bytes (packet {init.packet}), "
-                                 f"ciphers [{ciphers}], nonce {init.nonce[:16]}..., key {init.public_key[:16]}..."
-                                 f"{f', {init.ignored_len} ignored bytes' if init.ignored_len else ''}")
-            lines.append(f"  AEAD: {_name(c.aead, AEAD_NAMES)}")
-            if c.session_id:
-                lines.append(f"  session ID: {c.session_id}  ({c.key_source})")
-            else:
-                lines.append(f"  keys: none ({c.key_problem or 'no key log'})")
-        for d in c.directions:
-            lines.append(f"  {d.side} {d.sender} -> {d.receiver}{f' (role {d.role})' if d.role else ''}: "
-                         f"{d.stream_bytes} bytes"
-                         f"{'' if d.offsets_exact else ' (offsets relative to the first byte seen)'}"
-                         f"{f', {d.repeated_bytes} repeated' if d.repeated_bytes else ''}"
-                         f"{f', {len(d.gaps)} gap(s)' if d.gaps else ''}"
-                         f"{', FIN' if d.fin_offset is not None else ''}{', RST' if d.rst else ''}")
-            if d.framing in ("init+frames", "frames"):
-                valid = "valid" if d.framing_valid else "INVALID"
-                lines.append(f"    framing {d.framing} {valid}: {d.frames} frames, clen {d.clen_min}-{d.clen_max}, "
-                             f"rekeys {len(d.rekeys)}, FINp at {d.finp_offset if d.finp_offset is not None else '-'}"
-                             f"{f', {d.unparsed_bytes} bytes outside the framing' if d.unparsed_bytes else ''}"
-                             f"{f', {d.trailing_bytes} trailing bytes' if d.trailing_bytes else ''}")
-                if c.session_id:
-                    lines.append(f"    frames verified {d.verified}, failed {d.failed}, not decrypted {d.undecrypted}")
-                else:
-                    lines.append("    no key: frames not verified, no plaintext")
-            if d.plaintext_sha256:
-                lines.append(f"    plaintext {d.plaintext_bytes} bytes sha256 {d.plaintext_sha256}"
-                             f"{'' if d.plaintext_complete else ' (INCOMPLETE)'}"
-                             f"{f' -> {d.plaintext_file}' if d.plaintext_file else ''}")
-            if d.stream_bytes:
-                verdict = "could be plaintext" if d.could_be_plaintext else "no plaintext outside the frames"
-                lines.append(f"    payload: {verdict} (printable ratio {d.printable_ratio})")
-        shown = c.problems
-        for p in shown:
-            where = []
-            if p.side:
-                where.append(p.side)
-            if p.offset is not None:
-                where.append(f"offset {p.offset}")
-            if p.packet:
-                where.append(f"packet {p.packet}")
-            lines.append(f"  ! {p.kind} [{', '.join(where)}]: {p.message}")
-        if c.problems_suppressed:
-            lines.append(f"  ! ... and {c.problems_suppressed} more problems")
+        lines += _connection_text(c)
     lines.append("")
     lines.append(f"{report.problem_count} problem(s)")
     return "\n".join(lines)
+
+
+def _connection_text(c: ConnectionReport) -> list[str]:
+    lines = [f"connection {c.index}: {c.client} -> {c.server}  packets {c.first_packet}-{c.last_packet} "
+             f"({c.packets}), handshake {c.handshake}",
+             f"  SYN ENO:     {_eno_text(c.syn_eno)}",
+             f"  SYN-ACK ENO: {_eno_text(c.synack_eno)}"]
+    if c.ack_eno is not None:
+        lines.append(f"  first ACK ENO: {'yes' if c.ack_eno else 'no'}")
+    lines.append(f"  status: {c.status.upper()} - {c.reason}")
+    if c.status == "encrypted":
+        lines += _keys_text(c)
+    for d in c.directions:
+        lines += _direction_text(d, bool(c.session_id))
+    for p in c.problems:
+        where = []
+        if p.side:
+            where.append(p.side)
+        if p.offset is not None:
+            where.append(f"offset {p.offset}")
+        if p.packet:
+            where.append(f"packet {p.packet}")
+        lines.append(f"  ! {p.kind} [{', '.join(where)}]: {p.message}")
+    if c.problems_suppressed:
+        lines.append(f"  ! ... and {c.problems_suppressed} more problems")
+    return lines
+
+
+def _keys_text(c: ConnectionReport) -> list[str]:
+    """Roles, Init messages, AEAD and session ID of an encrypted connection."""
+    lines = [f"  roles: A = {c.role_a}, B = {'server' if c.role_a == 'client' else 'client'}; "
+             f"TEP byte {c.tep_byte:02x}; {'resumed' if c.resumed else 'fresh'}"]
+    if c.resumed:
+        lines.append(f"  resume id {c.resume_id or '?'} (original A = {c.original_a or '?'}), "
+                     f"nonce_a {c.nonce_a or '?'}, nonce_b {c.nonce_b or '?'}")
+    for init in (c.init1, c.init2):
+        if init is not None:
+            ciphers = ", ".join(_name(x, AEAD_NAMES) for x in init.sym_ciphers)
+            lines.append(f"  {init.message}: {init.length} bytes (packet {init.packet}), "
+                         f"ciphers [{ciphers}], nonce {init.nonce[:16]}..., key {init.public_key[:16]}..."
+                         f"{f', {init.ignored_len} ignored bytes' if init.ignored_len else ''}")
+    lines.append(f"  AEAD: {_name(c.aead, AEAD_NAMES)}")
+    if c.session_id:
+        lines.append(f"  session ID: {c.session_id}  ({c.key_source})")
+    else:
+        lines.append(f"  keys: none ({c.key_problem or 'no key log'})")
+    return lines
+
+
+def _direction_text(d: DirectionReport, keyed: bool) -> list[str]:
+    """One direction's stream, framing and plaintext."""
+    lines = [f"  {d.side} {d.sender} -> {d.receiver}{f' (role {d.role})' if d.role else ''}: "
+             f"{d.stream_bytes} bytes"
+             f"{'' if d.offsets_exact else ' (offsets relative to the first byte seen)'}"
+             f"{f', {d.repeated_bytes} repeated' if d.repeated_bytes else ''}"
+             f"{f', {len(d.gaps)} gap(s)' if d.gaps else ''}"
+             f"{', FIN' if d.fin_offset is not None else ''}{', RST' if d.rst else ''}"]
+    if d.framing in ("init+frames", "frames"):
+        valid = "valid" if d.framing_valid else "INVALID"
+        lines.append(f"    framing {d.framing} {valid}: {d.frames} frames, clen {d.clen_min}-{d.clen_max}, "
+                     f"rekeys {len(d.rekeys)}, FINp at {d.finp_offset if d.finp_offset is not None else '-'}"
+                     f"{f', {d.unparsed_bytes} bytes outside the framing' if d.unparsed_bytes else ''}"
+                     f"{f', {d.trailing_bytes} trailing bytes' if d.trailing_bytes else ''}")
+        if keyed:
+            lines.append(f"    frames verified {d.verified}, failed {d.failed}, not decrypted {d.undecrypted}")
+        else:
+            lines.append("    no key: frames not verified, no plaintext")
+    if d.plaintext_sha256:
+        lines.append(f"    plaintext {d.plaintext_bytes} bytes sha256 {d.plaintext_sha256}"
+                     f"{'' if d.plaintext_complete else ' (INCOMPLETE)'}"
+                     f"{f' -> {d.plaintext_file}' if d.plaintext_file else ''}")
+    if d.stream_bytes:
+        verdict = "could be plaintext" if d.could_be_plaintext else "no plaintext outside the frames"
+        lines.append(f"    payload: {verdict} (printable ratio {d.printable_ratio})")
+    return lines
 
 
 # ------------------------------------------------------------------------------ command line
