@@ -11,7 +11,7 @@ import logging
 import struct
 from collections.abc import Callable
 from dataclasses import replace
-from enum import Enum
+from enum import StrEnum
 
 from . import eno
 from .aead import FrameCipher, traffic_key_len
@@ -69,8 +69,9 @@ MIN_PMTU_V6 = 1280
 """The IPv6 minimum link MTU (RFC 8200 §5)."""
 
 
-class State(Enum):
-    """States of a session (docs/states.md, generated from `TRANSITIONS`)."""
+class State(StrEnum):
+    """States of a session (docs/states.md, generated from `TRANSITIONS`); a StrEnum: the
+    transition table is looked up with string-fast hashing."""
 
     NEW = "new"
     ENO_SENT = "eno-sent"  # active opener: our SYN carries ENO
@@ -84,7 +85,7 @@ class State(Enum):
     ABORTED = "aborted"  # reset by us toward both ends
 
 
-class Trigger(Enum):
+class Trigger(StrEnum):
     """What moves a session between states."""
 
     SYN_SENT = "syn-sent"
@@ -581,7 +582,8 @@ class Session:
     @property
     def timer_at(self) -> float | None:
         """The session's next deadline, or None."""
-        return self._timers.next_at
+        timers = self._timers
+        return min(timers.values()) if timers else None
 
     def handle_timer(self, now: float) -> None:
         """Run the session's due timers."""

@@ -14,34 +14,26 @@ class Timer(StrEnum):
     REPLAY = "replay"  # our stack has not acknowledged plaintext we acknowledged for it
 
 
-class Timers:
-    """Deadlines by kind; a kind armed again moves its deadline."""
+class Timers(dict[Timer, float]):
+    """Deadlines by kind; a kind armed again moves its deadline. A dict, so that the engine's
+    frequent question (the earliest deadline) is one builtin call."""
 
-    __slots__ = ("_at",)
-
-    def __init__(self) -> None:
-        self._at: dict[Timer, float] = {}
+    __slots__ = ()
 
     def arm(self, timer: Timer, when: float) -> None:
-        self._at[timer] = when
+        self[timer] = when
 
     def cancel(self, timer: Timer) -> None:
-        self._at.pop(timer, None)
-
-    def clear(self) -> None:
-        self._at.clear()
-
-    def __contains__(self, timer: Timer) -> bool:
-        return timer in self._at
+        self.pop(timer, None)
 
     @property
     def next_at(self) -> float | None:
         """The earliest deadline, or None."""
-        return min(self._at.values()) if self._at else None
+        return min(self.values()) if self else None
 
     def take_due(self, now: float) -> list[Timer]:
         """The timers due at `now`, earliest first, disarmed."""
-        due = sorted((when, timer.value, timer) for timer, when in self._at.items() if when <= now)
+        due = sorted((when, timer.value, timer) for timer, when in self.items() if when <= now)
         for _, _, timer in due:
-            del self._at[timer]
+            del self[timer]
         return [timer for _, _, timer in due]
