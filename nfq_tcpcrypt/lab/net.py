@@ -738,9 +738,8 @@ def http_transfer(
             mode = "gateway" if side in gateway_sides else "host"
             extra = [*(["--ipv6"] if ipv6 else []), *(daemon_args or {}).get(side, ())]
             daemons[side] = start_daemon(topo, side, workdir, extra, mode=mode, program=daemon_program)
-        if wire_loss:
-            for side in loss_sides:
-                drop_on_wire(topo, side, wire_loss, ipv6)
+        for side in loss_sides if wire_loss else ():
+            drop_on_wire(topo, side, wire_loss, ipv6)
         with contextlib.ExitStack() as captures:
             capture_stats = captures.enter_context(capture(topo, capture_at[0], pcap, ifname=capture_at[1]))
             if inside_capture_at is not None and inside_pcap is not None:
@@ -757,29 +756,26 @@ def http_transfer(
     needles = {f"marker{i}": marker for i, marker in enumerate(markers)}
     needles["http-status-line"] = b"HTTP/1.0 200"
     addresses = topo.addresses6 if ipv6 else topo.addresses
-    wire = analyze(pcap, addresses["a"], addresses["b"], HTTP_PORT, needles)
-    inside_wire = None
-    if inside_pcap is not None:
-        inside_wire = analyze(inside_pcap, addresses["a"], addresses["b"], HTTP_PORT, needles)
-    keylogs = {
-        side: Path(daemon.keylog).read_text()
-        for side, daemon in daemons.items()
-        if Path(daemon.keylog).exists()
-    }
     return TransferResult(
         sent_sha256=sha256_file(source),
         received_sha256=sha256_file(received),
-        wire=wire,
+        wire=analyze(pcap, addresses["a"], addresses["b"], HTTP_PORT, needles),
         sessions=sessions,
         counters=counters,
-        keylogs=keylogs,
+        keylogs=_keylogs(daemons),
         daemons=daemons,
         pcap=pcap,
         capture=capture_stats,
         fetch_seconds=fetch_seconds,
-        inside_wire=inside_wire,
+        inside_wire=None if inside_pcap is None else analyze(inside_pcap, addresses["a"], addresses["b"],
+                                                             HTTP_PORT, needles),
         inside_pcap=inside_pcap,
     )
+
+
+def _keylogs(daemons: Mapping[str, Daemon]) -> dict[str, str]:
+    """Each daemon's key log, for those that wrote one."""
+    return {side: Path(d.keylog).read_text() for side, d in daemons.items() if Path(d.keylog).exists()}
 
 
 def daemon_rules(topo: Topology, side: str, ipv6: bool = False) -> list[str]:
