@@ -333,7 +333,7 @@ def _cmd_rules(args: argparse.Namespace) -> int:
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
-    from .lab import run_lab
+    from .lab.demo import run_lab
 
     return run_lab(size=args.size, keep=args.keep)
 

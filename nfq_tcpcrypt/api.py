@@ -19,6 +19,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from .core.flow import format_endpoint
 from .shell.control import DEFAULT_PATH, query
 
 
@@ -43,8 +44,7 @@ def endpoint(address: tuple[Any, ...]) -> str:
     ip = ipaddress.ip_address(address[0])
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    host = f"[{ip}]" if ip.version == 6 else str(ip)
-    return f"{host}:{address[1]}"
+    return format_endpoint(ip.packed, address[1])
 
 
 def find_session(table: list[dict[str, Any]], local: str, remote: str) -> SessionInfo:

@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from nfq_tcpcrypt.lab import decode_capture, print_checks, transfer_checks
-from nfq_tcpcrypt.labnet import HTTP_PORT, TransferResult, capture, make_payload, sha256_file, shell_faults
+from nfq_tcpcrypt.lab.demo import decode_capture, print_checks, transfer_checks
+from nfq_tcpcrypt.lab.net import HTTP_PORT, TransferResult, capture, make_payload, sha256_file, shell_faults
 from nfq_tcpcrypt.tools.pcapcheck import analyze
 
 HERE = Path(__file__).resolve().parent
@@ -57,7 +57,7 @@ class LabFailure(RuntimeError):
 
 
 class Host:
-    """The host side: `labnet.capture` runs tcpdump through `popen` (here, in the root namespace)."""
+    """The host side: `lab.net.capture` runs tcpdump through `popen` (here, in the root namespace)."""
 
     def popen(self, side: str, command: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
         return subprocess.Popen(command, **kwargs)

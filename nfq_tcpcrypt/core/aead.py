@@ -5,13 +5,12 @@ The sole importer of the AEAD primitives.
 
 from __future__ import annotations
 
-import struct
-
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from .constants import CONTROL_REKEY, FRAME_HEADER_LEN, MAX_CLEN, TAG_LEN, Aead
+from .constants import FRAME_HEADER_LEN, MAX_CLEN, TAG_LEN, Aead
 from .errors import IntegrityError, LocalProtocolError
+from .wire.tcpcrypt import pack_frame_header
 
 # RFC 8548 §6: (ae_key_len, ae_nonce_len) of each AEAD.
 AEAD_KEY_LEN = {Aead.AES_128_GCM: 16, Aead.AES_256_GCM: 32, Aead.CHACHA20_POLY1305: 32}
@@ -21,7 +20,6 @@ _CLASSES: dict[Aead, type[AESGCM] | type[ChaCha20Poly1305]] = {
     Aead.AES_256_GCM: AESGCM,
     Aead.CHACHA20_POLY1305: ChaCha20Poly1305,
 }
-_HEADER = struct.Struct("!BH")
 
 
 def traffic_key_len(aead: Aead) -> int:
@@ -55,7 +53,7 @@ class FrameCipher:
         clen = len(plaintext) + TAG_LEN
         if clen > MAX_CLEN:
             raise LocalProtocolError(f"frame plaintext of {len(plaintext)} bytes is too long")
-        header = _HEADER.pack(CONTROL_REKEY if rekey else 0, clen)
+        header = pack_frame_header(clen, rekey)
         return header + bytes(self._aead.encrypt(self._nonce(offset), plaintext, header))
 
     def open(self, offset: int, frame: bytes | memoryview) -> bytes:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 
 # RFC 8547 §4.1, §11: TCP option kind of TCP-ENO.
 ENO_OPTION_KIND = 69
@@ -10,6 +10,14 @@ ENO_OPTION_KIND = 69
 # RFC 8547 §4.2: bits of the global suboption.
 ENO_GLOBAL_B = 0x01  # passive role
 ENO_GLOBAL_A = 0x02  # application-aware
+
+
+class Role(StrEnum):
+    """RFC 8547 §4.3: host A (the active opener, or the SYN without the b bit) and host B."""
+
+    A = "A"
+    B = "B"
+
 
 # RFC 8547 §4.1 Table 1: first-byte ranges of a suboption.
 ENO_V_BIT = 0x80

@@ -1,4 +1,4 @@
-"""Engine: the session table, dispatch of packets to sessions, timers and counters (DESIGN.md §2, §4)."""
+"""Engine: the session table, dispatch of packets to sessions, timers and counters (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ SWEEP_INTERVAL = 1.0
 
 
 class Engine:
-    """The sans-I/O core the shell talks to (STYLE.md §2): packets in, verdicts and packets out."""
+    """The sans-I/O core the shell talks to (docs/architecture.md: Layers): packets in, verdicts and packets out."""
 
     def __init__(self, config: Configuration | None = None) -> None:
         self.config = config or Configuration()
@@ -81,7 +81,7 @@ class Engine:
                 return DROP
             self.counters["untracked"] += 1
             return ACCEPT
-        if session.refused:
+        if session.state is State.REFUSED:
             return DROP
         if direction is Direction.OUTBOUND:
             verdict = session.outbound(seg, now)
@@ -93,15 +93,14 @@ class Engine:
             self._schedule_sweep(session.closed_at + self.config.session_linger)
         if verdict.packet is not None:
             self.counters["rewritten"] += 1
-        if session.send is not None and verdict.action is Action.ACCEPT:
+        if session.tx.send is not None and verdict.action is Action.ACCEPT:
             return Verdict(Action.ACCEPT, verdict.packet, encrypted=True)
         return verdict
 
     def _refuse(self, session: Session, seg: Segment, direction: Direction, now: float) -> Verdict:
         """Policy `require`: the connection cannot be encrypted, so it is reset toward both ends
         and the packet dropped; later packets of it are dropped too (README: Security model)."""
-        session.refused = True
-        session.closed_at = session.closed_at or now
+        session.refuse(now)
         self._schedule_sweep(now + self.config.session_linger)
         self.counters["refused_plain"] += 1
         logger.warning("%s: encryption required but not possible: connection reset", session.flow)
@@ -213,7 +212,7 @@ class Engine:
                 return session.start_active(seg, now)
             return session.start_passive(seg, now)
         except MalformedSegment as exc:
-            session.state = State.PLAIN
+            session.pass_plain()
             self.counters["malformed"] += 1
             logger.debug("%s: syn the codec rejects, passing as plain: %s", flow, exc)
             return ACCEPT
@@ -289,7 +288,7 @@ class Engine:
         and such a connection must not go on in plaintext, README: Security model); return how many."""
         count = 0
         for session in self._sessions.values():
-            if session.is_translating and session.closed_at is None:
+            if session.live:
                 session.abort(reason, now)
                 count += 1
         if count:
@@ -319,7 +318,7 @@ class Engine:
 def _is_new_syn(session: Session, seg, direction: Direction) -> bool:  # type: ignore[no-untyped-def]
     """A SYN with another ISN on a known 4-tuple starts a new connection (port reuse), except
     from the wire on a live translating session: the session answers that (RFC 5961 §4)."""
-    if direction is Direction.INBOUND and session.is_translating and session.closed_at is None:
+    if direction is Direction.INBOUND and session.live:
         return False
     isn = session.isn_local if direction is Direction.OUTBOUND else session.isn_remote
     return isn is not None and isn != seg.seq

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import Configuration
-from .constants import ENO_GLOBAL_A, ENO_GLOBAL_B, ENO_OPTION_KIND, Tep
+from .constants import ENO_GLOBAL_A, ENO_GLOBAL_B, ENO_OPTION_KIND, Role, Tep
 from .errors import MalformedSegment
 from .resumption import Resumable
 from .wire.eno import EnoOption, TepSuboption, parse_eno, serialize_eno
@@ -28,7 +28,7 @@ class EnoFailed(Exception):
 class Negotiated:
     """The outcome of RFC 8547 §4.5: roles, the negotiated TEP and the two SYN-form options."""
 
-    role: str  # "A" or "B": ours
+    role: Role  # ours
     tep: Tep
     tep_byte: int  # the TEP's byte as B sent it, v bit included (session ID, RFC 8547 §5.1)
     eno_a: bytes  # A's SYN-form option, verbatim (transcript, RFC 8547 §4.8)
@@ -119,7 +119,7 @@ def negotiate(
         raise EnoFailed(f"both sides sent b={int(ours.b)}")
     if config.eno_app_aware_mandatory and not theirs.a:
         raise EnoFailed("peer is not application-aware (mandatory mode)")
-    role = "B" if ours.b else "A"
+    role = Role.B if ours.b else Role.A
     a_option, b_option = (theirs, ours) if ours.b else (ours, theirs)
     valid = _valid_teps(config, a_option) & _valid_teps(config, b_option)
     # The negotiated TEP is the last valid TEP in B's option; the v bit is not compared (§4.5).
@@ -134,7 +134,7 @@ def negotiate(
     # sn[i] = nonce_a | nonce_b, labelled by the ORIGINAL roles (docs/protocol.md T10).
     mine = _suboption(ours, last.tep).data[RESUME_HALF:]
     peers = _suboption(theirs, last.tep).data[RESUME_HALF:]
-    sn = mine + peers if resume.original_role == "A" else peers + mine
+    sn = mine + peers if resume.original_role is Role.A else peers + mine
     return Negotiated(role, Tep(last.tep), last.byte, a_option.raw, b_option.raw, theirs.a, resume, sn)
 
 
@@ -142,13 +142,13 @@ def _suboption(option: EnoOption, tep: int) -> TepSuboption:
     return next(sub for sub in option.teps if sub.tep == tep)
 
 
-def _answer_ok(sub: TepSuboption, role: str, ours: EnoOption, resume: Resumable | None) -> bool:
+def _answer_ok(sub: TepSuboption, role: Role, ours: EnoOption, resume: Resumable | None) -> bool:
     """Whether B's suboption `sub` is usable: fresh, or a resumption both sides asked for."""
     if not sub.data:
         return True
     if resume is None or sub.tep != int(resume.tep) or not is_resume_request(sub):
         return False
-    if role == "B":
+    if role is Role.B:
         return True  # our own answer, built from the secret we found
     ours_sub = _suboption(ours, sub.tep)
     return is_resume_request(ours_sub) and sub.data[:RESUME_HALF] == resume.peer_half

@@ -25,18 +25,19 @@ class FlowKey(NamedTuple):
     @property
     def local(self) -> str:
         """The local endpoint as "ip:port" ("[ip]:port" for IPv6)."""
-        return _endpoint(self.local_ip, self.local_port)
+        return format_endpoint(self.local_ip, self.local_port)
 
     @property
     def remote(self) -> str:
         """The remote endpoint as "ip:port" ("[ip]:port" for IPv6)."""
-        return _endpoint(self.remote_ip, self.remote_port)
+        return format_endpoint(self.remote_ip, self.remote_port)
 
     def __str__(self) -> str:
         return f"{self.local}<->{self.remote}"
 
 
-def _endpoint(ip: bytes, port: int) -> str:
+def format_endpoint(ip: bytes, port: int) -> str:
+    """"ip:port", or "[ip]:port" for IPv6: how sessions, reports and tools write an endpoint."""
     address = ipaddress.ip_address(ip)
     if address.version == 6:
         return f"[{address}]:{port}"

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from .constants import AEAD_NAMES, TEP_NAMES, Aead, Tep
+from .constants import AEAD_NAMES, TEP_NAMES, Aead, Role, Tep
 from .kex import next_session_secret, resume_identifier
 
 LOOKAHEAD = 4
@@ -31,23 +31,23 @@ class Resumable:
     resume_id: bytes  # resume[i], 18 bytes
     tep: Tep
     aead: Aead
-    original_role: str  # "A" or "B" in the session that produced ss[0]
+    original_role: Role  # ours in the session that produced ss[0]
 
     @property
     def our_half(self) -> bytes:
         """The identifier half we send (RFC 8548 §3.5: original A sends bytes 0..8)."""
-        return self.resume_id[:9] if self.original_role == "A" else self.resume_id[9:]
+        return self.resume_id[:9] if self.original_role is Role.A else self.resume_id[9:]
 
     @property
     def peer_half(self) -> bytes:
         """The identifier half the peer sends."""
-        return self.resume_id[9:] if self.original_role == "A" else self.resume_id[:9]
+        return self.resume_id[9:] if self.original_role is Role.A else self.resume_id[:9]
 
 
 class _Entry:
     __slots__ = ("peer", "ss", "index", "tep", "aead", "original_role", "expires_at", "uses", "halves")
 
-    def __init__(self, peer: bytes, ss: bytes, tep: Tep, aead: Aead, role: str, expires_at: float) -> None:
+    def __init__(self, peer: bytes, ss: bytes, tep: Tep, aead: Aead, role: Role, expires_at: float) -> None:
         self.peer = peer
         self.ss = bytearray(ss)  # ss[index]: the next unused secret
         self.index = 1
@@ -112,7 +112,7 @@ class ResumptionCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def store(self, peer: bytes, ss0: bytes, tep: Tep, aead: Aead, role: str, now: float) -> None:
+    def store(self, peer: bytes, ss0: bytes, tep: Tep, aead: Aead, role: Role, now: float) -> None:
         """Cache ss[1] of a fresh session (ss[0] itself is not kept, §3.5); a peer's oldest entry
         goes when it has `per_peer` already, the least recently used one when the cache is full."""
         entry = _Entry(peer, next_session_secret(ss0), tep, aead, role, now + self.ttl)
@@ -181,7 +181,7 @@ class ResumptionCache:
                 "peer": str(ipaddress.ip_address(e.peer)),
                 "tep": TEP_NAMES[e.tep],
                 "aead": AEAD_NAMES[e.aead],
-                "original_role": e.original_role,
+                "original_role": e.original_role.value,
                 "next_index": e.index,
                 "resumptions": e.uses,
                 "expires_in": round(e.expires_at - now, 1),

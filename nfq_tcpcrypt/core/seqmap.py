@@ -1,4 +1,4 @@
-"""Sequence arithmetic and the two byte spaces of one TCP stream (DESIGN.md §3).
+"""Sequence arithmetic and the two byte spaces of one TCP stream (docs/architecture.md).
 
 Per direction the local stack sees the *plain* space and the peer sees the *wire* space
 (`[Init1 or Init2] + frame + frame + …`, RFC 8548 §3.3, §3.6). Both share the ISN. Internally every
@@ -11,8 +11,9 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 
 from .aead import FrameCipher
-from .constants import FLAG_FINP, FRAME_HEADER_LEN, MAX_FRAME_DATA, MAX_INIT_LEN
+from .constants import MAX_FRAME_DATA, MAX_INIT_LEN
 from .outoforder import OutOfOrder
+from .wire.tcpcrypt import frame_plaintext, frame_size
 
 MASK = 0xFFFFFFFF
 HALF = 1 << 31
@@ -46,7 +47,7 @@ class FrameRecord:
 
 
 class SendStream:
-    """The local→wire direction: the frame log kept until the peer acknowledges it (DESIGN.md §3).
+    """The local→wire direction: the frame log kept until the peer acknowledges it (docs/architecture.md).
 
     The log is a list in send order with a moving head, so lookups by plain or wire position are
     binary searches (retransmissions, SACK blocks, ICMP quotes) and acknowledged frames cost O(1).
@@ -90,8 +91,7 @@ class SendStream:
         while True:
             chunk, data = data[:MAX_FRAME_DATA], data[MAX_FRAME_DATA:]
             last = not data
-            flags = FLAG_FINP if (fin and last) else 0
-            frame = self.cipher.seal(self.wire_next, bytes((flags,)) + chunk, self.rekey_next)
+            frame = self.cipher.seal(self.wire_next, frame_plaintext(chunk, fin and last), self.rekey_next)
             self.rekey_next = False
             record = FrameRecord(self.plain_next, len(chunk), self.wire_next, frame, fin and last)
             self.frames.append(record)
@@ -104,7 +104,7 @@ class SendStream:
         return records
 
     def covering(self, start: int, end: int) -> list[FrameRecord]:
-        """Logged frames that overlap plain range [start, end) (a retransmission, DESIGN.md §3)."""
+        """Logged frames that overlap plain range [start, end) (a retransmission, docs/architecture.md)."""
         frames = self.frames
         i = bisect_left(frames, start, lo=self._head, key=_plain_end)
         while i < len(frames) and frames[i].plain_end == start and frames[i].plain_start < start:
@@ -254,10 +254,8 @@ class RecvStream:
     def next_frame(self) -> tuple[int, bytes] | None:
         """(offset, frame bytes) of the next complete frame in the buffer, consumed, or None."""
         buf = self.buf
-        if len(buf) < FRAME_HEADER_LEN:
-            return None
-        size = FRAME_HEADER_LEN + ((buf[1] << 8) | buf[2])
-        if len(buf) < size:
+        size = frame_size(buf)
+        if size is None or len(buf) < size:
             return None
         offset = self.buf_start
         return offset, self.consume(size)

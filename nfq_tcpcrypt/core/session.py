@@ -1,6 +1,6 @@
-"""Session: one connection's state machine: handshake, key exchange, rekeying, aborts (DESIGN.md §4).
+"""Session: one connection's state machine: handshake, key exchange, rekeying, closing, aborts (docs/states.md).
 
-Rule (as in h11): every state change of a connection lives in this file, in `_TRANSITIONS`, and goes
+Rule (as in h11): every state change of a connection lives in this file, in `TRANSITIONS`, and goes
 through `_set_state`. The session is role-agnostic at the packet level: `Direction` says which way a
 packet travels; the ENO role (A or B, RFC 8547 §4.3) says which keys and Init message apply.
 """
@@ -11,7 +11,7 @@ import logging
 import struct
 from collections.abc import Callable
 from dataclasses import replace
-from enum import Enum
+from enum import StrEnum
 
 from . import eno
 from .aead import FrameCipher, traffic_key_len
@@ -23,13 +23,12 @@ from .constants import (
     N_A_LEN,
     N_B_LEN,
     TCP_ACK,
-    TCP_PSH,
     TCP_RST,
     TCPOPT_FASTOPEN,
     TCPOPT_NOP,
-    TCPOPT_SACK_PERM,
     TEP_NAMES,
     Aead,
+    Role,
     Tep,
 )
 from .errors import Disposition, LocalProtocolError, MalformedSegment, ProtocolError, RemoteProtocolError
@@ -40,7 +39,8 @@ from .kex import KeySchedule, TrafficKeys, public_bytes, session_secret, shared_
 from .outoforder import Budget
 from .resumption import Resumable, ResumptionCache
 from .seqmap import RecvStream, SendStream, to_offset, to_seq
-from .translate import StreamTranslation
+from .timers import Timer, Timers
+from .translate import StreamTranslator, Translated
 from .verdict import DROP, Action, Injection, Verdict
 from .wire.eno import parse_eno
 from .wire.icmp import IcmpError, serialize_icmp_error
@@ -51,7 +51,6 @@ from .wire.tcp import (
     parse_options,
     serialize_options,
     serialize_segment,
-    window_scale,
 )
 from .wire.tcpcrypt import (
     Init1,
@@ -70,19 +69,23 @@ MIN_PMTU_V6 = 1280
 """The IPv6 minimum link MTU (RFC 8200 §5)."""
 
 
-class State(Enum):
-    """States of a session (DESIGN.md §4)."""
+class State(StrEnum):
+    """States of a session (docs/states.md, generated from `TRANSITIONS`); a StrEnum: the
+    transition table is looked up with string-fast hashing."""
 
     NEW = "new"
     ENO_SENT = "eno-sent"  # active opener: our SYN carries ENO
     ENO_RECEIVED = "eno-received"  # passive opener: the peer's SYN carried a TEP we accept
     KEY_EXCHANGE = "key-exchange"  # ENO succeeded (RFC 8547 §4.6); Init1/Init2 in flight
     ENCRYPTING = "encrypting"  # keys exist; every payload byte is framed
+    CLOSING = "closing"  # a FIN went one way (framed by us, or delivered to our stack)
+    CLOSED = "closed"  # FIN both ways and ours acknowledged, or a reset; lingers, still translated
     PLAIN = "plain"  # fallback: the connection passes untouched
-    ABORTED = "aborted"  # reset toward both ends
+    REFUSED = "refused"  # policy `require` could not be met: reset, its packets dropped
+    ABORTED = "aborted"  # reset by us toward both ends
 
 
-class Trigger(Enum):
+class Trigger(StrEnum):
     """What moves a session between states."""
 
     SYN_SENT = "syn-sent"
@@ -90,26 +93,50 @@ class Trigger(Enum):
     ENO_OK = "eno-ok"
     KEYS = "keys"
     FALLBACK = "fallback"
+    FIN = "fin"  # a FIN one way
+    FINISHED = "finished"  # FIN both ways, ours acknowledged (for a plain connection: a FIN)
+    RESET = "reset"  # an RST from either end
+    REFUSE = "refuse"
     ABORT = "abort"
 
 
-_TRANSITIONS: dict[tuple[State, Trigger], State] = {
+TRANSITIONS: dict[tuple[State, Trigger], State] = {
     (State.NEW, Trigger.SYN_SENT): State.ENO_SENT,
     (State.NEW, Trigger.SYN_RECEIVED): State.ENO_RECEIVED,
     (State.NEW, Trigger.FALLBACK): State.PLAIN,
     (State.ENO_SENT, Trigger.ENO_OK): State.KEY_EXCHANGE,
     (State.ENO_SENT, Trigger.FALLBACK): State.PLAIN,
+    (State.ENO_SENT, Trigger.RESET): State.CLOSED,
     (State.ENO_RECEIVED, Trigger.ENO_OK): State.KEY_EXCHANGE,
     (State.ENO_RECEIVED, Trigger.FALLBACK): State.PLAIN,
+    (State.ENO_RECEIVED, Trigger.RESET): State.CLOSED,
     (State.KEY_EXCHANGE, Trigger.KEYS): State.ENCRYPTING,
+    (State.KEY_EXCHANGE, Trigger.RESET): State.CLOSED,
     (State.KEY_EXCHANGE, Trigger.ABORT): State.ABORTED,
+    (State.ENCRYPTING, Trigger.FIN): State.CLOSING,
+    (State.ENCRYPTING, Trigger.RESET): State.CLOSED,
     (State.ENCRYPTING, Trigger.ABORT): State.ABORTED,
+    (State.CLOSING, Trigger.FINISHED): State.CLOSED,
+    (State.CLOSING, Trigger.RESET): State.CLOSED,
+    (State.CLOSING, Trigger.ABORT): State.ABORTED,
+    (State.CLOSED, Trigger.RESET): State.CLOSED,
+    (State.CLOSED, Trigger.ABORT): State.ABORTED,
+    (State.PLAIN, Trigger.FINISHED): State.PLAIN,
+    (State.PLAIN, Trigger.RESET): State.PLAIN,
+    (State.PLAIN, Trigger.REFUSE): State.REFUSED,
 }
+"""Every state change of a session: (state, trigger) -> new state."""
 
-_TRANSLATING = (State.KEY_EXCHANGE, State.ENCRYPTING)
+_ENDING = (Trigger.FINISHED, Trigger.RESET, Trigger.REFUSE, Trigger.ABORT)
+"""Triggers that end the connection: the session lingers from the first of them on."""
+
+# Tuples, not sets: membership by identity, without hashing an Enum on the per-packet path.
+_TRANSLATING = (State.KEY_EXCHANGE, State.ENCRYPTING, State.CLOSING)
+_KEYED = (State.ENCRYPTING, State.CLOSING)
+_LIVE = _TRANSLATING
 
 
-class Session(StreamTranslation):
+class Session:
     """One TCP connection through the daemon, keyed by its local-side 4-tuple."""
 
     def __init__(
@@ -124,10 +151,12 @@ class Session(StreamTranslation):
         self.flow = flow
         self.config = config
         self._emit = emit
-        self._inject = inject
         self.state = State.NEW
-        self.role: str | None = None  # "A" or "B" (RFC 8547 §4.3)
-        self.key_role: str | None = None  # our role in the session that made ss[0] (RFC 8548 §3.5)
+        # Whether traffic keys exist (RFC 8548 §3.3): encrypting, closing, or closed after keys;
+        # set by _set_state with every change of state, read on every packet.
+        self.keys_ready = False
+        self.role: Role | None = None  # RFC 8547 §4.3
+        self.key_role: Role | None = None  # our role in the session that made ss[0] (RFC 8548 §3.5)
         self.tep: Tep | None = None
         self.tep_byte = 0  # the negotiated TEP's byte as B sent it (RFC 8547 §5.1)
         self.aead: Aead | None = None
@@ -137,74 +166,84 @@ class Session(StreamTranslation):
         self.eno_b = b""
         self.isn_local: int | None = None
         self.isn_remote: int | None = None
-        self.send: SendStream | None = None
-        self.recv: RecvStream | None = None
-        self.need_nonsyn_eno = False  # RFC 8547 §4.6: ENO in every segment until a non-SYN arrives
-        self.bytes_in = 0  # plaintext delivered to the local stack
-        self.bytes_out = 0  # plaintext framed toward the peer
         self.created_at = 0.0
         self.last_seen = 0.0
         self.closed_at: float | None = None
-        self._timers: dict[str, float] = {}  # name -> deadline; handled by _on_<name>
-        self._kex_tries = 0
+        self._timers = Timers()
+        self.tx = StreamTranslator(flow, config, inject, self._timers, self)
         self._tail_tries = 0
         self._schedule: KeySchedule | None = None
         self._keys: dict[int, TrafficKeys] = {}
-        self.rekeys = 0  # generations we moved to (RFC 8548 §3.8)
-        self.redelivered = 0  # plaintext our stack lost, handed to it again at once (its SACK/dup ACK)
-        self.replayed = 0  # plaintext handed to our stack again by the replay timer
-        self._sent_since_rekey = 0
-        self._init1_sent = False
         self._syn_eno = b""  # our SYN-form ENO option (the same in SYN and SYN-ACK, §4.6)
         self._syn_count = 0  # retransmissions of our SYN
         self._negotiated: eno.Negotiated | None = None
         self._simultaneous = False
-        self._prefix_dupacks = 0
-        self._local_sack_perm = False
-        self._remote_sack_perm = False
-        self._local_ws: int | None = None  # window scale shifts of the SYNs (RFC 7323 §2.2)
-        self._remote_ws: int | None = None
         self._private_key = None
         self._n_a = b""
         self._init1 = b""
         self._ciphers_offered: tuple[int, ...] = ()
-        # Header material for segments we build ourselves (injection).
-        self._out_ip: bytes | None = None
-        self._in_ip: bytes | None = None
-        self._local_window = 0
-        self._remote_window = 0
-        self._replay_tries = 0
-        self._replay_mark = 0
-        self._local_ts: int | None = None
-        self._remote_ts: int | None = None
-        # The largest payload plus options of a wire segment (RFC 6691): the peer's MSS option,
-        # lowered by a too-big report (our own link's MTU shows up as one, sent by our kernel).
-        self.wire_mss = 536
-        self.pmtu: int | None = None  # the path MTU a too-big report gave, once there was one
         self._challenges = ChallengeLimiter()
         self._synchronized = False  # a non-SYN segment came from the wire
         self.required = False  # policy `require`: never plain (the engine resets instead)
-        self.refused = False  # reset under `require`; its packets are dropped
         self.delegated = False  # our side negotiates TCP-ENO itself: not plain, not ours
 
     # ------------------------------------------------------------------ state machine
 
-    def _set_state(self, trigger: Trigger) -> None:
+    def _set_state(self, trigger: Trigger, now: float | None = None) -> None:
+        """The one way to change state: through `TRANSITIONS`; an ending trigger stamps `closed_at`."""
         try:
-            new = _TRANSITIONS[(self.state, trigger)]
+            new = TRANSITIONS[(self.state, trigger)]
         except KeyError:
             raise LocalProtocolError(f"no transition from {self.state.value} on {trigger.value}") from None
         logger.debug("%s: %s -> %s (%s)", self.flow, self.state.value, new.value, trigger.value)
         self.state = new
+        self.keys_ready = new in _KEYED or (new is State.CLOSED and self.session_id is not None)
+        if trigger in _ENDING and self.closed_at is None:
+            self.closed_at = self.last_seen if now is None else now
 
     def _fall_back(self, reason: str) -> None:
         self._set_state(Trigger.FALLBACK)
         self._emit(FellBackToPlain(self.flow, reason))
 
+    def pass_plain(self) -> None:
+        """The engine cannot parse what the session was started with: the connection stays plain."""
+        if (self.state, Trigger.FALLBACK) in TRANSITIONS:
+            self._set_state(Trigger.FALLBACK)
+
+    def refuse(self, now: float) -> None:
+        """Policy `require` and a plain connection: the engine resets it (README: Security model)."""
+        self._set_state(Trigger.REFUSE, now)
+
     @property
-    def sack_ok(self) -> bool:
-        """Both SYNs carried SACK-permitted (RFC 2018 §2)."""
-        return self._local_sack_perm and self._remote_sack_perm
+    def refused(self) -> bool:
+        """Reset under `require`: its packets are dropped."""
+        return self.state is State.REFUSED
+
+    @property
+    def live(self) -> bool:
+        """Translating and not yet ended: a daemon that stops must abort it."""
+        return self.state in _LIVE
+
+
+    @property
+    def send(self) -> SendStream | None:
+        """Our stream toward the peer, once ENO succeeded."""
+        return self.tx.send
+
+    @property
+    def recv(self) -> RecvStream | None:
+        """The peer's stream toward us, once ENO succeeded."""
+        return self.tx.recv
+
+    @property
+    def wire_mss(self) -> int:
+        """The largest payload plus options of a wire segment (RFC 6691)."""
+        return self.tx.wire_mss
+
+    @property
+    def pmtu(self) -> int | None:
+        """The path MTU a too-big report gave, once there was one."""
+        return self.tx.pmtu
 
     @property
     def embryonic(self) -> bool:
@@ -216,8 +255,9 @@ class Session(StreamTranslation):
 
     @property
     def is_translating(self) -> bool:
-        """Whether packets of this session are rewritten between the two byte spaces."""
-        return self.state in _TRANSLATING
+        """Whether packets of this session are rewritten between the two byte spaces: from ENO's
+        success on, also once closed (retransmissions, the last ACKs), until it lingers out."""
+        return self.state in _TRANSLATING or (self.state is State.CLOSED and self.tx.send is not None)
 
     # ------------------------------------------------------------------ entry points
 
@@ -228,7 +268,7 @@ class Session(StreamTranslation):
             return self._plain(seg)
         if self.state == State.ABORTED:
             return DROP
-        self._out_ip = seg.ip_header
+        self.tx.out_ip = seg.ip_header
         try:
             if seg.is_rst:
                 return self._rst_out(seg, now)
@@ -236,7 +276,11 @@ class Session(StreamTranslation):
                 return self._syn_out(seg)
             if not self.is_translating:
                 return self._plain(seg)
-            return self._translate_out(seg, now)
+            fin = seg.is_fin
+            verdict = self.tx.translate_out(seg, now)
+            if fin and self.state is State.ENCRYPTING:
+                self._after_out()
+            return verdict
         except MalformedSegment:
             return DROP if self.is_translating else Verdict(Action.ACCEPT)
         except ProtocolError as exc:
@@ -256,10 +300,10 @@ class Session(StreamTranslation):
                 return self._challenge(now)  # §4.2: a SYN on a synchronized connection
             if seg.is_rst:
                 return self._rst_in(seg, now)
-        self._in_ip = seg.ip_header
+        self.tx.in_ip = seg.ip_header
         try:
             options = parse_options(seg.options)
-            self._note_remote(seg, options)
+            self.tx.note_remote(seg, options)
             if seg.is_syn:
                 return self._syn_in(seg, options, now)
             if self.state == State.ENO_RECEIVED:
@@ -268,15 +312,17 @@ class Session(StreamTranslation):
                 self._fall_back("non-syn segment before the syn-ack")
             if not self.is_translating:
                 return self._plain(seg)
-            return self._translate_in(seg, options, now)
+            return self._after_in(self.tx.translate_in(seg, options, now), now)
         except MalformedSegment:
             return DROP if self.is_translating else Verdict(Action.ACCEPT)
         except ProtocolError as exc:
             return self._error(exc, seg, now, outbound=False)
 
     def _plain(self, seg: Segment) -> Verdict:
-        if seg.is_rst or seg.is_fin:
-            self.closed_at = self.closed_at or self.last_seen
+        if self.state is State.PLAIN and (seg.is_rst or seg.is_fin):
+            self._set_state(Trigger.RESET if seg.is_rst else Trigger.FINISHED)
+        elif self.state is State.CLOSED and seg.is_rst:
+            self._set_state(Trigger.RESET)
         return Verdict(Action.ACCEPT)
 
     # ------------------------------------------------------------------ handshake (RFC 8547 §4.6)
@@ -286,8 +332,7 @@ class Session(StreamTranslation):
         self.created_at = self.last_seen = now
         self.isn_local = seg.seq
         options = parse_options(seg.options)
-        self._local_ws = window_scale(options)
-        self._local_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
+        self.tx.note_local_syn(options)
         if seg.payload or any(kind == TCPOPT_FASTOPEN for kind, _ in options):
             # RFC 8547 §4.7: tcpcrypt defines no SYN data; a SYN with data or TFO stays plain.
             self._fall_back("syn carries data or tcp fast open")
@@ -331,7 +376,7 @@ class Session(StreamTranslation):
         self.created_at = self.last_seen = now
         self.isn_remote = seg.seq
         options = parse_options(seg.options)
-        self._note_remote(seg, options)
+        self.tx.note_remote(seg, options)
         try:
             if seg.payload:
                 raise eno.EnoFailed("peer syn carries data")  # RFC 8547 §4.7: tcpcrypt has no SYN data
@@ -351,16 +396,15 @@ class Session(StreamTranslation):
             self._fall_back(f"peer syn: {exc}")
             return Verdict(Action.ACCEPT)
         self._set_state(Trigger.SYN_RECEIVED)
-        self.wire_mss = mss(options) or self.wire_mss
+        self.tx.wire_mss = mss(options) or self.tx.wire_mss
         seg.options = _toward_stack(options)
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
     def _syn_out(self, seg: Segment) -> Verdict:
         """Our SYN-ACK, or a retransmission of our SYN: the same ENO option (RFC 8547 §4.6)."""
         options = parse_options(seg.options)
-        self._local_ws = window_scale(options)
-        self._local_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
-        self._note_local(seg, options, syn=True)
+        self.tx.note_local_syn(options)
+        self.tx.note_local(seg, options, syn=True)
         retransmitted_synack = seg.is_ack and self.is_translating and seg.seq == self.isn_local
         if self.state not in (State.ENO_SENT, State.ENO_RECEIVED) and not retransmitted_synack:
             return Verdict(Action.ACCEPT)
@@ -396,7 +440,7 @@ class Session(StreamTranslation):
                     )
                     self._simultaneous = not seg.is_ack
                     self.isn_remote = seg.seq
-                    self.wire_mss = mss(options) or self.wire_mss
+                    self.tx.wire_mss = mss(options) or self.tx.wire_mss
                 elif enos != [self._peer_syn_eno()]:
                     raise eno.EnoFailed("peer changed its eno option between syn and syn-ack")
             except eno.EnoFailed as exc:
@@ -407,13 +451,13 @@ class Session(StreamTranslation):
                 self._eno_succeeded(now)
         elif not self.is_translating and self.state != State.ENO_RECEIVED:
             return Verdict(Action.ACCEPT)
-        # The SYN or SYN-ACK reaches our stack with the MSS clamped (DESIGN.md §3).
+        # The SYN or SYN-ACK reaches our stack with the MSS clamped (docs/architecture.md: Sizes).
         seg.options = _toward_stack(options)
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
     def _peer_syn_eno(self) -> bytes:
         assert self._negotiated is not None
-        return self._negotiated.eno_b if self._negotiated.role == "A" else self._negotiated.eno_a
+        return self._negotiated.eno_b if self._negotiated.role is Role.A else self._negotiated.eno_a
 
     def _third_ack(self, options: list[tuple[int, bytes]], now: float) -> None:
         """Host B: the first ACK after our SYN-ACK must carry ENO, else plain TCP (§4.6 rule 1)."""
@@ -426,7 +470,7 @@ class Session(StreamTranslation):
         """RFC 8547 §4.6: encryption is on; the TEP's key exchange starts (RFC 8548 §3.3)."""
         negotiated = self._negotiated
         assert negotiated is not None
-        self.role = negotiated.role
+        self.role = self.tx.role = negotiated.role
         self.key_role = negotiated.role
         self.tep = negotiated.tep
         self.tep_byte = negotiated.tep_byte
@@ -434,11 +478,11 @@ class Session(StreamTranslation):
         self._set_state(Trigger.ENO_OK)
         self._emit(EnoNegotiated(self.flow, TEP_NAMES[self.tep], self.role))
         self._open_streams()
-        self.need_nonsyn_eno = True
+        self.tx.need_nonsyn_eno = True
         if negotiated.resume is not None:
             self._resumed_keys(negotiated, now)
-        elif self.role == "A":
-            # Host A's stream starts with Init1; it rides on our stack's third ACK (DESIGN.md §3),
+        elif self.role is Role.A:
+            # Host A's stream starts with Init1; it rides on our stack's third ACK (docs/architecture.md),
             # or goes out at once after a simultaneous open, where no third ACK exists.
             assert self.send is not None
             self._private_key = self.config.key_factory.generate(self.tep)
@@ -449,25 +493,24 @@ class Session(StreamTranslation):
             )
             self.send.set_prefix(self._init1)
             if self._simultaneous:
-                self._init1_sent = True
-                self._send_prefix(now)
+                self.tx.init1_sent = True
+                self.tx.send_prefix(now)
 
     def _open_streams(self) -> None:
         if self.isn_local is None or self.isn_remote is None:
             raise LocalProtocolError("streams opened before both isns are known")
-        self.send = SendStream(self.isn_local)
-        self.recv = RecvStream(self.isn_remote)
-        self.recv.ooo.budget = self._ooo_budget
+        self.tx.open(self.isn_local, self.isn_remote, self._ooo_budget)
 
     # ------------------------------------------------------------------ key exchange (RFC 8548 §3.3)
 
-    def _handle_init(self, message: bytes, now: float) -> None:
+    def init_message(self, message: bytes, now: float) -> None:
+        """The peer's Init message: answer Init1 with Init2 (host B), or finish (host A)."""
         assert self.tep is not None and self.send is not None
-        if self.role == "B":
+        if self.role is Role.B:
             init1 = parse_init1(message, self.tep)
             choice = next((a for a in self.config.aeads if int(a) in init1.sym_ciphers), None)
             if choice is None:
-                # Ambiguity 4 of spec/tcpcrypt.md: no common AEAD; abort.
+                # docs/protocol.md T4: no common AEAD; abort.
                 raise RemoteProtocolError(f"init1 offers no aead we accept: {list(init1.sym_ciphers)}")
             private_key = self.config.key_factory.generate(self.tep)
             n_b = self.config.random_bytes(N_B_LEN)
@@ -475,7 +518,7 @@ class Session(StreamTranslation):
             es = shared_secret(self.tep, private_key, init1.pk_a)
             self._derive(choice, init1.n_a, message, init2_bytes, es, now)
             self.send.set_prefix(init2_bytes)
-            self._send_prefix(now)
+            self.tx.send_prefix(now)
         else:
             init2 = parse_init2(message, self.tep)
             if init2.sym_cipher not in self._ciphers_offered:
@@ -483,7 +526,7 @@ class Session(StreamTranslation):
             es = shared_secret(self.tep, self._private_key, init2.pk_b)
             self._derive(Aead(init2.sym_cipher), self._n_a, self._init1, message, es, now)
             self._private_key = None
-            self._release_held(now)
+            self.tx.release_held()
 
     def _derive(self, aead: Aead, n_a: bytes, init1: bytes, init2: bytes, es: bytes, now: float) -> None:
         """RFC 8548 §3.3, §3.4: ss[0], mk[0], the traffic keys and the session ID."""
@@ -512,15 +555,15 @@ class Session(StreamTranslation):
         assert self.send is not None and self.recv is not None
         self._schedule = schedule
         self.aead = aead
-        self.send.cipher = self._cipher(0, sending=True)
-        self.recv.cipher = self._cipher(0, sending=False)
+        self.send.cipher = self.cipher(0, sending=True)
+        self.recv.cipher = self.cipher(0, sending=False)
         self.session_id = schedule.session_id
         self._set_state(Trigger.KEYS)
         if self.config.keepalive:
-            self._arm("keepalive", now + self.config.keepalive)
+            self._timers.arm(Timer.KEEPALIVE, now + self.config.keepalive)
         self._emit(SessionEstablished(self.flow, self.session_id.hex(), AEAD_NAMES[aead], self.resumed))
 
-    def _cipher(self, generation: int, sending: bool) -> FrameCipher:
+    def cipher(self, generation: int, sending: bool) -> FrameCipher:
         """The FrameCipher of key set `generation` for one direction (RFC 8548 §3.3, §3.8).
 
         Host A (of the session that made ss[0]) sends with k_ab, host B with k_ba.
@@ -531,7 +574,7 @@ class Session(StreamTranslation):
             keys = self._keys[generation] = self._schedule.keys(generation)
         for old in [g for g in self._keys if g < generation - 1]:
             self._keys.pop(old).wipe()  # SHOULD delete old keys (§3.8); one older set may still be needed
-        mine_ab = (self.key_role == "A") == sending
+        mine_ab = (self.key_role is Role.A) == sending
         return FrameCipher(self.aead, keys.k_ab if mine_ab else keys.k_ba)
 
     # ------------------------------------------------------------------ timers
@@ -539,34 +582,27 @@ class Session(StreamTranslation):
     @property
     def timer_at(self) -> float | None:
         """The session's next deadline, or None."""
-        return min(self._timers.values()) if self._timers else None
-
-    def _arm(self, name: str, when: float) -> None:
-        self._timers[name] = when
+        timers = self._timers
+        return min(timers.values()) if timers else None
 
     def handle_timer(self, now: float) -> None:
         """Run the session's due timers."""
-        for name, when in sorted(self._timers.items(), key=lambda item: item[1]):
-            if when <= now and self._timers.get(name) == when:
-                del self._timers[name]
-                if self.is_translating:
-                    getattr(self, "_on_" + name)(now)
-
-    def _send_prefix(self, now: float) -> None:
-        """(Re)send our Init message from wire offset 0, PSH on its last byte (RFC 8548 §3.3)."""
-        assert self.send is not None
-        self._inject_wire(0, self.send.prefix, TCP_ACK | TCP_PSH)
-        self._kex_tries += 1
-        self._arm("kex", now + self.config.kex_timeout * (2 ** (self._kex_tries - 1)))
+        handlers = {
+            Timer.KEX: self._on_kex, Timer.TAIL: self._on_tail,
+            Timer.KEEPALIVE: self._on_keepalive, Timer.REPLAY: self.tx.on_replay,
+        }
+        for timer in self._timers.take_due(now):
+            if self.is_translating:
+                handlers[timer](now)
 
     def _on_kex(self, now: float) -> None:
         """Retransmit an unacknowledged Init message; give up after `kex_retries`."""
         if self.send is None or self.send.prefix_acked:
             return
-        if self._kex_tries > self.config.kex_retries:
+        if self.tx.kex_tries > self.config.kex_retries:
             self._abort("key exchange timed out", now)
             return
-        self._send_prefix(now)
+        self.tx.send_prefix(now)
 
     def _on_tail(self, now: float) -> None:
         """Retransmit frames that exist only on the wire (empty rekey frames, RFC 8548 §3.8):
@@ -581,8 +617,8 @@ class Session(StreamTranslation):
         if self._tail_tries > self.config.kex_retries:
             self._abort("peer does not acknowledge our frames", now)
             return
-        self._inject_frames(tail)
-        self._arm("tail", now + self.config.kex_timeout * (2 ** (self._tail_tries - 1)))
+        self.tx.inject_frames(tail)
+        self._timers.arm(Timer.TAIL, now + self.config.kex_timeout * (2 ** (self._tail_tries - 1)))
 
     def _on_keepalive(self, now: float) -> None:
         """RFC 8548 §3.9: probe liveness by rekeying; the peer must answer with a rekey frame."""
@@ -590,50 +626,44 @@ class Session(StreamTranslation):
         assert send is not None and recv is not None
         if now - self.last_seen >= self.config.keepalive and recv.gen == send.gen and not send.fin_framed:
             self._rekey_now(now)
-        self._arm("keepalive", max(now, self.last_seen) + self.config.keepalive)
+        self._timers.arm(Timer.KEEPALIVE, max(now, self.last_seen) + self.config.keepalive)
 
     # ------------------------------------------------------------------ rekeying (RFC 8548 §3.8)
 
-    def _start_rekey(self) -> None:
-        """Move our local generation up; the next frame we send carries rekey = 1."""
-        send = self.send
-        assert send is not None
-        send.gen += 1
-        send.cipher = self._cipher(send.gen, sending=True)
-        send.rekey_next = True
-        self.rekeys += 1
-        self._sent_since_rekey = 0
-
     def _rekey_now(self, now: float) -> None:
         """Start a rekey and send an empty frame with rekey = 1 at once (wire only)."""
-        self._start_rekey()
+        self.tx.start_rekey()
         assert self.send is not None
-        self._inject_frames(self.send.new_frame(b"", False))
-        if "tail" not in self._timers:
+        self.tx.inject_frames(self.send.new_frame(b"", False))
+        if Timer.TAIL not in self._timers:
             self._tail_tries = 0
-            self._arm("tail", now + self.config.kex_timeout)
+            self._timers.arm(Timer.TAIL, now + self.config.kex_timeout)
+
+    def _after_out(self) -> None:
+        """Our stack sent a FIN: once it is framed, the session is closing."""
+        if self.send is not None and self.send.fin_framed:
+            self._set_state(Trigger.FIN)
+
+    def _after_in(self, result: Translated, now: float) -> Verdict:
+        """Act on what an inbound packet did: follow the peer's rekey, move through closing."""
+        if result.peer_rekeyed:
+            self._peer_rekeyed(now)
+        if result.closing and self.state is State.ENCRYPTING:
+            self._set_state(Trigger.FIN)
+        if result.finished and self.state is State.CLOSING:
+            self._set_state(Trigger.FINISHED, now)
+            self._emit(SessionClosed(self.flow, "fin both ways"))
+        return result.verdict
 
     def _peer_rekeyed(self, now: float) -> None:
-        """The peer's frame had rekey = 1: follow it, and answer if it got ahead of us (§3.8)."""
+        """The peer moved its generation up: answer while it is ahead of us (RFC 8548 §3.8)."""
         send, recv = self.send, self.recv
         assert send is not None and recv is not None
-        recv.gen += 1
-        recv.cipher = self._cipher(recv.gen, sending=False)
-        if recv.gen > send.gen:
-            if send.fin_framed:
-                send.gen = recv.gen  # after our FIN we send nothing more
-                send.cipher = self._cipher(send.gen, sending=True)
-            else:
-                self._rekey_now(now)
-
-    def _release_held(self, now: float) -> None:
-        """Frame plaintext the local stack sent before keys existed, and send it (DESIGN.md §3)."""
-        assert self.send is not None
-        held, self.send.held = self.send.held, []
-        for _start, data, fin in held:
-            for record in self.send.new_frame(data, fin):
-                self.bytes_out += record.plain_end - record.plain_start - record.fin
-                self._inject_frames([record])
+        if recv.gen > send.gen and send.fin_framed:
+            send.gen = recv.gen  # after our FIN we send nothing more
+            send.cipher = self.cipher(send.gen, sending=True)
+        while recv.gen > send.gen:
+            self._rekey_now(now)
 
     # ------------------------------------------------------------------ resets, aborts, closing
 
@@ -644,10 +674,10 @@ class Session(StreamTranslation):
             if seg.is_ack:
                 seg.ack = to_seq(self.recv.ack_to_wire(self.recv.plain_next), self.recv.base)
             seg.payload = b""
-            self.closed_at = self.closed_at or now
+            self._set_state(Trigger.RESET, now)
             self._emit(SessionClosed(self.flow, "reset by the local stack"))
             return Verdict(Action.ACCEPT, serialize_segment(seg))
-        self.closed_at = self.closed_at or now
+        self._set_state(Trigger.RESET, now)
         return Verdict(Action.ACCEPT)
 
     def _rst_in(self, seg: Segment, now: float) -> Verdict:
@@ -658,8 +688,7 @@ class Session(StreamTranslation):
         recv = self.recv
         wire = to_offset(seg.seq, recv.base, recv.wire_next)
         rcv_nxt = recv.wire_next + (recv.fin_seen == recv.wire_next)
-        shift = self._local_ws if self._local_ws is not None and self._remote_ws is not None else 0
-        check = check_rst(wire, (rcv_nxt, recv.ack_floor), rcv_nxt, self._local_window << shift)
+        check = check_rst(wire, (rcv_nxt, recv.ack_floor), rcv_nxt, self.tx.local_window << self.tx.window_shift)
         if check is RstCheck.CHALLENGE:
             return self._challenge(now)
         if check is RstCheck.DROP:
@@ -669,7 +698,7 @@ class Session(StreamTranslation):
             send = self.send
             seg.ack = to_seq(send.ack_to_plain(to_offset(seg.ack, send.base, send.acked_wire)), send.base)
         seg.payload = b""
-        self.closed_at = self.closed_at or now
+        self._set_state(Trigger.RESET, now)
         self._emit(SessionClosed(self.flow, "reset by the peer"))
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
@@ -677,7 +706,7 @@ class Session(StreamTranslation):
         """A challenge ACK toward the peer (rate limited, RFC 5961 §7); the segment is dropped."""
         assert self.send is not None
         if self._challenges.allow(now):
-            self._inject_wire(self.send.wire_next, b"", TCP_ACK)
+            self.tx.inject_wire(self.send.wire_next, b"", TCP_ACK)
         return DROP
 
     def _error(self, exc: ProtocolError, seg: Segment, now: float, outbound: bool) -> Verdict:
@@ -702,10 +731,10 @@ class Session(StreamTranslation):
         """RST toward the peer and toward the local stack (RFC 8548 §3.6: an error, never EOF)."""
         logger.warning("%s: aborting: %s", self.flow, reason)
         if self.send is not None and self.recv is not None:
-            self._inject_wire(self.send.wire_next, b"", TCP_RST | TCP_ACK)
-            self._inject_local_rst()
-        self._set_state(Trigger.ABORT)
-        self.closed_at = now
+            self.tx.inject_wire(self.send.wire_next, b"", TCP_RST | TCP_ACK)
+            self.tx.inject_local_rst()
+        self.closed_at = None  # the abort's time counts, not an earlier end
+        self._set_state(Trigger.ABORT, now)
         self._timers.clear()
         self.wipe_secrets()
         self._emit(SessionAborted(self.flow, reason))
@@ -725,16 +754,9 @@ class Session(StreamTranslation):
             self.send.cipher = self.recv.cipher = None
             self.recv.ooo.clear()  # the daemon-wide budget gets its bytes back
 
-    def _check_closed(self, now: float) -> None:
-        send, recv = self.send, self.recv
-        if self.closed_at is None and send is not None and recv is not None:
-            if recv.fin_delivered and send.fin_framed and send.unacked == 0:
-                self.closed_at = now
-                self._emit(SessionClosed(self.flow, "fin both ways"))
-
     def icmp_in(self, message: IcmpError) -> Verdict:
         """An ICMP error from the network about one of our wire packets, toward our stack: the
-        quoted sequence number in plain space, so that our stack accepts it (DESIGN.md §3); for a
+        quoted sequence number in plain space, so that our stack accepts it (docs/architecture.md); for a
         too-big report (RFC 1191 / RFC 4443 §3.2) also the MTU less the frame overhead.
 
         Host mode shares one route cache between our stack and the wire packets: once the stack
@@ -763,8 +785,9 @@ class Session(StreamTranslation):
             # floors: IPv4 min_pmtu 552, IPv6 1280 (RFC 8200 §5).
             v4 = len(message.src) == 4
             mtu = max(message.mtu, MIN_PMTU_V4 if v4 else MIN_PMTU_V6)
-            self.wire_mss = min(self.wire_mss, mtu - (20 if v4 else 40) - 20)
-            self.pmtu = mtu if self.pmtu is None else min(self.pmtu, mtu)
+            tx = self.tx
+            tx.wire_mss = min(tx.wire_mss, mtu - (20 if v4 else 40) - 20)
+            tx.pmtu = mtu if tx.pmtu is None else min(tx.pmtu, mtu)
             message.mtu = max(mtu - FRAME_OVERHEAD, 68 if v4 else 1280)
         return Verdict(Action.ACCEPT, serialize_icmp_error(message))
 
@@ -787,24 +810,21 @@ class Session(StreamTranslation):
 
     def info(self) -> dict[str, object]:
         """The session as a JSON-ready dict (README: `sessions --json`); no secrets."""
-        state = "refused" if self.refused else self.state.value
-        if self.closed_at is not None and self.state == State.ENCRYPTING:
-            state = "closed"
         return {
             "local": self.flow.local,
             "remote": self.flow.remote,
-            "state": state,
-            "role": self.role,
+            "state": self.state.value,
+            "role": self.role.value if self.role is not None else None,
             "tep": TEP_NAMES[self.tep] if self.tep is not None and self.state != State.PLAIN else None,
             "aead": AEAD_NAMES[self.aead] if self.aead is not None else None,
             "session_id": self.session_id.hex() if self.session_id is not None else None,
             "resumed": self.resumed,
             "peer_app_aware": self._negotiated.peer_a_bit if self._negotiated else False,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "rekeys": self.rekeys,
-            "redelivered": self.redelivered,
-            "replayed": self.replayed,
+            "bytes_in": self.tx.bytes_in,
+            "bytes_out": self.tx.bytes_out,
+            "rekeys": self.tx.rekeys,
+            "redelivered": self.tx.redelivered,
+            "replayed": self.tx.replayed,
             "generation": [self.send.gen, self.recv.gen] if self.send and self.recv else [0, 0],
             "held_bytes": self.held_bytes(),
         }
@@ -821,7 +841,7 @@ class Session(StreamTranslation):
 
 
 def _toward_stack(options: list[tuple[int, bytes]]) -> bytes:
-    """A SYN's options as our side gets them: the MSS lowered by a frame's overhead (DESIGN.md §3),
+    """A SYN's options as our side gets them: the MSS lowered by a frame's overhead (docs/architecture.md: Sizes),
     and the peer's ENO option removed, which is ours to answer, not our side's."""
     kept = [(kind, raw) for kind, raw in options if kind not in (ENO_OPTION_KIND, TCPOPT_NOP)]
     return serialize_options(clamp_mss(kept, FRAME_OVERHEAD))

@@ -1,21 +1,22 @@
-"""Stream translation: one TCP stream in two byte spaces (DESIGN.md §3).
+"""Stream translation: one TCP stream in two byte spaces (docs/architecture.md).
 
 The local stack sees the *plain* stream; the peer sees the *wire* stream, `[Init message] + frames`
-(RFC 8548 §3.3, §3.6). This mixin rewrites every packet of an encrypting session between the two:
-sequence and acknowledgment numbers, SACK blocks, windows, options and payloads; frames new data,
-resends logged frames byte-identical, reassembles and opens incoming frames, and builds the
-segments the engine injects. `Session` (session.py) owns the state machine and calls into it.
+(RFC 8548 §3.3, §3.6). A `StreamTranslator` owns a session's two streams and rewrites every packet
+of an encrypting session between the two: sequence and acknowledgment numbers, SACK blocks,
+windows, options and payloads; it frames new data, resends logged frames byte-identical,
+reassembles and opens incoming frames, and builds the segments the engine injects. `Session`
+(session.py) owns the state machine: it holds a translator, gives it the keys (`Keys`) and acts on
+what each inbound packet did (`Translated`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from .constants import (
-    CONTROL_REKEY,
     ENO_OPTION_KIND,
-    FLAG_FINP,
-    FLAG_URGP,
     INIT1_MAGIC,
     INIT2_MAGIC,
     MAX_INIT_LEN,
@@ -28,10 +29,12 @@ from .constants import (
     TCPOPT_NOP,
     TCPOPT_SACK,
     TCPOPT_SACK_PERM,
+    Role,
 )
 from .errors import MalformedSegment, RemoteProtocolError, StackAnomaly
 from .flow import Direction
-from .seqmap import FrameRecord, to_offset, to_seq
+from .seqmap import FrameRecord, RecvStream, SendStream, to_offset, to_seq
+from .timers import Timer, Timers
 from .verdict import DROP, Action, Injection, Verdict
 from .wire.eno import NON_SYN_ENO
 from .wire.ip import without_ecn
@@ -46,14 +49,13 @@ from .wire.tcp import (
     window_scale,
     with_sack,
 )
-from .wire.tcpcrypt import init_message_length
+from .wire.tcpcrypt import frame_data, init_message_length, is_rekey
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
+    from .aead import FrameCipher
     from .config import Configuration
     from .flow import FlowKey
-    from .seqmap import RecvStream, SendStream
+    from .outoforder import Budget
 
 REPLAY_TIMEOUT = 0.5
 """Seconds our stack may take to acknowledge plaintext we already acknowledged for it (its delayed
@@ -64,84 +66,142 @@ REPLAY_MAX_BACKOFF = 16
 RFC 9293 §3.8.6.1: our stack may offer no window for a while)."""
 
 
-class StreamTranslation:
-    """The per-packet rewriting of an encrypting session (a mixin of Session)."""
+class Keys(Protocol):
+    """What the translator needs from the session's key exchange."""
 
-    # Set up by Session.__init__ (session.py); listed here so that the coupling is explicit.
-    send: SendStream | None
-    recv: RecvStream | None
-    config: Configuration
-    flow: FlowKey
-    role: str | None
-    need_nonsyn_eno: bool
-    bytes_in: int
-    bytes_out: int
-    wire_mss: int
-    pmtu: int | None
-    _timers: dict[str, float]
-    _inject: Callable[[Injection], None]
-    _sent_since_rekey: int
-    _prefix_dupacks: int
-    _init1_sent: bool
-    _kex_tries: int
-    # Header material for the segments we build: the latest IP headers, windows, TSvals and the
-    # SYN options that govern them (window scale, SACK-permitted).
-    _out_ip: bytes | None
-    _in_ip: bytes | None
-    _local_window: int
-    _remote_window: int
-    _replay_tries: int
-    redelivered: int
-    replayed: int
-    _replay_mark: int
-    _local_ts: int | None
-    _remote_ts: int | None
-    _local_ws: int | None
-    _remote_ws: int | None
-    _remote_sack_perm: bool
+    @property
+    def keys_ready(self) -> bool:
+        """Whether the traffic keys exist (the session's state says)."""
+        ...
 
-    if TYPE_CHECKING:  # provided by Session
+    def cipher(self, generation: int, sending: bool) -> FrameCipher:
+        """The frame cipher of key set `generation` for one direction (RFC 8548 §3.8)."""
+        ...
 
-        @property
-        def sack_ok(self) -> bool: ...
-        def _send_prefix(self, now: float) -> None: ...
-        def _arm(self, name: str, when: float) -> None: ...
-        def _start_rekey(self) -> None: ...
-        def _peer_rekeyed(self, now: float) -> None: ...
-        def _handle_init(self, message: bytes, now: float) -> None: ...
-        def _check_closed(self, now: float) -> None: ...
+    def init_message(self, message: bytes, now: float) -> None:
+        """The peer's Init message arrived whole: derive the keys (RFC 8548 §3.3)."""
+        ...
 
-    def _translate_out(self, seg: Segment, now: float) -> Verdict:
-        send, recv = self.send, self.recv
-        assert send is not None and recv is not None
+
+@dataclass(slots=True)
+class Translated:
+    """A translated packet and what happened that the session acts on."""
+
+    verdict: Verdict
+    peer_rekeyed: bool = False  # the peer's generation moved up (RFC 8548 §3.8)
+    closing: bool = False  # a FIN went one way: framed by us, or delivered to our stack
+    finished: bool = False  # FIN both ways, ours acknowledged
+
+
+class StreamTranslator:
+    """The per-packet rewriting of an encrypting session: owns its send and receive streams, the
+    header material of the segments it builds, and the replay timer."""
+
+    def __init__(self, flow: FlowKey, config: Configuration, inject: Callable[[Injection], None],
+                 timers: Timers, keys: Keys) -> None:
+        self.flow = flow
+        self.config = config
+        self._inject = inject
+        self._timers = timers
+        self._keys = keys
+        self.send: SendStream | None = None
+        self.recv: RecvStream | None = None
+        self.role: Role | None = None  # RFC 8547 §4.3
+        self.need_nonsyn_eno = False  # RFC 8547 §4.6: ENO in every segment until a non-SYN arrives
+        self.bytes_in = 0  # plaintext delivered to the local stack
+        self.bytes_out = 0  # plaintext framed toward the peer
+        self.rekeys = 0  # generations we moved to (RFC 8548 §3.8)
+        self.redelivered = 0  # plaintext our stack lost, handed to it again at once (its SACK/dup ACK)
+        self.replayed = 0  # plaintext handed to our stack again by the replay timer
+        # The largest payload plus options of a wire segment (RFC 6691): the peer's MSS option,
+        # lowered by a too-big report (our own link's MTU shows up as one, sent by our kernel).
+        self.wire_mss = 536
+        self.pmtu: int | None = None  # the path MTU a too-big report gave, once there was one
+        self.kex_tries = 0
+        self.init1_sent = False
+        self._sent_since_rekey = 0
+        self._prefix_dupacks = 0
+        self._peer_rekeyed = False  # set while draining, handed back in Translated
+        self._replay_tries = 0
+        self._replay_mark = 0
+        # Header material for the segments we build: the latest IP headers, windows, TSvals and the
+        # SYN options that govern them (window scale, SACK-permitted, RFC 7323 §2.2, RFC 2018 §2).
+        self.out_ip: bytes | None = None  # set by the session with every packet each way
+        self.in_ip: bytes | None = None
+        self.local_window = 0
+        self._remote_window = 0
+        self._local_ts: int | None = None
+        self._remote_ts: int | None = None
+        self.local_ws: int | None = None
+        self.remote_ws: int | None = None
+        self.local_sack_perm = False
+        self.remote_sack_perm = False
+
+    @property
+    def sack_ok(self) -> bool:
+        """Both SYNs carried SACK-permitted (RFC 2018 §2)."""
+        return self.local_sack_perm and self.remote_sack_perm
+
+    @property
+    def window_shift(self) -> int:
+        """Our stack's window scale, when both SYNs carried the option (RFC 7323 §2.2)."""
+        return self.local_ws if self.local_ws is not None and self.remote_ws is not None else 0
+
+    def open(self, isn_local: int, isn_remote: int, budget: Budget | None) -> None:
+        """Start both streams at the SYNs' sequence numbers."""
+        self.send = SendStream(isn_local)
+        self.recv = RecvStream(isn_remote)
+        self.recv.ooo.budget = budget
+
+    def note_local_syn(self, options: list[tuple[int, bytes]]) -> None:
+        """Our stack's SYN options: window scale and SACK-permitted."""
+        self.local_ws = window_scale(options)
+        self.local_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
+
+    # ------------------------------------------------------------------ sending side
+
+    def send_prefix(self, now: float) -> None:
+        """(Re)send our Init message from wire offset 0, PSH on its last byte (RFC 8548 §3.3)."""
+        assert self.send is not None
+        self.inject_wire(0, self.send.prefix, TCP_ACK | TCP_PSH)
+        self.kex_tries += 1
+        self._timers.arm(Timer.KEX, now + self.config.kex_timeout * (2 ** (self.kex_tries - 1)))
+
+    def start_rekey(self) -> None:
+        """Move our local generation up; the next frame we send carries rekey = 1 (RFC 8548 §3.8)."""
+        send = self.send
+        assert send is not None
+        send.gen += 1
+        send.cipher = self._keys.cipher(send.gen, sending=True)
+        send.rekey_next = True
+        self.rekeys += 1
+        self._sent_since_rekey = 0
+
+    def release_held(self) -> None:
+        """Frame plaintext the local stack sent before keys existed, and send it
+        (docs/protocol.md: plaintext before keys)."""
+        assert self.send is not None
+        held, self.send.held = self.send.held, []
+        for _start, data, fin in held:
+            for record in self.send.new_frame(data, fin):
+                self.bytes_out += record.plain_end - record.plain_start - record.fin
+                self.inject_frames([record])
+
+    def translate_out(self, seg: Segment, now: float) -> Verdict:
+        """A segment of our stack toward the wire: framed, in wire space."""
+        send = self.send
+        assert send is not None
         options = parse_options(seg.options)
-        window_before = self._local_window
-        self._note_local(seg, options)
         plain = to_offset(seg.seq, send.base, send.plain_next)
-        data = seg.payload
-        fin = seg.is_fin
-        end = plain + len(data) + fin
-        local_loss = False
-        if seg.is_ack:
-            stack_ack = to_offset(seg.ack, recv.base, recv.local_ack)
-            same_window = seg.window == window_before
-            if stack_ack < recv.plain_next - recv.fin_delivered:
-                dup = not data and not fin and stack_ack == recv.local_ack and same_window
-                local_loss = self._redeliver_lost(stack_ack, options, dup, now)
-            ack_before = recv.ack_floor
-            seg.ack = to_seq(recv.ack_to_wire(stack_ack), recv.base)
-            self._note_right_edge(seg.window)
-            # A duplicate ACK about plaintext our stack lost after us is ours to answer (above);
-            # the peer would take it for a loss on the wire and resend. It tells the peer nothing.
-            local_loss = local_loss and same_window and recv.ack_floor == ack_before and not recv.ooo
-            seg.window = self._wire_window(seg.window)
+        end = plain + len(seg.payload) + seg.is_fin
+        local_loss = self._ack_out(seg, options, now)
         seg.flags &= ~TCP_URG  # RFC 8548 §3.7: URG travels only as URGp; we send none
         seg.urgent = 0
         raw_options = seg.options
         seg.options = self._options_out(options, raw_options)
-        if send.cipher is None:
+        if not self._keys.keys_ready:
             return self._before_keys(seg, plain, end, now)
-        if not data and not fin:
+        if not seg.payload and not seg.is_fin:
             if local_loss and not self.need_nonsyn_eno:
                 return DROP
             seg.seq = to_seq(send.plain_to_wire(plain), send.base)
@@ -155,23 +215,59 @@ class StreamTranslation:
             return Verdict(Action.ACCEPT, serialize_segment(seg))
         if plain > send.plain_next:
             raise StackAnomaly(f"local segment skips plain bytes {send.plain_next}..{plain}")
-        # Retransmitted ranges are sent as the logged frames, byte-identical (RFC 8548 §3.6).
+        records = self._records_out(seg, plain, end)
+        if not records:
+            return DROP
+        return self._send_records(seg, records, options, raw_options)
+
+    def _ack_out(self, seg: Segment, options: list[tuple[int, bytes]], now: float) -> bool:
+        """Our stack's acknowledgment and window, into wire space; returns whether the segment is
+        a duplicate ACK about plaintext our stack lost after us (ours to answer, not the peer's)."""
+        recv = self.recv
+        assert recv is not None
+        window_before = self.local_window
+        self.note_local(seg, options)
+        if not seg.is_ack:
+            return False
+        local_loss = False
+        stack_ack = to_offset(seg.ack, recv.base, recv.local_ack)
+        same_window = seg.window == window_before
+        if stack_ack < recv.plain_next - recv.fin_delivered:
+            dup = not seg.payload and not seg.is_fin and stack_ack == recv.local_ack and same_window
+            local_loss = self._redeliver_lost(stack_ack, options, dup, now)
+        ack_before = recv.ack_floor
+        seg.ack = to_seq(recv.ack_to_wire(stack_ack), recv.base)
+        self._note_right_edge(seg.window)
+        seg.window = self._wire_window(seg.window)
+        # A duplicate ACK about plaintext our stack lost after us is ours to answer (above);
+        # the peer would take it for a loss on the wire and resend. It tells the peer nothing.
+        return local_loss and same_window and recv.ack_floor == ack_before and not recv.ooo
+
+    def _records_out(self, seg: Segment, plain: int, end: int) -> list[FrameRecord]:
+        """The frames that carry plain range [plain, end): logged ones for a retransmission, sent
+        byte-identical (RFC 8548 §3.6), and new frames for new data."""
+        send, recv = self.send, self.recv
+        assert send is not None and recv is not None
         records = send.covering(plain, min(end, send.plain_next)) if plain < send.plain_next else []
         if end > send.plain_next:
             if send.fin_framed:
                 raise StackAnomaly("local segment carries data after its fin")
-            new = bytes(data[send.plain_next - plain :])
+            new = bytes(seg.payload[send.plain_next - plain :])
             self.bytes_out += len(new)
             self._sent_since_rekey += len(new)
             rekey_bytes = self.config.rekey_bytes
             if rekey_bytes and self._sent_since_rekey > rekey_bytes and recv.gen == send.gen:
-                self._start_rekey()  # by volume; this frame carries rekey = 1
-            records += send.new_frame(new, fin)
-        if not records:
-            return DROP
-        # Payload and options within the wire MSS (RFC 6691). Our stack sized its segment for its
-        # own options; the non-SYN ENO option or frames resent together can make it longer: the
-        # rest follows in segments of their own. SACK blocks only take the room that is left.
+                self.start_rekey()  # by volume; this frame carries rekey = 1
+            records += send.new_frame(new, seg.is_fin)
+        return records
+
+    def _send_records(self, seg: Segment, records: list[FrameRecord], options: list[tuple[int, bytes]],
+                      raw_options: bytes) -> Verdict:
+        """Frames out in `seg`, payload and options within the wire MSS (RFC 6691). Our stack sized
+        its segment for its own options; the non-SYN ENO option or frames resent together can make
+        it longer: the rest follows in segments of their own. SACK blocks only take the room left."""
+        send = self.send
+        assert send is not None
         wire, payload, fin = _joined(records)
         size = max(self.wire_mss - _padded(self._options_out(options, raw_options, self.wire_mss)), 1)
         seg.seq = to_seq(wire, send.base)
@@ -181,16 +277,16 @@ class StreamTranslation:
         seg.flags = (seg.flags & ~TCP_FIN) | (TCP_FIN if fin and not rest else 0)
         if rest:
             seg.flags |= TCP_PSH
-            self._inject_wire(wire + size, rest, TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0))
+            self.inject_wire(wire + size, rest, TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0))
         if self.pmtu is not None:
-            # Our stack believes the path MTU is 20 bytes below the real one (too_big), and the
-            # kernel would hold our larger wire packet to that belief: send it ourselves.
+            # Our stack believes the path MTU is 20 bytes below the real one (Session.icmp_in), and
+            # the kernel would hold our larger wire packet to that belief: send it ourselves.
             self._inject(Injection(serialize_segment(seg), Direction.OUTBOUND))
             return DROP
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
     def _before_keys(self, seg: Segment, plain: int, end: int, now: float) -> Verdict:
-        """Our stack sends before the keys exist: hold its plaintext (DESIGN.md §3).
+        """Our stack sends before the keys exist: hold its plaintext (docs/architecture.md).
 
         Host A's Init1 rides on the first segment after the SYN-ACK (the third ACK), and on pure
         ACKs while it is unacknowledged; the held plaintext is framed when Init2 arrives.
@@ -201,39 +297,33 @@ class StreamTranslation:
         if send.held_end < end <= self.config.held_limit and plain <= send.held_end:
             send.held.append((send.held_end, bytes(data[send.held_end - plain :]), fin))
             send.held_end = end
-        if self.role == "A" and not send.prefix_acked and (not self._init1_sent or not (data or fin)):
-            self._init1_sent = True
+        if self.role is Role.A and not send.prefix_acked and (not self.init1_sent or not (data or fin)):
+            self.init1_sent = True
             seg.seq = send.base
             seg.payload = send.prefix
             seg.flags = (seg.flags & ~TCP_FIN) | TCP_PSH
-            if "kex" not in self._timers:
-                self._kex_tries = 1
-                self._arm("kex", now + self.config.kex_timeout)
+            if Timer.KEX not in self._timers:
+                self.kex_tries = 1
+                self._timers.arm(Timer.KEX, now + self.config.kex_timeout)
             return Verdict(Action.ACCEPT, serialize_segment(seg))
         if data or fin:
             return DROP
         seg.seq = to_seq(send.plain_to_wire(plain), send.base)
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
-    def _inject_frames(self, records: list[FrameRecord]) -> None:
+    def inject_frames(self, records: list[FrameRecord]) -> None:
         wire, payload, fin = _joined(records)
-        self._inject_wire(wire, payload, TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0))
+        self.inject_wire(wire, payload, TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0))
 
-    def _translate_in(self, seg: Segment, options: list[tuple[int, bytes]], now: float) -> Verdict:
+    def translate_in(self, seg: Segment, options: list[tuple[int, bytes]], now: float) -> Translated:
+        """A segment from the wire toward our stack: frames opened, plaintext in plain space."""
         send, recv = self.send, self.recv
         assert send is not None and recv is not None
+        self._peer_rekeyed = False
         self.need_nonsyn_eno = False  # RFC 8547 §4.6: a non-SYN segment arrived
         acked_before = send.acked_plain
         if seg.is_ack:
-            wire_ack = to_offset(seg.ack, send.base, send.acked_wire)
-            if send.cipher is not None and not send.prefix_acked and wire_ack == send.acked_wire:
-                # The peer lacks our Init message and says so with duplicate ACKs: resend it now.
-                self._prefix_dupacks += 1
-                if self._prefix_dupacks % 3 == 0:
-                    self._send_prefix(now)
-            seg.ack = to_seq(send.ack_to_plain(wire_ack), send.base)
-            if send.prefix_acked and send.cipher is not None:
-                self._timers.pop("kex", None)
+            self._ack_in(seg, now)
         seg.window = seg.window - (seg.window >> 6)  # frames cost ~1.4 %: keep the peer's window honest
         seg.options = self._options_in(options, seg.options)
         wire = to_offset(seg.seq, recv.base, recv.wire_next)
@@ -243,53 +333,92 @@ class StreamTranslation:
             # so that the plaintext held for our stack stays within that window.
             data = data[: max(recv.right_edge - wire, 0)]
             seg.flags &= ~TCP_FIN
-        plain_start = recv.plain_next
-        redeliver = b""
-        if seg.is_fin and recv.fin_seen is None:
-            recv.fin_seen = wire + len(data)
-        added = bool(data) and recv.add(wire, data, self.config.ooo_limit, now)
-        if data and not added:
-            if send.cipher is not None and not send.prefix_acked:
-                self._send_prefix(now)
-            if wire + len(data) <= recv.wire_next and recv.local_ack < recv.plain_next - recv.fin_delivered:
-                # The peer resends what we delivered and our stack has not acknowledged:
-                # deliver that plaintext again so that our stack acknowledges it (DESIGN.md §3).
-                plain_start, redeliver = recv.unacked_plaintext(self.config.deliver_max)
-            else:
-                self._inject_ack(now)  # a duplicate ACK (with SACK blocks) toward the peer
-        if recv.fin_seen is not None and recv.fin_at is None and recv.wire_next == recv.fin_seen:
-            recv.fin_at = recv.fin_seen
+        added, plain_start, redeliver = self._take(seg, wire, data, now)
         consumed = recv.buf_start
         out = self._drain(now) if added else b""  # frames only complete when bytes arrive
         consumed = recv.buf_start > consumed
         if out:
             recv.remember(plain_start, out)
         fin_now = False
-        if recv.fin_at is not None and not recv.fin_delivered and recv.buf_start == recv.fin_at:
-            if not recv.finp:
-                # RFC 8548 §3.7: a FIN without FINp; abort with an error distinct from EOF.
-                raise RemoteProtocolError("fin without a finp frame")
-            fin_now = True
-            recv.fin_delivered = True
-            recv.delivered(0, True)
-        elif recv.finp and recv.buf:
-            raise RemoteProtocolError("data after the finp frame")
-        elif seg.is_fin and recv.fin_delivered and not out and not redeliver:
-            plain_start = recv.plain_next - 1  # a retransmitted FIN: show it again, our stack re-ACKs
-            fin_now = True
-        elif not data and not seg.is_fin and wire < recv.wire_next:
-            plain_start = recv.plain_next - 1 - recv.fin_delivered  # a keepalive probe: let our stack answer
+        if recv.fin_at is not None or recv.finp or seg.is_fin or (not data and wire < recv.wire_next):
+            fin_now, plain_start = self._fin_in(seg, wire, data, bool(out or redeliver), plain_start)
         if redeliver:
             out = redeliver
         elif not out and not fin_now and data and send.acked_plain == acked_before:
             if consumed:
                 self._inject_ack(now)  # frames with no plaintext (rekey): our stack will not ACK them
-            return DROP  # nothing new for our stack; an empty copy would look like a duplicate ACK
+            # Nothing new for our stack; an empty copy would look like a duplicate ACK.
+            return self._result(DROP, check_finished=False)
         self.bytes_in += len(out) if not redeliver else 0
         seg.flags &= ~(TCP_FIN | TCP_URG | TCP_PSH)
         seg.urgent = 0
-        self._check_closed(now)
-        return self._deliver(seg, plain_start, out, fin_now)
+        return self._result(self._deliver(seg, plain_start, out, fin_now))
+
+    def _ack_in(self, seg: Segment, now: float) -> None:
+        """The peer's acknowledgment, into plain space; a missing Init message resent."""
+        send = self.send
+        assert send is not None
+        wire_ack = to_offset(seg.ack, send.base, send.acked_wire)
+        if self._keys.keys_ready and not send.prefix_acked and wire_ack == send.acked_wire:
+            # The peer lacks our Init message and says so with duplicate ACKs: resend it now.
+            self._prefix_dupacks += 1
+            if self._prefix_dupacks % 3 == 0:
+                self.send_prefix(now)
+        seg.ack = to_seq(send.ack_to_plain(wire_ack), send.base)
+        if send.prefix_acked and self._keys.keys_ready:
+            self._timers.cancel(Timer.KEX)
+
+    def _take(self, seg: Segment, wire: int, data: bytes, now: float) -> tuple[bool, int, bytes]:
+        """Wire bytes into the receive stream: (whether they were new, the plain offset of what
+        the drain delivers, plaintext to deliver again for a peer's retransmission)."""
+        send, recv = self.send, self.recv
+        assert send is not None and recv is not None
+        plain_start = recv.plain_next
+        redeliver = b""
+        if seg.is_fin and recv.fin_seen is None:
+            recv.fin_seen = wire + len(data)
+        added = bool(data) and recv.add(wire, data, self.config.ooo_limit, now)
+        if data and not added:
+            if self._keys.keys_ready and not send.prefix_acked:
+                self.send_prefix(now)
+            if wire + len(data) <= recv.wire_next and recv.local_ack < recv.plain_next - recv.fin_delivered:
+                # The peer resends what we delivered and our stack has not acknowledged:
+                # deliver that plaintext again so that our stack acknowledges it (docs/architecture.md).
+                plain_start, redeliver = recv.unacked_plaintext(self.config.deliver_max)
+            else:
+                self._inject_ack(now)  # a duplicate ACK (with SACK blocks) toward the peer
+        if recv.fin_seen is not None and recv.fin_at is None and recv.wire_next == recv.fin_seen:
+            recv.fin_at = recv.fin_seen
+        return added, plain_start, redeliver
+
+    def _fin_in(self, seg: Segment, wire: int, data: bytes, delivering: bool, plain_start: int) -> tuple[bool, int]:
+        """The peer's FIN toward our stack once every byte before it is delivered, and only after
+        a FINp frame (RFC 8548 §3.7); also a retransmitted FIN or a keepalive probe shown again.
+        Returns (whether this segment carries the FIN to our stack, its plain offset)."""
+        recv = self.recv
+        assert recv is not None
+        if recv.fin_at is not None and not recv.fin_delivered and recv.buf_start == recv.fin_at:
+            if not recv.finp:
+                # RFC 8548 §3.7: a FIN without FINp; abort with an error distinct from EOF.
+                raise RemoteProtocolError("fin without a finp frame")
+            recv.fin_delivered = True
+            recv.delivered(0, True)
+            return True, plain_start
+        if recv.finp and recv.buf:
+            raise RemoteProtocolError("data after the finp frame")
+        if seg.is_fin and recv.fin_delivered and not delivering:
+            return True, recv.plain_next - 1  # a retransmitted FIN: show it again, our stack re-ACKs
+        if not data and not seg.is_fin and wire < recv.wire_next:
+            return False, recv.plain_next - 1 - recv.fin_delivered  # a keepalive probe: our stack answers
+        return False, plain_start
+
+    def _result(self, verdict: Verdict, check_finished: bool = True) -> Translated:
+        send, recv = self.send, self.recv
+        assert send is not None and recv is not None
+        rekeyed, self._peer_rekeyed = self._peer_rekeyed, False
+        closing = recv.fin_delivered or send.fin_framed
+        finished = check_finished and recv.fin_delivered and send.fin_framed and send.unacked == 0
+        return Translated(verdict, rekeyed, closing, finished)
 
     def _deliver(self, seg: Segment, plain_start: int, data: bytes, fin: bool) -> Verdict:
         """Hand plaintext to our stack: the first chunk in the verdict, the rest injected."""
@@ -320,8 +449,8 @@ class StreamTranslation:
         """Consume the Init message and every complete frame; return the plaintext to deliver."""
         recv = self.recv
         assert recv is not None
-        if recv.cipher is None:
-            magic = INIT1_MAGIC if self.role == "B" else INIT2_MAGIC
+        if not self._keys.keys_ready:  # the peer's Init message comes first (RFC 8548 §3.3)
+            magic = INIT1_MAGIC if self.role is Role.B else INIT2_MAGIC
             try:
                 length = init_message_length(recv.buf, magic)
             except MalformedSegment as exc:
@@ -333,7 +462,7 @@ class StreamTranslation:
             message = recv.consume(length)
             recv.delivered(0)
             try:
-                self._handle_init(message, now)
+                self._keys.init_message(message, now)
             except MalformedSegment as exc:
                 raise RemoteProtocolError(f"malformed init message: {exc}") from None
         out = bytearray()
@@ -346,36 +475,36 @@ class StreamTranslation:
             offset, frame = item
             if recv.finp:
                 raise RemoteProtocolError("frame after the finp frame")
-            if frame[0] & CONTROL_REKEY:
-                self._peer_rekeyed(now)
-                cipher = recv.cipher
-                assert cipher is not None
+            if is_rekey(frame[0]):
+                # The peer moved to its next key set (RFC 8548 §3.8); the session answers.
+                recv.gen += 1
+                recv.cipher = cipher = self._keys.cipher(recv.gen, sending=False)
+                self._peer_rekeyed = True
             plaintext = cipher.open(offset, frame)
             if not plaintext:
                 raise RemoteProtocolError(f"frame at offset {offset} has no flags byte")
-            flags = plaintext[0]
-            body = plaintext[3:] if flags & FLAG_URGP else plaintext[1:]
+            body, finp = frame_data(plaintext)
             out += body
             recv.delivered(len(body))
-            if flags & FLAG_FINP:
+            if finp:
                 recv.finp = True
         return bytes(out)
 
     # ------------------------------------------------------------------ building segments
 
-    def _note_local(self, seg: Segment, options: list[tuple[int, bytes]], syn: bool = False) -> None:
+    def note_local(self, seg: Segment, options: list[tuple[int, bytes]], syn: bool = False) -> None:
         """Remember our stack's window (in scaled units) and TSval for segments we build."""
-        shift = self._local_ws if self._remote_ws is not None else None
-        self._local_window = seg.window >> shift if syn and shift else seg.window
+        shift = self.local_ws if self.remote_ws is not None else None
+        self.local_window = seg.window >> shift if syn and shift else seg.window
         ts = timestamp(options)
         if ts is not None:
             self._local_ts = ts[0]
 
-    def _note_remote(self, seg: Segment, options: list[tuple[int, bytes]]) -> None:
+    def note_remote(self, seg: Segment, options: list[tuple[int, bytes]]) -> None:
         """Remember the peer's TSval (echoed in segments we build) and its SYN options."""
         if seg.is_syn:
-            self._remote_ws = window_scale(options)
-            self._remote_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
+            self.remote_ws = window_scale(options)
+            self.remote_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
         else:
             self._remote_window = seg.window - (seg.window >> 6)
         ts = timestamp(options)
@@ -428,7 +557,7 @@ class StreamTranslation:
             return b""
         return timestamp_option(ours, theirs)
 
-    def _inject_wire(self, wire: int, payload: bytes, flags: int) -> None:
+    def inject_wire(self, wire: int, payload: bytes, flags: int) -> None:
         """A segment of our wire stream toward the peer."""
         send, recv = self.send, self.recv
         assert send is not None and recv is not None
@@ -436,7 +565,7 @@ class StreamTranslation:
         ts = self._ts_options(self._local_ts, self._remote_ts)
         parsed = parse_options(ts)
         ack = to_seq(recv.ack_to_wire(recv.local_ack), recv.base)
-        window = self._wire_window(self._local_window)
+        window = self._wire_window(self.local_window)
         # Payload and options within the wire MSS (RFC 6691); a longer payload goes out in several
         # segments, the FIN on the last.
         size = max(self.wire_mss - _padded(ts if flags & TCP_RST else self._options_out(parsed, ts, self.wire_mss)), 1)
@@ -449,8 +578,8 @@ class StreamTranslation:
                 f.local_ip, f.remote_ip, f.local_port, f.remote_port, to_seq(wire + at, send.base), ack,
                 flags if last else flags & ~TCP_FIN, window, options, chunk,
             )
-            if self._out_ip is not None:
-                seg.ip_header = without_ecn(self._out_ip)
+            if self.out_ip is not None:
+                seg.ip_header = without_ecn(self.out_ip)
             self._inject(Injection(serialize_segment(seg), Direction.OUTBOUND))
             if last:
                 return
@@ -460,7 +589,7 @@ class StreamTranslation:
         """Our stack's window field: its right edge in wire space (never moves left, RFC 7323 §2.4)."""
         recv = self.recv
         assert recv is not None
-        shift = self._local_ws if self._local_ws is not None and self._remote_ws is not None else 0
+        shift = self.local_ws if self.local_ws is not None and self.remote_ws is not None else 0
         edge = recv.local_ack_wire + (window << shift)
         recv.right_edge = max(recv.right_edge, edge) if recv.edge_known else edge
         recv.edge_known = True
@@ -473,7 +602,7 @@ class StreamTranslation:
         ahead = recv.ack_floor - recv.local_ack_wire
         if ahead <= 0:
             return window
-        shift = self._local_ws if self._local_ws is not None and self._remote_ws is not None else 0
+        shift = self.local_ws if self.local_ws is not None and self.remote_ws is not None else 0
         return max(0, (window << shift) - ahead) >> shift
 
     def _inject_ack(self, now: float) -> None:
@@ -483,11 +612,11 @@ class StreamTranslation:
         send, recv = self.send, self.recv
         assert send is not None and recv is not None
         recv.ack_delivered()
-        self._inject_wire(send.wire_next, b"", TCP_ACK)
-        if recv.local_ack < recv.plain_next and "replay" not in self._timers:
+        self.inject_wire(send.wire_next, b"", TCP_ACK)
+        if recv.local_ack < recv.plain_next and Timer.REPLAY not in self._timers:
             self._replay_tries = 0
             self._replay_mark = recv.plain_next
-            self._arm("replay", now + REPLAY_TIMEOUT)
+            self._timers.arm(Timer.REPLAY, now + REPLAY_TIMEOUT)
 
     def _redeliver_lost(self, stack_ack: int, options: list[tuple[int, bytes]], dup: bool, now: float) -> bool:
         """Our stack's SACK blocks or duplicate ACK toward the peer show plaintext we delivered and
@@ -513,8 +642,8 @@ class StreamTranslation:
             top = min(delivered, stack_ack + self.config.deliver_max)
         else:
             return False
-        shift = self._local_ws if self._local_ws is not None and self._remote_ws is not None else 0
-        top = min(top, stack_ack + (self._local_window << shift))  # never beyond our stack's window
+        shift = self.local_ws if self.local_ws is not None and self.remote_ws is not None else 0
+        top = min(top, stack_ack + (self.local_window << shift))  # never beyond our stack's window
         at = max(stack_ack, recv.redelivered_to)
         if at >= top:
             return True
@@ -536,13 +665,13 @@ class StreamTranslation:
                 chunk = data[chunk_at : chunk_at + self.config.deliver_max]
                 self._inject_local(lo + chunk_at, chunk, TCP_ACK | TCP_PSH)
         self.redelivered += len(holes)
-        if "replay" not in self._timers:
+        if Timer.REPLAY not in self._timers:
             self._replay_tries = 0
             self._replay_mark = top
-            self._arm("replay", now + REPLAY_TIMEOUT)
+            self._timers.arm(Timer.REPLAY, now + REPLAY_TIMEOUT)
         return True
 
-    def _on_replay(self, now: float) -> None:
+    def on_replay(self, now: float) -> None:
         """Our stack has still not acknowledged plaintext we acknowledged for it: give it again.
 
         Only what was delivered before the timer was armed counts: in a bulk transfer our stack
@@ -562,7 +691,7 @@ class StreamTranslation:
         self._replay_tries += 1
         self.replayed += 1
         backoff = min(2**self._replay_tries, REPLAY_MAX_BACKOFF)
-        self._arm("replay", now + REPLAY_TIMEOUT * backoff)
+        self._timers.arm(Timer.REPLAY, now + REPLAY_TIMEOUT * backoff)
 
     def _inject_local(self, plain: int, payload: bytes, flags: int) -> None:
         """A segment toward our own stack, at plain offset `plain` of the peer's stream."""
@@ -574,17 +703,20 @@ class StreamTranslation:
             f.remote_ip, f.local_ip, f.remote_port, f.local_port, to_seq(plain, recv.base),
             to_seq(send.acked_plain, send.base), flags, self._remote_window, options, payload,
         )
-        if self._in_ip is not None:
-            seg.ip_header = without_ecn(self._in_ip)
+        if self.in_ip is not None:
+            seg.ip_header = without_ecn(self.in_ip)
         self._inject(Injection(serialize_segment(seg), Direction.INBOUND))
 
-    def _inject_local_rst(self) -> None:
+    def inject_local_rst(self) -> None:
         assert self.recv is not None
         self._inject_local(self.recv.plain_next, b"", TCP_RST | TCP_ACK)
 
 
 def _has_sack_or_eno(parsed: list[tuple[int, bytes]]) -> bool:
-    return any(kind == TCPOPT_SACK or kind == ENO_OPTION_KIND for kind, _ in parsed)
+    for kind, _ in parsed:  # a loop, not any(...): this runs twice per packet
+        if kind == TCPOPT_SACK or kind == ENO_OPTION_KIND:
+            return True
+    return False
 
 
 def _joined(records: list[FrameRecord]) -> tuple[int, bytes, bool]:

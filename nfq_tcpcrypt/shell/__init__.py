@@ -1,2 +1,2 @@
 """The I/O shell around the sans-I/O core: NFQUEUE, raw-socket injection, the event loop, iptables
-rules and the control socket (DESIGN.md §2, STYLE.md §2)."""
+rules and the control socket (docs/architecture.md: Layers)."""

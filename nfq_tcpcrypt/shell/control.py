@@ -1,4 +1,4 @@
-"""Control socket: a root-only Unix socket answering one JSON request per connection (DESIGN.md §6).
+"""Control socket: a root-only Unix socket answering one JSON request per connection (README: Control socket).
 
 Request: one JSON object, e.g. {"cmd": "sessions"}, ended by a newline or by shutting down the write
 side; other keys are the command's parameters. Reply: one JSON document, then the server closes the

@@ -1,12 +1,12 @@
 """Assembly of the daemon (host or gateway mode): keylog, engine, queues, injector, rules, control socket.
 
-The two modes differ only in the rules (gateway mode matches the outside interfaces, DESIGN.md §1)
+The two modes differ only in the rules (gateway mode matches the outside interfaces, README: Gateway mode)
 and in the engine's `deliver_max` (settings.resolve_system); the engine is direction-based, so the
 rest is the same.
 
 Start order: signal handlers first (a SIGTERM during start-up still ends in cleanup), then the
 queues are bound, the injector opened, the rules installed, and only then the control socket
-listens, so that an answering control socket means "queue bound and rules in" (issue 2). Every
+listens, so that an answering control socket means "queue bound and rules in". Every
 resource is released in reverse order on every exit path; the rules are removed before the queues
 are unbound so that no packet waits on a queue nobody reads.
 """

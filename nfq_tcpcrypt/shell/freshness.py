@@ -1,4 +1,4 @@
-"""Flush the resumption cache when this machine may be a copy of its past self (issue 5, beyond RFC 8548).
+"""Flush the resumption cache when this machine may be a copy of its past self (beyond RFC 8548; README).
 
 A VM that is restored from a snapshot, or cloned, resumes with the very same resumption cache. The
 per-direction nonces of RFC 8548 §3.5 already make such sessions use fresh keys as long as either side

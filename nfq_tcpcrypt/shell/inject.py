@@ -1,4 +1,4 @@
-"""Raw-socket injector for the segments the engine creates (DESIGN.md §2, §5).
+"""Raw-socket injector for the segments the engine creates (docs/architecture.md).
 
 Injected packets traverse OUTPUT/POSTROUTING again, so every socket sets an SO_MARK that the rules
 skip (never queued twice). There are two marks because there are two kinds of packets:
@@ -50,7 +50,7 @@ class Injector:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
             if mark == self.mark:
                 # Wire packets are sized by the engine for the real path MTU, which is 20 bytes
-                # above what our stack was told (core/session.py too_big): check them against the
+                # above what our stack was told (Session.icmp_in): check them against the
                 # device MTU only, not the route's cached path MTU (ip(7), ipv6(7): PMTUDISC_PROBE).
                 if family == socket.AF_INET:
                     sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)

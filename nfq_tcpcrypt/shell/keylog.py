@@ -1,4 +1,4 @@
-"""Opt-in key log file (DESIGN.md §9; format in README: `ES <N_A> <ES>`, `SS <resume[i]> <ss[i]>`).
+"""Opt-in key log file (README: Key log; format `ES <N_A> <ES>`, `SS <resume[i]> <ss[i]>`).
 
 The file is created safely: never through a symbolic link (`O_NOFOLLOW`), mode 0600, and an
 existing path is used only when it is a regular file owned by us with mode 0600 (README: Security

@@ -1,8 +1,8 @@
-"""The one-thread event loop: queues, control socket, signals and the engine's timer (DESIGN.md §2).
+"""The one-thread event loop: queues, control socket, signals and the engine's timer (docs/architecture.md).
 
 `selectors` watches both queue fds, the control socket and a signal wakeup fd; the select timeout is
 the engine's next deadline. `time.monotonic()` is read once per wakeup and handed to the engine as
-`now` (STYLE.md §8). At each wakeup, before any packet, the freshness watchers run (a suspend seen on
+`now` (docs/architecture.md: Layers). At each wakeup, before any packet, the freshness watchers run (a suspend seen on
 the clocks, a new-VM-generation uevent): they flush the resumption cache (freshness.py). SIGINT and
 SIGTERM only set a flag; the loop then returns and the caller's cleanup runs.
 """
@@ -216,6 +216,6 @@ class EventLoop:
 
 
 def _log_event(event: Event) -> None:
-    """One INFO line per lifecycle event (DESIGN.md §6); events never carry key material."""
+    """One INFO line per lifecycle event (README: Status and metrics); events never carry key material."""
     details = " ".join(f"{f.name}={getattr(event, f.name)}" for f in fields(event) if f.name != "flow")
     logger.info("%s %s %s", event.flow, type(event).__name__, details)

@@ -1,4 +1,4 @@
-"""NFQUEUE binding: one queue per direction, verdicts on the loop thread (DESIGN.md §2, platform notes §4).
+"""NFQUEUE binding: one queue per direction, verdicts on the loop thread (docs/architecture.md).
 
 Queue N carries INBOUND packets (wire -> local, decrypt), queue N+1 OUTBOUND (local -> wire, encrypt).
 Every packet gets exactly one verdict, inside try/finally. A packet whose copy is shorter than its IP
@@ -24,7 +24,7 @@ from .rules import ENCRYPTED_MARK
 logger = logging.getLogger(__name__)
 
 SOCK_LEN = 4 * 1024 * 1024
-"""Receive buffer of each queue's netlink socket, passed explicitly (platform notes §4: `sock_len`)."""
+"""Receive buffer of each queue's netlink socket, passed explicitly (docs/architecture.md: `sock_len`)."""
 
 MAX_LEN = 4096
 """Packets the kernel keeps waiting per queue before it drops (or bypasses, with --queue-bypass)."""
@@ -183,7 +183,7 @@ class QueuePair:
 
 
 def kernel_queue_stats(queue_nums: tuple[int, ...]) -> dict[str, int]:
-    """Kernel-side counters of our queues from /proc/net/netfilter/nfnetlink_queue (platform notes §4).
+    """Kernel-side counters of our queues from /proc/net/netfilter/nfnetlink_queue (docs/architecture.md).
 
     Per queue: packets waiting for a verdict, dropped because the queue was full, dropped because
     netlink could not deliver them to us.

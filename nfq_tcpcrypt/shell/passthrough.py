@@ -1,4 +1,4 @@
-"""A do-nothing engine with the Engine surface: the bench's pass-through NFQUEUE baseline (DESIGN.md §8)."""
+"""A do-nothing engine with the Engine surface: the bench's pass-through NFQUEUE baseline (README: Benchmark)."""
 
 from __future__ import annotations
 

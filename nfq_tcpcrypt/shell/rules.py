@@ -1,4 +1,4 @@
-"""iptables rules of the daemon: render, install, remove exactly, check for leftovers (DESIGN.md §5).
+"""iptables rules of the daemon: render, install, remove exactly, check for leftovers (docs/architecture.md).
 
 The templates live in `iptables/` at the top of the source tree, and an installed wheel carries
 them as `nfq_tcpcrypt/iptables/`: `host.rules` for IPv4, `host6.rules` for IPv6; `gateway.rules` and
@@ -26,7 +26,7 @@ from . import dispatch
 logger = logging.getLogger(__name__)
 
 CHAIN_PREFIX = "NFQ_TCPCRYPT_"
-"""Every chain the daemon creates starts with this name (DESIGN.md §5)."""
+"""Every chain the daemon creates starts with this name (docs/architecture.md: Hooks, marks and conntrack)."""
 
 ENCRYPTED_MARK = 0x40000000
 """Packet-mark bit of packets of connections that negotiated encryption (README: Security model).

@@ -1,4 +1,4 @@
-"""`run` settings from the command line and a TOML file (DESIGN.md §6): one table of keys, one merge.
+"""`run` settings from the command line and a TOML file (README: Config file): one table of keys, one merge.
 
 The file holds the same keys as the `run` options, spelled with dashes or underscores
 (`rekey-bytes = 65536` or `rekey_bytes = 65536`), plus `[[policy]]` tables (`network`, `port`,

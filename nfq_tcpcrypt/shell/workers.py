@@ -39,7 +39,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from ..core.constants import Aead, Tep
+from ..core.constants import Aead, Role, Tep
 from ..core.engine import Engine
 from ..core.errors import ConfigError
 from ..core.resumption import Resumable, ResumptionCache
@@ -97,10 +97,10 @@ class RemoteCache:
         self.failures += 1
         return None
 
-    def store(self, peer: bytes, ss0: bytes, tep: Tep, aead: Aead, role: str, now: float) -> None:
+    def store(self, peer: bytes, ss0: bytes, tep: Tep, aead: Aead, role: Role, now: float) -> None:
         """Hand a fresh session's secret to the supervisor's cache (no answer awaited)."""
         message = {"op": "store", "peer": peer.hex(), "ss0": ss0.hex(), "tep": int(tep), "aead": int(aead),
-                   "role": role, "now": now}  # fmt: skip
+                   "role": role.value, "now": now}  # fmt: skip
         try:
             self._send(message)
         except OSError as exc:
@@ -136,7 +136,7 @@ def _resumable(reply: dict[str, Any] | None) -> Resumable | None:
         return None
     r = reply["resumable"]
     return Resumable(bytes.fromhex(r["ss"]), bytes.fromhex(r["resume_id"]), Tep(r["tep"]), Aead(r["aead"]),
-                     r["original_role"])  # fmt: skip
+                     Role(r["original_role"]))  # fmt: skip
 
 
 def worker_control_path(control: str, index: int) -> str:
@@ -197,7 +197,7 @@ def serve_cache(cache: ResumptionCache, message: dict[str, Any]) -> dict[str, An
     op = message.get("op")
     if op == "store":
         cache.store(bytes.fromhex(message["peer"]), bytes.fromhex(message["ss0"]), Tep(message["tep"]),
-                    Aead(message["aead"]), str(message["role"]), float(message["now"]))  # fmt: skip
+                    Aead(message["aead"]), Role(message["role"]), float(message["now"]))  # fmt: skip
         return None
     reply: dict[str, Any] = {"id": message.get("id")}
     found: Resumable | None = None
@@ -211,12 +211,12 @@ def serve_cache(cache: ResumptionCache, message: dict[str, Any]) -> dict[str, An
         peer_hex = message.get("peer")
         reply["flushed"] = cache.flush(bytes.fromhex(peer_hex) if peer_hex else None)
     elif op == "info":
-        reply["info"] = cache.info(float(message.get("now", time.monotonic())))
+        reply["info"] = cache.info(float(message.get("now", time.monotonic())))  # the asker's clock
     else:
         reply["error"] = f"unknown op {op!r}"
     if found is not None:
         reply["resumable"] = {"ss": found.ss.hex(), "resume_id": found.resume_id.hex(), "tep": int(found.tep),
-                              "aead": int(found.aead), "original_role": found.original_role}  # fmt: skip
+                              "aead": int(found.aead), "original_role": found.original_role.value}  # fmt: skip
     return reply
 
 

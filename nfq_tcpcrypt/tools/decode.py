@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import ipaddress
 import json
 import os
-import struct
 import sys
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -28,10 +26,7 @@ from typing import Any, BinaryIO
 from ..core.aead import FrameCipher, traffic_key_len
 from ..core.constants import (
     AEAD_NAMES,
-    CONTROL_REKEY,
     ENO_OPTION_KIND,
-    FLAG_FINP,
-    FLAG_URGP,
     FRAME_HEADER_LEN,
     INIT1_MAGIC,
     INIT2_MAGIC,
@@ -47,10 +42,20 @@ from ..core.constants import (
 )
 from ..core.eno import RESUME_HALF, unrepeated_teps
 from ..core.errors import IntegrityError, MalformedSegment
+from ..core.flow import format_endpoint
 from ..core.kex import KeySchedule, session_secret
 from ..core.wire.eno import EnoOption, parse_eno
 from ..core.wire.tcp import Segment, parse_options, parse_segment
-from ..core.wire.tcpcrypt import init_message_length, parse_init1, parse_init2
+from ..core.wire.tcpcrypt import (
+    control_known,
+    frame_data,
+    frame_urgent,
+    init_message_length,
+    is_rekey,
+    parse_init1,
+    parse_init2,
+    unpack_frame_header,
+)
 from .keylogread import KeyLog, load_keylog
 from .pcapread import CaptureReader, ip_packet
 from .reassembly import Gap, StreamReassembler
@@ -211,11 +216,6 @@ class DecodeReport:
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def _endpoint(addr: bytes, port: int) -> str:
-    ip = ipaddress.ip_address(addr)
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
 def _eno_report(option: EnoOption) -> EnoReport:
@@ -387,7 +387,7 @@ class _Direction:
             if mode == "frames":
                 if avail < FRAME_HEADER_LEN:
                     break
-                control, clen = struct.unpack_from("!BH", buf, pos)
+                control, clen = unpack_frame_header(buf, pos)
                 offset = self.buf_offset + pos
                 if clen < MIN_CLEN:
                     self._lose_framing("bad-frame", f"frame at offset {offset} has clen {clen} < {MIN_CLEN}", offset)
@@ -445,9 +445,9 @@ class _Direction:
                 continue
             if len(buf) - at < FRAME_HEADER_LEN:
                 return False
-            control, clen = struct.unpack_from("!BH", buf, at)
+            control, clen = unpack_frame_header(buf, at)
             accepted = False
-            if not control & 0xFE and clen >= MIN_CLEN:
+            if control_known(control) and clen >= MIN_CLEN:
                 end = at + FRAME_HEADER_LEN + clen
                 if len(buf) < end:
                     if len(buf) - at <= RESYNC_WINDOW:
@@ -459,8 +459,8 @@ class _Direction:
                 elif len(buf) - end < FRAME_HEADER_LEN:
                     return False
                 else:
-                    c2, l2 = struct.unpack_from("!BH", buf, end)
-                    accepted = not c2 & 0xFE and l2 >= MIN_CLEN
+                    c2, l2 = unpack_frame_header(buf, end)
+                    accepted = control_known(c2) and l2 >= MIN_CLEN
             if accepted:
                 self.report.unparsed_bytes += at - self.pos
                 self.pos = at
@@ -474,7 +474,7 @@ class _Direction:
         return False
 
     def _opens(self, offset: int, control: int, frame: bytes) -> bool:
-        cipher = self._cipher_for(self.generation + 1) if control & CONTROL_REKEY else self.cipher
+        cipher = self._cipher_for(self.generation + 1) if is_rekey(control) else self.cipher
         if cipher is None:
             return False
         try:
@@ -492,9 +492,9 @@ class _Direction:
             rep.clen_min = clen
         if rep.clen_max is None or clen > rep.clen_max:
             rep.clen_max = clen
-        if control & CONTROL_REKEY:
+        if is_rekey(control):
             rep.rekeys.append(offset)
-        if control & 0xFE:
+        if not control_known(control):
             self.problem("reserved-bits", f"frame at offset {offset} has reserved control bits {control:#04x}", offset)
         keys = self.conn.keys
         if keys == "pending":
@@ -542,7 +542,7 @@ class _Direction:
         assert self.cipher is not None
         cipher = self.cipher
         next_cipher = None
-        if control & CONTROL_REKEY:
+        if is_rekey(control):
             # RFC 8548 §3.8: the first frame of the next key generation for this direction
             next_cipher = self._cipher_for(self.generation + 1)
             cipher = next_cipher or cipher
@@ -558,16 +558,13 @@ class _Direction:
             self.generation += 1
             self.cipher = next_cipher
         rep.verified += 1
-        flags = plaintext[0]
         if rep.finp_offset is not None:
             self.problem("data-after-finp", f"frame at offset {offset} follows the FINp frame", offset, packet)
-        if flags & FLAG_FINP and rep.finp_offset is None:
+        data, finp = frame_data(plaintext)
+        if finp and rep.finp_offset is None:
             rep.finp_offset = offset
-        if flags & FLAG_URGP:
+        if frame_urgent(plaintext):
             rep.urgent_frames += 1
-            data = plaintext[3:]
-        else:
-            data = plaintext[1:]
         if data:
             self._plaintext(data)
 
@@ -627,7 +624,7 @@ class _Connection:
         self.decoder = decoder
         self.client = client
         self.server = server
-        self.report = ConnectionReport(index, _endpoint(*client), _endpoint(*server), packet)
+        self.report = ConnectionReport(index, format_endpoint(*client), format_endpoint(*server), packet)
         c, s = self.report.client, self.report.server
         self.dirs = {"client": _Direction(self, "client", c, s), "server": _Direction(self, "server", s, c)}
         self.syn_isn: int | None = None
@@ -1063,69 +1060,85 @@ def render_text(report: DecodeReport) -> str:
         lines.append(f"  ! {p.kind}{f' (packet {p.packet})' if p.packet else ''}: {p.message}")
     for c in report.connections:
         lines.append("")
-        lines.append(f"connection {c.index}: {c.client} -> {c.server}  packets {c.first_packet}-{c.last_packet} "
-                     f"({c.packets}), handshake {c.handshake}")
-        lines.append(f"  SYN ENO:     {_eno_text(c.syn_eno)}")
-        lines.append(f"  SYN-ACK ENO: {_eno_text(c.synack_eno)}")
-        if c.ack_eno is not None:
-            lines.append(f"  first ACK ENO: {'yes' if c.ack_eno else 'no'}")
-        lines.append(f"  status: {c.status.upper()} - {c.reason}")
-        if c.status == "encrypted":
-            lines.append(f"  roles: A = {c.role_a}, B = {'server' if c.role_a == 'client' else 'client'}; "
-                         f"TEP byte {c.tep_byte:02x}; {'resumed' if c.resumed else 'fresh'}")
-            if c.resumed:
-                lines.append(f"  resume id {c.resume_id or '?'} (original A = {c.original_a or '?'}), "
-                             f"nonce_a {c.nonce_a or '?'}, nonce_b {c.nonce_b or '?'}")
-            for init in (c.init1, c.init2):
-                if init is not None:
-                    ciphers = ", ".join(_name(x, AEAD_NAMES) for x in init.sym_ciphers)
-                    lines.append(f"  {init.message}: {init.length} bytes (packet {init.packet}), "
-                                 f"ciphers [{ciphers}], nonce {init.nonce[:16]}..., key {init.public_key[:16]}..."
-                                 f"{f', {init.ignored_len} ignored bytes' if init.ignored_len else ''}")
-            lines.append(f"  AEAD: {_name(c.aead, AEAD_NAMES)}")
-            if c.session_id:
-                lines.append(f"  session ID: {c.session_id}  ({c.key_source})")
-            else:
-                lines.append(f"  keys: none ({c.key_problem or 'no key log'})")
-        for d in c.directions:
-            lines.append(f"  {d.side} {d.sender} -> {d.receiver}{f' (role {d.role})' if d.role else ''}: "
-                         f"{d.stream_bytes} bytes"
-                         f"{'' if d.offsets_exact else ' (offsets relative to the first byte seen)'}"
-                         f"{f', {d.repeated_bytes} repeated' if d.repeated_bytes else ''}"
-                         f"{f', {len(d.gaps)} gap(s)' if d.gaps else ''}"
-                         f"{', FIN' if d.fin_offset is not None else ''}{', RST' if d.rst else ''}")
-            if d.framing in ("init+frames", "frames"):
-                valid = "valid" if d.framing_valid else "INVALID"
-                lines.append(f"    framing {d.framing} {valid}: {d.frames} frames, clen {d.clen_min}-{d.clen_max}, "
-                             f"rekeys {len(d.rekeys)}, FINp at {d.finp_offset if d.finp_offset is not None else '-'}"
-                             f"{f', {d.unparsed_bytes} bytes outside the framing' if d.unparsed_bytes else ''}"
-                             f"{f', {d.trailing_bytes} trailing bytes' if d.trailing_bytes else ''}")
-                if c.session_id:
-                    lines.append(f"    frames verified {d.verified}, failed {d.failed}, not decrypted {d.undecrypted}")
-                else:
-                    lines.append("    no key: frames not verified, no plaintext")
-            if d.plaintext_sha256:
-                lines.append(f"    plaintext {d.plaintext_bytes} bytes sha256 {d.plaintext_sha256}"
-                             f"{'' if d.plaintext_complete else ' (INCOMPLETE)'}"
-                             f"{f' -> {d.plaintext_file}' if d.plaintext_file else ''}")
-            if d.stream_bytes:
-                verdict = "could be plaintext" if d.could_be_plaintext else "no plaintext outside the frames"
-                lines.append(f"    payload: {verdict} (printable ratio {d.printable_ratio})")
-        shown = c.problems
-        for p in shown:
-            where = []
-            if p.side:
-                where.append(p.side)
-            if p.offset is not None:
-                where.append(f"offset {p.offset}")
-            if p.packet:
-                where.append(f"packet {p.packet}")
-            lines.append(f"  ! {p.kind} [{', '.join(where)}]: {p.message}")
-        if c.problems_suppressed:
-            lines.append(f"  ! ... and {c.problems_suppressed} more problems")
+        lines += _connection_text(c)
     lines.append("")
     lines.append(f"{report.problem_count} problem(s)")
     return "\n".join(lines)
+
+
+def _connection_text(c: ConnectionReport) -> list[str]:
+    lines = [f"connection {c.index}: {c.client} -> {c.server}  packets {c.first_packet}-{c.last_packet} "
+             f"({c.packets}), handshake {c.handshake}",
+             f"  SYN ENO:     {_eno_text(c.syn_eno)}",
+             f"  SYN-ACK ENO: {_eno_text(c.synack_eno)}"]
+    if c.ack_eno is not None:
+        lines.append(f"  first ACK ENO: {'yes' if c.ack_eno else 'no'}")
+    lines.append(f"  status: {c.status.upper()} - {c.reason}")
+    if c.status == "encrypted":
+        lines += _keys_text(c)
+    for d in c.directions:
+        lines += _direction_text(d, bool(c.session_id))
+    for p in c.problems:
+        where = []
+        if p.side:
+            where.append(p.side)
+        if p.offset is not None:
+            where.append(f"offset {p.offset}")
+        if p.packet:
+            where.append(f"packet {p.packet}")
+        lines.append(f"  ! {p.kind} [{', '.join(where)}]: {p.message}")
+    if c.problems_suppressed:
+        lines.append(f"  ! ... and {c.problems_suppressed} more problems")
+    return lines
+
+
+def _keys_text(c: ConnectionReport) -> list[str]:
+    """Roles, Init messages, AEAD and session ID of an encrypted connection."""
+    lines = [f"  roles: A = {c.role_a}, B = {'server' if c.role_a == 'client' else 'client'}; "
+             f"TEP byte {c.tep_byte:02x}; {'resumed' if c.resumed else 'fresh'}"]
+    if c.resumed:
+        lines.append(f"  resume id {c.resume_id or '?'} (original A = {c.original_a or '?'}), "
+                     f"nonce_a {c.nonce_a or '?'}, nonce_b {c.nonce_b or '?'}")
+    for init in (c.init1, c.init2):
+        if init is not None:
+            ciphers = ", ".join(_name(x, AEAD_NAMES) for x in init.sym_ciphers)
+            lines.append(f"  {init.message}: {init.length} bytes (packet {init.packet}), "
+                         f"ciphers [{ciphers}], nonce {init.nonce[:16]}..., key {init.public_key[:16]}..."
+                         f"{f', {init.ignored_len} ignored bytes' if init.ignored_len else ''}")
+    lines.append(f"  AEAD: {_name(c.aead, AEAD_NAMES)}")
+    if c.session_id:
+        lines.append(f"  session ID: {c.session_id}  ({c.key_source})")
+    else:
+        lines.append(f"  keys: none ({c.key_problem or 'no key log'})")
+    return lines
+
+
+def _direction_text(d: DirectionReport, keyed: bool) -> list[str]:
+    """One direction's stream, framing and plaintext."""
+    lines = [f"  {d.side} {d.sender} -> {d.receiver}{f' (role {d.role})' if d.role else ''}: "
+             f"{d.stream_bytes} bytes"
+             f"{'' if d.offsets_exact else ' (offsets relative to the first byte seen)'}"
+             f"{f', {d.repeated_bytes} repeated' if d.repeated_bytes else ''}"
+             f"{f', {len(d.gaps)} gap(s)' if d.gaps else ''}"
+             f"{', FIN' if d.fin_offset is not None else ''}{', RST' if d.rst else ''}"]
+    if d.framing in ("init+frames", "frames"):
+        valid = "valid" if d.framing_valid else "INVALID"
+        lines.append(f"    framing {d.framing} {valid}: {d.frames} frames, clen {d.clen_min}-{d.clen_max}, "
+                     f"rekeys {len(d.rekeys)}, FINp at {d.finp_offset if d.finp_offset is not None else '-'}"
+                     f"{f', {d.unparsed_bytes} bytes outside the framing' if d.unparsed_bytes else ''}"
+                     f"{f', {d.trailing_bytes} trailing bytes' if d.trailing_bytes else ''}")
+        if keyed:
+            lines.append(f"    frames verified {d.verified}, failed {d.failed}, not decrypted {d.undecrypted}")
+        else:
+            lines.append("    no key: frames not verified, no plaintext")
+    if d.plaintext_sha256:
+        lines.append(f"    plaintext {d.plaintext_bytes} bytes sha256 {d.plaintext_sha256}"
+                     f"{'' if d.plaintext_complete else ' (INCOMPLETE)'}"
+                     f"{f' -> {d.plaintext_file}' if d.plaintext_file else ''}")
+    if d.stream_bytes:
+        verdict = "could be plaintext" if d.could_be_plaintext else "no plaintext outside the frames"
+        lines.append(f"    payload: {verdict} (printable ratio {d.printable_ratio})")
+    return lines
 
 
 # ------------------------------------------------------------------------------ command line

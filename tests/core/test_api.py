@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nfq_tcpcrypt.api import NoSessionId, endpoint, find_session
-from tests.core.tcpmodel import Pair, seeded_config
+from nfq_tcpcrypt.lab.tcpmodel import Pair, seeded_config
 
 
 def test_session_id_of_a_keyed_connection_and_errors_otherwise():

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 
-from nfq_tcpcrypt.core.constants import TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN
+from nfq_tcpcrypt.core.constants import TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN, Role
 from nfq_tcpcrypt.core.flow import Direction
 from nfq_tcpcrypt.core.verdict import Action
 from nfq_tcpcrypt.core.wire.tcp import new_segment, parse_segment, serialize_segment
-from tests.core.tcpmodel import A_IP, B_IP, MASK, Endpoint, Pair, seeded_config
+from nfq_tcpcrypt.lab.tcpmodel import A_IP, B_IP, MASK, Endpoint, Pair, seeded_config
 
 
 def _live(seed: bytes = b"attack", **b_config) -> Pair:  # type: ignore[no-untyped-def]
@@ -221,7 +221,7 @@ def test_forged_frag_needed_is_bounded_and_checked_against_data_in_flight():
     assert session.wire_mss == mss and session.pmtu is None
     verdict = pair.engine_b.process(too_big(in_flight, 64), Direction.INBOUND, pair.now)
     assert verdict.action is Action.ACCEPT
-    assert session.wire_mss == 552 - 20 - 20 and session.pmtu == 552  # IP and TCP headers; options budgeted
+    assert session.wire_mss == 552 - 20 - 20 and session.pmtu == 552  # IPv4 and TCP headers
     assert parse_icmp_error(verdict.packet).mtu >= 68
     pair.talk(b"", os.urandom(5000))
     assert max(len(parse_segment(p).payload) for p in pair.wire[-10:] if parse_segment(p).src == B_IP) <= 492
@@ -333,7 +333,7 @@ def test_resumption_lookups_cost_no_derivation_and_peers_are_capped(monkeypatch)
     cache = resumption.ResumptionCache(max_entries=4096, per_peer=16)
     peer, other = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
     for i in range(4096):
-        cache.store(peer if i % 2 else other, os.urandom(32), Tep.X25519, 1, "A", 0.0)
+        cache.store(peer if i % 2 else other, os.urandom(32), Tep.X25519, 1, Role.A, 0.0)
     assert len(cache) == 32 and {e["peer"] for e in cache.info(0.0)} == {"10.0.0.1", "10.0.0.2"}
     calls = []
     real = kex.cprf

@@ -8,7 +8,7 @@ from nfq_tcpcrypt.core.verdict import Action
 from nfq_tcpcrypt.core.wire.icmp import IcmpError, parse_icmp_error, serialize_icmp_error
 from nfq_tcpcrypt.core.wire.ip import checksum_fold, new_ip_header
 from nfq_tcpcrypt.core.wire.tcp import parse_segment, serialize_segment
-from tests.core.tcpmodel import A_IP, B_IP, Pair
+from nfq_tcpcrypt.lab.tcpmodel import A_IP, B_IP, Pair
 
 
 def _frag_needed(quoted: bytes, mtu: int, src: bytes = bytes([10, 77, 0, 254])) -> bytes:

@@ -10,7 +10,7 @@ import pytest
 from nfq_tcpcrypt.core.constants import Tep
 from nfq_tcpcrypt.core.events import FellBackToPlain, SessionAborted, SessionEstablished
 from nfq_tcpcrypt.core.wire.tcp import parse_options, parse_segment, serialize_options, serialize_segment
-from tests.core.tcpmodel import A_IP, Channel, Pair, seeded_config
+from nfq_tcpcrypt.lab.tcpmodel import A_IP, Channel, Pair, seeded_config
 
 INIT1 = bytes.fromhex("15101a0e")
 INIT2 = bytes.fromhex("097105e0")

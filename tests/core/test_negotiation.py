@@ -12,7 +12,7 @@ from nfq_tcpcrypt.core.events import FellBackToPlain, SessionAborted
 from nfq_tcpcrypt.core.flow import Direction
 from nfq_tcpcrypt.core.wire.eno import parse_eno
 from nfq_tcpcrypt.core.wire.tcp import parse_options, parse_segment
-from tests.core.tcpmodel import A_IP, B_IP, Pair, seeded_config
+from nfq_tcpcrypt.lab.tcpmodel import A_IP, B_IP, Pair, seeded_config
 
 
 def _pair(a: dict, b: dict) -> Pair:
@@ -148,7 +148,7 @@ class TestGlobalBits:
 def test_syn_without_eno_after_retransmissions():
     # A path that drops SYNs with ENO: the third SYN goes without it and the connection works in
     # plain TCP (RFC 8547 §4.6).
-    from tests.core.tcpmodel import Channel
+    from nfq_tcpcrypt.lab.tcpmodel import Channel
 
     class DropEnoSyns(Channel):
         def carry(self, packet):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from nfq_tcpcrypt.core.events import FellBackToPlain, SessionAborted, SessionEstablished
 from nfq_tcpcrypt.core.wire.tcp import parse_segment
-from tests.core.tcpmodel import Channel, Pair
+from nfq_tcpcrypt.lab.tcpmodel import Channel, Pair
 
 
 def _data(seed: int, size: int) -> bytes:
@@ -134,7 +134,7 @@ def test_rekeys_and_gateway_sized_deliveries_under_loss_both_ways():
     # Rekey frames every 16 kB in both directions, and a gateway's deliver_max (an inside link of
     # MTU 1400: 1400 - 40 - 20): every wire segment fits the MSS (Pair checks it), and every segment
     # toward a stack fits deliver_max with 20 option bytes, whatever SACK blocks it carries.
-    from tests.core.tcpmodel import seeded_config
+    from nfq_tcpcrypt.lab.tcpmodel import seeded_config
 
     limit = 1340
     for seed in range(max(SEEDS // 4, 2)):

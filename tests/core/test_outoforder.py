@@ -90,7 +90,7 @@ def test_daemon_wide_budget_is_shared_and_given_back():
 
 
 def test_engine_sessions_share_the_budget():
-    from tests.core.tcpmodel import Pair, seeded_config
+    from nfq_tcpcrypt.lab.tcpmodel import Pair, seeded_config
 
     pair = Pair(seed=b"budget", b_config=seeded_config(b"budget-b", ooo_total_limit=5000))
     pair.open()

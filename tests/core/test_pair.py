@@ -7,7 +7,7 @@ import os
 from nfq_tcpcrypt.core.constants import INIT1_MAGIC, INIT2_MAGIC
 from nfq_tcpcrypt.core.events import FellBackToPlain, SessionClosed, SessionEstablished
 from nfq_tcpcrypt.core.wire.tcp import parse_options, parse_segment
-from tests.core.tcpmodel import A_IP, B_IP, Pair
+from nfq_tcpcrypt.lab.tcpmodel import A_IP, B_IP, Pair
 
 
 def _stream(wire: list[bytes], src: bytes) -> bytes:

@@ -7,7 +7,7 @@ import hashlib
 from nfq_tcpcrypt.core.constants import CONTROL_REKEY, INIT1_MAGIC, INIT2_MAGIC
 from nfq_tcpcrypt.core.events import SessionAborted
 from nfq_tcpcrypt.core.wire.tcp import parse_segment
-from tests.core.tcpmodel import A_IP, B_IP, Channel, Pair, seeded_config
+from nfq_tcpcrypt.lab.tcpmodel import A_IP, B_IP, Channel, Pair, seeded_config
 
 INIT1, INIT2 = INIT1_MAGIC.to_bytes(4, "big"), INIT2_MAGIC.to_bytes(4, "big")
 

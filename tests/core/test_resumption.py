@@ -7,12 +7,12 @@ import copy
 import pytest
 
 from nfq_tcpcrypt.core.config import PolicyRule
-from nfq_tcpcrypt.core.constants import INIT1_MAGIC, INIT2_MAGIC, Tep
+from nfq_tcpcrypt.core.constants import INIT1_MAGIC, INIT2_MAGIC, Role, Tep
 from nfq_tcpcrypt.core.engine import Engine
 from nfq_tcpcrypt.core.events import FellBackToPlain
 from nfq_tcpcrypt.core.wire.eno import parse_eno
 from nfq_tcpcrypt.core.wire.tcp import parse_options, parse_segment
-from tests.core.tcpmodel import A_IP, B_IP, Pair, seeded_config
+from nfq_tcpcrypt.lab.tcpmodel import A_IP, B_IP, Pair, seeded_config
 
 MAGICS = (INIT1_MAGIC.to_bytes(4, "big"), INIT2_MAGIC.to_bytes(4, "big"))
 
@@ -167,7 +167,7 @@ class TestFailurePaths:
         # RFC 8548 §3.5: A ignores a resumption answer whose half does not match; with no other
         # valid TEP, ENO is disabled and the connection is plain TCP on both sides.
         from nfq_tcpcrypt.core.wire.tcp import serialize_segment
-        from tests.core.tcpmodel import Channel
+        from nfq_tcpcrypt.lab.tcpmodel import Channel
 
         class BadHalf(Channel):
             def carry(self, packet):
@@ -234,5 +234,5 @@ class TestControls:
 
         cache = ResumptionCache(max_entries=size)
         for i in range(3):
-            cache.store(bytes([10, 0, 0, i]), bytes(32), Tep.X25519, 1, "A", 0.0)
+            cache.store(bytes([10, 0, 0, i]), bytes(32), Tep.X25519, 1, Role.A, 0.0)
         assert [e["peer"] for e in cache.info(0.0)] == [f"10.0.0.{i}" for i in range(3 - size, 3)]

@@ -4,7 +4,7 @@ space, and the peer's blocks reach our stack in plain space on frame boundaries.
 from __future__ import annotations
 
 from nfq_tcpcrypt.core.wire.tcp import parse_options, parse_segment, sack_pairs
-from tests.core.tcpmodel import A_IP, B_IP, Channel, Pair
+from nfq_tcpcrypt.lab.tcpmodel import A_IP, B_IP, Channel, Pair
 
 MASK = 0xFFFFFFFF
 SEG = 1428  # plain bytes per segment of the model's stack: MSS 1440 less 12 bytes of timestamps

@@ -8,7 +8,7 @@ import hashlib
 from nfq_tcpcrypt.core.constants import TCP_FIN
 from nfq_tcpcrypt.core.events import SessionAborted
 from nfq_tcpcrypt.core.wire.tcp import parse_segment, serialize_segment
-from tests.core.tcpmodel import A_IP, Channel, Pair
+from nfq_tcpcrypt.lab.tcpmodel import A_IP, Channel, Pair
 
 
 class Tamperer(Channel):

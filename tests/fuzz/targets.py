@@ -69,7 +69,7 @@ class EngineTarget:
     """
 
     def __init__(self) -> None:
-        from tests.core.tcpmodel import Pair
+        from nfq_tcpcrypt.lab.tcpmodel import Pair
 
         pair = Pair(seed=b"fuzz")
         pair.open()

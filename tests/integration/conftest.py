@@ -1,4 +1,4 @@
-"""Integration fixtures: root, network namespaces, iptables and NFQUEUE, or a clean skip (DESIGN.md §8).
+"""Integration fixtures: root, network namespaces, iptables and NFQUEUE, or a clean skip.
 
 Every test here is marked `netns`. The topology fixture always deletes its namespaces (and kills the
 processes it started in them), pass or fail; nothing outside the namespaces is configured.
@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from nfq_tcpcrypt import labnet
-from nfq_tcpcrypt.labnet import Topology
+from nfq_tcpcrypt.lab import net as labnet
+from nfq_tcpcrypt.lab.net import Topology
 
 TOOLS = ("ip", "iptables-restore", "iptables-save", "tcpdump", "curl")
 _PROBE = (

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Test middlebox: an NFQUEUE program for the router namespace that mangles forwarded TCP (issue 4).
+"""Test middlebox: an NFQUEUE program for the router namespace that mangles forwarded TCP.
 
 Run inside r (the caller's `iptables -A FORWARD -p tcp -j NFQUEUE --queue-num N` sends it forwarded
 TCP). Modes:

@@ -22,7 +22,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP
 from scapy.utils import PcapReader, RawPcapReader
 
-from nfq_tcpcrypt.labnet import (
+from nfq_tcpcrypt.lab.net import (
     HTTP_PORT,
     Daemon,
     LabError,

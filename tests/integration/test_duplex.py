@@ -2,7 +2,7 @@
 does on a bad network).
 
 Topology a - r - b; the daemons run on a and b in host mode. On every connection b sends a lot to a
-while a sends to b (`nfq_tcpcrypt.tools.duplex`), so data segments carry SACK blocks both ways. The
+while a sends to b (`nfq_tcpcrypt.lab.duplex`), so data segments carry SACK blocks both ways. The
 path loses at random in r (both directions), also with reordering, duplication and re-segmentation,
 a 1400-byte link, 16 connections at once, a minute of idling, and IPv6; or the receiving host loses
 after its daemon (an INPUT rule, a tiny receive buffer). Each case checks equal digests both ways on
@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from nfq_tcpcrypt.labnet import (
+from nfq_tcpcrypt.lab.net import (
     DUPLEX_PORT,
     IFNAMES,
     ROUTER_IFNAMES,

@@ -2,7 +2,7 @@
 NetfilterQueue and on our own netlink binding, and a pass-through with GSO super-packets.
 
 The whole integration suite runs on the fast backend with NFQ_TCPCRYPT_QUEUE_BACKEND=fast
-(labnet.start_daemon); these cases run on both backends in every run."""
+(lab.net.start_daemon); these cases run on both backends in every run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nfq_tcpcrypt.labnet import Topology, http_transfer, shell_faults, start_daemon
+from nfq_tcpcrypt.lab.net import Topology, http_transfer, shell_faults, start_daemon
 from nfq_tcpcrypt.shell.control import query
 
 SIZE = 4 * 1024 * 1024

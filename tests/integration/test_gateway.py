@@ -1,4 +1,4 @@
-"""Gateway mode end to end: unmodified hosts behind gateways, real kernels and programs (DESIGN.md §1, §8).
+"""Gateway mode end to end: unmodified hosts behind gateways, real kernels and programs (README: Gateway mode).
 
 Three shapes from labnet:
 - `Topology(gateways=True)`: a - ga - gb - b. Gateways on ga and gb (`--outside` = the link between
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from nfq_tcpcrypt.labnet import (
+from nfq_tcpcrypt.lab.net import (
     HTTP_PORT,
     IFNAMES,
     ROUTER_ADDRESSES,
@@ -316,7 +316,7 @@ def test_gateway_to_gateway_with_loss(sites: Topology, tmp_path: Path, inside_mt
 
 @pytest.mark.timeout(90)
 def test_stateful_firewall_on_the_gateways(sites: Topology, tmp_path: Path) -> None:
-    """DESIGN.md §5 on a router: FORWARD policy DROP, INVALID dropped, ESTABLISHED accepted, at 2 % loss.
+    """docs/architecture.md on a router: FORWARD policy DROP, INVALID dropped, ESTABLISHED accepted, at 2 % loss.
 
     The gateway's conntrack sees only plaintext (decrypted before it, encrypted after it), and the
     plaintext the engine injects toward the inside host is tracked, so nothing is INVALID.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nfq_tcpcrypt.labnet import (
+from nfq_tcpcrypt.lab.net import (
     HTTP_PORT,
     Topology,
     capture,

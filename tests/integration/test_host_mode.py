@@ -1,4 +1,4 @@
-"""Host mode end to end between two namespaces with real programs (issue 2 "Done when")."""
+"""Host mode end to end between two namespaces with real programs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nfq_tcpcrypt.labnet import (
+from nfq_tcpcrypt.lab.net import (
     KEYLOG_ES,
     Topology,
     fetch,
@@ -85,7 +85,7 @@ def test_plain_peer_still_works(topo: Topology, tmp_path: Path, daemon_side: str
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("fail_closed", [False, True])
 def test_sigterm_removes_rules(topo: Topology, tmp_path: Path, fail_closed: bool) -> None:
-    """DESIGN.md §5: the daemon installs its chains and removes exactly them on SIGTERM."""
+    """docs/architecture.md: the daemon installs its chains and removes exactly them on SIGTERM."""
     before = _rule_lines(topo, "a")
     assert before == []
     daemon = start_daemon(topo, "a", tmp_path, ["--fail-closed"] if fail_closed else [])
@@ -140,7 +140,7 @@ def test_http_transfer_encrypted_ipv6(topo: Topology, tmp_path: Path) -> None:
 
 @pytest.mark.timeout(150)
 def test_http_transfer_survives_wire_loss(topo: Topology, tmp_path: Path) -> None:
-    """DESIGN.md §3: 2% of arriving wire packets dropped on both ends; TCP recovers, bytes stay equal."""
+    """2% of arriving wire packets dropped on both ends; TCP recovers, bytes stay equal."""
     result = http_transfer(topo, tmp_path, size=SIZE, timeout=90, wire_loss=0.02)
     assert result.received_sha256 == result.sent_sha256
     assert result.wire.leaks == {}
@@ -167,7 +167,7 @@ def test_rules_remove_after_sigkill(topo: Topology, tmp_path: Path) -> None:
 
 @pytest.mark.timeout(120)
 def test_loopback_is_never_queued(topo: Topology, tmp_path: Path) -> None:
-    """DESIGN.md §5: TCP over lo bypasses the queues (its 64 KiB packets exceed the 4016-byte copy)."""
+    """docs/architecture.md: TCP over lo bypasses the queues (its 64 KiB packets exceed the 4016-byte copy)."""
     daemon = start_daemon(topo, "a", tmp_path)
     served = tmp_path / "www"
     served.mkdir()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nfq_tcpcrypt.labnet import HTTP_PORT, Topology, http_transfer
+from nfq_tcpcrypt.lab.net import HTTP_PORT, Topology, http_transfer
 
 from .decoded import decoded_connections
 

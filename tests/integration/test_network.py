@@ -1,4 +1,4 @@
-"""Host mode through a router namespace with middleboxes in the path (issue 4 "Done when", DESIGN.md §8).
+"""Host mode through a router namespace with middleboxes in the path (README: What the engine does on a bad network).
 
 Topology a - r - b (`Topology(router=True)`): the daemons run on a and b in host mode, r forwards and
 plays the middlebox: random loss, NAT, a stateful firewall dropping INVALID, a 1400-byte link, an
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from nfq_tcpcrypt.labnet import (
+from nfq_tcpcrypt.lab.net import (
     HTTP_PORT,
     ROUTER_IFNAMES,
     Daemon,
@@ -82,7 +82,7 @@ def _report(name: str, result: TransferResult, **extra: object) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("loss", "ipv6"), [(0.01, False), (0.05, False), (0.01, True)])
 def test_random_loss_in_router(routed: Topology, tmp_path: Path, loss: float, ipv6: bool) -> None:
-    """DESIGN.md §3 loss recovery: r drops `loss` of forwarded TCP packets, both directions."""
+    """Loss recovery (docs/architecture.md): r drops `loss` of forwarded TCP packets, both directions."""
     tool = "ip6tables" if ipv6 else "iptables"
     routed.check("r", [tool, "-A", "FORWARD", "-p", "tcp", "-m", "statistic", "--mode", "random",
                        "--probability", str(loss), "-j", "DROP"])  # fmt: skip
@@ -96,7 +96,7 @@ def test_random_loss_in_router(routed: Topology, tmp_path: Path, loss: float, ip
 
 @pytest.mark.timeout(120)
 def test_nat_masquerade(routed: Topology, tmp_path: Path) -> None:
-    """DESIGN.md §5: MASQUERADE on r's b-facing interface; b sees r's address, both see one session."""
+    """NAT (docs/architecture.md): MASQUERADE on r's b-facing interface; b sees r's address, both see one session."""
     _iptables(routed, "r", "-t", "nat", "-A", "POSTROUTING", "-o", ROUTER_IFNAMES["b"], "-j", "MASQUERADE")
     result = http_transfer(routed, tmp_path, size=SIZE, timeout=90)
     masqueraded = rule_packets(routed, "r", "nat", "POSTROUTING", "MASQUERADE")
@@ -145,7 +145,7 @@ def test_stateful_firewall_drops_invalid(routed: Topology, tmp_path: Path, loss:
     ],
 )
 def test_mtu_1400_link(routed: Topology, tmp_path: Path, link: str) -> None:
-    """DESIGN.md §3 MSS clamping and ICMP frag-needed: MTU 1400 on both ends of one link.
+    """MSS clamping and ICMP frag-needed (docs/architecture.md: Sizes): MTU 1400 on both ends of one link.
 
     "r-b": the server's own link is small, so b's kernel refuses the daemon's 20-byte-longer packets
     and reports that to b over lo. "a-r": the client's link. "a-r+advmss": the client's, and a
@@ -231,7 +231,7 @@ def middlebox(topo: Topology, *args: str) -> Iterator[dict[str, int]]:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("seed", [1, 2])
 def test_reorder_duplicate_resegment(routed: Topology, tmp_path: Path, seed: int) -> None:
-    """DESIGN.md §3 receiver: a box in r reorders, duplicates and re-segments forwarded TCP at random."""
+    """The receiver (docs/architecture.md): a box in r reorders, duplicates and re-segments forwarded TCP at random."""
     with middlebox(routed, "--mode", "shuffle", "--seed", str(seed)) as counts:
         result = http_transfer(routed, tmp_path, size=SIZE, timeout=90)
     _report(f"shuffle seed {seed}", result, middlebox=json.dumps(counts))
@@ -286,7 +286,7 @@ def _retrans_segs(topo: Topology, side: str) -> int:
 
 @pytest.mark.timeout(120)
 def test_loss_recovery_resends_only_what_was_lost(routed: Topology, tmp_path: Path) -> None:
-    """DESIGN.md §3: loss is repaired by fast retransmit of what was lost, not of whole flights.
+    """Loss is repaired by fast retransmit of what was lost, not of whole flights.
 
     r drops every 150th full-sized b -> a segment (deterministic); b should resend about that many.
     Measured with pass-through daemons (same queues, segments unchanged): 9 resent for 9 dropped;

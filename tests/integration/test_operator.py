@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nfq_tcpcrypt.labnet import (
+from nfq_tcpcrypt.lab.net import (
     HTTP_PORT,
     Daemon,
     Topology,
@@ -90,8 +90,8 @@ def test_status_metrics_and_reload_on_a_gateway(sites: Topology, tmp_path: Path)
     assert doc["mode"] == "gateway" and doc["workers"] == 2 and doc["version"]
     assert doc["queues"] == [7100, 7101, 7102, 7103]
     assert any("nft add chain ip mangle NFQ_TCPCRYPT_SNAT_7100" in line for line in doc["rules"]), doc["rules"]
-    # inbound, outbound and encrypted outbound, per worker
-    assert sum("NFQUEUE" in line for line in doc["rules"]) == 6, doc["rules"]
+    assert sum("NFQUEUE" in line and "_ENCQ_" not in line for line in doc["rules"]) == 4, doc["rules"]
+    assert sum("NFQUEUE" in line and "_ENCQ_" in line for line in doc["rules"]) == 2, doc["rules"]
     assert doc["handshakes"] == {"fresh": 1, "resumed": 0}, doc
     assert doc["fallbacks"] == {} and doc["aborts"] == {} and doc["tag_failures"] == 0
     assert doc["kernel_queue_drops"] == 0 and doc["cache_entries"] == 1

@@ -1,4 +1,4 @@
-"""Every TEP x AEAD pair, rekeying by volume, and a host firewall, end to end (issue 3 "Done when").
+"""Every TEP x AEAD pair, rekeying by volume, and a host firewall, end to end.
 
 Real daemons in the two-namespace lab (`labnet`), started with the options under test on both ends;
 `python3 -m http.server` in b, curl in a; a capture of a's veth checked with `tools.pcapcheck`.
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from nfq_tcpcrypt.labnet import (
+from nfq_tcpcrypt.lab.net import (
     HTTP_PORT,
     KEYLOG_ES,
     Daemon,
@@ -75,7 +75,7 @@ class Served:
 @contextlib.contextmanager
 def serving(topo: Topology, workdir: Path, size: int) -> Iterator[Served]:
     """http.server in b on its veth address, serving one random file of `size` bytes."""
-    from nfq_tcpcrypt.labnet import http_server
+    from nfq_tcpcrypt.lab.net import http_server
 
     www = workdir / "www"
     www.mkdir(exist_ok=True)
@@ -199,7 +199,7 @@ def _input_policy_drops(topo: Topology, side: str) -> int:
 
 @pytest.mark.timeout(150)
 def test_host_firewall_accepting_only_established(topo: Topology, tmp_path: Path) -> None:
-    """DESIGN.md §5: packets injected toward our own stack are tracked as the plaintext connection.
+    """docs/architecture.md: packets injected toward our own stack are tracked as the plaintext connection.
 
     Both hosts get the core of the INPUT policy ufw installs (DROP; INVALID dropped; established and
     related accepted; on b, new connections to the HTTP port). Not ufw's `-i lo -j ACCEPT`: the

@@ -1,4 +1,4 @@
-"""Session resumption end to end (issue 5 "Done when"; RFC 8548 §3.5, spec digest §7).
+"""Session resumption end to end (RFC 8548 §3.5; README: Resumption and cloned machines).
 
 Two daemons, one http.server in b, curl run several times from a (separate TCP connections), each
 under its own capture: the first connection does the full key exchange, the second resumes it
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from nfq_tcpcrypt.labnet import Daemon, Topology, sha256_file
+from nfq_tcpcrypt.lab.net import Daemon, Topology, sha256_file
 from nfq_tcpcrypt.tools.decode import ConnectionReport, decode_pcap, render_text
 
 from .test_protocol import (
@@ -181,7 +181,7 @@ def test_new_vm_generation_flushes_the_cache(topo: Topology, tmp_path: Path) -> 
 @pytest.mark.timeout(90)
 def test_reversed_roles(topo: Topology, tmp_path: Path) -> None:
     """RFC 8548 §3.5: the host that was B (the server b) opens the resumed connection to the old A."""
-    from nfq_tcpcrypt.labnet import capture, fetch, http_server, make_payload
+    from nfq_tcpcrypt.lab.net import capture, fetch, http_server, make_payload
 
     www = tmp_path / "www-a"
     www.mkdir()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nfq_tcpcrypt.lab import role_file
-from nfq_tcpcrypt.labnet import IFNAMES, Topology, http_transfer
+from nfq_tcpcrypt.lab.demo import role_file
+from nfq_tcpcrypt.lab.net import IFNAMES, Topology, http_transfer
 
 from .conftest import lab_topology
 from .test_gateway import SIZE, _assert_clean, _assert_encrypted, _assert_plain_inside

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from nfq_tcpcrypt.labnet import (
+from nfq_tcpcrypt.lab.net import (
     HTTP_PORT,
     Daemon,
     Topology,
@@ -211,7 +211,7 @@ def test_a_dying_worker_stops_the_daemon_and_a_killed_supervisor_takes_its_worke
 @pytest.mark.timeout(120)
 def test_host_mode_with_workers(topo: Topology, tmp_path: Path) -> None:
     """`--workers 2` in host mode: the same dispatch; the transfer is encrypted and verified."""
-    from nfq_tcpcrypt.labnet import http_transfer
+    from nfq_tcpcrypt.lab.net import http_transfer
 
     result = http_transfer(topo, tmp_path, size=256 * 1024,
                            daemon_args={side: ["--workers", "2"] for side in ("a", "b")})  # fmt: skip

@@ -30,7 +30,7 @@ class FakePacket:
         self.log = log
         self.verdict: str | None = None
         self.new_payload: bytes | None = None
-        self.mark = 0
+        self.mark = 0  # the connection's mark as CONNMARK restored it (0: never encrypted)
 
     def get_mark(self) -> int:
         return self.mark
@@ -106,7 +106,7 @@ def make_pair(handler: Callable[[bytes, Direction, bool], Verdict], after: Calla
 
 class TestQueuePair:
     def test_binds_inbound_then_outbound(self) -> None:
-        pair, made, _ = make_pair(lambda p, d, e: Verdict(Action.ACCEPT))
+        pair, made, _ = make_pair(lambda p, d, e=False: Verdict(Action.ACCEPT))
         assert [q.num for q in made] == [7100, 7101]
         assert pair.queues[Direction.INBOUND] is made[0] and pair.queues[Direction.OUTBOUND] is made[1]
         assert set(pair.fds().values()) == {Direction.INBOUND, Direction.OUTBOUND}
@@ -116,7 +116,7 @@ class TestQueuePair:
         log: list[tuple[str, Any]] = []
         results = iter([Verdict(Action.ACCEPT), Verdict(Action.DROP), Verdict(Action.ACCEPT, b"new"), None])
 
-        def handler(payload: bytes, direction: Direction, encrypted: bool) -> Verdict:
+        def handler(payload: bytes, direction: Direction, encrypted: bool = False) -> Verdict:
             result = next(results)
             if result is None:
                 raise ValueError("engine bug")
@@ -135,7 +135,7 @@ class TestQueuePair:
     def test_truncated_copy_is_accepted_unchanged_without_the_handler(self) -> None:
         log: list[tuple[str, Any]] = []
         seen: list[bytes] = []
-        pair, made, counters = make_pair(lambda p, d, e: seen.append(p) or Verdict(Action.DROP))
+        pair, made, counters = make_pair(lambda p, d, e=False: seen.append(p) or Verdict(Action.DROP))
         packet = FakePacket(PACKET, log, copy_len=36)
         made[1].put(packet)
         pair.drain(Direction.OUTBOUND)
@@ -145,7 +145,7 @@ class TestQueuePair:
 
     def test_drain_budget_returns_control_and_loses_nothing(self) -> None:
         log: list[tuple[str, Any]] = []
-        pair, made, counters = make_pair(lambda p, d, e: Verdict(Action.ACCEPT))
+        pair, made, counters = make_pair(lambda p, d, e=False: Verdict(Action.ACCEPT))
         packets = [FakePacket(PACKET, log) for _ in range(nfq.DRAIN_BUDGET * 2 + 5)]
         for packet in packets:
             made[0].put(packet)
@@ -160,7 +160,8 @@ class TestQueuePair:
 
     def test_after_runs_after_each_verdict(self) -> None:
         log: list[tuple[str, Any]] = []
-        pair, made, _ = make_pair(lambda p, d, e: Verdict(Action.ACCEPT), after=lambda: log.append(("after", None)))
+        pair, made, _ = make_pair(lambda p, d, e=False: Verdict(Action.ACCEPT),
+                                  after=lambda: log.append(("after", None)))
         for _ in range(3):
             made[0].put(FakePacket(PACKET, log))
         pair.drain(Direction.INBOUND)

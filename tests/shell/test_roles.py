@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from nfq_tcpcrypt.lab import role_file
+from nfq_tcpcrypt.lab.demo import role_file
 from nfq_tcpcrypt.shell.settings import ConfigError, load_file, options_from
 
 

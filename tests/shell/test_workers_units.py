@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from nfq_tcpcrypt.core.constants import Aead, Tep
+from nfq_tcpcrypt.core.constants import Aead, Role, Tep
 from nfq_tcpcrypt.core.resumption import ResumptionCache
 from nfq_tcpcrypt.shell import dispatch, rules
 from nfq_tcpcrypt.shell.workers import RemoteCache, serve_cache
@@ -39,14 +39,16 @@ def test_worker_of_is_symmetric_and_spreads(src: str, dst: str) -> None:
 def test_rules_per_worker() -> None:
     params = rules.RuleParams(7100, 7101, 0x7463, mode="gateway", outside=("wan0",), workers=3)
     text = rules.render("ipv4", params)
-    queued = [line for line in text.splitlines() if "NFQUEUE" in line]
-    # inbound, outbound, and outbound of encrypted connections (no bypass), each once per worker
+    queued = [line for line in text.splitlines() if "NFQUEUE" in line and "_ENCQ_" not in line]
     assert [line.split("--queue-num ")[1].split()[0] for line in queued] == ["7100", "7102", "7104",
-                                                                            "7101", "7103", "7105",
                                                                             "7101", "7103", "7105"]
     # the last worker takes what the others did not match: no packet leaves a chain unqueued
-    assert ["-m bpf" in line for line in queued] == [True, True, False] * 3
-    assert rules.render("ipv4", rules.RuleParams(7100, 7101, 0x7463)).count("NFQUEUE") == 3
+    assert ["-m bpf" in line for line in queued] == [True, True, False, True, True, False]
+    # encrypted connections go to the same outbound queues, never bypassed (fail closed)
+    encrypted = [line for line in text.splitlines() if "NFQUEUE" in line and "_ENCQ_" in line]
+    assert [line.split("--queue-num ")[1].split()[0] for line in encrypted] == ["7101", "7103", "7105"]
+    assert not any("--queue-bypass" in line for line in encrypted)
+    assert rules.render("ipv4", rules.RuleParams(7100, 7101, 0x7463)).count("NFQUEUE") == 3  # in, out, encrypted
     with pytest.raises(rules.RulesError):
         rules.RuleParams(7100, 7101, 0x7463, workers=65)
 
@@ -71,10 +73,10 @@ def test_a_secret_stored_by_one_worker_resumes_on_another() -> None:
         threading.Thread(target=_supervisor, args=(cache, parent, []), daemon=True).start()
     w0, w1 = (RemoteCache(child) for _, child in pairs)
     peer = bytes([10, 77, 2, 2])
-    w0.store(peer, bytes(range(32)), Tep.X25519, Aead.AES_128_GCM, "A", now=100.0)
+    w0.store(peer, bytes(range(32)), Tep.X25519, Aead.AES_128_GCM, Role.A, now=100.0)
     assert len(w0.info(100.0)) == 1  # answered after the store, on the same socket: it is in
     offer = w1.take_for_offer(peer, (Tep.X25519,), now=101.0)
-    assert offer is not None and offer.tep is Tep.X25519 and offer.original_role == "A"
+    assert offer is not None and offer.tep is Tep.X25519 and offer.original_role is Role.A
     again = w0.take_for_offer(peer, (Tep.X25519,), now=101.0)
     assert again is not None and again.ss != offer.ss  # the next secret, ss[i+1]
     assert w0.info(101.0)[0]["resumptions"] == 2 and "ss" not in json.dumps(w0.info(101.0))

@@ -1,7 +1,7 @@
 """Captures for the decode tests, built from the real protocol bytes of the in-memory engine pair.
 
 scapy writes the files (pcap with linktype 101 for raw IP; pcapng through
-RawPcapNgWriter); the packets come from `tests.core.tcpmodel.Pair`.
+RawPcapNgWriter); the packets come from `nfq_tcpcrypt.lab.tcpmodel.Pair`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from scapy.utils import PcapWriter, RawPcapNgWriter
 
 from nfq_tcpcrypt.core.wire.tcp import parse_segment, serialize_segment
-from tests.core.tcpmodel import A_IP, Pair, seeded_config
+from nfq_tcpcrypt.lab.tcpmodel import A_IP, Pair, seeded_config
 
 MASK = 0xFFFFFFFF
 

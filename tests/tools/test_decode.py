@@ -16,8 +16,8 @@ from nfq_tcpcrypt.core.constants import TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, Aead
 from nfq_tcpcrypt.core.kex import KeySchedule, next_session_secret, resume_identifier, session_secret
 from nfq_tcpcrypt.core.wire.eno import NON_SYN_ENO, EnoOption, TepSuboption, serialize_eno
 from nfq_tcpcrypt.core.wire.tcp import new_segment, parse_options, parse_segment, serialize_segment
+from nfq_tcpcrypt.lab.tcpmodel import A_IP, B_IP
 from nfq_tcpcrypt.tools.decode import add_parser, decode_pcap, render_json, render_text, run
-from tests.core.tcpmodel import A_IP, B_IP
 from tests.tools.captures import (
     data_packets,
     ethernet,

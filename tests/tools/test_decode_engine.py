@@ -8,8 +8,8 @@ import itertools
 import pytest
 
 from nfq_tcpcrypt.core.constants import AEAD_NAMES, Aead, Tep
+from nfq_tcpcrypt.lab.tcpmodel import Pair, seeded_config
 from nfq_tcpcrypt.tools.decode import decode_pcap
-from tests.core.tcpmodel import Pair, seeded_config
 from tests.tools.captures import write_pcap
 
 
@@ -91,7 +91,7 @@ def test_retransmission_with_different_bytes_is_flagged(tmp_path):
     """A segment resent at the same offset with other bytes (an injected forgery) is a problem;
     genuine retransmissions (byte-identical) are not."""
     from nfq_tcpcrypt.core.wire.tcp import parse_segment, serialize_segment
-    from tests.core.tcpmodel import A_IP
+    from nfq_tcpcrypt.lab.tcpmodel import A_IP
 
     log: list[str] = []
     wire = _talk(_pair(log), b"q" * 20_000, b"r" * 100)

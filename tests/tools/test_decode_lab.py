@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nfq_tcpcrypt.labnet import HTTP_PORT, Topology, http_transfer
+from nfq_tcpcrypt.lab.net import HTTP_PORT, Topology, http_transfer
 from nfq_tcpcrypt.tools.decode import decode_pcap, render_text
 from tests.integration.conftest import lab_topology
 

@@ -1,15 +1,73 @@
-"""Init1 and Init2, the key-exchange messages of tcpcrypt (RFC 8548 §4.1)."""
+"""The wire format of tcpcrypt: Init1 and Init2 (RFC 8548 §4.1) and frames (RFC 8548 §4.2)."""
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
 
-from ..constants import INIT1_MAGIC, INIT2_MAGIC, N_A_LEN, N_B_LEN, Tep
+from ..constants import (
+    CONTROL_REKEY,
+    FLAG_FINP,
+    FLAG_URGP,
+    FRAME_HEADER_LEN,
+    INIT1_MAGIC,
+    INIT2_MAGIC,
+    N_A_LEN,
+    N_B_LEN,
+    Tep,
+)
 from ..errors import MalformedSegment
 from ..kex import public_key_length
 
 _HEAD = struct.Struct("!II")
+
+FRAME_HEADER = struct.Struct("!BH")
+"""A frame's header, `control | clen` (RFC 8548 §4.2); it is also the AEAD's associated data."""
+
+
+def pack_frame_header(clen: int, rekey: bool) -> bytes:
+    """The header of a frame whose ciphertext (tag included) is `clen` bytes."""
+    return FRAME_HEADER.pack(CONTROL_REKEY if rekey else 0, clen)
+
+
+def unpack_frame_header(buf: bytes | bytearray | memoryview, at: int = 0) -> tuple[int, int]:
+    """(control, clen) of the frame at `at`; the caller checks that FRAME_HEADER_LEN bytes exist."""
+    control, clen = FRAME_HEADER.unpack_from(buf, at)
+    return control, clen
+
+
+def frame_size(buf: bytes | bytearray, at: int = 0) -> int | None:
+    """Header plus ciphertext of the frame at `at`, or None while its header is incomplete."""
+    if len(buf) - at < FRAME_HEADER_LEN:
+        return None
+    return FRAME_HEADER_LEN + ((buf[at + 1] << 8) | buf[at + 2])
+
+
+def is_rekey(control: int) -> bool:
+    """The control byte's rekey bit: the frame is the first of the sender's next key set (§3.8)."""
+    return bool(control & CONTROL_REKEY)
+
+
+def control_known(control: int) -> bool:
+    """No control bit set that RFC 8548 §4.2 does not define (they MUST be zero)."""
+    return not control & ~CONTROL_REKEY
+
+
+def frame_plaintext(data: bytes, finp: bool) -> bytes:
+    """The plaintext sealed in a frame: the flags byte (FINp on the stream's last frame), then data."""
+    return bytes((FLAG_FINP if finp else 0,)) + data
+
+
+def frame_data(plaintext: bytes) -> tuple[bytes, bool]:
+    """(application data, FINp) of an opened frame's plaintext (flags byte first, §4.2); the
+    2-byte urgent pointer of a URGp frame is skipped (RFC 8548 §3.7: urgent data is never used)."""
+    flags = plaintext[0]
+    return (plaintext[3:] if flags & FLAG_URGP else plaintext[1:]), bool(flags & FLAG_FINP)
+
+
+def frame_urgent(plaintext: bytes) -> bool:
+    """Whether an opened frame's flags byte has URGp."""
+    return bool(plaintext[0] & FLAG_URGP)
 
 
 @dataclass(frozen=True, slots=True)

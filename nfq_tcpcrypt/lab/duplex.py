@@ -1,8 +1,8 @@
 """Traffic both ways at once for the lab and the benchmarks: each side of every connection sends
 its own deterministic bytes while it receives the other's, then reports what it received.
 
-    python -m nfq_tcpcrypt.tools.duplex serve ADDR PORT --send N [--connections K] [options]
-    python -m nfq_tcpcrypt.tools.duplex connect ADDR PORT --send N [--connections K] [options]
+    python -m nfq_tcpcrypt.lab.duplex serve ADDR PORT --send N [--connections K] [options]
+    python -m nfq_tcpcrypt.lab.duplex connect ADDR PORT --send N [--connections K] [options]
 
 The server prints "ready" once it listens. Each side ends with one JSON line: per connection the
 bytes received and their SHA-256 (compare with `expected_sha256` of the peer's `--send`), or the

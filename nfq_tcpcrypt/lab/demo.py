@@ -1,6 +1,6 @@
-"""`nfq-tcpcrypt lab`: the two-namespace demo of issue 2, built from the same helpers as the tests.
+"""`nfq-tcpcrypt lab`: the two-namespace demo (README: Try it), built from the same helpers as the tests.
 
-Its final proof is `decode` (issue 6): the capture of the wire plus the daemons' key logs give the
+Its final proof is `decode`: the capture of the wire plus the daemons' key logs give the
 negotiation, the session ID and the verified plaintext, which must match what the daemons and the
 served file say.
 """
@@ -16,8 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .labnet import HTTP_PORT, Topology, http_transfer, shell_faults
-from .tools.decode import DecodeReport, decode_pcap, render_text
+from ..tools.decode import DecodeReport, decode_pcap, render_text
+from .net import HTTP_PORT, Topology, http_transfer, shell_faults
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -127,7 +127,7 @@ def transfer_checks(
 ) -> list[tuple[str, bool]]:
     """The namespace lab's checks of one encrypted HTTP transfer (sessions, digests, wire, decode).
 
-    `result` is a `labnet.TransferResult`; `sides` name the two daemons in it (client side first).
+    `result` is a `lab.net.TransferResult`; `sides` name the two daemons in it (client side first).
     The Vagrant lab (vagrant/) runs the same checks on its VMs."""
     checks: list[tuple[str, bool]] = []
     a, b = result.session_for(sides[0]), result.session_for(sides[1])

@@ -1,20 +1,20 @@
-"""Two-namespace lab topology and the helpers that move traffic across it (DESIGN.md §8, STYLE.md §10).
+"""Two-namespace lab topology and the helpers that move traffic across it (README: Benchmark, Layout).
 
 One module, used by the integration tests, `nfq-tcpcrypt lab` and `bench/throughput`, so that each
 thing (build the namespaces, start a daemon, capture, transfer a file) is done one way only.
 
 Topology: namespaces "a" and "b" (named with the pid and a random tag, so runs never collide), each
-with `lo` up, joined by a veth pair (MTU 1500, never `lo`: see platform notes §4 on the 4016-byte
-copy) with 10.77.0.1/24 in a and 10.77.0.2/24 in b. Nothing is configured outside them, and
+with `lo` up, joined by a veth pair (MTU 1500, never `lo`: docs/architecture.md, "The NFQUEUE binding",
+on the 4016-byte copy) with 10.77.0.1/24 in a and 10.77.0.2/24 in b. Nothing is configured outside them, and
 `Topology.__exit__` always kills what it started there and deletes both, also on KeyboardInterrupt.
 
-`Topology(router=True)` puts a third namespace "r" between them (issue 4: middleboxes in the path):
+`Topology(router=True)` puts a third namespace "r" between them (middleboxes in the path):
 a --veth-a/veth-ra-- r --veth-rb/veth-b-- b, two subnets (10.77.1.0/24 and 10.77.2.0/24, fd77:1::/64
 and fd77:2::/64), each host's default route via r, forwarding on in r only. The hosts' addresses
 are then `topo.addresses` (10.77.1.1 and 10.77.2.2); every helper here takes them from the topology.
 Run as a gateway (`--mode gateway`), r's outside interface is `topo.outside["r"]` (veth-rb, toward b).
 
-`Topology(gateways=True)` is two sites (gateway mode, DESIGN.md §1): a --veth-a/veth-ga-- ga
+`Topology(gateways=True)` is two sites (README: Gateway mode): a --veth-a/veth-ga-- ga
 --veth-gaw/veth-gbw-- gb --veth-gb/veth-b-- b. The inside links are 10.77.1.0/24 and 10.77.2.0/24 (the
 same host addresses as the router shape), the "internet" between the gateways 10.77.3.0/24, ga
 10.77.3.1 and gb 10.77.3.2 (fd77:1::/64, fd77:2::/64, fd77:3::/64). Each host's default route goes
@@ -412,7 +412,7 @@ class Daemon:
 
     def counters(self) -> dict[str, int]:
         """Engine and shell counters from the control socket."""
-        from .shell.control import query
+        from ..shell.control import query
 
         counters: dict[str, int] = query(self.control, "counters")
         return counters
@@ -459,7 +459,7 @@ def start_daemon(
     environment variable NFQ_TCPCRYPT_QUEUE_BACKEND, when set, becomes `--queue-backend` (unless
     `extra` names one), so the integration suite runs on either backend.
     """
-    from .shell.control import query
+    from ..shell.control import query
 
     control = str(workdir / f"{side}.sock")
     keylog = str(workdir / f"{side}.keys")
@@ -732,7 +732,7 @@ def http_transfer(
     analysed into `result.wire`; `inside_capture_at` adds a second capture (e.g. on an inside link
     of a gateway), analysed into `result.inside_wire`.
     """
-    from .tools.pcapcheck import analyze
+    from ..tools.pcapcheck import analyze
 
     served = workdir / "www"
     served.mkdir(exist_ok=True)
@@ -747,9 +747,8 @@ def http_transfer(
             mode = "gateway" if side in gateway_sides else "host"
             extra = [*(["--ipv6"] if ipv6 else []), *(daemon_args or {}).get(side, ())]
             daemons[side] = start_daemon(topo, side, workdir, extra, mode=mode, program=daemon_program)
-        if wire_loss:
-            for side in loss_sides:
-                drop_on_wire(topo, side, wire_loss, ipv6)
+        for side in loss_sides if wire_loss else ():
+            drop_on_wire(topo, side, wire_loss, ipv6)
         with contextlib.ExitStack() as captures:
             capture_stats = captures.enter_context(capture(topo, capture_at[0], pcap, ifname=capture_at[1]))
             if inside_capture_at is not None and inside_pcap is not None:
@@ -766,29 +765,26 @@ def http_transfer(
     needles = {f"marker{i}": marker for i, marker in enumerate(markers)}
     needles["http-status-line"] = b"HTTP/1.0 200"
     addresses = topo.addresses6 if ipv6 else topo.addresses
-    wire = analyze(pcap, addresses["a"], addresses["b"], HTTP_PORT, needles)
-    inside_wire = None
-    if inside_pcap is not None:
-        inside_wire = analyze(inside_pcap, addresses["a"], addresses["b"], HTTP_PORT, needles)
-    keylogs = {
-        side: Path(daemon.keylog).read_text()
-        for side, daemon in daemons.items()
-        if Path(daemon.keylog).exists()
-    }
     return TransferResult(
         sent_sha256=sha256_file(source),
         received_sha256=sha256_file(received),
-        wire=wire,
+        wire=analyze(pcap, addresses["a"], addresses["b"], HTTP_PORT, needles),
         sessions=sessions,
         counters=counters,
-        keylogs=keylogs,
+        keylogs=_keylogs(daemons),
         daemons=daemons,
         pcap=pcap,
         capture=capture_stats,
         fetch_seconds=fetch_seconds,
-        inside_wire=inside_wire,
+        inside_wire=None if inside_pcap is None else analyze(inside_pcap, addresses["a"], addresses["b"],
+                                                             HTTP_PORT, needles),
         inside_pcap=inside_pcap,
     )
+
+
+def _keylogs(daemons: Mapping[str, Daemon]) -> dict[str, str]:
+    """Each daemon's key log, for those that wrote one."""
+    return {side: Path(d.keylog).read_text() for side, d in daemons.items() if Path(d.keylog).exists()}
 
 
 def daemon_rules(topo: Topology, side: str, ipv6: bool = False) -> list[str]:
@@ -851,7 +847,7 @@ DUPLEX_PORT = 8090
 
 @dataclass
 class DuplexResult:
-    """One `tools.duplex` run between a (client) and b (server): what each side received."""
+    """One `lab.duplex` run between a (client) and b (server): what each side received."""
 
     client: dict[str, Any]
     server: dict[str, Any]
@@ -864,7 +860,7 @@ class DuplexResult:
 
 def duplex_needles(a_sends: int, b_sends: int, count: int = 8, length: int = 32) -> dict[str, bytes]:
     """Chunks of both directions' payloads to look for on the wire (plaintext leaks)."""
-    from .tools.duplex import payload
+    from .duplex import payload
 
     needles = {}
     for role, size in (("client", a_sends), ("server", b_sends)):
@@ -889,10 +885,10 @@ def duplex_transfer(
 ) -> DuplexResult:
     """`connections` TCP connections from a to b; on each, a sends `a_sends` bytes while b sends
     `b_sends`. Checks both digests of every connection (`DuplexResult.problems`)."""
-    from .tools.duplex import expected_sha256
+    from .duplex import expected_sha256
 
     address = (topo.addresses6 if ipv6 else topo.addresses)["b"]
-    program = [sys.executable, "-m", "nfq_tcpcrypt.tools.duplex"]
+    program = [sys.executable, "-m", "nfq_tcpcrypt.lab.duplex"]
     common = ["--connections", str(connections), "--timeout", str(min(timeout, 60.0))]
     server = start_ready(
         topo, "b", [*program, "serve", address, str(port), "--send", str(b_sends), *common, *server_args], "ready"
