@@ -216,7 +216,7 @@ def serve_cache(cache: ResumptionCache, message: dict[str, Any]) -> dict[str, An
         reply["error"] = f"unknown op {op!r}"
     if found is not None:
         reply["resumable"] = {"ss": found.ss.hex(), "resume_id": found.resume_id.hex(), "tep": int(found.tep),
-                              "aead": int(found.aead), "original_role": found.original_role.value}  # fmt: skip
+                              "aead": int(found.aead), "original_role": str(found.original_role)}  # fmt: skip
     return reply
 
 

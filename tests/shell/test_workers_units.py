@@ -91,7 +91,7 @@ def test_a_late_answer_is_not_taken_for_the_next_one() -> None:
     threading.Thread(target=_supervisor, args=(cache, parent, [0.5]), daemon=True).start()
     remote = RemoteCache(child, timeout=0.1)
     peer = bytes([10, 0, 0, 1])
-    cache.store(peer, bytes(32), Tep.X25519, Aead.AES_128_GCM, "B", 0.0)
+    cache.store(peer, bytes(32), Tep.X25519, Aead.AES_128_GCM, Role.B, 0.0)
     assert remote.take_for_offer(peer, (Tep.X25519,), now=1.0) is None  # timed out: a fresh exchange
     assert remote.failures == 1
     threading.Event().wait(0.6)
