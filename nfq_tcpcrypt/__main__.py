@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import sys
+from typing import Any
 
 from .shell.control import DEFAULT_PATH
 from .tools import decode as decode_tool
@@ -195,12 +196,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sessions(args: argparse.Namespace) -> int:
-    from .shell.control import query
-
-    try:
-        table = query(args.control, "sessions")
-    except OSError as exc:
-        print(f"nfq-tcpcrypt: cannot reach the daemon at {args.control}: {exc}", file=sys.stderr)
+    table = _query(args, "sessions")
+    if table is _UNREACHABLE:
         return 2
     if args.json:
         print(json.dumps(table, indent=2))
@@ -225,14 +222,10 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from .shell.control import query
-
     params = {"peer": args.peer} if getattr(args, "peer", None) else {}
     cmd = "cache" if args.action == "show" else "cache_flush"
-    try:
-        reply = query(args.control, cmd, params=params)
-    except OSError as exc:
-        print(f"nfq-tcpcrypt: cannot reach the daemon at {args.control}: {exc}", file=sys.stderr)
+    reply = _query(args, cmd, params=params)
+    if reply is _UNREACHABLE:
         return 2
     if isinstance(reply, dict) and "error" in reply:
         print(f"nfq-tcpcrypt: {reply['error']}", file=sys.stderr)
@@ -251,12 +244,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .shell.control import query
-
-    try:
-        doc = query(args.control, "status")
-    except OSError as exc:
-        print(f"nfq-tcpcrypt: cannot reach the daemon at {args.control}: {exc}", file=sys.stderr)
+    doc = _query(args, "status")
+    if doc is _UNREACHABLE:
         return 2
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -279,15 +268,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_metrics(args: argparse.Namespace) -> int:
-    from .shell.control import query
-
-    try:
-        reply = query(args.control, "metrics")
-    except OSError as exc:
-        print(f"nfq-tcpcrypt: cannot reach the daemon at {args.control}: {exc}", file=sys.stderr)
+    reply = _query(args, "metrics")
+    if reply is _UNREACHABLE:
         return 2
     sys.stdout.write(reply["text"])
     return 0
+
+
+_UNREACHABLE = object()
+
+
+def _query(args: argparse.Namespace, cmd: str, params: dict[str, str] | None = None) -> Any:
+    """The daemon's answer to `cmd` on its control socket, or _UNREACHABLE (said on stderr)."""
+    from .shell.control import query
+
+    try:
+        return query(args.control, cmd, params=params)
+    except OSError as exc:
+        print(f"nfq-tcpcrypt: cannot reach the daemon at {args.control}: {exc}", file=sys.stderr)
+        return _UNREACHABLE
 
 
 def _print_table(columns: list[str], table: list[dict[str, object]]) -> None:

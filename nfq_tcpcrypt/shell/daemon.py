@@ -181,8 +181,6 @@ def run_daemon(options: DaemonOptions) -> int:
             nonlocal status
             if installed.remove():
                 status = 1
-            else:
-                logger.info("rules removed")
 
         stack.callback(remove_rules)
         stack.callback(abort_encrypted, engine, loop)  # runs before remove_rules

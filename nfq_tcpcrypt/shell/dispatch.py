@@ -61,6 +61,16 @@ class _Program:
         return f"{len(self.ins)},{body}"
 
 
+def _xor_ports_then_mix(prog: _Program) -> None:
+    """A = the TCP header's source port ^ destination port (X: its offset); on to "mix"."""
+    prog.op(_LD | _H | _IND, 0)
+    prog.op(_ST, 1)
+    prog.op(_LD | _H | _IND, 2)
+    prog.op(_LDX | _MEM, 1)
+    prog.op(_ALU | _XOR | _X)
+    prog.jeq(0, "mix", "mix")
+
+
 def program(family: str, workers: int, worker: int) -> str:
     """The `--bytecode` text that matches the packets of `worker` (0-based) out of `workers`."""
     if not 0 <= worker < workers:
@@ -79,12 +89,7 @@ def program(family: str, workers: int, worker: int) -> str:
         prog.op(_ALU | _XOR | _X)
         prog.op(_ST, 0)  # M[0] = saddr ^ daddr
         prog.op(_LDX | _B | _MSH, 0)  # X = 4 * IHL
-        prog.op(_LD | _H | _IND, 0)
-        prog.op(_ST, 1)
-        prog.op(_LD | _H | _IND, 2)
-        prog.op(_LDX | _MEM, 1)
-        prog.op(_ALU | _XOR | _X)
-        prog.jeq(0, "mix", "mix")
+        _xor_ports_then_mix(prog)
         prog.label("icmp")
         # inner header at X + 8: addresses at X + 20 and X + 24, ports after the inner IHL
         prog.op(_LDX | _B | _MSH, 0)
@@ -106,12 +111,7 @@ def program(family: str, workers: int, worker: int) -> str:
         prog.op(_LDX | _MEM, 3)
         prog.op(_ALU | _ADD | _X)
         prog.op(_MISC | _TAX)  # X = offset of the inner TCP header
-        prog.op(_LD | _H | _IND, 0)
-        prog.op(_ST, 1)
-        prog.op(_LD | _H | _IND, 2)
-        prog.op(_LDX | _MEM, 1)
-        prog.op(_ALU | _XOR | _X)
-        prog.jeq(0, "mix", "mix")
+        _xor_ports_then_mix(prog)
     elif family == "ipv6":
         prog.op(_LD | _B | _ABS, 6)  # next header (extension headers: hashed as "other")
         prog.jeq(6, "tcp", "not_tcp")

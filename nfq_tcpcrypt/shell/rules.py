@@ -271,6 +271,8 @@ class InstalledRules:
             del self.texts[family]
         for problem in problems:
             logger.error("rule removal: %s", problem)
+        if not problems:
+            logger.info("rules removed")
         return problems
 
 

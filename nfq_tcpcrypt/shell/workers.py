@@ -520,8 +520,6 @@ def run_workers(options: DaemonOptions, workers: int) -> int:
             nonlocal status
             if installed.remove():
                 status = 1
-            else:
-                logger.info("rules removed")
 
         stack.callback(remove_rules)
 
