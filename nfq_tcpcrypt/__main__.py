@@ -23,6 +23,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    _add_run_parser(sub)
+    _add_control_parsers(sub)
+    decode_tool.add_parser(sub)
+
+    lab = sub.add_parser("lab", help="demo: two network namespaces, an encrypted HTTP transfer, checks")
+    lab.add_argument("--size", type=int, default=4 * 1024 * 1024, help="bytes to transfer (default 4 MiB)")
+    lab.add_argument("--keep", metavar="DIR", help="keep the capture, key logs and daemon logs in DIR")
+    return parser
+
+
+def _add_run_parser(sub: Any) -> None:
+    """`run`: the daemon and every option of its config file (README: Usage)."""
     run = sub.add_parser(
         "run",
         help="run the daemon in the foreground until SIGINT/SIGTERM",
@@ -128,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--log-level", dest="sub_log_level", default=None, help="DEBUG, INFO, WARNING, ERROR")
 
+
+def _add_control_parsers(sub: Any) -> None:
+    """The commands that ask a running daemon or clean up after one: sessions, status, metrics,
+    rules, cache."""
     sessions = sub.add_parser("sessions", help="show the daemon's session table")
     sessions.add_argument("--json", action="store_true", help="print a JSON array")
     sessions.add_argument("--control", default=DEFAULT_PATH)
@@ -155,13 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
     cache_flush = cache_sub.add_parser("flush", help="forget cached secrets: the next connections are fresh")
     cache_flush.add_argument("--peer", metavar="IP", help="only this peer's entries")
     cache_flush.add_argument("--control", default=DEFAULT_PATH)
-
-    decode_tool.add_parser(sub)
-
-    lab = sub.add_parser("lab", help="demo: two network namespaces, an encrypted HTTP transfer, checks")
-    lab.add_argument("--size", type=int, default=4 * 1024 * 1024, help="bytes to transfer (default 4 MiB)")
-    lab.add_argument("--keep", metavar="DIR", help="keep the capture, key logs and daemon logs in DIR")
-    return parser
 
 
 def _setup_logging(level: str) -> None:
