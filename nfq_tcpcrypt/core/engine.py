@@ -237,6 +237,8 @@ class Engine:
 
     def segments_to_inject(self) -> list[Injection]:
         """Packets the shell must send through its marked raw sockets, in order."""
+        if not self._inject:
+            return []
         out, self._inject[:] = list(self._inject), []
         self.counters["injected"] += len(out)
         return out
