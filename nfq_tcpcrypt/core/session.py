@@ -195,7 +195,8 @@ class Session:
             new = TRANSITIONS[(self.state, trigger)]
         except KeyError:
             raise LocalProtocolError(f"no transition from {self.state.value} on {trigger.value}") from None
-        logger.debug("%s: %s -> %s (%s)", self.flow, self.state.value, new.value, trigger.value)
+        # StrEnums format as their values: nothing is formatted unless DEBUG is on.
+        logger.debug("%s: %s -> %s (%s)", self.flow, self.state, new, trigger)
         self.state = new
         self.keys_ready = new in _KEYED or (new is State.CLOSED and self.session_id is not None)
         if trigger in _ENDING and self.closed_at is None:
