@@ -74,7 +74,9 @@ class _Entry:
             ss = next_session_secret(bytes(self.window[-1]))
             self.window.append(bytearray(ss))
             self.ids.append(resume_identifier(ss))
-        self.halves = [self._resumable(ahead).peer_half for ahead in range(LOOKAHEAD)]
+        # The peer's halves (Resumable.peer_half), without building a Resumable for each.
+        peer_half = slice(9, None) if self.original_role is Role.A else slice(None, 9)
+        self.halves = [rid[peer_half] for rid in self.ids]
 
     def _resumable(self, ahead: int) -> Resumable:
         return Resumable(bytes(self.window[ahead]), self.ids[ahead], self.tep, self.aead, self.original_role)
