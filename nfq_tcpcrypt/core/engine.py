@@ -35,6 +35,10 @@ class Engine:
         self._events: deque[Event] = deque()
         self._inject: list[Injection] = []
         self._next_sweep: float | None = None
+        # Sessions that armed a timer since they were last seen with none, oldest first:
+        # get_timer and handle_timer look at these only (a table of thousands of idle or lingering
+        # sessions costs nothing per packet).
+        self._armed: dict[Session, None] = {}
         self.cache = ResumptionCache(
             self.config.resume_cache_size, self.config.resume_ttl, self.config.resume_per_peer
         )
@@ -201,7 +205,8 @@ class Engine:
         old = self._sessions.get(flow)
         if old is not None:
             old.wipe_secrets()  # port reuse: the old connection is over
-        session = Session(flow, self.config, self._events.append, self._inject.append, self.cache, self.ooo_budget)
+        session = Session(flow, self.config, self._events.append, self._inject.append, self.cache, self.ooo_budget,
+                          self._armed)
         self._sessions[flow] = session
         self._unkeyed.pop(flow, None)
         self._unkeyed[flow] = session
@@ -232,21 +237,33 @@ class Engine:
 
     def segments_to_inject(self) -> list[Injection]:
         """Packets the shell must send through its marked raw sockets, in order."""
+        if not self._inject:
+            return []
         out, self._inject[:] = list(self._inject), []
         self.counters["injected"] += len(out)
         return out
 
     def get_timer(self) -> float | None:
         """The next deadline (same clock as `now`), or None."""
-        deadlines = [s.timer_at for s in self._sessions.values() if s.timer_at is not None]
-        if self._next_sweep is not None:
-            deadlines.append(self._next_sweep)
-        return min(deadlines) if deadlines else None
+        earliest = self._next_sweep
+        sessions = self._sessions
+        for session in list(self._armed):
+            at = session.timer_at
+            if at is None or sessions.get(session.flow) is not session:
+                del self._armed[session]  # no deadline left, or no longer in the table
+            elif earliest is None or at < earliest:
+                earliest = at
+        return earliest
 
     def handle_timer(self, now: float) -> None:
         """Run everything due at `now`: Init retransmissions and the session sweep."""
-        for session in list(self._sessions.values()):
-            if session.timer_at is not None and session.timer_at <= now:
+        sessions = self._sessions
+        for session in list(self._armed):
+            if sessions.get(session.flow) is not session:
+                self._armed.pop(session, None)
+                continue
+            at = session.timer_at
+            if at is not None and at <= now:
                 session.handle_timer(now)
         if self._next_sweep is not None and self._next_sweep <= now:
             self._next_sweep = None

@@ -6,7 +6,6 @@ options negotiated (roles, TEP, transcript). The session decides when to call th
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -161,13 +160,13 @@ def _valid_teps(config: Configuration, option: EnoOption) -> set[int]:
     only meaningful as a resumption request; until resumption is in use, a TEP with data counts as
     a fresh offer (a v=1 offer implies a fresh key exchange is acceptable, RFC 8548 §3.2).
     """
-    return unrepeated_teps(option) & {int(t) for t in config.teps}
+    return unrepeated_teps(option).intersection(config.teps)  # Tep is an IntEnum: hashed as its int
 
 
 def unrepeated_teps(option: EnoOption) -> set[int]:
     """The TEPs `option` lists exactly once: tcpcrypt defines no repeated suboptions (§4.5 rule 2)."""
-    counts = Counter(sub.tep for sub in option.teps)
-    return {tep for tep, n in counts.items() if n == 1}
+    teps = [sub.tep for sub in option.teps]  # a few at most (40 bytes of options)
+    return {tep for tep in teps if teps.count(tep) == 1}
 
 
 def eno_options(options: list[tuple[int, bytes]]) -> list[bytes]:

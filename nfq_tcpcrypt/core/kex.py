@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import struct
 from dataclasses import dataclass, field
@@ -108,13 +107,15 @@ def extract(salt: bytes, ikm: bytes) -> bytes:
 
 def cprf(key: bytes, info: bytes, length: int) -> bytes:
     """CPRF = HKDF-Expand-SHA256 (RFC 8548 §3.1, §5; RFC 5869 §2.3)."""
+    if length <= 32:  # one block, T(1) (every CPRF of the protocol but 44-byte traffic keys)
+        return hmac.digest(key, info + b"\x01", "sha256")[:length]
     if length > 255 * 32:
         raise ValueError(f"cprf length {length} exceeds 255 blocks")
     out = b""
     block = b""
     counter = 1
     while len(out) < length:
-        block = hmac.digest(key, block + info + bytes((counter,)), hashlib.sha256)
+        block = hmac.digest(key, block + info + bytes((counter,)), "sha256")
         out += block
         counter += 1
     return out[:length]

@@ -45,11 +45,15 @@ class Resumable:
 
 
 class _Entry:
-    __slots__ = ("peer", "ss", "index", "tep", "aead", "original_role", "expires_at", "uses", "halves")
+    __slots__ = ("peer", "window", "ids", "index", "tep", "aead", "original_role", "expires_at", "uses", "halves")
 
     def __init__(self, peer: bytes, ss: bytes, tep: Tep, aead: Aead, role: Role, expires_at: float) -> None:
         self.peer = peer
-        self.ss = bytearray(ss)  # ss[index]: the next unused secret
+        # ss[index .. index+LOOKAHEAD-1] and their resume identifiers: each derived once, when the
+        # window reaches it (all follow from ss[index], which the entry holds anyway); a secret
+        # left behind is zeroed.
+        self.window = [bytearray(ss)]
+        self.ids = [resume_identifier(ss)]
         self.index = 1
         self.tep = tep
         self.aead = aead
@@ -57,35 +61,49 @@ class _Entry:
         self.expires_at = expires_at
         self.uses = 0
         self.halves: list[bytes] = []  # the peer's identifier halves of ss[index .. index+LOOKAHEAD-1]
-        self._look_ahead()
+        self._fill()
 
-    def _look_ahead(self) -> None:
-        """Derive the identifier halves a peer may send next, once per step (not per SYN)."""
-        ss = bytes(self.ss)
-        halves = []
-        for ahead in range(LOOKAHEAD):
-            if ahead:
-                ss = next_session_secret(ss)
-            halves.append(Resumable(ss, resume_identifier(ss), self.tep, self.aead, self.original_role).peer_half)
-        self.halves = halves
+    @property
+    def ss(self) -> bytearray:
+        """ss[index]: the next unused secret."""
+        return self.window[0]
+
+    def _fill(self) -> None:
+        """Extend the window to LOOKAHEAD secrets and note the halves a peer may send next."""
+        while len(self.window) < LOOKAHEAD:
+            ss = next_session_secret(bytes(self.window[-1]))
+            self.window.append(bytearray(ss))
+            self.ids.append(resume_identifier(ss))
+        # The peer's halves (Resumable.peer_half), without building a Resumable for each.
+        peer_half = slice(9, None) if self.original_role is Role.A else slice(None, 9)
+        self.halves = [rid[peer_half] for rid in self.ids]
+
+    def _resumable(self, ahead: int) -> Resumable:
+        return Resumable(bytes(self.window[ahead]), self.ids[ahead], self.tep, self.aead, self.original_role)
 
     def advance(self, steps: int) -> None:
         """Move to ss[index + steps], zeroing the secrets left behind."""
         for _ in range(steps):
-            nxt = next_session_secret(bytes(self.ss))
-            self.ss[:] = bytes(len(self.ss))
-            self.ss = bytearray(nxt)
+            if len(self.window) == 1:
+                self.window.append(bytearray(next_session_secret(bytes(self.window[0]))))
+                self.ids.append(resume_identifier(bytes(self.window[1])))
+            left = self.window.pop(0)
+            left[:] = bytes(len(left))
+            self.ids.pop(0)
             self.index += 1
-        self._look_ahead()
+        self._fill()
 
     def resumable(self, ahead: int = 0) -> Resumable:
-        ss = bytes(self.ss)
-        for _ in range(ahead):
+        if ahead < len(self.window):
+            return self._resumable(ahead)
+        ss = bytes(self.window[-1])
+        for _ in range(ahead - len(self.window) + 1):
             ss = next_session_secret(ss)
         return Resumable(ss, resume_identifier(ss), self.tep, self.aead, self.original_role)
 
     def wipe(self) -> None:
-        self.ss[:] = bytes(len(self.ss))
+        for ss in self.window:
+            ss[:] = bytes(len(ss))
 
     def __repr__(self) -> str:
         return f"_Entry(index={self.index}, tep={self.tep.name}, uses={self.uses})"

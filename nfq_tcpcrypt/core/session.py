@@ -142,7 +142,7 @@ class Session:
     def __init__(
         self, flow: FlowKey, config: Configuration, emit: Callable[[Event], None],
         inject: Callable[[Injection], None], cache: ResumptionCache | None = None,
-        ooo_budget: Budget | None = None,
+        ooo_budget: Budget | None = None, armed: dict[Session, None] | None = None,
     ) -> None:
         self._cache = cache
         self._ooo_budget = ooo_budget
@@ -169,7 +169,7 @@ class Session:
         self.created_at = 0.0
         self.last_seen = 0.0
         self.closed_at: float | None = None
-        self._timers = Timers()
+        self._timers = Timers(armed, self)
         self.tx = StreamTranslator(flow, config, inject, self._timers, self)
         self._tail_tries = 0
         self._schedule: KeySchedule | None = None
@@ -195,7 +195,8 @@ class Session:
             new = TRANSITIONS[(self.state, trigger)]
         except KeyError:
             raise LocalProtocolError(f"no transition from {self.state.value} on {trigger.value}") from None
-        logger.debug("%s: %s -> %s (%s)", self.flow, self.state.value, new.value, trigger.value)
+        # StrEnums format as their values: nothing is formatted unless DEBUG is on.
+        logger.debug("%s: %s -> %s (%s)", self.flow, self.state, new, trigger)
         self.state = new
         self.keys_ready = new in _KEYED or (new is State.CLOSED and self.session_id is not None)
         if trigger in _ENDING and self.closed_at is None:

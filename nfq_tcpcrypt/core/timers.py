@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 
 class Timer(StrEnum):
@@ -16,12 +17,23 @@ class Timer(StrEnum):
 
 class Timers(dict[Timer, float]):
     """Deadlines by kind; a kind armed again moves its deadline. A dict, so that the engine's
-    frequent question (the earliest deadline) is one builtin call."""
+    frequent question (the earliest deadline) is one builtin call.
 
-    __slots__ = ()
+    `armed` (the engine's, shared by all sessions) learns `owner` whenever a timer is armed, so the
+    engine looks only at sessions that may have a deadline, not at the whole table; it drops an
+    owner whose timers have all gone."""
+
+    __slots__ = ("_armed", "_owner")
+
+    def __init__(self, armed: dict[Any, None] | None = None, owner: object = None) -> None:
+        super().__init__()
+        self._armed = armed
+        self._owner = owner
 
     def arm(self, timer: Timer, when: float) -> None:
         self[timer] = when
+        if self._armed is not None:
+            self._armed[self._owner] = None
 
     def cancel(self, timer: Timer) -> None:
         self.pop(timer, None)
