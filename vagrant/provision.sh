@@ -14,7 +14,7 @@ VENV=/opt/nfq_tcpcrypt/venv
 HERE="$SRC/vagrant"
 export DEBIAN_FRONTEND=noninteractive
 
-packages=(python3 python3-venv iptables tcpdump curl iperf3 iproute2 kmod libnetfilter-queue1)
+packages=(python3 python3-venv iptables nftables tcpdump curl iperf3 iproute2 kmod libnetfilter-queue1)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
