@@ -349,6 +349,14 @@ class StreamTranslator:
                 self._inject_ack(now)  # frames with no plaintext (rekey): our stack will not ACK them
             # Nothing new for our stack; an empty copy would look like a duplicate ACK.
             return self._result(DROP, check_finished=False)
+        elif not out and not fin_now and not data and recv.local_ack == 0:
+            # Our stack has acknowledged none of the peer's bytes: it may have no socket yet (a
+            # SYN-cookie server whose accept queue overflowed dropped the completing ACK and what we
+            # delivered). A pure ACK then completes the handshake only if its seq is the first one
+            # (RFC 4987 §3.6: the cookie check takes seq - 1 as the peer's ISN); at the plain seq
+            # after delivered data it fails and the stack resets. Linux accepts seq at its last
+            # acknowledged point (rcv_wup) on an open socket too.
+            plain_start = 0
         self.bytes_in += len(out) if not redeliver else 0
         seg.flags &= ~(TCP_FIN | TCP_URG | TCP_PSH)
         seg.urgent = 0
