@@ -176,14 +176,23 @@ def run_daemon(options: DaemonOptions) -> int:
             outside=options.outside,
         )
         installed = rules.install(params, families)
+        unreset: list[str] = []
 
         def remove_rules() -> None:
             nonlocal status
-            if installed.remove():
+            problems = installed.keep(unreset[0]) if unreset else installed.remove()
+            if problems:
                 status = 1
 
+        def abort() -> None:
+            try:
+                abort_encrypted(engine, loop)
+            except Exception as exc:  # a broken engine: its connections must not leave in plaintext
+                logger.exception("resetting the encrypted connections failed")
+                unreset.append(f"the reset failed: {type(exc).__name__}")
+
         stack.callback(remove_rules)
-        stack.callback(abort_encrypted, engine, loop)  # runs before remove_rules
+        stack.callback(abort)  # runs before remove_rules
         commands = control_commands(engine, loop)
 
         def counters() -> dict[str, int]:

@@ -254,6 +254,18 @@ class InstalledRules:
         out += [f"{family}: nft {line}" for family, text in self.nft.items() for line in text.splitlines()]
         return out
 
+    def keep(self, reason: str) -> list[str]:
+        """Leave the rules in place because encrypted connections were not reset (`reason`): with
+        them a killed daemon's connections fail closed (README: Fail-open or fail-closed), and so do
+        these. Returns the problem, as `remove` does."""
+        problem = (f"encrypted connections were not reset ({reason}): the rules stay in place so that none "
+                   "of their bytes leaves in plaintext; the next start takes them over, "
+                   "`nfq-tcpcrypt rules remove` removes them")  # fmt: skip
+        logger.error("%s", problem)
+        self.texts.clear()
+        self.nft.clear()
+        return [problem]
+
     def remove(self) -> list[str]:
         """Remove every installed rule and chain; return the problems met (empty when clean)."""
         problems: list[str] = []

@@ -19,8 +19,11 @@ are never logged. A worker that gets no answer within `CACHE_TIMEOUT` goes on wi
 On SIGINT/SIGTERM the supervisor has every worker reset its encrypted connections toward both ends
 (README: Security model), removes the rules, then stops the workers (SIGTERM, then SIGKILL after
 `STOP_TIMEOUT`). A worker that dies stops the whole daemon with status 1 (its flows
-could not be served), so `Restart=on-failure` starts it again. A supervisor that dies (even by
-SIGKILL) takes its workers with it (PR_SET_PDEATHSIG), so `rules remove` leaves nothing running.
+could not be served), so `Restart=on-failure` starts it again; since a dead worker (or one that does
+not answer) cannot reset its encrypted connections, the rules then stay in place and those
+connections fail closed, as a killed daemon's do, until the next start takes the rules over. A
+supervisor that dies (even by SIGKILL) takes its workers with it (PR_SET_PDEATHSIG), so
+`rules remove` leaves nothing running.
 SIGHUP is passed on to every worker.
 """
 
@@ -516,21 +519,30 @@ def run_workers(options: DaemonOptions, workers: int) -> int:
         installed = rules.install(params, families)
         supervisor.installed = installed
 
+        unreset: list[int] = []
+
         def remove_rules() -> None:
             nonlocal status
-            if installed.remove():
+            if unreset:
+                problems = installed.keep(f"worker(s) {', '.join(map(str, unreset))} did not reset theirs")
+            else:
+                problems = installed.remove()
+            if problems:
                 status = 1
 
         stack.callback(remove_rules)
 
         def abort_encrypted() -> None:
             # Before the rules go, every worker resets its encrypted connections (README: Security
-            # model); a worker that does not answer is stopped with its connections unreset.
+            # model). A worker that died or does not answer cannot: the rules stay, and its
+            # connections fail closed as a killed daemon's do.
+            unreset.extend(sorted(supervisor.dead))
             for index in sorted(supervisor.pids):
                 try:
                     supervisor.ask(index, "abort_all")
                 except CommandError as exc:
                     logger.warning("%s", exc)
+                    unreset.append(index)
 
         stack.callback(abort_encrypted)
         commands = supervisor.commands()

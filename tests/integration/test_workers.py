@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from nfq_tcpcrypt.lab.net import (
 )
 from nfq_tcpcrypt.shell.control import query
 from nfq_tcpcrypt.shell.dispatch import worker_of
+from nfq_tcpcrypt.tools.pcapcheck import analyze
 
 from .conftest import lab_topology
 from .decoded import decoded_connections
@@ -181,7 +183,8 @@ def _worker_pids(daemon: Daemon) -> list[int]:
 def test_a_dying_worker_stops_the_daemon_and_a_killed_supervisor_takes_its_workers(
     sites: Topology, tmp_path: Path
 ) -> None:
-    """SIGKILL of one worker: the daemon exits 1 and removes its rules. SIGKILL of the supervisor:
+    """SIGKILL of one worker: the daemon exits 1 and leaves its rules (the worker's encrypted
+    connections, if any, were not reset: they fail closed). SIGKILL of the supervisor:
     its workers go too (nothing left bound), and `rules remove` cleans up."""
     (tmp_path / "ga").mkdir()
     ga = start_daemon(sites, "ga", tmp_path / "ga", ["--workers", "2"], mode="gateway")
@@ -190,7 +193,13 @@ def test_a_dying_worker_stops_the_daemon_and_a_killed_supervisor_takes_its_worke
     os.kill(workers[1], signal.SIGKILL)
     assert ga.proc.wait(30) == 1, Path(ga.log).read_text()[-2000:]
     assert not any(_alive(pid) for pid in workers)
-    assert "worker 1 exited" in Path(ga.log).read_text()
+    log = Path(ga.log).read_text()
+    assert "worker 1 exited" in log
+    # The dead worker could not reset its encrypted connections: the rules stay (fail closed).
+    assert "worker(s) 1 did not reset theirs" in log, log[-2000:]
+    assert "NFQ_TCPCRYPT" in sites.check("ga", ["iptables-save"])
+    removed = sites.run("ga", [sys.executable, "-m", "nfq_tcpcrypt", "rules", "remove", "--control", ga.control])
+    assert removed.returncode == 0, removed.stderr
     rules = sites.check("ga", ["iptables-save"])
     assert "NFQ_TCPCRYPT" not in rules, rules
 
@@ -206,6 +215,47 @@ def test_a_dying_worker_stops_the_daemon_and_a_killed_supervisor_takes_its_worke
     removed = sites.run("gb", [sys.executable, "-m", "nfq_tcpcrypt", "rules", "remove", "--control", gb.control])
     assert removed.returncode == 0, removed.stderr
     assert "NFQ_TCPCRYPT" not in sites.check("gb", ["iptables-save"])
+
+
+@pytest.mark.timeout(150)
+def test_a_frozen_worker_keeps_the_rules_so_its_connection_fails_closed(sites: Topology, tmp_path: Path) -> None:
+    """A worker that cannot reset its encrypted connections when the daemon stops (frozen here by
+    SIGSTOP) makes the daemon leave its rules: it exits 1 and says why, and the connection's bytes
+    never leave in plaintext afterwards, though b's stack goes on sending; `rules remove` cleans up."""
+    a, b = sites.addresses["a"], sites.addresses["b"]
+    port = next(p for p in range(43000, 44000) if worker_of(a, p, b, HTTP_PORT, 2) == 1)
+    for side in ("ga", "gb"):
+        (tmp_path / side).mkdir()
+    ga = start_daemon(sites, "ga", tmp_path / "ga", mode="gateway")
+    gb = start_daemon(sites, "gb", tmp_path / "gb", ["--workers", "2"], mode="gateway")
+    served, got, pcap = tmp_path / "www", tmp_path / "got", tmp_path / "wire.pcap"
+    served.mkdir()
+    markers = make_payload(served / "f", 4 * 1024 * 1024, markers=4096)  # one in any 1 KB
+    with capture(sites, "ga", pcap, ifname=sites.outside["ga"]), http_server(sites, "b", served) as url:
+        curl = sites.popen("a", ["curl", "-sS", "--local-port", str(port), "--limit-rate", "300k",
+                                 "--max-time", "60", "-o", str(got), f"{url}/f"], stderr=subprocess.PIPE)  # fmt: skip
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (not got.exists() or got.stat().st_size < 300_000):
+            time.sleep(0.2)
+        assert got.exists() and got.stat().st_size >= 300_000
+        (entry,) = [e for e in query(gb.control, "sessions") if e.get("state") == "encrypting"]
+        assert entry["worker"] == 1, entry
+        os.kill(_worker_pids(gb)[1], signal.SIGSTOP)
+        gb.proc.send_signal(signal.SIGTERM)
+        code = gb.proc.wait(60)
+        time.sleep(2.0)  # b's stack keeps sending; the rules left in gb drop it
+        curl.kill()
+        curl.wait(10)
+    log = Path(gb.log).read_text()
+    assert code == 1, log[-2000:]
+    assert "worker(s) 1 did not reset theirs" in log, log[-2000:]
+    assert "NFQ_TCPCRYPT" in sites.check("gb", ["iptables-save"])
+    report = analyze(pcap, a, b, HTTP_PORT, {f"marker{i}": m for i, m in enumerate(markers)})
+    assert report.leaks == {}, report.leaks
+    removed = sites.run("gb", [sys.executable, "-m", "nfq_tcpcrypt", "rules", "remove", "--control", gb.control])
+    assert removed.returncode == 0, removed.stderr
+    assert "NFQ_TCPCRYPT" not in sites.check("gb", ["iptables-save"])
+    ga.stop()
 
 
 @pytest.mark.timeout(120)
