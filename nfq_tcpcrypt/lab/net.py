@@ -440,7 +440,15 @@ def shell_faults(counters: dict[str, int]) -> dict[str, int]:
 
 
 QUEUE_BACKEND_ENV = "NFQ_TCPCRYPT_QUEUE_BACKEND"
-"""The environment variable that picks the daemons' queue backend in start_daemon."""
+"""The environment variable that picks the daemons' queue backend in start_daemon (the integration
+tests set it per test, once for each backend: tests/integration/conftest.py)."""
+
+
+def backend_args() -> list[str]:
+    """`--queue-backend B` for a daemon command line, B from NFQ_TCPCRYPT_QUEUE_BACKEND; [] when unset
+    (the daemon's default)."""
+    backend = os.environ.get(QUEUE_BACKEND_ENV)
+    return ["--queue-backend", backend] if backend else []
 
 
 def start_daemon(
@@ -465,9 +473,8 @@ def start_daemon(
     keylog = str(workdir / f"{side}.keys")
     log = str(workdir / f"{side}.log")
     mode_args = ["--mode", mode]
-    backend = os.environ.get(QUEUE_BACKEND_ENV)
-    if backend and "--queue-backend" not in extra:
-        mode_args += ["--queue-backend", backend]
+    if "--queue-backend" not in extra:
+        mode_args += backend_args()
     if mode == "gateway":
         mode_args += ["--outside", topo.outside[side]]
     command = [
