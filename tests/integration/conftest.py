@@ -23,7 +23,7 @@ import pytest
 
 from nfq_tcpcrypt.lab import net as labnet
 from nfq_tcpcrypt.lab.net import QUEUE_BACKEND_ENV, Topology
-from nfq_tcpcrypt.shell.settings import QUEUE_BACKENDS
+from nfq_tcpcrypt.shell.settings import QUEUE_BACKENDS, DaemonOptions
 
 TOOLS = ("ip", "iptables-restore", "iptables-save", "tcpdump", "curl")
 _PROBE = (
@@ -71,13 +71,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def selected_backends(config: pytest.Config) -> list[str]:
-    """The backends to run on: `--queue-backend` options, else NFQ_TCPCRYPT_QUEUE_BACKEND, else all."""
+    """The backends to run on: `--queue-backend` options, else NFQ_TCPCRYPT_QUEUE_BACKEND, else all
+    (the daemon's default first)."""
     chosen: list[str] | None = config.getoption("queue_backends", None)
     if chosen:
         return list(dict.fromkeys(chosen))
     if env := os.environ.get(QUEUE_BACKEND_ENV):
         return [env]
-    return list(QUEUE_BACKENDS)
+    default = DaemonOptions.queue_backend
+    return [default, *(backend for backend in QUEUE_BACKENDS if backend != default)]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
