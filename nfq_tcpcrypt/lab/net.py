@@ -590,7 +590,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-_BACKLOG_SERVER = (
+_NO_DNS = "import socket\nsocket.getfqdn = lambda name='': name\n"
+"""Prelude of the lab's HTTP servers: http.server names its bound address with socket.getfqdn, a
+reverse DNS query; from a namespace whose only way out is a router that drops it, that waits for the
+resolver's timeouts (about 10 s) before the server listens."""
+_HTTP_SERVER = _NO_DNS + (
+    "import runpy, sys\nsys.argv[0] = 'http.server'\nrunpy.run_module('http.server', run_name='__main__')\n"
+)
+_BACKLOG_SERVER = _NO_DNS + (
     "import functools, http.server, sys\n"
     "port, address, directory, backlog = sys.argv[1:]\n"
     "http.server.ThreadingHTTPServer.request_queue_size = int(backlog)\n"
@@ -615,7 +622,7 @@ def http_server(
     `backlog` replaces its listen backlog of 5 (for many connections opened at once)."""
     address = address or (topo.addresses6 if ipv6 else topo.addresses)[side]
     if backlog is None:
-        command = [sys.executable, "-u", "-m", "http.server", str(HTTP_PORT), "--bind", address,
+        command = [sys.executable, "-u", "-c", _HTTP_SERVER, str(HTTP_PORT), "--bind", address,
                    "--directory", str(directory)]  # fmt: skip
     else:
         command = [sys.executable, "-u", "-c", _BACKLOG_SERVER, str(HTTP_PORT), address, str(directory), str(backlog)]
