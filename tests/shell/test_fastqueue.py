@@ -432,7 +432,8 @@ class TestOptions:
         from nfq_tcpcrypt.core.errors import ConfigError
         from nfq_tcpcrypt.shell.settings import gso_enabled, options_from, parse_file_text
 
-        assert options_from({}, {}).queue_backend == "netfilterqueue"
+        assert options_from({}, {}).queue_backend == "fast"
+        assert options_from(parse_file_text('queue-backend = "netfilterqueue"'), {}).queue_backend == "netfilterqueue"
         fast = options_from(parse_file_text('queue-backend = "fast"'), {})
         assert fast.queue_backend == "fast" and not gso_enabled(fast)
         assert gso_enabled(options_from({}, {"queue_backend": "fast", "pass_through": True}))
@@ -440,14 +441,14 @@ class TestOptions:
         with pytest.raises(ConfigError, match="unknown queue-backend"):
             options_from({}, {"queue_backend": "libnfq"})
         with pytest.raises(ConfigError, match="needs queue-backend fast"):
-            options_from({}, {"queue_gso": True, "pass_through": True})
+            options_from({}, {"queue_backend": "netfilterqueue", "queue_gso": True, "pass_through": True})
         with pytest.raises(ConfigError, match="pass-through only"):
             options_from({}, {"queue_backend": "fast", "queue_gso": True})
         # a full queue that accepts unqueued would put an encrypted connection's plaintext on the wire
         with pytest.raises(ConfigError, match="plaintext onto the wire"):
             options_from({}, {"queue_backend": "fast", "queue_fail_open": True})
         with pytest.raises(ConfigError, match="needs queue-backend fast"):
-            options_from({}, {"queue_fail_open": True, "pass_through": True})
+            options_from({}, {"queue_backend": "netfilterqueue", "queue_fail_open": True, "pass_through": True})
         allowed = options_from({}, {"queue_backend": "fast", "queue_fail_open": True, "pass_through": True})
         assert allowed.queue_fail_open
 
