@@ -120,7 +120,7 @@ def _add_run_parser(sub: Any) -> None:
     )
     run.add_argument(
         "--queue-backend", choices=("netfilterqueue", "fast"), default=None,
-        help="NFQUEUE binding: netfilterqueue (default) or fast (batched netlink, queue flags)",
+        help="NFQUEUE binding: fast (default: batched netlink, queue flags) or netfilterqueue",
     )
     run.add_argument(
         "--queue-gso", action=argparse.BooleanOptionalAction, default=None,

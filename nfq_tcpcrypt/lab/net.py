@@ -440,7 +440,15 @@ def shell_faults(counters: dict[str, int]) -> dict[str, int]:
 
 
 QUEUE_BACKEND_ENV = "NFQ_TCPCRYPT_QUEUE_BACKEND"
-"""The environment variable that picks the daemons' queue backend in start_daemon."""
+"""The environment variable that picks the daemons' queue backend in start_daemon (the integration
+tests set it per test, once for each backend: tests/integration/conftest.py)."""
+
+
+def backend_args() -> list[str]:
+    """`--queue-backend B` for a daemon command line, B from NFQ_TCPCRYPT_QUEUE_BACKEND; [] when unset
+    (the daemon's default)."""
+    backend = os.environ.get(QUEUE_BACKEND_ENV)
+    return ["--queue-backend", backend] if backend else []
 
 
 def start_daemon(
@@ -465,9 +473,8 @@ def start_daemon(
     keylog = str(workdir / f"{side}.keys")
     log = str(workdir / f"{side}.log")
     mode_args = ["--mode", mode]
-    backend = os.environ.get(QUEUE_BACKEND_ENV)
-    if backend and "--queue-backend" not in extra:
-        mode_args += ["--queue-backend", backend]
+    if "--queue-backend" not in extra:
+        mode_args += backend_args()
     if mode == "gateway":
         mode_args += ["--outside", topo.outside[side]]
     command = [
@@ -583,7 +590,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-_BACKLOG_SERVER = (
+_NO_DNS = "import socket\nsocket.getfqdn = lambda name='': name\n"
+"""Prelude of the lab's HTTP servers: http.server names its bound address with socket.getfqdn, a
+reverse DNS query; from a namespace whose only way out is a router that drops it, that waits for the
+resolver's timeouts (about 10 s) before the server listens."""
+_HTTP_SERVER = _NO_DNS + (
+    "import runpy, sys\nsys.argv[0] = 'http.server'\nrunpy.run_module('http.server', run_name='__main__')\n"
+)
+_BACKLOG_SERVER = _NO_DNS + (
     "import functools, http.server, sys\n"
     "port, address, directory, backlog = sys.argv[1:]\n"
     "http.server.ThreadingHTTPServer.request_queue_size = int(backlog)\n"
@@ -608,7 +622,7 @@ def http_server(
     `backlog` replaces its listen backlog of 5 (for many connections opened at once)."""
     address = address or (topo.addresses6 if ipv6 else topo.addresses)[side]
     if backlog is None:
-        command = [sys.executable, "-u", "-m", "http.server", str(HTTP_PORT), "--bind", address,
+        command = [sys.executable, "-u", "-c", _HTTP_SERVER, str(HTTP_PORT), "--bind", address,
                    "--directory", str(directory)]  # fmt: skip
     else:
         command = [sys.executable, "-u", "-c", _BACKLOG_SERVER, str(HTTP_PORT), address, str(directory), str(backlog)]

@@ -59,7 +59,7 @@ class DaemonOptions:
     """Worker processes (workers.py); None: 1 in host mode, one per CPU in gateway mode."""
     metrics_file: str | None = None
     """A Prometheus textfile the daemon rewrites (metrics.py)."""
-    queue_backend: str = "netfilterqueue"
+    queue_backend: str = "fast"
     """The NFQUEUE binding (nfq.BACKENDS): NetfilterQueue, or our own netlink binding (fastqueue.py)."""
     queue_gso: bool | None = None
     """GSO super-packets from the queue (fast backend only); None: on for --pass-through only."""

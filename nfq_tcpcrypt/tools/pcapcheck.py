@@ -81,11 +81,18 @@ def _reassemble(segments: list[Segment], isn: int | None) -> bytes:
 
 
 def analyze(pcap: Path, client: str, server: str, server_port: int, needles: dict[str, bytes]) -> WireReport:
-    """Check the capture of one connection client -> server:server_port for ENO, Init magics, leaks."""
+    """Check the capture of one connection client -> server:server_port for ENO, Init magics, leaks.
+
+    The streams are those of the last connection whose SYN was captured; with several connections
+    (client ports) each is reassembled on its own, and leaks are counted in every one of them and in
+    the raw capture."""
     report = WireReport()
-    to_server: list[Segment] = []
-    to_client: list[Segment] = []
-    client_isn = server_isn = None
+    to_server: dict[int, list[Segment]] = {}
+    to_client: dict[int, list[Segment]] = {}
+    client_isns: dict[int, int] = {}
+    server_isns: dict[int, int] = {}
+    last_port: int | None = None
+    last_synack_port: int | None = None
     c, s = ipaddress.ip_address(client).packed, ipaddress.ip_address(server).packed
     with CaptureReader(str(pcap)) as reader:
         for record in reader:
@@ -98,20 +105,29 @@ def analyze(pcap: Path, client: str, server: str, server_port: int, needles: dic
                 continue
             report.packets += 1
             if seg.src == c and seg.dst == s and seg.dport == server_port:
-                to_server.append(seg)
+                to_server.setdefault(seg.sport, []).append(seg)
                 if seg.flags & SYN and not seg.flags & ACK:
-                    client_isn = seg.seq
+                    client_isns[seg.sport] = seg.seq
+                    last_port = seg.sport
                     report.syn_has_eno = _has_eno(seg)
             elif seg.src == s and seg.dst == c and seg.sport == server_port:
-                to_client.append(seg)
+                to_client.setdefault(seg.dport, []).append(seg)
                 if seg.flags & SYN and seg.flags & ACK:
-                    server_isn = seg.seq
+                    server_isns[seg.dport] = seg.seq
+                    last_synack_port = seg.dport
                     report.synack_has_eno = _has_eno(seg)
-    report.client_stream = _reassemble(to_server, client_isn)
-    report.server_stream = _reassemble(to_client, server_isn)
+    if last_port is None:
+        last_port = last_synack_port
+    streams: list[bytes] = []
+    for port in dict.fromkeys([*client_isns, *server_isns]):
+        client_stream = _reassemble(to_server.get(port, []), client_isns.get(port))
+        server_stream = _reassemble(to_client.get(port, []), server_isns.get(port))
+        if port == last_port:
+            report.client_stream, report.server_stream = client_stream, server_stream
+        streams += (client_stream, server_stream)
     raw = pcap.read_bytes()
     for name, needle in needles.items():
-        count = raw.count(needle) + report.client_stream.count(needle) + report.server_stream.count(needle)
+        count = raw.count(needle) + sum(stream.count(needle) for stream in streams)
         if count:
             report.leaks[name] = count
     return report

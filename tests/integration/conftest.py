@@ -2,6 +2,12 @@
 
 Every test here is marked `netns`. The topology fixture always deletes its namespaces (and kills the
 processes it started in them), pass or fail; nothing outside the namespaces is configured.
+
+Every test runs once per queue backend (test ids end in `[netfilterqueue]` or `[fast]`): the
+`queue_backend` fixture sets NFQ_TCPCRYPT_QUEUE_BACKEND, which `lab.net.start_daemon` and
+`lab.net.backend_args` turn into `--queue-backend`. `pytest --queue-backend fast` (repeatable) runs
+only the named ones; NFQ_TCPCRYPT_QUEUE_BACKEND set outside pytest narrows the same way.
+A test marked `own_backend` chooses its backends itself and runs once.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from collections.abc import Iterator
 import pytest
 
 from nfq_tcpcrypt.lab import net as labnet
-from nfq_tcpcrypt.lab.net import Topology
+from nfq_tcpcrypt.lab.net import QUEUE_BACKEND_ENV, Topology
+from nfq_tcpcrypt.shell.settings import QUEUE_BACKENDS, DaemonOptions
 
 TOOLS = ("ip", "iptables-restore", "iptables-save", "tcpdump", "curl")
 _PROBE = (
@@ -61,6 +68,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if str(item.fspath).startswith(here):
             item.add_marker(pytest.mark.netns)
+
+
+def selected_backends(config: pytest.Config) -> list[str]:
+    """The backends to run on: `--queue-backend` options, else NFQ_TCPCRYPT_QUEUE_BACKEND, else all
+    (the daemon's default first)."""
+    chosen: list[str] | None = config.getoption("queue_backends", None)
+    if chosen:
+        return list(dict.fromkeys(chosen))
+    if env := os.environ.get(QUEUE_BACKEND_ENV):
+        return [env]
+    default = DaemonOptions.queue_backend
+    return [default, *(backend for backend in QUEUE_BACKENDS if backend != default)]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """One test per selected backend, except tests marked `own_backend`."""
+    if "queue_backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("own_backend") is None:
+        metafunc.parametrize("queue_backend", selected_backends(metafunc.config), indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def queue_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The backend every daemon of this test runs on (None: a test that picks its own)."""
+    backend: str | None = getattr(request, "param", None)
+    if backend is None:
+        monkeypatch.delenv(QUEUE_BACKEND_ENV, raising=False)
+    else:
+        monkeypatch.setenv(QUEUE_BACKEND_ENV, backend)
+    return backend
 
 
 @pytest.fixture(autouse=True)

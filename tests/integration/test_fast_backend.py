@@ -1,8 +1,8 @@
 """The queue backends side by side (README: Queue backends): the same encrypted transfer on
 NetfilterQueue and on our own netlink binding, and a pass-through with GSO super-packets.
 
-The whole integration suite runs on the fast backend with NFQ_TCPCRYPT_QUEUE_BACKEND=fast
-(lab.net.start_daemon); these cases run on both backends in every run."""
+The rest of the integration suite runs once per backend (conftest.py); these cases name their
+backends themselves (`own_backend`)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from nfq_tcpcrypt.lab.net import Topology, http_transfer, shell_faults, start_da
 from nfq_tcpcrypt.shell.control import query
 
 SIZE = 4 * 1024 * 1024
+pytestmark = pytest.mark.own_backend
 
 
 @pytest.mark.timeout(300)

@@ -31,6 +31,7 @@ from nfq_tcpcrypt.lab.net import (
     ROUTER_IFNAMES,
     Topology,
     TransferResult,
+    backend_args,
     capture,
     fetch,
     http_server,
@@ -376,7 +377,7 @@ def test_path_mtu_beyond_the_gateways(far_sites: Topology, tmp_path: Path, ipv6:
 @pytest.mark.timeout(60)
 def test_gateway_refuses_unknown_interface(sites: Topology, tmp_path: Path) -> None:
     """A missing or unknown outside interface is a configuration error (exit 2), nothing installed."""
-    base = [sys.executable, "-m", "nfq_tcpcrypt", "run", "--control", str(tmp_path / "c.sock")]
+    base = [sys.executable, "-m", "nfq_tcpcrypt", "run", *backend_args(), "--control", str(tmp_path / "c.sock")]
     for args, message in (
         (["--mode", "gateway"], "needs --outside"),
         (["--mode", "gateway", "--outside", "veth-nosuch"], "'veth-nosuch' does not exist"),

@@ -23,6 +23,7 @@ from nfq_tcpcrypt.lab.net import (
     Daemon,
     LabError,
     Topology,
+    backend_args,
     capture,
     fetch,
     http_server,
@@ -133,7 +134,7 @@ def test_gateway_without_nft_fails_cleanly(sites: Topology, tmp_path: Path) -> N
     env = {**os.environ, "PATH": str(bin_dir)}
     result = subprocess.run(
         ["ip", "netns", "exec", sites.names["ga"], sys.executable, "-m", "nfq_tcpcrypt", "run", "--mode", "gateway",
-         "--outside", sites.outside["ga"], "--workers", "1", "--control", str(tmp_path / "c.sock")],
+         "--outside", sites.outside["ga"], "--workers", "1", *backend_args(), "--control", str(tmp_path / "c.sock")],
         capture_output=True, text=True, timeout=40, env=env, check=False,
     )  # fmt: skip
     assert result.returncode == 1, result.stderr[-2000:]

@@ -12,6 +12,7 @@ import pytest
 from nfq_tcpcrypt.lab.net import (
     KEYLOG_ES,
     Topology,
+    backend_args,
     fetch,
     http_server,
     http_transfer,
@@ -111,7 +112,7 @@ def test_startup_failure_removes_its_rules(topo: Topology, tmp_path: Path) -> No
     second = topo.run(
         "a",
         [sys.executable, "-m", "nfq_tcpcrypt", "run", "--mode", "host", "--queue-num", "7200",
-         "--control", first.control],
+         *backend_args(), "--control", first.control],
         timeout=30,
     )  # fmt: skip
     assert second.returncode != 0

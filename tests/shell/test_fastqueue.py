@@ -189,14 +189,35 @@ class TestFastQueue:
         assert seen == list(range(10, 20))
         assert verdicts(sock) == [("batch", 1, 19, None)] and len(sock.sent) == 1
 
-    def test_verdicts_wait_for_at_most_hold_max_packets(self) -> None:
+    def test_verdicts_wait_for_at_most_hold_max_packets(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from nfq_tcpcrypt.shell import fastqueue
         from nfq_tcpcrypt.shell.fastqueue import HOLD_MAX
 
+        monkeypatch.setattr(fastqueue, "HOLD_SECONDS", 3600.0)  # only the count bounds the hold here
         queue, sock = fake_queue(lambda pkt: pkt.accept())
         sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(1, 2 * HOLD_MAX + 6)]
         queue.run(block=False)
         assert verdicts(sock) == [("batch", 1, HOLD_MAX, None), ("batch", 1, 2 * HOLD_MAX, None),
                                   ("batch", 1, 2 * HOLD_MAX + 5, None)]  # fmt: skip
+
+    def test_verdicts_wait_for_at_most_hold_seconds(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Packets that take long to handle (the engine) do not hold each other's verdicts: once the
+        oldest held verdict is HOLD_SECONDS old, the verdicts go out at the next one."""
+        from nfq_tcpcrypt.shell import fastqueue
+
+        clock = [100.0]
+        monkeypatch.setattr(fastqueue.time, "monotonic", lambda: clock[0])
+
+        def slow(pkt: FastPacket) -> None:
+            clock[0] += fastqueue.HOLD_SECONDS * 0.4  # each packet's handling: 0.4 of the hold
+            pkt.accept()
+
+        queue, sock = fake_queue(slow)
+        sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(1, 8)]
+        queue.run(block=False)
+        # held since the verdict of 1: at 3 (0.8 of the hold) still held, at 4 (1.2) sent; then 5..7
+        assert verdicts(sock) == [("batch", 1, 4, None), ("batch", 1, 7, None)]
+        assert len(sock.sent) == 2
 
     def test_verdicts_keep_the_packets_order(self) -> None:
         """A run of plain accepts is closed by a batch verdict before a drop or a mangled packet."""
@@ -411,7 +432,8 @@ class TestOptions:
         from nfq_tcpcrypt.core.errors import ConfigError
         from nfq_tcpcrypt.shell.settings import gso_enabled, options_from, parse_file_text
 
-        assert options_from({}, {}).queue_backend == "netfilterqueue"
+        assert options_from({}, {}).queue_backend == "fast"
+        assert options_from(parse_file_text('queue-backend = "netfilterqueue"'), {}).queue_backend == "netfilterqueue"
         fast = options_from(parse_file_text('queue-backend = "fast"'), {})
         assert fast.queue_backend == "fast" and not gso_enabled(fast)
         assert gso_enabled(options_from({}, {"queue_backend": "fast", "pass_through": True}))
@@ -419,14 +441,14 @@ class TestOptions:
         with pytest.raises(ConfigError, match="unknown queue-backend"):
             options_from({}, {"queue_backend": "libnfq"})
         with pytest.raises(ConfigError, match="needs queue-backend fast"):
-            options_from({}, {"queue_gso": True, "pass_through": True})
+            options_from({}, {"queue_backend": "netfilterqueue", "queue_gso": True, "pass_through": True})
         with pytest.raises(ConfigError, match="pass-through only"):
             options_from({}, {"queue_backend": "fast", "queue_gso": True})
         # a full queue that accepts unqueued would put an encrypted connection's plaintext on the wire
         with pytest.raises(ConfigError, match="plaintext onto the wire"):
             options_from({}, {"queue_backend": "fast", "queue_fail_open": True})
         with pytest.raises(ConfigError, match="needs queue-backend fast"):
-            options_from({}, {"queue_fail_open": True, "pass_through": True})
+            options_from({}, {"queue_backend": "netfilterqueue", "queue_fail_open": True, "pass_through": True})
         allowed = options_from({}, {"queue_backend": "fast", "queue_fail_open": True, "pass_through": True})
         assert allowed.queue_fail_open
 
