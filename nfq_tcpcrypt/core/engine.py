@@ -10,6 +10,7 @@ from .constants import TCP_ACK, TCP_RST
 from .errors import MalformedSegment
 from .events import Event, SessionExpired
 from .flow import Direction, FlowKey
+from .kex import KeyPool
 from .outoforder import Budget
 from .resumption import ResumptionCache
 from .seqmap import to_seq
@@ -44,6 +45,7 @@ class Engine:
         )
         self.tombstones = Tombstones(self.config.max_tombstones, self.config.tombstone_ttl)
         self.ooo_budget = Budget(self.config.ooo_total_limit)
+        self.keys = KeyPool()
 
     # ------------------------------------------------------------------ packets
 
@@ -206,7 +208,7 @@ class Engine:
         if old is not None:
             old.wipe_secrets()  # port reuse: the old connection is over
         session = Session(flow, self.config, self._events.append, self._inject.append, self.cache, self.ooo_budget,
-                          self._armed)
+                          self._armed, self.keys)
         self._sessions[flow] = session
         self._unkeyed.pop(flow, None)
         self._unkeyed[flow] = session
@@ -232,6 +234,17 @@ class Engine:
                 self.counters["evicted_embryonic"] += 1
                 return True
         return False
+
+    # ------------------------------------------------------------------ work ahead of need
+
+    def prepare_wanted(self, now: float) -> bool:
+        """Whether `prepare` has work: the loop calls it only when no packet waits."""
+        return self.keys.wanted(now) is not None
+
+    def prepare(self, now: float) -> bool:
+        """Do one piece of work ahead of need, off the packet path: one ephemeral key for the pool
+        (KeyPool); False when there was nothing to do."""
+        return self.keys.fill(self.config.key_factory, now)
 
     # ------------------------------------------------------------------ outputs and timers
 
@@ -317,8 +330,13 @@ class Engine:
         return self.cache.info(now)
 
     def flush_cache(self, reason: str, peer: bytes | None = None) -> int:
-        """Forget cached session secrets (all, or one peer's); return how many entries went."""
+        """Forget cached session secrets (all, or one peer's); return how many entries went.
+
+        A flush of the whole cache also forgets the ephemeral keys made ahead (KeyPool): the
+        triggers (README: Resumption and cloned machines) mean this may be a copy of the machine."""
         count = self.cache.flush(peer)
+        if peer is None:
+            self.keys.clear()
         self.counters["cache_flushes"] += 1
         logger.info("resumption cache flushed (%s): %d entries", reason, count)
         return count

@@ -210,6 +210,12 @@ class FakeEngine(PassThroughEngine):
         self.log.append(("timer", now))
         self._timer = None
 
+    def prepare_wanted(self, now: float) -> bool:
+        return False
+
+    def prepare(self, now: float) -> bool:
+        return False
+
 
 @pytest.mark.timeout(30)
 def test_event_loop_verdict_then_injection_then_timer_and_stops_on_sigterm() -> None:
