@@ -33,6 +33,13 @@ class Engine:
         self.counters: Counter[str] = Counter()
         self._sessions: dict[FlowKey, Session] = {}
         self._unkeyed: OrderedDict[FlowKey, Session] = OrderedDict()  # eviction candidates, oldest first
+        # Sessions that ended (closed, aborted, refused) and linger, in the order they ended: at
+        # max_sessions the oldest of them makes room (after sessions without keys), so a high
+        # connection rate never fills the table with finished connections.
+        self._ended: OrderedDict[FlowKey, Session] = OrderedDict()
+        # Sessions opened by the peer's SYN on the 4-tuple of a tombstone: until our stack answers
+        # with a SYN-ACK (a new connection of its own), anything else of that 4-tuple fails closed.
+        self._reopened: dict[FlowKey, Tombstone | None] = {}
         self._events: deque[Event] = deque()
         self._inject: list[Injection] = []
         self._next_sweep: float | None = None
@@ -71,12 +78,24 @@ class Engine:
         else:
             flow = FlowKey(seg.dst, seg.dport, seg.src, seg.sport)
         session = self._sessions.get(flow)
-        if session is None and (encrypted or len(self.tombstones)):
+        if self._reopened and flow in self._reopened:
+            verdict = self._reopening(flow, seg, direction, session)
+            if verdict is not None:
+                return verdict
+        elif session is None and (encrypted or len(self.tombstones)):
             tombstone = self.tombstones.get(flow, now)
             if tombstone is not None or encrypted:
-                if not (seg.is_syn and not seg.is_ack and direction is Direction.OUTBOUND):
+                if not (seg.is_syn and not seg.is_ack):
                     return self._fail_closed(flow, seg, direction, tombstone)
-                self.tombstones.discard(flow)  # our stack opens anew: its old connection is gone
+                if direction is Direction.OUTBOUND:
+                    self.tombstones.discard(flow)  # our stack opens anew: its old connection is gone
+                else:
+                    # The peer opens anew on this 4-tuple (its port came round again): a new
+                    # connection, but the tombstone stays until our stack shows it has no old one.
+                    verdict = self._open(flow, seg, direction, now)
+                    if flow in self._sessions:
+                        self._reopened[flow] = tombstone
+                    return verdict
         if seg.is_syn and not seg.is_ack and (session is None or _is_new_syn(session, seg, direction)):
             return self._open(flow, seg, direction, now)
         if session is None:
@@ -97,6 +116,8 @@ class Engine:
             return self._refuse(session, seg, direction, now)
         if session.closed_at is not None:
             self._schedule_sweep(session.closed_at + self.config.session_linger)
+            if flow not in self._ended:
+                self._ended[flow] = session
         if verdict.packet is not None:
             self.counters["rewritten"] += 1
         if session.tx.send is not None and verdict.action is Action.ACCEPT:
@@ -155,6 +176,27 @@ class Engine:
         logger.info("%s: packet of an encrypted connection without a session: reset, dropped", flow)
         return DROP
 
+    def _reopening(self, flow: FlowKey, seg: Segment, direction: Direction, session: Session | None) -> Verdict | None:
+        """A packet of a 4-tuple whose tombstone a SYN from the wire reopened; None: carry on.
+
+        Our stack's SYN-ACK says it took the SYN as a new connection (it holds no old one), and so
+        does a SYN of its own: the tombstone goes. Anything else before that, from either side, may
+        belong to the old encrypted connection our stack may still hold, so it fails closed as
+        without the new session (README: Security model); the peer's SYN and its retransmissions go
+        on to the session.
+        """
+        tombstone = self._reopened[flow]
+        if session is None:
+            del self._reopened[flow]  # the new session left the table: the tombstone decides again
+            return None
+        if seg.is_syn and not seg.is_ack and direction is Direction.INBOUND:
+            return None
+        if direction is Direction.OUTBOUND and seg.is_syn:
+            del self._reopened[flow]
+            self.tombstones.discard(flow)
+            return None
+        return self._fail_closed(flow, seg, direction, tombstone)
+
     def _icmp(self, packet: bytes, direction: Direction) -> Verdict:
         """An ICMP error quoting a segment of a session: translate it between the byte spaces.
 
@@ -201,12 +243,13 @@ class Engine:
         return self.config.policy_action(flow.remote_ip, flow.local_port, flow.remote_port) == "require"
 
     def _start(self, flow: FlowKey, seg: Segment, direction: Direction, now: float) -> Verdict:
-        if flow not in self._sessions and len(self._sessions) >= self.config.max_sessions and not self._evict():
+        if flow not in self._sessions and len(self._sessions) >= self.config.max_sessions and not self._evict(now):
             self.counters["table_full"] += 1
             return ACCEPT
         old = self._sessions.get(flow)
         if old is not None:
             old.wipe_secrets()  # port reuse: the old connection is over
+            self._ended.pop(flow, None)
         session = Session(flow, self.config, self._events.append, self._inject.append, self.cache, self.ooo_budget,
                           self._armed, self.keys)
         self._sessions[flow] = session
@@ -224,14 +267,29 @@ class Engine:
             logger.debug("%s: syn the codec rejects, passing as plain: %s", flow, exc)
             return ACCEPT
 
-    def _evict(self) -> bool:
-        """Make room: drop the oldest session that holds no keys (never a keyed one)."""
+    def _evict(self, now: float) -> bool:
+        """Make room: drop the oldest session that holds no keys, else the oldest one that ended
+        (closed, aborted or refused, lingering: it leaves a tombstone, as at the end of its linger);
+        never a live keyed one."""
         while self._unkeyed:
             flow, session = self._unkeyed.popitem(last=False)
             if self._sessions.get(flow) is session and session.send is None:
                 del self._sessions[flow]
+                self._ended.pop(flow, None)
+                self._reopened.pop(flow, None)
                 session.wipe_secrets()
                 self.counters["evicted_embryonic"] += 1
+                return True
+        while self._ended:
+            flow, session = self._ended.popitem(last=False)
+            if self._sessions.get(flow) is session and session.closed_at is not None:
+                del self._sessions[flow]
+                self._unkeyed.pop(flow, None)
+                self._reopened.pop(flow, None)
+                self._bury(session, now)
+                session.wipe_secrets()
+                self._events.append(SessionExpired(flow))
+                self.counters["evicted_ended"] += 1
                 return True
         return False
 
@@ -296,6 +354,8 @@ class Engine:
             if expires <= now:
                 del self._sessions[flow]
                 self._unkeyed.pop(flow, None)
+                self._ended.pop(flow, None)
+                self._reopened.pop(flow, None)
                 self._bury(session, now)
                 session.wipe_secrets()
                 self._events.append(SessionExpired(flow))
