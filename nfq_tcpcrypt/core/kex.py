@@ -56,9 +56,9 @@ class KeyPool:
     implementation never reuses one. §3.3 asks that the keys be short-lived and never written to
     persistent storage: a key waits at most `max_age` seconds, only in memory, and only for a TEP
     a connection used within the last `max_age` seconds (an idle daemon holds none); at most `size`
-    per TEP. `clear` empties the pool: the engine calls it with every resumption cache flush, so a
-    machine restored from a snapshot or cloned (README: Resumption and cloned machines) never uses
-    a key its original may use too.
+    per TEP (`size=0`: none, every key is made when a connection asks). `clear` empties the pool:
+    the engine calls it with every resumption cache flush, so a machine restored from a snapshot or
+    cloned (README: Resumption and cloned machines) never uses a key its original may use too.
     """
 
     def __init__(self, size: int = 4, max_age: float = 30.0) -> None:
@@ -92,7 +92,7 @@ class KeyPool:
             if now - asked > self.max_age:
                 continue
             ready = self._ready.get(tep)
-            if ready is None or len(ready) < self.size:
+            if (0 if ready is None else len(ready)) < self.size:
                 return tep
         return None
 

@@ -139,6 +139,9 @@ def test_key_pool_keys_age_out_and_an_idle_daemon_holds_none():
     pool.take(factory, Tep.X25519, 70.0)
     pool.fill(factory, 70.0)
     assert len(pool) == 1 and pool.clear() == 1 and len(pool) == 0
+    none = kex.KeyPool(size=0)  # a worker's (shell/workers.py): keys only when a connection asks
+    none.take(factory, Tep.X25519, 0.0)
+    assert none.wanted(0.0) is None and not none.fill(factory, 0.0) and len(none) == 0
 
 
 def test_engine_makes_keys_ahead_uses_them_once_and_forgets_them_on_a_cache_flush():
