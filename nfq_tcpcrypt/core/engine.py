@@ -108,10 +108,14 @@ class Engine:
             return ACCEPT
         if session.state is State.REFUSED:
             return DROP
+        keyed = session.keys_ready
+        mark = len(self._inject)
         if direction is Direction.OUTBOUND:
             verdict = session.outbound(seg, now)
         else:
             verdict = session.inbound(seg, now)
+        if not keyed and len(self._inject) - mark > 1 and session.keys_ready:
+            self._drop_repeated_ack(mark)
         if session.required and session.state is State.PLAIN and not session.delegated:
             return self._refuse(session, seg, direction, now)
         if session.closed_at is not None:
@@ -123,6 +127,34 @@ class Engine:
         if session.tx.send is not None and verdict.action is Action.ACCEPT:
             return Verdict(Action.ACCEPT, verdict.packet, encrypted=True)
         return verdict
+
+    def _drop_repeated_ack(self, mark: int) -> None:
+        """The keys came with this packet (an Init message was consumed, RFC 8548 §3.3), and the
+        translator's pure ACK of it closes what the step injected: it goes when a segment injected
+        in the same step toward the peer already carries the same acknowledgment, window and
+        options (B's Init2; A's first frame of data its stack wrote before the keys existed). It
+        would tell the peer nothing new (a duplicate ACK, RFC 5681 §2) and cost both daemons a
+        packet per connection."""
+        last = self._inject[-1]
+        if last.direction is not Direction.OUTBOUND:
+            return
+        try:
+            ack = parse_segment(last.packet)
+            if ack.flags != TCP_ACK or ack.payload:
+                return
+            same = (ack.sport, ack.dport, ack.ack, ack.window, ack.options)
+            for earlier in self._inject[mark:-1]:
+                if earlier.direction is not Direction.OUTBOUND:
+                    continue
+                seg = parse_segment(earlier.packet)
+                if seg.flags & TCP_ACK and not seg.flags & TCP_RST and (
+                    seg.sport, seg.dport, seg.ack, seg.window, seg.options
+                ) == same:
+                    self._inject.pop()
+                    self.counters["repeated_acks_dropped"] += 1
+                    return
+        except MalformedSegment:
+            return
 
     def _refuse(self, session: Session, seg: Segment, direction: Direction, now: float) -> Verdict:
         """Policy `require`: the connection cannot be encrypted, so it is reset toward both ends
