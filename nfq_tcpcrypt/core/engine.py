@@ -79,10 +79,13 @@ class Engine:
             flow = FlowKey(seg.dst, seg.dport, seg.src, seg.sport)
         session = self._sessions.get(flow)
         if self._reopened and flow in self._reopened:
-            verdict = self._reopening(flow, seg, direction, session)
-            if verdict is not None:
-                return verdict
-        elif session is None and (encrypted or len(self.tombstones)):
+            if session is None:
+                del self._reopened[flow]  # the new session left the table: the tombstone decides again
+            else:
+                verdict = self._reopening(flow, seg, direction)
+                if verdict is not None:
+                    return verdict
+        if session is None and (encrypted or len(self.tombstones)):
             tombstone = self.tombstones.get(flow, now)
             if tombstone is not None or encrypted:
                 if not (seg.is_syn and not seg.is_ack):
@@ -208,7 +211,7 @@ class Engine:
         logger.info("%s: packet of an encrypted connection without a session: reset, dropped", flow)
         return DROP
 
-    def _reopening(self, flow: FlowKey, seg: Segment, direction: Direction, session: Session | None) -> Verdict | None:
+    def _reopening(self, flow: FlowKey, seg: Segment, direction: Direction) -> Verdict | None:
         """A packet of a 4-tuple whose tombstone a SYN from the wire reopened; None: carry on.
 
         Our stack's SYN-ACK says it took the SYN as a new connection (it holds no old one), and so
@@ -218,9 +221,6 @@ class Engine:
         on to the session.
         """
         tombstone = self._reopened[flow]
-        if session is None:
-            del self._reopened[flow]  # the new session left the table: the tombstone decides again
-            return None
         if seg.is_syn and not seg.is_ack and direction is Direction.INBOUND:
             return None
         if direction is Direction.OUTBOUND and seg.is_syn:

@@ -100,3 +100,31 @@ def test_a_syn_on_a_tombstone_does_not_open_the_old_connection():
     assert engine.process(serialize_segment(forged), Direction.INBOUND, pair.now).action is Action.DROP
     assert engine.counters["fail_closed_reset"] >= 1 and engine.counters["fail_closed_dropped"] >= 1
     assert len(engine.tombstones) == 1
+
+
+def test_a_reopened_tuple_whose_new_session_goes_fails_closed_again():
+    """The session the peer's SYN opened on a tombstoned 4-tuple leaves the table before our stack
+    answered (here: a reload excludes the port and the peer's next SYN is left alone): the
+    tombstone decides again, so our stack's write to its old connection still never leaves."""
+    from dataclasses import replace
+
+    from nfq_tcpcrypt.core.config import PolicyRule
+
+    pair = Pair(seed=b"tomb2", b_config=seeded_config(b"tomb2-b", idle_timeout=5.0))
+    pair.open()
+    pair.talk(b"hello", b"world")
+    _linger_out(pair, 10.0)
+    engine = pair.engine_b
+    assert engine is not None and len(engine.tombstones) == 1
+    a_port, b_port = pair.a.port, pair.b.port
+    syn = new_segment(A_IP, B_IP, a_port, b_port, 0x0BAD0000, 0, TCP_SYN, 1000, b"\x02\x04\x05\xb4")
+    assert engine.process(serialize_segment(syn), Direction.INBOUND, pair.now).action is Action.ACCEPT
+    assert len(engine.session_table()) == 1
+    engine.config = replace(engine.config, policies=(PolicyRule(port=b_port, exclude=True),))
+    again = new_segment(A_IP, B_IP, a_port, b_port, 0x0BAD1000, 0, TCP_SYN, 1000, b"\x02\x04\x05\xb4")
+    assert engine.process(serialize_segment(again), Direction.INBOUND, pair.now).action is Action.ACCEPT
+    assert engine.session_table() == []
+    secret = b"old connection's plaintext"
+    write = new_segment(B_IP, A_IP, b_port, a_port, 0x1000, 0x2000, TCP_ACK | TCP_PSH, 1000, b"", secret)
+    assert engine.process(serialize_segment(write), Direction.OUTBOUND, pair.now).action is Action.DROP
+    assert not any(secret in i.packet for i in engine.segments_to_inject())
