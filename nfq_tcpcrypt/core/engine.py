@@ -349,6 +349,9 @@ class Engine:
     def get_timer(self) -> float | None:
         """The next deadline (same clock as `now`), or None."""
         earliest = self._next_sweep
+        keys_expire = self.keys.next_expiry()
+        if keys_expire is not None and (earliest is None or keys_expire < earliest):
+            earliest = keys_expire
         sessions = self._sessions
         for session in list(self._armed):
             at = session.timer_at
@@ -359,7 +362,9 @@ class Engine:
         return earliest
 
     def handle_timer(self, now: float) -> None:
-        """Run everything due at `now`: Init retransmissions and the session sweep."""
+        """Run everything due at `now`: Init retransmissions, the session sweep, and the expiry of
+        ephemeral keys made ahead and not used (KeyPool)."""
+        self.keys.expire(now)
         sessions = self._sessions
         for session in list(self._armed):
             if sessions.get(session.flow) is not session:

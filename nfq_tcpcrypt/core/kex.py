@@ -54,7 +54,8 @@ class KeyPool:
     takes a key from it. It saves time, never keys: every key is handed out once and is then gone
     from the pool. RFC 8548 §8 would allow reusing ephemeral keys for a limited lifetime; this
     implementation never reuses one. §3.3 asks that the keys be short-lived and never written to
-    persistent storage: a key waits at most `max_age` seconds, only in memory, and only for a TEP
+    persistent storage: a key waits at most `max_age` seconds (the engine's timer drops it then),
+    only in memory, and only for a TEP
     a connection used within the last `max_age` seconds (an idle daemon holds none); at most `size`
     per TEP (`size=0`: none, every key is made when a connection asks). `clear` empties the pool:
     the engine calls it with every resumption cache flush, so a machine restored from a snapshot or
@@ -81,7 +82,7 @@ class KeyPool:
         ready = self._ready.get(tep)
         while ready:
             made, key = ready.popleft()
-            if now - made <= self.max_age:
+            if now - made < self.max_age:
                 self.taken += 1
                 return key
         return factory.generate(tep)
@@ -96,11 +97,20 @@ class KeyPool:
                 return tep
         return None
 
+    def next_expiry(self) -> float | None:
+        """When the oldest key waiting passes `max_age` (the engine's timer drops it then), or None."""
+        oldest = [ready[0][0] for ready in self._ready.values() if ready]
+        return min(oldest) + self.max_age if oldest else None
+
+    def expire(self, now: float) -> None:
+        """Drop the keys made more than `max_age` seconds before `now`."""
+        for ready in self._ready.values():
+            while ready and now - ready[0][0] >= self.max_age:
+                ready.popleft()
+
     def fill(self, factory: KeyFactory, now: float) -> bool:
         """Make one key for a TEP that wants one and drop keys past `max_age`; False: none needed."""
-        for ready in self._ready.values():
-            while ready and now - ready[0][0] > self.max_age:
-                ready.popleft()
+        self.expire(now)
         tep = self.wanted(now)
         if tep is None:
             return False

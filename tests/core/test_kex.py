@@ -115,7 +115,7 @@ def test_key_pool_hands_each_key_out_once_and_only_fills_for_teps_in_use():
     factory, pool = _CountingFactory(), kex.KeyPool(size=3, max_age=30.0)
     assert pool.wanted(0.0) is None and not pool.fill(factory, 0.0)  # nothing asked: nothing made
     first = pool.take(factory, Tep.X25519, 0.0)  # an empty pool makes one at once
-    assert factory.made == 1 and pool.wanted(0.0) is Tep.X25519
+    assert factory.made == 1 and pool.wanted(0.0) is Tep.X25519 and pool.next_expiry() is None
     while pool.fill(factory, 1.0):
         pass
     assert len(pool) == 3 and factory.made == 4
@@ -139,6 +139,13 @@ def test_key_pool_keys_age_out_and_an_idle_daemon_holds_none():
     pool.take(factory, Tep.X25519, 70.0)
     pool.fill(factory, 70.0)
     assert len(pool) == 1 and pool.clear() == 1 and len(pool) == 0
+    pool.take(factory, Tep.X25519, 80.0)
+    pool.fill(factory, 80.0)
+    assert pool.next_expiry() == 110.0
+    pool.expire(109.0)
+    assert len(pool) == 1
+    pool.expire(110.0)  # the engine's timer: gone at max_age, whether or not anything asks
+    assert len(pool) == 0 and pool.next_expiry() is None
     none = kex.KeyPool(size=0)  # a worker's (shell/workers.py): keys only when a connection asks
     none.take(factory, Tep.X25519, 0.0)
     assert none.wanted(0.0) is None and not none.fill(factory, 0.0) and len(none) == 0
@@ -157,6 +164,8 @@ def test_engine_makes_keys_ahead_uses_them_once_and_forgets_them_on_a_cache_flus
         while engine.prepare(pair.now):
             pass
         assert len(engine.keys) == engine.keys.size
+        timer = engine.get_timer()
+        assert timer is not None and timer <= pair.now + engine.keys.max_age
     pair.new_connection(20001, 80)
     pair.talk(b"second", b"ok")
     assert bytes(pair.b.received) == b"second"
@@ -167,3 +176,9 @@ def test_engine_makes_keys_ahead_uses_them_once_and_forgets_them_on_a_cache_flus
         engine.flush_cache("test")
         assert len(engine.keys) == 0 and engine.keys.made == engine.keys.size
     assert len(ids) == 2  # both connections' sessions agree across the engines, and differ
+    engine = pair.engine_a
+    assert engine is not None
+    while engine.prepare(pair.now):
+        pass
+    engine.handle_timer(pair.now + engine.keys.max_age)  # unused keys go with the engine's timer
+    assert len(engine.keys) == 0
