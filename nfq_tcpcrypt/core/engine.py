@@ -141,23 +141,17 @@ class Engine:
         last = self._inject[-1]
         if last.direction is not Direction.OUTBOUND:
             return
-        try:
-            ack = parse_segment(last.packet)
-            if ack.flags != TCP_ACK or ack.payload:
-                return
-            same = (ack.sport, ack.dport, ack.ack, ack.window, ack.options)
-            for earlier in self._inject[mark:-1]:
-                if earlier.direction is not Direction.OUTBOUND:
-                    continue
-                seg = parse_segment(earlier.packet)
-                if seg.flags & TCP_ACK and not seg.flags & TCP_RST and (
-                    seg.sport, seg.dport, seg.ack, seg.window, seg.options
-                ) == same:
-                    self._inject.pop()
-                    self.counters["repeated_acks_dropped"] += 1
-                    return
-        except MalformedSegment:
+        ack = _ack_fields(last.packet)
+        if ack is None or ack[0] != TCP_ACK or ack[2]:
             return
+        for earlier in self._inject[mark:-1]:
+            if earlier.direction is not Direction.OUTBOUND:
+                continue
+            seg = _ack_fields(earlier.packet)
+            if seg is not None and seg[0] & TCP_ACK and not seg[0] & TCP_RST and seg[1] == ack[1]:
+                self._inject.pop()
+                self.counters["repeated_acks_dropped"] += 1
+                return
 
     def _refuse(self, session: Session, seg: Segment, direction: Direction, now: float) -> Verdict:
         """Policy `require`: the connection cannot be encrypted, so it is reset toward both ends
@@ -445,6 +439,19 @@ class Engine:
     def session_table(self) -> list[dict[str, object]]:
         """One JSON-ready dict per session (README: `sessions --json`)."""
         return [session.info() for session in self._sessions.values()]
+
+
+def _ack_fields(packet: bytes) -> tuple[int, bytes, int] | None:
+    """(flags, ports + acknowledgment + window + options as bytes, payload length) of a packet
+    the engine built itself (RFC 9293 §3.1); None when it is too short to hold them."""
+    ihl = (packet[0] & 0x0F) * 4 if packet[0] >> 4 == 4 else 40
+    if len(packet) < ihl + 20:
+        return None
+    doff = (packet[ihl + 12] >> 4) * 4
+    if doff < 20 or len(packet) < ihl + doff:
+        return None
+    tcp = packet[ihl : ihl + doff]
+    return tcp[13], tcp[:4] + tcp[8:12] + tcp[14:16] + tcp[20:], len(packet) - ihl - doff
 
 
 def _is_new_syn(session: Session, seg, direction: Direction) -> bool:  # type: ignore[no-untyped-def]

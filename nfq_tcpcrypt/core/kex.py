@@ -82,6 +82,8 @@ class KeyPool:
         ready = self._ready.get(tep)
         while ready:
             made, key = ready.popleft()
+            if not ready:
+                del self._ready[tep]
             if now - made < self.max_age:
                 self.taken += 1
                 return key
@@ -99,14 +101,18 @@ class KeyPool:
 
     def next_expiry(self) -> float | None:
         """When the oldest key waiting passes `max_age` (the engine's timer drops it then), or None."""
+        if not self._ready:
+            return None
         oldest = [ready[0][0] for ready in self._ready.values() if ready]
         return min(oldest) + self.max_age if oldest else None
 
     def expire(self, now: float) -> None:
         """Drop the keys made more than `max_age` seconds before `now`."""
-        for ready in self._ready.values():
+        for tep, ready in list(self._ready.items()):
             while ready and now - ready[0][0] >= self.max_age:
                 ready.popleft()
+            if not ready:
+                del self._ready[tep]
 
     def fill(self, factory: KeyFactory, now: float) -> bool:
         """Make one key for a TEP that wants one and drop keys past `max_age`; False: none needed."""

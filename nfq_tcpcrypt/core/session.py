@@ -569,6 +569,10 @@ class Session:
         self.recv.cipher = self.cipher(0, sending=False)
         self.session_id = schedule.session_id
         self._set_state(Trigger.KEYS)
+        if self.send.prefix and self.send.prefix_acked:
+            # A's Init1 was acknowledged by the very segment that brought Init2 (its ACK is read
+            # before the keys exist): the retransmission timer has nothing left to do.
+            self._timers.cancel(Timer.KEX)
         if self.config.keepalive:
             self._timers.arm(Timer.KEEPALIVE, now + self.config.keepalive)
         self._emit(SessionEstablished(self.flow, self.session_id.hex(), AEAD_NAMES[aead], self.resumed))

@@ -57,3 +57,19 @@ def test_the_init_message_is_still_acknowledged_when_nothing_else_does():
     segments = [parse_segment(p) for p in pair.wire]
     init2 = next(s for s in segments if s.src == B_IP and len(s.payload) == 74)
     assert any(s.src == A_IP and s.ack == (init2.seq + 74) & 0xFFFFFFFF for s in segments)
+
+
+def test_no_init_retransmission_timer_left_once_the_keys_exist():
+    """A's Init1 is acknowledged by the segment that brings Init2, read before the keys exist: the
+    retransmission timer goes with the keys, not with some later ACK (which may never come now)."""
+    from nfq_tcpcrypt.core.timers import Timer
+
+    pair = Pair(seed=b"hs", a_config=seeded_config(b"hs-a", resume=False),
+                b_config=seeded_config(b"hs-b", resume=False))
+    pair.b.listen()
+    pair.a.connect(B_IP, 80)
+    pair.run(max_time=0.0)  # the handshake's packets only, no timer fires, nothing written after
+    for engine in (pair.engine_a, pair.engine_b):
+        assert engine is not None
+        session = next(iter(engine._sessions.values()))
+        assert session.keys_ready and Timer.KEX not in session._timers, session.flow
