@@ -67,7 +67,8 @@ class Configuration:
 
     max_sessions: int = 65536
     """Sessions at most. At the limit a new connection evicts the oldest session that holds no
-    keys (embryonic or plain); when every session holds keys it passes as plain TCP (counted)."""
+    keys (embryonic or plain), else the oldest that ended and lingers (it leaves a tombstone); when
+    every session is live with keys it passes as plain TCP (counted)."""
 
     embryonic_timeout: float = 75.0
     """Seconds a session may stay before ENO succeeds (a spoofed SYN's session goes after this);

@@ -10,6 +10,7 @@ from .constants import TCP_ACK, TCP_RST
 from .errors import MalformedSegment
 from .events import Event, SessionExpired
 from .flow import Direction, FlowKey
+from .kex import KeyPool
 from .outoforder import Budget
 from .resumption import ResumptionCache
 from .seqmap import to_seq
@@ -32,6 +33,13 @@ class Engine:
         self.counters: Counter[str] = Counter()
         self._sessions: dict[FlowKey, Session] = {}
         self._unkeyed: OrderedDict[FlowKey, Session] = OrderedDict()  # eviction candidates, oldest first
+        # Sessions that ended (closed, aborted, refused) and linger, in the order they ended: at
+        # max_sessions the oldest of them makes room (after sessions without keys), so a high
+        # connection rate never fills the table with finished connections.
+        self._ended: OrderedDict[FlowKey, Session] = OrderedDict()
+        # Sessions opened by the peer's SYN on the 4-tuple of a tombstone: until our stack answers
+        # with a SYN-ACK (a new connection of its own), anything else of that 4-tuple fails closed.
+        self._reopened: dict[FlowKey, Tombstone | None] = {}
         self._events: deque[Event] = deque()
         self._inject: list[Injection] = []
         self._next_sweep: float | None = None
@@ -44,6 +52,7 @@ class Engine:
         )
         self.tombstones = Tombstones(self.config.max_tombstones, self.config.tombstone_ttl)
         self.ooo_budget = Budget(self.config.ooo_total_limit)
+        self.keys = KeyPool()
 
     # ------------------------------------------------------------------ packets
 
@@ -69,12 +78,27 @@ class Engine:
         else:
             flow = FlowKey(seg.dst, seg.dport, seg.src, seg.sport)
         session = self._sessions.get(flow)
+        if self._reopened and flow in self._reopened:
+            if session is None:
+                del self._reopened[flow]  # the new session left the table: the tombstone decides again
+            else:
+                verdict = self._reopening(flow, seg, direction)
+                if verdict is not None:
+                    return verdict
         if session is None and (encrypted or len(self.tombstones)):
             tombstone = self.tombstones.get(flow, now)
             if tombstone is not None or encrypted:
-                if not (seg.is_syn and not seg.is_ack and direction is Direction.OUTBOUND):
+                if not (seg.is_syn and not seg.is_ack):
                     return self._fail_closed(flow, seg, direction, tombstone)
-                self.tombstones.discard(flow)  # our stack opens anew: its old connection is gone
+                if direction is Direction.OUTBOUND:
+                    self.tombstones.discard(flow)  # our stack opens anew: its old connection is gone
+                else:
+                    # The peer opens anew on this 4-tuple (its port came round again): a new
+                    # connection, but the tombstone stays until our stack shows it has no old one.
+                    verdict = self._open(flow, seg, direction, now)
+                    if flow in self._sessions:
+                        self._reopened[flow] = tombstone
+                    return verdict
         if seg.is_syn and not seg.is_ack and (session is None or _is_new_syn(session, seg, direction)):
             return self._open(flow, seg, direction, now)
         if session is None:
@@ -87,19 +111,47 @@ class Engine:
             return ACCEPT
         if session.state is State.REFUSED:
             return DROP
+        keyed = session.keys_ready
+        mark = len(self._inject)
         if direction is Direction.OUTBOUND:
             verdict = session.outbound(seg, now)
         else:
             verdict = session.inbound(seg, now)
+        if not keyed and len(self._inject) - mark > 1 and session.keys_ready:
+            self._drop_repeated_ack(mark)
         if session.required and session.state is State.PLAIN and not session.delegated:
             return self._refuse(session, seg, direction, now)
         if session.closed_at is not None:
             self._schedule_sweep(session.closed_at + self.config.session_linger)
+            if flow not in self._ended:
+                self._ended[flow] = session
         if verdict.packet is not None:
             self.counters["rewritten"] += 1
         if session.tx.send is not None and verdict.action is Action.ACCEPT:
             return Verdict(Action.ACCEPT, verdict.packet, encrypted=True)
         return verdict
+
+    def _drop_repeated_ack(self, mark: int) -> None:
+        """The keys came with this packet (an Init message was consumed, RFC 8548 §3.3), and the
+        translator's pure ACK of it closes what the step injected: it goes when a segment injected
+        in the same step toward the peer already carries the same acknowledgment, window and
+        options (B's Init2; A's first frame of data its stack wrote before the keys existed). It
+        would tell the peer nothing new (a duplicate ACK, RFC 5681 §2) and cost both daemons a
+        packet per connection."""
+        last = self._inject[-1]
+        if last.direction is not Direction.OUTBOUND:
+            return
+        ack = _ack_fields(last.packet)
+        if ack is None or ack[0] != TCP_ACK or ack[2]:
+            return
+        for earlier in self._inject[mark:-1]:
+            if earlier.direction is not Direction.OUTBOUND:
+                continue
+            seg = _ack_fields(earlier.packet)
+            if seg is not None and seg[0] & TCP_ACK and not seg[0] & TCP_RST and seg[1] == ack[1]:
+                self._inject.pop()
+                self.counters["repeated_acks_dropped"] += 1
+                return
 
     def _refuse(self, session: Session, seg: Segment, direction: Direction, now: float) -> Verdict:
         """Policy `require`: the connection cannot be encrypted, so it is reset toward both ends
@@ -153,6 +205,24 @@ class Engine:
         logger.info("%s: packet of an encrypted connection without a session: reset, dropped", flow)
         return DROP
 
+    def _reopening(self, flow: FlowKey, seg: Segment, direction: Direction) -> Verdict | None:
+        """A packet of a 4-tuple whose tombstone a SYN from the wire reopened; None: carry on.
+
+        Our stack's SYN-ACK says it took the SYN as a new connection (it holds no old one), and so
+        does a SYN of its own: the tombstone goes. Anything else before that, from either side, may
+        belong to the old encrypted connection our stack may still hold, so it fails closed as
+        without the new session (README: Security model); the peer's SYN and its retransmissions go
+        on to the session.
+        """
+        tombstone = self._reopened[flow]
+        if seg.is_syn and not seg.is_ack and direction is Direction.INBOUND:
+            return None
+        if direction is Direction.OUTBOUND and seg.is_syn:
+            del self._reopened[flow]
+            self.tombstones.discard(flow)
+            return None
+        return self._fail_closed(flow, seg, direction, tombstone)
+
     def _icmp(self, packet: bytes, direction: Direction) -> Verdict:
         """An ICMP error quoting a segment of a session: translate it between the byte spaces.
 
@@ -199,14 +269,15 @@ class Engine:
         return self.config.policy_action(flow.remote_ip, flow.local_port, flow.remote_port) == "require"
 
     def _start(self, flow: FlowKey, seg: Segment, direction: Direction, now: float) -> Verdict:
-        if flow not in self._sessions and len(self._sessions) >= self.config.max_sessions and not self._evict():
+        if flow not in self._sessions and len(self._sessions) >= self.config.max_sessions and not self._evict(now):
             self.counters["table_full"] += 1
             return ACCEPT
         old = self._sessions.get(flow)
         if old is not None:
             old.wipe_secrets()  # port reuse: the old connection is over
+            self._ended.pop(flow, None)
         session = Session(flow, self.config, self._events.append, self._inject.append, self.cache, self.ooo_budget,
-                          self._armed)
+                          self._armed, self.keys)
         self._sessions[flow] = session
         self._unkeyed.pop(flow, None)
         self._unkeyed[flow] = session
@@ -222,16 +293,42 @@ class Engine:
             logger.debug("%s: syn the codec rejects, passing as plain: %s", flow, exc)
             return ACCEPT
 
-    def _evict(self) -> bool:
-        """Make room: drop the oldest session that holds no keys (never a keyed one)."""
+    def _evict(self, now: float) -> bool:
+        """Make room: drop the oldest session that holds no keys, else the oldest one that ended
+        (closed, aborted or refused, lingering: it leaves a tombstone, as at the end of its linger);
+        never a live keyed one."""
         while self._unkeyed:
             flow, session = self._unkeyed.popitem(last=False)
             if self._sessions.get(flow) is session and session.send is None:
                 del self._sessions[flow]
+                self._ended.pop(flow, None)
+                self._reopened.pop(flow, None)
                 session.wipe_secrets()
                 self.counters["evicted_embryonic"] += 1
                 return True
+        while self._ended:
+            flow, session = self._ended.popitem(last=False)
+            if self._sessions.get(flow) is session and session.closed_at is not None:
+                del self._sessions[flow]
+                self._unkeyed.pop(flow, None)
+                self._reopened.pop(flow, None)
+                self._bury(session, now)
+                session.wipe_secrets()
+                self._events.append(SessionExpired(flow))
+                self.counters["evicted_ended"] += 1
+                return True
         return False
+
+    # ------------------------------------------------------------------ work ahead of need
+
+    def prepare_wanted(self, now: float) -> bool:
+        """Whether `prepare` has work: the loop calls it only when no packet waits."""
+        return self.keys.wanted(now) is not None
+
+    def prepare(self, now: float) -> bool:
+        """Do one piece of work ahead of need, off the packet path: one ephemeral key for the pool
+        (KeyPool); False when there was nothing to do."""
+        return self.keys.fill(self.config.key_factory, now)
 
     # ------------------------------------------------------------------ outputs and timers
 
@@ -246,6 +343,9 @@ class Engine:
     def get_timer(self) -> float | None:
         """The next deadline (same clock as `now`), or None."""
         earliest = self._next_sweep
+        keys_expire = self.keys.next_expiry()
+        if keys_expire is not None and (earliest is None or keys_expire < earliest):
+            earliest = keys_expire
         sessions = self._sessions
         for session in list(self._armed):
             at = session.timer_at
@@ -256,7 +356,9 @@ class Engine:
         return earliest
 
     def handle_timer(self, now: float) -> None:
-        """Run everything due at `now`: Init retransmissions and the session sweep."""
+        """Run everything due at `now`: Init retransmissions, the session sweep, and the expiry of
+        ephemeral keys made ahead and not used (KeyPool)."""
+        self.keys.expire(now)
         sessions = self._sessions
         for session in list(self._armed):
             if sessions.get(session.flow) is not session:
@@ -283,6 +385,8 @@ class Engine:
             if expires <= now:
                 del self._sessions[flow]
                 self._unkeyed.pop(flow, None)
+                self._ended.pop(flow, None)
+                self._reopened.pop(flow, None)
                 self._bury(session, now)
                 session.wipe_secrets()
                 self._events.append(SessionExpired(flow))
@@ -317,8 +421,13 @@ class Engine:
         return self.cache.info(now)
 
     def flush_cache(self, reason: str, peer: bytes | None = None) -> int:
-        """Forget cached session secrets (all, or one peer's); return how many entries went."""
+        """Forget cached session secrets (all, or one peer's); return how many entries went.
+
+        A flush of the whole cache also forgets the ephemeral keys made ahead (KeyPool): the
+        triggers (README: Resumption and cloned machines) mean this may be a copy of the machine."""
         count = self.cache.flush(peer)
+        if peer is None:
+            self.keys.clear()
         self.counters["cache_flushes"] += 1
         logger.info("resumption cache flushed (%s): %d entries", reason, count)
         return count
@@ -330,6 +439,19 @@ class Engine:
     def session_table(self) -> list[dict[str, object]]:
         """One JSON-ready dict per session (README: `sessions --json`)."""
         return [session.info() for session in self._sessions.values()]
+
+
+def _ack_fields(packet: bytes) -> tuple[int, bytes, int] | None:
+    """(flags, ports + acknowledgment + window + options as bytes, payload length) of a packet
+    the engine built itself (RFC 9293 §3.1); None when it is too short to hold them."""
+    ihl = (packet[0] & 0x0F) * 4 if packet[0] >> 4 == 4 else 40
+    if len(packet) < ihl + 20:
+        return None
+    doff = (packet[ihl + 12] >> 4) * 4
+    if doff < 20 or len(packet) < ihl + doff:
+        return None
+    tcp = packet[ihl : ihl + doff]
+    return tcp[13], tcp[:4] + tcp[8:12] + tcp[14:16] + tcp[20:], len(packet) - ihl - doff
 
 
 def _is_new_syn(session: Session, seg, direction: Direction) -> bool:  # type: ignore[no-untyped-def]

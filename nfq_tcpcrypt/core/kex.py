@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import struct
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,6 +44,91 @@ class SystemKeyFactory:
         if tep == Tep.X448:
             return x448.X448PrivateKey.generate()
         return ec.generate_private_key(_CURVES[tep]())
+
+
+class KeyPool:
+    """Ephemeral private keys made ahead of need, while the daemon is idle (RFC 8548 §3.3, §8).
+
+    Generating a key pair is the most expensive step of a fresh connection's packet path after the
+    key agreement itself; the event loop fills this pool when no packet waits, and a connection
+    takes a key from it. It saves time, never keys: every key is handed out once and is then gone
+    from the pool. RFC 8548 §8 would allow reusing ephemeral keys for a limited lifetime; this
+    implementation never reuses one. §3.3 asks that the keys be short-lived and never written to
+    persistent storage: a key waits at most `max_age` seconds (the engine's timer drops it then),
+    only in memory, and only for a TEP
+    a connection used within the last `max_age` seconds (an idle daemon holds none); at most `size`
+    per TEP (`size=0`: none, every key is made when a connection asks). `clear` empties the pool:
+    the engine calls it with every resumption cache flush, so a machine restored from a snapshot or
+    cloned (README: Resumption and cloned machines) never uses a key its original may use too.
+    """
+
+    def __init__(self, size: int = 4, max_age: float = 30.0) -> None:
+        self.size = size
+        self.max_age = max_age
+        self._ready: dict[Tep, deque[tuple[float, PrivateKey]]] = {}
+        self._wanted: dict[Tep, float] = {}  # TEP -> when a connection last asked for a key of it
+        self.taken = 0
+        self.made = 0
+
+    def __len__(self) -> int:
+        return sum(len(ready) for ready in self._ready.values())
+
+    def __repr__(self) -> str:
+        return f"KeyPool(ready={len(self)}, taken={self.taken}, made={self.made})"
+
+    def take(self, factory: KeyFactory, tep: Tep, now: float) -> PrivateKey:
+        """A key nobody had: one made ahead (and young enough), else a new one from `factory`."""
+        self._wanted[tep] = now
+        ready = self._ready.get(tep)
+        while ready:
+            made, key = ready.popleft()
+            if not ready:
+                del self._ready[tep]
+            if now - made < self.max_age:
+                self.taken += 1
+                return key
+        return factory.generate(tep)
+
+    def wanted(self, now: float) -> Tep | None:
+        """The TEP whose pool is short of `size` keys (only TEPs asked for recently), or None."""
+        for tep, asked in self._wanted.items():
+            if now - asked > self.max_age:
+                continue
+            ready = self._ready.get(tep)
+            if (0 if ready is None else len(ready)) < self.size:
+                return tep
+        return None
+
+    def next_expiry(self) -> float | None:
+        """When the oldest key waiting passes `max_age` (the engine's timer drops it then), or None."""
+        if not self._ready:
+            return None
+        oldest = [ready[0][0] for ready in self._ready.values() if ready]
+        return min(oldest) + self.max_age if oldest else None
+
+    def expire(self, now: float) -> None:
+        """Drop the keys made more than `max_age` seconds before `now`."""
+        for tep, ready in list(self._ready.items()):
+            while ready and now - ready[0][0] >= self.max_age:
+                ready.popleft()
+            if not ready:
+                del self._ready[tep]
+
+    def fill(self, factory: KeyFactory, now: float) -> bool:
+        """Make one key for a TEP that wants one and drop keys past `max_age`; False: none needed."""
+        self.expire(now)
+        tep = self.wanted(now)
+        if tep is None:
+            return False
+        self._ready.setdefault(tep, deque()).append((now, factory.generate(tep)))
+        self.made += 1
+        return True
+
+    def clear(self) -> int:
+        """Forget every key made ahead; return how many went."""
+        count = len(self)
+        self._ready.clear()
+        return count
 
 
 _CURVES: dict[Tep, type[ec.EllipticCurve]] = {Tep.P256: ec.SECP256R1, Tep.P521: ec.SECP521R1}

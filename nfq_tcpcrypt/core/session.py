@@ -35,7 +35,7 @@ from .errors import Disposition, LocalProtocolError, MalformedSegment, ProtocolE
 from .events import EnoNegotiated, Event, FellBackToPlain, SessionAborted, SessionClosed, SessionEstablished
 from .flow import FlowKey
 from .guard import ChallengeLimiter, RstCheck, check_rst
-from .kex import KeySchedule, TrafficKeys, public_bytes, session_secret, shared_secret
+from .kex import KeyPool, KeySchedule, PrivateKey, TrafficKeys, public_bytes, session_secret, shared_secret
 from .outoforder import Budget
 from .resumption import Resumable, ResumptionCache
 from .seqmap import RecvStream, SendStream, to_offset, to_seq
@@ -143,8 +143,10 @@ class Session:
         self, flow: FlowKey, config: Configuration, emit: Callable[[Event], None],
         inject: Callable[[Injection], None], cache: ResumptionCache | None = None,
         ooo_budget: Budget | None = None, armed: dict[Session, None] | None = None,
+        keys: KeyPool | None = None,
     ) -> None:
         self._cache = cache
+        self._key_pool = keys
         self._ooo_budget = ooo_budget
         self._no_cache = False
         self._resume: Resumable | None = None
@@ -486,7 +488,7 @@ class Session:
             # Host A's stream starts with Init1; it rides on our stack's third ACK (docs/architecture.md),
             # or goes out at once after a simultaneous open, where no third ACK exists.
             assert self.send is not None
-            self._private_key = self.config.key_factory.generate(self.tep)
+            self._private_key = self._new_private_key(self.tep, now)
             self._n_a = self.config.random_bytes(N_A_LEN)
             self._ciphers_offered = tuple(int(a) for a in self.config.aeads)
             self._init1 = serialize_init1(
@@ -513,7 +515,7 @@ class Session:
             if choice is None:
                 # docs/protocol.md T4: no common AEAD; abort.
                 raise RemoteProtocolError(f"init1 offers no aead we accept: {list(init1.sym_ciphers)}")
-            private_key = self.config.key_factory.generate(self.tep)
+            private_key = self._new_private_key(self.tep, now)
             n_b = self.config.random_bytes(N_B_LEN)
             init2_bytes = serialize_init2(Init2(int(choice), n_b, public_bytes(self.tep, private_key)))
             es = shared_secret(self.tep, private_key, init1.pk_a)
@@ -528,6 +530,13 @@ class Session:
             self._derive(Aead(init2.sym_cipher), self._n_a, self._init1, message, es, now)
             self._private_key = None
             self.tx.release_held()
+
+    def _new_private_key(self, tep: Tep, now: float) -> PrivateKey:
+        """An ephemeral key of this connection's own (RFC 8548 §3.3): one the engine made ahead
+        (KeyPool: used once, never again), else a new one."""
+        if self._key_pool is not None:
+            return self._key_pool.take(self.config.key_factory, tep, now)
+        return self.config.key_factory.generate(tep)
 
     def _derive(self, aead: Aead, n_a: bytes, init1: bytes, init2: bytes, es: bytes, now: float) -> None:
         """RFC 8548 §3.3, §3.4: ss[0], mk[0], the traffic keys and the session ID."""
@@ -560,6 +569,10 @@ class Session:
         self.recv.cipher = self.cipher(0, sending=False)
         self.session_id = schedule.session_id
         self._set_state(Trigger.KEYS)
+        if self.send.prefix and self.send.prefix_acked:
+            # A's Init1 was acknowledged by the very segment that brought Init2 (its ACK is read
+            # before the keys exist): the retransmission timer has nothing left to do.
+            self._timers.cancel(Timer.KEX)
         if self.config.keepalive:
             self._timers.arm(Timer.KEEPALIVE, now + self.config.keepalive)
         self._emit(SessionEstablished(self.flow, self.session_id.hex(), AEAD_NAMES[aead], self.resumed))

@@ -459,18 +459,20 @@ def start_daemon(
     timeout: float = 20.0,
     mode: str = "host",
     program: Sequence[str] | None = None,
+    keylog: bool = True,
 ) -> Daemon:
     """Start the daemon in `side` and wait until its control socket answers (queue bound, rules in).
 
     With `mode="gateway"` it runs `--mode gateway --outside topo.outside[side]`. `program` replaces
-    `python -m nfq_tcpcrypt` (e.g. the `nfq-tcpcrypt` script of another installation). The
+    `python -m nfq_tcpcrypt` (e.g. the `nfq-tcpcrypt` script of another installation);
+    `keylog=False` runs it without `--keylog`, as a production daemon runs (the benchmarks). The
     environment variable NFQ_TCPCRYPT_QUEUE_BACKEND, when set, becomes `--queue-backend` (unless
     `extra` names one), so the integration suite runs on either backend.
     """
     from ..shell.control import query
 
     control = str(workdir / f"{side}.sock")
-    keylog = str(workdir / f"{side}.keys")
+    keylog_path = str(workdir / f"{side}.keys")
     log = str(workdir / f"{side}.log")
     mode_args = ["--mode", mode]
     if "--queue-backend" not in extra:
@@ -479,11 +481,11 @@ def start_daemon(
         mode_args += ["--outside", topo.outside[side]]
     command = [
         *(program or (sys.executable, "-m", "nfq_tcpcrypt")), "run", *mode_args,
-        "--control", control, "--keylog", keylog, *extra,
+        "--control", control, *(("--keylog", keylog_path) if keylog else ()), *extra,
     ]  # fmt: skip
     with open(log, "ab") as log_file:
         proc = topo.popen(side, command, stdout=log_file, stderr=subprocess.STDOUT)
-    daemon = Daemon(side, proc, control, keylog, log)
+    daemon = Daemon(side, proc, control, keylog_path, log)
     STARTED.append(daemon)
     topo.daemons.append(daemon)
     deadline = time.monotonic() + timeout

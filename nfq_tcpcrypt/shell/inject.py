@@ -14,7 +14,6 @@ skip (never queued twice). There are two marks because there are two kinds of pa
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 
@@ -70,10 +69,10 @@ class Injector:
         try:
             version = packet[0] >> 4
             if version == 4:
-                dst = str(ipaddress.IPv4Address(packet[16:20]))
+                dst = socket.inet_ntop(socket.AF_INET, packet[16:20])
                 self._sock(socket.AF_INET, mark).sendto(packet, (dst, 0))
             elif version == 6:
-                dst6 = str(ipaddress.IPv6Address(packet[24:40]))
+                dst6 = socket.inet_ntop(socket.AF_INET6, packet[24:40])
                 self._sock(socket.AF_INET6, mark).sendto(packet, (dst6, 0, 0, 0))
             else:
                 raise ValueError(f"ip version {version} is neither 4 nor 6")

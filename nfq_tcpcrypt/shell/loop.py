@@ -50,6 +50,8 @@ class EngineLike(Protocol):
     def cache_info(self, now: float) -> list[dict[str, object]]: ...
     def flush_cache(self, reason: str, peer: bytes | None = None) -> int: ...
     def abort_all(self, reason: str, now: float) -> int: ...
+    def prepare_wanted(self, now: float) -> bool: ...
+    def prepare(self, now: float) -> bool: ...
 
 
 class SignalWatch:
@@ -173,7 +175,15 @@ class EventLoop:
                 if next_periodic is not None:
                     deadline = next_periodic if deadline is None else min(deadline, next_periodic)
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                ready = selector.select(timeout)
+                ready = None
+                if timeout != 0.0 and self.engine.prepare_wanted(self.now):
+                    # Work ahead of need (ephemeral keys, Engine.prepare), only while no packet waits.
+                    ready = selector.select(0)
+                    if not ready:
+                        self.engine.prepare(self.now)
+                        continue
+                if ready is None:
+                    ready = selector.select(timeout)
                 self.now = time.monotonic()
                 if self.periodic is not None and next_periodic is not None and self.now >= next_periodic:
                     next_periodic = self.now + self.periodic[0]
@@ -216,6 +226,9 @@ class EventLoop:
 
 
 def _log_event(event: Event) -> None:
-    """One INFO line per lifecycle event (README: Status and metrics); events never carry key material."""
+    """One INFO line per lifecycle event (README: Status and metrics); events never carry key material.
+    Nothing is formatted when INFO is off (`--log-level WARNING`)."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
     details = " ".join(f"{f.name}={getattr(event, f.name)}" for f in fields(event) if f.name != "flow")
     logger.info("%s %s %s", event.flow, type(event).__name__, details)

@@ -47,3 +47,11 @@ class PassThroughEngine:
     def abort_all(self, reason: str, now: float) -> int:
         """No sessions."""
         return 0
+
+    def prepare_wanted(self, now: float) -> bool:
+        """Nothing to prepare."""
+        return False
+
+    def prepare(self, now: float) -> bool:
+        """Nothing to prepare."""
+        return False

@@ -45,6 +45,7 @@ from typing import Any
 from ..core.constants import Aead, Role, Tep
 from ..core.engine import Engine
 from ..core.errors import ConfigError
+from ..core.kex import KeyPool
 from ..core.resumption import Resumable, ResumptionCache
 from . import metrics, rules, settings
 from .control import CommandError, ControlServer
@@ -168,6 +169,9 @@ def _worker_main(options: DaemonOptions, index: int, sock: socket.socket) -> int
         else:
             real = Engine(options.configuration(keylog.write if keylog else None))
             real.cache = remote  # type: ignore[assignment]  # same surface (module docstring)
+            # The cache flush triggers (a new VM generation, a suspend) run in the supervisor, which
+            # cannot empty a worker's pool of keys made ahead (KeyPool): workers make theirs on the spot.
+            real.keys = KeyPool(size=0)
             engine = real
         injector = Injector(options.mark, options.local_mark)
         stack.callback(injector.close)

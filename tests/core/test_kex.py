@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from cryptography.hazmat.primitives.asymmetric import x25519
 
@@ -92,3 +94,91 @@ def test_every_tep_agrees(tep):
     pa, pb = kex.public_bytes(tep, a), kex.public_bytes(tep, b)
     assert kex.public_key_length(tep, pa + b"trailer") == len(pa)
     assert kex.shared_secret(tep, a, pb) == kex.shared_secret(tep, b, pa)
+
+
+class _CountingFactory:
+    """Distinct X25519 keys from a counter, and how many were made."""
+
+    def __init__(self) -> None:
+        self.made = 0
+
+    def generate(self, tep: Tep):  # type: ignore[no-untyped-def]
+        self.made += 1
+        return _x25519(hashlib.sha256(self.made.to_bytes(8, "big")).digest())
+
+
+def _raw(key) -> bytes:  # type: ignore[no-untyped-def]
+    return kex.public_bytes(Tep.X25519, key)
+
+
+def test_key_pool_hands_each_key_out_once_and_only_fills_for_teps_in_use():
+    factory, pool = _CountingFactory(), kex.KeyPool(size=3, max_age=30.0)
+    assert pool.wanted(0.0) is None and not pool.fill(factory, 0.0)  # nothing asked: nothing made
+    first = pool.take(factory, Tep.X25519, 0.0)  # an empty pool makes one at once
+    assert factory.made == 1 and pool.wanted(0.0) is Tep.X25519 and pool.next_expiry() is None
+    while pool.fill(factory, 1.0):
+        pass
+    assert len(pool) == 3 and factory.made == 4
+    taken = [pool.take(factory, Tep.X25519, 2.0) for _ in range(5)]
+    publics = [_raw(k) for k in [first, *taken]]
+    assert len(set(publics)) == 6  # never the same key twice
+    assert pool.taken == 3 and factory.made == 6  # three from the pool, two made on the spot
+    assert "KeyPool(" in repr(pool) and "private" not in repr(pool).lower()
+
+
+def test_key_pool_keys_age_out_and_an_idle_daemon_holds_none():
+    factory, pool = _CountingFactory(), kex.KeyPool(size=2, max_age=30.0)
+    pool.take(factory, Tep.X25519, 0.0)
+    while pool.fill(factory, 0.0):
+        pass
+    assert len(pool) == 2
+    old = factory.made
+    fresh = pool.take(factory, Tep.X25519, 31.0)  # the ones made at 0 are too old: a new key
+    assert factory.made == old + 1 and pool.taken == 0 and _raw(fresh)
+    assert not pool.fill(factory, 62.0) and len(pool) == 0  # no connection asked for 31 s: none kept
+    pool.take(factory, Tep.X25519, 70.0)
+    pool.fill(factory, 70.0)
+    assert len(pool) == 1 and pool.clear() == 1 and len(pool) == 0
+    pool.take(factory, Tep.X25519, 80.0)
+    pool.fill(factory, 80.0)
+    assert pool.next_expiry() == 110.0
+    pool.expire(109.0)
+    assert len(pool) == 1
+    pool.expire(110.0)  # the engine's timer: gone at max_age, whether or not anything asks
+    assert len(pool) == 0 and pool.next_expiry() is None
+    none = kex.KeyPool(size=0)  # a worker's (shell/workers.py): keys only when a connection asks
+    none.take(factory, Tep.X25519, 0.0)
+    assert none.wanted(0.0) is None and not none.fill(factory, 0.0) and len(none) == 0
+
+
+def test_engine_makes_keys_ahead_uses_them_once_and_forgets_them_on_a_cache_flush():
+    from nfq_tcpcrypt.lab.tcpmodel import Pair, seeded_config
+
+    pair = Pair(seed=b"pool", a_config=seeded_config(b"pa", resume=False),
+                b_config=seeded_config(b"pb", resume=False))
+    pair.open()
+    pair.talk(b"first", b"ok")
+    engines = [pair.engine_a, pair.engine_b]
+    for engine in engines:
+        assert engine is not None and engine.prepare_wanted(pair.now)  # a fresh connection asked
+        while engine.prepare(pair.now):
+            pass
+        assert len(engine.keys) == engine.keys.size
+        timer = engine.get_timer()
+        assert timer is not None and timer <= pair.now + engine.keys.max_age
+    pair.new_connection(20001, 80)
+    pair.talk(b"second", b"ok")
+    assert bytes(pair.b.received) == b"second"
+    ids = set()
+    for engine in engines:
+        assert engine is not None and engine.keys.taken == 1  # A's Init1 key and B's Init2 key
+        ids |= {s["session_id"] for s in engine.session_table()}
+        engine.flush_cache("test")
+        assert len(engine.keys) == 0 and engine.keys.made == engine.keys.size
+    assert len(ids) == 2  # both connections' sessions agree across the engines, and differ
+    engine = pair.engine_a
+    assert engine is not None
+    while engine.prepare(pair.now):
+        pass
+    engine.handle_timer(pair.now + engine.keys.max_age)  # unused keys go with the engine's timer
+    assert len(engine.keys) == 0

@@ -92,9 +92,12 @@ def test_64_concurrent_flows(sites: Topology, tmp_path: Path) -> None:
 @pytest.mark.timeout(240)
 def test_64_flows_to_a_server_with_a_small_backlog(sites: Topology, tmp_path: Path) -> None:
     """A server whose listen queue overflows (http.server's backlog of 5, 64 connections at once)
-    answers with SYN cookies and drops what completes the handshake while its accept queue is full.
-    The pure ACK the client's engine sends for Init2 must then reach it with the first sequence
-    number, or the cookie check fails and it resets the connection (plain TCP only waits)."""
+    answers with SYN cookies and drops what completes the handshake while its accept queue is full
+    (ListenOverflows); every transfer still completes. A pure ACK toward it must carry the first
+    sequence number, or the cookie check fails and it resets the connection (plain TCP only waits):
+    the translator gives it that number while its stack has acknowledged nothing, and the client's
+    engine no longer repeats the acknowledgment of Init2 that the request's frame carries
+    (Engine._drop_repeated_ack)."""
     www, got = tmp_path / "www", tmp_path / "got"
     www.mkdir()
     got.mkdir()

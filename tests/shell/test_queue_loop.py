@@ -239,3 +239,47 @@ def test_event_loop_verdict_then_injection_then_timer_and_stops_on_sigterm() -> 
     assert all(p.verdict == "accept" for p in packets)
     assert loop.all_counters()["shell.packets_inbound"] == 3
 
+
+
+class PreparingEngine(FakeEngine):
+    """Wants two pieces of work done ahead (Engine.prepare); SIGTERM after the second."""
+
+    def __init__(self, log: list[tuple[str, Any]]) -> None:
+        super().__init__(log, stop_after=0, now_deadline=0.0)
+        self._timer = None
+        self.wanted = 2
+
+    def prepare_wanted(self, now: float) -> bool:
+        return self.wanted > 0
+
+    def prepare(self, now: float) -> bool:
+        self.log.append(("prepare", now))
+        self.wanted -= 1
+        if not self.wanted:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return True
+
+
+@pytest.mark.timeout(30)
+def test_event_loop_prepares_only_while_no_packet_waits() -> None:
+    log: list[tuple[str, Any]] = []
+    made: list[FakeQueue] = []
+
+    def factory() -> FakeQueue:
+        made.append(FakeQueue())
+        return made[-1]
+
+    engine = PreparingEngine(log)
+    signals = SignalWatch()
+    try:
+        loop = EventLoop(engine, 7100, FakeInjector(log), signals, queue_factory=factory)  # type: ignore[arg-type]
+        packets = [FakePacket(PACKET[:-1] + bytes([i]), log) for i in (1, 2, 3)]
+        for packet in packets:
+            made[0].put(packet)
+        assert loop.run() == signal.SIGTERM
+        loop.close()
+    finally:
+        signals.close()
+    kinds = [kind for kind, _ in log]
+    # The waiting packets first (verdicts and injections), the work ahead once the queues are empty.
+    assert kinds == ["process", "verdict", "inject"] * 3 + ["prepare", "prepare"], kinds

@@ -1,0 +1,75 @@
+"""The packets of a fresh key exchange on the wire: nothing sent twice (RFC 8548 §3.3)."""
+
+from __future__ import annotations
+
+from nfq_tcpcrypt.core.constants import TCP_ACK
+from nfq_tcpcrypt.core.wire.tcp import parse_segment
+from nfq_tcpcrypt.lab.tcpmodel import A_IP, B_IP, Pair, seeded_config
+
+
+def _exchange(client_writes_first: bool) -> Pair:
+    """A fresh connection whose client writes its request at once (before Init2 arrives, as a
+    real client does right after connect) or only after the handshake, then one answer."""
+    pair = Pair(seed=b"hs", a_config=seeded_config(b"hs-a", resume=False),
+                b_config=seeded_config(b"hs-b", resume=False))
+    pair.b.listen()
+    pair.a.connect(B_IP, 80)
+    if client_writes_first:
+        pair.a.write(b"?")
+    pair.run()
+    if not client_writes_first:
+        pair.a.write(b"?")
+        pair.run()
+    pair.b.write(b"!")
+    pair.run()
+    assert bytes(pair.b.received) == b"?" and bytes(pair.a.received) == b"!"
+    return pair
+
+
+def _repeated_acks(pair: Pair) -> list[str]:
+    """Pure ACKs that follow a segment of the same sender carrying the same acknowledgment,
+    window and options: a duplicate ACK that says nothing new."""
+    found = []
+    last: dict[bytes, tuple[int, int, bytes]] = {}
+    for packet in pair.wire:
+        seg = parse_segment(packet)
+        key = (seg.ack, seg.window, seg.options)
+        if seg.flags == TCP_ACK and not seg.payload and last.get(seg.src) == key:
+            found.append(f"{'A' if seg.src == A_IP else 'B'} ack {seg.ack}")
+        last[seg.src] = key
+    return found
+
+
+def test_no_repeated_ack_after_the_init_messages():
+    """B's Init2 already acknowledges Init1, and A's first frame (the request its stack wrote
+    before the keys existed) already acknowledges Init2: neither is followed by a pure ACK."""
+    for first in (True, False):
+        pair = _exchange(first)
+        assert _repeated_acks(pair) == [], first
+        assert pair.engine_a is not None and pair.engine_b is not None
+    assert pair.engine_b.counters["repeated_acks_dropped"] == 1
+
+
+def test_the_init_message_is_still_acknowledged_when_nothing_else_does():
+    """Without a request held before the keys, A's only acknowledgment of Init2 is its pure ACK:
+    it goes out."""
+    pair = _exchange(False)
+    segments = [parse_segment(p) for p in pair.wire]
+    init2 = next(s for s in segments if s.src == B_IP and len(s.payload) == 74)
+    assert any(s.src == A_IP and s.ack == (init2.seq + 74) & 0xFFFFFFFF for s in segments)
+
+
+def test_no_init_retransmission_timer_left_once_the_keys_exist():
+    """A's Init1 is acknowledged by the segment that brings Init2, read before the keys exist: the
+    retransmission timer goes with the keys, not with some later ACK (which may never come now)."""
+    from nfq_tcpcrypt.core.timers import Timer
+
+    pair = Pair(seed=b"hs", a_config=seeded_config(b"hs-a", resume=False),
+                b_config=seeded_config(b"hs-b", resume=False))
+    pair.b.listen()
+    pair.a.connect(B_IP, 80)
+    pair.run(max_time=0.0)  # the handshake's packets only, no timer fires, nothing written after
+    for engine in (pair.engine_a, pair.engine_b):
+        assert engine is not None
+        session = next(iter(engine._sessions.values()))
+        assert session.keys_ready and Timer.KEX not in session._timers, session.flow
