@@ -135,6 +135,12 @@ class Configuration:
     frames are ready at once). A host's own stack takes large packets; a gateway must stay within
     the inside link's MSS."""
 
+    gso_deliver: bool = True
+    """A super-packet from the wire (GRO, a queue bound with GSO) is handed to the local stack in
+    one verdict of up to 65,531 bytes, which the kernel keeps whole for a local socket. A gateway
+    sets it off: what it forwards is segmented at the wire's segment size, which may not fit the
+    inside link, so it stays within deliver_max (docs/architecture.md: Sizes)."""
+
     held_limit: int = 1 << 20
     """Plaintext bytes held per connection while the key exchange runs; beyond it, segments drop."""
 

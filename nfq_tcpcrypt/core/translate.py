@@ -61,6 +61,15 @@ REPLAY_TIMEOUT = 0.5
 """Seconds our stack may take to acknowledge plaintext we already acknowledged for it (its delayed
 ACK is at most 0.2 s) before we hand it that plaintext again."""
 
+SUPER_PACKET_MAX = 0xFFFF - 4
+"""The largest packet a verdict gives back: the kernel refuses more than 65,535 bytes, and the
+netlink attribute that carries it holds 65,531 (docs/architecture.md: Sizes)."""
+
+GSO_OPTION_ROOM = 20
+"""Option bytes a super-packet may carry beyond its stack's own: the kernel copies them into every
+segment, and the stack sized its segments for its own options within an MSS clamped by 20 bytes
+(docs/architecture.md: Sizes)."""
+
 REPLAY_MAX_BACKOFF = 16
 """The replay timer's delay grows to at most this many times REPLAY_TIMEOUT (a persist timer,
 RFC 9293 §3.8.6.1: our stack may offer no window for a while)."""
@@ -215,10 +224,10 @@ class StreamTranslator:
             return Verdict(Action.ACCEPT, serialize_segment(seg))
         if plain > send.plain_next:
             raise StackAnomaly(f"local segment skips plain bytes {send.plain_next}..{plain}")
-        records = self._records_out(seg, plain, end)
-        if not records:
+        stretch = self._wire_out(seg, plain, end)
+        if stretch is None:
             return DROP
-        return self._send_records(seg, records, options, raw_options)
+        return self._send_wire(seg, stretch, options, raw_options)
 
     def _ack_out(self, seg: Segment, options: list[tuple[int, bytes]], now: float) -> bool:
         """Our stack's acknowledgment and window, into wire space; returns whether the segment is
@@ -243,36 +252,51 @@ class StreamTranslator:
         # the peer would take it for a loss on the wire and resend. It tells the peer nothing.
         return local_loss and same_window and recv.ack_floor == ack_before and not recv.ooo
 
-    def _records_out(self, seg: Segment, plain: int, end: int) -> list[FrameRecord]:
-        """The frames that carry plain range [plain, end): logged ones for a retransmission, sent
-        byte-identical (RFC 8548 §3.6), and new frames for new data."""
+    def _wire_out(self, seg: Segment, plain: int, end: int) -> tuple[int, bytes, bool] | None:
+        """(wire offset, bytes, fin) that carry plain range [plain, end): slices of logged frames
+        for a retransmission, byte-identical (RFC 8548 §3.6; SendStream.wire_slice), then one new
+        frame for new data (one per packet, whatever its size: a super-packet is one AEAD call)."""
         send, recv = self.send, self.recv
         assert send is not None and recv is not None
-        records = send.covering(plain, min(end, send.plain_next)) if plain < send.plain_next else []
-        if end > send.plain_next:
-            if send.fin_framed:
-                raise StackAnomaly("local segment carries data after its fin")
-            new = bytes(seg.payload[send.plain_next - plain :])
-            self.bytes_out += len(new)
-            self._sent_since_rekey += len(new)
-            rekey_bytes = self.config.rekey_bytes
-            if rekey_bytes and self._sent_since_rekey > rekey_bytes and recv.gen == send.gen:
-                self.start_rekey()  # by volume; this frame carries rekey = 1
-            records += send.new_frame(new, seg.is_fin)
-        return records
+        old = send.wire_slice(plain, min(end, send.plain_next)) if plain < send.plain_next else None
+        if end <= send.plain_next:
+            return old
+        if send.fin_framed:
+            raise StackAnomaly("local segment carries data after its fin")
+        new = bytes(seg.payload[send.plain_next - plain :])
+        self.bytes_out += len(new)
+        self._sent_since_rekey += len(new)
+        rekey_bytes = self.config.rekey_bytes
+        if rekey_bytes and self._sent_since_rekey > rekey_bytes and recv.gen == send.gen:
+            self.start_rekey()  # by volume; this frame carries rekey = 1
+        wire, data, fin = _joined(send.new_frame(new, seg.is_fin))
+        if old is None:
+            return wire, data, fin
+        return old[0], old[1] + data, fin  # the slice reaches the end of the log: contiguous
 
-    def _send_records(self, seg: Segment, records: list[FrameRecord], options: list[tuple[int, bytes]],
-                      raw_options: bytes) -> Verdict:
-        """Frames out in `seg`, payload and options within the wire MSS (RFC 6691). Our stack sized
-        its segment for its own options; the non-SYN ENO option or frames resent together can make
-        it longer: the rest follows in segments of their own. SACK blocks only take the room left."""
+    def _send_wire(self, seg: Segment, stretch: tuple[int, bytes, bool], options: list[tuple[int, bytes]],
+                   raw_options: bytes) -> Verdict:
+        """Wire bytes out in `seg`, payload and options within the wire MSS (RFC 6691). Our stack sized
+        its segment for its own options; the non-SYN ENO option or frame overhead can make it
+        longer: the rest follows in segments of their own. SACK blocks only take the room left.
+
+        A super-packet (`seg.gso`) is segmented by the kernel after the verdict: it carries up to
+        SUPER_PACKET_MAX bytes, with at most GSO_OPTION_ROOM option bytes beyond our stack's own
+        (docs/architecture.md: Sizes); only what exceeds that goes in segments of our own."""
         send = self.send
         assert send is not None
-        wire, payload, fin = _joined(records)
-        size = max(self.wire_mss - _padded(self._options_out(options, raw_options, self.wire_mss)), 1)
+        wire, payload, fin = stretch
         seg.seq = to_seq(wire, send.base)
-        seg.payload = payload[:size]
-        seg.options = self._options_out(options, raw_options, len(seg.payload))
+        if seg.gso and self.pmtu is None:
+            limit = min(TCP_MAX_OPTIONS, _padded(raw_options) + GSO_OPTION_ROOM)
+            seg.options = self._options_out(options, raw_options, limit=limit)
+            size = SUPER_PACKET_MAX - len(seg.ip_header) - 20 - _padded(seg.options)
+            seg.payload = payload[:size]
+        else:
+            seg.kernel_checksum = False  # a packet the kernel will not segment, or one we send
+            size = max(self.wire_mss - _padded(self._options_out(options, raw_options, self.wire_mss)), 1)
+            seg.payload = payload[:size]
+            seg.options = self._options_out(options, raw_options, len(seg.payload))
         rest = payload[size:]
         seg.flags = (seg.flags & ~TCP_FIN) | (TCP_FIN if fin and not rest else 0)
         if rest:
@@ -421,16 +445,24 @@ class StreamTranslator:
         return Translated(verdict, rekeyed, closing, finished)
 
     def _deliver(self, seg: Segment, plain_start: int, data: bytes, fin: bool) -> Verdict:
-        """Hand plaintext to our stack: the first chunk in the verdict, the rest injected."""
+        """Hand plaintext to our stack: the first chunk in the verdict, the rest injected.
+
+        A super-packet's verdict carries up to SUPER_PACKET_MAX bytes when `gso_deliver` (a
+        host's own stack takes it whole); otherwise, and for what we inject, chunks of deliver_max
+        bytes (a gateway's inside link, docs/architecture.md: Sizes)."""
         recv = self.recv
         assert recv is not None
         # deliver_max allows 20 bytes of options; more (SACK blocks) take room from the payload.
         size = max(min(self.config.deliver_max, self.config.deliver_max + 20 - _padded(seg.options)), 1)
+        first_size = size
+        if seg.gso and self.config.gso_deliver:
+            first_size = SUPER_PACKET_MAX - len(seg.ip_header) - 20 - _padded(seg.options)
         first = None
         at = 0
         while True:
-            chunk = data[at : at + size]
-            last = at + size >= len(data)
+            step = size if first is not None else first_size
+            chunk = data[at : at + step]
+            last = at + step >= len(data)
             seg.seq = to_seq(plain_start + at, recv.base)
             seg.payload = chunk
             flags = seg.flags & ~(TCP_FIN | TCP_PSH)
@@ -442,7 +474,7 @@ class StreamTranslator:
                 self._inject(Injection(packet, Direction.INBOUND))
             if last:
                 break
-            at += size
+            at += step
         return Verdict(Action.ACCEPT, first)
 
     def _drain(self, now: float) -> bytes:
@@ -511,13 +543,15 @@ class StreamTranslator:
         if ts is not None:
             self._remote_ts = ts[0]
 
-    def _options_out(self, parsed: list[tuple[int, bytes]], raw: bytes, payload_len: int = 0) -> bytes:
+    def _options_out(self, parsed: list[tuple[int, bytes]], raw: bytes, payload_len: int = 0,
+                     limit: int | None = None) -> bytes:
         """Options of a segment toward the wire: our own SACK blocks for out-of-order data we hold,
         in wire space, plus the non-SYN ENO option while RFC 8547 §4.6 wants it.
 
         The SACK blocks take at most the room `payload_len` bytes of payload leave within the
         wire MSS (RFC 6691): the blocks that do not fit are left out (RFC 2018 §4 puts the most
-        recent first), and every duplicate ACK we send without payload carries them all."""
+        recent first), and every duplicate ACK we send without payload carries them all. `limit`,
+        when given, is the room instead (a super-packet's, _send_wire)."""
         recv = self.recv
         assert recv is not None
         if not self.need_nonsyn_eno and not recv.ooo and not _has_sack_or_eno(parsed):
@@ -530,7 +564,8 @@ class StreamTranslator:
         blocks = recv.sack_blocks(4) if self.sack_ok and recv.ooo else []
         if self.need_nonsyn_eno:
             kept.append((ENO_OPTION_KIND, NON_SYN_ENO))
-        limit = min(TCP_MAX_OPTIONS, self.wire_mss - payload_len)
+        if limit is None:
+            limit = min(TCP_MAX_OPTIONS, self.wire_mss - payload_len)
         return with_sack(kept, [(to_seq(lo, recv.base), to_seq(hi, recv.base)) for lo, hi in blocks], limit)
 
     def _options_in(self, parsed: list[tuple[int, bytes]], raw: bytes) -> bytes:
