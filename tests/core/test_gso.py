@@ -206,3 +206,24 @@ def test_an_inbound_super_packet_is_delivered_whole_in_host_mode_and_in_deliver_
         else:
             assert len(delivered.payload) <= 32768 and injected
             assert delivered.payload + b"".join(parse_segment(i.packet).payload for i in injected) == data
+
+
+def test_a_frame_that_crosses_our_stacks_window_is_taken_whole():
+    """Our stack's window is full in plain bytes when the peer's frame is 20 bytes longer on the
+    wire: the frame that crosses the right edge is taken whole (else it could never be opened and
+    the window would never move); nothing beyond that frame."""
+    pair = _live(b"gso-edge")
+    session_b = next(iter(pair.engine_b._sessions.values()))
+    recv = session_b.tx.recv
+    recv.right_edge = recv.wire_next + 10_000  # our stack (B) offers 10,000 bytes
+    data = bytes(10_000)
+    verdict = pair.engine_a.process(_from_a(pair, pair.a.nxt, data), Direction.OUTBOUND, pair.now, info=GSO_INFO)
+    wire = parse_segment(verdict.packet)
+    wire.kernel_checksum = False
+    more = parse_segment(verdict.packet)  # and a second frame's worth beyond it: not taken
+    more.seq = (wire.seq + len(wire.payload)) & MASK
+    more.payload = wire.payload
+    wire.payload = wire.payload + more.payload
+    out = pair.engine_b.process(serialize_segment(wire), Direction.INBOUND, pair.now)
+    assert parse_segment(out.packet).payload == data
+    assert recv.wire_next == recv.right_edge + 20
