@@ -208,22 +208,17 @@ def test_an_inbound_super_packet_is_delivered_whole_in_host_mode_and_in_deliver_
             assert delivered.payload + b"".join(parse_segment(i.packet).payload for i in injected) == data
 
 
-def test_a_frame_that_crosses_our_stacks_window_is_taken_whole():
-    """Our stack's window is full in plain bytes when the peer's frame is 20 bytes longer on the
-    wire: the frame that crosses the right edge is taken whole (else it could never be opened and
-    the window would never move); nothing beyond that frame."""
-    pair = _live(b"gso-edge")
-    session_b = next(iter(pair.engine_b._sessions.values()))
-    recv = session_b.tx.recv
-    recv.right_edge = recv.wire_next + 10_000  # our stack (B) offers 10,000 bytes
-    data = bytes(10_000)
-    verdict = pair.engine_a.process(_from_a(pair, pair.a.nxt, data), Direction.OUTBOUND, pair.now, info=GSO_INFO)
-    wire = parse_segment(verdict.packet)
-    wire.kernel_checksum = False
-    more = parse_segment(verdict.packet)  # and a second frame's worth beyond it: not taken
-    more.seq = (wire.seq + len(wire.payload)) & MASK
-    more.payload = wire.payload
-    wire.payload = wire.payload + more.payload
-    out = pair.engine_b.process(serialize_segment(wire), Direction.INBOUND, pair.now)
-    assert parse_segment(out.packet).payload == data
-    assert recv.wire_next == recv.right_edge + 20
+def test_the_window_our_stack_sees_leaves_room_for_the_frame_overhead():
+    """A packet that fills the peer's window in plain bytes must fit it on the wire, frame overhead
+    included (the peer's engine takes nothing beyond its stack's window, and a cut frame could
+    never be opened): the window field shown to our stack is lowered by 1/64, at least 20 bytes,
+    rounded down in the peer's scaled units."""
+    pair = _live(b"gso-window")
+    tx = next(iter(pair.engine_a._sessions.values())).tx
+    tx.local_ws, tx.remote_ws = 7, 10
+    for field in (1, 2, 45, 63, 64, 1000):
+        shown = tx._plain_window(field)
+        plain = shown << 10
+        assert plain + 20 <= field << 10 and shown >= field - 1 - field // 64
+    tx.local_ws = tx.remote_ws = None  # no scaling
+    assert tx._plain_window(1000) == 980 and tx._plain_window(6400) == 6300 and tx._plain_window(10) == 0

@@ -69,7 +69,7 @@ def test_status_names_the_backend(topo: Topology, tmp_path: Path, workers: int) 
     daemon = start_daemon(topo, "a", tmp_path, ["--queue-backend", "fast", "--workers", str(workers)])
     try:
         doc = query(daemon.control, "status")
-        assert doc["queue_backend"] == "fast" and doc["queue_gso"] is False and doc["workers"] == workers
+        assert doc["queue_backend"] == "fast" and doc["queue_gso"] is True and doc["workers"] == workers
         text = subprocess.run([sys.executable, "-m", "nfq_tcpcrypt", "status", "--control", daemon.control],
                               capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
         assert "(fast)" in text.splitlines()[0], text
