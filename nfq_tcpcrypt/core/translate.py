@@ -556,17 +556,24 @@ class StreamTranslator:
             self._remote_ts = ts[0]
 
     def _options_out(self, parsed: list[tuple[int, bytes]], raw: bytes, payload_len: int = 0,
-                     limit: int | None = None) -> bytes:
+                     limit: int | None = None, partial: bool = False) -> bytes:
         """Options of a segment toward the wire: our own SACK blocks for out-of-order data we hold,
         in wire space, plus the non-SYN ENO option while RFC 8547 §4.6 wants it.
 
         The SACK blocks take at most the room `payload_len` bytes of payload leave within the
         wire MSS (RFC 6691): the blocks that do not fit are left out (RFC 2018 §4 puts the most
         recent first), and every duplicate ACK we send without payload carries them all. `limit`,
-        when given, is the room instead (a super-packet's, _send_wire)."""
+        when given, is the room instead (a super-packet's, _send_wire).
+
+        With `partial` (the ACKs we inject) the bytes of a frame we hold in order but cannot open
+        yet also go as a SACK block: the cumulative ACK stays at the frame's start until it is
+        whole, and without the block the peer's stack would not know that the frame's first
+        segments arrived (a retransmission of them would tell it nothing, and with big frames it
+        would wait for timeouts; RFC 2018 §3 allows any received bytes above the ACK)."""
         recv = self.recv
         assert recv is not None
-        if not self.need_nonsyn_eno and not recv.ooo and not _has_sack_or_eno(parsed):
+        held = partial and self.sack_ok and self._keys.keys_ready and recv.wire_next > recv.buf_start
+        if not self.need_nonsyn_eno and not recv.ooo and not held and not _has_sack_or_eno(parsed):
             return raw  # the usual case: nothing to translate
         # The SACK blocks our stack sends are about plaintext it lost after us, or D-SACKs
         # (RFC 2883) of our own redeliveries: ours to answer (_redeliver_lost), and they would
@@ -574,6 +581,8 @@ class StreamTranslator:
         kept = [(kind, option) for kind, option in parsed
                 if kind > TCPOPT_NOP and kind != ENO_OPTION_KIND and kind != TCPOPT_SACK]
         blocks = recv.sack_blocks(4) if self.sack_ok and recv.ooo else []
+        if held:
+            blocks.insert(1, (recv.buf_start, recv.wire_next))  # after the latest arrival (RFC 2018 §4)
         if self.need_nonsyn_eno:
             kept.append((ENO_OPTION_KIND, NON_SYN_ENO))
         if limit is None:
@@ -593,8 +602,10 @@ class StreamTranslator:
                     lo = to_offset(left, send.base, send.acked_wire)
                     hi = to_offset(right, send.base, send.acked_wire)
                     plain = send.sack_to_plain(lo, hi)
-                    if plain is not None:
-                        blocks.append(plain)
+                    # A block must start after the cumulative ACK (Linux takes no other but a
+                    # D-SACK): the peer holds a frame's first bytes it cannot open yet.
+                    if plain is not None and max(plain[0], send.acked_plain + 1) < plain[1]:
+                        blocks.append((max(plain[0], send.acked_plain + 1), plain[1]))
             elif kind > TCPOPT_NOP and kind != ENO_OPTION_KIND:
                 kept.append((kind, option))
         return with_sack(kept, [(to_seq(lo, send.base), to_seq(hi, send.base)) for lo, hi in blocks])
@@ -615,12 +626,13 @@ class StreamTranslator:
         window = self._wire_window(self.local_window)
         # Payload and options within the wire MSS (RFC 6691); a longer payload goes out in several
         # segments, the FIN on the last.
+        partial = not payload  # our ACKs: they tell what we hold of an unopened frame
         size = max(self.wire_mss - _padded(ts if flags & TCP_RST else self._options_out(parsed, ts, self.wire_mss)), 1)
         at = 0
         while True:
             chunk = payload[at : at + size]
             last = at + size >= len(payload)
-            options = ts if flags & TCP_RST else self._options_out(parsed, ts, len(chunk))
+            options = ts if flags & TCP_RST else self._options_out(parsed, ts, len(chunk), partial=partial)
             seg = new_segment(
                 f.local_ip, f.remote_ip, f.local_port, f.remote_port, to_seq(wire + at, send.base), ack,
                 flags if last else flags & ~TCP_FIN, window, options, chunk,

@@ -142,8 +142,11 @@ def test_sack_blocks_inside_frames_map_to_the_plain_bytes_they_cover():
     # segments 3..5 of the frame arrived beyond a hole: exactly their plain bytes
     lo, hi = ws + DATA_AT + 1428 * 3, ws + DATA_AT + 1428 * 6
     assert _sack_in(pair, [(lo, hi)]) == [(ps + 1428 * 3, ps + 1428 * 6)]
-    # from the frame's first byte: the header counts with plain byte 0
-    assert _sack_in(pair, [(ws, ws + DATA_AT + 100)]) == [(ps, ps + 100)]
+    # from the frame's first byte: the header counts with plain byte 0, but a block never starts at
+    # the cumulative ACK (Linux ignores such a block): our stack sees plain byte 0 as a hole
+    assert send.acked_plain == ps
+    assert _sack_in(pair, [(ws, ws + DATA_AT + 100)]) == [(ps + 1, ps + 100)]
+    assert send.sack_to_plain(ws, ws + DATA_AT + 100) == (ps, ps + 100)
     # a block that lacks the header: plain byte 0 stays a hole (its retransmission brings the header)
     assert _sack_in(pair, [(ws + 2, ws + DATA_AT + 100)]) == [(ps + 1, ps + 100)]
     # up to the frame's last data byte without the tag: the last byte stays a hole (it brings the tag)
@@ -222,3 +225,34 @@ def test_the_window_our_stack_sees_leaves_room_for_the_frame_overhead():
         assert plain + 20 <= field << 10 and shown >= field - 1 - field // 64
     tx.local_ws = tx.remote_ws = None  # no scaling
     assert tx._plain_window(1000) == 980 and tx._plain_window(6400) == 6300 and tx._plain_window(10) == 0
+
+
+def test_the_receiver_sacks_the_bytes_of_a_frame_it_cannot_open_yet():
+    """A segment inside a big frame is lost: the receiving engine's duplicate ACKs carry, beside
+    the block of what it holds beyond the gap, the block of the frame's first bytes it holds in
+    order (the cumulative ACK stays at the frame's start); the sender's engine shows its stack
+    both, the first from one byte after the ACK, so the stack resends just the lost segment."""
+    pair = _live(b"gso-partial")
+    send = _send(pair)
+    data = bytes(range(200)) * 200  # 40000 bytes: one frame
+    verdict = pair.engine_a.process(_from_a(pair, pair.a.nxt, data), Direction.OUTBOUND, pair.now, info=GSO_INFO)
+    f = send.frames[-1]
+    pieces = _segment(verdict.packet, 1428)
+    acks = []
+    for i, piece in enumerate(pieces[:6]):
+        if i == 3:
+            continue  # lost
+        pair.engine_b.process(piece, Direction.INBOUND, pair.now)
+        acks += [inj.packet for inj in pair.engine_b.segments_to_inject() if inj.direction is Direction.OUTBOUND]
+    assert acks, "no duplicate ACK for the data beyond the gap"
+    last = parse_segment(acks[-1])
+    blocks = [((lo - send.base) & MASK, (hi - send.base) & MASK)
+              for kind, raw in parse_options(last.options) if kind == 5 for lo, hi in sack_pairs(raw)]
+    ws = f.wire_start
+    assert blocks == [(ws + 1428 * 4, ws + 1428 * 6), (ws, ws + 1428 * 3)]
+    assert (last.ack - send.base) & MASK == ws  # nothing of the frame acknowledged
+    out = parse_segment(pair.engine_a.process(acks[-1], Direction.INBOUND, pair.now).packet)
+    plain = [((lo - send.base) & MASK, (hi - send.base) & MASK)
+             for kind, raw in parse_options(out.options) if kind == 5 for lo, hi in sack_pairs(raw)]
+    ps = f.plain_start
+    assert plain == [(ps + 1428 * 4 - DATA_AT, ps + 1428 * 6 - DATA_AT), (ps + 1, ps + 1428 * 3 - DATA_AT)]
