@@ -78,6 +78,7 @@ class SendStream:
         self.fin_framed = False
         self.gen = 0  # local key generation (RFC 8548 §3.8)
         self.rekey_next = False  # the next frame starts a new generation
+        self.peer_sacks: list[tuple[int, int]] = []  # wire SACK blocks of the peer's latest ACK
 
     def set_prefix(self, prefix: bytes) -> None:
         """Put the Init message at the start of the wire stream (before any frame)."""
@@ -152,6 +153,29 @@ class SendStream:
         else:
             data = b"".join(r.data for r in frames)[lo - first.wire_start : hi - first.wire_start]
         return lo, data, fin
+
+    def head_holes(self) -> list[tuple[int, bytes, bool]]:
+        """(wire offset, bytes, fin) of what the peer lacks of the first unacknowledged frame, from
+        its latest SACK blocks: the gaps between them, and the frame's tail when the peer holds
+        bytes beyond the frame (so the tail was lost, not in flight). Empty when the blocks say
+        nothing about that frame."""
+        frames = self.frames
+        if self._head >= len(frames) or not self.peer_sacks:
+            return []
+        f = frames[self._head]
+        start, end = max(self.acked_wire, f.wire_start), f.wire_start + len(f.data)
+        blocks = sorted((max(lo, start), min(hi, end)) for lo, hi in self.peer_sacks if hi > start and lo < end)
+        if not blocks:
+            return []
+        out = []
+        at = start
+        for lo, hi in blocks:
+            if lo > at:
+                out.append((at, f.data[at - f.wire_start : lo - f.wire_start], False))
+            at = max(at, hi)
+        if at < end and max(hi for _, hi in self.peer_sacks) >= f.wire_end:
+            out.append((at, f.data[at - f.wire_start :], f.fin))
+        return out
 
     def wire_only_unacked(self) -> list[FrameRecord]:
         """Unacknowledged frames with no plain bytes and no FIN (empty rekey frames), from the

@@ -225,6 +225,12 @@ class StreamTranslator:
             return Verdict(Action.ACCEPT, serialize_segment(seg))
         if plain > send.plain_next:
             raise StackAnomaly(f"local segment skips plain bytes {send.plain_next}..{plain}")
+        if plain <= send.acked_plain < end and send.peer_sacks:
+            # Our stack resends its oldest unacknowledged bytes. If they are the start of a frame
+            # the peer holds but cannot open, that tells the peer nothing (after a timeout Linux
+            # sends nothing else until they are acknowledged): send the frame's missing bytes.
+            for wire, data, fin in send.head_holes():
+                self.inject_wire(wire, data, TCP_ACK | (TCP_FIN if fin else 0))
         stretch = self._wire_out(seg, plain, end)
         if stretch is None:
             return DROP
@@ -593,6 +599,7 @@ class StreamTranslator:
         """Options of a segment toward our stack: SACK blocks into plain space, ENO removed."""
         send = self.send
         assert send is not None
+        send.peer_sacks = []
         if not _has_sack_or_eno(parsed):
             return raw
         kept, blocks = [], []
@@ -601,6 +608,7 @@ class StreamTranslator:
                 for left, right in sack_pairs(option):
                     lo = to_offset(left, send.base, send.acked_wire)
                     hi = to_offset(right, send.base, send.acked_wire)
+                    send.peer_sacks.append((lo, hi))
                     plain = send.sack_to_plain(lo, hi)
                     # A block must start after the cumulative ACK (Linux takes no other but a
                     # D-SACK): the peer holds a frame's first bytes it cannot open yet.

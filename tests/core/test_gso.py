@@ -256,3 +256,25 @@ def test_the_receiver_sacks_the_bytes_of_a_frame_it_cannot_open_yet():
              for kind, raw in parse_options(out.options) if kind == 5 for lo, hi in sack_pairs(raw)]
     ps = f.plain_start
     assert plain == [(ps + 1428 * 4 - DATA_AT, ps + 1428 * 6 - DATA_AT), (ps + 1, ps + 1428 * 3 - DATA_AT)]
+
+
+def test_a_resent_head_the_peer_holds_brings_the_bytes_it_lacks():
+    """After a timeout the stack resends only its oldest unacknowledged segment. When the peer
+    holds it (its SACK blocks say so) but lacks a piece further on in the same frame, the engine
+    sends that piece from the frame log, byte-identical, so that the frame can be opened."""
+    pair = _live(b"gso-head")
+    send = _send(pair)
+    data = bytes(range(200)) * 200  # 40000 bytes: one frame
+    start = pair.a.nxt
+    pair.engine_a.process(_from_a(pair, start, data), Direction.OUTBOUND, pair.now, info=GSO_INFO)
+    f = send.frames[-1]
+    ws = f.wire_start
+    _sack_in(pair, [(ws + 1428 * 4, ws + 1428 * 6), (ws, ws + 1428 * 3)])  # the peer lacks [3, 4) segments
+    assert send.head_holes() == [(ws + 1428 * 3, f.data[1428 * 3 : 1428 * 4], False)]
+    verdict = pair.engine_a.process(_from_a(pair, start, data[:1428]), Direction.OUTBOUND, pair.now)
+    resent = [parse_segment(i.packet) for i in pair.engine_a.segments_to_inject()]
+    assert [((s.seq - send.base) & MASK, s.payload) for s in resent] == [(ws + 1428 * 3, f.data[1428 * 3 : 1428 * 4])]
+    assert parse_segment(verdict.packet).payload == f.data[:1428 + DATA_AT]  # the stack's own, as a slice
+    # the tail too once the peer holds bytes beyond the frame (lost, not in flight)
+    _sack_in(pair, [(f.wire_end + 10, f.wire_end + 20), (ws, ws + 1428 * 3)])
+    assert send.head_holes() == [(ws + 1428 * 3, f.data[1428 * 3 :], False)]

@@ -72,6 +72,6 @@ def test_status_names_the_backend(topo: Topology, tmp_path: Path, workers: int) 
         assert doc["queue_backend"] == "fast" and doc["queue_gso"] is True and doc["workers"] == workers
         text = subprocess.run([sys.executable, "-m", "nfq_tcpcrypt", "status", "--control", daemon.control],
                               capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
-        assert "(fast)" in text.splitlines()[0], text
+        assert "(fast, GSO)" in text.splitlines()[0], text
     finally:
         assert daemon.stop() == 0
