@@ -156,9 +156,9 @@ class SendStream:
 
     def head_holes(self) -> list[tuple[int, bytes, bool]]:
         """(wire offset, bytes, fin) of what the peer lacks of the first unacknowledged frame, from
-        its latest SACK blocks: the gaps between them, and the frame's tail when the peer holds
-        bytes beyond the frame (so the tail was lost, not in flight). Empty when the blocks say
-        nothing about that frame."""
+        its latest SACK blocks: the gaps between them and the frame's tail after the last (the
+        peer cannot open the frame, so it lacks something, maybe only the tail: lost, or cut at
+        its stack's window). Empty when the blocks say nothing about that frame."""
         frames = self.frames
         if self._head >= len(frames) or not self.peer_sacks:
             return []
@@ -173,7 +173,7 @@ class SendStream:
             if lo > at:
                 out.append((at, f.data[at - f.wire_start : lo - f.wire_start], False))
             at = max(at, hi)
-        if at < end and max(hi for _, hi in self.peer_sacks) >= f.wire_end:
+        if at < end:
             out.append((at, f.data[at - f.wire_start :], f.fin))
         return out
 

@@ -269,12 +269,16 @@ def test_a_resent_head_the_peer_holds_brings_the_bytes_it_lacks():
     pair.engine_a.process(_from_a(pair, start, data), Direction.OUTBOUND, pair.now, info=GSO_INFO)
     f = send.frames[-1]
     ws = f.wire_start
-    _sack_in(pair, [(ws + 1428 * 4, ws + 1428 * 6), (ws, ws + 1428 * 3)])  # the peer lacks [3, 4) segments
-    assert send.head_holes() == [(ws + 1428 * 3, f.data[1428 * 3 : 1428 * 4], False)]
+    blocks = [(ws + 1428 * 4, ws + 1428 * 6), (ws, ws + 1428 * 3)]  # the peer lacks [3, 4) and the tail
+    _sack_in(pair, blocks)
+    lacks = [(ws + 1428 * 3, f.data[1428 * 3 : 1428 * 4]), (ws + 1428 * 6, f.data[1428 * 6 :])]
+    assert send.head_holes() == [(wire, data, False) for wire, data in lacks]
     verdict = pair.engine_a.process(_from_a(pair, start, data[:1428]), Direction.OUTBOUND, pair.now)
     resent = [parse_segment(i.packet) for i in pair.engine_a.segments_to_inject()]
-    assert [((s.seq - send.base) & MASK, s.payload) for s in resent] == [(ws + 1428 * 3, f.data[1428 * 3 : 1428 * 4])]
+    assert b"".join(s.payload for s in resent) == b"".join(data for _, data in lacks)
+    assert (resent[0].seq - send.base) & MASK == ws + 1428 * 3
+    assert all(len(s.payload) + len(s.options) <= 1460 for s in resent)
     assert parse_segment(verdict.packet).payload == f.data[:1428 + DATA_AT]  # the stack's own, as a slice
-    # the tail too once the peer holds bytes beyond the frame (lost, not in flight)
-    _sack_in(pair, [(f.wire_end + 10, f.wire_end + 20), (ws, ws + 1428 * 3)])
-    assert send.head_holes() == [(ws + 1428 * 3, f.data[1428 * 3 :], False)]
+    # blocks that say nothing about the head frame: nothing sent beside the stack's own
+    _sack_in(pair, [(f.wire_end + 10, f.wire_end + 20)])
+    assert send.head_holes() == []
