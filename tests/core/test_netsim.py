@@ -24,8 +24,8 @@ def _data(seed: int, size: int) -> bytes:
 
 
 def _run(channel: Channel, a_size: int, b_size: int, seed: int, abort_ok: bool = True,
-         local: Channel | None = None) -> Pair:
-    pair = Pair(seed=seed.to_bytes(4, "big"), channel=channel, local_channel=local)
+         local: Channel | None = None, gso: int = 1, gro: bool = False) -> Pair:
+    pair = Pair(seed=seed.to_bytes(4, "big"), channel=channel, local_channel=local, gso=gso, gro=gro)
     pair.open()
     a_data, b_data = _data(seed, a_size), _data(seed + 1, b_size)
     pair.talk(a_data, b_data)
@@ -73,9 +73,12 @@ def test_bad_channels_deliver_exactly(name, channel):
     split=st.floats(0, 0.5),
     a_size=st.integers(0, 60_000),
     b_size=st.integers(0, 20_000),
+    gso=st.sampled_from([1, 1, 4, 16]),
+    gro=st.booleans(),
 )
-def test_property_random_channels(seed, loss, reorder, dup, split, a_size, b_size):
-    _run(Channel(seed, loss=loss, reorder=reorder, dup=dup, split=split), a_size, b_size, seed)
+def test_property_random_channels(seed, loss, reorder, dup, split, a_size, b_size, gso, gro):
+    """Also with stacks that send super-packets (`gso` segments each) and GRO before the engines."""
+    _run(Channel(seed, loss=loss, reorder=reorder, dup=dup, split=split), a_size, b_size, seed, gso=gso, gro=gro)
 
 
 @pytest.mark.parametrize("seed", range(4))
