@@ -95,12 +95,14 @@ class SendStream:
         """Frames still in the log."""
         return len(self.frames) - self._head
 
-    def new_frame(self, data: bytes, fin: bool) -> list[FrameRecord]:
-        """Frame new plaintext at the end of the stream (RFC 8548 §3.6), FINp on the last if `fin`."""
+    def new_frame(self, data: bytes, fin: bool, size: int = MAX_FRAME_DATA) -> list[FrameRecord]:
+        """Frame new plaintext at the end of the stream (RFC 8548 §3.6), FINp on the last if `fin`;
+        at most `size` plain bytes per frame."""
         assert self.cipher is not None
+        size = max(1, min(size, MAX_FRAME_DATA))
         records = []
         while True:
-            chunk, data = data[:MAX_FRAME_DATA], data[MAX_FRAME_DATA:]
+            chunk, data = data[:size], data[size:]
             last = not data
             frame = self.cipher.seal(self.wire_next, frame_plaintext(chunk, fin and last), self.rekey_next)
             self.rekey_next = False

@@ -276,7 +276,7 @@ class StreamTranslator:
         rekey_bytes = self.config.rekey_bytes
         if rekey_bytes and self._sent_since_rekey > rekey_bytes and recv.gen == send.gen:
             self.start_rekey()  # by volume; this frame carries rekey = 1
-        wire, data, fin = _joined(send.new_frame(new, seg.is_fin))
+        wire, data, fin = _joined(send.new_frame(new, seg.is_fin, self.config.frame_max))
         if old is None:
             return wire, data, fin
         return old[0], old[1] + data, fin  # the slice reaches the end of the log: contiguous

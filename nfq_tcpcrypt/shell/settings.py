@@ -122,6 +122,7 @@ ENGINE_KEYS: dict[str, type] = {
     "ooo_total_limit": int,
     "syn_retries_with_eno": int,
     "deliver_max": int,
+    "frame_max": int,
     "eno_app_aware": bool,
     "eno_app_aware_mandatory": bool,
     "eno_role_b": bool,

@@ -282,3 +282,18 @@ def test_a_resent_head_the_peer_holds_brings_the_bytes_it_lacks():
     # blocks that say nothing about the head frame: nothing sent beside the stack's own
     _sack_in(pair, [(f.wire_end + 10, f.wire_end + 20)])
     assert send.head_holes() == []
+
+
+def test_frame_max_cuts_a_super_packet_into_frames_of_that_size():
+    from nfq_tcpcrypt.lab.tcpmodel import seeded_config
+
+    pair = Pair(seed=b"gso-fmax", a_config=seeded_config(b"fmaxa", frame_max=16384))
+    pair.open()
+    pair.talk(b"x", b"y")
+    send = _send(pair)
+    before = len(send.frames)
+    data = bytes(range(250)) * 200  # 50000 bytes: frames of 16384, 16384, 16384, 848
+    verdict = pair.engine_a.process(_from_a(pair, pair.a.nxt, data), Direction.OUTBOUND, pair.now, info=GSO_INFO)
+    frames = send.frames[before:]
+    assert [f.plain_end - f.plain_start for f in frames] == [16384, 16384, 16384, 848]
+    assert parse_segment(verdict.packet).payload == b"".join(f.data for f in frames)
