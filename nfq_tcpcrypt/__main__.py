@@ -124,7 +124,7 @@ def _add_run_parser(sub: Any) -> None:
     )
     run.add_argument(
         "--queue-gso", action=argparse.BooleanOptionalAction, default=None,
-        help="fast backend: take GSO super-packets unsegmented (default: on with --pass-through only)",
+        help="fast backend: take GSO super-packets unsegmented (default: on with the fast backend)",
     )
     run.add_argument(
         "--queue-fail-open", action="store_true", default=None,

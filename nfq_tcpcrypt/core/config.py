@@ -136,6 +136,17 @@ class Configuration:
     frames are ready at once). A host's own stack takes large packets; a gateway must stay within
     the inside link's MSS."""
 
+    frame_max: int = 65518
+    """Plain bytes per frame at most (RFC 8548 §4.2 allows 65,518): a super-packet of new data is
+    cut into frames of this size (one AEAD call each). Smaller frames cost more calls and wire
+    bytes; larger ones leave more data unopened at the receiver while a segment inside is lost."""
+
+    gso_deliver: bool = True
+    """A super-packet from the wire (GRO, a queue bound with GSO) is handed to the local stack in
+    one verdict of up to 65,531 bytes, which the kernel keeps whole for a local socket. A gateway
+    sets it off: what it forwards is segmented at the wire's segment size, which may not fit the
+    inside link, so it stays within deliver_max (docs/architecture.md: Sizes)."""
+
     held_limit: int = 1 << 20
     """Plaintext bytes held per connection while the key exchange runs; beyond it, segments drop."""
 

@@ -16,7 +16,7 @@ from .resumption import ResumptionCache
 from .seqmap import to_seq
 from .session import Session, State
 from .tombstones import Tombstone, Tombstones
-from .verdict import ACCEPT, DROP, Action, Injection, Verdict
+from .verdict import ACCEPT, DROP, UNKNOWN, Action, Injection, PacketInfo, Verdict
 from .wire.icmp import parse_icmp_error
 from .wire.tcp import Segment, new_segment, parse_segment, serialize_segment
 
@@ -56,23 +56,31 @@ class Engine:
 
     # ------------------------------------------------------------------ packets
 
-    def process(self, packet: bytes, direction: Direction, now: float, encrypted: bool = False) -> Verdict:
+    def process(self, packet: bytes, direction: Direction, now: float, encrypted: bool = False,
+                info: PacketInfo = UNKNOWN) -> Verdict:
         """Handle one queued IP packet travelling in `direction`; return its verdict.
 
         `encrypted`: the shell knows (conntrack's mark) that the packet's connection negotiated
-        encryption, whatever the table says, after a restart say. Remote-caused problems become
-        verdicts and events; only LocalProtocolError (a bug) escapes.
+        encryption, whatever the table says, after a restart say. `info`: what the queue knows of
+        the packet (a GSO super-packet, a checksum the kernel vouches for). Remote-caused problems
+        become verdicts and events; only LocalProtocolError (a bug) escapes.
         """
         self.counters["packets"] += 1
         if len(packet) >= 40 and packet[9 if packet[0] >> 4 == 4 else 6] in (1, 58):
             return self._icmp(packet, direction)
         try:
             # Wire packets are checked: we rewrite checksums, so we must not launder corruption.
-            seg = parse_segment(packet, verify_checksum=direction is Direction.INBOUND)
+            # What the kernel verified, or will fill in itself, needs no second look.
+            inbound = direction is Direction.INBOUND
+            seg = parse_segment(packet, verify_checksum=inbound and not info.checksum_trusted)
         except MalformedSegment as exc:
             self.counters["malformed"] += 1
             logger.debug("passing a packet the codec rejects: %s", exc)
             return ACCEPT
+        if info.gso:
+            self.counters["super_packets"] += 1
+            seg.gso = True
+            seg.kernel_checksum = not inbound  # segmented in software, each segment checksummed
         if direction is Direction.OUTBOUND:
             flow = FlowKey(seg.src, seg.sport, seg.dst, seg.dport)
         else:

@@ -11,12 +11,17 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 
 from .aead import FrameCipher
-from .constants import MAX_FRAME_DATA, MAX_INIT_LEN
+from .constants import FRAME_HEADER_LEN, MAX_FRAME_DATA, MAX_INIT_LEN
 from .outoforder import OutOfOrder
 from .wire.tcpcrypt import frame_plaintext, frame_size
 
 MASK = 0xFFFFFFFF
 HALF = 1 << 31
+
+DATA_AT = FRAME_HEADER_LEN + 1
+"""Plain byte i of a frame we sent sits at wire offset wire_start + DATA_AT + i: after the header
+and the flags byte (RFC 8548 §4.2; AES-GCM and ChaCha20-Poly1305 encrypt in place, byte for byte);
+the tag follows the data."""
 
 
 def to_offset(seq: int, base: int, near: int) -> int:
@@ -45,6 +50,11 @@ class FrameRecord:
         self.data = data
         self.fin = fin
 
+    @property
+    def data_end(self) -> int:
+        """Plain offset after the frame's last data byte (before its FIN, if any)."""
+        return self.plain_end - self.fin
+
 
 class SendStream:
     """The local→wire direction: the frame log kept until the peer acknowledges it (docs/architecture.md).
@@ -68,6 +78,7 @@ class SendStream:
         self.fin_framed = False
         self.gen = 0  # local key generation (RFC 8548 §3.8)
         self.rekey_next = False  # the next frame starts a new generation
+        self.peer_sacks: list[tuple[int, int]] = []  # wire SACK blocks of the peer's latest ACK
 
     def set_prefix(self, prefix: bytes) -> None:
         """Put the Init message at the start of the wire stream (before any frame)."""
@@ -84,12 +95,14 @@ class SendStream:
         """Frames still in the log."""
         return len(self.frames) - self._head
 
-    def new_frame(self, data: bytes, fin: bool) -> list[FrameRecord]:
-        """Frame new plaintext at the end of the stream (RFC 8548 §3.6), FINp on the last if `fin`."""
+    def new_frame(self, data: bytes, fin: bool, size: int = MAX_FRAME_DATA) -> list[FrameRecord]:
+        """Frame new plaintext at the end of the stream (RFC 8548 §3.6), FINp on the last if `fin`;
+        at most `size` plain bytes per frame."""
         assert self.cipher is not None
+        size = max(1, min(size, MAX_FRAME_DATA))
         records = []
         while True:
-            chunk, data = data[:MAX_FRAME_DATA], data[MAX_FRAME_DATA:]
+            chunk, data = data[:size], data[size:]
             last = not data
             frame = self.cipher.seal(self.wire_next, frame_plaintext(chunk, fin and last), self.rekey_next)
             self.rekey_next = False
@@ -113,6 +126,57 @@ class SendStream:
         while i < len(frames) and frames[i].plain_start < end:
             out.append(frames[i])
             i += 1
+        return out
+
+    def wire_slice(self, start: int, end: int) -> tuple[int, bytes, bool] | None:
+        """(wire offset, bytes, fin) of the logged wire bytes that carry plain range [start, end):
+        byte-identical slices of the frames (a frame may span segments, RFC 8548 §4.2), so that
+        a retransmission stays about the size the stack chose (docs/architecture.md).
+
+        A slice that starts at a frame's first byte takes its header, one that reaches a frame's
+        last data byte takes its tag (and its FIN when the range covers it); None if no logged
+        frame overlaps the range."""
+        frames = self.covering(start, end)
+        if not frames:
+            return None
+        first, last = frames[0], frames[-1]
+        if start <= first.plain_start:
+            lo = first.wire_start
+        else:
+            lo = first.wire_start + DATA_AT + min(start, first.data_end) - first.plain_start
+        fin = False
+        if end < last.data_end:
+            hi = last.wire_start + DATA_AT + max(end - last.plain_start, 0)
+        else:
+            hi = last.wire_start + len(last.data)
+            fin = last.fin and end >= last.plain_end
+        if len(frames) == 1:
+            data = first.data[lo - first.wire_start : hi - first.wire_start]
+        else:
+            data = b"".join(r.data for r in frames)[lo - first.wire_start : hi - first.wire_start]
+        return lo, data, fin
+
+    def head_holes(self) -> list[tuple[int, bytes, bool]]:
+        """(wire offset, bytes, fin) of what the peer lacks of the first unacknowledged frame, from
+        its latest SACK blocks: the gaps between them and the frame's tail after the last (the
+        peer cannot open the frame, so it lacks something, maybe only the tail: lost, or cut at
+        its stack's window). Empty when the blocks say nothing about that frame."""
+        frames = self.frames
+        if self._head >= len(frames) or not self.peer_sacks:
+            return []
+        f = frames[self._head]
+        start, end = max(self.acked_wire, f.wire_start), f.wire_start + len(f.data)
+        blocks = sorted((max(lo, start), min(hi, end)) for lo, hi in self.peer_sacks if hi > start and lo < end)
+        if not blocks:
+            return []
+        out = []
+        at = start
+        for lo, hi in blocks:
+            if lo > at:
+                out.append((at, f.data[at - f.wire_start : lo - f.wire_start], False))
+            at = max(at, hi)
+        if at < end:
+            out.append((at, f.data[at - f.wire_start :], f.fin))
         return out
 
     def wire_only_unacked(self) -> list[FrameRecord]:
@@ -145,13 +209,29 @@ class SendStream:
         return self.acked_plain
 
     def sack_to_plain(self, left: int, right: int) -> tuple[int, int] | None:
-        """The plain range of the frames wholly inside wire SACK block [left, right) (RFC 2018)."""
+        """The plain bytes whose wire bytes all lie in wire SACK block [left, right) (RFC 2018).
+
+        Plain byte i of a frame is at wire_start + DATA_AT + i; the header counts as part of the
+        frame's first data byte and the tag as part of its last, so a lost header or tag shows
+        our stack a hole where a retransmission brings it back (wire_slice). The cumulative ACK
+        stays on whole frames (ack_to_plain): the peer acknowledges only what it opened."""
         frames = self.frames
-        i = bisect_left(frames, left, lo=self._head, key=_wire_start)
-        j = bisect_right(frames, right, lo=i, key=_wire_end)
-        if i >= j:
+        i = bisect_right(frames, left, lo=self._head, key=_wire_end)
+        j = bisect_left(frames, right, lo=i, key=_wire_start) - 1
+        if i >= len(frames) or j < i:
             return None
-        return frames[i].plain_start, frames[j - 1].plain_end
+        first, last = frames[i], frames[j]
+        if left <= first.wire_start:
+            lo = first.plain_start
+        else:
+            lo = first.plain_start + min(max(left - first.wire_start - DATA_AT, 1), first.data_end - first.plain_start)
+        if right >= last.wire_end:
+            hi = last.plain_end
+        elif right >= last.wire_start + len(last.data):
+            hi = last.data_end
+        else:
+            hi = last.plain_start + max(min(right - last.wire_start - DATA_AT, last.data_end - last.plain_start - 1), 0)
+        return (lo, hi) if lo < hi else None
 
     def ack_to_plain(self, wire: int) -> int:
         """Translate the peer's acknowledgment (wire offset) and forget fully acknowledged frames."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .constants import (
     ENO_OPTION_KIND,
+    FRAME_OVERHEAD,
     INIT1_MAGIC,
     INIT2_MAGIC,
     MAX_INIT_LEN,
@@ -60,6 +61,15 @@ if TYPE_CHECKING:
 REPLAY_TIMEOUT = 0.5
 """Seconds our stack may take to acknowledge plaintext we already acknowledged for it (its delayed
 ACK is at most 0.2 s) before we hand it that plaintext again."""
+
+SUPER_PACKET_MAX = 0xFFFF - 4
+"""The largest packet a verdict gives back: the kernel refuses more than 65,535 bytes, and the
+netlink attribute that carries it holds 65,531 (docs/architecture.md: Sizes)."""
+
+GSO_OPTION_ROOM = 20
+"""Option bytes a super-packet may carry beyond its stack's own: the kernel copies them into every
+segment, and the stack sized its segments for its own options within an MSS clamped by 20 bytes
+(docs/architecture.md: Sizes)."""
 
 REPLAY_MAX_BACKOFF = 16
 """The replay timer's delay grows to at most this many times REPLAY_TIMEOUT (a persist timer,
@@ -215,10 +225,16 @@ class StreamTranslator:
             return Verdict(Action.ACCEPT, serialize_segment(seg))
         if plain > send.plain_next:
             raise StackAnomaly(f"local segment skips plain bytes {send.plain_next}..{plain}")
-        records = self._records_out(seg, plain, end)
-        if not records:
+        if plain <= send.acked_plain < end and send.peer_sacks:
+            # Our stack resends its oldest unacknowledged bytes. If they are the start of a frame
+            # the peer holds but cannot open, that tells the peer nothing (after a timeout Linux
+            # sends nothing else until they are acknowledged): send the frame's missing bytes.
+            for wire, data, fin in send.head_holes():
+                self.inject_wire(wire, data, TCP_ACK | (TCP_FIN if fin else 0))
+        stretch = self._wire_out(seg, plain, end)
+        if stretch is None:
             return DROP
-        return self._send_records(seg, records, options, raw_options)
+        return self._send_wire(seg, stretch, options, raw_options)
 
     def _ack_out(self, seg: Segment, options: list[tuple[int, bytes]], now: float) -> bool:
         """Our stack's acknowledgment and window, into wire space; returns whether the segment is
@@ -243,36 +259,51 @@ class StreamTranslator:
         # the peer would take it for a loss on the wire and resend. It tells the peer nothing.
         return local_loss and same_window and recv.ack_floor == ack_before and not recv.ooo
 
-    def _records_out(self, seg: Segment, plain: int, end: int) -> list[FrameRecord]:
-        """The frames that carry plain range [plain, end): logged ones for a retransmission, sent
-        byte-identical (RFC 8548 §3.6), and new frames for new data."""
+    def _wire_out(self, seg: Segment, plain: int, end: int) -> tuple[int, bytes, bool] | None:
+        """(wire offset, bytes, fin) that carry plain range [plain, end): slices of logged frames
+        for a retransmission, byte-identical (RFC 8548 §3.6; SendStream.wire_slice), then one new
+        frame for new data (one per packet, whatever its size: a super-packet is one AEAD call)."""
         send, recv = self.send, self.recv
         assert send is not None and recv is not None
-        records = send.covering(plain, min(end, send.plain_next)) if plain < send.plain_next else []
-        if end > send.plain_next:
-            if send.fin_framed:
-                raise StackAnomaly("local segment carries data after its fin")
-            new = bytes(seg.payload[send.plain_next - plain :])
-            self.bytes_out += len(new)
-            self._sent_since_rekey += len(new)
-            rekey_bytes = self.config.rekey_bytes
-            if rekey_bytes and self._sent_since_rekey > rekey_bytes and recv.gen == send.gen:
-                self.start_rekey()  # by volume; this frame carries rekey = 1
-            records += send.new_frame(new, seg.is_fin)
-        return records
+        old = send.wire_slice(plain, min(end, send.plain_next)) if plain < send.plain_next else None
+        if end <= send.plain_next:
+            return old
+        if send.fin_framed:
+            raise StackAnomaly("local segment carries data after its fin")
+        new = bytes(seg.payload[send.plain_next - plain :])
+        self.bytes_out += len(new)
+        self._sent_since_rekey += len(new)
+        rekey_bytes = self.config.rekey_bytes
+        if rekey_bytes and self._sent_since_rekey > rekey_bytes and recv.gen == send.gen:
+            self.start_rekey()  # by volume; this frame carries rekey = 1
+        wire, data, fin = _joined(send.new_frame(new, seg.is_fin, self.config.frame_max))
+        if old is None:
+            return wire, data, fin
+        return old[0], old[1] + data, fin  # the slice reaches the end of the log: contiguous
 
-    def _send_records(self, seg: Segment, records: list[FrameRecord], options: list[tuple[int, bytes]],
-                      raw_options: bytes) -> Verdict:
-        """Frames out in `seg`, payload and options within the wire MSS (RFC 6691). Our stack sized
-        its segment for its own options; the non-SYN ENO option or frames resent together can make
-        it longer: the rest follows in segments of their own. SACK blocks only take the room left."""
+    def _send_wire(self, seg: Segment, stretch: tuple[int, bytes, bool], options: list[tuple[int, bytes]],
+                   raw_options: bytes) -> Verdict:
+        """Wire bytes out in `seg`, payload and options within the wire MSS (RFC 6691). Our stack sized
+        its segment for its own options; the non-SYN ENO option or frame overhead can make it
+        longer: the rest follows in segments of their own. SACK blocks only take the room left.
+
+        A super-packet (`seg.gso`) is segmented by the kernel after the verdict: it carries up to
+        SUPER_PACKET_MAX bytes, with at most GSO_OPTION_ROOM option bytes beyond our stack's own
+        (docs/architecture.md: Sizes); only what exceeds that goes in segments of our own."""
         send = self.send
         assert send is not None
-        wire, payload, fin = _joined(records)
-        size = max(self.wire_mss - _padded(self._options_out(options, raw_options, self.wire_mss)), 1)
+        wire, payload, fin = stretch
         seg.seq = to_seq(wire, send.base)
-        seg.payload = payload[:size]
-        seg.options = self._options_out(options, raw_options, len(seg.payload))
+        if seg.gso and self.pmtu is None:
+            limit = min(TCP_MAX_OPTIONS, _padded(raw_options) + GSO_OPTION_ROOM)
+            seg.options = self._options_out(options, raw_options, limit=limit)
+            size = SUPER_PACKET_MAX - len(seg.ip_header) - 20 - _padded(seg.options)
+            seg.payload = payload[:size]
+        else:
+            seg.kernel_checksum = False  # a packet the kernel will not segment, or one we send
+            size = max(self.wire_mss - _padded(self._options_out(options, raw_options, self.wire_mss)), 1)
+            seg.payload = payload[:size]
+            seg.options = self._options_out(options, raw_options, len(seg.payload))
         rest = payload[size:]
         seg.flags = (seg.flags & ~TCP_FIN) | (TCP_FIN if fin and not rest else 0)
         if rest:
@@ -324,7 +355,7 @@ class StreamTranslator:
         acked_before = send.acked_plain
         if seg.is_ack:
             self._ack_in(seg, now)
-        seg.window = seg.window - (seg.window >> 6)  # frames cost ~1.4 %: keep the peer's window honest
+        seg.window = self._plain_window(seg.window)
         seg.options = self._options_in(options, seg.options)
         wire = to_offset(seg.seq, recv.base, recv.wire_next)
         data = seg.payload
@@ -361,6 +392,17 @@ class StreamTranslator:
         seg.flags &= ~(TCP_FIN | TCP_URG | TCP_PSH)
         seg.urgent = 0
         return self._result(self._deliver(seg, plain_start, out, fin_now))
+
+    def _plain_window(self, window: int) -> int:
+        """The peer's window field for our stack, less what our frames add on the wire: 1/64 of it
+        (a frame of 1428 bytes costs 1.4 %), at least one frame's overhead, rounded down to the
+        peer's window scale (RFC 7323 §2.3). A packet that fills the window in plain bytes then
+        still fits it on the wire: the peer's engine cuts what lies beyond its stack's window, and
+        a frame cut short can never be opened (with one frame per super-packet, nothing would be
+        delivered and the window would never move)."""
+        shift = self.remote_ws if self.remote_ws is not None and self.local_ws is not None else 0
+        size = window << shift
+        return max(size - max(size >> 6, FRAME_OVERHEAD), 0) >> shift
 
     def _ack_in(self, seg: Segment, now: float) -> None:
         """The peer's acknowledgment, into plain space; a missing Init message resent."""
@@ -429,16 +471,24 @@ class StreamTranslator:
         return Translated(verdict, rekeyed, closing, finished)
 
     def _deliver(self, seg: Segment, plain_start: int, data: bytes, fin: bool) -> Verdict:
-        """Hand plaintext to our stack: the first chunk in the verdict, the rest injected."""
+        """Hand plaintext to our stack: the first chunk in the verdict, the rest injected.
+
+        A super-packet's verdict carries up to SUPER_PACKET_MAX bytes when `gso_deliver` (a
+        host's own stack takes it whole); otherwise, and for what we inject, chunks of deliver_max
+        bytes (a gateway's inside link, docs/architecture.md: Sizes)."""
         recv = self.recv
         assert recv is not None
         # deliver_max allows 20 bytes of options; more (SACK blocks) take room from the payload.
         size = max(min(self.config.deliver_max, self.config.deliver_max + 20 - _padded(seg.options)), 1)
+        first_size = size
+        if seg.gso and self.config.gso_deliver:
+            first_size = SUPER_PACKET_MAX - len(seg.ip_header) - 20 - _padded(seg.options)
         first = None
         at = 0
         while True:
-            chunk = data[at : at + size]
-            last = at + size >= len(data)
+            step = size if first is not None else first_size
+            chunk = data[at : at + step]
+            last = at + step >= len(data)
             seg.seq = to_seq(plain_start + at, recv.base)
             seg.payload = chunk
             flags = seg.flags & ~(TCP_FIN | TCP_PSH)
@@ -450,7 +500,7 @@ class StreamTranslator:
                 self._inject(Injection(packet, Direction.INBOUND))
             if last:
                 break
-            at += size
+            at += step
         return Verdict(Action.ACCEPT, first)
 
     def _drain(self, now: float) -> bytes:
@@ -519,16 +569,25 @@ class StreamTranslator:
         if ts is not None:
             self._remote_ts = ts[0]
 
-    def _options_out(self, parsed: list[tuple[int, bytes]], raw: bytes, payload_len: int = 0) -> bytes:
+    def _options_out(self, parsed: list[tuple[int, bytes]], raw: bytes, payload_len: int = 0,
+                     limit: int | None = None, partial: bool = False) -> bytes:
         """Options of a segment toward the wire: our own SACK blocks for out-of-order data we hold,
         in wire space, plus the non-SYN ENO option while RFC 8547 §4.6 wants it.
 
         The SACK blocks take at most the room `payload_len` bytes of payload leave within the
         wire MSS (RFC 6691): the blocks that do not fit are left out (RFC 2018 §4 puts the most
-        recent first), and every duplicate ACK we send without payload carries them all."""
+        recent first), and every duplicate ACK we send without payload carries them all. `limit`,
+        when given, is the room instead (a super-packet's, _send_wire).
+
+        With `partial` (the ACKs we inject) the bytes of a frame we hold in order but cannot open
+        yet also go as a SACK block: the cumulative ACK stays at the frame's start until it is
+        whole, and without the block the peer's stack would not know that the frame's first
+        segments arrived (a retransmission of them would tell it nothing, and with big frames it
+        would wait for timeouts; RFC 2018 §3 allows any received bytes above the ACK)."""
         recv = self.recv
         assert recv is not None
-        if not self.need_nonsyn_eno and not recv.ooo and not _has_sack_or_eno(parsed):
+        held = partial and self.sack_ok and self._keys.keys_ready and recv.wire_next > recv.buf_start
+        if not self.need_nonsyn_eno and not recv.ooo and not held and not _has_sack_or_eno(parsed):
             return raw  # the usual case: nothing to translate
         # The SACK blocks our stack sends are about plaintext it lost after us, or D-SACKs
         # (RFC 2883) of our own redeliveries: ours to answer (_redeliver_lost), and they would
@@ -536,15 +595,19 @@ class StreamTranslator:
         kept = [(kind, option) for kind, option in parsed
                 if kind > TCPOPT_NOP and kind != ENO_OPTION_KIND and kind != TCPOPT_SACK]
         blocks = recv.sack_blocks(4) if self.sack_ok and recv.ooo else []
+        if held:
+            blocks.insert(1, (recv.buf_start, recv.wire_next))  # after the latest arrival (RFC 2018 §4)
         if self.need_nonsyn_eno:
             kept.append((ENO_OPTION_KIND, NON_SYN_ENO))
-        limit = min(TCP_MAX_OPTIONS, self.wire_mss - payload_len)
+        if limit is None:
+            limit = min(TCP_MAX_OPTIONS, self.wire_mss - payload_len)
         return with_sack(kept, [(to_seq(lo, recv.base), to_seq(hi, recv.base)) for lo, hi in blocks], limit)
 
     def _options_in(self, parsed: list[tuple[int, bytes]], raw: bytes) -> bytes:
         """Options of a segment toward our stack: SACK blocks into plain space, ENO removed."""
         send = self.send
         assert send is not None
+        send.peer_sacks = []
         if not _has_sack_or_eno(parsed):
             return raw
         kept, blocks = [], []
@@ -553,9 +616,12 @@ class StreamTranslator:
                 for left, right in sack_pairs(option):
                     lo = to_offset(left, send.base, send.acked_wire)
                     hi = to_offset(right, send.base, send.acked_wire)
+                    send.peer_sacks.append((lo, hi))
                     plain = send.sack_to_plain(lo, hi)
-                    if plain is not None:
-                        blocks.append(plain)
+                    # A block must start after the cumulative ACK (Linux takes no other but a
+                    # D-SACK): the peer holds a frame's first bytes it cannot open yet.
+                    if plain is not None and max(plain[0], send.acked_plain + 1) < plain[1]:
+                        blocks.append((max(plain[0], send.acked_plain + 1), plain[1]))
             elif kind > TCPOPT_NOP and kind != ENO_OPTION_KIND:
                 kept.append((kind, option))
         return with_sack(kept, [(to_seq(lo, send.base), to_seq(hi, send.base)) for lo, hi in blocks])
@@ -576,12 +642,13 @@ class StreamTranslator:
         window = self._wire_window(self.local_window)
         # Payload and options within the wire MSS (RFC 6691); a longer payload goes out in several
         # segments, the FIN on the last.
+        partial = not payload  # our ACKs: they tell what we hold of an unopened frame
         size = max(self.wire_mss - _padded(ts if flags & TCP_RST else self._options_out(parsed, ts, self.wire_mss)), 1)
         at = 0
         while True:
             chunk = payload[at : at + size]
             last = at + size >= len(payload)
-            options = ts if flags & TCP_RST else self._options_out(parsed, ts, len(chunk))
+            options = ts if flags & TCP_RST else self._options_out(parsed, ts, len(chunk), partial=partial)
             seg = new_segment(
                 f.local_ip, f.remote_ip, f.local_port, f.remote_port, to_seq(wire + at, send.base), ack,
                 flags if last else flags & ~TCP_FIN, window, options, chunk,

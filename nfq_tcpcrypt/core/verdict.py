@@ -45,3 +45,20 @@ class Injection:
 
     packet: bytes
     direction: Direction
+
+
+@dataclass(frozen=True, slots=True)
+class PacketInfo:
+    """What the queue tells about a packet beyond its bytes (README: Queue backends).
+
+    `gso`: a GSO/GRO super-packet, segmented by the kernel after the verdict; `checksum_trusted`:
+    the kernel verified its TCP checksum, or the packet was made on this host or forwarded with
+    the checksum left for the kernel to fill in (NFQA_SKB_CSUMNOTREADY): nothing to verify. A
+    queue that cannot tell (NetfilterQueue) gives UNKNOWN: verify, not GSO.
+    """
+
+    gso: bool = False
+    checksum_trusted: bool = False
+
+
+UNKNOWN = PacketInfo()

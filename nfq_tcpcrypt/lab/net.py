@@ -662,6 +662,27 @@ def drop_on_wire(topo: Topology, side: str, probability: float, ipv6: bool = Fal
         raise LabError(f"cannot add the loss rule in {side}: {result.stderr.strip()}")
 
 
+_TSO_OFF = r"""
+import ctypes, fcntl, socket, struct, sys
+value = ctypes.create_string_buffer(struct.pack("II", 0x1F, 0))  # ETHTOOL_STSO, off
+request = struct.pack("16sP", sys.argv[1].encode(), ctypes.addressof(value)).ljust(40, b"\0")
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    fcntl.ioctl(sock.fileno(), 0x8946, request)  # SIOCETHTOOL
+"""
+
+
+def segment_on_wire(topo: Topology, side: str, ifname: str | None = None) -> None:
+    """Turn TCP segmentation offload off on `side`'s interface toward the wire (its `ifnames` entry):
+    the stack still builds GSO super-packets (the daemon's queue gets them whole), and the kernel
+    segments them when they leave, so the wire carries MTU-sized packets, as from a NIC. On veth
+    pairs with offload on, a super-packet crosses the wire and the router whole (64 KiB lost at
+    once, the receiver gets it whole)."""
+    name = ifname or topo.ifnames[side]
+    result = topo.run(side, [sys.executable, "-c", _TSO_OFF, name], timeout=10)
+    if result.returncode != 0:
+        raise LabError(f"cannot turn TSO off on {side}'s {name}: {result.stderr.strip()}")
+
+
 @contextlib.contextmanager
 def wire_loss(
     topo: Topology, probability: float, sides: Sequence[str] = ("a", "b"), ipv6: bool = False

@@ -4,6 +4,12 @@ The model is just enough TCP to drive the engines: handshake with MSS/SACK-permi
 window scale, cumulative ACKs, segments of the MSS less their options, SACK blocks for held data,
 retransmission, FIN and RST. The harness's wire is lossless unless a Channel is given; every wire
 segment must fit the MSS of both ends.
+
+With `gso` the endpoints send super-packets as Linux does with GSO (several segments' payload in
+one packet) and the harness hands them to the engines as such (`PacketInfo`); after the verdict it
+segments them as the kernel would, at the stack's own segment size with the verdict's options in
+every segment, and checks each segment on the wire. With `gro` it merges in-order wire segments
+into one packet before the receiving engine, as GRO does (docs/architecture.md: Sizes).
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ from nfq_tcpcrypt.core.constants import TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN
 from nfq_tcpcrypt.core.engine import Engine
 from nfq_tcpcrypt.core.flow import Direction
 from nfq_tcpcrypt.core.kex import SystemKeyFactory
-from nfq_tcpcrypt.core.verdict import Action
+from nfq_tcpcrypt.core.verdict import UNKNOWN, Action, PacketInfo
 from nfq_tcpcrypt.core.wire.tcp import new_segment, parse_options, parse_segment, serialize_segment
+
+GSO_INFO = PacketInfo(gso=True, checksum_trusted=True)
+SUPER_PACKET_MAX = 0xFFFF - 4
 
 A_IP = bytes([10, 77, 0, 1])
 B_IP = bytes([10, 77, 0, 2])
@@ -72,8 +81,10 @@ class Endpoint:
     RTO = 0.2
     WINDOW = 65536
 
-    def __init__(self, ip: bytes, port: int, isn: int, mss: int = 1460) -> None:
+    def __init__(self, ip: bytes, port: int, isn: int, mss: int = 1460, gso: int = 1) -> None:
         self.ip, self.port, self.isn, self.mss = ip, port, isn, mss
+        self.gso = gso  # segments per packet sent (GSO); 1: one segment per packet
+        self.gso_size: dict[bytes, int] = {}  # super-packets sent -> their segment size
         self.peer_ip = b""
         self.peer_port = 0
         self.state = "closed"
@@ -169,9 +180,12 @@ class Endpoint:
         mss = self._payload_room()
         end = len(self.stream)
         while self.nxt < end and self.nxt - self.una < self.WINDOW:
-            chunk = bytes(self.stream[self.nxt : self.nxt + mss])
+            room = min(mss * self.gso, self.WINDOW - (self.nxt - self.una))
+            chunk = bytes(self.stream[self.nxt : self.nxt + max(room, 1)])
             fin = self.fin_written and self.nxt + len(chunk) == end
             self._emit(TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0), chunk)
+            if len(chunk) > mss:
+                self.gso_size[self.out[-1]] = mss
             self.nxt += len(chunk) + fin
         if self.fin_written and self.nxt == end:
             self._emit(TCP_ACK | TCP_FIN)
@@ -314,9 +328,12 @@ class Pair:
 
     def __init__(self, seed: bytes = b"pair", a_config: Configuration | None = None,
                  b_config: Configuration | None = None, a_engine: bool = True, b_engine: bool = True,
-                 channel: Channel | None = None, local_channel: Channel | None = None) -> None:
-        self.a = Endpoint(A_IP, 40000, 0xFFFFFF00)  # ISNs near the 2**32 wrap on purpose
-        self.b = Endpoint(B_IP, 80, 0x7FFFFFF0)
+                 channel: Channel | None = None, local_channel: Channel | None = None, gso: int = 1,
+                 gro: bool = False) -> None:
+        self.a = Endpoint(A_IP, 40000, 0xFFFFFF00, gso=gso)  # ISNs near the 2**32 wrap on purpose
+        self.b = Endpoint(B_IP, 80, 0x7FFFFFF0, gso=gso)
+        self.gro = gro
+        self.super_packets = 0  # super-packets the engines handled (GSO out, GRO in)
         self.engine_a = Engine(a_config or seeded_config(seed + b"a")) if a_engine else None
         self.engine_b = Engine(b_config or seeded_config(seed + b"b")) if b_engine else None
         self.channel = channel
@@ -350,8 +367,8 @@ class Pair:
                        b_opens: bool = False) -> None:
         """Fresh endpoints on new ports for a further connection through the same engines; the
         active opener is A's endpoint unless `b_opens`."""
-        self.a = Endpoint(A_IP, a_port, isn_a)
-        self.b = Endpoint(B_IP, b_port, isn_b)
+        self.a = Endpoint(A_IP, a_port, isn_a, gso=self.a.gso)
+        self.b = Endpoint(B_IP, b_port, isn_b, gso=self.b.gso)
         if b_opens:
             self.a.listen()
             self.b.connect(A_IP, a_port)
@@ -361,10 +378,15 @@ class Pair:
         self.wire = []
         self.run()
 
-    def _through(self, engine: Engine | None, packet: bytes, direction: Direction) -> bytes | None:
+    def _through(self, engine: Engine | None, packet: bytes, direction: Direction,
+                 info: PacketInfo = UNKNOWN) -> bytes | None:
         if engine is None:
             return packet
-        verdict = engine.process(packet, direction, self.now)
+        if info.gso:
+            self.super_packets += 1
+            verdict = engine.process(packet, direction, self.now, info=info)
+        else:  # as NetfilterQueue calls it (tests wrap process with that signature)
+            verdict = engine.process(packet, direction, self.now)
         if verdict.action is Action.DROP:
             return None
         return verdict.packet if verdict.packet is not None else packet
@@ -417,9 +439,13 @@ class Pair:
             where, packet = queue.popleft()
             if where in ("a-out", "b-out"):
                 side = where[0]
-                packet2 = self._through(self.engine_a if side == "a" else self.engine_b, packet, Direction.OUTBOUND)
+                gso_size = (self.a if side == "a" else self.b).gso_size.pop(packet, None)
+                info = GSO_INFO if gso_size is not None else UNKNOWN
+                packet2 = self._through(self.engine_a if side == "a" else self.engine_b, packet, Direction.OUTBOUND,
+                                        info)  # fmt: skip
                 if packet2 is not None:
-                    queue.append((side + "-wire", packet2))
+                    for piece in _segment(packet2, gso_size) if gso_size is not None else [packet2]:
+                        queue.append((side + "-wire", piece))
             elif where.endswith("-wire"):
                 other = "b" if where[0] == "a" else "a"
                 self._check_size(packet)
@@ -432,7 +458,12 @@ class Pair:
             elif where.startswith("arrive-"):
                 other = where[-1]
                 self.wire.append(packet)
-                packet2 = self._through(self.engine_b if other == "b" else self.engine_a, packet, Direction.INBOUND)
+                info = UNKNOWN
+                if self.gro:
+                    packet, merged = _coalesce(packet, queue, where, self.wire)
+                    info = GSO_INFO if merged else UNKNOWN
+                packet2 = self._through(self.engine_b if other == "b" else self.engine_a, packet, Direction.INBOUND,
+                                        info)  # fmt: skip
                 if packet2 is not None:
                     self._to_stack(self.b if other == "b" else self.a, packet2)
             else:  # injected toward the engine's own stack
@@ -458,3 +489,49 @@ class Pair:
         while (event := engine.next_event()) is not None:
             out.append(event)
         return out
+
+
+def _segment(packet: bytes, gso_size: int) -> list[bytes]:
+    """A super-packet after the verdict, as the kernel segments it: payload in pieces of `gso_size`
+    bytes, each with the packet's options (and checksums); FIN and PSH on the last piece only."""
+    seg = parse_segment(packet)
+    payload, flags = seg.payload, seg.flags
+    if len(payload) <= gso_size:
+        seg.kernel_checksum = False
+        return [serialize_segment(seg)]
+    out = []
+    for at in range(0, len(payload), gso_size):
+        last = at + gso_size >= len(payload)
+        piece = parse_segment(packet)
+        piece.seq = (seg.seq + at) & MASK
+        piece.payload = payload[at : at + gso_size]
+        piece.flags = flags if last else flags & ~(TCP_FIN | TCP_PSH)
+        out.append(serialize_segment(piece))
+    return out
+
+
+def _coalesce(packet: bytes, queue: deque[tuple[str, bytes]], where: str, wire: list[bytes]) -> tuple[bytes, bool]:
+    """GRO: merge the in-order data segments of one flow that wait next in `queue` for the same
+    side into `packet`, up to SUPER_PACKET_MAX bytes; ACK-only flags, options of the same length.
+    The merged segments are recorded in `wire`. Returns (the packet, whether it merged any)."""
+    seg = parse_segment(packet)
+    if not seg.payload or seg.flags & ~(TCP_ACK | TCP_PSH):
+        return packet, False
+    payload = bytearray(seg.payload)
+    merged = False
+    while queue and queue[0][0] == where:
+        nxt = parse_segment(queue[0][1])
+        if (nxt.sport, nxt.dport) != (seg.sport, seg.dport) or nxt.seq != (seg.seq + len(payload)) & MASK:
+            break
+        if not nxt.payload or nxt.flags & ~(TCP_ACK | TCP_PSH) or len(nxt.options) != len(seg.options):
+            break
+        if len(packet) + len(payload) + len(nxt.payload) > SUPER_PACKET_MAX:
+            break
+        wire.append(queue.popleft()[1])
+        payload += nxt.payload
+        seg.ack, seg.window, seg.options, seg.flags = nxt.ack, nxt.window, nxt.options, nxt.flags
+        merged = True
+    if not merged:
+        return packet, False
+    seg.payload = bytes(payload)
+    return serialize_segment(seg), True

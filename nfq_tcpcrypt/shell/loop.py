@@ -22,7 +22,7 @@ from netfilterqueue import NetfilterQueue
 
 from ..core.events import Event
 from ..core.flow import Direction
-from ..core.verdict import Injection, Verdict
+from ..core.verdict import UNKNOWN, Injection, PacketInfo, Verdict
 from .control import ControlServer
 from .freshness import Freshness
 from .inject import Injector
@@ -41,7 +41,8 @@ class EngineLike(Protocol):
     @property
     def counters(self) -> Mapping[str, int]: ...
 
-    def process(self, packet: bytes, direction: Direction, now: float, encrypted: bool = False) -> Verdict: ...
+    def process(self, packet: bytes, direction: Direction, now: float, encrypted: bool = False,
+                info: PacketInfo = UNKNOWN) -> Verdict: ...
     def segments_to_inject(self) -> list[Injection]: ...
     def get_timer(self) -> float | None: ...
     def handle_timer(self, now: float) -> None: ...
@@ -122,8 +123,8 @@ class EventLoop:
         """(interval, callback): run on the loop thread every `interval` seconds (the metrics file)."""
         self.queues = QueuePair(queue_num, self._process, self.counters, self._flush, queue_factory)
 
-    def _process(self, packet: bytes, direction: Direction, encrypted: bool) -> Verdict:
-        return self.engine.process(packet, direction, self.now, encrypted)
+    def _process(self, packet: bytes, direction: Direction, encrypted: bool, info: PacketInfo) -> Verdict:
+        return self.engine.process(packet, direction, self.now, encrypted, info)
 
     def flush_injections(self) -> None:
         """Send what the engine produced outside a packet callback (at shutdown)."""

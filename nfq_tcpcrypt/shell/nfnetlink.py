@@ -55,6 +55,7 @@ NFQA_SKB_CSUMNOTREADY = 0x1
 NFQA_SKB_GSO = 0x2
 """A GSO/GRO super-packet the kernel segments after the verdict (only with NFQA_CFG_F_GSO)."""
 NFQA_SKB_CSUM_NOTVERIFIED = 0x4
+"""On an inbound hook: the kernel has not verified the checksum (neither flag: it has)."""
 
 NF_DROP = 0
 NF_ACCEPT = 1

@@ -18,7 +18,8 @@ from typing import Any
 from netfilterqueue import NetfilterQueue
 
 from ..core.flow import Direction
-from ..core.verdict import Action, Verdict
+from ..core.verdict import UNKNOWN, Action, PacketInfo, Verdict
+from . import nfnetlink as nl
 from .rules import ENCRYPTED_MARK
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,17 @@ MAX_LEN = 4096
 DRAIN_BUDGET = 128
 """Packets handled per `drain()` before control returns to the loop (timers, control socket, `now`)."""
 
-Handler = Callable[[bytes, Direction, bool], Verdict]
+Handler = Callable[[bytes, Direction, bool, PacketInfo], Verdict]
+
+_INFOS = {(gso, trusted): PacketInfo(gso, trusted) for gso in (False, True) for trusted in (False, True)}
+
+
+def packet_info(skb_info: int) -> PacketInfo:
+    """The engine's view of a fast-backend packet's NFQA_SKB_* flags: a GSO super-packet, and a
+    checksum the kernel vouches for (not ready: made here or forwarded, the kernel fills it in;
+    neither flag: verified, on our inbound hook, or completed before the copy)."""
+    trusted = bool(skb_info & nl.NFQA_SKB_CSUMNOTREADY) or not skb_info & nl.NFQA_SKB_CSUM_NOTVERIFIED
+    return _INFOS[bool(skb_info & nl.NFQA_SKB_GSO), trusted]
 
 BACKENDS = ("netfilterqueue", "fast")
 
@@ -129,7 +140,10 @@ class QueuePair:
                     )
                     verdict = Verdict(Action.ACCEPT)
                 else:
-                    verdict = self._handler(payload, direction, bool(pkt.get_mark() & ENCRYPTED_MARK))
+                    verdict = self._handler(
+                        payload, direction, bool(pkt.get_mark() & ENCRYPTED_MARK),
+                        UNKNOWN if info is None else packet_info(info.skb_info),
+                    )
             except Exception:
                 self._count("handler_errors")
                 logger.exception("engine failed on a %s packet; dropping it", direction.value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..core.events import Event
 from ..core.flow import Direction
-from ..core.verdict import ACCEPT, Injection, Verdict
+from ..core.verdict import ACCEPT, UNKNOWN, Injection, PacketInfo, Verdict
 
 
 class PassThroughEngine:
@@ -13,7 +13,8 @@ class PassThroughEngine:
     def __init__(self) -> None:
         self.counters: dict[str, int] = {}
 
-    def process(self, packet: bytes, direction: Direction, now: float, encrypted: bool = False) -> Verdict:
+    def process(self, packet: bytes, direction: Direction, now: float, encrypted: bool = False,
+                info: PacketInfo = UNKNOWN) -> Verdict:
         """Accept unchanged."""
         return ACCEPT
 

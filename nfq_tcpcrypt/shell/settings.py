@@ -62,7 +62,7 @@ class DaemonOptions:
     queue_backend: str = "fast"
     """The NFQUEUE binding (nfq.BACKENDS): NetfilterQueue, or our own netlink binding (fastqueue.py)."""
     queue_gso: bool | None = None
-    """GSO super-packets from the queue (fast backend only); None: on for --pass-through only."""
+    """GSO super-packets from the queue (fast backend only); None: on with the fast backend."""
     queue_fail_open: bool = False
     """NFQA_CFG_F_FAIL_OPEN: a full queue accepts packets unqueued (fast backend, --pass-through only)."""
     config_file: str | None = None
@@ -74,8 +74,9 @@ class DaemonOptions:
 
     def configuration(self, secrets_log: Any = None) -> Configuration:
         """The engine configuration these options describe."""
+        engine = {"gso_deliver": self.mode != "gateway", **self.engine}
         return Configuration(
-            teps=parse_teps(self.teps), aeads=parse_aeads(self.aeads), secrets_log=secrets_log, **self.engine
+            teps=parse_teps(self.teps), aeads=parse_aeads(self.aeads), secrets_log=secrets_log, **engine
         )
 
 
@@ -121,6 +122,7 @@ ENGINE_KEYS: dict[str, type] = {
     "ooo_total_limit": int,
     "syn_retries_with_eno": int,
     "deliver_max": int,
+    "frame_max": int,
     "eno_app_aware": bool,
     "eno_app_aware_mandatory": bool,
     "eno_role_b": bool,
@@ -246,14 +248,11 @@ def options_from(file_values: Mapping[str, Any], cli_values: Mapping[str, Any]) 
 
 
 def _check_queue(options: DaemonOptions) -> None:
-    """A known backend; GSO only on the fast one, and (until the engine frames super-packets) only
-    with --pass-through (README: Queue backends)."""
+    """A known backend; GSO only on the fast one (README: Queue backends)."""
     if options.queue_backend not in QUEUE_BACKENDS:
         raise ConfigError(f"unknown queue-backend {options.queue_backend!r}; known: {', '.join(QUEUE_BACKENDS)}")
     if options.queue_gso and options.queue_backend != "fast":
         raise ConfigError("queue-gso needs queue-backend fast (NetfilterQueue cannot set queue flags)")
-    if options.queue_gso and not options.pass_through:
-        raise ConfigError("queue-gso is for --pass-through only: the engine handles one segment per packet")
     if options.queue_fail_open and options.queue_backend != "fast":
         raise ConfigError("queue-fail-open needs queue-backend fast (NetfilterQueue cannot set queue flags)")
     if options.queue_fail_open and not options.pass_through:
@@ -264,10 +263,11 @@ def _check_queue(options: DaemonOptions) -> None:
 
 
 def gso_enabled(options: DaemonOptions) -> bool:
-    """Whether the queues are bound with NFQA_CFG_F_GSO: asked for, or by default in a fast pass-through."""
+    """Whether the queues are bound with NFQA_CFG_F_GSO: asked for, or by default on the fast backend
+    (the engine frames super-packets whole, docs/architecture.md: Sizes)."""
     if options.queue_gso is not None:
         return options.queue_gso
-    return options.queue_backend == "fast" and options.pass_through
+    return options.queue_backend == "fast"
 
 
 def _check_mode(options: DaemonOptions) -> None:

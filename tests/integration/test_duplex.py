@@ -151,9 +151,11 @@ def test_idle_minute_in_the_middle(routed: Topology, tmp_path: Path) -> None:
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("loss", [0.01, 0.05])
 def test_input_drop_on_the_receiving_host(routed: Topology, tmp_path: Path, loss: float) -> None:
-    """a's INPUT chain drops `loss` of TCP: after a's daemon, so only a's daemon can repair it."""
+    """a's INPUT chain drops `loss` of TCP: after a's daemon, so only a's daemon can repair it.
+    16 MiB toward a: with GSO super-packets a's daemon hands its stack up to 64 KiB per packet, so
+    enough packets pass INPUT for the loss to hit delivered plaintext."""
     _loss(routed, "INPUT", "a", loss)
-    result, stats = _run(routed, tmp_path, 1 * MIB, 4 * MIB)
+    result, stats = _run(routed, tmp_path, 1 * MIB, 16 * MIB)
     dropped = rule_packets(routed, "a", "filter", "INPUT", "statistic")
     _report(f"INPUT drop {loss:.0%}", result, dropped_in_a=dropped, daemons=json.dumps(stats))
     assert dropped > 0

@@ -35,8 +35,8 @@ def test_encrypted_transfer_on_each_backend(topo: Topology, tmp_path: Path, back
         counters = result.counters[side]
         assert shell_faults(counters) == {}, (side, counters)
         handled = counters.get("shell.packets_inbound", 0) + counters.get("shell.packets_outbound", 0)
-        assert handled > 1000, (side, counters)
-        assert counters.get("shell.gso_packets", 0) == 0  # GSO stays off under the engine
+        # GSO is on under the engine on the fast backend: super-packets, far fewer of them
+        assert handled > (100 if backend == "fast" else 1000), (side, counters)
         if backend == "fast":
             assert counters["shell.queue_recv_calls"] >= handled
             assert counters["shell.queue_enobufs"] == 0 and counters["shell.queue_verdict_errors"] == 0
@@ -70,9 +70,9 @@ def test_status_names_the_backend(topo: Topology, tmp_path: Path, workers: int) 
     daemon = start_daemon(topo, "a", tmp_path, ["--queue-backend", "fast", "--workers", str(workers)])
     try:
         doc = query(daemon.control, "status")
-        assert doc["queue_backend"] == "fast" and doc["queue_gso"] is False and doc["workers"] == workers
+        assert doc["queue_backend"] == "fast" and doc["queue_gso"] is True and doc["workers"] == workers
         text = subprocess.run([sys.executable, "-m", "nfq_tcpcrypt", "status", "--control", daemon.control],
                               capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
-        assert "(fast)" in text.splitlines()[0], text
+        assert "(fast, GSO)" in text.splitlines()[0], text
     finally:
         assert daemon.stop() == 0

@@ -32,6 +32,7 @@ from nfq_tcpcrypt.lab.net import (
     http_transfer,
     make_payload,
     rule_packets,
+    segment_on_wire,
     shell_faults,
     start_daemon,
     start_ready,
@@ -82,7 +83,11 @@ def _report(name: str, result: TransferResult, **extra: object) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("loss", "ipv6"), [(0.01, False), (0.05, False), (0.01, True)])
 def test_random_loss_in_router(routed: Topology, tmp_path: Path, loss: float, ipv6: bool) -> None:
-    """Loss recovery (docs/architecture.md): r drops `loss` of forwarded TCP packets, both directions."""
+    """Loss recovery (docs/architecture.md): r drops `loss` of forwarded TCP packets, both directions.
+    The hosts' links segment what leaves them, as a NIC does: r loses MTU-sized packets, not whole
+    GSO super-packets (the daemons' queues still get those on the fast backend)."""
+    for side in ("a", "b"):
+        segment_on_wire(routed, side)
     tool = "ip6tables" if ipv6 else "iptables"
     routed.check("r", [tool, "-A", "FORWARD", "-p", "tcp", "-m", "statistic", "--mode", "random",
                        "--probability", str(loss), "-j", "DROP"])  # fmt: skip

@@ -26,6 +26,7 @@ from nfq_tcpcrypt.lab.net import (
     drop_on_wire,
     fetch,
     make_payload,
+    segment_on_wire,
     sha256_file,
     shell_faults,
     start_daemon,
@@ -207,8 +208,11 @@ def test_host_firewall_accepting_only_established(topo: Topology, tmp_path: Path
     packets we inject toward our own stack are routed over lo, so that rule would accept them
     whatever their conntrack state and hide the difference under test. 2 % wire loss in each direction makes the
     engine inject toward the local stack (segments released when a gap fills, ACKs). Were those
-    packets NOTRACKed like the wire-bound ones, INPUT would see them UNTRACKED and drop them.
+    packets NOTRACKed like the wire-bound ones, INPUT would see them UNTRACKED and drop them. The
+    links segment what leaves the hosts (as a NIC does), so the loss hits MTU-sized packets.
     """
+    for side in ("a", "b"):
+        segment_on_wire(topo, side)
     for side in ("a", "b"):
         for rule in UFW_LIKE_INPUT:
             topo.check(side, ["iptables", *rule])

@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nfq_tcpcrypt.core.flow import Direction
-from nfq_tcpcrypt.core.verdict import Action, Injection, Verdict
+from nfq_tcpcrypt.core.verdict import Action, Injection, PacketInfo, Verdict
 from nfq_tcpcrypt.shell import nfnetlink as nl
 from nfq_tcpcrypt.shell.fastqueue import FastPacket, FastQueue, factory
-from nfq_tcpcrypt.shell.nfq import QueuePair, queue_factory
+from nfq_tcpcrypt.shell.nfq import QueuePair, packet_info, queue_factory
 
 IP_PACKET = bytes([0x45, 0, 0, 40]) + bytes(36)  # an IPv4 header claiming 40 bytes, and 40 bytes
 
@@ -358,18 +358,29 @@ class BoundFake(FastQueue):
         self._sock = None
 
 
+def test_packet_info_trusts_only_what_the_kernel_vouches_for() -> None:
+    # on an inbound hook: NOTVERIFIED means the kernel did not check the checksum, so the engine must
+    assert packet_info(nl.NFQA_SKB_CSUM_NOTVERIFIED) == PacketInfo(gso=False, checksum_trusted=False)
+    assert packet_info(nl.NFQA_SKB_CSUM_NOTVERIFIED | nl.NFQA_SKB_GSO) == PacketInfo(gso=True, checksum_trusted=False)
+    # not ready (made here, or forwarded with the checksum left to the kernel), or verified: trusted
+    assert packet_info(nl.NFQA_SKB_CSUMNOTREADY | nl.NFQA_SKB_GSO) == PacketInfo(gso=True, checksum_trusted=True)
+    assert packet_info(0) == PacketInfo(gso=False, checksum_trusted=True)
+
+
 class TestQueuePairOnFastQueue:
     def test_info_reaches_the_handler_side_and_verdicts_flush_before_injection(self) -> None:
         made: list[BoundFake] = []
         log: list[object] = []
         infos: list[Any] = []
+        engine_infos: list[PacketInfo] = []
 
         def make() -> BoundFake:
             made.append(BoundFake())
             return made[-1]
 
-        def handler(payload: bytes, direction: Direction, encrypted: bool) -> Verdict:
+        def handler(payload: bytes, direction: Direction, encrypted: bool, info: PacketInfo) -> Verdict:
             infos.append(pair.info)
+            engine_infos.append(info)
             return Verdict(Action.ACCEPT, payload + b"!") if len(infos) == 2 else Verdict(Action.ACCEPT)
 
         def after() -> None:  # what EventLoop._flush does when the engine has something to inject
@@ -383,6 +394,7 @@ class TestQueuePairOnFastQueue:
                                  for i in (1, 2, 3)]  # fmt: skip
         pair.drain(Direction.INBOUND)
         assert infos[0].gso and not infos[1].gso
+        assert engine_infos[0] == PacketInfo(gso=True, checksum_trusted=True) and not engine_infos[1].gso
         # packets 1 and 2 were sent before the injection; packet 3 with the drain's end
         assert log == [("inject", 1)]
         assert verdicts(inbound.sock) == [("batch", 1, 1, None), ("one", 1, 2, IP_PACKET + b"!"),
@@ -399,7 +411,8 @@ class TestQueuePairOnFastQueue:
             counters: dict[str, int] = {}
             pending: list[Injection] = []
 
-            def process(self, packet: bytes, direction: Direction, now: float, encrypted: bool = False) -> Verdict:
+            def process(self, packet: bytes, direction: Direction, now: float, encrypted: bool = False,
+                        info: Any = None) -> Verdict:
                 self.pending = [Injection(b"ack", Direction.INBOUND)]
                 return Verdict(Action.ACCEPT)
 
@@ -435,15 +448,17 @@ class TestOptions:
         assert options_from({}, {}).queue_backend == "fast"
         assert options_from(parse_file_text('queue-backend = "netfilterqueue"'), {}).queue_backend == "netfilterqueue"
         fast = options_from(parse_file_text('queue-backend = "fast"'), {})
-        assert fast.queue_backend == "fast" and not gso_enabled(fast)
+        assert fast.queue_backend == "fast" and gso_enabled(fast)  # the engine frames super-packets
+        assert gso_enabled(options_from({}, {}))  # the default backend is fast
+        assert not gso_enabled(options_from(parse_file_text('queue-backend = "netfilterqueue"'), {}))
+        assert not gso_enabled(options_from({}, {"queue_backend": "fast", "queue_gso": False}))
         assert gso_enabled(options_from({}, {"queue_backend": "fast", "pass_through": True}))
         assert not gso_enabled(options_from({}, {"queue_backend": "fast", "pass_through": True, "queue_gso": False}))
         with pytest.raises(ConfigError, match="unknown queue-backend"):
             options_from({}, {"queue_backend": "libnfq"})
         with pytest.raises(ConfigError, match="needs queue-backend fast"):
             options_from({}, {"queue_backend": "netfilterqueue", "queue_gso": True, "pass_through": True})
-        with pytest.raises(ConfigError, match="pass-through only"):
-            options_from({}, {"queue_backend": "fast", "queue_gso": True})
+        assert gso_enabled(options_from({}, {"queue_backend": "fast", "queue_gso": True}))
         # a full queue that accepts unqueued would put an encrypted connection's plaintext on the wire
         with pytest.raises(ConfigError, match="plaintext onto the wire"):
             options_from({}, {"queue_backend": "fast", "queue_fail_open": True})
@@ -456,6 +471,7 @@ class TestOptions:
         from nfq_tcpcrypt.shell.daemon import queue_binding
         from nfq_tcpcrypt.shell.settings import options_from
 
-        assert queue_binding(options_from({}, {"queue_backend": "fast"}))().flags == 0
+        assert queue_binding(options_from({}, {"queue_backend": "fast"}))().flags == nl.NFQA_CFG_F_GSO
+        assert queue_binding(options_from({}, {"queue_backend": "fast", "queue_gso": False}))().flags == 0
         passing = options_from({}, {"queue_backend": "fast", "pass_through": True, "queue_fail_open": True})
         assert queue_binding(passing)().flags == nl.NFQA_CFG_F_FAIL_OPEN | nl.NFQA_CFG_F_GSO

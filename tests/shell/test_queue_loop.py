@@ -92,7 +92,7 @@ class FakeQueue:
             self.callback(self.pending.pop(0))  # exceptions propagate, as in NetfilterQueue >= 1.0
 
 
-def make_pair(handler: Callable[[bytes, Direction, bool], Verdict], after: Callable[[], None] = lambda: None):
+def make_pair(handler: Callable[..., Verdict], after: Callable[[], None] = lambda: None):
     made: list[FakeQueue] = []
 
     def factory() -> FakeQueue:
@@ -106,7 +106,7 @@ def make_pair(handler: Callable[[bytes, Direction, bool], Verdict], after: Calla
 
 class TestQueuePair:
     def test_binds_inbound_then_outbound(self) -> None:
-        pair, made, _ = make_pair(lambda p, d, e=False: Verdict(Action.ACCEPT))
+        pair, made, _ = make_pair(lambda p, d, e=False, i=None: Verdict(Action.ACCEPT))
         assert [q.num for q in made] == [7100, 7101]
         assert pair.queues[Direction.INBOUND] is made[0] and pair.queues[Direction.OUTBOUND] is made[1]
         assert set(pair.fds().values()) == {Direction.INBOUND, Direction.OUTBOUND}
@@ -116,7 +116,7 @@ class TestQueuePair:
         log: list[tuple[str, Any]] = []
         results = iter([Verdict(Action.ACCEPT), Verdict(Action.DROP), Verdict(Action.ACCEPT, b"new"), None])
 
-        def handler(payload: bytes, direction: Direction, encrypted: bool = False) -> Verdict:
+        def handler(payload: bytes, direction: Direction, encrypted: bool = False, info: Any = None) -> Verdict:
             result = next(results)
             if result is None:
                 raise ValueError("engine bug")
@@ -135,7 +135,7 @@ class TestQueuePair:
     def test_truncated_copy_is_accepted_unchanged_without_the_handler(self) -> None:
         log: list[tuple[str, Any]] = []
         seen: list[bytes] = []
-        pair, made, counters = make_pair(lambda p, d, e=False: seen.append(p) or Verdict(Action.DROP))
+        pair, made, counters = make_pair(lambda p, d, e=False, i=None: seen.append(p) or Verdict(Action.DROP))
         packet = FakePacket(PACKET, log, copy_len=36)
         made[1].put(packet)
         pair.drain(Direction.OUTBOUND)
@@ -145,7 +145,7 @@ class TestQueuePair:
 
     def test_drain_budget_returns_control_and_loses_nothing(self) -> None:
         log: list[tuple[str, Any]] = []
-        pair, made, counters = make_pair(lambda p, d, e=False: Verdict(Action.ACCEPT))
+        pair, made, counters = make_pair(lambda p, d, e=False, i=None: Verdict(Action.ACCEPT))
         packets = [FakePacket(PACKET, log) for _ in range(nfq.DRAIN_BUDGET * 2 + 5)]
         for packet in packets:
             made[0].put(packet)
@@ -160,7 +160,7 @@ class TestQueuePair:
 
     def test_after_runs_after_each_verdict(self) -> None:
         log: list[tuple[str, Any]] = []
-        pair, made, _ = make_pair(lambda p, d, e=False: Verdict(Action.ACCEPT),
+        pair, made, _ = make_pair(lambda p, d, e=False, i=None: Verdict(Action.ACCEPT),
                                   after=lambda: log.append(("after", None)))
         for _ in range(3):
             made[0].put(FakePacket(PACKET, log))
@@ -191,7 +191,8 @@ class FakeEngine(PassThroughEngine):
         self._inject: list[Injection] = []
         self._timer: float | None = now_deadline
 
-    def process(self, packet: bytes, direction: Direction, now: float, encrypted: bool = False) -> Verdict:
+    def process(self, packet: bytes, direction: Direction, now: float, encrypted: bool = False,
+                info: Any = None) -> Verdict:
         self.counters["packets"] += 1
         self.log.append(("process", packet))
         self._inject.append(Injection(b"made-by-" + packet[-1:], Direction.OUTBOUND))

@@ -26,11 +26,16 @@ _NOP = bytes((TCPOPT_NOP,))
 
 
 class Segment:
-    """One TCP/IP packet, decoded for rewriting; `serialize_segment` rebuilds it with checksums."""
+    """One TCP/IP packet, decoded for rewriting; `serialize_segment` rebuilds it with checksums.
+
+    `gso`: a super-packet the kernel segments after the verdict (docs/architecture.md: Sizes);
+    `kernel_checksum`: the kernel computes the TCP checksum of the rewritten packet itself (an
+    outbound super-packet, segmented in software), so `serialize_segment` leaves it out.
+    """
 
     __slots__ = (
         "ip_header", "src", "dst", "sport", "dport", "seq", "ack", "flags", "window", "urgent",
-        "options", "payload",
+        "options", "payload", "gso", "kernel_checksum",
     )
 
     def __init__(
@@ -49,6 +54,8 @@ class Segment:
         self.urgent = urgent
         self.options = options
         self.payload = payload
+        self.gso = False
+        self.kernel_checksum = False
 
     @property
     def is_syn(self) -> bool:
@@ -92,7 +99,8 @@ def parse_segment(packet: bytes, verify_checksum: bool = False) -> Segment:
 
 
 def serialize_segment(seg: Segment) -> bytes:
-    """Rebuild the packet of `seg` with fresh lengths and IP/TCP checksums."""
+    """Rebuild the packet of `seg` with fresh lengths and IP/TCP checksums (the TCP checksum
+    field left 0 when `seg.kernel_checksum`: the kernel's segmentation writes it)."""
     options = seg.options
     if len(options) & 3:
         options = options + bytes(4 - (len(options) & 3))  # EOL padding
@@ -106,6 +114,8 @@ def serialize_segment(seg: Segment) -> bytes:
     )
     packet += options
     packet += seg.payload
+    if seg.kernel_checksum:
+        return bytes(packet)
     total = pseudo_header_sum(seg.src, seg.dst, tcp_len) + checksum_fold(memoryview(packet)[ihl:])
     struct.pack_into("!H", packet, ihl + 16, finish_checksum(total))
     return bytes(packet)
