@@ -212,16 +212,14 @@ class FakeEngine(PassThroughEngine):
         self._timer = None
 
 
-@pytest.mark.timeout(30)
-def test_event_loop_verdict_then_injection_then_timer_and_stops_on_sigterm() -> None:
-    log: list[tuple[str, Any]] = []
+def _run_three_packets(engine: FakeEngine, log: list[tuple[str, Any]]) -> tuple[EventLoop, list[FakePacket]]:
+    """Three packets waiting on the inbound queue, then the loop until the engine's SIGTERM."""
     made: list[FakeQueue] = []
 
     def factory() -> FakeQueue:
         made.append(FakeQueue())
         return made[-1]
 
-    engine = FakeEngine(log, stop_after=3, now_deadline=0.0)  # a timer already due
     signals = SignalWatch()
     try:
         loop = EventLoop(engine, 7100, FakeInjector(log), signals, queue_factory=factory)  # type: ignore[arg-type]
@@ -232,6 +230,14 @@ def test_event_loop_verdict_then_injection_then_timer_and_stops_on_sigterm() -> 
         loop.close()
     finally:
         signals.close()
+    return loop, packets
+
+
+@pytest.mark.timeout(30)
+def test_event_loop_verdict_then_injection_then_timer_and_stops_on_sigterm() -> None:
+    log: list[tuple[str, Any]] = []
+    engine = FakeEngine(log, stop_after=3, now_deadline=0.0)  # a timer already due
+    loop, packets = _run_three_packets(engine, log)
     kinds = [kind for kind, _ in log]
     # Each packet: the engine, then its verdict, then what the engine asked to inject.
     assert kinds[:9] == ["process", "verdict", "inject"] * 3, kinds
@@ -264,23 +270,8 @@ class PreparingEngine(FakeEngine):
 @pytest.mark.timeout(30)
 def test_event_loop_prepares_only_while_no_packet_waits() -> None:
     log: list[tuple[str, Any]] = []
-    made: list[FakeQueue] = []
-
-    def factory() -> FakeQueue:
-        made.append(FakeQueue())
-        return made[-1]
-
     engine = PreparingEngine(log)
-    signals = SignalWatch()
-    try:
-        loop = EventLoop(engine, 7100, FakeInjector(log), signals, queue_factory=factory)  # type: ignore[arg-type]
-        packets = [FakePacket(PACKET[:-1] + bytes([i]), log) for i in (1, 2, 3)]
-        for packet in packets:
-            made[0].put(packet)
-        assert loop.run() == signal.SIGTERM
-        loop.close()
-    finally:
-        signals.close()
+    _run_three_packets(engine, log)
     kinds = [kind for kind, _ in log]
     # The waiting packets first (verdicts and injections), the work ahead once the queues are empty.
     assert kinds == ["process", "verdict", "inject"] * 3 + ["prepare", "prepare"], kinds
