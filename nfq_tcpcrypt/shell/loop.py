@@ -121,7 +121,10 @@ class EventLoop:
         self.stats = EventStats()
         self.periodic: tuple[float, Callable[[], None]] | None = None
         """(interval, callback): run on the loop thread every `interval` seconds (the metrics file)."""
-        self.queues = QueuePair(queue_num, self._process, self.counters, self._flush, queue_factory)
+        self._later: list[Injection] = []
+        """Injections that follow the verdict of the packet being handled (its own direction)."""
+        self.queues = QueuePair(queue_num, self._process, self.counters, self._flush, queue_factory,
+                                self._inject_first)  # fmt: skip
 
     def _process(self, packet: bytes, direction: Direction, encrypted: bool, info: PacketInfo) -> Verdict:
         return self.engine.process(packet, direction, self.now, encrypted, info)
@@ -130,13 +133,40 @@ class EventLoop:
         """Send what the engine produced outside a packet callback (at shutdown)."""
         self._flush()
 
+    def _inject_first(self, direction: Direction) -> None:
+        """Between a packet's engine step and its verdict: what the step injects the other way goes
+        now, what it injects the packet's own way waits for the verdict (`_flush`).
+
+        The two ways are separate paths (toward the wire, toward our stack), so only the order
+        within one way matters. On a connection's critical path this sends e.g. B's Init2 before
+        the verdict that hands the Init1 segment's ACK to B's stack (whose processing, in the
+        verdict's system call, wakes the server), and A's first frame before the verdict on Init2.
+        """
+        injections = self.engine.segments_to_inject()
+        if not injections:
+            return
+        first = [injection for injection in injections if injection.direction is not direction]
+        if len(first) != len(injections):
+            self._later += [injection for injection in injections if injection.direction is direction]
+        if first:
+            self._send(first)
+
+    def _send(self, injections: list[Injection]) -> None:
+        """Inject in order, each way after the verdicts its queue holds so far."""
+        flushed: Direction | None = None
+        for injection in injections:
+            if injection.direction is not flushed:
+                self.queues.flush_verdicts(injection.direction)
+                flushed = injection.direction
+            self.injector.send(injection.packet, injection.direction)
+
     def _flush(self) -> None:
         """Inject what the engine produced (after the verdicts held so far) and log its events."""
         injections = self.engine.segments_to_inject()
+        if self._later:
+            injections, self._later = self._later + injections, []
         if injections:
-            self.queues.flush_verdicts()
-        for injection in injections:
-            self.injector.send(injection.packet, injection.direction)
+            self._send(injections)
         while (event := self.engine.next_event()) is not None:
             _log_event(event)
             self.stats.observe(event)

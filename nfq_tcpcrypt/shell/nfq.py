@@ -90,12 +90,15 @@ class QueuePair:
         counters: dict[str, int],
         after: Callable[[], None] = lambda: None,
         queue_factory: Callable[[], Any] = NetfilterQueue,
+        before: Callable[[Direction], None] | None = None,
     ) -> None:
         """Bind queues `queue_num` (inbound) and `queue_num + 1` (outbound); `after` runs after each
-        verdict; `queue_factory` makes the binding (NetfilterQueue; a fake in the unit tests)."""
+        verdict, `before` (with the packet's direction) between the handler and the verdict;
+        `queue_factory` makes the binding (NetfilterQueue; a fake in the unit tests)."""
         self.queue_num = queue_num
         self._handler = handler
         self._after = after
+        self._before = before
         self._handled = 0
         self._counters = counters
         self.info: Any = None
@@ -144,6 +147,8 @@ class QueuePair:
                         payload, direction, bool(pkt.get_mark() & ENCRYPTED_MARK),
                         UNKNOWN if info is None else packet_info(info.skb_info),
                     )
+                    if self._before is not None:
+                        self._before(direction)
             except Exception:
                 self._count("handler_errors")
                 logger.exception("engine failed on a %s packet; dropping it", direction.value)
@@ -169,10 +174,12 @@ class QueuePair:
         except _BudgetSpent:
             self._count("drain_budget_spent")
 
-    def flush_verdicts(self) -> None:
-        """Send the verdicts a batching backend still holds (before packets are injected, so the
-        wire keeps the order the engine produced)."""
-        for queue in self.queues.values():
+    def flush_verdicts(self, direction: Direction | None = None) -> None:
+        """Send the verdicts a batching backend still holds on `direction`'s queue (None: both),
+        before packets are injected that way, so each way keeps the order the engine produced."""
+        for queue_direction, queue in self.queues.items():
+            if direction is not None and queue_direction is not direction:
+                continue
             flush = getattr(queue, "flush", None)
             if flush is not None:
                 flush()

@@ -183,8 +183,10 @@ class FakeInjector:
 class FakeEngine(PassThroughEngine):
     """Each packet asks for one injection; a timer is due once; after `stop_after` packets, SIGTERM."""
 
-    def __init__(self, log: list[tuple[str, Any]], stop_after: int, now_deadline: float) -> None:
+    def __init__(self, log: list[tuple[str, Any]], stop_after: int, now_deadline: float,
+                 inject: tuple[Direction, ...] = (Direction.OUTBOUND,)) -> None:
         super().__init__()
+        self.inject_ways = inject
         self.log = log
         self.counters: dict[str, int] = {"packets": 0}
         self.stop_after = stop_after
@@ -195,7 +197,8 @@ class FakeEngine(PassThroughEngine):
                 info: Any = None) -> Verdict:
         self.counters["packets"] += 1
         self.log.append(("process", packet))
-        self._inject.append(Injection(b"made-by-" + packet[-1:], Direction.OUTBOUND))
+        for way in self.inject_ways:
+            self._inject.append(Injection(b"made-by-" + packet[-1:] + way.value[:1].encode(), way))
         if self.counters["packets"] == self.stop_after:
             os.kill(os.getpid(), signal.SIGTERM)
         return Verdict(Action.ACCEPT)
@@ -239,13 +242,26 @@ def test_event_loop_verdict_then_injection_then_timer_and_stops_on_sigterm() -> 
     engine = FakeEngine(log, stop_after=3, now_deadline=0.0)  # a timer already due
     loop, packets = _run_three_packets(engine, log)
     kinds = [kind for kind, _ in log]
-    # Each packet: the engine, then its verdict, then what the engine asked to inject.
-    assert kinds[:9] == ["process", "verdict", "inject"] * 3, kinds
-    assert [payload for kind, payload in log if kind == "inject"] == [b"made-by-\x01", b"made-by-\x02", b"made-by-\x03"]
+    # Each packet (inbound): the engine, then what it injects toward the wire (the other way:
+    # no order to keep with the packet's verdict, and it may be on the critical path), the verdict.
+    assert kinds[:9] == ["process", "inject", "verdict"] * 3, kinds
+    assert [payload for kind, payload in log if kind == "inject"] == [b"made-by-\x01o", b"made-by-\x02o", b"made-by-\x03o"]
     assert kinds.count("timer") == 1 and kinds.index("timer") > 8  # timers after the wakeup's packets
     assert all(p.verdict == "accept" for p in packets)
     assert loop.all_counters()["shell.packets_inbound"] == 3
 
+
+
+@pytest.mark.timeout(30)
+def test_injections_of_the_packets_own_way_follow_its_verdict() -> None:
+    log: list[tuple[str, Any]] = []
+    engine = FakeEngine(log, stop_after=3, now_deadline=0.0, inject=(Direction.INBOUND, Direction.OUTBOUND))
+    _run_three_packets(engine, log)
+    kinds = [kind for kind, _ in log]
+    # Inbound packets: toward the wire before the verdict, toward our stack after it, in order.
+    assert kinds[:12] == ["process", "inject", "verdict", "inject"] * 3, kinds
+    injected = [payload for kind, payload in log if kind == "inject"]
+    assert injected == [b"made-by-" + bytes([i]) + way for i in (1, 2, 3) for way in (b"o", b"i")]
 
 
 class PreparingEngine(FakeEngine):
@@ -274,4 +290,4 @@ def test_event_loop_prepares_only_while_no_packet_waits() -> None:
     _run_three_packets(engine, log)
     kinds = [kind for kind, _ in log]
     # The waiting packets first (verdicts and injections), the work ahead once the queues are empty.
-    assert kinds == ["process", "verdict", "inject"] * 3 + ["prepare", "prepare"], kinds
+    assert kinds == ["process", "inject", "verdict"] * 3 + ["prepare", "prepare"], kinds
