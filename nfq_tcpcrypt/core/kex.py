@@ -65,7 +65,8 @@ class KeyPool:
     def __init__(self, size: int = 4, max_age: float = 30.0) -> None:
         self.size = size
         self.max_age = max_age
-        self._ready: dict[Tep, deque[tuple[float, PrivateKey]]] = {}
+        # (made at, private key, its public encoding): the encoding is made ahead too (RFC 8548 §5).
+        self._ready: dict[Tep, deque[tuple[float, PrivateKey, bytes]]] = {}
         self._wanted: dict[Tep, float] = {}  # TEP -> when a connection last asked for a key of it
         self.taken = 0
         self.made = 0
@@ -78,16 +79,22 @@ class KeyPool:
 
     def take(self, factory: KeyFactory, tep: Tep, now: float) -> PrivateKey:
         """A key nobody had: one made ahead (and young enough), else a new one from `factory`."""
+        return self.take_pair(factory, tep, now)[0]
+
+    def take_pair(self, factory: KeyFactory, tep: Tep, now: float) -> tuple[PrivateKey, bytes]:
+        """As `take`, with the key's public encoding for Init1/Init2 (`public_bytes`), which a key
+        made ahead carries already."""
         self._wanted[tep] = now
         ready = self._ready.get(tep)
         while ready:
-            made, key = ready.popleft()
+            made, key, public = ready.popleft()
             if not ready:
                 del self._ready[tep]
             if now - made < self.max_age:
                 self.taken += 1
-                return key
-        return factory.generate(tep)
+                return key, public
+        key = factory.generate(tep)
+        return key, public_bytes(tep, key)
 
     def wanted(self, now: float) -> Tep | None:
         """The TEP whose pool is short of `size` keys (only TEPs asked for recently), or None."""
@@ -120,7 +127,8 @@ class KeyPool:
         tep = self.wanted(now)
         if tep is None:
             return False
-        self._ready.setdefault(tep, deque()).append((now, factory.generate(tep)))
+        key = factory.generate(tep)
+        self._ready.setdefault(tep, deque()).append((now, key, public_bytes(tep, key)))
         self.made += 1
         return True
 

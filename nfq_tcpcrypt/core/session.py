@@ -488,12 +488,10 @@ class Session:
             # Host A's stream starts with Init1; it rides on our stack's third ACK (docs/architecture.md),
             # or goes out at once after a simultaneous open, where no third ACK exists.
             assert self.send is not None
-            self._private_key = self._new_private_key(self.tep, now)
+            self._private_key, public = self._new_private_key(self.tep, now)
             self._n_a = self.config.random_bytes(N_A_LEN)
             self._ciphers_offered = tuple(int(a) for a in self.config.aeads)
-            self._init1 = serialize_init1(
-                Init1(self._ciphers_offered, self._n_a, public_bytes(self.tep, self._private_key))
-            )
+            self._init1 = serialize_init1(Init1(self._ciphers_offered, self._n_a, public))
             self.send.set_prefix(self._init1)
             if self._simultaneous:
                 self.tx.init1_sent = True
@@ -515,9 +513,9 @@ class Session:
             if choice is None:
                 # docs/protocol.md T4: no common AEAD; abort.
                 raise RemoteProtocolError(f"init1 offers no aead we accept: {list(init1.sym_ciphers)}")
-            private_key = self._new_private_key(self.tep, now)
+            private_key, public = self._new_private_key(self.tep, now)
             n_b = self.config.random_bytes(N_B_LEN)
-            init2_bytes = serialize_init2(Init2(int(choice), n_b, public_bytes(self.tep, private_key)))
+            init2_bytes = serialize_init2(Init2(int(choice), n_b, public))
             es = shared_secret(self.tep, private_key, init1.pk_a)
             self._derive(choice, init1.n_a, message, init2_bytes, es, now)
             self.send.set_prefix(init2_bytes)
@@ -531,12 +529,13 @@ class Session:
             self._private_key = None
             self.tx.release_held()
 
-    def _new_private_key(self, tep: Tep, now: float) -> PrivateKey:
-        """An ephemeral key of this connection's own (RFC 8548 §3.3): one the engine made ahead
-        (KeyPool: used once, never again), else a new one."""
+    def _new_private_key(self, tep: Tep, now: float) -> tuple[PrivateKey, bytes]:
+        """An ephemeral key of this connection's own (RFC 8548 §3.3) and its public encoding (§5):
+        one the engine made ahead (KeyPool: used once, never again), else a new one."""
         if self._key_pool is not None:
-            return self._key_pool.take(self.config.key_factory, tep, now)
-        return self.config.key_factory.generate(tep)
+            return self._key_pool.take_pair(self.config.key_factory, tep, now)
+        key = self.config.key_factory.generate(tep)
+        return key, public_bytes(tep, key)
 
     def _derive(self, aead: Aead, n_a: bytes, init1: bytes, init2: bytes, es: bytes, now: float) -> None:
         """RFC 8548 §3.3, §3.4: ss[0], mk[0], the traffic keys and the session ID."""

@@ -126,6 +126,16 @@ def test_key_pool_hands_each_key_out_once_and_only_fills_for_teps_in_use():
     assert "KeyPool(" in repr(pool) and "private" not in repr(pool).lower()
 
 
+def test_key_pool_hands_out_each_key_with_its_own_public_encoding():
+    factory, pool = _CountingFactory(), kex.KeyPool(size=2, max_age=30.0)
+    pairs = [pool.take_pair(factory, Tep.X25519, 0.0)]  # made on the spot
+    while pool.fill(factory, 0.0):
+        pass
+    pairs += [pool.take_pair(factory, Tep.X25519, 1.0) for _ in range(3)]  # two made ahead, one not
+    assert pool.taken == 2 and factory.made == 4
+    assert all(public == _raw(key) for key, public in pairs)
+    assert len({public for _, public in pairs}) == 4
+
 def test_key_pool_keys_age_out_and_an_idle_daemon_holds_none():
     factory, pool = _CountingFactory(), kex.KeyPool(size=2, max_age=30.0)
     pool.take(factory, Tep.X25519, 0.0)

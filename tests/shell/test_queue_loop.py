@@ -245,7 +245,8 @@ def test_event_loop_verdict_then_injection_then_timer_and_stops_on_sigterm() -> 
     # Each packet (inbound): the engine, then what it injects toward the wire (the other way:
     # no order to keep with the packet's verdict, and it may be on the critical path), the verdict.
     assert kinds[:9] == ["process", "inject", "verdict"] * 3, kinds
-    assert [payload for kind, payload in log if kind == "inject"] == [b"made-by-\x01o", b"made-by-\x02o", b"made-by-\x03o"]
+    injected = [payload for kind, payload in log if kind == "inject"]
+    assert injected == [b"made-by-\x01o", b"made-by-\x02o", b"made-by-\x03o"]
     assert kinds.count("timer") == 1 and kinds.index("timer") > 8  # timers after the wakeup's packets
     assert all(p.verdict == "accept" for p in packets)
     assert loop.all_counters()["shell.packets_inbound"] == 3
