@@ -108,10 +108,11 @@ class KeyPool:
 
     def next_expiry(self) -> float | None:
         """When the oldest key waiting passes `max_age` (the engine's timer drops it then), or None."""
-        if not self._ready:
-            return None
-        oldest = [ready[0][0] for ready in self._ready.values() if ready]
-        return min(oldest) + self.max_age if oldest else None
+        oldest: float | None = None
+        for ready in self._ready.values():
+            if ready and (oldest is None or ready[0][0] < oldest):
+                oldest = ready[0][0]
+        return None if oldest is None else oldest + self.max_age
 
     def expire(self, now: float) -> None:
         """Drop the keys made more than `max_age` seconds before `now`."""

@@ -222,7 +222,8 @@ class EventLoop:
                 # The cache is flushed before the packets of this wakeup, so no SYN resumes from it.
                 if self.freshness is not None:
                     self.freshness.check_clock()
-                ready.sort(key=lambda item: item[0].data[0] != "uevent")
+                if len(ready) > 1:
+                    ready.sort(key=lambda item: item[0].data[0] != "uevent")
                 for key, _ in ready:
                     self._dispatch(selector, key)
                 deadline = self.engine.get_timer()

@@ -196,6 +196,7 @@ def parse(data: bytes | bytearray | memoryview, end: int | None = None) -> list[
     out: list[QueuedPacket | Ack] = []
     offset = 0
     end = len(data) if end is None else end
+    data = memoryview(data)  # a packet's bytes are copied once, from the receive buffer
     while offset + 16 <= end:
         length, msg_type, _flags, seq, _pid = _NLMSGHDR_UNPACK(data, offset)
         if length < 16 or offset + length > end:

@@ -123,12 +123,14 @@ class QueuePair:
         self._counters[name] = self._counters.get(name, 0) + 1
 
     def _callback(self, direction: Direction) -> Callable[[Any], None]:
+        counters, packets = self._counters, "packets_" + direction.value
+
         def on_packet(pkt: Any) -> None:
             verdict: Verdict | None = None
             try:
                 info = self.info = getattr(pkt, "info", None)
                 payload = pkt.get_payload()
-                self._count("packets_" + direction.value)
+                counters[packets] = counters.get(packets, 0) + 1
                 if info is not None and info.skb_info:
                     if info.gso:
                         self._count("gso_packets")
