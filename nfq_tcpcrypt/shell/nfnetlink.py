@@ -118,14 +118,37 @@ def config_queue(queue_num: int, max_len: int, flags: int, mask: int, seq: int =
     return message(NFQNL_MSG_CONFIG, queue_num, attrs, NLM_F_REQUEST | NLM_F_ACK, seq)
 
 
+_VERDICT_ATTR_LEN = _NLATTR.size + _VERDICT_HDR.size
+_VERDICT_ATTR = _NLATTR.pack(_VERDICT_ATTR_LEN, NFQA_VERDICT_HDR)
+_MARK_ATTR = _NLATTR.pack(_NLATTR.size + _BE32.size, NFQA_MARK)
+_PREFIXES: dict[tuple[int, int, bool], bytes] = {}
+
+
+def _fixed_prefix(msg: int, queue_num: int, with_mark: bool) -> bytes:
+    """The constant start of a verdict message without payload (its headers and the verdict
+    attribute's header), made once per queue, message type and mark or not: at most a few."""
+    key = (msg, queue_num, with_mark)
+    prefix = _PREFIXES.get(key)
+    if prefix is None:
+        length = HEADER_LEN + _VERDICT_ATTR_LEN + (_NLATTR.size + _BE32.size if with_mark else 0)
+        prefix = _PREFIXES[key] = (
+            _NLMSGHDR.pack(length, (NFNL_SUBSYS_QUEUE << 8) | msg, NLM_F_REQUEST, 0, 0)
+            + _NFGENMSG.pack(0, 0, queue_num) + _VERDICT_ATTR
+        )  # fmt: skip
+    return prefix
+
+
 def verdict_head(queue_num: int, packet_id: int, action: int, mark: int | None, payload_len: int | None) -> bytes:
     """A verdict message up to (and with) the payload attribute's header; the payload and `pad`
     follow, so a mangled packet goes out without being copied into the message."""
-    attrs = attr(NFQA_VERDICT_HDR, _VERDICT_HDR.pack(action, packet_id))
-    if mark is not None:
-        attrs += attr(NFQA_MARK, _BE32.pack(mark))
     if payload_len is None:
-        return message(NFQNL_MSG_VERDICT, queue_num, attrs)
+        if mark is None:
+            return _fixed_prefix(NFQNL_MSG_VERDICT, queue_num, False) + _VERDICT_HDR.pack(action, packet_id)
+        return (_fixed_prefix(NFQNL_MSG_VERDICT, queue_num, True) + _VERDICT_HDR.pack(action, packet_id)
+                + _MARK_ATTR + _BE32.pack(mark))  # fmt: skip
+    attrs = _VERDICT_ATTR + _VERDICT_HDR.pack(action, packet_id)
+    if mark is not None:
+        attrs += _MARK_ATTR + _BE32.pack(mark)
     attr_len = _NLATTR.size + payload_len
     total = HEADER_LEN + len(attrs) + attr_len + len(pad(attr_len))
     head = _NLMSGHDR.pack(total, (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, 0)
@@ -143,7 +166,7 @@ def verdict(
 
 def verdict_batch(queue_num: int, packet_id: int, action: int) -> bytes:
     """The same verdict for every packet of the queue with an id up to `packet_id`."""
-    return message(NFQNL_MSG_VERDICT_BATCH, queue_num, attr(NFQA_VERDICT_HDR, _VERDICT_HDR.pack(action, packet_id)))
+    return _fixed_prefix(NFQNL_MSG_VERDICT_BATCH, queue_num, False) + _VERDICT_HDR.pack(action, packet_id)
 
 
 @dataclass(slots=True)

@@ -93,6 +93,18 @@ class TestMessages:
         [(kind, _, queue, attrs)] = decode(nl.verdict_batch(7101, 99, nl.NF_ACCEPT))
         assert kind == 0x303 and queue == 7101 and attrs == {nl.NFQA_VERDICT_HDR: struct.pack("!II", 1, 99)}
 
+    def test_verdicts_of_two_queues_keep_their_own_numbers_with_and_without_a_mark(self) -> None:
+        # The fixed part of a verdict is made once per queue and kind: each queue keeps its own.
+        for queue in (7100, 7101, 7100):
+            [(kind, _, number, attrs)] = decode(nl.verdict(queue, 8, nl.NF_ACCEPT, 0x10000))
+            assert (kind, number) == (0x301, queue)
+            assert attrs == {nl.NFQA_VERDICT_HDR: struct.pack("!II", 1, 8), nl.NFQA_MARK: struct.pack("!I", 0x10000)}
+            [(kind, _, number, attrs)] = decode(nl.verdict(queue, 9, nl.NF_DROP, None, b"abcde"))
+            assert (kind, number) == (0x301, queue)
+            assert attrs == {nl.NFQA_VERDICT_HDR: struct.pack("!II", 0, 9), nl.NFQA_PAYLOAD: b"abcde"}
+            [(kind, _, number, _)] = decode(nl.verdict_batch(queue, 10, nl.NF_ACCEPT))
+            assert (kind, number) == (0x303, queue)
+
 
 class TestParse:
     def test_packet_fields_and_flags(self) -> None:
