@@ -42,8 +42,16 @@ def packet_info(skb_info: int) -> PacketInfo:
     """The engine's view of a fast-backend packet's NFQA_SKB_* flags: a GSO super-packet, and a
     checksum the kernel vouches for (not ready: made here or forwarded, the kernel fills it in;
     neither flag: verified, on our inbound hook, or completed before the copy)."""
-    trusted = bool(skb_info & nl.NFQA_SKB_CSUMNOTREADY) or not skb_info & nl.NFQA_SKB_CSUM_NOTVERIFIED
-    return _INFOS[bool(skb_info & nl.NFQA_SKB_GSO), trusted]
+    info = _BY_SKB_INFO.get(skb_info)
+    if info is None:
+        trusted = bool(skb_info & nl.NFQA_SKB_CSUMNOTREADY) or not skb_info & nl.NFQA_SKB_CSUM_NOTVERIFIED
+        info = _INFOS[bool(skb_info & nl.NFQA_SKB_GSO), trusted]
+    return info
+
+
+_BY_SKB_INFO: dict[int, PacketInfo] = {}
+_BY_SKB_INFO.update((flags, packet_info(flags)) for flags in range(8))
+"""packet_info of the three flags' combinations, looked up instead of worked out per packet."""
 
 BACKENDS = ("netfilterqueue", "fast")
 
