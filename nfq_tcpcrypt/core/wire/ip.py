@@ -67,6 +67,14 @@ def pseudo_header_sum(src: bytes, dst: bytes, length: int, proto: int = IPPROTO_
 
 def serialize_ip_header(template: bytes, payload_len: int) -> bytes:
     """Copy an IP header (`template`, options included) with a new length and checksum."""
+    if template[0] == 0x45 and len(template) == 20:
+        # The usual IPv4 header without options: one concatenation, its checksum from the sum of
+        # the words that stay and the new length (RFC 1071).
+        total = (20 + payload_len).to_bytes(2, "big")
+        rest = template[4:10]
+        tail = template[12:20]
+        csum = ~((int.from_bytes(template[:2] + total + rest + tail, "big") % 0xFFFF) or 0xFFFF) & 0xFFFF
+        return template[:2] + total + rest + csum.to_bytes(2, "big") + tail
     header = bytearray(template)
     if header[0] >> 4 == 4:
         struct.pack_into("!H", header, 2, len(header) + payload_len)

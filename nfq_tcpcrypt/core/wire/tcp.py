@@ -18,7 +18,7 @@ from ..constants import (
     TCPOPT_WSCALE,
 )
 from ..errors import MalformedSegment
-from .ip import checksum_fold, finish_checksum, new_ip_header, parse_ip, pseudo_header_sum, serialize_ip_header
+from .ip import IPPROTO_TCP, checksum_fold, new_ip_header, parse_ip, pseudo_header_sum, serialize_ip_header
 
 _TCP = struct.Struct("!HHIIBBHHH")
 _LINUX_TS = bytes((TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10))
@@ -87,15 +87,24 @@ def parse_segment(packet: bytes, verify_checksum: bool = False) -> Segment:
     doff = (offset >> 4) * 4
     if doff < 20 or ihl + doff > len(packet):
         raise MalformedSegment(f"tcp data offset {doff} for {len(packet) - ihl} bytes")
-    if verify_checksum:
-        tcp = memoryview(packet)[ihl:]
-        if (pseudo_header_sum(src, dst, len(tcp)) + checksum_fold(tcp)) % 0xFFFF != 0:
-            raise MalformedSegment("tcp checksum mismatch")
-    options = packet[ihl + 20 : ihl + doff]
+    if verify_checksum and _segment_sum(packet, ihl, src, dst) != 0:
+        raise MalformedSegment("tcp checksum mismatch")
     return Segment(
-        packet[:ihl], src, dst, sport, dport, seq, ack, flags, window, urgent, options,
+        packet[:ihl], src, dst, sport, dport, seq, ack, flags, window, urgent, packet[ihl + 20 : ihl + doff],
         packet[ihl + doff :],
     )
+
+
+def _segment_sum(packet: bytes, ihl: int, src: bytes, dst: bytes) -> int:
+    """The TCP checksum sum of a whole packet with its pseudo-header, mod 0xFFFF: 0 when the
+    checksum is right (RFC 1071, RFC 9293 §3.1). In an option-less IPv4 header and in IPv6 the
+    addresses sit right before the TCP header, so one fold from the source address covers both."""
+    tcp_len = len(packet) - ihl
+    at = 12 if ihl == 20 else 8 if ihl == 40 else -1
+    if at < 0:
+        return (pseudo_header_sum(src, dst, tcp_len) + checksum_fold(memoryview(packet)[ihl:])) % 0xFFFF
+    body = memoryview(packet)[at:] if not tcp_len & 1 else packet[at:] + b"\x00"
+    return (int.from_bytes(body, "big") + IPPROTO_TCP + tcp_len) % 0xFFFF
 
 
 def serialize_segment(seg: Segment) -> bytes:
@@ -104,21 +113,20 @@ def serialize_segment(seg: Segment) -> bytes:
     options = seg.options
     if len(options) & 3:
         options = options + bytes(4 - (len(options) & 3))  # EOL padding
+    payload = seg.payload
     doff = 20 + len(options)
-    tcp_len = doff + len(seg.payload)
-    ihl = len(seg.ip_header)
-    packet = bytearray(serialize_ip_header(seg.ip_header, tcp_len))
-    packet += _TCP.pack(
-        seg.sport, seg.dport, seg.seq & 0xFFFFFFFF, seg.ack & 0xFFFFFFFF, (doff // 4) << 4,
-        seg.flags, seg.window, 0, seg.urgent,
-    )
-    packet += options
-    packet += seg.payload
-    if seg.kernel_checksum:
-        return bytes(packet)
-    total = pseudo_header_sum(seg.src, seg.dst, tcp_len) + checksum_fold(memoryview(packet)[ihl:])
-    struct.pack_into("!H", packet, ihl + 16, finish_checksum(total))
-    return bytes(packet)
+    tcp_len = doff + len(payload)
+    seq, ack, offset = seg.seq & 0xFFFFFFFF, seg.ack & 0xFFFFFFFF, (doff // 4) << 4
+    ip = serialize_ip_header(seg.ip_header, tcp_len)
+    header = _TCP.pack(seg.sport, seg.dport, seq, ack, offset, seg.flags, seg.window, 0, seg.urgent)
+    if not seg.kernel_checksum:
+        # One fold over addresses, header, options and payload (each part 16-bit aligned), plus
+        # the pseudo-header's protocol and length (RFC 9293 §3.1).
+        odd = b"\x00" if tcp_len & 1 else b""
+        total = int.from_bytes(seg.src + seg.dst + header + options + payload + odd, "big") + IPPROTO_TCP + tcp_len
+        csum = ~(total % 0xFFFF or 0xFFFF) & 0xFFFF
+        header = _TCP.pack(seg.sport, seg.dport, seq, ack, offset, seg.flags, seg.window, csum, seg.urgent)
+    return b"".join((ip, header, options, payload))
 
 
 def new_segment(
