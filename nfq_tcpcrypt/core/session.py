@@ -267,6 +267,11 @@ class Session:
     def outbound(self, seg: Segment, now: float) -> Verdict:
         """A packet from the local stack toward the wire."""
         self.last_seen = now
+        if seg.flags == TCP_ACK and self.keys_ready and self.state in _KEYED:
+            self.tx.out_ip = seg.ip_header
+            verdict = self.tx.pure_ack_out(seg)  # the usual case, or None
+            if verdict is not None:
+                return verdict
         if self.state in (State.PLAIN, State.NEW):
             return self._plain(seg)
         if self.state == State.ABORTED:
@@ -292,6 +297,12 @@ class Session:
     def inbound(self, seg: Segment, now: float) -> Verdict:
         """A packet from the wire toward the local stack."""
         self.last_seen = now
+        if seg.flags == TCP_ACK and self.keys_ready and self.state in _KEYED:
+            self._synchronized = True
+            self.tx.in_ip = seg.ip_header
+            verdict = self.tx.pure_ack_in(seg)  # the usual case, or None
+            if verdict is not None:
+                return verdict
         self._synchronized = self._synchronized or not seg.is_syn
         if self.state in (State.PLAIN, State.NEW):
             return self._plain(seg)

@@ -30,6 +30,7 @@ from .constants import (
     TCPOPT_NOP,
     TCPOPT_SACK,
     TCPOPT_SACK_PERM,
+    TCPOPT_TIMESTAMP,
     Role,
 )
 from .errors import MalformedSegment, RemoteProtocolError, StackAnomaly
@@ -57,6 +58,9 @@ if TYPE_CHECKING:
     from .config import Configuration
     from .flow import FlowKey
     from .outoforder import Budget
+
+_LINUX_TS = bytes((TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10))
+"""The first bytes of the options block Linux puts on every segment once timestamps are on."""
 
 REPLAY_TIMEOUT = 0.5
 """Seconds our stack may take to acknowledge plaintext we already acknowledged for it (its delayed
@@ -197,6 +201,63 @@ class StreamTranslator:
                 self.bytes_out += record.plain_end - record.plain_start - record.fin
                 self.inject_frames([record])
 
+    def pure_ack_out(self, seg: Segment) -> Verdict | None:
+        """The usual pure ACK of our stack, once keys exist: translate_out's steps for it, without
+        option lists (timestamps or no options, RFC 7323 §3). None, with nothing changed, for
+        anything else: the general path decides (SACK blocks or other options, out-of-order data
+        held, the non-SYN ENO option due, a duplicate ACK about plaintext our stack lost)."""
+        raw = seg.options
+        recv, send = self.recv, self.send
+        if seg.payload or (raw and (len(raw) != 12 or raw[:4] != _LINUX_TS)) or self.need_nonsyn_eno:
+            return None
+        assert recv is not None and send is not None
+        if recv.ooo:
+            return None
+        stack_ack = to_offset(seg.ack, recv.base, recv.local_ack)
+        if (stack_ack < recv.plain_next - recv.fin_delivered and stack_ack == recv.local_ack
+                and seg.window == self.local_window):
+            return None  # a duplicate ACK: _redeliver_lost looks at it
+        plain = to_offset(seg.seq, send.base, send.plain_next)
+        self.local_window = window = seg.window  # note_local
+        if raw:
+            self._local_ts = int.from_bytes(raw[4:8], "big")
+        seg.ack = to_seq(recv.ack_to_wire(stack_ack), recv.base)
+        self._note_right_edge(window)
+        seg.window = self._wire_window(window)
+        seg.urgent = 0
+        seg.seq = to_seq(send.plain_to_wire(plain), send.base)
+        return Verdict(Action.ACCEPT, serialize_segment(seg), True)
+
+    def pure_ack_in(self, seg: Segment) -> Verdict | None:
+        """The peer's usual pure ACK, once keys exist and our Init message is acknowledged:
+        translate_in's steps for it, without option lists (timestamps or no options). None, with
+        nothing changed, for anything else (SACK blocks, a FIN either way, a keepalive probe, a
+        sequence number other than the next expected one)."""
+        raw = seg.options
+        send, recv = self.send, self.recv
+        if seg.payload or seg.gso or (raw and (len(raw) != 12 or raw[:4] != _LINUX_TS)):
+            return None
+        assert send is not None and recv is not None
+        if (send.acked_wire < len(send.prefix) or recv.fin_seen is not None or recv.fin_at is not None
+                or recv.finp or recv.fin_delivered or send.fin_framed
+                or recv.wire_next > recv.right_edge or (seg.seq - recv.base - recv.wire_next) & 0xFFFFFFFF):
+            return None
+        window = seg.window
+        self._remote_window = window - (window >> 6)  # note_remote
+        if raw:
+            self._remote_ts = int.from_bytes(raw[4:8], "big")
+        self._peer_rekeyed = False
+        self.need_nonsyn_eno = False  # RFC 8547 §4.6: a non-SYN segment arrived
+        seg.ack = to_seq(send.ack_to_plain(to_offset(seg.ack, send.base, send.acked_wire)), send.base)
+        self._timers.pop(Timer.KEX, None)
+        seg.window = self._plain_window(window)
+        send.peer_sacks = []
+        seg.urgent = 0
+        # At the plain offset after what was delivered; at the first one while our stack has
+        # acknowledged nothing of the peer's (translate_in: a SYN-cookie server's socket).
+        seg.seq = to_seq(recv.plain_next if recv.local_ack else 0, recv.base)
+        return Verdict(Action.ACCEPT, serialize_segment(seg), True)
+
     def translate_out(self, seg: Segment, now: float) -> Verdict:
         """A segment of our stack toward the wire: framed, in wire space."""
         send = self.send
@@ -215,14 +276,14 @@ class StreamTranslator:
             if local_loss and not self.need_nonsyn_eno:
                 return DROP
             seg.seq = to_seq(send.plain_to_wire(plain), send.base)
-            return Verdict(Action.ACCEPT, serialize_segment(seg))
+            return Verdict(Action.ACCEPT, serialize_segment(seg), True)
         if end <= send.acked_plain:
             # All of it was acknowledged already (the peer's ACK to our stack was lost): probe the
             # peer like a keepalive, so that it repeats its ACK.
             seg.seq = to_seq(send.acked_wire - 1, send.base)
             seg.payload = b""
             seg.flags &= ~(TCP_FIN | TCP_PSH)
-            return Verdict(Action.ACCEPT, serialize_segment(seg))
+            return Verdict(Action.ACCEPT, serialize_segment(seg), True)
         if plain > send.plain_next:
             raise StackAnomaly(f"local segment skips plain bytes {send.plain_next}..{plain}")
         if plain <= send.acked_plain < end and send.peer_sacks:
@@ -314,7 +375,7 @@ class StreamTranslator:
             # the kernel would hold our larger wire packet to that belief: send it ourselves.
             self._inject(Injection(serialize_segment(seg), Direction.OUTBOUND))
             return DROP
-        return Verdict(Action.ACCEPT, serialize_segment(seg))
+        return Verdict(Action.ACCEPT, serialize_segment(seg), True)
 
     def _before_keys(self, seg: Segment, plain: int, end: int, now: float) -> Verdict:
         """Our stack sends before the keys exist: hold its plaintext (docs/architecture.md).
@@ -336,11 +397,11 @@ class StreamTranslator:
             if Timer.KEX not in self._timers:
                 self.kex_tries = 1
                 self._timers.arm(Timer.KEX, now + self.config.kex_timeout)
-            return Verdict(Action.ACCEPT, serialize_segment(seg))
+            return Verdict(Action.ACCEPT, serialize_segment(seg), True)
         if data or fin:
             return DROP
         seg.seq = to_seq(send.plain_to_wire(plain), send.base)
-        return Verdict(Action.ACCEPT, serialize_segment(seg))
+        return Verdict(Action.ACCEPT, serialize_segment(seg), True)
 
     def inject_frames(self, records: list[FrameRecord]) -> None:
         wire, payload, fin = _joined(records)
@@ -501,7 +562,7 @@ class StreamTranslator:
             if last:
                 break
             at += step
-        return Verdict(Action.ACCEPT, first)
+        return Verdict(Action.ACCEPT, first, True)
 
     def _drain(self, now: float) -> bytes:
         """Consume the Init message and every complete frame; return the plaintext to deliver."""

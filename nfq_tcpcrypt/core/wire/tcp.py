@@ -35,7 +35,7 @@ class Segment:
 
     __slots__ = (
         "ip_header", "src", "dst", "sport", "dport", "seq", "ack", "flags", "window", "urgent",
-        "options", "payload", "gso", "kernel_checksum",
+        "options", "payload", "gso", "kernel_checksum", "parsed",
     )
 
     def __init__(
@@ -56,6 +56,9 @@ class Segment:
         self.payload = payload
         self.gso = False
         self.kernel_checksum = False
+        # (IP header, packet length) as parsed: a rebuilt packet of that length keeps the header
+        # as it came, its checksum the sender's (the kernel verified it before any hook).
+        self.parsed: tuple[bytes, int] | None = None
 
     @property
     def is_syn(self) -> bool:
@@ -89,10 +92,12 @@ def parse_segment(packet: bytes, verify_checksum: bool = False) -> Segment:
         raise MalformedSegment(f"tcp data offset {doff} for {len(packet) - ihl} bytes")
     if verify_checksum and _segment_sum(packet, ihl, src, dst) != 0:
         raise MalformedSegment("tcp checksum mismatch")
-    return Segment(
+    seg = Segment(
         packet[:ihl], src, dst, sport, dport, seq, ack, flags, window, urgent, packet[ihl + 20 : ihl + doff],
         packet[ihl + doff :],
     )
+    seg.parsed = (seg.ip_header, len(packet))
+    return seg
 
 
 def _segment_sum(packet: bytes, ihl: int, src: bytes, dst: bytes) -> int:
@@ -117,7 +122,10 @@ def serialize_segment(seg: Segment) -> bytes:
     doff = 20 + len(options)
     tcp_len = doff + len(payload)
     seq, ack, offset = seg.seq & 0xFFFFFFFF, seg.ack & 0xFFFFFFFF, (doff // 4) << 4
-    ip = serialize_ip_header(seg.ip_header, tcp_len)
+    ip = seg.ip_header
+    parsed = seg.parsed
+    if parsed is None or parsed[0] is not ip or parsed[1] != len(ip) + tcp_len:
+        ip = serialize_ip_header(ip, tcp_len)
     header = _TCP.pack(seg.sport, seg.dport, seq, ack, offset, seg.flags, seg.window, 0, seg.urgent)
     if not seg.kernel_checksum:
         # One fold over addresses, header, options and payload (each part 16-bit aligned), plus
