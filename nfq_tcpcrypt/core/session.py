@@ -23,9 +23,13 @@ from .constants import (
     N_A_LEN,
     N_B_LEN,
     TCP_ACK,
+    TCP_FIN,
     TCP_RST,
+    TCP_SYN,
+    TCP_URG,
     TCPOPT_FASTOPEN,
     TCPOPT_NOP,
+    TCPOPT_TIMESTAMP,
     TEP_NAMES,
     Aead,
     Role,
@@ -134,6 +138,9 @@ _ENDING = (Trigger.FINISHED, Trigger.RESET, Trigger.REFUSE, Trigger.ABORT)
 _TRANSLATING = (State.KEY_EXCHANGE, State.ENCRYPTING, State.CLOSING)
 _KEYED = (State.ENCRYPTING, State.CLOSING)
 _LIVE = _TRANSLATING
+_SYN_RST_FIN_URG = TCP_SYN | TCP_RST | TCP_FIN | TCP_URG
+_LINUX_TS = bytes((TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10))
+"""The first bytes of the options block Linux puts on every segment once timestamps are on."""
 
 
 class Session:
@@ -303,6 +310,22 @@ class Session:
             verdict = self.tx.pure_ack_in(seg)  # the usual case, or None
             if verdict is not None:
                 return verdict
+        flags = seg.flags
+        if not flags & _SYN_RST_FIN_URG and self.keys_ready and self.state in _KEYED:
+            raw = seg.options
+            if not raw or (len(raw) == 12 and raw[:4] == _LINUX_TS):
+                # Data in the usual case: timestamps or no options (RFC 7323 §3), noted here
+                # (note_remote) instead of through an option list.
+                self._synchronized = True
+                tx = self.tx
+                tx.in_ip = seg.ip_header
+                tx.note_remote_usual(seg.window, raw)
+                try:
+                    return self._after_in(tx.translate_in(seg, None, now), now)
+                except MalformedSegment:
+                    return DROP
+                except ProtocolError as exc:
+                    return self._error(exc, seg, now, outbound=False)
         self._synchronized = self._synchronized or not seg.is_syn
         if self.state in (State.PLAIN, State.NEW):
             return self._plain(seg)

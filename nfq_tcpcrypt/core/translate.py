@@ -407,8 +407,11 @@ class StreamTranslator:
         wire, payload, fin = _joined(records)
         self.inject_wire(wire, payload, TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0))
 
-    def translate_in(self, seg: Segment, options: list[tuple[int, bytes]], now: float) -> Translated:
-        """A segment from the wire toward our stack: frames opened, plaintext in plain space."""
+    def translate_in(self, seg: Segment, options: list[tuple[int, bytes]] | None, now: float) -> Translated:
+        """A segment from the wire toward our stack: frames opened, plaintext in plain space.
+
+        `options` None: the segment carries timestamps or no options, already noted (note_remote,
+        Session.inbound's usual case), and they go to our stack as they came."""
         send, recv = self.send, self.recv
         assert send is not None and recv is not None
         self._peer_rekeyed = False
@@ -630,6 +633,13 @@ class StreamTranslator:
         if ts is not None:
             self._remote_ts = ts[0]
 
+    def note_remote_usual(self, window: int, raw: bytes) -> None:
+        """note_remote for a non-SYN segment whose options are timestamps (`raw` in the form
+        Linux sends, _LINUX_TS) or nothing."""
+        self._remote_window = window - (window >> 6)
+        if raw:
+            self._remote_ts = int.from_bytes(raw[4:8], "big")
+
     def _options_out(self, parsed: list[tuple[int, bytes]], raw: bytes, payload_len: int = 0,
                      limit: int | None = None, partial: bool = False) -> bytes:
         """Options of a segment toward the wire: our own SACK blocks for out-of-order data we hold,
@@ -664,12 +674,13 @@ class StreamTranslator:
             limit = min(TCP_MAX_OPTIONS, self.wire_mss - payload_len)
         return with_sack(kept, [(to_seq(lo, recv.base), to_seq(hi, recv.base)) for lo, hi in blocks], limit)
 
-    def _options_in(self, parsed: list[tuple[int, bytes]], raw: bytes) -> bytes:
-        """Options of a segment toward our stack: SACK blocks into plain space, ENO removed."""
+    def _options_in(self, parsed: list[tuple[int, bytes]] | None, raw: bytes) -> bytes:
+        """Options of a segment toward our stack: SACK blocks into plain space, ENO removed
+        (None: timestamps or nothing, as they came)."""
         send = self.send
         assert send is not None
         send.peer_sacks = []
-        if not _has_sack_or_eno(parsed):
+        if parsed is None or not _has_sack_or_eno(parsed):
             return raw
         kept, blocks = [], []
         for kind, option in parsed:
