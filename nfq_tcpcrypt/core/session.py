@@ -138,6 +138,7 @@ _ENDING = (Trigger.FINISHED, Trigger.RESET, Trigger.REFUSE, Trigger.ABORT)
 _TRANSLATING = (State.KEY_EXCHANGE, State.ENCRYPTING, State.CLOSING)
 _KEYED = (State.ENCRYPTING, State.CLOSING)
 _LIVE = _TRANSLATING
+_SYN_RST = TCP_SYN | TCP_RST
 _SYN_RST_FIN_URG = TCP_SYN | TCP_RST | TCP_FIN | TCP_URG
 _LINUX_TS = bytes((TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10))
 """The first bytes of the options block Linux puts on every segment once timestamps are on."""
@@ -274,11 +275,24 @@ class Session:
     def outbound(self, seg: Segment, now: float) -> Verdict:
         """A packet from the local stack toward the wire."""
         self.last_seen = now
-        if seg.flags == TCP_ACK and self.keys_ready and self.state in _KEYED:
-            self.tx.out_ip = seg.ip_header
-            verdict = self.tx.pure_ack_out(seg)  # the usual case, or None
-            if verdict is not None:
+        if self.keys_ready and self.state in _KEYED and not seg.flags & _SYN_RST:
+            # The usual case, encrypting: straight to the translator.
+            tx = self.tx
+            tx.out_ip = seg.ip_header
+            if seg.flags == TCP_ACK:
+                verdict = tx.pure_ack_out(seg)  # a pure ACK, or None
+                if verdict is not None:
+                    return verdict
+            try:
+                fin = seg.flags & TCP_FIN
+                verdict = tx.translate_out(seg, now)
+                if fin and self.state is State.ENCRYPTING:
+                    self._after_out()
                 return verdict
+            except MalformedSegment:
+                return DROP
+            except ProtocolError as exc:
+                return self._error(exc, seg, now, outbound=True)
         if self.state in (State.PLAIN, State.NEW):
             return self._plain(seg)
         if self.state == State.ABORTED:
@@ -321,7 +335,8 @@ class Session:
                 tx.in_ip = seg.ip_header
                 tx.note_remote_usual(seg.window, raw)
                 try:
-                    return self._after_in(tx.translate_in(seg, None, now), now)
+                    result = tx.whole_frame_in(seg, now) if seg.payload else None
+                    return self._after_in(result or tx.translate_in(seg, None, now), now)
                 except MalformedSegment:
                     return DROP
                 except ProtocolError as exc:

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .constants import (
+    CONTROL_REKEY,
     ENO_OPTION_KIND,
+    FRAME_HEADER_LEN,
     FRAME_OVERHEAD,
     INIT1_MAGIC,
     INIT2_MAGIC,
@@ -453,6 +455,55 @@ class StreamTranslator:
             # acknowledged point (rcv_wup) on an open socket too.
             plain_start = 0
         self.bytes_in += len(out) if not redeliver else 0
+        seg.flags &= ~(TCP_FIN | TCP_URG | TCP_PSH)
+        seg.urgent = 0
+        return self._result(self._deliver(seg, plain_start, out, fin_now))
+
+    def whole_frame_in(self, seg: Segment, now: float) -> Translated | None:
+        """The usual data segment from the wire: the next expected bytes, exactly one whole frame
+        (not a rekey), nothing held before or after it, our Init message acknowledged, no FIN seen.
+        translate_in's steps for it without the reassembly buffer (RFC 8548 §4.2: the frame is
+        opened at its wire offset); None, with nothing changed, for anything else.
+
+        Its options are timestamps or nothing, already noted (Session.inbound's usual case)."""
+        send, recv = self.send, self.recv
+        assert send is not None and recv is not None
+        data = seg.payload
+        n = len(data)
+        wire = recv.wire_next
+        if (n < FRAME_OVERHEAD or n != FRAME_HEADER_LEN + ((data[1] << 8) | data[2]) or data[0] & CONTROL_REKEY
+                or recv.buf or recv.ooo or recv.cipher is None or send.acked_wire < len(send.prefix)
+                or recv.fin_seen is not None or recv.fin_at is not None or recv.finp or recv.fin_delivered
+                or wire + n > recv.right_edge or (seg.seq - recv.base - wire) & 0xFFFFFFFF):
+            return None
+        self._peer_rekeyed = False
+        self.need_nonsyn_eno = False  # RFC 8547 §4.6: a non-SYN segment arrived
+        acked_before = send.acked_plain
+        if seg.flags & TCP_ACK:  # _ack_in, our Init message acknowledged
+            seg.ack = to_seq(send.ack_to_plain(to_offset(seg.ack, send.base, send.acked_wire)), send.base)
+            self._timers.pop(Timer.KEX, None)
+        seg.window = self._plain_window(seg.window)
+        send.peer_sacks = []
+        plain_start = recv.plain_next
+        # RecvStream.add and next_frame: the frame goes in and out of the empty buffer at once.
+        offset = recv.buf_start
+        recv.wire_next = recv.buf_start = wire + n
+        plaintext = recv.cipher.open(offset, data)
+        if not plaintext:
+            raise RemoteProtocolError(f"frame at offset {offset} has no flags byte")
+        out, finp = frame_data(plaintext)
+        recv.delivered(len(out))
+        if finp:
+            recv.finp = True
+        if out:
+            recv.remember(plain_start, out)
+        fin_now = False
+        if finp:
+            fin_now, plain_start = self._fin_in(seg, wire, data, bool(out), plain_start)
+        if not out and not fin_now and send.acked_plain == acked_before:
+            self._inject_ack(now)  # a frame with no plaintext: our stack will not ACK it
+            return self._result(DROP, check_finished=False)
+        self.bytes_in += len(out)
         seg.flags &= ~(TCP_FIN | TCP_URG | TCP_PSH)
         seg.urgent = 0
         return self._result(self._deliver(seg, plain_start, out, fin_now))
