@@ -21,6 +21,7 @@ from ..errors import MalformedSegment
 from .ip import IPPROTO_TCP, checksum_fold, new_ip_header, parse_ip, pseudo_header_sum, serialize_ip_header
 
 _TCP = struct.Struct("!HHIIBBHHH")
+_V4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")  # an option-less IPv4 header and the TCP header
 _LINUX_TS = bytes((TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10))
 _NOP = bytes((TCPOPT_NOP,))
 
@@ -83,6 +84,21 @@ class Segment:
 
 def parse_segment(packet: bytes, verify_checksum: bool = False) -> Segment:
     """Decode an IP packet carrying TCP; raise MalformedSegment on anything inconsistent."""
+    if len(packet) >= 40 and packet[0] == 0x45:
+        # The usual packet: IPv4 without options, both headers in one unpack; parse_ip's checks.
+        (_, _, total, _, frag, _, proto, _, src, dst, sport, dport, seq, ack, offset, flags, window, _,
+         urgent) = _V4_TCP.unpack_from(packet)
+        if total != len(packet) or frag & 0x3FFF or proto != IPPROTO_TCP:
+            parse_ip(packet)  # raises with the reason
+        doff = (offset >> 4) * 4
+        if doff < 20 or 20 + doff > total:
+            raise MalformedSegment(f"tcp data offset {doff} for {total - 20} bytes")
+        if verify_checksum and _segment_sum(packet, 20, src, dst) != 0:
+            raise MalformedSegment("tcp checksum mismatch")
+        seg = Segment(packet[:20], src, dst, sport, dport, seq, ack, flags, window, urgent, packet[40 : 20 + doff],
+                      packet[20 + doff :])
+        seg.parsed = (seg.ip_header, total)
+        return seg
     _, ihl, src, dst = parse_ip(packet)
     if len(packet) - ihl < 20:
         raise MalformedSegment(f"tcp header truncated: {len(packet) - ihl} bytes")
