@@ -18,7 +18,7 @@ from ..constants import (
     TCPOPT_WSCALE,
 )
 from ..errors import MalformedSegment
-from .ip import IPPROTO_TCP, checksum_fold, new_ip_header, parse_ip, pseudo_header_sum, serialize_ip_header
+from .ip import IPPROTO_TCP, checksum_fold, mod_ffff, new_ip_header, parse_ip, pseudo_header_sum, serialize_ip_header
 
 _TCP = struct.Struct("!HHIIBBHHH")
 _V4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")  # an option-less IPv4 header and the TCP header
@@ -125,7 +125,7 @@ def _segment_sum(packet: bytes, ihl: int, src: bytes, dst: bytes) -> int:
     if at < 0:
         return (pseudo_header_sum(src, dst, tcp_len) + checksum_fold(memoryview(packet)[ihl:])) % 0xFFFF
     body = memoryview(packet)[at:] if not tcp_len & 1 else packet[at:] + b"\x00"
-    return (int.from_bytes(body, "big") + IPPROTO_TCP + tcp_len) % 0xFFFF
+    return (mod_ffff(int.from_bytes(body, "big"), len(body)) + IPPROTO_TCP + tcp_len) % 0xFFFF
 
 
 def serialize_segment(seg: Segment) -> bytes:
@@ -147,8 +147,8 @@ def serialize_segment(seg: Segment) -> bytes:
         # One fold over addresses, header, options and payload (each part 16-bit aligned), plus
         # the pseudo-header's protocol and length (RFC 9293 §3.1).
         odd = b"\x00" if tcp_len & 1 else b""
-        total = int.from_bytes(seg.src + seg.dst + header + options + payload + odd, "big") + IPPROTO_TCP + tcp_len
-        csum = ~(total % 0xFFFF or 0xFFFF) & 0xFFFF
+        total = mod_ffff(int.from_bytes(seg.src + seg.dst + header + options + payload + odd, "big"), tcp_len)
+        csum = ~((total + IPPROTO_TCP + tcp_len) % 0xFFFF or 0xFFFF) & 0xFFFF
         header = _TCP.pack(seg.sport, seg.dport, seq, ack, offset, seg.flags, seg.window, csum, seg.urgent)
     return b"".join((ip, header, options, payload))
 
