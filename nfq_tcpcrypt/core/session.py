@@ -26,7 +26,6 @@ from .constants import (
     TCP_FIN,
     TCP_RST,
     TCP_SYN,
-    TCP_URG,
     TCPOPT_FASTOPEN,
     TCPOPT_NOP,
     TCPOPT_TIMESTAMP,
@@ -139,7 +138,6 @@ _TRANSLATING = (State.KEY_EXCHANGE, State.ENCRYPTING, State.CLOSING)
 _KEYED = (State.ENCRYPTING, State.CLOSING)
 _LIVE = _TRANSLATING
 _SYN_RST = TCP_SYN | TCP_RST
-_SYN_RST_FIN_URG = TCP_SYN | TCP_RST | TCP_FIN | TCP_URG
 _LINUX_TS = bytes((TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10))
 """The first bytes of the options block Linux puts on every segment once timestamps are on."""
 
@@ -324,12 +322,11 @@ class Session:
             verdict = self.tx.pure_ack_in(seg)  # the usual case, or None
             if verdict is not None:
                 return verdict
-        flags = seg.flags
-        if not flags & _SYN_RST_FIN_URG and self.keys_ready and self.state in _KEYED:
+        if not seg.flags & _SYN_RST and self.keys_ready and self.state in _KEYED:
             raw = seg.options
             if not raw or (len(raw) == 12 and raw[:4] == _LINUX_TS):
-                # Data in the usual case: timestamps or no options (RFC 7323 §3), noted here
-                # (note_remote) instead of through an option list.
+                # The usual case, encrypting, timestamps or no options (RFC 7323 §3): noted here
+                # (note_remote) instead of through an option list, then the translator.
                 self._synchronized = True
                 tx = self.tx
                 tx.in_ip = seg.ip_header

@@ -461,7 +461,8 @@ class StreamTranslator:
 
     def whole_frame_in(self, seg: Segment, now: float) -> Translated | None:
         """The usual data segment from the wire: the next expected bytes, exactly one whole frame
-        (not a rekey), nothing held before or after it, our Init message acknowledged, no FIN seen.
+        (not a rekey), nothing held before or after it, our Init message acknowledged, no FIN in
+        it or seen before.
         translate_in's steps for it without the reassembly buffer (RFC 8548 §4.2: the frame is
         opened at its wire offset); None, with nothing changed, for anything else.
 
@@ -472,6 +473,7 @@ class StreamTranslator:
         n = len(data)
         wire = recv.wire_next
         if (n < FRAME_OVERHEAD or n != FRAME_HEADER_LEN + ((data[1] << 8) | data[2]) or data[0] & CONTROL_REKEY
+                or seg.flags & TCP_FIN
                 or recv.buf or recv.ooo or recv.cipher is None or send.acked_wire < len(send.prefix)
                 or recv.fin_seen is not None or recv.fin_at is not None or recv.finp or recv.fin_delivered
                 or wire + n > recv.right_edge or (seg.seq - recv.base - wire) & 0xFFFFFFFF):
