@@ -332,7 +332,7 @@ class Session:
                 tx.in_ip = seg.ip_header
                 tx.note_remote_usual(seg.window, raw)
                 try:
-                    result = tx.whole_frame_in(seg, now) if seg.payload else None
+                    result = tx.in_order_in(seg, now) if seg.payload else None
                     return self._after_in(result or tx.translate_in(seg, None, now), now)
                 except MalformedSegment:
                     return DROP

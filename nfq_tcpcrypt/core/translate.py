@@ -459,12 +459,15 @@ class StreamTranslator:
         seg.urgent = 0
         return self._result(self._deliver(seg, plain_start, out, fin_now))
 
-    def whole_frame_in(self, seg: Segment, now: float) -> Translated | None:
-        """The usual data segment from the wire: the next expected bytes, exactly one whole frame
-        (not a rekey), nothing held before or after it, our Init message acknowledged, no FIN in
-        it or seen before.
-        translate_in's steps for it without the reassembly buffer (RFC 8548 §4.2: the frame is
-        opened at its wire offset); None, with nothing changed, for anything else.
+    def in_order_in(self, seg: Segment, now: float) -> Translated | None:
+        """The usual data segment from the wire: the next expected bytes, nothing held out of
+        order, our Init message acknowledged, no FIN in it or seen before; and either exactly one
+        whole frame (not a rekey) with nothing buffered before it, or bytes that leave the frame
+        being received still incomplete (a frame spans segments, RFC 8548 §4.2). translate_in's
+        steps for those two cases: the whole frame is opened at its wire offset without the
+        reassembly buffer; the incomplete one is buffered and the segment dropped, or shown to our
+        stack as a pure ACK when it acknowledged our data. None, with nothing changed, for
+        anything else.
 
         Its options are timestamps or nothing, already noted (Session.inbound's usual case)."""
         send, recv = self.send, self.recv
@@ -472,12 +475,22 @@ class StreamTranslator:
         data = seg.payload
         n = len(data)
         wire = recv.wire_next
-        if (n < FRAME_OVERHEAD or n != FRAME_HEADER_LEN + ((data[1] << 8) | data[2]) or data[0] & CONTROL_REKEY
-                or seg.flags & TCP_FIN
-                or recv.buf or recv.ooo or recv.cipher is None or send.acked_wire < len(send.prefix)
+        if (not n or seg.flags & TCP_FIN or recv.ooo or recv.cipher is None or send.acked_wire < len(send.prefix)
                 or recv.fin_seen is not None or recv.fin_at is not None or recv.finp or recv.fin_delivered
                 or wire + n > recv.right_edge or (seg.seq - recv.base - wire) & 0xFFFFFFFF):
             return None
+        buf = recv.buf
+        held = len(buf)
+        if held >= FRAME_HEADER_LEN:
+            size: int | None = FRAME_HEADER_LEN + ((buf[1] << 8) | buf[2])
+        elif held + n >= FRAME_HEADER_LEN:
+            header = bytes(buf) + data[: FRAME_HEADER_LEN - held]
+            size = FRAME_HEADER_LEN + ((header[1] << 8) | header[2])
+        else:
+            size = None  # not even the frame's header yet
+        whole = not held and n == size and n >= FRAME_OVERHEAD and not data[0] & CONTROL_REKEY
+        if not whole and size is not None and held + n >= size:
+            return None  # completes a frame that was begun, or more than one frame: the general path
         self._peer_rekeyed = False
         self.need_nonsyn_eno = False  # RFC 8547 §4.6: a non-SYN segment arrived
         acked_before = send.acked_plain
@@ -487,6 +500,15 @@ class StreamTranslator:
         seg.window = self._plain_window(seg.window)
         send.peer_sacks = []
         plain_start = recv.plain_next
+        if not whole:
+            # RecvStream.add into the buffer; the drain finds no complete frame.
+            buf += data
+            recv.wire_next = wire + n
+            if send.acked_plain == acked_before:
+                return self._result(DROP, check_finished=False)  # nothing new for our stack
+            seg.flags &= ~(TCP_FIN | TCP_URG | TCP_PSH)
+            seg.urgent = 0
+            return self._result(self._deliver(seg, plain_start, b"", False))
         # RecvStream.add and next_frame: the frame goes in and out of the empty buffer at once.
         offset = recv.buf_start
         recv.wire_next = recv.buf_start = wire + n
