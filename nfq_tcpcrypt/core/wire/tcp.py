@@ -144,11 +144,14 @@ def serialize_segment(seg: Segment) -> bytes:
         ip = serialize_ip_header(ip, tcp_len)
     header = _TCP.pack(seg.sport, seg.dport, seq, ack, offset, seg.flags, seg.window, 0, seg.urgent)
     if not seg.kernel_checksum:
-        # One fold over addresses, header, options and payload (each part 16-bit aligned), plus
-        # the pseudo-header's protocol and length (RFC 9293 §3.1).
-        odd = b"\x00" if tcp_len & 1 else b""
-        total = mod_ffff(int.from_bytes(seg.src + seg.dst + header + options + payload + odd, "big"), tcp_len)
-        csum = ~((total + IPPROTO_TCP + tcp_len) % 0xFFFF or 0xFFFF) & 0xFFFF
+        # Addresses, header and options in one fold, the payload in another (each part 16-bit
+        # aligned), plus the pseudo-header's protocol and length (RFC 9293 §3.1).
+        if len(payload) & 1:
+            payload = payload + b"\x00"  # only for the sum; the packet keeps its length
+        total = int.from_bytes(seg.src + seg.dst + header + options, "big") + IPPROTO_TCP + tcp_len
+        total += mod_ffff(int.from_bytes(payload, "big"), len(payload))
+        csum = ~(total % 0xFFFF or 0xFFFF) & 0xFFFF
+        payload = seg.payload
         header = _TCP.pack(seg.sport, seg.dport, seq, ack, offset, seg.flags, seg.window, csum, seg.urgent)
     return b"".join((ip, header, options, payload))
 
