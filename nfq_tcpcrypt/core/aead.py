@@ -60,6 +60,7 @@ class FrameCipher:
         """Verify and decrypt a whole frame at `offset`; return its plaintext (flags byte first)."""
         header = bytes(frame[:FRAME_HEADER_LEN])
         try:
-            return bytes(self._aead.decrypt(self._nonce(offset), frame[FRAME_HEADER_LEN:], header))
+            # A view of the ciphertext: a 64 KiB frame is not copied before it is decrypted.
+            return self._aead.decrypt(self._nonce(offset), memoryview(frame)[FRAME_HEADER_LEN:], header)
         except InvalidTag:
             raise IntegrityError(f"frame at offset {offset} failed authentication") from None

@@ -6,7 +6,7 @@ import logging
 from collections import Counter, OrderedDict, deque
 
 from .config import Configuration
-from .constants import TCP_ACK, TCP_RST
+from .constants import TCP_ACK, TCP_RST, TCP_SYN
 from .errors import MalformedSegment
 from .events import Event, SessionExpired
 from .flow import Direction, FlowKey
@@ -16,13 +16,14 @@ from .resumption import ResumptionCache
 from .seqmap import to_seq
 from .session import Session, State
 from .tombstones import Tombstone, Tombstones
-from .verdict import ACCEPT, DROP, UNKNOWN, Action, Injection, PacketInfo, Verdict
+from .verdict import ACCEPT, ACCEPT_ENCRYPTED, DROP, UNKNOWN, Action, Injection, PacketInfo, Verdict
 from .wire.icmp import parse_icmp_error
 from .wire.tcp import Segment, new_segment, parse_segment, serialize_segment
 
 logger = logging.getLogger(__name__)
 
 SWEEP_INTERVAL = 1.0
+_INBOUND = Direction.INBOUND
 
 
 class Engine:
@@ -65,27 +66,60 @@ class Engine:
         the packet (a GSO super-packet, a checksum the kernel vouches for). Remote-caused problems
         become verdicts and events; only LocalProtocolError (a bug) escapes.
         """
-        self.counters["packets"] += 1
+        counters = self.counters
+        counters["packets"] += 1
         if len(packet) >= 40 and packet[9 if packet[0] >> 4 == 4 else 6] in (1, 58):
             return self._icmp(packet, direction)
+        inbound = direction is _INBOUND
         try:
             # Wire packets are checked: we rewrite checksums, so we must not launder corruption.
             # What the kernel verified, or will fill in itself, needs no second look.
-            inbound = direction is Direction.INBOUND
             seg = parse_segment(packet, verify_checksum=inbound and not info.checksum_trusted)
         except MalformedSegment as exc:
-            self.counters["malformed"] += 1
+            counters["malformed"] += 1
             logger.debug("passing a packet the codec rejects: %s", exc)
             return ACCEPT
         if info.gso:
-            self.counters["super_packets"] += 1
+            counters["super_packets"] += 1
             seg.gso = True
             seg.kernel_checksum = not inbound  # segmented in software, each segment checksummed
-        if direction is Direction.OUTBOUND:
-            flow = FlowKey(seg.src, seg.sport, seg.dst, seg.dport)
+        # A plain tuple finds the FlowKey it equals (a NamedTuple hashes as its tuple); the
+        # FlowKey itself is made only where a session may start or a tombstone decide.
+        key = (seg.dst, seg.dport, seg.src, seg.sport) if inbound else (seg.src, seg.sport, seg.dst, seg.dport)
+        session: Session | None = self._sessions.get(key)  # type: ignore[call-overload]
+        if session is None or self._reopened or seg.flags & TCP_SYN:
+            flow = FlowKey(*key)
+            verdict = self._unusual(flow, session, seg, direction, now, encrypted)
+            if verdict is not None:
+                return verdict
+            assert session is not None
+        if session.state is State.REFUSED:
+            return DROP
+        keyed = session.keys_ready
+        mark = len(self._inject)
+        if inbound:
+            verdict = session.inbound(seg, now)
         else:
-            flow = FlowKey(seg.dst, seg.dport, seg.src, seg.sport)
-        session = self._sessions.get(flow)
+            verdict = session.outbound(seg, now)
+        if not keyed and len(self._inject) - mark > 1 and session.keys_ready:
+            self._drop_repeated_ack(mark)
+        if session.required and session.state is State.PLAIN and not session.delegated:
+            return self._refuse(session, seg, direction, now)
+        if session.closed_at is not None:
+            self._schedule_sweep(session.closed_at + self.config.session_linger)
+            if session.flow not in self._ended:
+                self._ended[session.flow] = session
+        if verdict.packet is not None:
+            counters["rewritten"] += 1
+        if not verdict.encrypted and session.tx.send is not None and verdict.action is Action.ACCEPT:
+            return ACCEPT_ENCRYPTED if verdict.packet is None else Verdict(Action.ACCEPT, verdict.packet, True)
+        return verdict
+
+    def _unusual(self, flow: FlowKey, session: Session | None, seg: Segment, direction: Direction, now: float,
+                 encrypted: bool) -> Verdict | None:
+        """The packets `process` does not simply hand to their session: a SYN, a packet without a
+        session (untracked, or of a once encrypted connection), a 4-tuple a SYN reopened. Returns
+        the verdict, or None when the session takes the packet as usual."""
         if self._reopened and flow in self._reopened:
             if session is None:
                 del self._reopened[flow]  # the new session left the table: the tombstone decides again
@@ -117,27 +151,7 @@ class Engine:
                 return DROP
             self.counters["untracked"] += 1
             return ACCEPT
-        if session.state is State.REFUSED:
-            return DROP
-        keyed = session.keys_ready
-        mark = len(self._inject)
-        if direction is Direction.OUTBOUND:
-            verdict = session.outbound(seg, now)
-        else:
-            verdict = session.inbound(seg, now)
-        if not keyed and len(self._inject) - mark > 1 and session.keys_ready:
-            self._drop_repeated_ack(mark)
-        if session.required and session.state is State.PLAIN and not session.delegated:
-            return self._refuse(session, seg, direction, now)
-        if session.closed_at is not None:
-            self._schedule_sweep(session.closed_at + self.config.session_linger)
-            if flow not in self._ended:
-                self._ended[flow] = session
-        if verdict.packet is not None:
-            self.counters["rewritten"] += 1
-        if session.tx.send is not None and verdict.action is Action.ACCEPT:
-            return Verdict(Action.ACCEPT, verdict.packet, encrypted=True)
-        return verdict
+        return None
 
     def _drop_repeated_ack(self, mark: int) -> None:
         """The keys came with this packet (an Init message was consumed, RFC 8548 §3.3), and the

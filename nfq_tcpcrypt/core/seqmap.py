@@ -326,7 +326,8 @@ class RecvStream:
 
     def consume(self, n: int) -> bytes:
         """Remove `n` bytes from the front of the reassembly buffer."""
-        chunk = bytes(self.buf[:n])
+        with memoryview(self.buf) as view:
+            chunk = bytes(view[:n])  # one copy (a bytearray slice would be a second)
         del self.buf[:n]
         self.buf_start += n
         return chunk

@@ -23,9 +23,12 @@ from .constants import (
     N_A_LEN,
     N_B_LEN,
     TCP_ACK,
+    TCP_FIN,
     TCP_RST,
+    TCP_SYN,
     TCPOPT_FASTOPEN,
     TCPOPT_NOP,
+    TCPOPT_TIMESTAMP,
     TEP_NAMES,
     Aead,
     Role,
@@ -134,6 +137,9 @@ _ENDING = (Trigger.FINISHED, Trigger.RESET, Trigger.REFUSE, Trigger.ABORT)
 _TRANSLATING = (State.KEY_EXCHANGE, State.ENCRYPTING, State.CLOSING)
 _KEYED = (State.ENCRYPTING, State.CLOSING)
 _LIVE = _TRANSLATING
+_SYN_RST = TCP_SYN | TCP_RST
+_LINUX_TS = bytes((TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10))
+"""The first bytes of the options block Linux puts on every segment once timestamps are on."""
 
 
 class Session:
@@ -267,6 +273,24 @@ class Session:
     def outbound(self, seg: Segment, now: float) -> Verdict:
         """A packet from the local stack toward the wire."""
         self.last_seen = now
+        if self.keys_ready and self.state in _KEYED and not seg.flags & _SYN_RST:
+            # The usual case, encrypting: straight to the translator.
+            tx = self.tx
+            tx.out_ip = seg.ip_header
+            if seg.flags == TCP_ACK:
+                verdict = tx.pure_ack_out(seg)  # a pure ACK, or None
+                if verdict is not None:
+                    return verdict
+            try:
+                fin = seg.flags & TCP_FIN
+                verdict = tx.translate_out(seg, now)
+                if fin and self.state is State.ENCRYPTING:
+                    self._after_out()
+                return verdict
+            except MalformedSegment:
+                return DROP
+            except ProtocolError as exc:
+                return self._error(exc, seg, now, outbound=True)
         if self.state in (State.PLAIN, State.NEW):
             return self._plain(seg)
         if self.state == State.ABORTED:
@@ -292,6 +316,28 @@ class Session:
     def inbound(self, seg: Segment, now: float) -> Verdict:
         """A packet from the wire toward the local stack."""
         self.last_seen = now
+        if seg.flags == TCP_ACK and self.keys_ready and self.state in _KEYED:
+            self._synchronized = True
+            self.tx.in_ip = seg.ip_header
+            verdict = self.tx.pure_ack_in(seg)  # the usual case, or None
+            if verdict is not None:
+                return verdict
+        if not seg.flags & _SYN_RST and self.keys_ready and self.state in _KEYED:
+            raw = seg.options
+            if not raw or (len(raw) == 12 and raw[:4] == _LINUX_TS):
+                # The usual case, encrypting, timestamps or no options (RFC 7323 §3): noted here
+                # (note_remote) instead of through an option list, then the translator.
+                self._synchronized = True
+                tx = self.tx
+                tx.in_ip = seg.ip_header
+                tx.note_remote_usual(seg.window, raw)
+                try:
+                    result = tx.in_order_in(seg, now) if seg.payload else None
+                    return self._after_in(result or tx.translate_in(seg, None, now), now)
+                except MalformedSegment:
+                    return DROP
+                except ProtocolError as exc:
+                    return self._error(exc, seg, now, outbound=False)
         self._synchronized = self._synchronized or not seg.is_syn
         if self.state in (State.PLAIN, State.NEW):
             return self._plain(seg)

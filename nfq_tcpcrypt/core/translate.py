@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .constants import (
+    CONTROL_REKEY,
     ENO_OPTION_KIND,
+    FRAME_HEADER_LEN,
     FRAME_OVERHEAD,
     INIT1_MAGIC,
     INIT2_MAGIC,
@@ -30,6 +32,7 @@ from .constants import (
     TCPOPT_NOP,
     TCPOPT_SACK,
     TCPOPT_SACK_PERM,
+    TCPOPT_TIMESTAMP,
     Role,
 )
 from .errors import MalformedSegment, RemoteProtocolError, StackAnomaly
@@ -57,6 +60,9 @@ if TYPE_CHECKING:
     from .config import Configuration
     from .flow import FlowKey
     from .outoforder import Budget
+
+_LINUX_TS = bytes((TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10))
+"""The first bytes of the options block Linux puts on every segment once timestamps are on."""
 
 REPLAY_TIMEOUT = 0.5
 """Seconds our stack may take to acknowledge plaintext we already acknowledged for it (its delayed
@@ -197,6 +203,63 @@ class StreamTranslator:
                 self.bytes_out += record.plain_end - record.plain_start - record.fin
                 self.inject_frames([record])
 
+    def pure_ack_out(self, seg: Segment) -> Verdict | None:
+        """The usual pure ACK of our stack, once keys exist: translate_out's steps for it, without
+        option lists (timestamps or no options, RFC 7323 §3). None, with nothing changed, for
+        anything else: the general path decides (SACK blocks or other options, out-of-order data
+        held, the non-SYN ENO option due, a duplicate ACK about plaintext our stack lost)."""
+        raw = seg.options
+        recv, send = self.recv, self.send
+        if seg.payload or (raw and (len(raw) != 12 or raw[:4] != _LINUX_TS)) or self.need_nonsyn_eno:
+            return None
+        assert recv is not None and send is not None
+        if recv.ooo:
+            return None
+        stack_ack = to_offset(seg.ack, recv.base, recv.local_ack)
+        if (stack_ack < recv.plain_next - recv.fin_delivered and stack_ack == recv.local_ack
+                and seg.window == self.local_window):
+            return None  # a duplicate ACK: _redeliver_lost looks at it
+        plain = to_offset(seg.seq, send.base, send.plain_next)
+        self.local_window = window = seg.window  # note_local
+        if raw:
+            self._local_ts = int.from_bytes(raw[4:8], "big")
+        seg.ack = to_seq(recv.ack_to_wire(stack_ack), recv.base)
+        self._note_right_edge(window)
+        seg.window = self._wire_window(window)
+        seg.urgent = 0
+        seg.seq = to_seq(send.plain_to_wire(plain), send.base)
+        return Verdict(Action.ACCEPT, serialize_segment(seg), True)
+
+    def pure_ack_in(self, seg: Segment) -> Verdict | None:
+        """The peer's usual pure ACK, once keys exist and our Init message is acknowledged:
+        translate_in's steps for it, without option lists (timestamps or no options). None, with
+        nothing changed, for anything else (SACK blocks, a FIN either way, a keepalive probe, a
+        sequence number other than the next expected one)."""
+        raw = seg.options
+        send, recv = self.send, self.recv
+        if seg.payload or seg.gso or (raw and (len(raw) != 12 or raw[:4] != _LINUX_TS)):
+            return None
+        assert send is not None and recv is not None
+        if (send.acked_wire < len(send.prefix) or recv.fin_seen is not None or recv.fin_at is not None
+                or recv.finp or recv.fin_delivered or send.fin_framed
+                or recv.wire_next > recv.right_edge or (seg.seq - recv.base - recv.wire_next) & 0xFFFFFFFF):
+            return None
+        window = seg.window
+        self._remote_window = window - (window >> 6)  # note_remote
+        if raw:
+            self._remote_ts = int.from_bytes(raw[4:8], "big")
+        self._peer_rekeyed = False
+        self.need_nonsyn_eno = False  # RFC 8547 §4.6: a non-SYN segment arrived
+        seg.ack = to_seq(send.ack_to_plain(to_offset(seg.ack, send.base, send.acked_wire)), send.base)
+        self._timers.pop(Timer.KEX, None)
+        seg.window = self._plain_window(window)
+        send.peer_sacks = []
+        seg.urgent = 0
+        # At the plain offset after what was delivered; at the first one while our stack has
+        # acknowledged nothing of the peer's (translate_in: a SYN-cookie server's socket).
+        seg.seq = to_seq(recv.plain_next if recv.local_ack else 0, recv.base)
+        return Verdict(Action.ACCEPT, serialize_segment(seg), True)
+
     def translate_out(self, seg: Segment, now: float) -> Verdict:
         """A segment of our stack toward the wire: framed, in wire space."""
         send = self.send
@@ -215,14 +278,14 @@ class StreamTranslator:
             if local_loss and not self.need_nonsyn_eno:
                 return DROP
             seg.seq = to_seq(send.plain_to_wire(plain), send.base)
-            return Verdict(Action.ACCEPT, serialize_segment(seg))
+            return Verdict(Action.ACCEPT, serialize_segment(seg), True)
         if end <= send.acked_plain:
             # All of it was acknowledged already (the peer's ACK to our stack was lost): probe the
             # peer like a keepalive, so that it repeats its ACK.
             seg.seq = to_seq(send.acked_wire - 1, send.base)
             seg.payload = b""
             seg.flags &= ~(TCP_FIN | TCP_PSH)
-            return Verdict(Action.ACCEPT, serialize_segment(seg))
+            return Verdict(Action.ACCEPT, serialize_segment(seg), True)
         if plain > send.plain_next:
             raise StackAnomaly(f"local segment skips plain bytes {send.plain_next}..{plain}")
         if plain <= send.acked_plain < end and send.peer_sacks:
@@ -314,7 +377,7 @@ class StreamTranslator:
             # the kernel would hold our larger wire packet to that belief: send it ourselves.
             self._inject(Injection(serialize_segment(seg), Direction.OUTBOUND))
             return DROP
-        return Verdict(Action.ACCEPT, serialize_segment(seg))
+        return Verdict(Action.ACCEPT, serialize_segment(seg), True)
 
     def _before_keys(self, seg: Segment, plain: int, end: int, now: float) -> Verdict:
         """Our stack sends before the keys exist: hold its plaintext (docs/architecture.md).
@@ -336,18 +399,21 @@ class StreamTranslator:
             if Timer.KEX not in self._timers:
                 self.kex_tries = 1
                 self._timers.arm(Timer.KEX, now + self.config.kex_timeout)
-            return Verdict(Action.ACCEPT, serialize_segment(seg))
+            return Verdict(Action.ACCEPT, serialize_segment(seg), True)
         if data or fin:
             return DROP
         seg.seq = to_seq(send.plain_to_wire(plain), send.base)
-        return Verdict(Action.ACCEPT, serialize_segment(seg))
+        return Verdict(Action.ACCEPT, serialize_segment(seg), True)
 
     def inject_frames(self, records: list[FrameRecord]) -> None:
         wire, payload, fin = _joined(records)
         self.inject_wire(wire, payload, TCP_ACK | TCP_PSH | (TCP_FIN if fin else 0))
 
-    def translate_in(self, seg: Segment, options: list[tuple[int, bytes]], now: float) -> Translated:
-        """A segment from the wire toward our stack: frames opened, plaintext in plain space."""
+    def translate_in(self, seg: Segment, options: list[tuple[int, bytes]] | None, now: float) -> Translated:
+        """A segment from the wire toward our stack: frames opened, plaintext in plain space.
+
+        `options` None: the segment carries timestamps or no options, already noted (note_remote,
+        Session.inbound's usual case), and they go to our stack as they came."""
         send, recv = self.send, self.recv
         assert send is not None and recv is not None
         self._peer_rekeyed = False
@@ -389,6 +455,79 @@ class StreamTranslator:
             # acknowledged point (rcv_wup) on an open socket too.
             plain_start = 0
         self.bytes_in += len(out) if not redeliver else 0
+        seg.flags &= ~(TCP_FIN | TCP_URG | TCP_PSH)
+        seg.urgent = 0
+        return self._result(self._deliver(seg, plain_start, out, fin_now))
+
+    def in_order_in(self, seg: Segment, now: float) -> Translated | None:
+        """The usual data segment from the wire: the next expected bytes, nothing held out of
+        order, our Init message acknowledged, no FIN in it or seen before; and either exactly one
+        whole frame (not a rekey) with nothing buffered before it, or bytes that leave the frame
+        being received still incomplete (a frame spans segments, RFC 8548 §4.2). translate_in's
+        steps for those two cases: the whole frame is opened at its wire offset without the
+        reassembly buffer; the incomplete one is buffered and the segment dropped, or shown to our
+        stack as a pure ACK when it acknowledged our data. None, with nothing changed, for
+        anything else.
+
+        Its options are timestamps or nothing, already noted (Session.inbound's usual case)."""
+        send, recv = self.send, self.recv
+        assert send is not None and recv is not None
+        data = seg.payload
+        n = len(data)
+        wire = recv.wire_next
+        if (not n or seg.flags & TCP_FIN or recv.ooo or recv.cipher is None or send.acked_wire < len(send.prefix)
+                or recv.fin_seen is not None or recv.fin_at is not None or recv.finp or recv.fin_delivered
+                or wire + n > recv.right_edge or (seg.seq - recv.base - wire) & 0xFFFFFFFF):
+            return None
+        buf = recv.buf
+        held = len(buf)
+        if held >= FRAME_HEADER_LEN:
+            size: int | None = FRAME_HEADER_LEN + ((buf[1] << 8) | buf[2])
+        elif held + n >= FRAME_HEADER_LEN:
+            header = bytes(buf) + data[: FRAME_HEADER_LEN - held]
+            size = FRAME_HEADER_LEN + ((header[1] << 8) | header[2])
+        else:
+            size = None  # not even the frame's header yet
+        whole = not held and n == size and n >= FRAME_OVERHEAD and not data[0] & CONTROL_REKEY
+        if not whole and size is not None and held + n >= size:
+            return None  # completes a frame that was begun, or more than one frame: the general path
+        self._peer_rekeyed = False
+        self.need_nonsyn_eno = False  # RFC 8547 §4.6: a non-SYN segment arrived
+        acked_before = send.acked_plain
+        if seg.flags & TCP_ACK:  # _ack_in, our Init message acknowledged
+            seg.ack = to_seq(send.ack_to_plain(to_offset(seg.ack, send.base, send.acked_wire)), send.base)
+            self._timers.pop(Timer.KEX, None)
+        seg.window = self._plain_window(seg.window)
+        send.peer_sacks = []
+        plain_start = recv.plain_next
+        if not whole:
+            # RecvStream.add into the buffer; the drain finds no complete frame.
+            buf += data
+            recv.wire_next = wire + n
+            if send.acked_plain == acked_before:
+                return self._result(DROP, check_finished=False)  # nothing new for our stack
+            seg.flags &= ~(TCP_FIN | TCP_URG | TCP_PSH)
+            seg.urgent = 0
+            return self._result(self._deliver(seg, plain_start, b"", False))
+        # RecvStream.add and next_frame: the frame goes in and out of the empty buffer at once.
+        offset = recv.buf_start
+        recv.wire_next = recv.buf_start = wire + n
+        plaintext = recv.cipher.open(offset, data)
+        if not plaintext:
+            raise RemoteProtocolError(f"frame at offset {offset} has no flags byte")
+        out, finp = frame_data(plaintext)
+        recv.delivered(len(out))
+        if finp:
+            recv.finp = True
+        if out:
+            recv.remember(plain_start, out)
+        fin_now = False
+        if finp:
+            fin_now, plain_start = self._fin_in(seg, wire, data, bool(out), plain_start)
+        if not out and not fin_now and send.acked_plain == acked_before:
+            self._inject_ack(now)  # a frame with no plaintext: our stack will not ACK it
+            return self._result(DROP, check_finished=False)
+        self.bytes_in += len(out)
         seg.flags &= ~(TCP_FIN | TCP_URG | TCP_PSH)
         seg.urgent = 0
         return self._result(self._deliver(seg, plain_start, out, fin_now))
@@ -501,7 +640,7 @@ class StreamTranslator:
             if last:
                 break
             at += step
-        return Verdict(Action.ACCEPT, first)
+        return Verdict(Action.ACCEPT, first, True)
 
     def _drain(self, now: float) -> bytes:
         """Consume the Init message and every complete frame; return the plaintext to deliver."""
@@ -523,7 +662,7 @@ class StreamTranslator:
                 self._keys.init_message(message, now)
             except MalformedSegment as exc:
                 raise RemoteProtocolError(f"malformed init message: {exc}") from None
-        out = bytearray()
+        out: list[bytes] = []  # joined once: no copy for a single frame
         cipher = recv.cipher
         assert cipher is not None
         while True:
@@ -542,11 +681,11 @@ class StreamTranslator:
             if not plaintext:
                 raise RemoteProtocolError(f"frame at offset {offset} has no flags byte")
             body, finp = frame_data(plaintext)
-            out += body
+            out.append(body)
             recv.delivered(len(body))
             if finp:
                 recv.finp = True
-        return bytes(out)
+        return b"".join(out)
 
     # ------------------------------------------------------------------ building segments
 
@@ -568,6 +707,13 @@ class StreamTranslator:
         ts = timestamp(options)
         if ts is not None:
             self._remote_ts = ts[0]
+
+    def note_remote_usual(self, window: int, raw: bytes) -> None:
+        """note_remote for a non-SYN segment whose options are timestamps (`raw` in the form
+        Linux sends, _LINUX_TS) or nothing."""
+        self._remote_window = window - (window >> 6)
+        if raw:
+            self._remote_ts = int.from_bytes(raw[4:8], "big")
 
     def _options_out(self, parsed: list[tuple[int, bytes]], raw: bytes, payload_len: int = 0,
                      limit: int | None = None, partial: bool = False) -> bytes:
@@ -603,12 +749,13 @@ class StreamTranslator:
             limit = min(TCP_MAX_OPTIONS, self.wire_mss - payload_len)
         return with_sack(kept, [(to_seq(lo, recv.base), to_seq(hi, recv.base)) for lo, hi in blocks], limit)
 
-    def _options_in(self, parsed: list[tuple[int, bytes]], raw: bytes) -> bytes:
-        """Options of a segment toward our stack: SACK blocks into plain space, ENO removed."""
+    def _options_in(self, parsed: list[tuple[int, bytes]] | None, raw: bytes) -> bytes:
+        """Options of a segment toward our stack: SACK blocks into plain space, ENO removed
+        (None: timestamps or nothing, as they came)."""
         send = self.send
         assert send is not None
         send.peer_sacks = []
-        if not _has_sack_or_eno(parsed):
+        if parsed is None or not _has_sack_or_eno(parsed):
             return raw
         kept, blocks = [], []
         for kind, option in parsed:

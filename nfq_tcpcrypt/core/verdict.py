@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from .flow import Direction
 
@@ -15,13 +16,13 @@ class Action(Enum):
     DROP = "drop"
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     """ACCEPT or DROP, and for ACCEPT optionally the bytes that replace the packet.
 
     `encrypted` says the packet belongs to a connection that negotiated encryption: the shell marks
     it so that conntrack remembers the connection, and the rules keep its packets from leaving in
-    plaintext while no daemon runs (README: Security model).
+    plaintext while no daemon runs (README: Security model). A NamedTuple: immutable, and cheap to
+    make, as one is made for every packet.
     """
 
     action: Action
@@ -31,10 +32,10 @@ class Verdict:
 
 ACCEPT = Verdict(Action.ACCEPT)
 DROP = Verdict(Action.DROP)
+ACCEPT_ENCRYPTED = Verdict(Action.ACCEPT, None, True)
 
 
-@dataclass(frozen=True, slots=True)
-class Injection:
+class Injection(NamedTuple):
     """A packet the engine built, and which way it goes.
 
     OUTBOUND packets go to the wire: the shell marks them so they are neither queued nor tracked

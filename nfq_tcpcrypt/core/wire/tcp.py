@@ -18,9 +18,10 @@ from ..constants import (
     TCPOPT_WSCALE,
 )
 from ..errors import MalformedSegment
-from .ip import checksum_fold, finish_checksum, new_ip_header, parse_ip, pseudo_header_sum, serialize_ip_header
+from .ip import IPPROTO_TCP, checksum_fold, mod_ffff, new_ip_header, parse_ip, pseudo_header_sum, serialize_ip_header
 
 _TCP = struct.Struct("!HHIIBBHHH")
+_V4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")  # an option-less IPv4 header and the TCP header
 _LINUX_TS = bytes((TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10))
 _NOP = bytes((TCPOPT_NOP,))
 
@@ -35,7 +36,7 @@ class Segment:
 
     __slots__ = (
         "ip_header", "src", "dst", "sport", "dport", "seq", "ack", "flags", "window", "urgent",
-        "options", "payload", "gso", "kernel_checksum",
+        "options", "payload", "gso", "kernel_checksum", "parsed",
     )
 
     def __init__(
@@ -56,6 +57,9 @@ class Segment:
         self.payload = payload
         self.gso = False
         self.kernel_checksum = False
+        # (IP header, packet length) as parsed: a rebuilt packet of that length keeps the header
+        # as it came, its checksum the sender's (the kernel verified it before any hook).
+        self.parsed: tuple[bytes, int] | None = None
 
     @property
     def is_syn(self) -> bool:
@@ -80,6 +84,21 @@ class Segment:
 
 def parse_segment(packet: bytes, verify_checksum: bool = False) -> Segment:
     """Decode an IP packet carrying TCP; raise MalformedSegment on anything inconsistent."""
+    if len(packet) >= 40 and packet[0] == 0x45:
+        # The usual packet: IPv4 without options, both headers in one unpack; parse_ip's checks.
+        (_, _, total, _, frag, _, proto, _, src, dst, sport, dport, seq, ack, offset, flags, window, _,
+         urgent) = _V4_TCP.unpack_from(packet)
+        if total != len(packet) or frag & 0x3FFF or proto != IPPROTO_TCP:
+            parse_ip(packet)  # raises with the reason
+        doff = (offset >> 4) * 4
+        if doff < 20 or 20 + doff > total:
+            raise MalformedSegment(f"tcp data offset {doff} for {total - 20} bytes")
+        if verify_checksum and _segment_sum(packet, 20, src, dst) != 0:
+            raise MalformedSegment("tcp checksum mismatch")
+        seg = Segment(packet[:20], src, dst, sport, dport, seq, ack, flags, window, urgent, packet[40 : 20 + doff],
+                      packet[20 + doff :])
+        seg.parsed = (seg.ip_header, total)
+        return seg
     _, ihl, src, dst = parse_ip(packet)
     if len(packet) - ihl < 20:
         raise MalformedSegment(f"tcp header truncated: {len(packet) - ihl} bytes")
@@ -87,15 +106,26 @@ def parse_segment(packet: bytes, verify_checksum: bool = False) -> Segment:
     doff = (offset >> 4) * 4
     if doff < 20 or ihl + doff > len(packet):
         raise MalformedSegment(f"tcp data offset {doff} for {len(packet) - ihl} bytes")
-    if verify_checksum:
-        tcp = memoryview(packet)[ihl:]
-        if (pseudo_header_sum(src, dst, len(tcp)) + checksum_fold(tcp)) % 0xFFFF != 0:
-            raise MalformedSegment("tcp checksum mismatch")
-    options = packet[ihl + 20 : ihl + doff]
-    return Segment(
-        packet[:ihl], src, dst, sport, dport, seq, ack, flags, window, urgent, options,
+    if verify_checksum and _segment_sum(packet, ihl, src, dst) != 0:
+        raise MalformedSegment("tcp checksum mismatch")
+    seg = Segment(
+        packet[:ihl], src, dst, sport, dport, seq, ack, flags, window, urgent, packet[ihl + 20 : ihl + doff],
         packet[ihl + doff :],
     )
+    seg.parsed = (seg.ip_header, len(packet))
+    return seg
+
+
+def _segment_sum(packet: bytes, ihl: int, src: bytes, dst: bytes) -> int:
+    """The TCP checksum sum of a whole packet with its pseudo-header, mod 0xFFFF: 0 when the
+    checksum is right (RFC 1071, RFC 9293 §3.1). In an option-less IPv4 header and in IPv6 the
+    addresses sit right before the TCP header, so one fold from the source address covers both."""
+    tcp_len = len(packet) - ihl
+    at = 12 if ihl == 20 else 8 if ihl == 40 else -1
+    if at < 0:
+        return (pseudo_header_sum(src, dst, tcp_len) + checksum_fold(memoryview(packet)[ihl:])) % 0xFFFF
+    body = memoryview(packet)[at:] if not tcp_len & 1 else packet[at:] + b"\x00"
+    return (mod_ffff(int.from_bytes(body, "big"), len(body)) + IPPROTO_TCP + tcp_len) % 0xFFFF
 
 
 def serialize_segment(seg: Segment) -> bytes:
@@ -104,21 +134,26 @@ def serialize_segment(seg: Segment) -> bytes:
     options = seg.options
     if len(options) & 3:
         options = options + bytes(4 - (len(options) & 3))  # EOL padding
+    payload = seg.payload
     doff = 20 + len(options)
-    tcp_len = doff + len(seg.payload)
-    ihl = len(seg.ip_header)
-    packet = bytearray(serialize_ip_header(seg.ip_header, tcp_len))
-    packet += _TCP.pack(
-        seg.sport, seg.dport, seg.seq & 0xFFFFFFFF, seg.ack & 0xFFFFFFFF, (doff // 4) << 4,
-        seg.flags, seg.window, 0, seg.urgent,
-    )
-    packet += options
-    packet += seg.payload
-    if seg.kernel_checksum:
-        return bytes(packet)
-    total = pseudo_header_sum(seg.src, seg.dst, tcp_len) + checksum_fold(memoryview(packet)[ihl:])
-    struct.pack_into("!H", packet, ihl + 16, finish_checksum(total))
-    return bytes(packet)
+    tcp_len = doff + len(payload)
+    seq, ack, offset = seg.seq & 0xFFFFFFFF, seg.ack & 0xFFFFFFFF, (doff // 4) << 4
+    ip = seg.ip_header
+    parsed = seg.parsed
+    if parsed is None or parsed[0] is not ip or parsed[1] != len(ip) + tcp_len:
+        ip = serialize_ip_header(ip, tcp_len)
+    header = _TCP.pack(seg.sport, seg.dport, seq, ack, offset, seg.flags, seg.window, 0, seg.urgent)
+    if not seg.kernel_checksum:
+        # Addresses, header and options in one fold, the payload in another (each part 16-bit
+        # aligned), plus the pseudo-header's protocol and length (RFC 9293 §3.1).
+        if len(payload) & 1:
+            payload = payload + b"\x00"  # only for the sum; the packet keeps its length
+        total = int.from_bytes(seg.src + seg.dst + header + options, "big") + IPPROTO_TCP + tcp_len
+        total += mod_ffff(int.from_bytes(payload, "big"), len(payload))
+        csum = ~(total % 0xFFFF or 0xFFFF) & 0xFFFF
+        payload = seg.payload
+        header = _TCP.pack(seg.sport, seg.dport, seq, ack, offset, seg.flags, seg.window, csum, seg.urgent)
+    return b"".join((ip, header, options, payload))
 
 
 def new_segment(
