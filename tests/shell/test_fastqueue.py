@@ -193,6 +193,14 @@ def verdicts(sock: FakeSocket) -> list[tuple[str, int, int, bytes | None]]:
 
 
 class TestFastQueue:
+    @pytest.fixture(autouse=True)
+    def _still_clock(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Verdicts are also held by time (HOLD_SECONDS, 100 us): on a loaded machine the real clock
+        would split the batches these tests count, so it stands still unless a test moves it."""
+        from nfq_tcpcrypt.shell import fastqueue
+
+        monkeypatch.setattr(fastqueue.time, "monotonic", lambda: 100.0)
+
     def test_plain_accepts_become_one_batch_verdict_in_one_sendmsg(self) -> None:
         seen: list[int] = []
         queue, sock = fake_queue(lambda pkt: (seen.append(pkt.id), pkt.accept()))
