@@ -231,6 +231,9 @@ def test_a_frozen_worker_keeps_the_rules_so_its_connection_fails_closed(sites: T
     served, got, pcap = tmp_path / "www", tmp_path / "got", tmp_path / "wire.pcap"
     served.mkdir()
     markers = make_payload(served / "f", 4 * 1024 * 1024, markers=4096)  # one in any 1 KB
+    # A small receive buffer at a keeps most of the file in b while curl reads slowly: otherwise
+    # it all (and b's FIN) can reach a's buffer at once and b has nothing left to send.
+    sites.check("a", ["sysctl", "-q", "-w", "net.ipv4.tcp_rmem=4096 65536 131072"])
     with capture(sites, "ga", pcap, ifname=sites.outside["ga"]), http_server(sites, "b", served) as url:
         curl = sites.popen("a", ["curl", "-sS", "--local-port", str(port), "--limit-rate", "300k",
                                  "--max-time", "60", "-o", str(got), f"{url}/f"], stderr=subprocess.PIPE)  # fmt: skip
