@@ -376,8 +376,11 @@ class StreamTranslator:
         if redeliver:
             out = redeliver
         elif not out and not fin_now and data and send.acked_plain == acked_before:
-            if consumed:
-                self._inject_ack(now)  # frames with no plaintext (rekey): our stack will not ACK them
+            if consumed or recv.ooo:
+                # Frames with no plaintext (rekey): our stack will not ACK them. Bytes of a frame
+                # we cannot open yet while a later hole is open: our stack sees nothing, and the
+                # peer learns of them only from our SACK (a resent segment would look lost again).
+                self._inject_ack(now)
             # Nothing new for our stack; an empty copy would look like a duplicate ACK.
             return self._result(DROP, check_finished=False)
         elif not out and not fin_now and not data and recv.local_ack == 0:
@@ -618,10 +621,23 @@ class StreamTranslator:
                     hi = to_offset(right, send.base, send.acked_wire)
                     send.peer_sacks.append((lo, hi))
                     plain = send.sack_to_plain(lo, hi)
+                    if plain is None:
+                        continue
                     # A block must start after the cumulative ACK (Linux takes no other but a
                     # D-SACK): the peer holds a frame's first bytes it cannot open yet.
-                    if plain is not None and max(plain[0], send.acked_plain + 1) < plain[1]:
-                        blocks.append((max(plain[0], send.acked_plain + 1), plain[1]))
+                    left, right = max(plain[0], send.acked_plain + 1), plain[1]
+                    start = send.partial_frame_start(right)
+                    if start is not None and left <= start:
+                        # The block ends inside a frame whose first byte it covers: the peer
+                        # cannot open that frame yet, and its cumulative ACK may stop at the
+                        # frame's start later. Linux takes a SACKed segment at its new snd_una
+                        # for reneging (RFC 2018 §8) and falls back to a timeout: the frame's
+                        # first byte stays unSACKed.
+                        if left < start:
+                            blocks.append((left, start))
+                        left = start + 1
+                    if left < right:
+                        blocks.append((left, right))
             elif kind > TCPOPT_NOP and kind != ENO_OPTION_KIND:
                 kept.append((kind, option))
         return with_sack(kept, [(to_seq(lo, send.base), to_seq(hi, send.base)) for lo, hi in blocks])
