@@ -134,6 +134,7 @@ class StreamTranslator:
         self._peer_rekeyed = False  # set while draining, handed back in Translated
         self._replay_tries = 0
         self._replay_mark = 0
+        self._stack_ack = 0  # the furthest plain ACK shown to our stack (_options_in, _ack_ahead)
         # Header material for the segments we build: the latest IP headers, windows, TSvals and the
         # SYN options that govern them (window scale, SACK-permitted, RFC 7323 §2.2, RFC 2018 §2).
         self.out_ip: bytes | None = None  # set by the session with every packet each way
@@ -208,7 +209,7 @@ class StreamTranslator:
         seg.flags &= ~TCP_URG  # RFC 8548 §3.7: URG travels only as URGp; we send none
         seg.urgent = 0
         raw_options = seg.options
-        seg.options = self._options_out(options, raw_options)
+        seg.options = self._options_out(options, raw_options, partial=not seg.payload)
         if not self._keys.keys_ready:
             return self._before_keys(seg, plain, end, now)
         if not seg.payload and not seg.is_fin:
@@ -357,6 +358,8 @@ class StreamTranslator:
             self._ack_in(seg, now)
         seg.window = self._plain_window(seg.window)
         seg.options = self._options_in(options, seg.options)
+        if self._stack_ack > send.acked_plain and seg.is_ack:
+            self._ack_ahead(seg)
         wire = to_offset(seg.seq, recv.base, recv.wire_next)
         data = seg.payload
         if wire + len(data) > recv.right_edge:
@@ -434,7 +437,7 @@ class StreamTranslator:
         if data and not added:
             if self._keys.keys_ready and not send.prefix_acked:
                 self.send_prefix(now)
-            if wire + len(data) <= recv.wire_next and recv.local_ack < recv.plain_next - recv.fin_delivered:
+            if wire + len(data) <= recv.buf_start and recv.local_ack < recv.plain_next - recv.fin_delivered:
                 # The peer resends what we delivered and our stack has not acknowledged:
                 # deliver that plaintext again so that our stack acknowledges it (docs/architecture.md).
                 plain_start, redeliver = recv.unacked_plaintext(self.config.deliver_max)
@@ -623,9 +626,15 @@ class StreamTranslator:
                     plain = send.sack_to_plain(lo, hi)
                     if plain is None:
                         continue
+                    if lo <= send.acked_wire < hi:
+                        # The peer holds, in order from its cumulative ACK, the first bytes of a
+                        # frame it cannot open yet: our stack sees them acknowledged (_ack_ahead),
+                        # so that it resends only what the peer lacks, as it would without us.
+                        self._stack_ack = max(self._stack_ack, plain[1])
+                        continue
                     # A block must start after the cumulative ACK (Linux takes no other but a
                     # D-SACK): the peer holds a frame's first bytes it cannot open yet.
-                    left, right = max(plain[0], send.acked_plain + 1), plain[1]
+                    left, right = max(plain[0], send.acked_plain + 1, self._stack_ack + 1), plain[1]
                     start = send.partial_frame_start(right)
                     if start is not None and left <= start:
                         # The block ends inside a frame whose first byte it covers: the peer
@@ -641,6 +650,19 @@ class StreamTranslator:
             elif kind > TCPOPT_NOP and kind != ENO_OPTION_KIND:
                 kept.append((kind, option))
         return with_sack(kept, [(to_seq(lo, send.base), to_seq(hi, send.base)) for lo, hi in blocks])
+
+    def _ack_ahead(self, seg: Segment) -> None:
+        """The peer's ACK toward our stack at the furthest plain byte it holds in order (the
+        start of a frame it cannot open yet, _options_in), never behind one shown before; the
+        window's right edge stays where the peer put it (RFC 7323 §2.4)."""
+        send = self.send
+        assert send is not None
+        ahead = self._stack_ack - to_offset(seg.ack, send.base, send.acked_plain)
+        if ahead <= 0:
+            return
+        seg.ack = to_seq(self._stack_ack, send.base)
+        shift = self.remote_ws if self.remote_ws is not None and self.local_ws is not None else 0
+        seg.window = max((seg.window << shift) - ahead, 0) >> shift
 
     def _ts_options(self, ours: int | None, theirs: int | None) -> bytes:
         if ours is None or theirs is None:

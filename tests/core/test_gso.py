@@ -115,9 +115,9 @@ def test_retransmissions_are_byte_identical_slices_of_the_logged_frame():
     assert len(send.frames) and send.frames[-1] is frame  # nothing framed again
 
 
-def _sack_in(pair: Pair, blocks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def _sack_in(pair: Pair, blocks: list[tuple[int, int]], acks: list[int] | None = None) -> list[tuple[int, int]]:
     """A duplicate ACK from B's side on the wire with SACK blocks at wire offsets of A's stream;
-    the plain blocks (offsets) A's stack gets."""
+    the plain blocks (offsets) A's stack gets (and its ACK's offset appended to `acks`)."""
     send = _send(pair)
     session = next(iter(pair.engine_a._sessions.values()))
     ts = struct.pack("!BBBBII", 1, 1, 8, 10, 5, 5)
@@ -128,6 +128,8 @@ def _sack_in(pair: Pair, blocks: list[tuple[int, int]]) -> list[tuple[int, int]]
                       (send.base + send.acked_wire) & MASK, TCP_ACK, 1000, options)  # fmt: skip
     verdict = pair.engine_a.process(serialize_segment(seg), Direction.INBOUND, pair.now)
     out = parse_segment(verdict.packet)
+    if acks is not None:
+        acks.append((out.ack - send.base) & MASK)
     return [((left - send.base) & MASK, (right - send.base) & MASK)
             for kind, raw in parse_options(out.options) if kind == 5 for left, right in sack_pairs(raw)]
 
@@ -142,10 +144,7 @@ def test_sack_blocks_inside_frames_map_to_the_plain_bytes_they_cover():
     # segments 3..5 of the frame arrived beyond a hole: exactly their plain bytes
     lo, hi = ws + DATA_AT + 1428 * 3, ws + DATA_AT + 1428 * 6
     assert _sack_in(pair, [(lo, hi)]) == [(ps + 1428 * 3, ps + 1428 * 6)]
-    # from the frame's first byte: the header counts with plain byte 0, but a block never starts at
-    # the cumulative ACK (Linux ignores such a block): our stack sees plain byte 0 as a hole
     assert send.acked_plain == ps
-    assert _sack_in(pair, [(ws, ws + DATA_AT + 100)]) == [(ps + 1, ps + 100)]
     assert send.sack_to_plain(ws, ws + DATA_AT + 100) == (ps, ps + 100)
     # a block that lacks the header: plain byte 0 stays a hole (its retransmission brings the header)
     assert _sack_in(pair, [(ws + 2, ws + DATA_AT + 100)]) == [(ps + 1, ps + 100)]
@@ -158,6 +157,34 @@ def test_sack_blocks_inside_frames_map_to_the_plain_bytes_they_cover():
     assert _sack_in(pair, [(ws + 1, ws + 3)]) == []
     # the cumulative ACK stays on whole frames: an ACK inside the frame acknowledges nothing of it
     assert send.acked_plain <= ps
+
+
+def test_bytes_the_peer_holds_from_its_ack_on_are_acknowledged_to_our_stack():
+    """A block from the cumulative ACK (the first bytes of a frame the peer cannot open yet, held
+    in order) moves the ACK our stack sees to their end, never back; a block that only ends
+    inside a frame whose first byte it covers leaves that byte unSACKed (Linux would take the
+    SACKed head at its new snd_una for reneging once the ACK stopped there)."""
+    pair = _live(b"gso-held")
+    send = _send(pair)
+    data = bytes(40000)
+    pair.engine_a.process(_from_a(pair, pair.a.nxt, data), Direction.OUTBOUND, pair.now, info=GSO_INFO)
+    first = send.frames[-1]
+    pair.engine_a.process(_from_a(pair, pair.a.nxt + len(data), data), Direction.OUTBOUND, pair.now, info=GSO_INFO)
+    second = send.frames[-1]
+    ws, ps = first.wire_start, first.plain_start
+    acks: list[int] = []
+    # beyond a hole in the first frame: the second frame's first 100 bytes, its first byte left out
+    blocks = _sack_in(pair, [(second.wire_start, second.wire_start + DATA_AT + 100)], acks)
+    assert blocks == [(second.plain_start + 1, second.plain_start + 100)]
+    # the whole first frame and the second's start in one block: two blocks around its first byte
+    blocks = _sack_in(pair, [(ws + DATA_AT + 1428, second.wire_start + DATA_AT + 100)], acks)
+    assert blocks == [(ps + 1428, second.plain_start), (second.plain_start + 1, second.plain_start + 100)]
+    assert acks == [ps, ps]
+    # the peer holds the first frame's first 100 bytes from its ACK on: our stack's ACK moves there
+    assert _sack_in(pair, [(ws, ws + DATA_AT + 100)], acks) == []
+    assert send.acked_plain == ps and acks[-1] == ps + 100
+    # a later ACK at the frame's start without the block does not take it back
+    assert _sack_in(pair, [], acks) == [] and acks[-1] == ps + 100
 
 
 @pytest.mark.parametrize(("info", "verified"), [(UNKNOWN, True), (PacketInfo(checksum_trusted=True), False),
@@ -255,7 +282,9 @@ def test_the_receiver_sacks_the_bytes_of_a_frame_it_cannot_open_yet():
     plain = [((lo - send.base) & MASK, (hi - send.base) & MASK)
              for kind, raw in parse_options(out.options) if kind == 5 for lo, hi in sack_pairs(raw)]
     ps = f.plain_start
-    assert plain == [(ps + 1428 * 4 - DATA_AT, ps + 1428 * 6 - DATA_AT), (ps + 1, ps + 1428 * 3 - DATA_AT)]
+    # what the peer holds from its ACK on is acknowledged to our stack, the rest SACKed
+    assert plain == [(ps + 1428 * 4 - DATA_AT, ps + 1428 * 6 - DATA_AT)]
+    assert (out.ack - send.base) & MASK == ps + 1428 * 3 - DATA_AT
 
 
 def test_a_resent_head_the_peer_holds_brings_the_bytes_it_lacks():
