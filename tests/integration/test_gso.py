@@ -6,7 +6,7 @@ Proved on the wire, not only by counters: the file arrives whole, no plaintext i
 `decode` with both key logs verifies every frame of both directions, and the server's direction
 holds far fewer frames than MTU-sized segments (a frame per segment would be about 1 per 1428
 bytes). Once loss-free between two namespaces, and through a router that drops 1 % of the packets
-it forwards over links that segment (retransmissions then are slices of big frames, SACK blocks
+(2 % with 16 MiB) it forwards over links that segment (retransmissions then are slices of big frames, SACK blocks
 fall inside frames), with GRO where the packets arrive (the receiving daemon gets super-packets
 too) and without (it gets MTU-sized segments)."""
 
@@ -88,7 +88,7 @@ def test_super_packets_under_loss_in_the_router(routed: Topology, tmp_path: Path
         if gro:
             gro_on_arrival(routed, side)
     routed.check("r", ["iptables", "-A", "FORWARD", "-p", "tcp", "-m", "statistic", "--mode", "random",
-                       "--probability", "0.01", "-j", "DROP"])  # fmt: skip
+                       "--probability", "0.02", "-j", "DROP"])  # fmt: skip
     before = _tcp_ext(routed, "b")
     result = http_transfer(routed, tmp_path, size=2 * SIZE, timeout=150, daemon_args={"a": FAST, "b": FAST})
     after = _tcp_ext(routed, "b")
