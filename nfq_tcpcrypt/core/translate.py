@@ -226,7 +226,7 @@ class StreamTranslator:
             return Verdict(Action.ACCEPT, serialize_segment(seg))
         if plain > send.plain_next:
             raise StackAnomaly(f"local segment skips plain bytes {send.plain_next}..{plain}")
-        if plain <= send.acked_plain < end and send.peer_sacks:
+        if plain <= max(send.acked_plain, self._stack_ack) < end and send.peer_sacks:
             # Our stack resends its oldest unacknowledged bytes. If they are the start of a frame
             # the peer holds but cannot open, that tells the peer nothing (after a timeout Linux
             # sends nothing else until they are acknowledged): send the frame's missing bytes.

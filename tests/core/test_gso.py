@@ -103,7 +103,9 @@ def test_retransmissions_are_byte_identical_slices_of_the_logged_frame():
         assert verdict.packet is not None and not pair.engine_a.segments_to_inject()
         seg = parse_segment(verdict.packet, verify_checksum=True)  # not GSO: a complete checksum
         assert len(seg.payload) <= hi - lo + 20  # about the size the stack chose
-        wire_lo = frame.wire_start if lo == 0 else frame.wire_start + DATA_AT + lo
+        # from inside the frame: from where the wire segment that carried plain byte `lo` began
+        # (the kernel cut the frame at the stack's segment size, DATA_AT bytes ahead)
+        wire_lo = frame.wire_start + lo
         wire_hi = frame.wire_end if hi == len(data) else frame.wire_start + DATA_AT + hi
         assert (seg.seq - send.base) & MASK == wire_lo
         assert seg.payload == frame.data[wire_lo - frame.wire_start : wire_hi - frame.wire_start]
@@ -111,7 +113,7 @@ def test_retransmissions_are_byte_identical_slices_of_the_logged_frame():
     verdict = pair.engine_a.process(_from_a(pair, start + 2856, data[2856:14280]), Direction.OUTBOUND, pair.now,
                                     info=GSO_INFO)  # fmt: skip
     seg = parse_segment(verdict.packet)
-    assert seg.payload == frame.data[DATA_AT + 2856 : DATA_AT + 14280]
+    assert seg.payload == frame.data[2856 : DATA_AT + 14280]
     assert len(send.frames) and send.frames[-1] is frame  # nothing framed again
 
 
@@ -141,13 +143,14 @@ def test_sack_blocks_inside_frames_map_to_the_plain_bytes_they_cover():
     pair.engine_a.process(_from_a(pair, pair.a.nxt, data), Direction.OUTBOUND, pair.now, info=GSO_INFO)
     f = send.frames[-1]
     ws, ps = f.wire_start, f.plain_start
-    # segments 3..5 of the frame arrived beyond a hole: exactly their plain bytes
+    # segments 3..5 of the frame arrived beyond a hole: their plain bytes, and DATA_AT more at the
+    # end (the next wire segment brings them back with the stack's next segment, started early)
     lo, hi = ws + DATA_AT + 1428 * 3, ws + DATA_AT + 1428 * 6
-    assert _sack_in(pair, [(lo, hi)]) == [(ps + 1428 * 3, ps + 1428 * 6)]
+    assert _sack_in(pair, [(lo, hi)]) == [(ps + 1428 * 3, ps + 1428 * 6 + DATA_AT)]
     assert send.acked_plain == ps
-    assert send.sack_to_plain(ws, ws + DATA_AT + 100) == (ps, ps + 100)
+    assert send.sack_to_plain(ws, ws + DATA_AT + 100) == (ps, ps + 100 + DATA_AT)
     # a block that lacks the header: plain byte 0 stays a hole (its retransmission brings the header)
-    assert _sack_in(pair, [(ws + 2, ws + DATA_AT + 100)]) == [(ps + 1, ps + 100)]
+    assert _sack_in(pair, [(ws + 2, ws + DATA_AT + 100)]) == [(ps + 1, ps + 100 + DATA_AT)]
     # up to the frame's last data byte without the tag: the last byte stays a hole (it brings the tag)
     end = ws + DATA_AT + len(data)
     assert _sack_in(pair, [(ws + DATA_AT + 1000, end)]) == [(ps + 1000, ps + len(data) - 1)]
@@ -175,16 +178,20 @@ def test_bytes_the_peer_holds_from_its_ack_on_are_acknowledged_to_our_stack():
     acks: list[int] = []
     # beyond a hole in the first frame: the second frame's first 100 bytes, its first byte left out
     blocks = _sack_in(pair, [(second.wire_start, second.wire_start + DATA_AT + 100)], acks)
-    assert blocks == [(second.plain_start + 1, second.plain_start + 100)]
+    assert blocks == [(second.plain_start + 1, second.plain_start + 100 + DATA_AT)]
     # the whole first frame and the second's start in one block: two blocks around its first byte
     blocks = _sack_in(pair, [(ws + DATA_AT + 1428, second.wire_start + DATA_AT + 100)], acks)
-    assert blocks == [(ps + 1428, second.plain_start), (second.plain_start + 1, second.plain_start + 100)]
+    assert blocks == [(ps + 1428, second.plain_start), (second.plain_start + 1, second.plain_start + 100 + DATA_AT)]
     assert acks == [ps, ps]
     # the peer holds the first frame's first 100 bytes from its ACK on: our stack's ACK moves there
     assert _sack_in(pair, [(ws, ws + DATA_AT + 100)], acks) == []
-    assert send.acked_plain == ps and acks[-1] == ps + 100
+    assert send.acked_plain == ps and acks[-1] == ps + 100 + DATA_AT
     # a later ACK at the frame's start without the block does not take it back
-    assert _sack_in(pair, [], acks) == [] and acks[-1] == ps + 100
+    assert _sack_in(pair, [], acks) == [] and acks[-1] == ps + 100 + DATA_AT
+    # the stack resends from there: the wire bytes from the end of what the peer holds
+    start = pair.a.nxt + 100 + DATA_AT
+    verdict = pair.engine_a.process(_from_a(pair, start, data[:1428]), Direction.OUTBOUND, pair.now)
+    assert (parse_segment(verdict.packet).seq - send.base) & MASK == ws + DATA_AT + 100
 
 
 @pytest.mark.parametrize(("info", "verified"), [(UNKNOWN, True), (PacketInfo(checksum_trusted=True), False),
@@ -283,8 +290,8 @@ def test_the_receiver_sacks_the_bytes_of_a_frame_it_cannot_open_yet():
              for kind, raw in parse_options(out.options) if kind == 5 for lo, hi in sack_pairs(raw)]
     ps = f.plain_start
     # what the peer holds from its ACK on is acknowledged to our stack, the rest SACKed
-    assert plain == [(ps + 1428 * 4 - DATA_AT, ps + 1428 * 6 - DATA_AT)]
-    assert (out.ack - send.base) & MASK == ps + 1428 * 3 - DATA_AT
+    assert plain == [(ps + 1428 * 4 - DATA_AT, ps + 1428 * 6)]
+    assert (out.ack - send.base) & MASK == ps + 1428 * 3
 
 
 def test_a_resent_head_the_peer_holds_brings_the_bytes_it_lacks():
@@ -302,12 +309,14 @@ def test_a_resent_head_the_peer_holds_brings_the_bytes_it_lacks():
     _sack_in(pair, blocks)
     lacks = [(ws + 1428 * 3, f.data[1428 * 3 : 1428 * 4]), (ws + 1428 * 6, f.data[1428 * 6 :])]
     assert send.head_holes() == [(wire, data, False) for wire, data in lacks]
-    verdict = pair.engine_a.process(_from_a(pair, start, data[:1428]), Direction.OUTBOUND, pair.now)
+    # the peer holds the frame's first 3 segments from its ACK on: our stack resends from there
+    verdict = pair.engine_a.process(_from_a(pair, start + 1428 * 3, data[1428 * 3 : 1428 * 4]), Direction.OUTBOUND,
+                                    pair.now)  # fmt: skip
     resent = [parse_segment(i.packet) for i in pair.engine_a.segments_to_inject()]
     assert b"".join(s.payload for s in resent) == b"".join(data for _, data in lacks)
     assert (resent[0].seq - send.base) & MASK == ws + 1428 * 3
     assert all(len(s.payload) + len(s.options) <= 1460 for s in resent)
-    assert parse_segment(verdict.packet).payload == f.data[:1428 + DATA_AT]  # the stack's own, as a slice
+    assert parse_segment(verdict.packet).payload == f.data[1428 * 3 : 1428 * 4 + DATA_AT]  # the stack's own
     # blocks that say nothing about the head frame: nothing sent beside the stack's own
     _sack_in(pair, [(f.wire_end + 10, f.wire_end + 20)])
     assert send.head_holes() == []
