@@ -379,7 +379,7 @@ class StreamTranslator:
         if redeliver:
             out = redeliver
         elif not out and not fin_now and data and send.acked_plain == acked_before:
-            if consumed or recv.ooo:
+            if consumed or (added and recv.ooo):
                 # Frames with no plaintext (rekey): our stack will not ACK them. Bytes of a frame
                 # we cannot open yet while a later hole is open: our stack sees nothing, and the
                 # peer learns of them only from our SACK (a resent segment would look lost again).
@@ -812,9 +812,13 @@ class StreamTranslator:
         assert send is not None and recv is not None
         f = self.flow
         options = b"" if flags & TCP_RST else self._ts_options(self._remote_ts, self._local_ts)
+        ack, window = send.acked_plain, self._remote_window
+        if self._stack_ack > ack:  # the ACK our stack was shown (_ack_ahead), its right edge kept
+            shift = self.remote_ws if self.remote_ws is not None and self.local_ws is not None else 0
+            ack, window = self._stack_ack, max((window << shift) - (self._stack_ack - ack), 0) >> shift
         seg = new_segment(
             f.remote_ip, f.local_ip, f.remote_port, f.local_port, to_seq(plain, recv.base),
-            to_seq(send.acked_plain, send.base), flags, self._remote_window, options, payload,
+            to_seq(ack, send.base), flags, window, options, payload,
         )
         if self.in_ip is not None:
             seg.ip_header = without_ecn(self.in_ip)

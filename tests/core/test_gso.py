@@ -277,7 +277,9 @@ def test_the_receiver_sacks_the_bytes_of_a_frame_it_cannot_open_yet():
         if i == 3:
             continue  # lost
         pair.engine_b.process(piece, Direction.INBOUND, pair.now)
-        acks += [inj.packet for inj in pair.engine_b.segments_to_inject() if inj.direction is Direction.OUTBOUND]
+        injected = [inj.packet for inj in pair.engine_b.segments_to_inject() if inj.direction is Direction.OUTBOUND]
+        assert len(injected) == (i > 3), i  # one duplicate ACK per segment beyond the gap, none before
+        acks += injected
     assert acks, "no duplicate ACK for the data beyond the gap"
     last = parse_segment(acks[-1])
     blocks = [((lo - send.base) & MASK, (hi - send.base) & MASK)
@@ -292,6 +294,16 @@ def test_the_receiver_sacks_the_bytes_of_a_frame_it_cannot_open_yet():
     # what the peer holds from its ACK on is acknowledged to our stack, the rest SACKed
     assert plain == [(ps + 1428 * 4 - DATA_AT, ps + 1428 * 6)]
     assert (out.ack - send.base) & MASK == ps + 1428 * 3
+    # segment 6 is lost too, 7 arrives; then 3 comes back: held in order while a later hole is
+    # open, so ACKed at once with its block (our stack sees nothing of it)
+    pair.engine_b.process(pieces[7], Direction.INBOUND, pair.now)
+    pair.engine_b.segments_to_inject()
+    pair.engine_b.process(pieces[3], Direction.INBOUND, pair.now)
+    (filled,) = [inj.packet for inj in pair.engine_b.segments_to_inject() if inj.direction is Direction.OUTBOUND]
+    held = [((lo - send.base) & MASK, (hi - send.base) & MASK)
+            for kind, raw in parse_options(parse_segment(filled).options) if kind == 5 for lo, hi in sack_pairs(raw)]
+    assert (ws, ws + 1428 * 6) in held
+    assert parse_segment(filled).ack == last.ack  # the cumulative ACK stays at the frame's start
 
 
 def test_a_resent_head_the_peer_holds_brings_the_bytes_it_lacks():
