@@ -29,13 +29,17 @@ from nfq_tcpcrypt.lab.net import (
 
 from .decoded import decoded_connections
 
+pytestmark = pytest.mark.own_backend  # the daemons run on the fast backend (FAST) whatever the suite's choice
+
 SIZE = 8 * 1024 * 1024
 FAST = ["--queue-backend", "fast"]
 SEGMENT = 1428  # plain bytes per MTU-sized segment (MSS 1460 less 20 of frame overhead and 12 of timestamps)
 
 
-def _assert_super_packets(result: TransferResult, size: int = SIZE) -> None:
-    """Digest, no plaintext, every frame verified by decode, super-packets framed whole."""
+def _assert_super_packets(result: TransferResult, size: int = SIZE, share: int = 3) -> None:
+    """Digest, no plaintext, every frame verified by decode, super-packets framed whole: fewer than
+    1/`share` of a packet and a frame per MTU-sized segment (retransmissions under loss are slices
+    of the stack's size)."""
     assert result.received_sha256 == result.sent_sha256
     assert result.wire.syn_has_eno
     assert result.wire.leaks == {}, f"plaintext on the wire: {result.wire.leaks}"
@@ -49,14 +53,14 @@ def _assert_super_packets(result: TransferResult, size: int = SIZE) -> None:
     assert sender.get("super_packets", 0) > 0, sender
     # super-packets: far fewer packets queued on the way out than MTU-sized segments per MiB
     per_mib = sender["shell.packets_outbound"] / (size / 2**20)
-    assert per_mib < 2**20 / SEGMENT / 3, sender
+    assert per_mib < 2**20 / SEGMENT / share, sender
     assert result.pcap is not None
     (conn,) = decoded_connections(result.pcap, result.keylogs.values(), HTTP_PORT)
     server = next(d for d in conn.directions if d.sender == conn.server)
     print(f"[gso] {result.fetch_seconds:.2f}s, sender queued {per_mib:.0f} packets/MiB out, "
           f"{sender.get('super_packets', 0)} super-packets, {server.frames} frames")
     # one frame per super-packet: far fewer frames than one per segment
-    assert 0 < server.frames < size // SEGMENT // 3, (server.frames, sender)
+    assert 0 < server.frames < size // SEGMENT // share, (server.frames, sender)
 
 
 @pytest.mark.timeout(300)
@@ -101,4 +105,4 @@ def test_super_packets_under_loss_in_the_router(routed: Topology, tmp_path: Path
     # a sends only the request and ACKs: its super-packets are the wire's segments merged again
     assert (receiver.get("shell.gso_packets", 0) > 0) is gro, receiver
     assert sender.get("TCPSACKReneging", 0) == 0, sender
-    _assert_super_packets(result, size=2 * SIZE)
+    _assert_super_packets(result, size=2 * SIZE, share=2)
