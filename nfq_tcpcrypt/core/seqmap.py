@@ -135,7 +135,11 @@ class SendStream:
 
         A slice that starts at a frame's first byte takes its header, one that reaches a frame's
         last data byte takes its tag (and its FIN when the range covers it); None if no logged
-        frame overlaps the range."""
+        frame overlaps the range. One that starts inside a frame starts DATA_AT bytes early: the
+        kernel cut the frame's super-packet at our stack's segment size, so the wire segment
+        that carried the start of this plain segment began DATA_AT bytes before it, and those
+        bytes are shown to our stack as held when only that wire segment is missing
+        (sack_to_plain)."""
         frames = self.covering(start, end)
         if not frames:
             return None
@@ -143,7 +147,7 @@ class SendStream:
         if start <= first.plain_start:
             lo = first.wire_start
         else:
-            lo = first.wire_start + DATA_AT + min(start, first.data_end) - first.plain_start
+            lo = first.wire_start + min(start, first.data_end) - first.plain_start
         fin = False
         if end < last.data_end:
             hi = last.wire_start + DATA_AT + max(end - last.plain_start, 0)
@@ -213,7 +217,12 @@ class SendStream:
 
         Plain byte i of a frame is at wire_start + DATA_AT + i; the header counts as part of the
         frame's first data byte and the tag as part of its last, so a lost header or tag shows
-        our stack a hole where a retransmission brings it back (wire_slice). The cumulative ACK
+        our stack a hole where a retransmission brings it back (wire_slice). A block that ends
+        inside a frame's data is shown DATA_AT bytes longer (short of the last data byte): the
+        kernel cut the frame at our stack's segment size, so the wire segment after the block
+        holds the last DATA_AT bytes of one segment of our stack and the rest of the next. Only
+        that next one then looks lost, not both, and its retransmission starts DATA_AT bytes
+        early (wire_slice). The cumulative ACK
         stays on whole frames (ack_to_plain): the peer acknowledges only what it opened."""
         frames = self.frames
         i = bisect_right(frames, left, lo=self._head, key=_wire_end)
@@ -230,8 +239,20 @@ class SendStream:
         elif right >= last.wire_start + len(last.data):
             hi = last.data_end
         else:
-            hi = last.plain_start + max(min(right - last.wire_start - DATA_AT, last.data_end - last.plain_start - 1), 0)
+            held = right - last.wire_start - DATA_AT  # data bytes of the last frame in the block
+            held += DATA_AT if held > 0 else 0
+            hi = last.plain_start + max(min(held, last.data_end - last.plain_start - 1), 0)
         return (lo, hi) if lo < hi else None
+
+    def partial_frame_start(self, plain_end: int) -> int | None:
+        """The plain start of the logged frame that plain byte `plain_end - 1` lies in, when
+        `plain_end` stops short of that frame's data end; None when it ends a frame."""
+        frames = self.frames
+        i = bisect_right(frames, plain_end - 1, lo=self._head, key=_plain_start) - 1
+        if i < self._head:
+            return None
+        frame = frames[i]
+        return frame.plain_start if plain_end < frame.data_end else None
 
     def ack_to_plain(self, wire: int) -> int:
         """Translate the peer's acknowledgment (wire offset) and forget fully acknowledged frames."""

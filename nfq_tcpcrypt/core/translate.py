@@ -140,6 +140,7 @@ class StreamTranslator:
         self._peer_rekeyed = False  # set while draining, handed back in Translated
         self._replay_tries = 0
         self._replay_mark = 0
+        self._stack_ack = 0  # the furthest plain ACK shown to our stack (_options_in, _ack_ahead)
         # Header material for the segments we build: the latest IP headers, windows, TSvals and the
         # SYN options that govern them (window scale, SACK-permitted, RFC 7323 §2.2, RFC 2018 §2).
         self.out_ip: bytes | None = None  # set by the session with every packet each way
@@ -271,7 +272,7 @@ class StreamTranslator:
         seg.flags &= ~TCP_URG  # RFC 8548 §3.7: URG travels only as URGp; we send none
         seg.urgent = 0
         raw_options = seg.options
-        seg.options = self._options_out(options, raw_options)
+        seg.options = self._options_out(options, raw_options, partial=not seg.payload)
         if not self._keys.keys_ready:
             return self._before_keys(seg, plain, end, now)
         if not seg.payload and not seg.is_fin:
@@ -288,7 +289,7 @@ class StreamTranslator:
             return Verdict(Action.ACCEPT, serialize_segment(seg), True)
         if plain > send.plain_next:
             raise StackAnomaly(f"local segment skips plain bytes {send.plain_next}..{plain}")
-        if plain <= send.acked_plain < end and send.peer_sacks:
+        if plain <= max(send.acked_plain, self._stack_ack) < end and send.peer_sacks:
             # Our stack resends its oldest unacknowledged bytes. If they are the start of a frame
             # the peer holds but cannot open, that tells the peer nothing (after a timeout Linux
             # sends nothing else until they are acknowledged): send the frame's missing bytes.
@@ -423,6 +424,8 @@ class StreamTranslator:
             self._ack_in(seg, now)
         seg.window = self._plain_window(seg.window)
         seg.options = self._options_in(options, seg.options)
+        if self._stack_ack > send.acked_plain and seg.is_ack:
+            self._ack_ahead(seg)
         wire = to_offset(seg.seq, recv.base, recv.wire_next)
         data = seg.payload
         if wire + len(data) > recv.right_edge:
@@ -442,8 +445,11 @@ class StreamTranslator:
         if redeliver:
             out = redeliver
         elif not out and not fin_now and data and send.acked_plain == acked_before:
-            if consumed:
-                self._inject_ack(now)  # frames with no plaintext (rekey): our stack will not ACK them
+            if consumed or (added and recv.ooo):
+                # Frames with no plaintext (rekey): our stack will not ACK them. Bytes of a frame
+                # we cannot open yet while a later hole is open: our stack sees nothing, and the
+                # peer learns of them only from our SACK (a resent segment would look lost again).
+                self._inject_ack(now)
             # Nothing new for our stack; an empty copy would look like a duplicate ACK.
             return self._result(DROP, check_finished=False)
         elif not out and not fin_now and not data and recv.local_ack == 0:
@@ -570,7 +576,7 @@ class StreamTranslator:
         if data and not added:
             if self._keys.keys_ready and not send.prefix_acked:
                 self.send_prefix(now)
-            if wire + len(data) <= recv.wire_next and recv.local_ack < recv.plain_next - recv.fin_delivered:
+            if wire + len(data) <= recv.buf_start and recv.local_ack < recv.plain_next - recv.fin_delivered:
                 # The peer resends what we delivered and our stack has not acknowledged:
                 # deliver that plaintext again so that our stack acknowledges it (docs/architecture.md).
                 plain_start, redeliver = recv.unacked_plaintext(self.config.deliver_max)
@@ -765,13 +771,45 @@ class StreamTranslator:
                     hi = to_offset(right, send.base, send.acked_wire)
                     send.peer_sacks.append((lo, hi))
                     plain = send.sack_to_plain(lo, hi)
+                    if plain is None:
+                        continue
+                    if lo <= send.acked_wire < hi:
+                        # The peer holds, in order from its cumulative ACK, the first bytes of a
+                        # frame it cannot open yet: our stack sees them acknowledged (_ack_ahead),
+                        # so that it resends only what the peer lacks, as it would without us.
+                        self._stack_ack = max(self._stack_ack, plain[1])
+                        continue
                     # A block must start after the cumulative ACK (Linux takes no other but a
                     # D-SACK): the peer holds a frame's first bytes it cannot open yet.
-                    if plain is not None and max(plain[0], send.acked_plain + 1) < plain[1]:
-                        blocks.append((max(plain[0], send.acked_plain + 1), plain[1]))
+                    left, right = max(plain[0], send.acked_plain + 1, self._stack_ack + 1), plain[1]
+                    start = send.partial_frame_start(right)
+                    if start is not None and left <= start:
+                        # The block ends inside a frame whose first byte it covers: the peer
+                        # cannot open that frame yet, and its cumulative ACK may stop at the
+                        # frame's start later. Linux takes a SACKed segment at its new snd_una
+                        # for reneging (RFC 2018 §8) and falls back to a timeout: the frame's
+                        # first byte stays unSACKed.
+                        if left < start:
+                            blocks.append((left, start))
+                        left = start + 1
+                    if left < right:
+                        blocks.append((left, right))
             elif kind > TCPOPT_NOP and kind != ENO_OPTION_KIND:
                 kept.append((kind, option))
         return with_sack(kept, [(to_seq(lo, send.base), to_seq(hi, send.base)) for lo, hi in blocks])
+
+    def _ack_ahead(self, seg: Segment) -> None:
+        """The peer's ACK toward our stack at the furthest plain byte it holds in order (the
+        start of a frame it cannot open yet, _options_in), never behind one shown before; the
+        window's right edge stays where the peer put it (RFC 7323 §2.4)."""
+        send = self.send
+        assert send is not None
+        ahead = self._stack_ack - to_offset(seg.ack, send.base, send.acked_plain)
+        if ahead <= 0:
+            return
+        seg.ack = to_seq(self._stack_ack, send.base)
+        shift = self.remote_ws if self.remote_ws is not None and self.local_ws is not None else 0
+        seg.window = max((seg.window << shift) - ahead, 0) >> shift
 
     def _ts_options(self, ours: int | None, theirs: int | None) -> bytes:
         if ours is None or theirs is None:
@@ -921,9 +959,13 @@ class StreamTranslator:
         assert send is not None and recv is not None
         f = self.flow
         options = b"" if flags & TCP_RST else self._ts_options(self._remote_ts, self._local_ts)
+        ack, window = send.acked_plain, self._remote_window
+        if self._stack_ack > ack:  # the ACK our stack was shown (_ack_ahead), its right edge kept
+            shift = self.remote_ws if self.remote_ws is not None and self.local_ws is not None else 0
+            ack, window = self._stack_ack, max((window << shift) - (self._stack_ack - ack), 0) >> shift
         seg = new_segment(
             f.remote_ip, f.local_ip, f.remote_port, f.local_port, to_seq(plain, recv.base),
-            to_seq(send.acked_plain, send.base), flags, self._remote_window, options, payload,
+            to_seq(ack, send.base), flags, window, options, payload,
         )
         if self.in_ip is not None:
             seg.ip_header = without_ecn(self.in_ip)

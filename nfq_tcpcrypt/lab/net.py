@@ -662,13 +662,26 @@ def drop_on_wire(topo: Topology, side: str, probability: float, ipv6: bool = Fal
         raise LabError(f"cannot add the loss rule in {side}: {result.stderr.strip()}")
 
 
-_TSO_OFF = r"""
+_ETHTOOL = r"""
 import ctypes, fcntl, socket, struct, sys
-value = ctypes.create_string_buffer(struct.pack("II", 0x1F, 0))  # ETHTOOL_STSO, off
+value = ctypes.create_string_buffer(struct.pack("II", int(sys.argv[2], 0), int(sys.argv[3])))
 request = struct.pack("16sP", sys.argv[1].encode(), ctypes.addressof(value)).ljust(40, b"\0")
 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
     fcntl.ioctl(sock.fileno(), 0x8946, request)  # SIOCETHTOOL
+print(struct.unpack("II", value.raw[:8])[1])
 """
+"""Runs one legacy ethtool command (argv: interface, command, value) and prints the value after it."""
+_ETHTOOL_STSO = 0x1F
+_ETHTOOL_GGRO = 0x2B
+_ETHTOOL_SGRO = 0x2C
+
+
+def _ethtool(topo: Topology, side: str, ifname: str, command: int, value: int = 0) -> int:
+    """One legacy SIOCETHTOOL command on `side`'s `ifname`; the value it leaves (for a get)."""
+    result = topo.run(side, [sys.executable, "-c", _ETHTOOL, ifname, hex(command), str(value)], timeout=10)
+    if result.returncode != 0:
+        raise LabError(f"ethtool {command:#x} on {side}'s {ifname}: {result.stderr.strip()}")
+    return int(result.stdout.strip() or 0)
 
 
 def segment_on_wire(topo: Topology, side: str, ifname: str | None = None) -> None:
@@ -677,10 +690,27 @@ def segment_on_wire(topo: Topology, side: str, ifname: str | None = None) -> Non
     segments them when they leave, so the wire carries MTU-sized packets, as from a NIC. On veth
     pairs with offload on, a super-packet crosses the wire and the router whole (64 KiB lost at
     once, the receiver gets it whole)."""
-    name = ifname or topo.ifnames[side]
-    result = topo.run(side, [sys.executable, "-c", _TSO_OFF, name], timeout=10)
-    if result.returncode != 0:
-        raise LabError(f"cannot turn TSO off on {side}'s {name}: {result.stderr.strip()}")
+    _ethtool(topo, side, ifname or topo.ifnames[side], _ETHTOOL_STSO, 0)
+
+
+def gro_on_arrival(topo: Topology, side: str) -> None:
+    """Turn GRO on where the wire's packets arrive at `side` (its `ifnames` entry), as a receiving NIC
+    does: in-order MTU-sized segments are merged into super-packets before the daemon's queue (raw
+    PREROUTING) sees them. veth merges only through its NAPI path, which GRO on the receiving end
+    turns on, and only for packets whose sending end has TSO off: so TSO goes off on the peer's
+    end too (the router's interface toward `side`, or the other host's on a direct link; neither
+    sends super-packets then). Loss in the router still hits MTU-sized packets. Routed and direct
+    topologies only."""
+    if topo.gateways:
+        raise LabError("gro_on_arrival: routed and direct topologies only")
+    if topo.router:
+        _ethtool(topo, "r", ROUTER_IFNAMES[side], _ETHTOOL_STSO, 0)
+    else:
+        other = "b" if side == "a" else "a"
+        _ethtool(topo, other, topo.ifnames[other], _ETHTOOL_STSO, 0)
+    _ethtool(topo, side, topo.ifnames[side], _ETHTOOL_SGRO, 1)
+    if _ethtool(topo, side, topo.ifnames[side], _ETHTOOL_GGRO) != 1:
+        raise LabError(f"GRO stays off on {side}'s {topo.ifnames[side]}")
 
 
 @contextlib.contextmanager

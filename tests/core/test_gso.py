@@ -103,7 +103,9 @@ def test_retransmissions_are_byte_identical_slices_of_the_logged_frame():
         assert verdict.packet is not None and not pair.engine_a.segments_to_inject()
         seg = parse_segment(verdict.packet, verify_checksum=True)  # not GSO: a complete checksum
         assert len(seg.payload) <= hi - lo + 20  # about the size the stack chose
-        wire_lo = frame.wire_start if lo == 0 else frame.wire_start + DATA_AT + lo
+        # from inside the frame: from where the wire segment that carried plain byte `lo` began
+        # (the kernel cut the frame at the stack's segment size, DATA_AT bytes ahead)
+        wire_lo = frame.wire_start + lo
         wire_hi = frame.wire_end if hi == len(data) else frame.wire_start + DATA_AT + hi
         assert (seg.seq - send.base) & MASK == wire_lo
         assert seg.payload == frame.data[wire_lo - frame.wire_start : wire_hi - frame.wire_start]
@@ -111,13 +113,13 @@ def test_retransmissions_are_byte_identical_slices_of_the_logged_frame():
     verdict = pair.engine_a.process(_from_a(pair, start + 2856, data[2856:14280]), Direction.OUTBOUND, pair.now,
                                     info=GSO_INFO)  # fmt: skip
     seg = parse_segment(verdict.packet)
-    assert seg.payload == frame.data[DATA_AT + 2856 : DATA_AT + 14280]
+    assert seg.payload == frame.data[2856 : DATA_AT + 14280]
     assert len(send.frames) and send.frames[-1] is frame  # nothing framed again
 
 
-def _sack_in(pair: Pair, blocks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def _sack_in(pair: Pair, blocks: list[tuple[int, int]], acks: list[int] | None = None) -> list[tuple[int, int]]:
     """A duplicate ACK from B's side on the wire with SACK blocks at wire offsets of A's stream;
-    the plain blocks (offsets) A's stack gets."""
+    the plain blocks (offsets) A's stack gets (and its ACK's offset appended to `acks`)."""
     send = _send(pair)
     session = next(iter(pair.engine_a._sessions.values()))
     ts = struct.pack("!BBBBII", 1, 1, 8, 10, 5, 5)
@@ -128,6 +130,8 @@ def _sack_in(pair: Pair, blocks: list[tuple[int, int]]) -> list[tuple[int, int]]
                       (send.base + send.acked_wire) & MASK, TCP_ACK, 1000, options)  # fmt: skip
     verdict = pair.engine_a.process(serialize_segment(seg), Direction.INBOUND, pair.now)
     out = parse_segment(verdict.packet)
+    if acks is not None:
+        acks.append((out.ack - send.base) & MASK)
     return [((left - send.base) & MASK, (right - send.base) & MASK)
             for kind, raw in parse_options(out.options) if kind == 5 for left, right in sack_pairs(raw)]
 
@@ -139,16 +143,14 @@ def test_sack_blocks_inside_frames_map_to_the_plain_bytes_they_cover():
     pair.engine_a.process(_from_a(pair, pair.a.nxt, data), Direction.OUTBOUND, pair.now, info=GSO_INFO)
     f = send.frames[-1]
     ws, ps = f.wire_start, f.plain_start
-    # segments 3..5 of the frame arrived beyond a hole: exactly their plain bytes
+    # segments 3..5 of the frame arrived beyond a hole: their plain bytes, and DATA_AT more at the
+    # end (the next wire segment brings them back with the stack's next segment, started early)
     lo, hi = ws + DATA_AT + 1428 * 3, ws + DATA_AT + 1428 * 6
-    assert _sack_in(pair, [(lo, hi)]) == [(ps + 1428 * 3, ps + 1428 * 6)]
-    # from the frame's first byte: the header counts with plain byte 0, but a block never starts at
-    # the cumulative ACK (Linux ignores such a block): our stack sees plain byte 0 as a hole
+    assert _sack_in(pair, [(lo, hi)]) == [(ps + 1428 * 3, ps + 1428 * 6 + DATA_AT)]
     assert send.acked_plain == ps
-    assert _sack_in(pair, [(ws, ws + DATA_AT + 100)]) == [(ps + 1, ps + 100)]
-    assert send.sack_to_plain(ws, ws + DATA_AT + 100) == (ps, ps + 100)
+    assert send.sack_to_plain(ws, ws + DATA_AT + 100) == (ps, ps + 100 + DATA_AT)
     # a block that lacks the header: plain byte 0 stays a hole (its retransmission brings the header)
-    assert _sack_in(pair, [(ws + 2, ws + DATA_AT + 100)]) == [(ps + 1, ps + 100)]
+    assert _sack_in(pair, [(ws + 2, ws + DATA_AT + 100)]) == [(ps + 1, ps + 100 + DATA_AT)]
     # up to the frame's last data byte without the tag: the last byte stays a hole (it brings the tag)
     end = ws + DATA_AT + len(data)
     assert _sack_in(pair, [(ws + DATA_AT + 1000, end)]) == [(ps + 1000, ps + len(data) - 1)]
@@ -158,6 +160,38 @@ def test_sack_blocks_inside_frames_map_to_the_plain_bytes_they_cover():
     assert _sack_in(pair, [(ws + 1, ws + 3)]) == []
     # the cumulative ACK stays on whole frames: an ACK inside the frame acknowledges nothing of it
     assert send.acked_plain <= ps
+
+
+def test_bytes_the_peer_holds_from_its_ack_on_are_acknowledged_to_our_stack():
+    """A block from the cumulative ACK (the first bytes of a frame the peer cannot open yet, held
+    in order) moves the ACK our stack sees to their end, never back; a block that only ends
+    inside a frame whose first byte it covers leaves that byte unSACKed (Linux would take the
+    SACKed head at its new snd_una for reneging once the ACK stopped there)."""
+    pair = _live(b"gso-held")
+    send = _send(pair)
+    data = bytes(40000)
+    pair.engine_a.process(_from_a(pair, pair.a.nxt, data), Direction.OUTBOUND, pair.now, info=GSO_INFO)
+    first = send.frames[-1]
+    pair.engine_a.process(_from_a(pair, pair.a.nxt + len(data), data), Direction.OUTBOUND, pair.now, info=GSO_INFO)
+    second = send.frames[-1]
+    ws, ps = first.wire_start, first.plain_start
+    acks: list[int] = []
+    # beyond a hole in the first frame: the second frame's first 100 bytes, its first byte left out
+    blocks = _sack_in(pair, [(second.wire_start, second.wire_start + DATA_AT + 100)], acks)
+    assert blocks == [(second.plain_start + 1, second.plain_start + 100 + DATA_AT)]
+    # the whole first frame and the second's start in one block: two blocks around its first byte
+    blocks = _sack_in(pair, [(ws + DATA_AT + 1428, second.wire_start + DATA_AT + 100)], acks)
+    assert blocks == [(ps + 1428, second.plain_start), (second.plain_start + 1, second.plain_start + 100 + DATA_AT)]
+    assert acks == [ps, ps]
+    # the peer holds the first frame's first 100 bytes from its ACK on: our stack's ACK moves there
+    assert _sack_in(pair, [(ws, ws + DATA_AT + 100)], acks) == []
+    assert send.acked_plain == ps and acks[-1] == ps + 100 + DATA_AT
+    # a later ACK at the frame's start without the block does not take it back
+    assert _sack_in(pair, [], acks) == [] and acks[-1] == ps + 100 + DATA_AT
+    # the stack resends from there: the wire bytes from the end of what the peer holds
+    start = pair.a.nxt + 100 + DATA_AT
+    verdict = pair.engine_a.process(_from_a(pair, start, data[:1428]), Direction.OUTBOUND, pair.now)
+    assert (parse_segment(verdict.packet).seq - send.base) & MASK == ws + DATA_AT + 100
 
 
 @pytest.mark.parametrize(("info", "verified"), [(UNKNOWN, True), (PacketInfo(checksum_trusted=True), False),
@@ -243,7 +277,9 @@ def test_the_receiver_sacks_the_bytes_of_a_frame_it_cannot_open_yet():
         if i == 3:
             continue  # lost
         pair.engine_b.process(piece, Direction.INBOUND, pair.now)
-        acks += [inj.packet for inj in pair.engine_b.segments_to_inject() if inj.direction is Direction.OUTBOUND]
+        injected = [inj.packet for inj in pair.engine_b.segments_to_inject() if inj.direction is Direction.OUTBOUND]
+        assert len(injected) == (i > 3), i  # one duplicate ACK per segment beyond the gap, none before
+        acks += injected
     assert acks, "no duplicate ACK for the data beyond the gap"
     last = parse_segment(acks[-1])
     blocks = [((lo - send.base) & MASK, (hi - send.base) & MASK)
@@ -255,7 +291,19 @@ def test_the_receiver_sacks_the_bytes_of_a_frame_it_cannot_open_yet():
     plain = [((lo - send.base) & MASK, (hi - send.base) & MASK)
              for kind, raw in parse_options(out.options) if kind == 5 for lo, hi in sack_pairs(raw)]
     ps = f.plain_start
-    assert plain == [(ps + 1428 * 4 - DATA_AT, ps + 1428 * 6 - DATA_AT), (ps + 1, ps + 1428 * 3 - DATA_AT)]
+    # what the peer holds from its ACK on is acknowledged to our stack, the rest SACKed
+    assert plain == [(ps + 1428 * 4 - DATA_AT, ps + 1428 * 6)]
+    assert (out.ack - send.base) & MASK == ps + 1428 * 3
+    # segment 6 is lost too, 7 arrives; then 3 comes back: held in order while a later hole is
+    # open, so ACKed at once with its block (our stack sees nothing of it)
+    pair.engine_b.process(pieces[7], Direction.INBOUND, pair.now)
+    pair.engine_b.segments_to_inject()
+    pair.engine_b.process(pieces[3], Direction.INBOUND, pair.now)
+    (filled,) = [inj.packet for inj in pair.engine_b.segments_to_inject() if inj.direction is Direction.OUTBOUND]
+    held = [((lo - send.base) & MASK, (hi - send.base) & MASK)
+            for kind, raw in parse_options(parse_segment(filled).options) if kind == 5 for lo, hi in sack_pairs(raw)]
+    assert (ws, ws + 1428 * 6) in held
+    assert parse_segment(filled).ack == last.ack  # the cumulative ACK stays at the frame's start
 
 
 def test_a_resent_head_the_peer_holds_brings_the_bytes_it_lacks():
@@ -273,12 +321,14 @@ def test_a_resent_head_the_peer_holds_brings_the_bytes_it_lacks():
     _sack_in(pair, blocks)
     lacks = [(ws + 1428 * 3, f.data[1428 * 3 : 1428 * 4]), (ws + 1428 * 6, f.data[1428 * 6 :])]
     assert send.head_holes() == [(wire, data, False) for wire, data in lacks]
-    verdict = pair.engine_a.process(_from_a(pair, start, data[:1428]), Direction.OUTBOUND, pair.now)
+    # the peer holds the frame's first 3 segments from its ACK on: our stack resends from there
+    verdict = pair.engine_a.process(_from_a(pair, start + 1428 * 3, data[1428 * 3 : 1428 * 4]), Direction.OUTBOUND,
+                                    pair.now)  # fmt: skip
     resent = [parse_segment(i.packet) for i in pair.engine_a.segments_to_inject()]
     assert b"".join(s.payload for s in resent) == b"".join(data for _, data in lacks)
     assert (resent[0].seq - send.base) & MASK == ws + 1428 * 3
     assert all(len(s.payload) + len(s.options) <= 1460 for s in resent)
-    assert parse_segment(verdict.packet).payload == f.data[:1428 + DATA_AT]  # the stack's own, as a slice
+    assert parse_segment(verdict.packet).payload == f.data[1428 * 3 : 1428 * 4 + DATA_AT]  # the stack's own
     # blocks that say nothing about the head frame: nothing sent beside the stack's own
     _sack_in(pair, [(f.wire_end + 10, f.wire_end + 20)])
     assert send.head_holes() == []

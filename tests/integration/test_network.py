@@ -28,6 +28,7 @@ from nfq_tcpcrypt.lab.net import (
     TransferResult,
     capture,
     daemon_rules,
+    gro_on_arrival,
     http_server,
     http_transfer,
     make_payload,
@@ -84,10 +85,12 @@ def _report(name: str, result: TransferResult, **extra: object) -> None:
 @pytest.mark.parametrize(("loss", "ipv6"), [(0.01, False), (0.05, False), (0.01, True)])
 def test_random_loss_in_router(routed: Topology, tmp_path: Path, loss: float, ipv6: bool) -> None:
     """Loss recovery (docs/architecture.md): r drops `loss` of forwarded TCP packets, both directions.
-    The hosts' links segment what leaves them, as a NIC does: r loses MTU-sized packets, not whole
-    GSO super-packets (the daemons' queues still get those on the fast backend)."""
+    The hosts' links segment what leaves them and merge what arrives (GRO), as NICs do: r loses
+    MTU-sized packets, not whole GSO super-packets (the daemons' queues still get those on the
+    fast backend, both ways)."""
     for side in ("a", "b"):
         segment_on_wire(routed, side)
+        gro_on_arrival(routed, side)
     tool = "ip6tables" if ipv6 else "iptables"
     routed.check("r", [tool, "-A", "FORWARD", "-p", "tcp", "-m", "statistic", "--mode", "random",
                        "--probability", str(loss), "-j", "DROP"])  # fmt: skip
