@@ -214,8 +214,8 @@ class StreamTranslator:
         if seg.payload or (raw and (len(raw) != 12 or raw[:4] != _LINUX_TS)) or self.need_nonsyn_eno:
             return None
         assert recv is not None and send is not None
-        if recv.ooo:
-            return None
+        if recv.ooo or (self.sack_ok and recv.wire_next > recv.buf_start):
+            return None  # SACK blocks to add: out-of-order data, or a frame held in order (_options_out)
         stack_ack = to_offset(seg.ack, recv.base, recv.local_ack)
         if (stack_ack < recv.plain_next - recv.fin_delivered and stack_ack == recv.local_ack
                 and seg.window == self.local_window):
@@ -242,7 +242,7 @@ class StreamTranslator:
             return None
         assert send is not None and recv is not None
         if (send.acked_wire < len(send.prefix) or recv.fin_seen is not None or recv.fin_at is not None
-                or recv.finp or recv.fin_delivered or send.fin_framed
+                or recv.finp or recv.fin_delivered or send.fin_framed or self._stack_ack > send.acked_plain
                 or recv.wire_next > recv.right_edge or (seg.seq - recv.base - recv.wire_next) & 0xFFFFFFFF):
             return None
         window = seg.window
@@ -482,6 +482,7 @@ class StreamTranslator:
         n = len(data)
         wire = recv.wire_next
         if (not n or seg.flags & TCP_FIN or recv.ooo or recv.cipher is None or send.acked_wire < len(send.prefix)
+                or self._stack_ack > send.acked_plain
                 or recv.fin_seen is not None or recv.fin_at is not None or recv.finp or recv.fin_delivered
                 or wire + n > recv.right_edge or (seg.seq - recv.base - wire) & 0xFFFFFFFF):
             return None
