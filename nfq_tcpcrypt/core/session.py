@@ -28,7 +28,6 @@ from .constants import (
     TCP_SYN,
     TCPOPT_FASTOPEN,
     TCPOPT_NOP,
-    TCPOPT_TIMESTAMP,
     TEP_NAMES,
     Aead,
     Role,
@@ -54,6 +53,7 @@ from .wire.tcp import (
     parse_options,
     serialize_options,
     serialize_segment,
+    usual_options,
 )
 from .wire.tcpcrypt import (
     Init1,
@@ -138,8 +138,6 @@ _TRANSLATING = (State.KEY_EXCHANGE, State.ENCRYPTING, State.CLOSING)
 _KEYED = (State.ENCRYPTING, State.CLOSING)
 _LIVE = _TRANSLATING
 _SYN_RST = TCP_SYN | TCP_RST
-_LINUX_TS = bytes((TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10))
-"""The first bytes of the options block Linux puts on every segment once timestamps are on."""
 
 
 class Session:
@@ -324,7 +322,7 @@ class Session:
                 return verdict
         if not seg.flags & _SYN_RST and self.keys_ready and self.state in _KEYED:
             raw = seg.options
-            if not raw or (len(raw) == 12 and raw[:4] == _LINUX_TS):
+            if usual_options(raw):
                 # The usual case, encrypting, timestamps or no options (RFC 7323 §3): noted here
                 # (note_remote) instead of through an option list, then the translator.
                 self._synchronized = True

@@ -32,7 +32,6 @@ from .constants import (
     TCPOPT_NOP,
     TCPOPT_SACK,
     TCPOPT_SACK_PERM,
-    TCPOPT_TIMESTAMP,
     Role,
 )
 from .errors import MalformedSegment, RemoteProtocolError, StackAnomaly
@@ -50,6 +49,7 @@ from .wire.tcp import (
     serialize_segment,
     timestamp,
     timestamp_option,
+    usual_options,
     window_scale,
     with_sack,
 )
@@ -61,7 +61,6 @@ if TYPE_CHECKING:
     from .flow import FlowKey
     from .outoforder import Budget
 
-_LINUX_TS = bytes((TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10))
 """The first bytes of the options block Linux puts on every segment once timestamps are on."""
 
 REPLAY_TIMEOUT = 0.5
@@ -164,6 +163,11 @@ class StreamTranslator:
         """Our stack's window scale, when both SYNs carried the option (RFC 7323 §2.2)."""
         return self.local_ws if self.local_ws is not None and self.remote_ws is not None else 0
 
+    @property
+    def remote_window_shift(self) -> int:
+        """The peer's window scale, when both SYNs carried the option (RFC 7323 §2.2)."""
+        return self.remote_ws if self.remote_ws is not None and self.local_ws is not None else 0
+
     def open(self, isn_local: int, isn_remote: int, budget: Budget | None) -> None:
         """Start both streams at the SYNs' sequence numbers."""
         self.send = SendStream(isn_local)
@@ -211,7 +215,7 @@ class StreamTranslator:
         held, the non-SYN ENO option due, a duplicate ACK about plaintext our stack lost)."""
         raw = seg.options
         recv, send = self.recv, self.send
-        if seg.payload or (raw and (len(raw) != 12 or raw[:4] != _LINUX_TS)) or self.need_nonsyn_eno:
+        if seg.payload or not usual_options(raw) or self.need_nonsyn_eno:
             return None
         assert recv is not None and send is not None
         if recv.ooo or (self.sack_ok and recv.wire_next > recv.buf_start):
@@ -238,7 +242,7 @@ class StreamTranslator:
         sequence number other than the next expected one)."""
         raw = seg.options
         send, recv = self.send, self.recv
-        if seg.payload or seg.gso or (raw and (len(raw) != 12 or raw[:4] != _LINUX_TS)):
+        if seg.payload or seg.gso or not usual_options(raw):
             return None
         assert send is not None and recv is not None
         if (send.acked_wire < len(send.prefix) or recv.fin_seen is not None or recv.fin_at is not None
@@ -546,7 +550,7 @@ class StreamTranslator:
         still fits it on the wire: the peer's engine cuts what lies beyond its stack's window, and
         a frame cut short can never be opened (with one frame per super-packet, nothing would be
         delivered and the window would never move)."""
-        shift = self.remote_ws if self.remote_ws is not None and self.local_ws is not None else 0
+        shift = self.remote_window_shift
         size = window << shift
         return max(size - max(size >> 6, FRAME_OVERHEAD), 0) >> shift
 
@@ -717,7 +721,7 @@ class StreamTranslator:
 
     def note_remote_usual(self, window: int, raw: bytes) -> None:
         """note_remote for a non-SYN segment whose options are timestamps (`raw` in the form
-        Linux sends, _LINUX_TS) or nothing."""
+        Linux sends, usual_options) or nothing."""
         self._remote_window = window - (window >> 6)
         if raw:
             self._remote_ts = int.from_bytes(raw[4:8], "big")
@@ -809,7 +813,7 @@ class StreamTranslator:
         if ahead <= 0:
             return
         seg.ack = to_seq(self._stack_ack, send.base)
-        shift = self.remote_ws if self.remote_ws is not None and self.local_ws is not None else 0
+        shift = self.remote_window_shift
         seg.window = max((seg.window << shift) - ahead, 0) >> shift
 
     def _ts_options(self, ours: int | None, theirs: int | None) -> bytes:
@@ -850,7 +854,7 @@ class StreamTranslator:
         """Our stack's window field: its right edge in wire space (never moves left, RFC 7323 §2.4)."""
         recv = self.recv
         assert recv is not None
-        shift = self.local_ws if self.local_ws is not None and self.remote_ws is not None else 0
+        shift = self.window_shift
         edge = recv.local_ack_wire + (window << shift)
         recv.right_edge = max(recv.right_edge, edge) if recv.edge_known else edge
         recv.edge_known = True
@@ -863,7 +867,7 @@ class StreamTranslator:
         ahead = recv.ack_floor - recv.local_ack_wire
         if ahead <= 0:
             return window
-        shift = self.local_ws if self.local_ws is not None and self.remote_ws is not None else 0
+        shift = self.window_shift
         return max(0, (window << shift) - ahead) >> shift
 
     def _inject_ack(self, now: float) -> None:
@@ -903,7 +907,7 @@ class StreamTranslator:
             top = min(delivered, stack_ack + self.config.deliver_max)
         else:
             return False
-        shift = self.local_ws if self.local_ws is not None and self.remote_ws is not None else 0
+        shift = self.window_shift
         top = min(top, stack_ack + (self.local_window << shift))  # never beyond our stack's window
         at = max(stack_ack, recv.redelivered_to)
         if at >= top:
@@ -962,7 +966,7 @@ class StreamTranslator:
         options = b"" if flags & TCP_RST else self._ts_options(self._remote_ts, self._local_ts)
         ack, window = send.acked_plain, self._remote_window
         if self._stack_ack > ack:  # the ACK our stack was shown (_ack_ahead), its right edge kept
-            shift = self.remote_ws if self.remote_ws is not None and self.local_ws is not None else 0
+            shift = self.remote_window_shift
             ack, window = self._stack_ack, max((window << shift) - (self._stack_ack - ack), 0) >> shift
         seg = new_segment(
             f.remote_ip, f.local_ip, f.remote_port, f.local_port, to_seq(plain, recv.base),

@@ -165,6 +165,12 @@ def new_segment(
                    options, payload)
 
 
+def usual_options(options: bytes) -> bool:
+    """Timestamps in the form Linux sends them on every segment (NOP, NOP, TS; RFC 7323 §3), or
+    no options: the usual options block of an established connection."""
+    return not options or (len(options) == 12 and options[:4] == _LINUX_TS)
+
+
 def parse_options(options: bytes) -> list[tuple[int, bytes]]:
     """Split a TCP options block into (kind, whole option bytes), strictly (RFC 9293 §3.1).
 
