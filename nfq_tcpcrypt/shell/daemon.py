@@ -118,6 +118,44 @@ def metrics_writer(path: str, status: Callable[[], dict[str, Any]]) -> Callable[
     return write
 
 
+def install_rules(options: DaemonOptions, workers: int = 1) -> rules.InstalledRules:
+    """Install the mode's rules for `workers` pairs of queues, in every family `options` ask for
+    (docs/architecture.md: Hooks, marks and conntrack)."""
+    params = rules.RuleParams(
+        options.queue_num,
+        options.queue_num + 1,
+        options.mark,
+        options.fail_closed,
+        options.local_mark,
+        mode=options.mode,
+        outside=options.outside,
+        workers=workers,
+    )
+    return rules.install(params, ("ipv4", "ipv6") if options.ipv6 else ("ipv4",))
+
+
+def status_commands(
+    options: DaemonOptions, engine: EngineLike, loop: EventLoop, rule_lines: Callable[[], list[str]]
+) -> tuple[dict[str, Any], Callable[[], dict[str, Any]]]:
+    """Every control command of one daemon process, with `counters`, `status` and `metrics`, and the
+    status document they are built from (README: Control socket)."""
+    commands = control_commands(engine, loop)
+
+    def counters() -> dict[str, int]:
+        return {**loop.all_counters(), "cache_entries": len(engine.cache) if isinstance(engine, Engine) else 0}
+
+    def status_doc() -> dict[str, Any]:
+        meta = {"mode": options.mode, "workers": 1, "pid": os.getpid(),
+                "queues": [options.queue_num, options.queue_num + 1], "rules": rule_lines(),
+                "queue_backend": options.queue_backend, "queue_gso": settings.gso_enabled(options)}  # fmt: skip
+        return metrics.status(counters(), meta)
+
+    commands["counters"] = lambda request: counters()
+    commands["status"] = lambda request: status_doc()
+    commands["metrics"] = lambda request: {"text": metrics.prometheus(status_doc())}
+    return commands, status_doc
+
+
 def queue_binding(options: DaemonOptions) -> Callable[[], Any]:
     """The queue factory `options` ask for: backend, fail-open flag, GSO (README: Queue backends)."""
     return nfq.queue_factory(options.queue_backend, options.queue_fail_open, settings.gso_enabled(options))
@@ -165,17 +203,7 @@ def run_daemon(options: DaemonOptions) -> int:
         loop.on_reload = make_reload(options, engine, keylog.write if keylog else None, loop.counters)
         logger.info("queues %d (inbound) and %d (outbound) bound (%s%s)", options.queue_num, options.queue_num + 1,
                     options.queue_backend, ", GSO" if settings.gso_enabled(options) else "")
-        families = ("ipv4", "ipv6") if options.ipv6 else ("ipv4",)
-        params = rules.RuleParams(
-            options.queue_num,
-            options.queue_num + 1,
-            options.mark,
-            options.fail_closed,
-            options.local_mark,
-            mode=options.mode,
-            outside=options.outside,
-        )
-        installed = rules.install(params, families)
+        installed = install_rules(options)
         unreset: list[str] = []
 
         def remove_rules() -> None:
@@ -193,20 +221,7 @@ def run_daemon(options: DaemonOptions) -> int:
 
         stack.callback(remove_rules)
         stack.callback(abort)  # runs before remove_rules
-        commands = control_commands(engine, loop)
-
-        def counters() -> dict[str, int]:
-            return {**loop.all_counters(), "cache_entries": len(engine.cache) if isinstance(engine, Engine) else 0}
-
-        def status_doc() -> dict[str, Any]:
-            meta = {"mode": options.mode, "workers": 1, "pid": os.getpid(),
-                    "queues": [options.queue_num, options.queue_num + 1], "rules": installed.lines(),
-                    "queue_backend": options.queue_backend, "queue_gso": settings.gso_enabled(options)}  # fmt: skip
-            return metrics.status(counters(), meta)
-
-        commands["counters"] = lambda request: counters()
-        commands["status"] = lambda request: status_doc()
-        commands["metrics"] = lambda request: {"text": metrics.prometheus(status_doc())}
+        commands, status_doc = status_commands(options, engine, loop, installed.lines)
         if options.metrics_file:
             loop.periodic = (metrics.METRICS_INTERVAL, metrics_writer(options.metrics_file, status_doc))
         control = ControlServer(options.control, commands)

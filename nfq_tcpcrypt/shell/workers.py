@@ -49,7 +49,7 @@ from ..core.kex import KeyPool
 from ..core.resumption import Resumable, ResumptionCache
 from . import metrics, rules, settings
 from .control import CommandError, ControlServer
-from .daemon import _peer, control_commands, make_reload, metrics_writer, queue_binding
+from .daemon import _peer, control_commands, install_rules, make_reload, metrics_writer, queue_binding
 from .freshness import Freshness
 from .inject import Injector
 from .keylog import KeyLog
@@ -516,11 +516,7 @@ def run_workers(options: DaemonOptions, workers: int) -> int:
         stack.callback(stop_workers)
         supervisor.wait_ready()
         logger.info("%d workers bound queues %d..%d", workers, options.queue_num, options.queue_num + 2 * workers - 1)
-        families = ("ipv4", "ipv6") if options.ipv6 else ("ipv4",)
-        params = rules.RuleParams(options.queue_num, options.queue_num + 1, options.mark, options.fail_closed,
-                                  options.local_mark, mode=options.mode, outside=options.outside,
-                                  workers=workers)  # fmt: skip
-        installed = rules.install(params, families)
+        installed = install_rules(options, workers)
         supervisor.installed = installed
 
         unreset: list[int] = []
