@@ -443,7 +443,7 @@ class Session:
             self._fall_back(f"peer syn: {exc}")
             return Verdict(Action.ACCEPT)
         self._set_state(Trigger.SYN_RECEIVED)
-        self.tx.wire_mss = mss(options) or self.tx.wire_mss
+        self.tx.note_peer_mss(mss(options))
         seg.options = _toward_stack(options)
         return Verdict(Action.ACCEPT, serialize_segment(seg))
 
@@ -487,7 +487,7 @@ class Session:
                     )
                     self._simultaneous = not seg.is_ack
                     self.isn_remote = seg.seq
-                    self.tx.wire_mss = mss(options) or self.tx.wire_mss
+                    self.tx.note_peer_mss(mss(options))
                 elif enos != [self._peer_syn_eno()]:
                     raise eno.EnoFailed("peer changed its eno option between syn and syn-ack")
             except eno.EnoFailed as exc:

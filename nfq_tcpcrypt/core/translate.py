@@ -43,6 +43,7 @@ from .wire.eno import NON_SYN_ENO
 from .wire.ip import without_ecn
 from .wire.tcp import (
     Segment,
+    mss,
     new_segment,
     parse_options,
     sack_pairs,
@@ -131,6 +132,7 @@ class StreamTranslator:
         # The largest payload plus options of a wire segment (RFC 6691): the peer's MSS option,
         # lowered by a too-big report (our own link's MTU shows up as one, sent by our kernel).
         self.wire_mss = 536
+        self.local_mss: int | None = None  # our stack's SYN's MSS option (note_local_syn)
         self.pmtu: int | None = None  # the path MTU a too-big report gave, once there was one
         self.kex_tries = 0
         self.init1_sent = False
@@ -175,9 +177,21 @@ class StreamTranslator:
         self.recv.ooo.budget = budget
 
     def note_local_syn(self, options: list[tuple[int, bytes]]) -> None:
-        """Our stack's SYN options: window scale and SACK-permitted."""
+        """Our stack's SYN options: window scale, SACK-permitted, and its MSS, which bounds our
+        segments as the peer's does (`note_peer_mss`)."""
         self.local_ws = window_scale(options)
         self.local_sack_perm = any(kind == TCPOPT_SACK_PERM for kind, _ in options)
+        self.local_mss = mss(options)
+        if self.local_mss:
+            self.wire_mss = min(self.wire_mss, self.local_mss)
+
+    def note_peer_mss(self, value: int | None) -> None:
+        """The MSS option of the peer's SYN (RFC 9293 §3.7.1): the most we put in one segment, but
+        never more than our own stack announced. That is its link's MTU less the headers (Linux
+        announces the route's), and what we inject goes out on that link: a larger segment would
+        be refused there (EMSGSIZE), as when the peer's link is 1500 bytes and ours 1400."""
+        if value:
+            self.wire_mss = min(value, self.local_mss or value)
 
     # ------------------------------------------------------------------ sending side
 

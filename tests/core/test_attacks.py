@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from nfq_tcpcrypt.core.constants import TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN, Role
 from nfq_tcpcrypt.core.flow import Direction
 from nfq_tcpcrypt.core.verdict import Action
@@ -456,3 +458,17 @@ def test_challenge_acks_are_rate_limited():
     _forge(pair, TCP_SYN, 0x9999)
     assert len(pair.wire) - before == 2
     assert pair.engine_b.session_table()[0]["state"] == "encrypting" and not pair.b.was_reset
+
+
+@pytest.mark.parametrize("smaller", ["a", "b"])
+def test_our_own_links_mss_bounds_what_we_send(smaller: str) -> None:
+    """A peer on a 1500-byte link announces MSS 1460; our stack's link carries 1400 and it announced
+    1360. Our segments (resends, Init messages, the rest of a frame that outgrew a segment) must fit
+    our link too, whichever side opened: the engine keeps the smaller MSS (RFC 9293 §3.7.1)."""
+    pair = Pair(seed=b"small-link")
+    getattr(pair, smaller).mss = 1360
+    pair.open()
+    pair.talk(os.urandom(20000), os.urandom(20000))
+    for engine in (pair.engine_a, pair.engine_b):
+        session = next(iter(engine._sessions.values()))
+        assert session.wire_mss == 1360, (smaller, engine is pair.engine_a)
