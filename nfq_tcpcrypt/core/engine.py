@@ -48,6 +48,9 @@ class Engine:
         # get_timer and handle_timer look at these only (a table of thousands of idle or lingering
         # sessions costs nothing per packet).
         self._armed: dict[Session, None] = {}
+        # Sessions with key material to make before their next packet needs it (Session.prepare),
+        # oldest first; at most max_sessions (an older one left out makes its keys when needed).
+        self._ahead: dict[Session, None] = {}
         self.cache = ResumptionCache(
             self.config.resume_cache_size, self.config.resume_ttl, self.config.resume_per_peer
         )
@@ -299,7 +302,7 @@ class Engine:
             old.wipe_secrets()  # port reuse: the old connection is over
             self._ended.pop(flow, None)
         session = Session(flow, self.config, self._events.append, self._inject.append, self.cache, self.ooo_budget,
-                          self._armed, self.keys)
+                          self._armed, self.keys, self._ahead)
         self._sessions[flow] = session
         self._unkeyed.pop(flow, None)
         self._unkeyed[flow] = session
@@ -345,11 +348,23 @@ class Engine:
 
     def prepare_wanted(self, now: float) -> bool:
         """Whether `prepare` has work: the loop calls it only when no packet waits."""
-        return self.keys.wanted(now) is not None
+        return bool(self._ahead) or self.cache.wanted or self.keys.wanted(now) is not None
 
     def prepare(self, now: float) -> bool:
-        """Do one piece of work ahead of need, off the packet path: one ephemeral key for the pool
-        (KeyPool); False when there was nothing to do."""
+        """Do one piece of work ahead of need, off the packet path, in this order: one session's
+        keys its next packet will need (Session.prepare: a resumed session's keys between our
+        SYN-ACK and the peer's third ACK), one resumption cache entry's next secrets and
+        identifiers (ResumptionCache.fill_one), one ephemeral key for the pool (KeyPool). Each
+        piece is small (tens of microseconds), so a packet that arrives meanwhile waits at most
+        one. Work not done ahead is done when it is needed. False when there was nothing to do."""
+        ahead, sessions = self._ahead, self._sessions
+        while ahead:
+            session = next(iter(ahead))
+            del ahead[session]
+            if sessions.get(session.flow) is session and session.prepare():
+                return True
+        if self.cache.fill_one():
+            return True
         return self.keys.fill(self.config.key_factory, now)
 
     # ------------------------------------------------------------------ outputs and timers
