@@ -348,7 +348,9 @@ class Engine:
 
     def prepare_wanted(self, now: float) -> bool:
         """Whether `prepare` has work: the loop calls it only when no packet waits."""
-        return bool(self._ahead) or self.cache.wanted or self.keys.wanted(now) is not None
+        cache = self.cache  # a worker's is the supervisor's (shell/workers.py): filled there, on demand
+        return (bool(self._ahead) or (isinstance(cache, ResumptionCache) and cache.wanted)
+                or self.keys.wanted(now) is not None)
 
     def prepare(self, now: float) -> bool:
         """Do one piece of work ahead of need, off the packet path, in this order: one session's
@@ -363,7 +365,8 @@ class Engine:
             del ahead[session]
             if sessions.get(session.flow) is session and session.prepare():
                 return True
-        if self.cache.fill_one():
+        cache = self.cache
+        if isinstance(cache, ResumptionCache) and cache.fill_one():
             return True
         return self.keys.fill(self.config.key_factory, now)
 

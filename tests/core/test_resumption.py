@@ -277,3 +277,32 @@ def test_cache_answers_the_same_whether_its_windows_were_filled_ahead_or_not(ahe
         if ahead:
             while offering.fill_one() or answering.fill_one():
                 pass
+
+
+def test_resumed_keys_made_ahead_while_idle_are_the_ones_used():
+    """Host B of a resumed session makes its keys while it waits for the third ACK
+    (Engine.prepare after its SYN-ACK); the third ACK takes them, and both ends agree on the
+    session ID and the data; without that idle time B makes the same keys at the third ACK."""
+    for ahead in (True, False):
+        pair = _pair()
+        engine = pair.engine_b
+        made = []
+        if ahead:
+            real = engine.process
+
+            def process(packet, direction, now, _real=real, _engine=engine, **kw):  # type: ignore[no-untyped-def]
+                verdict = _real(packet, direction, now, **kw)
+                sessions = list(_engine._ahead)
+                while _engine.prepare_wanted(now):
+                    _engine.prepare(now)
+                made.extend(s for s in sessions if s._made_ahead is not None)
+                return verdict
+
+            engine.process = process  # type: ignore[method-assign]
+        pair.new_connection(40001, 80)
+        _exchange(pair)
+        assert _no_init_messages(pair)
+        a, b = _session(pair.engine_a, 40001), _session(engine, 40001)
+        assert a["resumed"] and b["resumed"] and a["session_id"] == b["session_id"]
+        assert len(made) == (1 if ahead else 0)
+        assert all(s._made_ahead is None for s in engine._sessions.values())  # taken, none left over
