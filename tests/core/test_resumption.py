@@ -290,12 +290,12 @@ def test_resumed_keys_made_ahead_while_idle_are_the_ones_used():
         if ahead:
             real = engine.process
 
-            def process(packet, direction, now, _real=real, _engine=engine, **kw):  # type: ignore[no-untyped-def]
+            def process(packet, direction, now, _real=real, _engine=engine, _made=made, **kw):  # type: ignore[no-untyped-def]
                 verdict = _real(packet, direction, now, **kw)
                 sessions = list(_engine._ahead)
                 while _engine.prepare_wanted(now):
                     _engine.prepare(now)
-                made.extend(s for s in sessions if s._made_ahead is not None)
+                _made.extend(s for s in sessions if s._made_ahead is not None)
                 return verdict
 
             engine.process = process  # type: ignore[method-assign]
