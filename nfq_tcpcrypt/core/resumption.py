@@ -71,11 +71,6 @@ class _Entry:
         """ss[index]: the next unused secret."""
         return self.window[0]
 
-    @property
-    def full(self) -> bool:
-        """Whether the window holds LOOKAHEAD secrets."""
-        return len(self.window) >= LOOKAHEAD
-
     def fill(self) -> None:
         """Extend the window to LOOKAHEAD secrets and note the halves a peer may send next."""
         while len(self.window) < LOOKAHEAD:
