@@ -23,6 +23,9 @@ from .wire.tcp import Segment, new_segment, parse_segment, serialize_segment
 logger = logging.getLogger(__name__)
 
 SWEEP_INTERVAL = 1.0
+SWEEP_SLICE = 128
+"""Sessions one step of a sweep looks at: a big table is swept in steps, with the packets that
+wait handled between them (a table of 65,536 sessions took about 0.6 s in one piece here)."""
 _INBOUND = Direction.INBOUND
 
 
@@ -44,10 +47,18 @@ class Engine:
         self._events: deque[Event] = deque()
         self._inject: list[Injection] = []
         self._next_sweep: float | None = None
+        # The sweep under way: the flows it has still to look at (last first), the earliest
+        # expiry it saw, and when its last step ran (the next step is due then).
+        self._sweep_left: list[FlowKey] = []
+        self._sweep_seen: float | None = None
+        self._sweep_step_at = 0.0
         # Sessions that armed a timer since they were last seen with none, oldest first:
         # get_timer and handle_timer look at these only (a table of thousands of idle or lingering
         # sessions costs nothing per packet).
         self._armed: dict[Session, None] = {}
+        # Sessions with key material to make before their next packet needs it (Session.prepare),
+        # oldest first; at most max_sessions (an older one left out makes its keys when needed).
+        self._ahead: dict[Session, None] = {}
         self.cache = ResumptionCache(
             self.config.resume_cache_size, self.config.resume_ttl, self.config.resume_per_peer
         )
@@ -299,7 +310,7 @@ class Engine:
             old.wipe_secrets()  # port reuse: the old connection is over
             self._ended.pop(flow, None)
         session = Session(flow, self.config, self._events.append, self._inject.append, self.cache, self.ooo_budget,
-                          self._armed, self.keys)
+                          self._armed, self.keys, self._ahead)
         self._sessions[flow] = session
         self._unkeyed.pop(flow, None)
         self._unkeyed[flow] = session
@@ -345,11 +356,26 @@ class Engine:
 
     def prepare_wanted(self, now: float) -> bool:
         """Whether `prepare` has work: the loop calls it only when no packet waits."""
-        return self.keys.wanted(now) is not None
+        cache = self.cache  # a worker's is the supervisor's (shell/workers.py): filled there, on demand
+        return (bool(self._ahead) or (isinstance(cache, ResumptionCache) and cache.wanted)
+                or self.keys.wanted(now) is not None)
 
     def prepare(self, now: float) -> bool:
-        """Do one piece of work ahead of need, off the packet path: one ephemeral key for the pool
-        (KeyPool); False when there was nothing to do."""
+        """Do one piece of work ahead of need, off the packet path, in this order: one session's
+        keys its next packet will need (Session.prepare: a resumed session's keys between our
+        SYN-ACK and the peer's third ACK), one resumption cache entry's next secrets and
+        identifiers (ResumptionCache.fill_one), one ephemeral key for the pool (KeyPool). Each
+        piece is small (tens of microseconds), so a packet that arrives meanwhile waits at most
+        one. Work not done ahead is done when it is needed. False when there was nothing to do."""
+        ahead, sessions = self._ahead, self._sessions
+        while ahead:
+            session = next(iter(ahead))
+            del ahead[session]
+            if sessions.get(session.flow) is session and session.prepare():
+                return True
+        cache = self.cache
+        if isinstance(cache, ResumptionCache) and cache.fill_one():
+            return True
         return self.keys.fill(self.config.key_factory, now)
 
     # ------------------------------------------------------------------ outputs and timers
@@ -365,6 +391,8 @@ class Engine:
     def get_timer(self) -> float | None:
         """The next deadline (same clock as `now`), or None."""
         earliest = self._next_sweep
+        if self._sweep_left and (earliest is None or self._sweep_step_at < earliest):
+            earliest = self._sweep_step_at  # the sweep under way goes on at once
         keys_expire = self.keys.next_expiry()
         if keys_expire is not None and (earliest is None or keys_expire < earliest):
             earliest = keys_expire
@@ -389,8 +417,12 @@ class Engine:
             at = session.timer_at
             if at is not None and at <= now:
                 session.handle_timer(now)
-        if self._next_sweep is not None and self._next_sweep <= now:
+        if self._sweep_left:
+            self._sweep(now)
+        elif self._next_sweep is not None and self._next_sweep <= now:
             self._next_sweep = None
+            self._sweep_left = list(reversed(self._sessions))
+            self._sweep_seen = None
             self._sweep(now)
 
     def _schedule_sweep(self, when: float) -> None:
@@ -398,24 +430,39 @@ class Engine:
             self._next_sweep = max(when, 0.0)
 
     def _sweep(self, now: float) -> None:
-        """Drop sessions past their linger or idle time; schedule the next sweep at the next expiry."""
+        """One step of a sweep: drop sessions past their linger or idle time among the next
+        SWEEP_SLICE of the table (as it was when the sweep began; the next step is due at once,
+        after the packets that wait). After the last step: tombstones past their time, and the
+        next sweep at the earliest expiry seen (at least SWEEP_INTERVAL on)."""
         linger, idle, embryonic = self.config.session_linger, self.config.idle_timeout, self.config.embryonic_timeout
-        for flow, session in list(self._sessions.items()):
+        left, sessions, seen = self._sweep_left, self._sessions, self._sweep_seen
+        for _ in range(min(SWEEP_SLICE, len(left))):
+            flow = left.pop()
+            session = sessions.get(flow)
+            if session is None:
+                continue
             expires = session.last_seen + (embryonic if session.embryonic else idle)
             if session.closed_at is not None:
                 expires = min(expires, session.closed_at + linger)
             if expires <= now:
-                del self._sessions[flow]
+                del sessions[flow]
                 self._unkeyed.pop(flow, None)
                 self._ended.pop(flow, None)
                 self._reopened.pop(flow, None)
                 self._bury(session, now)
                 session.wipe_secrets()
                 self._events.append(SessionExpired(flow))
-            else:
-                self._schedule_sweep(max(expires, now + SWEEP_INTERVAL))
-        for flow in [flow for flow, session in self._unkeyed.items() if session.send is not None]:
-            del self._unkeyed[flow]  # keyed since: no longer a candidate for eviction
+                continue
+            if seen is None or expires < seen:
+                seen = expires
+            if session.send is not None:
+                self._unkeyed.pop(flow, None)  # keyed since: no longer a candidate for eviction
+        self._sweep_seen = seen
+        self._sweep_step_at = now
+        if left:
+            return
+        if seen is not None:
+            self._schedule_sweep(max(seen, now + SWEEP_INTERVAL))
         next_tombstone = self.tombstones.expire(now)
         if next_tombstone is not None:
             self._schedule_sweep(max(next_tombstone, now + SWEEP_INTERVAL))

@@ -200,20 +200,30 @@ def extract(salt: bytes, ikm: bytes) -> bytes:
     return hmac.digest(salt, ikm, "sha256")
 
 
-def cprf(key: bytes, info: bytes, length: int) -> bytes:
+def cprf(key: bytes | bytearray, info: bytes, length: int) -> bytes:
     """CPRF = HKDF-Expand-SHA256 (RFC 8548 §3.1, §5; RFC 5869 §2.3)."""
     if length <= 32:  # one block, T(1) (every CPRF of the protocol but 44-byte traffic keys)
-        return hmac.digest(key, info + b"\x01", "sha256")[:length]
+        return _digest(key, info + b"\x01", "sha256")[:length]
     if length > 255 * 32:
         raise ValueError(f"cprf length {length} exceeds 255 blocks")
     out = b""
     block = b""
     counter = 1
     while len(out) < length:
-        block = hmac.digest(key, block + info + bytes((counter,)), "sha256")
+        block = _digest(key, block + info + bytes((counter,)), "sha256")
         out += block
         counter += 1
     return out[:length]
+
+
+_digest = hmac.digest  # hashlib's one-shot HMAC in C: no HMAC object per call
+# The CPRF info strings of the key schedule with HKDF-Expand's first counter byte (RFC 5869 §2.3).
+_NEXTK_1 = bytes((CONST_NEXTK, 1))
+_RESUME_1 = bytes((CONST_RESUME, 1))
+_KEY_A_1 = bytes((CONST_KEY_A, 1))
+_KEY_B_1 = bytes((CONST_KEY_B, 1))
+_KEY_A_2 = bytes((CONST_KEY_A, 2))
+_KEY_B_2 = bytes((CONST_KEY_B, 2))
 
 
 def session_secret(n_a: bytes, transcript: bytes, init1: bytes, init2: bytes, es: bytes) -> bytes:
@@ -221,14 +231,27 @@ def session_secret(n_a: bytes, transcript: bytes, init1: bytes, init2: bytes, es
     return extract(n_a, transcript + init1 + init2 + es)
 
 
-def next_session_secret(ss: bytes) -> bytes:
-    """ss[i] = CPRF(ss[i-1], CONST_NEXTK, K_LEN) (RFC 8548 §3.3)."""
-    return cprf(ss, bytes((CONST_NEXTK,)), K_LEN)
+def next_session_secret(ss: bytes | bytearray) -> bytes:
+    """ss[i] = CPRF(ss[i-1], CONST_NEXTK, K_LEN) (RFC 8548 §3.3): one HMAC block, K_LEN = 32."""
+    return _digest(ss, _NEXTK_1, "sha256")
 
 
-def resume_identifier(ss: bytes) -> bytes:
+def resume_identifier(ss: bytes | bytearray) -> bytes:
     """resume[i] = CPRF(ss[i], CONST_RESUME, 18) (RFC 8548 §3.5)."""
-    return cprf(ss, bytes((CONST_RESUME,)), 18)
+    return _digest(ss, _RESUME_1, "sha256")[:18]
+
+
+def traffic_keys(mk: bytes | bytearray, length: int) -> tuple[bytes, bytes]:
+    """k_ab, k_ba = CPRF(mk[j], CONST_KEY_A / CONST_KEY_B, ae_key_len + ae_nonce_len) (RFC 8548 §3.3):
+    one HMAC block each up to 32 bytes, two for the 44 bytes of a 256-bit key."""
+    k_ab = _digest(mk, _KEY_A_1, "sha256")
+    k_ba = _digest(mk, _KEY_B_1, "sha256")
+    if length > 32:  # T(2) = HMAC(mk, T(1) | info | 0x02) (RFC 5869 §2.3)
+        if length > 64:
+            raise ValueError(f"traffic key length {length} exceeds two blocks")
+        k_ab += _digest(mk, k_ab + _KEY_A_2, "sha256")
+        k_ba += _digest(mk, k_ba + _KEY_B_2, "sha256")
+    return k_ab[:length], k_ba[:length]
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,26 +277,26 @@ def wipe(secret: bytearray) -> None:
 class KeySchedule:
     """Master keys mk[j] of one session and the traffic keys derived from them (RFC 8548 §3.3, §3.8)."""
 
-    def __init__(self, ss: bytes, sn: bytes, tep_byte: int, traffic_key_len: int) -> None:
+    __slots__ = ("_traffic_key_len", "_mk", "_generation", "session_id")
+
+    def __init__(self, ss: bytes | bytearray, sn: bytes, tep_byte: int, traffic_key_len: int) -> None:
         self._traffic_key_len = traffic_key_len
-        self._mk = bytearray(cprf(ss, bytes((CONST_REKEY,)) + sn, K_LEN))
+        # mk[0] = CPRF(ss, CONST_REKEY | sn, K_LEN); session ID = TEP byte | CPRF(ss, CONST_SESSID | sn, K_LEN).
+        self._mk = bytearray(_digest(ss, bytes((CONST_REKEY,)) + sn + b"\x01", "sha256"))
         self._generation = 0
-        self.session_id = bytes((tep_byte,)) + cprf(ss, bytes((CONST_SESSID,)) + sn, K_LEN)
+        self.session_id = bytes((tep_byte,)) + _digest(ss, bytes((CONST_SESSID,)) + sn + b"\x01", "sha256")
 
     def keys(self, generation: int) -> TrafficKeys:
         """Traffic keys of `generation`; generations only move forward (old master keys are erased)."""
         if generation < self._generation:
             raise ValueError(f"generation {generation} is older than {self._generation}")
         while self._generation < generation:
-            mk = bytearray(cprf(bytes(self._mk), bytes((CONST_REKEY,)), K_LEN))
+            mk = bytearray(cprf(self._mk, bytes((CONST_REKEY,)), K_LEN))
             wipe(self._mk)
             self._mk = mk
             self._generation += 1
-        length = self._traffic_key_len
-        return TrafficKeys(
-            k_ab=bytearray(cprf(bytes(self._mk), bytes((CONST_KEY_A,)), length)),
-            k_ba=bytearray(cprf(bytes(self._mk), bytes((CONST_KEY_B,)), length)),
-        )
+        k_ab, k_ba = traffic_keys(self._mk, self._traffic_key_len)
+        return TrafficKeys(bytearray(k_ab), bytearray(k_ba))
 
     def wipe(self) -> None:
         """Zero the master key (the session ended)."""

@@ -45,7 +45,8 @@ class Resumable:
 
 
 class _Entry:
-    __slots__ = ("peer", "window", "ids", "index", "tep", "aead", "original_role", "expires_at", "uses", "halves")
+    __slots__ = ("peer", "window", "ids", "index", "tep", "aead", "original_role", "expires_at", "uses", "halves",
+                 "_peer_half")
 
     def __init__(self, peer: bytes, ss: bytes, tep: Tep, aead: Aead, role: Role, expires_at: float) -> None:
         self.peer = peer
@@ -60,46 +61,49 @@ class _Entry:
         self.original_role = role
         self.expires_at = expires_at
         self.uses = 0
-        self.halves: list[bytes] = []  # the peer's identifier halves of ss[index .. index+LOOKAHEAD-1]
-        self._fill()
+        # The peer's identifier halves of the window (Resumable.peer_half); `fill` extends the
+        # window to LOOKAHEAD, ahead of need while the daemon is idle (ResumptionCache.fill_one).
+        self._peer_half = slice(9, None) if role is Role.A else slice(None, 9)
+        self.halves = [self.ids[0][self._peer_half]]
 
     @property
     def ss(self) -> bytearray:
         """ss[index]: the next unused secret."""
         return self.window[0]
 
-    def _fill(self) -> None:
+    def fill(self) -> None:
         """Extend the window to LOOKAHEAD secrets and note the halves a peer may send next."""
         while len(self.window) < LOOKAHEAD:
-            ss = next_session_secret(bytes(self.window[-1]))
+            ss = next_session_secret(self.window[-1])
             self.window.append(bytearray(ss))
             self.ids.append(resume_identifier(ss))
-        # The peer's halves (Resumable.peer_half), without building a Resumable for each.
-        peer_half = slice(9, None) if self.original_role is Role.A else slice(None, 9)
+        peer_half = self._peer_half
         self.halves = [rid[peer_half] for rid in self.ids]
 
     def _resumable(self, ahead: int) -> Resumable:
         return Resumable(bytes(self.window[ahead]), self.ids[ahead], self.tep, self.aead, self.original_role)
 
     def advance(self, steps: int) -> None:
-        """Move to ss[index + steps], zeroing the secrets left behind."""
+        """Move to ss[index + steps], zeroing the secrets left behind; the window is extended
+        again by `fill` (the cache calls it ahead of need, or before a lookup that needs it)."""
         for _ in range(steps):
             if len(self.window) == 1:
-                self.window.append(bytearray(next_session_secret(bytes(self.window[0]))))
-                self.ids.append(resume_identifier(bytes(self.window[1])))
+                self.window.append(bytearray(next_session_secret(self.window[0])))
+                self.ids.append(resume_identifier(self.window[1]))
             left = self.window.pop(0)
             left[:] = bytes(len(left))
             self.ids.pop(0)
             self.index += 1
-        self._fill()
+        peer_half = self._peer_half
+        self.halves = [rid[peer_half] for rid in self.ids]
 
     def resumable(self, ahead: int = 0) -> Resumable:
         if ahead < len(self.window):
             return self._resumable(ahead)
-        ss = bytes(self.window[-1])
+        ss: bytes | bytearray = self.window[-1]
         for _ in range(ahead - len(self.window) + 1):
             ss = next_session_secret(ss)
-        return Resumable(ss, resume_identifier(ss), self.tep, self.aead, self.original_role)
+        return Resumable(bytes(ss), resume_identifier(ss), self.tep, self.aead, self.original_role)
 
     def wipe(self) -> None:
         for ss in self.window:
@@ -114,6 +118,10 @@ class ResumptionCache:
 
     Lookups cost no key derivation: each entry keeps the identifier halves the peer may send next,
     indexed by (peer, half), so a SYN with a bogus identifier costs one dictionary lookup.
+
+    Deriving those next secrets and halves is work no packet waits for: a stored or used entry is
+    noted as unfilled, and `fill_one` (Engine.prepare, while no packet waits) extends its window;
+    a lookup by a peer whose entries are still unfilled fills them first, so the answer is the same.
     """
 
     def __init__(self, max_entries: int = 4096, ttl: float = 3600.0, per_peer: int = 16) -> None:
@@ -125,6 +133,7 @@ class ResumptionCache:
         self._by_half: dict[tuple[bytes, bytes], int] = {}  # (peer, identifier half) -> entry key
         self._next_key = 0
         self._next_expiry = 0.0
+        self._unfilled: dict[int, None] = {}  # entry keys whose window is short of LOOKAHEAD, oldest first
         self.flushes = 0
 
     def __len__(self) -> int:
@@ -139,6 +148,7 @@ class ResumptionCache:
         self._entries[key] = entry
         self._by_peer.setdefault(peer, []).append(key)
         self._index(key, entry)
+        self._unfilled[key] = None
         while len(self._by_peer[peer]) > self.per_peer:
             self._remove(self._by_peer[peer][0])
         while len(self._entries) > self.max_entries:
@@ -159,6 +169,7 @@ class ResumptionCache:
         self._unindex(best, entry)
         entry.advance(1)
         self._index(best, entry)
+        self._unfilled[best] = None
         entry.uses += 1
         self._touch(best, entry)
         return offer
@@ -166,6 +177,10 @@ class ResumptionCache:
     def take_for_answer(self, peer: bytes, tep: int, half: bytes, now: float) -> Resumable | None:
         """The cached secret whose identifier half `half` the peer sent, if any, burned (§3.5)."""
         self._expire(now)
+        if self._unfilled:
+            for unfilled in self._by_peer.get(peer, ()):
+                if unfilled in self._unfilled:
+                    self._fill(unfilled)
         key = self._by_half.get((peer, bytes(half)))
         if key is None:
             return None
@@ -177,9 +192,33 @@ class ResumptionCache:
         self._unindex(key, entry)
         entry.advance(ahead + 1)
         self._index(key, entry)
+        self._unfilled[key] = None
         entry.uses += 1
         self._touch(key, entry)
         return candidate
+
+    @property
+    def wanted(self) -> bool:
+        """Whether some entry's window waits to be extended (`fill_one`)."""
+        return bool(self._unfilled)
+
+    def fill_one(self) -> bool:
+        """Extend one unfilled entry's window to LOOKAHEAD (RFC 8548 §3.5: the next secrets and
+        identifiers), ahead of need; False when none waits."""
+        while self._unfilled:
+            key = next(iter(self._unfilled))
+            if key in self._entries:
+                self._fill(key)
+                return True
+            del self._unfilled[key]
+        return False
+
+    def _fill(self, key: int) -> None:
+        del self._unfilled[key]
+        entry = self._entries[key]
+        self._unindex(key, entry)
+        entry.fill()
+        self._index(key, entry)
 
     def flush(self, peer: bytes | None = None) -> int:
         """Forget every secret (of one peer, or all); return how many entries went."""
@@ -225,6 +264,7 @@ class ResumptionCache:
 
     def _remove(self, key: int) -> None:
         entry = self._entries.pop(key)
+        self._unfilled.pop(key, None)
         self._unindex(key, entry)
         keys = self._by_peer[entry.peer]
         keys.remove(key)

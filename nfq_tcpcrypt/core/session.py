@@ -12,6 +12,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import replace
 from enum import StrEnum
+from typing import NamedTuple
 
 from . import eno
 from .aead import FrameCipher, traffic_key_len
@@ -147,9 +148,12 @@ class Session:
         self, flow: FlowKey, config: Configuration, emit: Callable[[Event], None],
         inject: Callable[[Injection], None], cache: ResumptionCache | None = None,
         ooo_budget: Budget | None = None, armed: dict[Session, None] | None = None,
-        keys: KeyPool | None = None,
+        keys: KeyPool | None = None, ahead: dict[Session, None] | None = None,
     ) -> None:
         self._cache = cache
+        self._ahead = ahead  # the engine's sessions with work for Engine.prepare
+        # A resumed session's keys made ahead by `prepare`, with the negotiation they came from.
+        self._made_ahead: tuple[eno.Negotiated, _Keyed] | None = None
         self._key_pool = keys
         self._ooo_budget = ooo_budget
         self._no_cache = False
@@ -209,6 +213,7 @@ class Session:
             self.closed_at = self.last_seen if now is None else now
 
     def _fall_back(self, reason: str) -> None:
+        self._drop_made_ahead()
         self._set_state(Trigger.FALLBACK)
         self._emit(FellBackToPlain(self.flow, reason))
 
@@ -443,6 +448,9 @@ class Session:
             self._fall_back(f"peer syn: {exc}")
             return Verdict(Action.ACCEPT)
         self._set_state(Trigger.SYN_RECEIVED)
+        ahead = self._ahead
+        if self._negotiated.resume is not None and ahead is not None and len(ahead) < self.config.max_sessions:
+            ahead[self] = None  # its keys are made while we wait for the third ACK (prepare)
         self.tx.note_peer_mss(mss(options))
         seg.options = _toward_stack(options)
         return Verdict(Action.ACCEPT, serialize_segment(seg))
@@ -601,15 +609,40 @@ class Session:
         self.resumed = True
         if self.config.secrets_log is not None:
             self.config.secrets_log(f"SS {resume.resume_id.hex()} {resume.ss.hex()}")
-        schedule = KeySchedule(resume.ss, negotiated.sn, self.tep_byte, traffic_key_len(resume.aead))
-        self._keys_ready(schedule, resume.aead, now)
+        made, self._made_ahead = self._made_ahead, None
+        keyed = made[1] if made is not None and made[0] is negotiated else _resumed_schedule(negotiated)
+        if made is not None and made[0] is not negotiated:
+            _wipe_keyed(made[1])
+        self._keys[0] = keyed.keys
+        self._keys_ready(keyed.schedule, resume.aead, now, keyed)
 
-    def _keys_ready(self, schedule: KeySchedule, aead: Aead, now: float) -> None:
+    def prepare(self) -> bool:
+        """Key material ahead of need (Engine.prepare, while no packet waits): host B of a
+        resumed session makes its key schedule, traffic keys and ciphers (RFC 8548 §3.5) from
+        ss[i] and sn[i], both known since the peer's SYN, while it waits for the third ACK, which
+        then finds them made (`_resumed_keys` makes them itself when this has not run). False:
+        nothing to do."""
+        negotiated = self._negotiated
+        if (self.state is not State.ENO_RECEIVED or negotiated is None or negotiated.resume is None
+                or self._made_ahead is not None):
+            return False
+        self._made_ahead = (negotiated, _resumed_schedule(negotiated))
+        return True
+
+    def _drop_made_ahead(self) -> None:
+        if self._made_ahead is not None:
+            _wipe_keyed(self._made_ahead[1])
+            self._made_ahead = None
+
+    def _keys_ready(self, schedule: KeySchedule, aead: Aead, now: float, keyed: _Keyed | None = None) -> None:
         assert self.send is not None and self.recv is not None
         self._schedule = schedule
         self.aead = aead
-        self.send.cipher = self.cipher(0, sending=True)
-        self.recv.cipher = self.cipher(0, sending=False)
+        if keyed is not None:
+            self.send.cipher, self.recv.cipher = keyed.send, keyed.recv
+        else:
+            self.send.cipher = self.cipher(0, sending=True)
+            self.recv.cipher = self.cipher(0, sending=False)
         self.session_id = schedule.session_id
         self._set_state(Trigger.KEYS)
         if self.send.prefix and self.send.prefix_acked:
@@ -807,6 +840,7 @@ class Session:
             self._schedule = None
         self._private_key = None
         self._resume = None
+        self._drop_made_ahead()
         if self.send is not None and self.recv is not None:
             self.send.cipher = self.recv.cipher = None
             self.recv.ooo.clear()  # the daemon-wide budget gets its bytes back
@@ -895,6 +929,31 @@ class Session:
         if self.recv is not None:
             held += self.recv.ooo.cost + sum(len(data) for _, data in self.recv.replay)
         return held
+
+
+class _Keyed(NamedTuple):
+    """A session's key schedule with key set 0 and its two ciphers (RFC 8548 §3.3, §3.6)."""
+
+    schedule: KeySchedule
+    keys: TrafficKeys
+    send: FrameCipher
+    recv: FrameCipher
+
+
+def _resumed_schedule(negotiated: eno.Negotiated) -> _Keyed:
+    """The keys of a resumed session (RFC 8548 §3.5): mk[0] from ss[i] and sn[i]; we send with
+    k_ab if we were host A of the session that made ss[0], else with k_ba."""
+    resume = negotiated.resume
+    assert resume is not None
+    schedule = KeySchedule(resume.ss, negotiated.sn, negotiated.tep_byte, traffic_key_len(resume.aead))
+    keys = schedule.keys(0)
+    ours, theirs = (keys.k_ab, keys.k_ba) if resume.original_role is Role.A else (keys.k_ba, keys.k_ab)
+    return _Keyed(schedule, keys, FrameCipher(resume.aead, ours), FrameCipher(resume.aead, theirs))
+
+
+def _wipe_keyed(keyed: _Keyed) -> None:
+    keyed.schedule.wipe()
+    keyed.keys.wipe()
 
 
 def _toward_stack(options: list[tuple[int, bytes]]) -> bytes:

@@ -342,6 +342,15 @@ def test_resumption_lookups_cost_no_derivation_and_peers_are_capped(monkeypatch)
     monkeypatch.setattr(resumption, "next_session_secret", lambda ss: calls.append(1) or kex.next_session_secret(ss))
     monkeypatch.setattr(resumption, "resume_identifier", lambda ss: calls.append(1) or kex.resume_identifier(ss))
     monkeypatch.setattr(kex, "cprf", lambda *a: calls.append(1) or real(*a))
+    # The next secrets of a stored entry are derived once, ahead (fill_one) or by the first
+    # lookup of its peer; after that no lookup derives anything.
+    assert cache.take_for_answer(peer, int(Tep.X25519), os.urandom(9), 1.0) is None
+    assert 0 < len(calls) <= 16 * 2 * (resumption.LOOKAHEAD - 1)
+    calls.clear()
+    while cache.fill_one():
+        pass
+    assert 0 < len(calls) <= 16 * 2 * (resumption.LOOKAHEAD - 1) and not cache.wanted  # the other peer's
+    calls.clear()
     for _ in range(100):
         assert cache.take_for_answer(peer, int(Tep.X25519), os.urandom(9), 1.0) is None
     assert calls == []

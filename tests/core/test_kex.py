@@ -52,6 +52,30 @@ def test_fresh_key_schedule_vectors():
         schedule.keys(0)  # old master keys are gone
 
 
+@pytest.mark.parametrize("aead", list(Aead))
+def test_key_schedule_equals_hkdf_expand_for_every_key_length(aead):
+    """The schedule's one-block shortcuts against the library's HKDF-Expand (RFC 5869 §2.3), for
+    28- and 44-byte traffic keys (two blocks), a later generation and a resumed session's sn."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+    def expand(key: bytes, info: bytes, length: int) -> bytes:
+        return HKDFExpand(hashes.SHA256(), length, info).derive(key)
+
+    length = traffic_key_len(aead)
+    for ss, sn in ((v.SS0, b""), (v.SS1, v.NONCE_A + v.NONCE_B)):
+        schedule = kex.KeySchedule(bytearray(ss), sn, 0x23, length)
+        assert schedule.session_id == bytes((0x23,)) + expand(ss, bytes((0x02,)) + sn, 32)
+        mk0 = expand(ss, bytes((0x03,)) + sn, 32)
+        mk2 = expand(expand(mk0, bytes((0x03,)), 32), bytes((0x03,)), 32)
+        for generation, mk in ((0, mk0), (2, mk2)):
+            keys = schedule.keys(generation)
+            assert keys.k_ab == expand(mk, bytes((0x04,)), length)
+            assert keys.k_ba == expand(mk, bytes((0x05,)), length)
+        assert kex.next_session_secret(bytearray(ss)) == expand(ss, bytes((0x01,)), 32)
+        assert kex.resume_identifier(ss) == expand(ss, bytes((0x06,)), 18)
+
+
 def test_first_frame_vector_and_tamper():
     cipher = FrameCipher(Aead.AES_128_GCM, v.K_AB0)
     frame = cipher.seal(v.FIRST_FRAME_OFFSET, v.FIRST_FRAME_PLAINTEXT)

@@ -236,3 +236,73 @@ class TestControls:
         for i in range(3):
             cache.store(bytes([10, 0, 0, i]), bytes(32), Tep.X25519, 1, Role.A, 0.0)
         assert [e["peer"] for e in cache.info(0.0)] == [f"10.0.0.{i}" for i in range(3 - size, 3)]
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_cache_answers_the_same_whether_its_windows_were_filled_ahead_or_not(ahead):
+    """The next secrets and identifiers of an entry are derived while the daemon is idle
+    (ResumptionCache.fill_one) or, if that has not run yet, by the lookup that needs them: the
+    secrets handed out are the chain ss[i+1] = CPRF(ss[i], CONST_NEXTK) either way (RFC 8548
+    §3.5), each once, and a peer's identifier up to LOOKAHEAD-1 secrets ahead is recognised."""
+    import os
+
+    from nfq_tcpcrypt.core import kex, resumption
+    from nfq_tcpcrypt.core.constants import Aead
+
+    peer = bytes([10, 0, 0, 1])
+    ss0 = os.urandom(32)
+    chain = [kex.next_session_secret(ss0)]
+    for _ in range(12):
+        chain.append(kex.next_session_secret(chain[-1]))
+    offering = resumption.ResumptionCache()  # our role A: we offer
+    answering = resumption.ResumptionCache()  # our role B: we answer
+    offering.store(peer, ss0, Tep.X25519, Aead.AES_128_GCM, Role.A, 0.0)
+    answering.store(peer, ss0, Tep.X25519, Aead.AES_128_GCM, Role.B, 0.0)
+    if ahead:
+        assert offering.wanted and answering.wanted
+        while offering.fill_one() or answering.fill_one():
+            pass
+        assert not offering.wanted and not answering.wanted
+    index = 0
+    for skip in (0, 2, 0, resumption.LOOKAHEAD - 1, 1):
+        for _ in range(skip):  # offers the peer never saw (lost SYNs): the answerer looks ahead
+            assert offering.take_for_offer(peer, (Tep.X25519,), 1.0).ss == chain[index]
+            index += 1
+        offer = offering.take_for_offer(peer, (Tep.X25519,), 1.0)
+        assert offer is not None and offer.ss == chain[index] and offer.resume_id == kex.resume_identifier(chain[index])
+        found = answering.take_for_answer(peer, int(Tep.X25519), offer.our_half, 1.0)
+        assert found is not None and found.ss == offer.ss and found.peer_half == offer.our_half
+        assert answering.take_for_answer(peer, int(Tep.X25519), offer.our_half, 1.0) is None  # used once
+        index += 1
+        if ahead:
+            while offering.fill_one() or answering.fill_one():
+                pass
+
+
+def test_resumed_keys_made_ahead_while_idle_are_the_ones_used():
+    """Host B of a resumed session makes its keys while it waits for the third ACK
+    (Engine.prepare after its SYN-ACK); the third ACK takes them, and both ends agree on the
+    session ID and the data; without that idle time B makes the same keys at the third ACK."""
+    for ahead in (True, False):
+        pair = _pair()
+        engine = pair.engine_b
+        made = []
+        if ahead:
+            real = engine.process
+
+            def process(packet, direction, now, _real=real, _engine=engine, _made=made, **kw):  # type: ignore[no-untyped-def]
+                verdict = _real(packet, direction, now, **kw)
+                sessions = list(_engine._ahead)
+                while _engine.prepare_wanted(now):
+                    _engine.prepare(now)
+                _made.extend(s for s in sessions if s._made_ahead is not None)
+                return verdict
+
+            engine.process = process  # type: ignore[method-assign]
+        pair.new_connection(40001, 80)
+        _exchange(pair)
+        assert _no_init_messages(pair)
+        a, b = _session(pair.engine_a, 40001), _session(engine, 40001)
+        assert a["resumed"] and b["resumed"] and a["session_id"] == b["session_id"]
+        assert len(made) == (1 if ahead else 0)
+        assert all(s._made_ahead is None for s in engine._sessions.values())  # taken, none left over

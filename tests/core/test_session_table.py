@@ -128,3 +128,44 @@ def test_a_reopened_tuple_whose_new_session_goes_fails_closed_again():
     write = new_segment(B_IP, A_IP, b_port, a_port, 0x1000, 0x2000, TCP_ACK | TCP_PSH, 1000, b"", secret)
     assert engine.process(serialize_segment(write), Direction.OUTBOUND, pair.now).action is Action.DROP
     assert not any(secret in i.packet for i in engine.segments_to_inject())
+
+
+def test_a_big_table_is_swept_in_steps_and_nothing_escapes_the_sweep():
+    """The sweep looks at SWEEP_SLICE sessions per step, the next step due at once (packets that
+    wait go between steps); every session past its time goes, and one opened while a sweep is
+    under way is swept in a later one."""
+    from nfq_tcpcrypt.core.engine import SWEEP_SLICE, Engine
+    from nfq_tcpcrypt.core.events import SessionExpired
+
+    engine = Engine(seeded_config(b"sweep"))
+    embryonic = engine.config.embryonic_timeout
+
+    def syn(port: int, now: float) -> None:
+        packet = serialize_segment(new_segment(A_IP, B_IP, port, 80, 1000, 0, TCP_SYN, 65535))
+        assert engine.process(packet, Direction.OUTBOUND, now).action is Action.ACCEPT
+
+    count = 2 * SWEEP_SLICE + 20
+    for k in range(count):
+        syn(10000 + k, 0.0)
+    assert len(engine.session_table()) == count
+    now = embryonic + 1.0
+    assert engine.get_timer() is not None and engine.get_timer() <= now
+    steps = 0
+    while (at := engine.get_timer()) is not None and at <= now:
+        before = len(engine.session_table())
+        engine.handle_timer(now)
+        assert before - len(engine.session_table()) <= SWEEP_SLICE
+        steps += 1
+        if steps == 1:
+            syn(30000, now)  # opened while the sweep is under way
+    assert steps == 3 and len(engine.session_table()) == 1  # the late one is not due yet
+    expired = []
+    while (event := engine.next_event()) is not None:
+        expired += [event] if isinstance(event, SessionExpired) else []
+    assert len(expired) == count
+    later = engine.get_timer()
+    assert later is not None and later <= now + embryonic + 1.0  # its own expiry is scheduled
+    engine.handle_timer(now + embryonic + 1.0)
+    while (at := engine.get_timer()) is not None and at <= now + embryonic + 1.0:
+        engine.handle_timer(now + embryonic + 1.0)
+    assert engine.session_table() == []

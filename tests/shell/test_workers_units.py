@@ -116,3 +116,20 @@ def test_sighup_gives_the_shared_cache_the_new_ttl_and_size(tmp_path) -> None:  
     path.write_text("resume-ttl = 'soon'\n")
     supervisor.reload_cache_settings()  # a bad file: logged, nothing changes
     assert (supervisor.cache.ttl, supervisor.cache.max_entries) == (60, 10)
+
+
+def test_a_worker_engine_with_the_supervisors_cache_still_works_ahead() -> None:
+    """A worker's engine holds the supervisor's cache (RemoteCache, filled there on demand): its
+    idle work (Engine.prepare) skips the cache and does the rest."""
+    from nfq_tcpcrypt.core.engine import Engine
+    from nfq_tcpcrypt.core.kex import KeyPool
+
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    engine = Engine()
+    engine.cache = RemoteCache(child)  # type: ignore[assignment]  # as shell/workers.py does
+    engine.keys = KeyPool(size=1)
+    assert not engine.prepare_wanted(0.0) and not engine.prepare(0.0)
+    engine.keys.take(engine.config.key_factory, Tep.X25519, 0.0)  # a connection asked for a key
+    assert engine.prepare_wanted(0.0) and engine.prepare(0.0) and len(engine.keys) == 1
+    parent.close()
+    child.close()
