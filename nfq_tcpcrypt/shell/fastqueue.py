@@ -116,7 +116,8 @@ class FastPacket:
         if not pending:
             queue._held_since = now
         pending.append(self)
-        if len(pending) >= HOLD_MAX or now - queue._held_since >= HOLD_SECONDS:
+        if queue._eager or len(pending) >= HOLD_MAX or now - queue._held_since >= HOLD_SECONDS:
+            queue._eager = False
             queue.flush()
 
     def accept(self) -> None:
@@ -142,6 +143,8 @@ class FastQueue:
         self._callback: Callable[[Any], None] | None = None
         self._pending: list[FastPacket] = []
         self._held_since = 0.0
+        self._eager = False
+        """The next verdict goes at once (the drain's first packet's)."""
         """When the oldest verdict in `_pending` was given (time.monotonic())."""
         self._buffer = bytearray(RECV_SIZE)
         self._view = memoryview(self._buffer)
@@ -197,7 +200,8 @@ class FastQueue:
         """Handle every packet waiting now, then send their verdicts; exceptions of the callback
         propagate after the verdicts already given have been sent.
 
-        The verdict of the drain's first packet goes as soon as it is given, and then a poll of
+        The verdict of the drain's first packet goes as soon as it is given (before the loop's
+        work after the packet: its injections the same way, its events), and then a poll of
         this socket alone (a third of the cost of a recv that fails with EAGAIN in Python) tells
         whether more wait: a packet that arrives alone (those of a connection being set up, one
         per wakeup) neither waits for nor pays the recv that finds the socket empty. Packets
@@ -211,6 +215,7 @@ class FastQueue:
         buffer, view, recv_into, counters = self._buffer, self._view, sock.recv_into, self.counters
         waiting = self._waiting.poll if self._waiting is not None else lambda timeout: True
         first = True
+        self._eager = True
         try:
             while True:
                 try:
@@ -234,12 +239,11 @@ class FastQueue:
                 else:
                     self._datagram(view, size, callback)
                 if first:
-                    first = False
-                    if self._pending:
-                        self.flush()
+                    first = self._eager = False
                     if not waiting(0):  # alone: no recv (and exception) to find the socket empty
                         return
         finally:
+            self._eager = False
             self.flush()
 
     def _datagram(self, view: memoryview, size: int, callback: Callable[[Any], None]) -> None:

@@ -497,6 +497,24 @@ class TestQueuePairOnFastQueue:
         assert pair.backend_counters()["recv_calls"] == 3
         pair.close()
 
+    def test_the_drain_s_first_verdict_is_out_before_the_work_after_its_packet(self) -> None:
+        """What the loop does after a packet (its injections the same way, its events) comes after
+        the verdict of a drain's first packet, as on NetfilterQueue; later packets' are held."""
+        made: list[BoundFake] = []
+        seen: list[int] = []
+
+        def make() -> BoundFake:
+            made.append(BoundFake())
+            return made[-1]
+
+        pair = QueuePair(7100, lambda *args: Verdict(Action.ACCEPT), {},
+                         lambda: seen.append(len(made[0].sock.sent)), make)  # fmt: skip
+        made[0].sock.incoming = [kernel_packet(i, IP_PACKET) for i in (1, 2, 3)]
+        pair.drain(Direction.INBOUND)
+        assert seen == [1, 1, 1]
+        assert verdicts(made[0].sock) == [("batch", 1, 1, None), ("batch", 1, 3, None)]
+        pair.close()
+
     def test_event_loop_sends_held_verdicts_before_it_injects(self) -> None:
         from nfq_tcpcrypt.shell.loop import EventLoop
 
