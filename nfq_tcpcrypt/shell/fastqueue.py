@@ -112,6 +112,11 @@ class FastPacket:
         self._verdict = verdict
         queue = self._queue
         pending = queue._pending
+        if queue._eager and not pending:  # the drain's first packet: its verdict goes now
+            queue._eager = False
+            if queue._sock is not None and queue.queue_num is not None:
+                queue._send(queue._verdict_parts(self))
+            return
         now = time.monotonic()
         if not pending:
             queue._held_since = now
@@ -285,15 +290,9 @@ class FastQueue:
                 parts.append(nl.verdict_batch(queue_num, plain, nl.NF_ACCEPT))
                 size += 32
                 plain = None
-            payload = packet._payload
-            assert packet._verdict is not None
-            if payload is None:
-                parts.append(nl.verdict(queue_num, packet.packet_id, packet._verdict, packet._mark))
-                size += 40
-            else:
-                head = nl.verdict_head(queue_num, packet.packet_id, packet._verdict, packet._mark, len(payload))
-                parts += (head, payload, nl.pad(4 + len(payload)))
-                size += len(head) + len(payload) + 4
+            one = self._verdict_parts(packet)
+            parts += one
+            size += sum(map(len, one))
             if size >= SEND_CHUNK:
                 self._send(parts)
                 parts, size = [], 0
@@ -301,6 +300,17 @@ class FastQueue:
             parts.append(nl.verdict_batch(queue_num, plain, nl.NF_ACCEPT))
         if parts:
             self._send(parts)
+
+    def _verdict_parts(self, packet: FastPacket) -> list[bytes]:
+        """One packet's verdict message, its new bytes (if any) as a part of their own (not copied)."""
+        assert self.queue_num is not None and packet._verdict is not None
+        payload = packet._payload
+        if payload is None:
+            if packet._verdict == nl.NF_ACCEPT and packet._mark is None:
+                return [nl.verdict_batch(self.queue_num, packet.packet_id, nl.NF_ACCEPT)]
+            return [nl.verdict(self.queue_num, packet.packet_id, packet._verdict, packet._mark)]
+        head = nl.verdict_head(self.queue_num, packet.packet_id, packet._verdict, packet._mark, len(payload))
+        return [head, payload, nl.pad(4 + len(payload))]
 
     def _send(self, parts: list[bytes]) -> None:
         assert self._sock is not None
