@@ -148,9 +148,9 @@ class FastQueue:
         self._callback: Callable[[Any], None] | None = None
         self._pending: list[FastPacket] = []
         self._held_since = 0.0
+        """When the oldest verdict in `_pending` was given (time.monotonic())."""
         self._eager = False
         """The next verdict goes at once (the drain's first packet's)."""
-        """When the oldest verdict in `_pending` was given (time.monotonic())."""
         self._buffer = bytearray(RECV_SIZE)
         self._view = memoryview(self._buffer)
         self._seq = 0

@@ -305,6 +305,8 @@ def single_packet(data: bytes | bytearray | memoryview, size: int) -> tuple[int,
             if offset + attr_len + 3 < length:  # not the last attribute: parse() decides
                 return None
             return packet_id, bytes(data[offset + 4 : offset + attr_len]), cap_len or attr_len - 4, skb_info, mark
+        if kind == NFQA_PACKET_HDR:  # a second header: parse() decides
+            return None
         if kind in _PACKET_FIELDS and attr_len >= 8:
             value = _BE32_UNPACK(data, offset + 4)[0]
             if kind == NFQA_SKB_INFO:

@@ -82,9 +82,9 @@ def ip_total_length(packet: bytes) -> int:
     """The length the IP header claims for the whole packet (v4 total length, v6 40 + payload length)."""
     version = packet[0] >> 4
     if version == 4:
-        return packet[2] << 8 | packet[3]
+        return int.from_bytes(packet[2:4], "big")
     if version == 6:
-        return 40 + (packet[4] << 8 | packet[5])
+        return 40 + int.from_bytes(packet[4:6], "big")
     return -1
 
 

@@ -155,6 +155,10 @@ class TestParse:
                  + nl.attr(nl.NFQA_MARK, struct.pack("!I", 5)))  # fmt: skip
         odd = nl.message(nl.NFQNL_MSG_PACKET, 7100, attrs, flags=0)
         assert nl.single_packet(odd, len(odd)) is None and nl.parse(odd)[0].mark == 5  # type: ignore[union-attr]
+        headers = [nl.attr(nl.NFQA_PACKET_HDR, struct.pack("!IHBx", i, 0x0800, 3)) for i in (3, 4)]
+        twice = nl.message(nl.NFQNL_MSG_PACKET, 7100, b"".join(headers) + nl.attr(nl.NFQA_PAYLOAD, IP_PACKET), flags=0)
+        assert nl.single_packet(twice, len(twice)) is None
+        assert nl.parse(twice)[0].packet_id == 4  # type: ignore[union-attr]  # parse takes the last header
 
     @settings(max_examples=500, deadline=None)
     @given(st.binary(max_size=200), st.integers(min_value=0, max_value=399), st.integers(min_value=0, max_value=3))
