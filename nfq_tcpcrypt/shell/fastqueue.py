@@ -6,7 +6,7 @@ sent in batches: the verdicts of one drain go out together (one sendmsg per HOLD
 HOLD_SECONDS at most), and a run of plain accepts becomes one NFQNL_MSG_VERDICT_BATCH. Verdicts keep the packets'
 order: a run of plain accepts is closed by a batch verdict before any other verdict follows. Its
 packets have NetfilterQueue's surface (get_payload, set_payload, accept, drop), so shell/nfq.py's
-QueuePair drives both backends, plus the kernel's metadata (`info`: GSO, checksum not ready).
+QueuePair drives both backends, plus the kernel's metadata (`skb_info`: GSO, checksum not ready).
 README: Queue backends.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -44,33 +45,56 @@ _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 class FastPacket:
-    """One queued packet; its verdict is recorded and sent with the others of its drain."""
+    """One queued packet; its verdict is recorded and sent with the others of its drain. It carries
+    what the daemon uses of the kernel's metadata (`skb_info`: GSO, checksum not ready; `mark`)."""
 
-    __slots__ = ("_queue", "info", "_verdict", "_payload", "_mark")
+    __slots__ = ("_queue", "packet_id", "payload", "cap_len", "skb_info", "mark", "_verdict", "_payload", "_mark")
 
-    def __init__(self, queue: FastQueue, info: nl.QueuedPacket) -> None:
+    def __init__(self, queue: FastQueue, packet_id: int, payload: bytes, cap_len: int, skb_info: int = 0,
+                 mark: int = 0) -> None:  # fmt: skip
         self._queue = queue
-        self.info = info
+        self.packet_id = packet_id
+        self.payload = payload
+        self.cap_len = cap_len
+        """The packet's real length (larger than len(payload) when the copy was cut)."""
+        self.skb_info = skb_info
+        """NFQA_SKB_* flags."""
+        self.mark = mark
         self._verdict: int | None = None
         self._payload: bytes | None = None
         self._mark: int | None = None
 
+    @classmethod
+    def of(cls, queue: FastQueue, info: nl.QueuedPacket) -> FastPacket:
+        """The packet `parse` read."""
+        return cls(queue, info.packet_id, info.payload, info.cap_len, info.skb_info, info.mark)
+
     @property
     def id(self) -> int:
         """The kernel's packet id."""
-        return self.info.packet_id
+        return self.packet_id
+
+    @property
+    def gso(self) -> bool:
+        """A super-packet the kernel segments after the verdict."""
+        return bool(self.skb_info & nl.NFQA_SKB_GSO)
+
+    @property
+    def csum_not_ready(self) -> bool:
+        """Its transport checksum is left for the kernel (or us, after a rewrite) to fill in."""
+        return bool(self.skb_info & nl.NFQA_SKB_CSUMNOTREADY)
 
     def get_payload(self) -> bytes:
-        """The copied packet (the whole packet unless `get_payload_len() < info.cap_len`)."""
-        return self.info.payload
+        """The copied packet (the whole packet unless `get_payload_len() < cap_len`)."""
+        return self.payload
 
     def get_payload_len(self) -> int:
         """The packet's length: the copy's when whole, the real (larger) one when the copy was cut."""
-        return self.info.cap_len
+        return self.cap_len
 
     def get_mark(self) -> int:
         """The packet's mark."""
-        return self.info.mark
+        return self.mark
 
     def set_payload(self, data: bytes) -> None:
         """Replace the packet's bytes with the verdict (at most 65,531: what a netlink attribute holds)."""
@@ -88,11 +112,17 @@ class FastPacket:
         self._verdict = verdict
         queue = self._queue
         pending = queue._pending
+        if queue._eager and not pending:  # the drain's first packet: its verdict goes now
+            queue._eager = False
+            if queue._sock is not None and queue.queue_num is not None:
+                queue._send(queue._verdict_parts(self))
+            return
         now = time.monotonic()
         if not pending:
             queue._held_since = now
         pending.append(self)
-        if len(pending) >= HOLD_MAX or now - queue._held_since >= HOLD_SECONDS:
+        if queue._eager or len(pending) >= HOLD_MAX or now - queue._held_since >= HOLD_SECONDS:
+            queue._eager = False
             queue.flush()
 
     def accept(self) -> None:
@@ -113,11 +143,16 @@ class FastQueue:
         self.queue_num: int | None = None
         self.counters: dict[str, int] = {"enobufs": 0, "verdict_errors": 0, "recv_calls": 0, "verdict_sends": 0}
         self._sock: socket.socket | None = None
+        self._waiting: select.epoll | None = None
+        """An epoll of the socket alone: whether packets wait, without a recv."""
         self._callback: Callable[[Any], None] | None = None
         self._pending: list[FastPacket] = []
         self._held_since = 0.0
         """When the oldest verdict in `_pending` was given (time.monotonic())."""
+        self._eager = False
+        """The next verdict goes at once (the drain's first packet's)."""
         self._buffer = bytearray(RECV_SIZE)
+        self._view = memoryview(self._buffer)
         self._seq = 0
 
     def bind(self, queue_num: int, callback: Callable[[Any], None], max_len: int = 1024, sock_len: int = 0) -> None:
@@ -140,7 +175,9 @@ class FastQueue:
         except BaseException:
             sock.close()
             raise
-        self._sock, self.queue_num, self._callback = sock, queue_num, callback
+        waiting = select.epoll()
+        waiting.register(sock.fileno(), select.EPOLLIN)
+        self._sock, self._waiting, self.queue_num, self._callback = sock, waiting, queue_num, callback
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -166,46 +203,75 @@ class FastQueue:
 
     def run(self, block: bool = True) -> None:
         """Handle every packet waiting now, then send their verdicts; exceptions of the callback
-        propagate after the verdicts already given have been sent."""
+        propagate after the verdicts already given have been sent.
+
+        The verdict of the drain's first packet goes as soon as it is given (before the loop's
+        work after the packet: its injections the same way, its events), and then a poll of
+        this socket alone (a third of the cost of a recv that fails with EAGAIN in Python) tells
+        whether more wait: a packet that arrives alone (those of a connection being set up, one
+        per wakeup) neither waits for nor pays the recv that finds the socket empty. Packets
+        after it are read until the socket is empty and their verdicts held and batched
+        (HOLD_MAX, HOLD_SECONDS): in bulk a drain holds many (README: Queue backends)."""
         if block:
             raise ValueError("FastQueue only runs without blocking (the event loop selects)")
         sock, callback = self._sock, self._callback
         if sock is None or callback is None:
             raise RuntimeError("queue not bound")
-        buffer = self._buffer
+        buffer, view, recv_into, counters = self._buffer, self._view, sock.recv_into, self.counters
+        waiting = self._waiting.poll if self._waiting is not None else lambda timeout: True
+        first = True
+        self._eager = True
         try:
             while True:
                 try:
-                    size = sock.recv_into(buffer)
+                    size = recv_into(buffer)
                 except BlockingIOError:
                     return
                 except OSError as exc:
                     if exc.errno == errno.ENOBUFS:  # the kernel dropped or bypassed what did not fit
-                        self.counters["enobufs"] += 1
+                        counters["enobufs"] += 1
                         continue
                     raise
-                self.counters["recv_calls"] += 1
-                # The kernel sends one packet per datagram; should one hold more, every packet in it
-                # still gets its verdict before an exception of the callback propagates.
-                error: BaseException | None = None
-                for item in nl.parse(buffer, size):
-                    if isinstance(item, nl.Ack):
-                        if item.errno:
-                            self.counters["verdict_errors"] += 1
-                            logger.warning("queue %s refused a verdict: errno %d", self.queue_num, item.errno)
-                        continue
-                    packet = FastPacket(self, item)
+                counters["recv_calls"] += 1
+                fields = nl.single_packet(view, size)
+                if fields is not None:  # the usual datagram: one packet
+                    packet = FastPacket(self, *fields)
                     try:
                         callback(packet)
-                    except BaseException as exc:
-                        error = error or exc
                     finally:
                         if packet._verdict is None:
                             packet.drop()
-                if error is not None:
-                    raise error
+                else:
+                    self._datagram(view, size, callback)
+                if first:
+                    first = self._eager = False
+                    if not waiting(0):  # alone: no recv (and exception) to find the socket empty
+                        return
         finally:
+            self._eager = False
             self.flush()
+
+    def _datagram(self, view: memoryview, size: int, callback: Callable[[Any], None]) -> None:
+        """Any other datagram: acknowledgements, errors, several packets (parse)."""
+        # The kernel sends one packet per datagram; should one hold more, every packet in it
+        # still gets its verdict before an exception of the callback propagates.
+        error: BaseException | None = None
+        for item in nl.parse(view, size):
+            if isinstance(item, nl.Ack):
+                if item.errno:
+                    self.counters["verdict_errors"] += 1
+                    logger.warning("queue %s refused a verdict: errno %d", self.queue_num, item.errno)
+                continue
+            packet = FastPacket.of(self, item)
+            try:
+                callback(packet)
+            except BaseException as exc:
+                error = error or exc
+            finally:
+                if packet._verdict is None:
+                    packet.drop()
+        if error is not None:
+            raise error
 
     def flush(self) -> None:
         """Send the verdicts given so far, in order, in as few sendmsg calls as they fit."""
@@ -218,21 +284,15 @@ class FastQueue:
         plain: int | None = None  # the last id of a run of plain accepts not yet sent
         for packet in pending:
             if packet._verdict == nl.NF_ACCEPT and packet._payload is None and packet._mark is None:
-                plain = packet.info.packet_id
+                plain = packet.packet_id
                 continue
             if plain is not None:
                 parts.append(nl.verdict_batch(queue_num, plain, nl.NF_ACCEPT))
                 size += 32
                 plain = None
-            payload = packet._payload
-            assert packet._verdict is not None
-            if payload is None:
-                parts.append(nl.verdict(queue_num, packet.info.packet_id, packet._verdict, packet._mark))
-                size += 40
-            else:
-                head = nl.verdict_head(queue_num, packet.info.packet_id, packet._verdict, packet._mark, len(payload))
-                parts += (head, payload, nl.pad(4 + len(payload)))
-                size += len(head) + len(payload) + 4
+            one = self._verdict_parts(packet)
+            parts += one
+            size += sum(map(len, one))
             if size >= SEND_CHUNK:
                 self._send(parts)
                 parts, size = [], 0
@@ -240,6 +300,17 @@ class FastQueue:
             parts.append(nl.verdict_batch(queue_num, plain, nl.NF_ACCEPT))
         if parts:
             self._send(parts)
+
+    def _verdict_parts(self, packet: FastPacket) -> list[bytes]:
+        """One packet's verdict message, its new bytes (if any) as a part of their own (not copied)."""
+        assert self.queue_num is not None and packet._verdict is not None
+        payload = packet._payload
+        if payload is None:
+            if packet._verdict == nl.NF_ACCEPT and packet._mark is None:
+                return [nl.verdict_batch(self.queue_num, packet.packet_id, nl.NF_ACCEPT)]
+            return [nl.verdict(self.queue_num, packet.packet_id, packet._verdict, packet._mark)]
+        head = nl.verdict_head(self.queue_num, packet.packet_id, packet._verdict, packet._mark, len(payload))
+        return [head, payload, nl.pad(4 + len(payload))]
 
     def _send(self, parts: list[bytes]) -> None:
         assert self._sock is not None
@@ -256,6 +327,9 @@ class FastQueue:
     def unbind(self) -> None:
         """Unbind the queue and close the socket (packets still waiting go to the queue's default)."""
         sock, self._sock = self._sock, None
+        if self._waiting is not None:
+            self._waiting.close()
+            self._waiting = None
         if sock is None:
             return
         try:

@@ -1,7 +1,8 @@
 """The one-thread event loop: queues, control socket, signals and the engine's timer (docs/architecture.md).
 
-`selectors` watches both queue fds, the control socket and a signal wakeup fd; the select timeout is
-the engine's next deadline. `time.monotonic()` is read once per wakeup and handed to the engine as
+An epoll object watches both queue fds, the control socket and a signal wakeup fd (epoll itself,
+not `selectors`: its per-wakeup Python is a cost of every lone packet); the wait's timeout is the
+engine's next deadline. `time.monotonic()` is read once per wakeup and handed to the engine as
 `now` (docs/architecture.md: Layers). At each wakeup, before any packet, the freshness watchers run (a suspend seen on
 the clocks, a new-VM-generation uevent): they flush the resumption cache (freshness.py). SIGINT and
 SIGTERM only set a flag; the loop then returns and the caller's cleanup runs.
@@ -10,7 +11,7 @@ SIGTERM only set a flag; the loop then returns and the caller's cleanup runs.
 from __future__ import annotations
 
 import logging
-import selectors
+import select
 import signal
 import socket
 import time
@@ -32,6 +33,8 @@ from .nfq import QueuePair, kernel_queue_stats
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_GONE = ("gone", None)
+"""What a ready fd no longer watched maps to (a control client finished earlier in the same wakeup)."""
 RELOAD_SIGNAL = signal.SIGHUP
 
 
@@ -121,6 +124,9 @@ class EventLoop:
         self.stats = EventStats()
         self.periodic: tuple[float, Callable[[], None]] | None = None
         """(interval, callback): run on the loop thread every `interval` seconds (the metrics file)."""
+        self._poller: select.epoll | None = None
+        self._handlers: dict[int, tuple[str, Any]] = {}
+        self._watch: Callable[..., None] = lambda fd, kind, arg=None: None
         self._later: list[Injection] = []
         """Injections that follow the verdict of the packet being handled (its own direction)."""
         self.queues = QueuePair(queue_num, self._process, self.counters, self._flush, queue_factory,
@@ -191,31 +197,45 @@ class EventLoop:
 
     def run(self) -> int:
         """Serve until SIGINT/SIGTERM; return the signal number that stopped the loop."""
-        selector = selectors.DefaultSelector()
+        poller = select.epoll()
+        handlers: dict[int, tuple[str, Any]] = {}
+        """fd -> (kind, argument), what `_dispatch` does when it is readable."""
+
+        def watch(fd: int, kind: str, arg: Any = None) -> None:
+            poller.register(fd, select.EPOLLIN)
+            handlers[fd] = (kind, arg)
+
         try:
             for fd, direction in self.queues.fds().items():
-                selector.register(fd, selectors.EVENT_READ, ("queue", direction))
-            selector.register(self.signals.reader, selectors.EVENT_READ, ("signal", None))
+                watch(fd, "queue", direction)
+            watch(self.signals.reader.fileno(), "signal")
             if self.control is not None:
-                selector.register(self.control.sock, selectors.EVENT_READ, ("accept", None))
+                watch(self.control.sock.fileno(), "accept")
             if self.freshness is not None and self.freshness.vmgen is not None:
-                selector.register(self.freshness.vmgen.fileno(), selectors.EVENT_READ, ("uevent", None))
+                watch(self.freshness.vmgen.fileno(), "uevent")
+            self._watch = watch
+            self._poller, self._handlers = poller, handlers
             next_periodic = time.monotonic() if self.periodic is not None else None
+            engine, poll, monotonic = self.engine, poller.poll, time.monotonic
+            # The engine's next deadline, asked once per wakeup: after the packets, the timers and
+            # the work ahead of need, which are what change it.
+            timer = engine.get_timer()
             while self.signals.received is None:
-                deadline = self.engine.get_timer()
+                deadline = timer
                 if next_periodic is not None:
                     deadline = next_periodic if deadline is None else min(deadline, next_periodic)
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                timeout = -1.0 if deadline is None else max(0.0, deadline - monotonic())
                 ready = None
-                if timeout != 0.0 and self.engine.prepare_wanted(self.now):
+                if timeout != 0.0 and engine.prepare_wanted(self.now):
                     # Work ahead of need (ephemeral keys, Engine.prepare), only while no packet waits.
-                    ready = selector.select(0)
+                    ready = poll(0)
                     if not ready:
-                        self.engine.prepare(self.now)
+                        engine.prepare(self.now)
+                        timer = engine.get_timer()
                         continue
                 if ready is None:
-                    ready = selector.select(timeout)
-                self.now = time.monotonic()
+                    ready = poll(timeout)
+                self.now = monotonic()
                 if self.periodic is not None and next_periodic is not None and self.now >= next_periodic:
                     next_periodic = self.now + self.periodic[0]
                     self.periodic[1]()
@@ -223,22 +243,25 @@ class EventLoop:
                 if self.freshness is not None:
                     self.freshness.check_clock()
                 if len(ready) > 1:
-                    ready.sort(key=lambda item: item[0].data[0] != "uevent")
-                for key, _ in ready:
-                    self._dispatch(selector, key)
-                deadline = self.engine.get_timer()
-                if deadline is not None and deadline <= self.now:
-                    self.engine.handle_timer(self.now)
+                    ready.sort(key=lambda item: handlers[item[0]][0] != "uevent")
+                for fd, _ in ready:
+                    kind, arg = handlers.get(fd, _GONE)
+                    if kind == "queue":
+                        self.queues.drain(arg)
+                    else:
+                        self._dispatch(kind, arg)
+                timer = engine.get_timer()
+                if timer is not None and timer <= self.now:
+                    engine.handle_timer(self.now)
+                    timer = engine.get_timer()
                 self._flush()
         finally:
-            selector.close()
+            poller.close()
         return self.signals.received
 
-    def _dispatch(self, selector: selectors.BaseSelector, key: selectors.SelectorKey) -> None:
-        kind, arg = key.data
-        if kind == "queue":
-            self.queues.drain(arg)
-        elif kind == "signal":
+    def _dispatch(self, kind: str, arg: Any) -> None:
+        """Everything but the queues: signals, the VM generation uevent, the control socket."""
+        if kind == "signal":
             self.signals.clear()
             if self.signals.take_reload() and self.on_reload is not None:
                 self.on_reload()
@@ -247,10 +270,14 @@ class EventLoop:
         elif kind == "accept" and self.control is not None:
             conn = self.control.accept()
             if conn is not None:
-                selector.register(conn, selectors.EVENT_READ, ("client", conn))
-        elif kind == "client" and self.control is not None and self.control.readable(arg):
-            selector.unregister(arg)
-            self.control.finish(arg)
+                self._watch(conn.fileno(), "client", conn)
+        elif kind == "client" and self.control is not None:
+            fd = arg.fileno()
+            if self.control.readable(arg):
+                if self._poller is not None:
+                    self._poller.unregister(fd)
+                del self._handlers[fd]
+                self.control.finish(arg)
 
     def close(self) -> None:
         """Unbind the queues."""

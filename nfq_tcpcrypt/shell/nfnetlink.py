@@ -271,3 +271,49 @@ def _packet(data: bytes | bytearray | memoryview, start: int, end: int) -> Queue
         queue_num, header[0], header[1], header[2], payload, numbers[NFQA_CAP_LEN] or len(payload),
         numbers[NFQA_SKB_INFO], numbers[NFQA_MARK], numbers[NFQA_IFINDEX_INDEV], numbers[NFQA_IFINDEX_OUTDEV],
     )  # fmt: skip
+
+
+_HEAD = struct.Struct("=IH")
+_HEAD_UNPACK = _HEAD.unpack_from
+_PACKET_FIELDS = (NFQA_CAP_LEN, NFQA_SKB_INFO, NFQA_MARK)
+
+
+def single_packet(data: bytes | bytearray | memoryview, size: int) -> tuple[int, bytes, int, int, int] | None:
+    """(packet id, payload, real length, NFQA_SKB_* flags, mark) when the first `size` bytes of
+    `data` are one well-formed packet message, the way the kernel sends each queued packet (its
+    packet header first, the payload last); None for anything else, which `parse` reads.
+
+    The queue's per-packet path: no list, no dict, no dataclass, and the attributes the daemon does
+    not use (devices, hardware address, timestamp) skipped."""
+    if size < HEADER_LEN + 12:
+        return None
+    length, msg_type = _HEAD_UNPACK(data, 0)
+    if msg_type != _PACKET_TYPE or length > size or length + 3 < size:
+        return None
+    attr_len, kind = _NLATTR_UNPACK(data, HEADER_LEN)
+    if kind & NLA_TYPE_MASK != NFQA_PACKET_HDR or attr_len < 4 + _PACKET_HDR.size:
+        return None
+    packet_id = _BE32_UNPACK(data, HEADER_LEN + 4)[0]
+    cap_len = skb_info = mark = 0
+    offset = HEADER_LEN + ((attr_len + 3) & ~3)
+    while offset + 4 <= length:
+        attr_len, kind = _NLATTR_UNPACK(data, offset)
+        if attr_len < 4 or offset + attr_len > length:
+            return None
+        kind &= NLA_TYPE_MASK
+        if kind == NFQA_PAYLOAD:
+            if offset + attr_len + 3 < length:  # not the last attribute: parse() decides
+                return None
+            return packet_id, bytes(data[offset + 4 : offset + attr_len]), cap_len or attr_len - 4, skb_info, mark
+        if kind == NFQA_PACKET_HDR:  # a second header: parse() decides
+            return None
+        if kind in _PACKET_FIELDS and attr_len >= 8:
+            value = _BE32_UNPACK(data, offset + 4)[0]
+            if kind == NFQA_SKB_INFO:
+                skb_info = value
+            elif kind == NFQA_MARK:
+                mark = value
+            else:
+                cap_len = value
+        offset += (attr_len + 3) & ~3
+    return None

@@ -18,7 +18,7 @@ from typing import Any
 from netfilterqueue import NetfilterQueue
 
 from ..core.flow import Direction
-from ..core.verdict import UNKNOWN, Action, PacketInfo, Verdict
+from ..core.verdict import ACCEPT, UNKNOWN, Action, PacketInfo, Verdict
 from . import nfnetlink as nl
 from .rules import ENCRYPTED_MARK
 
@@ -110,8 +110,8 @@ class QueuePair:
         self._handled = 0
         self._counters = counters
         self.info: Any = None
-        """The kernel's metadata of the packet being handled (fast backend: nfnetlink.QueuedPacket,
-        with its GSO and checksum-not-ready flags); None on NetfilterQueue."""
+        """The kernel's metadata of the packet being handled (fast backend: the FastPacket, with its
+        `skb_info`, `gso` and `csum_not_ready`); None on NetfilterQueue."""
         self.queues: dict[Direction, Any] = {}
         try:
             for offset, direction in ((0, Direction.INBOUND), (1, Direction.OUTBOUND)):
@@ -131,38 +131,40 @@ class QueuePair:
         self._counters[name] = self._counters.get(name, 0) + 1
 
     def _callback(self, direction: Direction) -> Callable[[Any], None]:
-        counters, packets = self._counters, "packets_" + direction.value
+        counters, packets, handler = self._counters, "packets_" + direction.value, self._handler
+        counters.setdefault(packets, 0)
 
         def on_packet(pkt: Any) -> None:
             verdict: Verdict | None = None
             try:
-                info = self.info = getattr(pkt, "info", None)
                 payload = pkt.get_payload()
-                counters[packets] = counters.get(packets, 0) + 1
-                if info is not None and info.skb_info:
-                    if info.gso:
+                counters[packets] += 1
+                skb_info = getattr(pkt, "skb_info", None)  # the fast backend's metadata
+                self.info = None if skb_info is None else pkt
+                if skb_info:
+                    if skb_info & nl.NFQA_SKB_GSO:
                         self._count("gso_packets")
-                    if info.csum_not_ready:
+                    if skb_info & nl.NFQA_SKB_CSUMNOTREADY:
                         self._count("csum_not_ready")
-                if pkt.get_payload_len() != ip_total_length(payload):
+                length = pkt.get_payload_len()
+                if length != ip_total_length(payload):
                     self._count("truncated_accepted")
                     logger.warning(
                         "queued copy is %d bytes, ip length says %d: accepted unchanged",
-                        pkt.get_payload_len(),
-                        ip_total_length(payload),
-                    )
-                    verdict = Verdict(Action.ACCEPT)
+                        length, ip_total_length(payload),
+                    )  # fmt: skip
+                    verdict = ACCEPT
                 else:
-                    verdict = self._handler(
+                    verdict = handler(
                         payload, direction, bool(pkt.get_mark() & ENCRYPTED_MARK),
-                        UNKNOWN if info is None else packet_info(info.skb_info),
-                    )
+                        UNKNOWN if skb_info is None else _BY_SKB_INFO.get(skb_info) or packet_info(skb_info),
+                    )  # fmt: skip
                     if self._before is not None:
                         self._before(direction)
             except Exception:
                 self._count("handler_errors")
                 logger.exception("engine failed on a %s packet; dropping it", direction.value)
-                verdict = Verdict(Action.DROP)
+                verdict = None
             finally:
                 _apply(pkt, verdict)
             self._after()
@@ -236,6 +238,9 @@ def kernel_queue_stats(queue_nums: tuple[int, ...]) -> dict[str, int]:
 
 def _apply(pkt: Any, verdict: Verdict | None) -> None:
     """Issue `verdict` on `pkt` (DROP when the handler produced none)."""
+    if verdict is ACCEPT:  # the usual verdict of a packet passed unchanged
+        pkt.accept()
+        return
     if verdict is None or verdict.action is Action.DROP:
         pkt.drop()
         return

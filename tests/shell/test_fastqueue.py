@@ -142,6 +142,37 @@ class TestParse:
         struct.pack_into("=I", long_claim, 0, len(good) + 4)
         assert nl.parse(bytes(long_claim)) == []
 
+    def test_single_packet_reads_the_usual_datagram_as_parse_does(self) -> None:
+        data = kernel_packet(42, IP_PACKET, skb_info=nl.NFQA_SKB_GSO, cap_len=9000, mark=3)
+        assert nl.single_packet(data, len(data)) == (42, IP_PACKET, 9000, nl.NFQA_SKB_GSO, 3)
+        data = kernel_packet(7, IP_PACKET)
+        assert nl.single_packet(data, len(data)) == (7, IP_PACKET, len(IP_PACKET), 0, 0)
+        # anything else is left to parse: two messages, an acknowledgement, a payload not last
+        two = kernel_packet(1, IP_PACKET) + kernel_packet(2, IP_PACKET)
+        assert nl.single_packet(two, len(two)) is None
+        assert nl.single_packet(ack(7), len(ack(7))) is None
+        attrs = (nl.attr(nl.NFQA_PACKET_HDR, struct.pack("!IHBx", 3, 0x0800, 3)) + nl.attr(nl.NFQA_PAYLOAD, IP_PACKET)
+                 + nl.attr(nl.NFQA_MARK, struct.pack("!I", 5)))  # fmt: skip
+        odd = nl.message(nl.NFQNL_MSG_PACKET, 7100, attrs, flags=0)
+        assert nl.single_packet(odd, len(odd)) is None and nl.parse(odd)[0].mark == 5  # type: ignore[union-attr]
+        headers = [nl.attr(nl.NFQA_PACKET_HDR, struct.pack("!IHBx", i, 0x0800, 3)) for i in (3, 4)]
+        twice = nl.message(nl.NFQNL_MSG_PACKET, 7100, b"".join(headers) + nl.attr(nl.NFQA_PAYLOAD, IP_PACKET), flags=0)
+        assert nl.single_packet(twice, len(twice)) is None
+        assert nl.parse(twice)[0].packet_id == 4  # type: ignore[union-attr]  # parse takes the last header
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.binary(max_size=200), st.integers(min_value=0, max_value=399), st.integers(min_value=0, max_value=3))
+    def test_single_packet_never_disagrees_with_parse(self, noise: bytes, cut: int, tail: int) -> None:
+        """Mutated and cut datagrams: single_packet gives what parse gives for one packet, or None."""
+        data = bytearray(kernel_packet(5, IP_PACKET, skb_info=nl.NFQA_SKB_CSUMNOTREADY, mark=1))
+        data[cut % len(data) :] = noise
+        data += bytes(tail)
+        fields = nl.single_packet(bytes(data), len(data))
+        if fields is not None:
+            [item] = nl.parse(bytes(data))
+            assert isinstance(item, nl.QueuedPacket)
+            assert fields == (item.packet_id, item.payload, item.cap_len, item.skb_info, item.mark)
+
     @settings(max_examples=300, deadline=None)
     @given(st.binary(max_size=400), st.integers(min_value=0, max_value=399))
     def test_any_bytes_parse_without_an_exception(self, noise: bytes, cut: int) -> None:
@@ -175,10 +206,38 @@ class FakeSocket:
         return -1
 
 
+class FakeWaiting:
+    """The queue's poll of its socket alone: readable while datagrams wait (recorded)."""
+
+    def __init__(self, sock: FakeSocket, log: list[str]) -> None:
+        self.sock, self.log = sock, log
+
+    def poll(self, timeout: float) -> list[tuple[int, int]]:
+        self.log.append("poll")
+        return [(-1, 1)] if self.sock.incoming else []
+
+
+class LoggingSocket(FakeSocket):
+    """A FakeSocket that logs its system calls in order."""
+
+    def __init__(self, log: list[str]) -> None:
+        super().__init__()
+        self.log = log
+
+    def recv_into(self, buffer: bytearray) -> int:
+        self.log.append("recv" if self.incoming else "recv EAGAIN")
+        return super().recv_into(buffer)
+
+    def sendmsg(self, parts: list[bytes]) -> int:
+        self.log.append("sendmsg")
+        return super().sendmsg(parts)
+
+
 def fake_queue(callback: Callable[[Any], None], flags: int = 0) -> tuple[FastQueue, FakeSocket]:
     queue = FastQueue(flags)
     sock = FakeSocket()
     queue._sock, queue.queue_num, queue._callback = sock, 7100, callback  # type: ignore[assignment]
+    queue._waiting = FakeWaiting(sock, [])  # type: ignore[assignment]
     return queue, sock
 
 
@@ -201,13 +260,29 @@ class TestFastQueue:
 
         monkeypatch.setattr(fastqueue.time, "monotonic", lambda: 100.0)
 
-    def test_plain_accepts_become_one_batch_verdict_in_one_sendmsg(self) -> None:
+    def test_the_first_verdict_goes_alone_then_plain_accepts_become_one_batch_verdict(self) -> None:
         seen: list[int] = []
         queue, sock = fake_queue(lambda pkt: (seen.append(pkt.id), pkt.accept()))
         sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(10, 20)]
         queue.run(block=False)
         assert seen == list(range(10, 20))
-        assert verdicts(sock) == [("batch", 1, 19, None)] and len(sock.sent) == 1
+        assert verdicts(sock) == [("batch", 1, 10, None), ("batch", 1, 19, None)] and len(sock.sent) == 2
+
+    def test_a_lone_packet_s_verdict_goes_before_any_recv_and_no_recv_finds_the_socket_empty(self) -> None:
+        log: list[str] = []
+        queue, _ = fake_queue(lambda pkt: (log.append("callback"), pkt.accept()))
+        sock = LoggingSocket(log)
+        queue._sock, queue._waiting = sock, FakeWaiting(sock, log)  # type: ignore[assignment]
+        sock.incoming = [kernel_packet(1, IP_PACKET)]
+        queue.run(block=False)
+        assert log == ["recv", "callback", "sendmsg", "poll"]
+        # with more waiting behind it, the first verdict still goes at once; the rest are batched
+        log.clear()
+        sock.incoming = [kernel_packet(i, IP_PACKET) for i in (2, 3, 4)]
+        queue.run(block=False)
+        assert log == ["recv", "callback", "sendmsg", "poll", "recv", "callback", "recv", "callback",
+                       "recv EAGAIN", "sendmsg"]  # fmt: skip
+        assert verdicts(sock) == [("batch", 1, 1, None), ("batch", 1, 2, None), ("batch", 1, 4, None)]
 
     def test_verdicts_wait_for_at_most_hold_max_packets(self, monkeypatch: pytest.MonkeyPatch) -> None:
         from nfq_tcpcrypt.shell import fastqueue
@@ -217,7 +292,9 @@ class TestFastQueue:
         queue, sock = fake_queue(lambda pkt: pkt.accept())
         sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(1, 2 * HOLD_MAX + 6)]
         queue.run(block=False)
-        assert verdicts(sock) == [("batch", 1, HOLD_MAX, None), ("batch", 1, 2 * HOLD_MAX, None),
+        # the first alone, then HOLD_MAX at a time
+        assert verdicts(sock) == [("batch", 1, 1, None), ("batch", 1, HOLD_MAX + 1, None),
+                                  ("batch", 1, 2 * HOLD_MAX + 1, None),
                                   ("batch", 1, 2 * HOLD_MAX + 5, None)]  # fmt: skip
 
     def test_verdicts_wait_for_at_most_hold_seconds(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -235,9 +312,10 @@ class TestFastQueue:
         queue, sock = fake_queue(slow)
         sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(1, 8)]
         queue.run(block=False)
-        # held since the verdict of 1: at 3 (0.8 of the hold) still held, at 4 (1.2) sent; then 5..7
-        assert verdicts(sock) == [("batch", 1, 4, None), ("batch", 1, 7, None)]
-        assert len(sock.sent) == 2
+        # 1 alone; held since the verdict of 2: at 4 (0.8 of the hold) still held, at 5 (1.2) sent;
+        # then 6 and 7
+        assert verdicts(sock) == [("batch", 1, 1, None), ("batch", 1, 5, None), ("batch", 1, 7, None)]
+        assert len(sock.sent) == 3
 
     def test_verdicts_keep_the_packets_order(self) -> None:
         """A run of plain accepts is closed by a batch verdict before a drop or a mangled packet."""
@@ -255,10 +333,10 @@ class TestFastQueue:
         sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(1, 8)]
         queue.run(block=False)
         assert verdicts(sock) == [
-            ("batch", 1, 2, None), ("one", 0, 3, None), ("batch", 1, 4, None), ("one", 1, 5, b"new"),
-            ("batch", 1, 7, None),
+            ("batch", 1, 1, None), ("batch", 1, 2, None), ("one", 0, 3, None), ("batch", 1, 4, None),
+            ("one", 1, 5, b"new"), ("batch", 1, 7, None),
         ]  # fmt: skip
-        assert len(sock.sent) == 1
+        assert len(sock.sent) == 2  # the first alone, the rest together
 
     def test_a_marked_accept_is_its_own_verdict(self) -> None:
         def handle(pkt: FastPacket) -> None:
@@ -324,7 +402,7 @@ class TestFastQueue:
     def test_a_packet_larger_than_a_verdict_holds_is_refused(self) -> None:
         """A netlink attribute's 16-bit length includes its 4-byte header: 65,531 bytes at most."""
         queue, sock = fake_queue(lambda pkt: pkt.accept())
-        packet = FastPacket(queue, nl.parse(kernel_packet(1, IP_PACKET))[0])  # type: ignore[arg-type]
+        packet = FastPacket.of(queue, nl.parse(kernel_packet(1, IP_PACKET))[0])  # type: ignore[arg-type]
         with pytest.raises(ValueError):
             packet.set_payload(bytes(65532))
         packet.set_payload(bytes(65531))
@@ -346,7 +424,7 @@ class TestFastQueue:
     def test_the_chunk_size_splits_verdicts_held_together(self) -> None:
         queue, sock = fake_queue(lambda pkt: pkt.accept())
         for i in range(1, 6):
-            packet = FastPacket(queue, nl.parse(kernel_packet(i, IP_PACKET))[0])  # type: ignore[arg-type]
+            packet = FastPacket.of(queue, nl.parse(kernel_packet(i, IP_PACKET))[0])  # type: ignore[arg-type]
             packet.set_payload(bytes(60000))
             queue._pending.append(packet)
             packet._verdict = nl.NF_ACCEPT
@@ -373,6 +451,7 @@ class BoundFake(FastQueue):
     def bind(self, queue_num: int, callback: Callable[[Any], None], max_len: int = 1024, sock_len: int = 0) -> None:
         self.sock = FakeSocket()
         self._sock, self.queue_num, self._callback = self.sock, queue_num, callback  # type: ignore[assignment]
+        self._waiting = FakeWaiting(self.sock, [])  # type: ignore[assignment]
 
     def unbind(self) -> None:
         self._sock = None
@@ -415,11 +494,29 @@ class TestQueuePairOnFastQueue:
         pair.drain(Direction.INBOUND)
         assert infos[0].gso and not infos[1].gso
         assert engine_infos[0] == PacketInfo(gso=True, checksum_trusted=True) and not engine_infos[1].gso
-        # packets 1 and 2 were sent before the injection; packet 3 with the drain's end
-        assert log == [("inject", 1)]
+        # packet 1 went alone (the drain's first), packet 2 before the injection, 3 with the drain's end
+        assert log == [("inject", 2)]
         assert verdicts(inbound.sock) == [("batch", 1, 1, None), ("one", 1, 2, IP_PACKET + b"!"),
                                           ("batch", 1, 3, None)]  # fmt: skip
         assert pair.backend_counters()["recv_calls"] == 3
+        pair.close()
+
+    def test_the_drain_s_first_verdict_is_out_before_the_work_after_its_packet(self) -> None:
+        """What the loop does after a packet (its injections the same way, its events) comes after
+        the verdict of a drain's first packet, as on NetfilterQueue; later packets' are held."""
+        made: list[BoundFake] = []
+        seen: list[int] = []
+
+        def make() -> BoundFake:
+            made.append(BoundFake())
+            return made[-1]
+
+        pair = QueuePair(7100, lambda *args: Verdict(Action.ACCEPT), {},
+                         lambda: seen.append(len(made[0].sock.sent)), make)  # fmt: skip
+        made[0].sock.incoming = [kernel_packet(i, IP_PACKET) for i in (1, 2, 3)]
+        pair.drain(Direction.INBOUND)
+        assert seen == [1, 1, 1]
+        assert verdicts(made[0].sock) == [("batch", 1, 1, None), ("batch", 1, 3, None)]
         pair.close()
 
     def test_event_loop_sends_held_verdicts_before_it_injects(self) -> None:
