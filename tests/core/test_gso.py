@@ -347,3 +347,35 @@ def test_frame_max_cuts_a_super_packet_into_frames_of_that_size():
     frames = send.frames[before:]
     assert [f.plain_end - f.plain_start for f in frames] == [16384, 16384, 16384, 848]
     assert parse_segment(verdict.packet).payload == b"".join(f.data for f in frames)
+
+
+def test_a_lost_segment_leaves_room_for_what_the_window_holds_beyond_it():
+    """One segment lost at the start of 3 MB in flight, within the 8 MiB window our stack offers
+    (a Linux receiver's buffer grows to 6 MiB by default): the receiving engine holds everything
+    beyond the gap, so its duplicate ACKs SACK all of it and the sender resends one segment, not
+    every byte past a smaller out-of-order buffer (docs/architecture.md: Sizes)."""
+    pair = _live(b"gso-window")
+    send = _send(pair)
+    b = pair.b
+    ack = new_segment(B_IP, A_IP, b.port, b.peer_port, (b.isn + 1 + b.nxt) & MASK, b.rcv_nxt, TCP_ACK, 0xFFFF,
+                      b._options())  # fmt: skip
+    pair.engine_b.process(serialize_segment(ack), Direction.OUTBOUND, pair.now)  # 0xFFFF << 7: 8 MiB
+    pair.engine_b.segments_to_inject()
+    start, first_wire = pair.a.nxt, send.wire_next
+    data = bytes(range(250)) * 240  # 60000 bytes per super-packet
+    pieces = []
+    for i in range(50):
+        verdict = pair.engine_a.process(_from_a(pair, start + i * len(data), data), Direction.OUTBOUND, pair.now,
+                                        info=GSO_INFO)  # fmt: skip
+        pieces += _segment(verdict.packet, 1428)
+    last = None
+    for piece in pieces[1:]:  # the first wire segment is lost
+        pair.engine_b.process(piece, Direction.INBOUND, pair.now)
+        for inj in pair.engine_b.segments_to_inject():
+            if inj.direction is Direction.OUTBOUND:
+                last = parse_segment(inj.packet)
+    assert last is not None
+    blocks = [((lo - send.base) & MASK, (hi - send.base) & MASK)
+              for kind, raw in parse_options(last.options) if kind == 5 for lo, hi in sack_pairs(raw)]
+    assert blocks[0] == (first_wire + 1428, send.wire_next)  # everything beyond the gap is held
+    assert (last.ack - send.base) & MASK == first_wire
