@@ -164,9 +164,9 @@ def test_sack_blocks_inside_frames_map_to_the_plain_bytes_they_cover():
 
 def test_bytes_the_peer_holds_from_its_ack_on_are_acknowledged_to_our_stack():
     """A block from the cumulative ACK (the first bytes of a frame the peer cannot open yet, held
-    in order) moves the ACK our stack sees to their end, never back; a block that only ends
-    inside a frame whose first byte it covers leaves that byte unSACKed (Linux would take the
-    SACKed head at its new snd_una for reneging once the ACK stopped there)."""
+    in order) moves the ACK our stack sees to their end, never back; a block that ends inside a
+    frame SACKs that frame's first byte too (left out, our stack's RACK resent the segment while
+    the frame was still arriving: about 3 resent segments per lost one instead of 1.2)."""
     pair = _live(b"gso-held")
     send = _send(pair)
     data = bytes(40000)
@@ -176,12 +176,12 @@ def test_bytes_the_peer_holds_from_its_ack_on_are_acknowledged_to_our_stack():
     second = send.frames[-1]
     ws, ps = first.wire_start, first.plain_start
     acks: list[int] = []
-    # beyond a hole in the first frame: the second frame's first 100 bytes, its first byte left out
+    # beyond a hole in the first frame: the second frame's first 100 bytes, its first byte too
     blocks = _sack_in(pair, [(second.wire_start, second.wire_start + DATA_AT + 100)], acks)
-    assert blocks == [(second.plain_start + 1, second.plain_start + 100 + DATA_AT)]
-    # the whole first frame and the second's start in one block: two blocks around its first byte
+    assert blocks == [(second.plain_start, second.plain_start + 100 + DATA_AT)]
+    # the first frame's tail and the second's start in one block: one block across the frames
     blocks = _sack_in(pair, [(ws + DATA_AT + 1428, second.wire_start + DATA_AT + 100)], acks)
-    assert blocks == [(ps + 1428, second.plain_start), (second.plain_start + 1, second.plain_start + 100 + DATA_AT)]
+    assert blocks == [(ps + 1428, second.plain_start + 100 + DATA_AT)]
     assert acks == [ps, ps]
     # the peer holds the first frame's first 100 bytes from its ACK on: our stack's ACK moves there
     assert _sack_in(pair, [(ws, ws + DATA_AT + 100)], acks) == []
