@@ -150,8 +150,11 @@ class Configuration:
     held_limit: int = 1 << 20
     """Plaintext bytes held per connection while the key exchange runs; beyond it, segments drop."""
 
-    ooo_limit: int = 1 << 20
-    """Wire bytes held per direction while a gap in the wire stream is open."""
+    ooo_limit: int = 8 << 20
+    """Wire bytes held per direction while a gap in the wire stream is open (and never beyond the
+    window our stack offers). It covers a Linux receiver's default largest buffer (6 MiB,
+    `net.ipv4.tcp_rmem`): with less, a segment lost while more is in flight makes the peer resend
+    every byte beyond what we held (docs/architecture.md: Sizes)."""
 
     ooo_total_limit: int = 256 << 20
     """Out-of-order wire bytes all sessions together may hold (README: Memory bounds)."""

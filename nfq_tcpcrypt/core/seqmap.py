@@ -244,16 +244,6 @@ class SendStream:
             hi = last.plain_start + max(min(held, last.data_end - last.plain_start - 1), 0)
         return (lo, hi) if lo < hi else None
 
-    def partial_frame_start(self, plain_end: int) -> int | None:
-        """The plain start of the logged frame that plain byte `plain_end - 1` lies in, when
-        `plain_end` stops short of that frame's data end; None when it ends a frame."""
-        frames = self.frames
-        i = bisect_right(frames, plain_end - 1, lo=self._head, key=_plain_start) - 1
-        if i < self._head:
-            return None
-        frame = frames[i]
-        return frame.plain_start if plain_end < frame.data_end else None
-
     def ack_to_plain(self, wire: int) -> int:
         """Translate the peer's acknowledgment (wire offset) and forget fully acknowledged frames."""
         if wire > self.acked_wire:

@@ -800,17 +800,12 @@ class StreamTranslator:
                         continue
                     # A block must start after the cumulative ACK (Linux takes no other but a
                     # D-SACK): the peer holds a frame's first bytes it cannot open yet.
+                    # A frame's first byte is SACKed like the rest even while the frame is
+                    # incomplete: left out, our stack's RACK took that segment for lost while the
+                    # frame was still arriving and resent it. Once the peer's ACK stops at that
+                    # frame's start, the block of what it holds from there moves our stack's ACK
+                    # past it (above), so no SACKed segment sits at its snd_una (RFC 2018 §8).
                     left, right = max(plain[0], send.acked_plain + 1, self._stack_ack + 1), plain[1]
-                    start = send.partial_frame_start(right)
-                    if start is not None and left <= start:
-                        # The block ends inside a frame whose first byte it covers: the peer
-                        # cannot open that frame yet, and its cumulative ACK may stop at the
-                        # frame's start later. Linux takes a SACKed segment at its new snd_una
-                        # for reneging (RFC 2018 §8) and falls back to a timeout: the frame's
-                        # first byte stays unSACKed.
-                        if left < start:
-                            blocks.append((left, start))
-                        left = start + 1
                     if left < right:
                         blocks.append((left, right))
             elif kind > TCPOPT_NOP and kind != ENO_OPTION_KIND:
