@@ -451,6 +451,13 @@ def backend_args() -> list[str]:
     return ["--queue-backend", backend] if backend else []
 
 
+def tree_program(tree: Path) -> list[str]:
+    """The daemon of another source tree (`start_daemon(program=...)`), for benchmarks that measure
+    a baseline in the same run. `-P`: `python -m` would put the working directory first on the
+    path, and run from a tree's root the "baseline" would be that tree's own code."""
+    return ["env", f"PYTHONPATH={tree.resolve()}", sys.executable, "-P", "-m", "nfq_tcpcrypt"]
+
+
 def start_daemon(
     topo: Topology,
     side: str,
