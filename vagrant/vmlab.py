@@ -242,6 +242,12 @@ def run(size: int, bulk_seconds: int, box: str, keep: str | None, up_timeout: fl
             shown = vms.ssh(daemon, "systemctl show -p ExecMainCode -p ExecMainStatus nfq-tcpcrypt.service")
             exits[daemon] = dict(line.split("=", 1) for line in shown.split())
             rules_left[daemon] = int(vms.ssh(daemon, "sudo iptables-save | grep -c NFQUEUE || true").strip() or 0)
+            if exits[daemon] != {"ExecMainCode": "1", "ExecMainStatus": "0"} or rules_left[daemon]:
+                # Say why before the machines are gone: the exit, the rules left, the daemon's last words.
+                print(f"  {daemon}: stop gave {exits[daemon]}, {rules_left[daemon]} NFQUEUE rule line(s) left;"
+                      " its journal:")  # fmt: skip
+                journal = vms.ssh(daemon, "sudo journalctl -u nfq-tcpcrypt.service -n 40 --no-pager", check=False)
+                print("".join(f"  | {line}\n" for line in journal.splitlines()), end="")
 
         print("vmlab: baseline: the same iperf3 run with both gateways' daemons stopped (plain TCP)")
         base = json.loads(
