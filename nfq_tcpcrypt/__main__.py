@@ -260,7 +260,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     handshakes = doc["handshakes"]
-    print(f"nfq-tcpcrypt {doc['version']}: {doc['mode']} mode, pid {doc['pid']}, {doc['workers']} worker(s), "
+    print(f"nfq-tcpcrypt {doc['version']} ({doc.get('build', 'pure')}): {doc['mode']} mode, pid {doc['pid']}, "
+          f"{doc['workers']} worker(s), "
           f"queues {doc['queues'][0]}..{doc['queues'][-1]} ({doc.get('queue_backend', 'netfilterqueue')}"
           f"{', GSO' if doc.get('queue_gso') else ''})")  # fmt: skip
     print(f"rules in place: {len(doc['rules'])}")

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-from .. import __version__
+from .. import __version__, build
 from ..core.events import Event, FellBackToPlain, SessionAborted, SessionEstablished
 
 MAX_REASONS = 32
@@ -87,6 +87,7 @@ def status(counters: Mapping[str, int], meta: Mapping[str, Any]) -> dict[str, An
     drops = queue_drops(counters)
     return {
         "version": __version__,
+        "build": build(),
         **meta,
         "handshakes": {"fresh": counters.get("handshakes_fresh", 0), "resumed": counters.get("handshakes_resumed", 0)},
         "fallbacks": _by_prefix(counters, FALLBACK),
@@ -115,8 +116,8 @@ def prometheus(doc: Mapping[str, Any]) -> str:
             lines.append(f"nfq_tcpcrypt_{name}{{{text}}} {value}" if text else f"nfq_tcpcrypt_{name} {value}")
 
     handshakes, fallbacks = doc["handshakes"], doc["fallbacks"]
-    info = {"version": doc["version"], "mode": doc.get("mode")}
-    metric("info", "gauge", "Version and mode of the daemon.", [(info, 1)])
+    info = {"version": doc["version"], "mode": doc.get("mode"), "build": doc.get("build")}
+    metric("info", "gauge", "Version, mode and build (compiled or pure Python) of the daemon.", [(info, 1)])
     metric("workers", "gauge", "Worker processes.", [({}, int(doc.get("workers", 1)))])
     metric("rules_installed", "gauge", "Rule lines the daemon has in place.", [({}, len(doc.get("rules", [])))])
     metric("connections_total", "counter", "TCP connections by outcome: encrypted, or plain TCP after a fallback.",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from nfq_tcpcrypt import build
 from nfq_tcpcrypt.lab.net import (
     HTTP_PORT,
     Daemon,
@@ -87,7 +88,7 @@ def test_status_metrics_and_reload_on_a_gateway(sites: Topology, tmp_path: Path)
     assert sha256_file(tmp_path / "got.bin") == sha256_file(www / "f.bin")
     assert reloads == 2  # SIGHUP passed on to both workers
 
-    assert doc["mode"] == "gateway" and doc["workers"] == 2 and doc["version"]
+    assert doc["mode"] == "gateway" and doc["workers"] == 2 and doc["version"] and doc["build"] == build()
     assert doc["queues"] == [7100, 7101, 7102, 7103]
     assert any("nft add chain ip mangle NFQ_TCPCRYPT_SNAT_7100" in line for line in doc["rules"]), doc["rules"]
     assert sum("NFQUEUE" in line and "_ENCQ_" not in line for line in doc["rules"]) == 4, doc["rules"]

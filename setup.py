@@ -1,0 +1,82 @@
+"""Build: the per-packet modules compiled with mypyc, the rest as plain Python (README: Installing).
+
+The same sources run either way; compiled, the engine's and the queue's work per packet costs
+about half (docs/benchmarks.md). `NFQ_TCPCRYPT_COMPILE=0` builds pure Python (no compiler needed)
+and, in an editable tree, removes the compiled modules a previous build left beside the sources.
+The build records a hash of each compiled source and of its own files (`nfq_tcpcrypt/_compiled.json`),
+so that an import refuses compiled modules whose source has changed since (nfq_tcpcrypt/__init__.py)
+and `scripts/setup` skips a rebuild that would change nothing (`setup.py --current`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import json
+import os
+import sys
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+STAMP = ROOT / "nfq_tcpcrypt" / "_compiled.json"
+GROUP = "nfq_tcpcrypt"  # the compiled modules share one library, nfq_tcpcrypt__mypyc.*.so
+
+# Everything a packet goes through: the engine (all of core) and the shell's per-packet modules.
+COMPILED = sorted(
+    str(path.relative_to(ROOT))
+    for pattern in ("nfq_tcpcrypt/core/*.py", "nfq_tcpcrypt/core/wire/*.py")
+    for path in ROOT.glob(pattern)
+)
+
+
+def digests() -> dict[str, str]:
+    """SHA-256 of each compiled source, and of the build's own files (a change there rebuilds too)."""
+    return {name: hashlib.sha256((ROOT / name).read_bytes()).hexdigest()
+            for name in [*COMPILED, "setup.py", "pyproject.toml"]}
+
+
+def current() -> bool:
+    """Whether this tree's compiled modules are built from its sources as they are now."""
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    try:
+        built = json.loads(STAMP.read_text())
+    except FileNotFoundError:
+        return False
+    return built == digests() and all((ROOT / source).with_suffix(suffix).exists() for source in COMPILED)
+
+
+class BuildExt(build_ext):
+    """build_ext that also writes the stamp beside the modules it builds: in the tree when it builds
+    in place (an editable install), else into the wheel's contents, leaving the tree's alone."""
+
+    def run(self) -> None:
+        super().run()
+        stamp = STAMP if self.inplace else Path(self.build_lib) / STAMP.relative_to(ROOT)
+        stamp.write_text(json.dumps(digests(), indent=1, sort_keys=True) + "\n")
+
+
+def compiled_modules() -> list[object]:
+    """The extension modules; or none for a pure build, which in an editable install also removes
+    what a compiled one left in the tree (Python would import those before the sources)."""
+    if os.environ.get("NFQ_TCPCRYPT_COMPILE", "1") == "0":
+        if "editable_wheel" not in sys.argv:
+            return []
+        suffixes = importlib.machinery.EXTENSION_SUFFIXES
+        for source in COMPILED:
+            for suffix in suffixes:
+                (ROOT / source).with_suffix(suffix).unlink(missing_ok=True)
+        for leftover in ROOT.glob(f"{GROUP}__mypyc*"):
+            leftover.unlink()
+        STAMP.unlink(missing_ok=True)
+        return []
+    from mypyc.build import mypycify
+
+    return list(mypycify(COMPILED, opt_level="3", group_name=GROUP))
+
+
+if sys.argv[1:] == ["--current"]:  # scripts/setup: skip a rebuild that would change nothing
+    sys.exit(0 if current() else 1)
+setup(ext_modules=compiled_modules(), cmdclass={"build_ext": BuildExt})
