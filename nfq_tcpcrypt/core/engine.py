@@ -12,7 +12,7 @@ from .events import Event, SessionExpired
 from .flow import Direction, FlowKey
 from .kex import KeyPool
 from .outoforder import Budget
-from .resumption import ResumptionCache
+from .resumption import ResumptionCache, SecretCache
 from .seqmap import to_seq
 from .session import Session, State
 from .tombstones import Tombstone, Tombstones
@@ -59,7 +59,7 @@ class Engine:
         # Sessions with key material to make before their next packet needs it (Session.prepare),
         # oldest first; at most max_sessions (an older one left out makes its keys when needed).
         self._ahead: dict[Session, None] = {}
-        self.cache = ResumptionCache(
+        self.cache: SecretCache = ResumptionCache(
             self.config.resume_cache_size, self.config.resume_ttl, self.config.resume_per_peer
         )
         self.tombstones = Tombstones(self.config.max_tombstones, self.config.tombstone_ttl)

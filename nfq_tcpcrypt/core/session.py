@@ -40,7 +40,7 @@ from .flow import FlowKey
 from .guard import ChallengeLimiter, RstCheck, check_rst
 from .kex import KeyPool, KeySchedule, PrivateKey, TrafficKeys, public_bytes, session_secret, shared_secret
 from .outoforder import Budget
-from .resumption import Resumable, ResumptionCache
+from .resumption import Resumable, SecretCache
 from .seqmap import RecvStream, SendStream, to_offset, to_seq
 from .timers import Timer, Timers
 from .translate import StreamTranslator, Translated
@@ -146,7 +146,7 @@ class Session:
 
     def __init__(
         self, flow: FlowKey, config: Configuration, emit: Callable[[Event], None],
-        inject: Callable[[Injection], None], cache: ResumptionCache | None = None,
+        inject: Callable[[Injection], None], cache: SecretCache | None = None,
         ooo_budget: Budget | None = None, armed: dict[Session, None] | None = None,
         keys: KeyPool | None = None, ahead: dict[Session, None] | None = None,
     ) -> None:
@@ -188,12 +188,15 @@ class Session:
         self._syn_count = 0  # retransmissions of our SYN
         self._negotiated: eno.Negotiated | None = None
         self._simultaneous = False
-        self._private_key = None
+        self._private_key: PrivateKey | None = None
         self._n_a = b""
         self._init1 = b""
         self._ciphers_offered: tuple[int, ...] = ()
         self._challenges = ChallengeLimiter()
         self._synchronized = False  # a non-SYN segment came from the wire
+        self._fast = config.fast_paths
+        # Packets each fast path took (pure ACK out, pure ACK in, data in): tests compare the paths.
+        self.fast_taken = [0, 0, 0]
         self.required = False  # policy `require`: never plain (the engine resets instead)
         self.delegated = False  # our side negotiates TCP-ENO itself: not plain, not ours
 
@@ -280,12 +283,13 @@ class Session:
             # The usual case, encrypting: straight to the translator.
             tx = self.tx
             tx.out_ip = seg.ip_header
-            if seg.flags == TCP_ACK:
+            if seg.flags == TCP_ACK and self._fast:
                 verdict = tx.pure_ack_out(seg)  # a pure ACK, or None
                 if verdict is not None:
+                    self.fast_taken[0] += 1
                     return verdict
             try:
-                fin = seg.flags & TCP_FIN
+                fin = bool(seg.flags & TCP_FIN)
                 verdict = tx.translate_out(seg, now)
                 if fin and self.state is State.ENCRYPTING:
                     self._after_out()
@@ -319,11 +323,12 @@ class Session:
     def inbound(self, seg: Segment, now: float) -> Verdict:
         """A packet from the wire toward the local stack."""
         self.last_seen = now
-        if seg.flags == TCP_ACK and self.keys_ready and self.state in _KEYED:
+        if seg.flags == TCP_ACK and self._fast and self.keys_ready and self.state in _KEYED:
             self._synchronized = True
             self.tx.in_ip = seg.ip_header
             verdict = self.tx.pure_ack_in(seg)  # the usual case, or None
             if verdict is not None:
+                self.fast_taken[1] += 1
                 return verdict
         if not seg.flags & _SYN_RST and self.keys_ready and self.state in _KEYED:
             raw = seg.options
@@ -335,7 +340,9 @@ class Session:
                 tx.in_ip = seg.ip_header
                 tx.note_remote_usual(seg.window, raw)
                 try:
-                    result = tx.in_order_in(seg, now) if seg.payload else None
+                    result = tx.in_order_in(seg, now) if seg.payload and self._fast else None
+                    if result is not None:
+                        self.fast_taken[2] += 1
                     return self._after_in(result or tx.translate_in(seg, None, now), now)
                 except MalformedSegment:
                     return DROP

@@ -452,9 +452,9 @@ class StreamTranslator:
             data = data[: max(recv.right_edge - wire, 0)]
             seg.flags &= ~TCP_FIN
         added, plain_start, redeliver = self._take(seg, wire, data, now)
-        consumed = recv.buf_start
+        buf_start = recv.buf_start
         out = self._drain(now) if added else b""  # frames only complete when bytes arrive
-        consumed = recv.buf_start > consumed
+        consumed = recv.buf_start > buf_start
         if out:
             recv.remember(plain_start, out)
         fin_now = False
