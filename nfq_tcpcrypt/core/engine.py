@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict, deque
+from typing import Final
 
 from .config import Configuration
 from .constants import TCP_ACK, TCP_RST, TCP_SYN
@@ -22,11 +23,11 @@ from .wire.tcp import Segment, new_segment, parse_segment, serialize_segment
 
 logger = logging.getLogger(__name__)
 
-SWEEP_INTERVAL = 1.0
-SWEEP_SLICE = 128
+SWEEP_INTERVAL: Final = 1.0
+SWEEP_SLICE: Final = 128
 """Sessions one step of a sweep looks at: a big table is swept in steps, with the packets that
 wait handled between them (a table of 65,536 sessions took about 0.6 s in one piece here)."""
-_INBOUND = Direction.INBOUND
+_INBOUND: Final = Direction.INBOUND
 
 
 class Engine:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from .constants import AEAD_NAMES, TEP_NAMES, Aead, Role, Tep
 from .kex import next_session_secret, resume_identifier
 
-LOOKAHEAD = 4
+LOOKAHEAD: Final = 4
 
 
 @dataclass(frozen=True, slots=True)

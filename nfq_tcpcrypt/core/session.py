@@ -12,7 +12,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import replace
 from enum import StrEnum
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from . import eno
 from .aead import FrameCipher, traffic_key_len
@@ -67,9 +67,9 @@ from .wire.tcpcrypt import (
 
 logger = logging.getLogger(__name__)
 
-MIN_PMTU_V4 = 552
+MIN_PMTU_V4: Final = 552
 """The lowest IPv4 path MTU a too-big report can set (Linux's net.ipv4.route.min_pmtu default)."""
-MIN_PMTU_V6 = 1280
+MIN_PMTU_V6: Final = 1280
 """The IPv6 minimum link MTU (RFC 8200 §5)."""
 
 
@@ -104,7 +104,7 @@ class Trigger(StrEnum):
     ABORT = "abort"
 
 
-TRANSITIONS: dict[tuple[State, Trigger], State] = {
+TRANSITIONS: Final[dict[tuple[State, Trigger], State]] = {
     (State.NEW, Trigger.SYN_SENT): State.ENO_SENT,
     (State.NEW, Trigger.SYN_RECEIVED): State.ENO_RECEIVED,
     (State.NEW, Trigger.FALLBACK): State.PLAIN,
@@ -131,14 +131,14 @@ TRANSITIONS: dict[tuple[State, Trigger], State] = {
 }
 """Every state change of a session: (state, trigger) -> new state."""
 
-_ENDING = (Trigger.FINISHED, Trigger.RESET, Trigger.REFUSE, Trigger.ABORT)
+_ENDING: Final = (Trigger.FINISHED, Trigger.RESET, Trigger.REFUSE, Trigger.ABORT)
 """Triggers that end the connection: the session lingers from the first of them on."""
 
 # Tuples, not sets: membership by identity, without hashing an Enum on the per-packet path.
-_TRANSLATING = (State.KEY_EXCHANGE, State.ENCRYPTING, State.CLOSING)
-_KEYED = (State.ENCRYPTING, State.CLOSING)
-_LIVE = _TRANSLATING
-_SYN_RST = TCP_SYN | TCP_RST
+_TRANSLATING: Final = (State.KEY_EXCHANGE, State.ENCRYPTING, State.CLOSING)
+_KEYED: Final = (State.ENCRYPTING, State.CLOSING)
+_LIVE: Final = _TRANSLATING
+_SYN_RST: Final = TCP_SYN | TCP_RST
 
 
 class Session:
