@@ -5,6 +5,8 @@ The sole importer of the AEAD primitives.
 
 from __future__ import annotations
 
+from typing import Final
+
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
@@ -13,9 +15,9 @@ from .errors import IntegrityError, LocalProtocolError
 from .wire.tcpcrypt import pack_frame_header
 
 # RFC 8548 §6: (ae_key_len, ae_nonce_len) of each AEAD.
-AEAD_KEY_LEN = {Aead.AES_128_GCM: 16, Aead.AES_256_GCM: 32, Aead.CHACHA20_POLY1305: 32}
-AEAD_NONCE_LEN = 12
-_CLASSES: dict[Aead, type[AESGCM] | type[ChaCha20Poly1305]] = {
+AEAD_KEY_LEN: Final = {Aead.AES_128_GCM: 16, Aead.AES_256_GCM: 32, Aead.CHACHA20_POLY1305: 32}
+AEAD_NONCE_LEN: Final = 12
+_CLASSES: Final[dict[Aead, type[AESGCM] | type[ChaCha20Poly1305]]] = {
     Aead.AES_128_GCM: AESGCM,
     Aead.AES_256_GCM: AESGCM,
     Aead.CHACHA20_POLY1305: ChaCha20Poly1305,

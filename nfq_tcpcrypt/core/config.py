@@ -65,6 +65,10 @@ class Configuration:
     secrets_log: Callable[[str], None] | None = None
     """Opt-in key log writer: receives one line per established session; None disables it."""
 
+    fast_paths: bool = True
+    """Whether the per-packet fast paths run (docs/architecture.md: A packet's path). False sends
+    every packet the general path, which decides the same: tests compare the two."""
+
     max_sessions: int = 65536
     """Sessions at most. At the limit a new connection evicts the oldest session that holds no
     keys (embryonic or plain), else the oldest that ended and lingers (it leaves a tombstone); when

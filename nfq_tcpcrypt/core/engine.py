@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict, deque
+from typing import Final
 
 from .config import Configuration
 from .constants import TCP_ACK, TCP_RST, TCP_SYN
@@ -12,7 +13,7 @@ from .events import Event, SessionExpired
 from .flow import Direction, FlowKey
 from .kex import KeyPool
 from .outoforder import Budget
-from .resumption import ResumptionCache
+from .resumption import ResumptionCache, SecretCache
 from .seqmap import to_seq
 from .session import Session, State
 from .tombstones import Tombstone, Tombstones
@@ -22,11 +23,11 @@ from .wire.tcp import Segment, new_segment, parse_segment, serialize_segment
 
 logger = logging.getLogger(__name__)
 
-SWEEP_INTERVAL = 1.0
-SWEEP_SLICE = 128
+SWEEP_INTERVAL: Final = 1.0
+SWEEP_SLICE: Final = 128
 """Sessions one step of a sweep looks at: a big table is swept in steps, with the packets that
 wait handled between them (a table of 65,536 sessions took about 0.6 s in one piece here)."""
-_INBOUND = Direction.INBOUND
+_INBOUND: Final = Direction.INBOUND
 
 
 class Engine:
@@ -59,7 +60,7 @@ class Engine:
         # Sessions with key material to make before their next packet needs it (Session.prepare),
         # oldest first; at most max_sessions (an older one left out makes its keys when needed).
         self._ahead: dict[Session, None] = {}
-        self.cache = ResumptionCache(
+        self.cache: SecretCache = ResumptionCache(
             self.config.resume_cache_size, self.config.resume_ttl, self.config.resume_per_peer
         )
         self.tombstones = Tombstones(self.config.max_tombstones, self.config.tombstone_ttl)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from .config import Configuration
 from .constants import ENO_GLOBAL_A, ENO_GLOBAL_B, ENO_OPTION_KIND, Role, Tep
@@ -15,8 +16,8 @@ from .errors import MalformedSegment
 from .resumption import Resumable
 from .wire.eno import EnoOption, TepSuboption, parse_eno, serialize_eno
 
-RESUME_HALF = 9
-MAX_RESUME_NONCE = 8
+RESUME_HALF: Final = 9
+MAX_RESUME_NONCE: Final = 8
 
 
 class EnoFailed(Exception):

@@ -23,12 +23,9 @@ class MalformedSegment(TcpcryptError):
 class ProtocolError(TcpcryptError):
     """A broken protocol rule; `disposition` says what to do about it."""
 
-    disposition = Disposition.RESET
-
-    def __init__(self, message: str, disposition: Disposition | None = None) -> None:
+    def __init__(self, message: str, disposition: Disposition = Disposition.RESET) -> None:
         super().__init__(message)
-        if disposition is not None:
-            self.disposition = disposition
+        self.disposition = disposition
 
 
 class LocalProtocolError(ProtocolError):
@@ -42,7 +39,8 @@ class RemoteProtocolError(ProtocolError):
 class StackAnomaly(ProtocolError):
     """A local segment no TCP stack would send (a raw-socket program, a stale flow): dropped."""
 
-    disposition = Disposition.DROP_SEGMENT
+    def __init__(self, message: str, disposition: Disposition = Disposition.DROP_SEGMENT) -> None:
+        super().__init__(message, disposition)
 
 
 class IntegrityError(RemoteProtocolError):

@@ -9,8 +9,9 @@ challenge ACK and is dropped (RFC 5961 §4.2). Challenge ACKs are rate limited (
 from __future__ import annotations
 
 from enum import Enum
+from typing import Final
 
-CHALLENGE_INTERVAL = 0.5
+CHALLENGE_INTERVAL: Final = 0.5
 """Seconds between two challenge ACKs of one session (Linux's tcp_invalid_ratelimit)."""
 
 

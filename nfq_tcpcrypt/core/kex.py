@@ -6,7 +6,7 @@ import hmac
 import struct
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec, x448, x25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -140,10 +140,10 @@ class KeyPool:
         return count
 
 
-_CURVES: dict[Tep, type[ec.EllipticCurve]] = {Tep.P256: ec.SECP256R1, Tep.P521: ec.SECP521R1}
+_CURVES: Final[dict[Tep, type[ec.EllipticCurve]]] = {Tep.P256: ec.SECP256R1, Tep.P521: ec.SECP521R1}
 # RFC 8548 §5: compressed point sizes (IEEE 1363 §E.2.3).
-_POINT_LEN = {Tep.P256: 33, Tep.P521: 67}
-_RAW_LEN = {Tep.X25519: 32, Tep.X448: 56}
+_POINT_LEN: Final = {Tep.P256: 33, Tep.P521: 67}
+_RAW_LEN: Final = {Tep.X25519: 32, Tep.X448: 56}
 
 
 def public_bytes(tep: Tep, private_key: PrivateKey) -> bytes:
@@ -218,12 +218,12 @@ def cprf(key: bytes | bytearray, info: bytes, length: int) -> bytes:
 
 _digest = hmac.digest  # hashlib's one-shot HMAC in C: no HMAC object per call
 # The CPRF info strings of the key schedule with HKDF-Expand's first counter byte (RFC 5869 §2.3).
-_NEXTK_1 = bytes((CONST_NEXTK, 1))
-_RESUME_1 = bytes((CONST_RESUME, 1))
-_KEY_A_1 = bytes((CONST_KEY_A, 1))
-_KEY_B_1 = bytes((CONST_KEY_B, 1))
-_KEY_A_2 = bytes((CONST_KEY_A, 2))
-_KEY_B_2 = bytes((CONST_KEY_B, 2))
+_NEXTK_1: Final = bytes((CONST_NEXTK, 1))
+_RESUME_1: Final = bytes((CONST_RESUME, 1))
+_KEY_A_1: Final = bytes((CONST_KEY_A, 1))
+_KEY_B_1: Final = bytes((CONST_KEY_B, 1))
+_KEY_A_2: Final = bytes((CONST_KEY_A, 2))
+_KEY_B_2: Final = bytes((CONST_KEY_B, 2))
 
 
 def session_secret(n_a: bytes, transcript: bytes, init1: bytes, init2: bytes, es: bytes) -> bytes:

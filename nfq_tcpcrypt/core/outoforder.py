@@ -15,11 +15,12 @@ reneging, RFC 2018 §8), so that nothing stalls behind bytes that will never lin
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from typing import Final
 
-PIECE_OVERHEAD = 128
+PIECE_OVERHEAD: Final = 128
 """Bytes charged per held piece beyond its payload (list slots, bytearray header, timestamps)."""
 
-HOLD_TTL = 10.0
+HOLD_TTL: Final = 10.0
 """Seconds a piece may wait for its gap to fill before it is dropped (the peer resends it)."""
 
 
@@ -185,4 +186,4 @@ class OutOfOrder:
         del self.starts[i:j], self.pieces[i:j], self.stamps[i:j]
 
 
-_EMPTY = bytearray()
+_EMPTY: Final = bytearray()

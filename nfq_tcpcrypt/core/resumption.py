@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Final, Protocol
 
 from .constants import AEAD_NAMES, TEP_NAMES, Aead, Role, Tep
 from .kex import next_session_secret, resume_identifier
 
-LOOKAHEAD = 4
+LOOKAHEAD: Final = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,23 @@ class Resumable:
         return self.resume_id[9:] if self.original_role is Role.A else self.resume_id[:9]
 
 
+class SecretCache(Protocol):
+    """What a session and the engine use of a resumption cache: a ResumptionCache, or a worker's
+    view of the supervisor's one (README: Workers)."""
+
+    def __len__(self) -> int: ...
+
+    def store(self, peer: bytes, ss0: bytes, tep: Tep, aead: Aead, role: Role, now: float) -> None: ...
+
+    def take_for_offer(self, peer: bytes, teps: tuple[Tep, ...], now: float) -> Resumable | None: ...
+
+    def take_for_answer(self, peer: bytes, tep: int, half: bytes, now: float) -> Resumable | None: ...
+
+    def flush(self, peer: bytes | None = None) -> int: ...
+
+    def info(self, now: float) -> list[dict[str, object]]: ...
+
+
 class _Entry:
     __slots__ = ("peer", "window", "ids", "index", "tep", "aead", "original_role", "expires_at", "uses", "halves",
                  "_peer_half")
@@ -63,8 +81,9 @@ class _Entry:
         self.uses = 0
         # The peer's identifier halves of the window (Resumable.peer_half); `fill` extends the
         # window to LOOKAHEAD, ahead of need while the daemon is idle (ResumptionCache.fill_one).
-        self._peer_half = slice(9, None) if role is Role.A else slice(None, 9)
-        self.halves = [self.ids[0][self._peer_half]]
+        self._peer_half: tuple[int, int] = (9, 18) if role is Role.A else (0, 9)
+        a, b = self._peer_half
+        self.halves = [self.ids[0][a:b]]
 
     @property
     def ss(self) -> bytearray:
@@ -77,8 +96,8 @@ class _Entry:
             ss = next_session_secret(self.window[-1])
             self.window.append(bytearray(ss))
             self.ids.append(resume_identifier(ss))
-        peer_half = self._peer_half
-        self.halves = [rid[peer_half] for rid in self.ids]
+        a, b = self._peer_half
+        self.halves = [rid[a:b] for rid in self.ids]
 
     def _resumable(self, ahead: int) -> Resumable:
         return Resumable(bytes(self.window[ahead]), self.ids[ahead], self.tep, self.aead, self.original_role)
@@ -94,8 +113,8 @@ class _Entry:
             left[:] = bytes(len(left))
             self.ids.pop(0)
             self.index += 1
-        peer_half = self._peer_half
-        self.halves = [rid[peer_half] for rid in self.ids]
+        a, b = self._peer_half
+        self.halves = [rid[a:b] for rid in self.ids]
 
     def resumable(self, ahead: int = 0) -> Resumable:
         if ahead < len(self.window):
@@ -104,6 +123,15 @@ class _Entry:
         for _ in range(ahead - len(self.window) + 1):
             ss = next_session_secret(ss)
         return Resumable(bytes(ss), resume_identifier(ss), self.tep, self.aead, self.original_role)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _Entry:
+        """The same entry (a cloned machine's cache); spelled out, as copy.deepcopy cannot copy a
+        compiled class without arguments for its constructor."""
+        clone = _Entry(self.peer, bytes(self.window[0]), self.tep, self.aead, self.original_role, self.expires_at)
+        clone.window = [bytearray(ss) for ss in self.window]
+        clone.ids = list(self.ids)
+        clone.index, clone.uses, clone.halves = self.index, self.uses, list(self.halves)
+        return clone
 
     def wipe(self) -> None:
         for ss in self.window:

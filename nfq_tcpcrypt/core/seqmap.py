@@ -9,16 +9,17 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections import deque
+from typing import Final
 
 from .aead import FrameCipher
 from .constants import FRAME_HEADER_LEN, MAX_FRAME_DATA, MAX_INIT_LEN
 from .outoforder import OutOfOrder
 from .wire.tcpcrypt import frame_plaintext, frame_size
 
-MASK = 0xFFFFFFFF
-HALF = 1 << 31
+MASK: Final = 0xFFFFFFFF
+HALF: Final = 1 << 31
 
-DATA_AT = FRAME_HEADER_LEN + 1
+DATA_AT: Final = FRAME_HEADER_LEN + 1
 """Plain byte i of a frame we sent sits at wire offset wire_start + DATA_AT + i: after the header
 and the flags byte (RFC 8548 §4.2; AES-GCM and ChaCha20-Poly1305 encrypt in place, byte for byte);
 the tag follows the data."""

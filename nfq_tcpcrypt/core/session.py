@@ -12,7 +12,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import replace
 from enum import StrEnum
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from . import eno
 from .aead import FrameCipher, traffic_key_len
@@ -40,7 +40,7 @@ from .flow import FlowKey
 from .guard import ChallengeLimiter, RstCheck, check_rst
 from .kex import KeyPool, KeySchedule, PrivateKey, TrafficKeys, public_bytes, session_secret, shared_secret
 from .outoforder import Budget
-from .resumption import Resumable, ResumptionCache
+from .resumption import Resumable, SecretCache
 from .seqmap import RecvStream, SendStream, to_offset, to_seq
 from .timers import Timer, Timers
 from .translate import StreamTranslator, Translated
@@ -67,9 +67,9 @@ from .wire.tcpcrypt import (
 
 logger = logging.getLogger(__name__)
 
-MIN_PMTU_V4 = 552
+MIN_PMTU_V4: Final = 552
 """The lowest IPv4 path MTU a too-big report can set (Linux's net.ipv4.route.min_pmtu default)."""
-MIN_PMTU_V6 = 1280
+MIN_PMTU_V6: Final = 1280
 """The IPv6 minimum link MTU (RFC 8200 §5)."""
 
 
@@ -104,7 +104,7 @@ class Trigger(StrEnum):
     ABORT = "abort"
 
 
-TRANSITIONS: dict[tuple[State, Trigger], State] = {
+TRANSITIONS: Final[dict[tuple[State, Trigger], State]] = {
     (State.NEW, Trigger.SYN_SENT): State.ENO_SENT,
     (State.NEW, Trigger.SYN_RECEIVED): State.ENO_RECEIVED,
     (State.NEW, Trigger.FALLBACK): State.PLAIN,
@@ -131,14 +131,14 @@ TRANSITIONS: dict[tuple[State, Trigger], State] = {
 }
 """Every state change of a session: (state, trigger) -> new state."""
 
-_ENDING = (Trigger.FINISHED, Trigger.RESET, Trigger.REFUSE, Trigger.ABORT)
+_ENDING: Final = (Trigger.FINISHED, Trigger.RESET, Trigger.REFUSE, Trigger.ABORT)
 """Triggers that end the connection: the session lingers from the first of them on."""
 
 # Tuples, not sets: membership by identity, without hashing an Enum on the per-packet path.
-_TRANSLATING = (State.KEY_EXCHANGE, State.ENCRYPTING, State.CLOSING)
-_KEYED = (State.ENCRYPTING, State.CLOSING)
-_LIVE = _TRANSLATING
-_SYN_RST = TCP_SYN | TCP_RST
+_TRANSLATING: Final = (State.KEY_EXCHANGE, State.ENCRYPTING, State.CLOSING)
+_KEYED: Final = (State.ENCRYPTING, State.CLOSING)
+_LIVE: Final = _TRANSLATING
+_SYN_RST: Final = TCP_SYN | TCP_RST
 
 
 class Session:
@@ -146,7 +146,7 @@ class Session:
 
     def __init__(
         self, flow: FlowKey, config: Configuration, emit: Callable[[Event], None],
-        inject: Callable[[Injection], None], cache: ResumptionCache | None = None,
+        inject: Callable[[Injection], None], cache: SecretCache | None = None,
         ooo_budget: Budget | None = None, armed: dict[Session, None] | None = None,
         keys: KeyPool | None = None, ahead: dict[Session, None] | None = None,
     ) -> None:
@@ -188,12 +188,15 @@ class Session:
         self._syn_count = 0  # retransmissions of our SYN
         self._negotiated: eno.Negotiated | None = None
         self._simultaneous = False
-        self._private_key = None
+        self._private_key: PrivateKey | None = None
         self._n_a = b""
         self._init1 = b""
         self._ciphers_offered: tuple[int, ...] = ()
         self._challenges = ChallengeLimiter()
         self._synchronized = False  # a non-SYN segment came from the wire
+        self._fast = config.fast_paths
+        # Packets each fast path took (pure ACK out, pure ACK in, data in): tests compare the paths.
+        self.fast_taken = [0, 0, 0]
         self.required = False  # policy `require`: never plain (the engine resets instead)
         self.delegated = False  # our side negotiates TCP-ENO itself: not plain, not ours
 
@@ -280,12 +283,13 @@ class Session:
             # The usual case, encrypting: straight to the translator.
             tx = self.tx
             tx.out_ip = seg.ip_header
-            if seg.flags == TCP_ACK:
+            if seg.flags == TCP_ACK and self._fast:
                 verdict = tx.pure_ack_out(seg)  # a pure ACK, or None
                 if verdict is not None:
+                    self.fast_taken[0] += 1
                     return verdict
             try:
-                fin = seg.flags & TCP_FIN
+                fin = bool(seg.flags & TCP_FIN)
                 verdict = tx.translate_out(seg, now)
                 if fin and self.state is State.ENCRYPTING:
                     self._after_out()
@@ -319,11 +323,12 @@ class Session:
     def inbound(self, seg: Segment, now: float) -> Verdict:
         """A packet from the wire toward the local stack."""
         self.last_seen = now
-        if seg.flags == TCP_ACK and self.keys_ready and self.state in _KEYED:
+        if seg.flags == TCP_ACK and self._fast and self.keys_ready and self.state in _KEYED:
             self._synchronized = True
             self.tx.in_ip = seg.ip_header
             verdict = self.tx.pure_ack_in(seg)  # the usual case, or None
             if verdict is not None:
+                self.fast_taken[1] += 1
                 return verdict
         if not seg.flags & _SYN_RST and self.keys_ready and self.state in _KEYED:
             raw = seg.options
@@ -335,7 +340,9 @@ class Session:
                 tx.in_ip = seg.ip_header
                 tx.note_remote_usual(seg.window, raw)
                 try:
-                    result = tx.in_order_in(seg, now) if seg.payload else None
+                    result = tx.in_order_in(seg, now) if seg.payload and self._fast else None
+                    if result is not None:
+                        self.fast_taken[2] += 1
                     return self._after_in(result or tx.translate_in(seg, None, now), now)
                 except MalformedSegment:
                     return DROP

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Final
 
 from .flow import FlowKey
 
-TOMBSTONE_BYTES = 200
+TOMBSTONE_BYTES: Final = 200
 """Approximate memory of one tombstone (key, entry and dict slot), for the documented bounds."""
 
 

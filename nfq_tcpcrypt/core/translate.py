@@ -12,8 +12,7 @@ what each inbound packet did (`Translated`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from .constants import (
     CONTROL_REKEY,
@@ -64,20 +63,20 @@ if TYPE_CHECKING:
 
 """The first bytes of the options block Linux puts on every segment once timestamps are on."""
 
-REPLAY_TIMEOUT = 0.5
+REPLAY_TIMEOUT: Final = 0.5
 """Seconds our stack may take to acknowledge plaintext we already acknowledged for it (its delayed
 ACK is at most 0.2 s) before we hand it that plaintext again."""
 
-SUPER_PACKET_MAX = 0xFFFF - 4
+SUPER_PACKET_MAX: Final = 0xFFFF - 4
 """The largest packet a verdict gives back: the kernel refuses more than 65,535 bytes, and the
 netlink attribute that carries it holds 65,531 (docs/architecture.md: Sizes)."""
 
-GSO_OPTION_ROOM = 20
+GSO_OPTION_ROOM: Final = 20
 """Option bytes a super-packet may carry beyond its stack's own: the kernel copies them into every
 segment, and the stack sized its segments for its own options within an MSS clamped by 20 bytes
 (docs/architecture.md: Sizes)."""
 
-REPLAY_MAX_BACKOFF = 16
+REPLAY_MAX_BACKOFF: Final = 16
 """The replay timer's delay grows to at most this many times REPLAY_TIMEOUT (a persist timer,
 RFC 9293 §3.8.6.1: our stack may offer no window for a while)."""
 
@@ -99,14 +98,15 @@ class Keys(Protocol):
         ...
 
 
-@dataclass(slots=True)
 class Translated:
-    """A translated packet and what happened that the session acts on."""
+    """A translated packet and what happened that the session acts on (a plain class: one is
+    made per data packet, and a compiled dataclass's constructor is interpreted Python)."""
 
-    verdict: Verdict
-    peer_rekeyed: bool = False  # the peer's generation moved up (RFC 8548 §3.8)
-    closing: bool = False  # a FIN went one way: framed by us, or delivered to our stack
-    finished: bool = False  # FIN both ways, ours acknowledged
+    def __init__(self, verdict: Verdict, peer_rekeyed: bool, closing: bool, finished: bool) -> None:
+        self.verdict = verdict
+        self.peer_rekeyed = peer_rekeyed  # the peer's generation moved up (RFC 8548 §3.8)
+        self.closing = closing  # a FIN went one way: framed by us, or delivered to our stack
+        self.finished = finished  # FIN both ways, ours acknowledged
 
 
 class StreamTranslator:
@@ -452,9 +452,9 @@ class StreamTranslator:
             data = data[: max(recv.right_edge - wire, 0)]
             seg.flags &= ~TCP_FIN
         added, plain_start, redeliver = self._take(seg, wire, data, now)
-        consumed = recv.buf_start
+        buf_start = recv.buf_start
         out = self._drain(now) if added else b""  # frames only complete when bytes arrive
-        consumed = recv.buf_start > consumed
+        consumed = recv.buf_start > buf_start
         if out:
             recv.remember(plain_start, out)
         fin_now = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from .flow import Direction
 
@@ -30,9 +30,9 @@ class Verdict(NamedTuple):
     encrypted: bool = False
 
 
-ACCEPT = Verdict(Action.ACCEPT)
-DROP = Verdict(Action.DROP)
-ACCEPT_ENCRYPTED = Verdict(Action.ACCEPT, None, True)
+ACCEPT: Final = Verdict(Action.ACCEPT)
+DROP: Final = Verdict(Action.DROP)
+ACCEPT_ENCRYPTED: Final = Verdict(Action.ACCEPT, None, True)
 
 
 class Injection(NamedTuple):
@@ -62,4 +62,4 @@ class PacketInfo:
     checksum_trusted: bool = False
 
 
-UNKNOWN = PacketInfo()
+UNKNOWN: Final = PacketInfo()

@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import deque
+from collections.abc import Callable
 
 from nfq_tcpcrypt.core.config import Configuration
 from nfq_tcpcrypt.core.constants import TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN
 from nfq_tcpcrypt.core.engine import Engine
 from nfq_tcpcrypt.core.flow import Direction
-from nfq_tcpcrypt.core.kex import SystemKeyFactory
-from nfq_tcpcrypt.core.verdict import UNKNOWN, Action, PacketInfo
+from nfq_tcpcrypt.core.verdict import UNKNOWN, Action, PacketInfo, Verdict
 from nfq_tcpcrypt.core.wire.tcp import new_segment, parse_options, parse_segment, serialize_segment
 
 GSO_INFO = PacketInfo(gso=True, checksum_trusted=True)
@@ -46,8 +46,8 @@ class SeededRandom:
         return hashlib.shake_256(self._seed + self._counter.to_bytes(8, "big")).digest(n)
 
 
-class SeededKeyFactory(SystemKeyFactory):
-    """Private keys built from a seeded stream, so equal seeds give equal transcripts."""
+class SeededKeyFactory:
+    """Private keys built from a seeded stream, so equal seeds give equal transcripts (a core.kex.KeyFactory)."""
 
     def __init__(self, random: SeededRandom) -> None:
         self._random = random
@@ -343,6 +343,9 @@ class Pair:
         self.now = 0.0
         self._delayed: list[tuple[int, str, bytes]] = []
         self._step = 0
+        # A test's stand-in for an engine's `process`, called as NetfilterQueue calls it (a
+        # compiled Engine's methods cannot be replaced on the object).
+        self.intercept: dict[Engine, Callable[[bytes, Direction, float], Verdict]] = {}
 
     def open(self) -> Pair:
         """B listens on port 80, A connects; run until the handshake is over."""
@@ -384,9 +387,11 @@ class Pair:
             return packet
         if info.gso:
             self.super_packets += 1
+        intercept = self.intercept.get(engine)
+        if intercept is not None:
+            verdict = intercept(packet, direction, self.now)
+        else:
             verdict = engine.process(packet, direction, self.now, info=info)
-        else:  # as NetfilterQueue calls it (tests wrap process with that signature)
-            verdict = engine.process(packet, direction, self.now)
         if verdict.action is Action.DROP:
             return None
         return verdict.packet if verdict.packet is not None else packet

@@ -54,7 +54,7 @@ def test_frag_needed_is_translated():
             actions.append(Action.DROP if verdict.action is Action.DROP else len(parse_segment(sent).payload))
         return verdict
 
-    pair.engine_a.process = recording
+    pair.intercept[pair.engine_a] = recording
     pair.a.write(b"y" * 5000)
     pair.run()
     # Our stack now believes MTU 1380 (shared route cache), so data leaves through the injector.

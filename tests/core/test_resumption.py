@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from nfq_tcpcrypt.core.config import PolicyRule
-from nfq_tcpcrypt.core.constants import INIT1_MAGIC, INIT2_MAGIC, Role, Tep
+from nfq_tcpcrypt.core.constants import INIT1_MAGIC, INIT2_MAGIC, Aead, Role, Tep
 from nfq_tcpcrypt.core.engine import Engine
 from nfq_tcpcrypt.core.events import FellBackToPlain
 from nfq_tcpcrypt.core.wire.eno import parse_eno
@@ -234,7 +234,7 @@ class TestControls:
 
         cache = ResumptionCache(max_entries=size)
         for i in range(3):
-            cache.store(bytes([10, 0, 0, i]), bytes(32), Tep.X25519, 1, Role.A, 0.0)
+            cache.store(bytes([10, 0, 0, i]), bytes(32), Tep.X25519, Aead.AES_128_GCM, Role.A, 0.0)
         assert [e["peer"] for e in cache.info(0.0)] == [f"10.0.0.{i}" for i in range(3 - size, 3)]
 
 
@@ -290,15 +290,15 @@ def test_resumed_keys_made_ahead_while_idle_are_the_ones_used():
         if ahead:
             real = engine.process
 
-            def process(packet, direction, now, _real=real, _engine=engine, _made=made, **kw):  # type: ignore[no-untyped-def]
-                verdict = _real(packet, direction, now, **kw)
+            def process(packet, direction, now, _real=real, _engine=engine, _made=made):  # type: ignore[no-untyped-def]
+                verdict = _real(packet, direction, now)
                 sessions = list(_engine._ahead)
                 while _engine.prepare_wanted(now):
                     _engine.prepare(now)
                 _made.extend(s for s in sessions if s._made_ahead is not None)
                 return verdict
 
-            engine.process = process  # type: ignore[method-assign]
+            pair.intercept[engine] = process
         pair.new_connection(40001, 80)
         _exchange(pair)
         assert _no_init_messages(pair)

@@ -286,7 +286,7 @@ def test_truncated_init1(tmp_path, fresh):
 def test_init1_with_bad_magic_and_bad_length(tmp_path, fresh):
     packets = list(fresh.wire)
     index = data_packets(packets)[0]
-    init1 = bytearray(parse_segment(packets[index]).payload)
+    init1 = parse_segment(packets[index]).payload
     bad_magic = bytes(4) + init1[4:]
     damaged = packets[:index] + [with_payload(packets[index], bad_magic)] + packets[index + 1 :]
     report = _decode(tmp_path, fresh, damaged)

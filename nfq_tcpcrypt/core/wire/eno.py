@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
 from ..constants import ENO_GLOBAL_A, ENO_GLOBAL_B, ENO_OPTION_KIND, ENO_TEP_MIN, ENO_V_BIT
 from ..errors import MalformedSegment
 
-MAX_LENGTH_BYTE_DATA = 32  # RFC 8547 §4.4: nnnnn + 1
+MAX_LENGTH_BYTE_DATA: Final = 32  # RFC 8547 §4.4: nnnnn + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,4 +109,4 @@ def serialize_eno(option: EnoOption) -> bytes:
 
 
 # RFC 8547 §4.1: the non-SYN form; tcpcrypt gives it no contents (RFC 8548 §3.2).
-NON_SYN_ENO = bytes((ENO_OPTION_KIND, 2))
+NON_SYN_ENO: Final = bytes((ENO_OPTION_KIND, 2))

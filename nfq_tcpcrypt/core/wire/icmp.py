@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from ..errors import MalformedSegment
 from .ip import checksum_fold, finish_checksum, pseudo_header_sum, serialize_ip_header
 
-IPPROTO_ICMP = 1
-IPPROTO_ICMPV6 = 58
+IPPROTO_ICMP: Final = 1
+IPPROTO_ICMPV6: Final = 58
 # Error types: RFC 792 (unreachable 3, time exceeded 11, parameter problem 12) and RFC 4443 §3
 # (unreachable 1, packet too big 2, time exceeded 3, parameter problem 4).
-ICMP_ERRORS = {3, 11, 12}
-ICMPV6_ERRORS = {1, 2, 3, 4}
+ICMP_ERRORS: Final = {3, 11, 12}
+ICMPV6_ERRORS: Final = {1, 2, 3, 4}
 
 
 @dataclass(slots=True)

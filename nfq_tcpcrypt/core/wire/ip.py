@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from ..errors import MalformedSegment
 
-IPPROTO_TCP = 6
-_V6_HEADER_LEN = 40
+IPPROTO_TCP: Final = 6
+_V6_HEADER_LEN: Final = 40
 
 
 def checksum_fold(data: bytes | bytearray | memoryview) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from ..constants import (
     TCP_ACK,
@@ -20,10 +21,10 @@ from ..constants import (
 from ..errors import MalformedSegment
 from .ip import IPPROTO_TCP, checksum_fold, mod_ffff, new_ip_header, parse_ip, pseudo_header_sum, serialize_ip_header
 
-_TCP = struct.Struct("!HHIIBBHHH")
-_V4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")  # an option-less IPv4 header and the TCP header
-_LINUX_TS = bytes((TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10))
-_NOP = bytes((TCPOPT_NOP,))
+_TCP: Final = struct.Struct("!HHIIBBHHH")
+_V4_TCP: Final = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")  # an option-less IPv4 header and the TCP header
+_LINUX_TS: Final = bytes((TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10))
+_NOP: Final = bytes((TCPOPT_NOP,))
 
 
 class Segment:
@@ -142,17 +143,18 @@ def serialize_segment(seg: Segment) -> bytes:
     parsed = seg.parsed
     if parsed is None or parsed[0] is not ip or parsed[1] != len(ip) + tcp_len:
         ip = serialize_ip_header(ip, tcp_len)
-    header = _TCP.pack(seg.sport, seg.dport, seq, ack, offset, seg.flags, seg.window, 0, seg.urgent)
+    csum = 0
     if not seg.kernel_checksum:
-        # Addresses, header and options in one fold, the payload in another (each part 16-bit
-        # aligned), plus the pseudo-header's protocol and length (RFC 9293 §3.1).
-        if len(payload) & 1:
-            payload = payload + b"\x00"  # only for the sum; the packet keeps its length
-        total = int.from_bytes(seg.src + seg.dst + header + options, "big") + IPPROTO_TCP + tcp_len
-        total += mod_ffff(int.from_bytes(payload, "big"), len(payload))
+        # The pseudo-header (addresses, protocol, length), the header's 16-bit words (checksum 0),
+        # the options and the payload, each 16-bit aligned, summed mod 0xFFFF (RFC 9293 §3.1).
+        total = (int.from_bytes(seg.src + seg.dst, "big") + IPPROTO_TCP + tcp_len
+                 + seg.sport + seg.dport + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16) + (ack & 0xFFFF)
+                 + ((offset << 8) | seg.flags) + seg.window + seg.urgent + int.from_bytes(options, "big"))
+        if payload:
+            padded = payload + b"\x00" if len(payload) & 1 else payload  # the packet keeps its length
+            total += mod_ffff(int.from_bytes(padded, "big"), len(padded))
         csum = ~(total % 0xFFFF or 0xFFFF) & 0xFFFF
-        payload = seg.payload
-        header = _TCP.pack(seg.sport, seg.dport, seq, ack, offset, seg.flags, seg.window, csum, seg.urgent)
+    header = _TCP.pack(seg.sport, seg.dport, seq, ack, offset, seg.flags, seg.window, csum, seg.urgent)
     return b"".join((ip, header, options, payload))
 
 

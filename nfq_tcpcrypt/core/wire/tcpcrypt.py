@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from ..constants import (
     CONTROL_REKEY,
@@ -19,9 +20,9 @@ from ..constants import (
 from ..errors import MalformedSegment
 from ..kex import public_key_length
 
-_HEAD = struct.Struct("!II")
+_HEAD: Final = struct.Struct("!II")
 
-FRAME_HEADER = struct.Struct("!BH")
+FRAME_HEADER: Final = struct.Struct("!BH")
 """A frame's header, `control | clen` (RFC 8548 §4.2); it is also the AEAD's associated data."""
 
 
