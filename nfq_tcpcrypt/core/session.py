@@ -467,16 +467,16 @@ class Session:
         options = parse_options(seg.options)
         self.tx.note_local_syn(options)
         self.tx.note_local(seg, options, syn=True)
-        retransmitted_synack = seg.is_ack and self.is_translating and seg.seq == self.isn_local
-        if self.state not in (State.ENO_SENT, State.ENO_RECEIVED) and not retransmitted_synack:
+        # Our stack resending its SYN or SYN-ACK after ENO already succeeded (the peer's answer
+        # crossed the retransmission): the option must not change (§4.6) either.
+        resent_after_eno = self.is_translating and seg.seq == self.isn_local
+        if self.state not in (State.ENO_SENT, State.ENO_RECEIVED) and not resent_after_eno:
             return Verdict(Action.ACCEPT)
         if seg.is_ack:
-            # Our SYN-ACK, or its retransmission after ENO already succeeded (the third ACK got
-            # through but our stack had resent anyway): the option must not change (§4.6).
             self.isn_local = seg.seq
         elif seg.seq != self.isn_local:
             return Verdict(Action.ACCEPT)
-        else:
+        elif not resent_after_eno:
             self._syn_count += 1
             if self._syn_count > self.config.syn_retries_with_eno:
                 # RFC 8547 §4.6: an active opener MAY drop ENO on a SYN retransmission, for paths

@@ -178,6 +178,23 @@ def test_retransmitted_synack_keeps_its_eno_option():
     assert [raw for kind, raw in options if kind == 69] == [bytes.fromhex("45040123")]
 
 
+def test_syn_resent_after_eno_succeeded_keeps_its_eno_option():
+    # RFC 8547 §4.6: our stack's SYN retransmission can cross the SYN-ACK; once that SYN-ACK has
+    # keyed the session, the resent SYN still carries the option unchanged (ENO was not disabled).
+    pair = Pair(seed=b"syn").open()
+    first_syn = pair.wire[0]
+    a = pair.a
+    a.state = "syn-sent"
+    a._send_syn()  # noqa: SLF001 - the model's own SYN retransmission
+    syn = a.out.pop()
+    verdict = pair.engine_a.process(syn, Direction.OUTBOUND, pair.now)
+    assert verdict.packet is not None and parse_segment(verdict.packet).is_syn
+    options = parse_options(parse_segment(verdict.packet).options)
+    assert [raw for kind, raw in options if kind == 69] == [_eno(pair, 0)]
+    assert parse_segment(first_syn).is_syn
+    assert pair.engine_a.session_table()[0]["state"] == "encrypting"
+
+
 def test_peer_eno_option_is_not_passed_to_our_side():
     pair = Pair(seed=b"strip")
     seen = []
