@@ -18,7 +18,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from . import nfnetlink as nl
 
@@ -42,6 +42,30 @@ SEND_CHUNK = 128 * 1024
 """Verdict bytes gathered into one sendmsg before it goes (below the default netlink send buffer)."""
 
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
+class NetlinkSocket(Protocol):
+    """What FastQueue uses of its socket (a NETLINK_NETFILTER socket.socket; a fake in the unit tests)."""
+
+    def recv_into(self, buffer: bytearray, /) -> int: ...
+    def sendmsg(self, parts: list[bytes], /) -> int: ...
+    def send(self, data: bytes, /) -> int: ...
+    def recv(self, size: int, /) -> bytes: ...
+    def settimeout(self, timeout: float | None, /) -> None: ...
+    def setblocking(self, flag: bool, /) -> None: ...
+    def fileno(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class Waiting(Protocol):
+    """A poll of the queue's socket alone (a select.epoll)."""
+
+    def poll(self, timeout: float, /) -> list[tuple[int, int]]: ...
+    def close(self) -> None: ...
+
+
+Connect = Callable[[int, int, int], tuple[NetlinkSocket, Waiting]]
+"""(queue number, max_len, sock_len) -> the bound socket and its poll."""
 
 
 class FastPacket:
@@ -137,13 +161,15 @@ class FastPacket:
 class FastQueue:
     """One NFQUEUE bound on its own NETLINK_NETFILTER socket, with NetfilterQueue's method names."""
 
-    def __init__(self, flags: int = 0) -> None:
-        """`flags`: NFQA_CFG_F_* set when binding (FAIL_OPEN, GSO); every other flag is cleared."""
+    def __init__(self, flags: int = 0, connect: Connect | None = None) -> None:
+        """`flags`: NFQA_CFG_F_* set when binding (FAIL_OPEN, GSO); every other flag is cleared.
+        `connect` opens and configures the socket (`_connect`: the kernel's; a fake in the unit tests)."""
         self.flags = flags
         self.queue_num: int | None = None
         self.counters: dict[str, int] = {"enobufs": 0, "verdict_errors": 0, "recv_calls": 0, "verdict_sends": 0}
-        self._sock: socket.socket | None = None
-        self._waiting: select.epoll | None = None
+        self._connect: Connect = self._netlink if connect is None else connect
+        self._sock: NetlinkSocket | None = None
+        self._waiting: Waiting | None = None
         """An epoll of the socket alone: whether packets wait, without a recv."""
         self._callback: Callable[[Any], None] | None = None
         self._pending: list[FastPacket] = []
@@ -158,6 +184,11 @@ class FastQueue:
     def bind(self, queue_num: int, callback: Callable[[Any], None], max_len: int = 1024, sock_len: int = 0) -> None:
         """Bind `queue_num`: copy whole packets, at most `max_len` waiting, our flags; `sock_len` is
         the receive buffer (SO_RCVBUFFORCE, as root; SO_RCVBUF when that is refused)."""
+        sock, waiting = self._connect(queue_num, max_len, sock_len)
+        self._sock, self._waiting, self.queue_num, self._callback = sock, waiting, queue_num, callback
+
+    def _netlink(self, queue_num: int, max_len: int, sock_len: int) -> tuple[NetlinkSocket, Waiting]:
+        """A NETLINK_NETFILTER socket bound to `queue_num` with our flags, and its poll."""
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, nl.NETLINK_NETFILTER)
         try:
             sock.bind((0, 0))
@@ -177,14 +208,14 @@ class FastQueue:
             raise
         waiting = select.epoll()
         waiting.register(sock.fileno(), select.EPOLLIN)
-        self._sock, self._waiting, self.queue_num, self._callback = sock, waiting, queue_num, callback
+        return sock, waiting
 
     def _next_seq(self) -> int:
         self._seq += 1
         return self._seq
 
-    def _request(self, sock: socket.socket, request: bytes, seq: int) -> None:
-        """Send one acknowledged request and wait for its answer (NetlinkError when refused)."""
+    def _request(self, sock: NetlinkSocket, request: bytes, seq: int) -> None:
+        """Send one acknowledged request and wait for its answer (an OSError when refused)."""
         sock.send(request)
         sock.settimeout(5.0)
         while True:
@@ -192,7 +223,7 @@ class FastQueue:
             for item in nl.parse(data):
                 if isinstance(item, nl.Ack) and item.seq == seq:
                     if item.errno:
-                        raise nl.NetlinkError(item.errno, seq)
+                        raise nl.refused(item.errno, seq)
                     return
 
     def get_fd(self) -> int:

@@ -26,7 +26,6 @@ from ..core.flow import Direction
 from ..core.verdict import UNKNOWN, Injection, PacketInfo, Verdict
 from .control import ControlServer
 from .freshness import Freshness
-from .inject import Injector
 from .metrics import EventStats
 from .nfq import QueuePair, kernel_queue_stats
 
@@ -56,6 +55,16 @@ class EngineLike(Protocol):
     def abort_all(self, reason: str, now: float) -> int: ...
     def prepare_wanted(self, now: float) -> bool: ...
     def prepare(self, now: float) -> bool: ...
+
+
+class InjectorLike(Protocol):
+    """The Injector surface the loop uses (inject.py)."""
+
+    sent: int
+    sent_local: int
+    failed: int
+
+    def send(self, packet: bytes, direction: Direction = Direction.OUTBOUND) -> bool: ...
 
 
 class SignalWatch:
@@ -106,7 +115,7 @@ class EventLoop:
         self,
         engine: EngineLike,
         queue_num: int,
-        injector: Injector,
+        injector: InjectorLike,
         signals: SignalWatch,
         freshness: Freshness | None = None,
         queue_factory: Callable[[], Any] = NetfilterQueue,

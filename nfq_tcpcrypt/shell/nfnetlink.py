@@ -197,12 +197,10 @@ class QueuedPacket:
         return bool(self.skb_info & NFQA_SKB_CSUMNOTREADY)
 
 
-class NetlinkError(OSError):
-    """The kernel refused a request (an NLMSG_ERROR with a negative errno)."""
-
-    def __init__(self, errno: int, seq: int) -> None:
-        super().__init__(errno, f"netlink request {seq} failed: errno {errno}")
-        self.seq = seq
+def refused(errno: int, seq: int) -> OSError:
+    """The error for a request the kernel refused (an NLMSG_ERROR with a negative errno): a plain
+    OSError, since compiled modules cannot subclass it."""
+    return OSError(errno, f"netlink request {seq} failed: errno {errno}")
 
 
 @dataclass(slots=True)

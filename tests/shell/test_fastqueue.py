@@ -183,11 +183,30 @@ class TestParse:
 
 
 class FakeSocket:
-    """recv_into from queued datagrams (an OSError instance is raised instead), sendmsg recorded."""
+    """recv_into from queued datagrams (an OSError instance is raised instead), sendmsg recorded;
+    a request (send) is acknowledged by the next recv, as the kernel does."""
 
     def __init__(self) -> None:
         self.incoming: list[bytes | OSError] = []
         self.sent: list[bytes] = []
+        self.requests: list[bytes] = []
+        self.closed = False
+
+    def send(self, data: bytes) -> int:
+        self.requests.append(data)
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        return ack(struct.unpack_from("=IHHII", self.requests[-1])[3])
+
+    def settimeout(self, timeout: float | None) -> None:
+        pass
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
 
     def recv_into(self, buffer: bytearray) -> int:
         if not self.incoming:
@@ -215,6 +234,9 @@ class FakeWaiting:
     def poll(self, timeout: float) -> list[tuple[int, int]]:
         self.log.append("poll")
         return [(-1, 1)] if self.sock.incoming else []
+
+    def close(self) -> None:
+        pass
 
 
 class LoggingSocket(FakeSocket):
@@ -445,16 +467,12 @@ class TestFastQueue:
             queue_factory("nope")
 
 
-class BoundFake(FastQueue):
-    """A FastQueue 'bound' to a FakeSocket, for QueuePair."""
+class BoundFake:
+    """A FastQueue whose bind connects a FakeSocket, for QueuePair (`queue`), and that socket (`sock`)."""
 
-    def bind(self, queue_num: int, callback: Callable[[Any], None], max_len: int = 1024, sock_len: int = 0) -> None:
+    def __init__(self) -> None:
         self.sock = FakeSocket()
-        self._sock, self.queue_num, self._callback = self.sock, queue_num, callback  # type: ignore[assignment]
-        self._waiting = FakeWaiting(self.sock, [])  # type: ignore[assignment]
-
-    def unbind(self) -> None:
-        self._sock = None
+        self.queue = FastQueue(connect=lambda queue_num, max_len, sock_len: (self.sock, FakeWaiting(self.sock, [])))
 
 
 def test_packet_info_trusts_only_what_the_kernel_vouches_for() -> None:
@@ -473,9 +491,9 @@ class TestQueuePairOnFastQueue:
         infos: list[Any] = []
         engine_infos: list[PacketInfo] = []
 
-        def make() -> BoundFake:
+        def make() -> FastQueue:
             made.append(BoundFake())
-            return made[-1]
+            return made[-1].queue
 
         def handler(payload: bytes, direction: Direction, encrypted: bool, info: PacketInfo) -> Verdict:
             infos.append(pair.info)
@@ -500,6 +518,9 @@ class TestQueuePairOnFastQueue:
                                           ("batch", 1, 3, None)]  # fmt: skip
         assert pair.backend_counters()["recv_calls"] == 3
         pair.close()
+        # unbound through the socket: an acknowledged NFQNL_CFG_CMD_UNBIND, then closed
+        (_, _, queue, attrs), = decode(inbound.sock.requests[-1])
+        assert queue == 7100 and attrs[nl.NFQA_CFG_CMD][0] == nl.NFQNL_CFG_CMD_UNBIND and inbound.sock.closed
 
     def test_the_drain_s_first_verdict_is_out_before_the_work_after_its_packet(self) -> None:
         """What the loop does after a packet (its injections the same way, its events) comes after
@@ -507,9 +528,9 @@ class TestQueuePairOnFastQueue:
         made: list[BoundFake] = []
         seen: list[int] = []
 
-        def make() -> BoundFake:
+        def make() -> FastQueue:
             made.append(BoundFake())
-            return made[-1]
+            return made[-1].queue
 
         pair = QueuePair(7100, lambda *args: Verdict(Action.ACCEPT), {},
                          lambda: seen.append(len(made[0].sock.sent)), make)  # fmt: skip
@@ -520,7 +541,7 @@ class TestQueuePairOnFastQueue:
         pair.close()
 
     def test_event_loop_sends_held_verdicts_before_it_injects(self) -> None:
-        from nfq_tcpcrypt.shell.loop import EventLoop
+        from nfq_tcpcrypt.shell.loop import EventLoop, SignalWatch
 
         order: list[str] = []
 
@@ -541,20 +562,27 @@ class TestQueuePairOnFastQueue:
                 return None
 
         class Injector:
-            def send(self, packet: bytes, direction: Direction) -> None:
+            sent = sent_local = failed = 0
+
+            def send(self, packet: bytes, direction: Direction = Direction.OUTBOUND) -> bool:
                 order.append(f"inject after {len(made[0].sock.sent)} verdict datagram(s)")
+                return True
 
         made: list[BoundFake] = []
 
-        def make() -> BoundFake:
+        def make() -> FastQueue:
             made.append(BoundFake())
-            return made[-1]
+            return made[-1].queue
 
-        loop = EventLoop(Engine(), 7100, Injector(), None, None, make)  # type: ignore[arg-type]
-        made[0].sock.incoming = [kernel_packet(1, IP_PACKET)]
-        loop.queues.drain(Direction.INBOUND)
-        assert order == ["inject after 1 verdict datagram(s)"]
-        loop.close()
+        signals = SignalWatch()
+        try:
+            loop = EventLoop(Engine(), 7100, Injector(), signals, None, make)  # type: ignore[arg-type]
+            made[0].sock.incoming = [kernel_packet(1, IP_PACKET)]
+            loop.queues.drain(Direction.INBOUND)
+            assert order == ["inject after 1 verdict datagram(s)"]
+            loop.close()
+        finally:
+            signals.close()
 
 
 class TestOptions:
