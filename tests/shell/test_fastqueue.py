@@ -60,6 +60,15 @@ def kernel_packet(packet_id: int, payload: bytes, queue: int = 7100, skb_info: i
     return nl.message(nl.NFQNL_MSG_PACKET, queue, attrs, flags=0)
 
 
+def one(data: bytes) -> tuple[int, bytes, int, int, int] | None:
+    """single_packet of a whole datagram, its payload offsets turned into the payload's bytes."""
+    fields = nl.single_packet(bytearray(data), len(data))
+    if fields is None:
+        return None
+    packet_id, start, end, cap_len, skb_info, mark = fields
+    return packet_id, data[start:end], cap_len, skb_info, mark
+
+
 def ack(seq: int, error: int = 0) -> bytes:
     body = struct.pack("=i", error) + struct.pack("=IHHII", 36, 0x302, 5, seq, 0)
     return struct.pack("=IHHII", 16 + len(body), nl.NLMSG_ERROR, 0, seq, 0) + body
@@ -144,20 +153,20 @@ class TestParse:
 
     def test_single_packet_reads_the_usual_datagram_as_parse_does(self) -> None:
         data = kernel_packet(42, IP_PACKET, skb_info=nl.NFQA_SKB_GSO, cap_len=9000, mark=3)
-        assert nl.single_packet(data, len(data)) == (42, IP_PACKET, 9000, nl.NFQA_SKB_GSO, 3)
+        assert one(data) == (42, IP_PACKET, 9000, nl.NFQA_SKB_GSO, 3)
         data = kernel_packet(7, IP_PACKET)
-        assert nl.single_packet(data, len(data)) == (7, IP_PACKET, len(IP_PACKET), 0, 0)
+        assert one(data) == (7, IP_PACKET, len(IP_PACKET), 0, 0)
         # anything else is left to parse: two messages, an acknowledgement, a payload not last
         two = kernel_packet(1, IP_PACKET) + kernel_packet(2, IP_PACKET)
-        assert nl.single_packet(two, len(two)) is None
-        assert nl.single_packet(ack(7), len(ack(7))) is None
+        assert one(two) is None
+        assert one(ack(7)) is None
         attrs = (nl.attr(nl.NFQA_PACKET_HDR, struct.pack("!IHBx", 3, 0x0800, 3)) + nl.attr(nl.NFQA_PAYLOAD, IP_PACKET)
                  + nl.attr(nl.NFQA_MARK, struct.pack("!I", 5)))  # fmt: skip
         odd = nl.message(nl.NFQNL_MSG_PACKET, 7100, attrs, flags=0)
-        assert nl.single_packet(odd, len(odd)) is None and nl.parse(odd)[0].mark == 5  # type: ignore[union-attr]
+        assert one(odd) is None and nl.parse(odd)[0].mark == 5  # type: ignore[union-attr]
         headers = [nl.attr(nl.NFQA_PACKET_HDR, struct.pack("!IHBx", i, 0x0800, 3)) for i in (3, 4)]
         twice = nl.message(nl.NFQNL_MSG_PACKET, 7100, b"".join(headers) + nl.attr(nl.NFQA_PAYLOAD, IP_PACKET), flags=0)
-        assert nl.single_packet(twice, len(twice)) is None
+        assert one(twice) is None
         assert nl.parse(twice)[0].packet_id == 4  # type: ignore[union-attr]  # parse takes the last header
 
     @settings(max_examples=500, deadline=None)
@@ -167,7 +176,7 @@ class TestParse:
         data = bytearray(kernel_packet(5, IP_PACKET, skb_info=nl.NFQA_SKB_CSUMNOTREADY, mark=1))
         data[cut % len(data) :] = noise
         data += bytes(tail)
-        fields = nl.single_packet(bytes(data), len(data))
+        fields = one(bytes(data))
         if fields is not None:
             [item] = nl.parse(bytes(data))
             assert isinstance(item, nl.QueuedPacket)
@@ -306,12 +315,11 @@ class TestFastQueue:
                        "recv EAGAIN", "sendmsg"]  # fmt: skip
         assert verdicts(sock) == [("batch", 1, 1, None), ("batch", 1, 2, None), ("batch", 1, 4, None)]
 
-    def test_verdicts_wait_for_at_most_hold_max_packets(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from nfq_tcpcrypt.shell import fastqueue
+    def test_verdicts_wait_for_at_most_hold_max_packets(self) -> None:
         from nfq_tcpcrypt.shell.fastqueue import HOLD_MAX
 
-        monkeypatch.setattr(fastqueue, "HOLD_SECONDS", 3600.0)  # only the count bounds the hold here
         queue, sock = fake_queue(lambda pkt: pkt.accept())
+        queue.hold_seconds = 3600.0  # only the count bounds the hold here
         sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(1, 2 * HOLD_MAX + 6)]
         queue.run(block=False)
         # the first alone, then HOLD_MAX at a time
