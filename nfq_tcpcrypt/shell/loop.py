@@ -17,7 +17,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import fields
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from netfilterqueue import NetfilterQueue
 
@@ -31,10 +31,10 @@ from .nfq import QueuePair, kernel_queue_stats
 
 logger = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_GONE = ("gone", None)
+STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+_GONE: Final = ("gone", None)
 """What a ready fd no longer watched maps to (a control client finished earlier in the same wakeup)."""
-RELOAD_SIGNAL = signal.SIGHUP
+RELOAD_SIGNAL: Final = signal.SIGHUP
 
 
 class EngineLike(Protocol):
