@@ -168,7 +168,7 @@ def _worker_main(options: DaemonOptions, index: int, sock: socket.socket) -> int
             engine = PassThroughEngine()
         else:
             real = Engine(options.configuration(keylog.write if keylog else None))
-            real.cache = remote  # type: ignore[assignment, unused-ignore]  # same surface (module docstring)
+            real.cache = remote  # type: ignore[assignment]  # same surface (module docstring)
             # The cache flush triggers (a new VM generation, a suspend) run in the supervisor, which
             # cannot empty a worker's pool of keys made ahead (KeyPool): workers make theirs on the spot.
             real.keys = KeyPool(size=0)
