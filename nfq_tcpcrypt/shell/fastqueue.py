@@ -18,30 +18,54 @@ import select
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final, Protocol
 
 from . import nfnetlink as nl
 
 logger = logging.getLogger(__name__)
 
-RECV_SIZE = 0x10000 + 4096
+RECV_SIZE: Final = 0x10000 + 4096
 """One datagram: the largest packet copy plus the headers and attributes around it."""
 
-HOLD_MAX = 32
+HOLD_MAX: Final = 32
 """Verdicts held before they go out even while more packets wait: a packet's verdict waits for at
 most this many packets' handling, not for the whole drain."""
 
-HOLD_SECONDS = 100e-6
+HOLD_SECONDS: Final = 100e-6
 """...and for at most this long (checked at each verdict). Under the engine (tens of µs per packet)
 32 packets are over a millisecond: the burst would leave together, the peer's daemon would start on
 it that much later, and at 1 % loss, where the round trip sets the rate, the fast backend kept less
 of its loss-free rate than NetfilterQueue (README: Queue backends). Cheap packets (pass-through)
 still go out up to HOLD_MAX at a time."""
 
-SEND_CHUNK = 128 * 1024
+SEND_CHUNK: Final = 128 * 1024
 """Verdict bytes gathered into one sendmsg before it goes (below the default netlink send buffer)."""
 
-_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+_SO_RCVBUFFORCE: Final = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
+class NetlinkSocket(Protocol):
+    """What FastQueue uses of its socket (a NETLINK_NETFILTER socket.socket; a fake in the unit tests)."""
+
+    def recv_into(self, buffer: bytearray, /) -> int: ...
+    def sendmsg(self, parts: list[bytes], /) -> int: ...
+    def send(self, data: bytes, /) -> int: ...
+    def recv(self, size: int, /) -> bytes: ...
+    def settimeout(self, timeout: float | None, /) -> None: ...
+    def setblocking(self, flag: bool, /) -> None: ...
+    def fileno(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class Waiting(Protocol):
+    """A poll of the queue's socket alone (a select.epoll)."""
+
+    def poll(self, timeout: float, /) -> list[tuple[int, int]]: ...
+    def close(self) -> None: ...
+
+
+Connect = Callable[[int, int, int], tuple[NetlinkSocket, Waiting]]
+"""(queue number, max_len, sock_len) -> the bound socket and its poll."""
 
 
 class FastPacket:
@@ -121,7 +145,7 @@ class FastPacket:
         if not pending:
             queue._held_since = now
         pending.append(self)
-        if queue._eager or len(pending) >= HOLD_MAX or now - queue._held_since >= HOLD_SECONDS:
+        if queue._eager or len(pending) >= queue.hold_max or now - queue._held_since >= queue.hold_seconds:
             queue._eager = False
             queue.flush()
 
@@ -137,13 +161,20 @@ class FastPacket:
 class FastQueue:
     """One NFQUEUE bound on its own NETLINK_NETFILTER socket, with NetfilterQueue's method names."""
 
-    def __init__(self, flags: int = 0) -> None:
-        """`flags`: NFQA_CFG_F_* set when binding (FAIL_OPEN, GSO); every other flag is cleared."""
+    def __init__(self, flags: int = 0, connect: Connect | None = None) -> None:
+        """`flags`: NFQA_CFG_F_* set when binding (FAIL_OPEN, GSO); every other flag is cleared.
+        `connect` opens and configures the socket (`_connect`: the kernel's; a fake in the unit tests)."""
         self.flags = flags
         self.queue_num: int | None = None
-        self.counters: dict[str, int] = {"enobufs": 0, "verdict_errors": 0, "recv_calls": 0, "verdict_sends": 0}
-        self._sock: socket.socket | None = None
-        self._waiting: select.epoll | None = None
+        self.hold_max = HOLD_MAX
+        self.hold_seconds = HOLD_SECONDS
+        self.enobufs = 0
+        self.verdict_errors = 0
+        self.recv_calls = 0
+        self.verdict_sends = 0
+        self._connect: Connect = self._netlink if connect is None else connect
+        self._sock: NetlinkSocket | None = None
+        self._waiting: Waiting | None = None
         """An epoll of the socket alone: whether packets wait, without a recv."""
         self._callback: Callable[[Any], None] | None = None
         self._pending: list[FastPacket] = []
@@ -158,6 +189,11 @@ class FastQueue:
     def bind(self, queue_num: int, callback: Callable[[Any], None], max_len: int = 1024, sock_len: int = 0) -> None:
         """Bind `queue_num`: copy whole packets, at most `max_len` waiting, our flags; `sock_len` is
         the receive buffer (SO_RCVBUFFORCE, as root; SO_RCVBUF when that is refused)."""
+        sock, waiting = self._connect(queue_num, max_len, sock_len)
+        self._sock, self._waiting, self.queue_num, self._callback = sock, waiting, queue_num, callback
+
+    def _netlink(self, queue_num: int, max_len: int, sock_len: int) -> tuple[NetlinkSocket, Waiting]:
+        """A NETLINK_NETFILTER socket bound to `queue_num` with our flags, and its poll."""
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, nl.NETLINK_NETFILTER)
         try:
             sock.bind((0, 0))
@@ -177,14 +213,20 @@ class FastQueue:
             raise
         waiting = select.epoll()
         waiting.register(sock.fileno(), select.EPOLLIN)
-        self._sock, self._waiting, self.queue_num, self._callback = sock, waiting, queue_num, callback
+        return sock, waiting
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """ENOBUFS, refused verdicts, receive and verdict system calls."""
+        return {"enobufs": self.enobufs, "verdict_errors": self.verdict_errors, "recv_calls": self.recv_calls,
+                "verdict_sends": self.verdict_sends}  # fmt: skip
 
     def _next_seq(self) -> int:
         self._seq += 1
         return self._seq
 
-    def _request(self, sock: socket.socket, request: bytes, seq: int) -> None:
-        """Send one acknowledged request and wait for its answer (NetlinkError when refused)."""
+    def _request(self, sock: NetlinkSocket, request: bytes, seq: int) -> None:
+        """Send one acknowledged request and wait for its answer (an OSError when refused)."""
         sock.send(request)
         sock.settimeout(5.0)
         while True:
@@ -192,7 +234,7 @@ class FastQueue:
             for item in nl.parse(data):
                 if isinstance(item, nl.Ack) and item.seq == seq:
                     if item.errno:
-                        raise nl.NetlinkError(item.errno, seq)
+                        raise nl.refused(item.errno, seq)
                     return
 
     def get_fd(self) -> int:
@@ -217,25 +259,25 @@ class FastQueue:
         sock, callback = self._sock, self._callback
         if sock is None or callback is None:
             raise RuntimeError("queue not bound")
-        buffer, view, recv_into, counters = self._buffer, self._view, sock.recv_into, self.counters
-        waiting = self._waiting.poll if self._waiting is not None else lambda timeout: True
+        buffer, view = self._buffer, self._view
         first = True
         self._eager = True
         try:
             while True:
                 try:
-                    size = recv_into(buffer)
+                    size = sock.recv_into(buffer)
                 except BlockingIOError:
                     return
                 except OSError as exc:
                     if exc.errno == errno.ENOBUFS:  # the kernel dropped or bypassed what did not fit
-                        counters["enobufs"] += 1
+                        self.enobufs += 1
                         continue
                     raise
-                counters["recv_calls"] += 1
-                fields = nl.single_packet(view, size)
+                self.recv_calls += 1
+                fields = nl.single_packet(buffer, size)
                 if fields is not None:  # the usual datagram: one packet
-                    packet = FastPacket(self, *fields)
+                    packet_id, start, end, cap_len, skb_info, mark = fields
+                    packet = FastPacket(self, packet_id, bytes(view[start:end]), cap_len, skb_info, mark)
                     try:
                         callback(packet)
                     finally:
@@ -245,8 +287,8 @@ class FastQueue:
                     self._datagram(view, size, callback)
                 if first:
                     first = self._eager = False
-                    if not waiting(0):  # alone: no recv (and exception) to find the socket empty
-                        return
+                    if self._waiting is not None and not self._waiting.poll(0):
+                        return  # alone: no recv (and exception) to find the socket empty
         finally:
             self._eager = False
             self.flush()
@@ -259,7 +301,7 @@ class FastQueue:
         for item in nl.parse(view, size):
             if isinstance(item, nl.Ack):
                 if item.errno:
-                    self.counters["verdict_errors"] += 1
+                    self.verdict_errors += 1
                     logger.warning("queue %s refused a verdict: errno %d", self.queue_num, item.errno)
                 continue
             packet = FastPacket.of(self, item)
@@ -314,7 +356,7 @@ class FastQueue:
 
     def _send(self, parts: list[bytes]) -> None:
         assert self._sock is not None
-        self.counters["verdict_sends"] += 1
+        self.verdict_sends += 1
         try:
             self._sock.sendmsg(parts)
         except BlockingIOError:  # the kernel handles verdicts as they are sent; wait for room once

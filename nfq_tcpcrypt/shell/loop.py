@@ -17,7 +17,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import fields
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from netfilterqueue import NetfilterQueue
 
@@ -26,16 +26,15 @@ from ..core.flow import Direction
 from ..core.verdict import UNKNOWN, Injection, PacketInfo, Verdict
 from .control import ControlServer
 from .freshness import Freshness
-from .inject import Injector
 from .metrics import EventStats
 from .nfq import QueuePair, kernel_queue_stats
 
 logger = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_GONE = ("gone", None)
+STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+_GONE: Final = ("gone", None)
 """What a ready fd no longer watched maps to (a control client finished earlier in the same wakeup)."""
-RELOAD_SIGNAL = signal.SIGHUP
+RELOAD_SIGNAL: Final = signal.SIGHUP
 
 
 class EngineLike(Protocol):
@@ -56,6 +55,16 @@ class EngineLike(Protocol):
     def abort_all(self, reason: str, now: float) -> int: ...
     def prepare_wanted(self, now: float) -> bool: ...
     def prepare(self, now: float) -> bool: ...
+
+
+class InjectorLike(Protocol):
+    """The Injector surface the loop uses (inject.py)."""
+
+    sent: int
+    sent_local: int
+    failed: int
+
+    def send(self, packet: bytes, direction: Direction = Direction.OUTBOUND) -> bool: ...
 
 
 class SignalWatch:
@@ -106,7 +115,7 @@ class EventLoop:
         self,
         engine: EngineLike,
         queue_num: int,
-        injector: Injector,
+        injector: InjectorLike,
         signals: SignalWatch,
         freshness: Freshness | None = None,
         queue_factory: Callable[[], Any] = NetfilterQueue,

@@ -9,75 +9,77 @@ uapi headers linux/netfilter/nfnetlink_queue.h and linux/netlink.h.
 from __future__ import annotations
 
 import struct
+import sys
 from dataclasses import dataclass
+from typing import Final
 
-NETLINK_NETFILTER = 12
-SOL_NETLINK = 270
-NFNL_SUBSYS_QUEUE = 3
+NETLINK_NETFILTER: Final = 12
+SOL_NETLINK: Final = 270
+NFNL_SUBSYS_QUEUE: Final = 3
 
-NFQNL_MSG_PACKET = 0
-NFQNL_MSG_VERDICT = 1
-NFQNL_MSG_CONFIG = 2
-NFQNL_MSG_VERDICT_BATCH = 3
+NFQNL_MSG_PACKET: Final = 0
+NFQNL_MSG_VERDICT: Final = 1
+NFQNL_MSG_CONFIG: Final = 2
+NFQNL_MSG_VERDICT_BATCH: Final = 3
 
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLMSG_NOOP = 1
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
+NLM_F_REQUEST: Final = 0x1
+NLM_F_ACK: Final = 0x4
+NLMSG_NOOP: Final = 1
+NLMSG_ERROR: Final = 2
+NLMSG_DONE: Final = 3
+NLA_TYPE_MASK: Final = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
 
 # config attributes and commands
-NFQA_CFG_CMD = 1
-NFQA_CFG_PARAMS = 2
-NFQA_CFG_QUEUE_MAXLEN = 3
-NFQA_CFG_MASK = 4
-NFQA_CFG_FLAGS = 5
-NFQNL_CFG_CMD_BIND = 1
-NFQNL_CFG_CMD_UNBIND = 2
-NFQNL_COPY_PACKET = 2
-NFQA_CFG_F_FAIL_OPEN = 0x1
-NFQA_CFG_F_CONNTRACK = 0x2
-NFQA_CFG_F_GSO = 0x4
+NFQA_CFG_CMD: Final = 1
+NFQA_CFG_PARAMS: Final = 2
+NFQA_CFG_QUEUE_MAXLEN: Final = 3
+NFQA_CFG_MASK: Final = 4
+NFQA_CFG_FLAGS: Final = 5
+NFQNL_CFG_CMD_BIND: Final = 1
+NFQNL_CFG_CMD_UNBIND: Final = 2
+NFQNL_COPY_PACKET: Final = 2
+NFQA_CFG_F_FAIL_OPEN: Final = 0x1
+NFQA_CFG_F_CONNTRACK: Final = 0x2
+NFQA_CFG_F_GSO: Final = 0x4
 
 # packet and verdict attributes
-NFQA_PACKET_HDR = 1
-NFQA_VERDICT_HDR = 2
-NFQA_MARK = 3
-NFQA_IFINDEX_INDEV = 5
-NFQA_IFINDEX_OUTDEV = 6
-NFQA_PAYLOAD = 10
-NFQA_CAP_LEN = 13
-NFQA_SKB_INFO = 14
+NFQA_PACKET_HDR: Final = 1
+NFQA_VERDICT_HDR: Final = 2
+NFQA_MARK: Final = 3
+NFQA_IFINDEX_INDEV: Final = 5
+NFQA_IFINDEX_OUTDEV: Final = 6
+NFQA_PAYLOAD: Final = 10
+NFQA_CAP_LEN: Final = 13
+NFQA_SKB_INFO: Final = 14
 
-NFQA_SKB_CSUMNOTREADY = 0x1
+NFQA_SKB_CSUMNOTREADY: Final = 0x1
 """The transport checksum is not filled in yet (CHECKSUM_PARTIAL; only with NFQA_CFG_F_GSO)."""
-NFQA_SKB_GSO = 0x2
+NFQA_SKB_GSO: Final = 0x2
 """A GSO/GRO super-packet the kernel segments after the verdict (only with NFQA_CFG_F_GSO)."""
-NFQA_SKB_CSUM_NOTVERIFIED = 0x4
+NFQA_SKB_CSUM_NOTVERIFIED: Final = 0x4
 """On an inbound hook: the kernel has not verified the checksum (neither flag: it has)."""
 
-NF_DROP = 0
-NF_ACCEPT = 1
+NF_DROP: Final = 0
+NF_ACCEPT: Final = 1
 
-MAX_PAYLOAD = 0xFFFF - 4
+MAX_PAYLOAD: Final = 0xFFFF - 4
 """The most packet bytes one attribute can hold (its length field is 16 bits, header included): the
 kernel's copy range is capped there (NFQNL_MAX_COPY_RANGE), and a verdict's new packet must fit too."""
-COPY_RANGE = MAX_PAYLOAD
+COPY_RANGE: Final = MAX_PAYLOAD
 """Bytes of each packet copied to us: all of it, up to 65,531 (a longer one arrives cut, with its
 real length in NFQA_CAP_LEN, and is accepted unchanged)."""
 
-_NLMSGHDR = struct.Struct("=IHHII")
-_NFGENMSG = struct.Struct("!BBH")
-_NLATTR = struct.Struct("=HH")
-_BE32 = struct.Struct("!I")
-_BE16 = struct.Struct("!H")
-_U8 = struct.Struct("B")
-_PACKET_HDR = struct.Struct("!IHB")
-_VERDICT_HDR = struct.Struct("!II")
-_ERRNO = struct.Struct("=i")
-HEADER_LEN = _NLMSGHDR.size + _NFGENMSG.size
-_PADS = (b"", b"\0\0\0", b"\0\0", b"\0")
+_NLMSGHDR: Final = struct.Struct("=IHHII")
+_NFGENMSG: Final = struct.Struct("!BBH")
+_NLATTR: Final = struct.Struct("=HH")
+_BE32: Final = struct.Struct("!I")
+_BE16: Final = struct.Struct("!H")
+_U8: Final = struct.Struct("B")
+_PACKET_HDR: Final = struct.Struct("!IHB")
+_VERDICT_HDR: Final = struct.Struct("!II")
+_ERRNO: Final = struct.Struct("=i")
+HEADER_LEN: Final = _NLMSGHDR.size + _NFGENMSG.size
+_PADS: Final = (b"", b"\0\0\0", b"\0\0", b"\0")
 
 
 def pad(length: int) -> bytes:
@@ -118,10 +120,10 @@ def config_queue(queue_num: int, max_len: int, flags: int, mask: int, seq: int =
     return message(NFQNL_MSG_CONFIG, queue_num, attrs, NLM_F_REQUEST | NLM_F_ACK, seq)
 
 
-_VERDICT_ATTR_LEN = _NLATTR.size + _VERDICT_HDR.size
-_VERDICT_ATTR = _NLATTR.pack(_VERDICT_ATTR_LEN, NFQA_VERDICT_HDR)
-_MARK_ATTR = _NLATTR.pack(_NLATTR.size + _BE32.size, NFQA_MARK)
-_PREFIXES: dict[tuple[int, int, bool], bytes] = {}
+_VERDICT_ATTR_LEN: Final = _NLATTR.size + _VERDICT_HDR.size
+_VERDICT_ATTR: Final = _NLATTR.pack(_VERDICT_ATTR_LEN, NFQA_VERDICT_HDR)
+_MARK_ATTR: Final = _NLATTR.pack(_NLATTR.size + _BE32.size, NFQA_MARK)
+_PREFIXES: Final[dict[tuple[int, int, bool], bytes]] = {}
 
 
 def _fixed_prefix(msg: int, queue_num: int, with_mark: bool) -> bytes:
@@ -197,12 +199,10 @@ class QueuedPacket:
         return bool(self.skb_info & NFQA_SKB_CSUMNOTREADY)
 
 
-class NetlinkError(OSError):
-    """The kernel refused a request (an NLMSG_ERROR with a negative errno)."""
-
-    def __init__(self, errno: int, seq: int) -> None:
-        super().__init__(errno, f"netlink request {seq} failed: errno {errno}")
-        self.seq = seq
+def refused(errno: int, seq: int) -> OSError:
+    """The error for a request the kernel refused (an NLMSG_ERROR with a negative errno): a plain
+    OSError, since compiled modules cannot subclass it."""
+    return OSError(errno, f"netlink request {seq} failed: errno {errno}")
 
 
 @dataclass(slots=True)
@@ -235,14 +235,15 @@ def parse(data: bytes | bytearray | memoryview, end: int | None = None) -> list[
     return out
 
 
-_NLMSGHDR_UNPACK = _NLMSGHDR.unpack_from
-_NLATTR_UNPACK = _NLATTR.unpack_from
-_BE32_UNPACK = _BE32.unpack_from
-_BE16_UNPACK = _BE16.unpack_from
-_ERRNO_UNPACK = _ERRNO.unpack_from
-_PACKET_HDR_UNPACK = _PACKET_HDR.unpack_from
-_PACKET_TYPE = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
-_NUMBERS = frozenset((NFQA_CAP_LEN, NFQA_SKB_INFO, NFQA_MARK, NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV))
+_NLMSGHDR_UNPACK: Final = _NLMSGHDR.unpack_from
+_NLATTR_UNPACK: Final = _NLATTR.unpack_from
+_BE32_UNPACK: Final = _BE32.unpack_from
+_BE16_UNPACK: Final = _BE16.unpack_from
+_ERRNO_UNPACK: Final = _ERRNO.unpack_from
+_PACKET_HDR_UNPACK: Final = _PACKET_HDR.unpack_from
+_PACKET_TYPE: Final = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
+_PACKET_HDR_SIZE: Final = _PACKET_HDR.size
+_NUMBERS: Final = frozenset((NFQA_CAP_LEN, NFQA_SKB_INFO, NFQA_MARK, NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV))
 
 
 def _packet(data: bytes | bytearray | memoryview, start: int, end: int) -> QueuedPacket | None:
@@ -273,47 +274,64 @@ def _packet(data: bytes | bytearray | memoryview, start: int, end: int) -> Queue
     )  # fmt: skip
 
 
-_HEAD = struct.Struct("=IH")
-_HEAD_UNPACK = _HEAD.unpack_from
-_PACKET_FIELDS = (NFQA_CAP_LEN, NFQA_SKB_INFO, NFQA_MARK)
+_NATIVE_LITTLE: Final = sys.byteorder == "little"
 
 
-def single_packet(data: bytes | bytearray | memoryview, size: int) -> tuple[int, bytes, int, int, int] | None:
-    """(packet id, payload, real length, NFQA_SKB_* flags, mark) when the first `size` bytes of
-    `data` are one well-formed packet message, the way the kernel sends each queued packet (its
-    packet header first, the payload last); None for anything else, which `parse` reads.
+def _ne16(data: bytearray, offset: int) -> int:
+    """A host-order 16-bit field (netlink's own headers), read byte by byte (native when compiled)."""
+    if _NATIVE_LITTLE:
+        return data[offset] | data[offset + 1] << 8
+    return data[offset] << 8 | data[offset + 1]
 
-    The queue's per-packet path: no list, no dict, no dataclass, and the attributes the daemon does
-    not use (devices, hardware address, timestamp) skipped."""
-    if size < HEADER_LEN + 12:
+
+def _ne32(data: bytearray, offset: int) -> int:
+    """A host-order 32-bit field."""
+    if _NATIVE_LITTLE:
+        return data[offset] | data[offset + 1] << 8 | data[offset + 2] << 16 | data[offset + 3] << 24
+    return data[offset] << 24 | data[offset + 1] << 16 | data[offset + 2] << 8 | data[offset + 3]
+
+
+def _be32(data: bytearray, offset: int) -> int:
+    """A big-endian 32-bit value (the queue's attributes)."""
+    return data[offset] << 24 | data[offset + 1] << 16 | data[offset + 2] << 8 | data[offset + 3]
+
+
+def single_packet(data: bytearray, size: int) -> tuple[int, int, int, int, int, int] | None:
+    """(packet id, payload start, payload end, real length, NFQA_SKB_* flags, mark) when the first
+    `size` bytes of `data` are one well-formed packet message, the way the kernel sends each queued
+    packet (its packet header first, the payload last); None for anything else, which `parse` reads.
+
+    The queue's per-packet path: no list, no dict, no dataclass, no copy (the caller copies
+    data[start:end]), the attributes the daemon does not use (devices, hardware address, timestamp)
+    skipped, and the fields read byte by byte, which mypyc compiles to plain loads."""
+    if size < HEADER_LEN + 12 or len(data) < size:
         return None
-    length, msg_type = _HEAD_UNPACK(data, 0)
-    if msg_type != _PACKET_TYPE or length > size or length + 3 < size:
+    length = _ne32(data, 0)
+    if _ne16(data, 4) != _PACKET_TYPE or length > size or length + 3 < size:
         return None
-    attr_len, kind = _NLATTR_UNPACK(data, HEADER_LEN)
-    if kind & NLA_TYPE_MASK != NFQA_PACKET_HDR or attr_len < 4 + _PACKET_HDR.size:
+    attr_len = _ne16(data, HEADER_LEN)
+    if _ne16(data, HEADER_LEN + 2) & NLA_TYPE_MASK != NFQA_PACKET_HDR or attr_len < 4 + _PACKET_HDR_SIZE:
         return None
-    packet_id = _BE32_UNPACK(data, HEADER_LEN + 4)[0]
+    packet_id = _be32(data, HEADER_LEN + 4)
     cap_len = skb_info = mark = 0
     offset = HEADER_LEN + ((attr_len + 3) & ~3)
     while offset + 4 <= length:
-        attr_len, kind = _NLATTR_UNPACK(data, offset)
+        attr_len = _ne16(data, offset)
         if attr_len < 4 or offset + attr_len > length:
             return None
-        kind &= NLA_TYPE_MASK
+        kind = _ne16(data, offset + 2) & NLA_TYPE_MASK
         if kind == NFQA_PAYLOAD:
             if offset + attr_len + 3 < length:  # not the last attribute: parse() decides
                 return None
-            return packet_id, bytes(data[offset + 4 : offset + attr_len]), cap_len or attr_len - 4, skb_info, mark
+            return packet_id, offset + 4, offset + attr_len, cap_len or attr_len - 4, skb_info, mark
         if kind == NFQA_PACKET_HDR:  # a second header: parse() decides
             return None
-        if kind in _PACKET_FIELDS and attr_len >= 8:
-            value = _BE32_UNPACK(data, offset + 4)[0]
+        if attr_len >= 8:
             if kind == NFQA_SKB_INFO:
-                skb_info = value
+                skb_info = _be32(data, offset + 4)
             elif kind == NFQA_MARK:
-                mark = value
-            else:
-                cap_len = value
+                mark = _be32(data, offset + 4)
+            elif kind == NFQA_CAP_LEN:
+                cap_len = _be32(data, offset + 4)
         offset += (attr_len + 3) & ~3
     return None

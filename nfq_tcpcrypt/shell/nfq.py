@@ -13,24 +13,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from netfilterqueue import NetfilterQueue
 
 from ..core.flow import Direction
 from ..core.verdict import ACCEPT, UNKNOWN, Action, PacketInfo, Verdict
 from . import nfnetlink as nl
+from .fastqueue import FastPacket, factory
 from .rules import ENCRYPTED_MARK
 
 logger = logging.getLogger(__name__)
 
-SOCK_LEN = 4 * 1024 * 1024
+SOCK_LEN: Final = 4 * 1024 * 1024
 """Receive buffer of each queue's netlink socket, passed explicitly (docs/architecture.md: `sock_len`)."""
 
-MAX_LEN = 4096
+MAX_LEN: Final = 4096
 """Packets the kernel keeps waiting per queue before it drops (or bypasses, with --queue-bypass)."""
 
-DRAIN_BUDGET = 128
+DRAIN_BUDGET: Final = 128
 """Packets handled per `drain()` before control returns to the loop (timers, control socket, `now`)."""
 
 Handler = Callable[[bytes, Direction, bool, PacketInfo], Verdict]
@@ -64,8 +65,6 @@ def queue_factory(backend: str, fail_open: bool = False, gso: bool = False) -> C
             raise ValueError("NetfilterQueue cannot set queue flags (GSO, fail-open)")
         return NetfilterQueue
     if backend == "fast":
-        from .fastqueue import factory
-
         return factory(fail_open, gso)
     raise ValueError(f"unknown queue backend {backend!r}")
 
@@ -113,6 +112,10 @@ class QueuePair:
         """The kernel's metadata of the packet being handled (fast backend: the FastPacket, with its
         `skb_info`, `gso` and `csum_not_ready`); None on NetfilterQueue."""
         self.queues: dict[Direction, Any] = {}
+        self._inbound: Any = None
+        self._outbound: Any = None
+        """The two queues as attributes too: `drain` picks one without hashing the enum (a Python
+        call, Enum.__hash__, even when this module is compiled)."""
         try:
             for offset, direction in ((0, Direction.INBOUND), (1, Direction.OUTBOUND)):
                 queue = queue_factory()
@@ -123,6 +126,7 @@ class QueuePair:
                     sock_len=SOCK_LEN,
                 )
                 self.queues[direction] = queue
+            self._inbound, self._outbound = self.queues[Direction.INBOUND], self.queues[Direction.OUTBOUND]
         except BaseException:
             self.close()
             raise
@@ -137,16 +141,20 @@ class QueuePair:
         def on_packet(pkt: Any) -> None:
             verdict: Verdict | None = None
             try:
-                payload = pkt.get_payload()
+                info = UNKNOWN
+                if isinstance(pkt, FastPacket):  # the fast backend's, with the kernel's metadata
+                    payload, length, mark, skb_info = pkt.payload, pkt.cap_len, pkt.mark, pkt.skb_info
+                    self.info = pkt
+                    if skb_info:
+                        if skb_info & nl.NFQA_SKB_GSO:
+                            self._count("gso_packets")
+                        if skb_info & nl.NFQA_SKB_CSUMNOTREADY:
+                            self._count("csum_not_ready")
+                    info = _BY_SKB_INFO.get(skb_info) or packet_info(skb_info)
+                else:
+                    payload, length, mark = pkt.get_payload(), pkt.get_payload_len(), pkt.get_mark()
+                    self.info = None
                 counters[packets] += 1
-                skb_info = getattr(pkt, "skb_info", None)  # the fast backend's metadata
-                self.info = None if skb_info is None else pkt
-                if skb_info:
-                    if skb_info & nl.NFQA_SKB_GSO:
-                        self._count("gso_packets")
-                    if skb_info & nl.NFQA_SKB_CSUMNOTREADY:
-                        self._count("csum_not_ready")
-                length = pkt.get_payload_len()
                 if length != ip_total_length(payload):
                     self._count("truncated_accepted")
                     logger.warning(
@@ -155,10 +163,7 @@ class QueuePair:
                     )  # fmt: skip
                     verdict = ACCEPT
                 else:
-                    verdict = handler(
-                        payload, direction, bool(pkt.get_mark() & ENCRYPTED_MARK),
-                        UNKNOWN if skb_info is None else _BY_SKB_INFO.get(skb_info) or packet_info(skb_info),
-                    )  # fmt: skip
+                    verdict = handler(payload, direction, bool(mark & ENCRYPTED_MARK), info)
                     if self._before is not None:
                         self._before(direction)
             except Exception:
@@ -182,7 +187,7 @@ class QueuePair:
         """Handle the packets waiting on `direction`'s queue, at most DRAIN_BUDGET, without blocking."""
         self._handled = 0
         try:
-            self.queues[direction].run(block=False)
+            (self._inbound if direction is Direction.INBOUND else self._outbound).run(block=False)
         except _BudgetSpent:
             self._count("drain_budget_spent")
 
@@ -213,6 +218,7 @@ class QueuePair:
             except Exception:  # already unbound or never fully bound
                 logger.debug("unbind failed", exc_info=True)
         self.queues = {}
+        self._inbound = self._outbound = None
 
 
 def kernel_queue_stats(queue_nums: tuple[int, ...]) -> dict[str, int]:
@@ -239,7 +245,10 @@ def kernel_queue_stats(queue_nums: tuple[int, ...]) -> dict[str, int]:
 def _apply(pkt: Any, verdict: Verdict | None) -> None:
     """Issue `verdict` on `pkt` (DROP when the handler produced none)."""
     if verdict is ACCEPT:  # the usual verdict of a packet passed unchanged
-        pkt.accept()
+        if isinstance(pkt, FastPacket):
+            pkt.accept()  # a native call when compiled
+        else:
+            pkt.accept()
         return
     if verdict is None or verdict.action is Action.DROP:
         pkt.drop()

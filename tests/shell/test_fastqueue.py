@@ -60,6 +60,15 @@ def kernel_packet(packet_id: int, payload: bytes, queue: int = 7100, skb_info: i
     return nl.message(nl.NFQNL_MSG_PACKET, queue, attrs, flags=0)
 
 
+def one(data: bytes) -> tuple[int, bytes, int, int, int] | None:
+    """single_packet of a whole datagram, its payload offsets turned into the payload's bytes."""
+    fields = nl.single_packet(bytearray(data), len(data))
+    if fields is None:
+        return None
+    packet_id, start, end, cap_len, skb_info, mark = fields
+    return packet_id, data[start:end], cap_len, skb_info, mark
+
+
 def ack(seq: int, error: int = 0) -> bytes:
     body = struct.pack("=i", error) + struct.pack("=IHHII", 36, 0x302, 5, seq, 0)
     return struct.pack("=IHHII", 16 + len(body), nl.NLMSG_ERROR, 0, seq, 0) + body
@@ -144,20 +153,20 @@ class TestParse:
 
     def test_single_packet_reads_the_usual_datagram_as_parse_does(self) -> None:
         data = kernel_packet(42, IP_PACKET, skb_info=nl.NFQA_SKB_GSO, cap_len=9000, mark=3)
-        assert nl.single_packet(data, len(data)) == (42, IP_PACKET, 9000, nl.NFQA_SKB_GSO, 3)
+        assert one(data) == (42, IP_PACKET, 9000, nl.NFQA_SKB_GSO, 3)
         data = kernel_packet(7, IP_PACKET)
-        assert nl.single_packet(data, len(data)) == (7, IP_PACKET, len(IP_PACKET), 0, 0)
+        assert one(data) == (7, IP_PACKET, len(IP_PACKET), 0, 0)
         # anything else is left to parse: two messages, an acknowledgement, a payload not last
         two = kernel_packet(1, IP_PACKET) + kernel_packet(2, IP_PACKET)
-        assert nl.single_packet(two, len(two)) is None
-        assert nl.single_packet(ack(7), len(ack(7))) is None
+        assert one(two) is None
+        assert one(ack(7)) is None
         attrs = (nl.attr(nl.NFQA_PACKET_HDR, struct.pack("!IHBx", 3, 0x0800, 3)) + nl.attr(nl.NFQA_PAYLOAD, IP_PACKET)
                  + nl.attr(nl.NFQA_MARK, struct.pack("!I", 5)))  # fmt: skip
         odd = nl.message(nl.NFQNL_MSG_PACKET, 7100, attrs, flags=0)
-        assert nl.single_packet(odd, len(odd)) is None and nl.parse(odd)[0].mark == 5  # type: ignore[union-attr]
+        assert one(odd) is None and nl.parse(odd)[0].mark == 5  # type: ignore[union-attr]
         headers = [nl.attr(nl.NFQA_PACKET_HDR, struct.pack("!IHBx", i, 0x0800, 3)) for i in (3, 4)]
         twice = nl.message(nl.NFQNL_MSG_PACKET, 7100, b"".join(headers) + nl.attr(nl.NFQA_PAYLOAD, IP_PACKET), flags=0)
-        assert nl.single_packet(twice, len(twice)) is None
+        assert one(twice) is None
         assert nl.parse(twice)[0].packet_id == 4  # type: ignore[union-attr]  # parse takes the last header
 
     @settings(max_examples=500, deadline=None)
@@ -167,7 +176,7 @@ class TestParse:
         data = bytearray(kernel_packet(5, IP_PACKET, skb_info=nl.NFQA_SKB_CSUMNOTREADY, mark=1))
         data[cut % len(data) :] = noise
         data += bytes(tail)
-        fields = nl.single_packet(bytes(data), len(data))
+        fields = one(bytes(data))
         if fields is not None:
             [item] = nl.parse(bytes(data))
             assert isinstance(item, nl.QueuedPacket)
@@ -183,11 +192,30 @@ class TestParse:
 
 
 class FakeSocket:
-    """recv_into from queued datagrams (an OSError instance is raised instead), sendmsg recorded."""
+    """recv_into from queued datagrams (an OSError instance is raised instead), sendmsg recorded;
+    a request (send) is acknowledged by the next recv, as the kernel does."""
 
     def __init__(self) -> None:
         self.incoming: list[bytes | OSError] = []
         self.sent: list[bytes] = []
+        self.requests: list[bytes] = []
+        self.closed = False
+
+    def send(self, data: bytes) -> int:
+        self.requests.append(data)
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        return ack(struct.unpack_from("=IHHII", self.requests[-1])[3])
+
+    def settimeout(self, timeout: float | None) -> None:
+        pass
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
 
     def recv_into(self, buffer: bytearray) -> int:
         if not self.incoming:
@@ -215,6 +243,9 @@ class FakeWaiting:
     def poll(self, timeout: float) -> list[tuple[int, int]]:
         self.log.append("poll")
         return [(-1, 1)] if self.sock.incoming else []
+
+    def close(self) -> None:
+        pass
 
 
 class LoggingSocket(FakeSocket):
@@ -284,12 +315,11 @@ class TestFastQueue:
                        "recv EAGAIN", "sendmsg"]  # fmt: skip
         assert verdicts(sock) == [("batch", 1, 1, None), ("batch", 1, 2, None), ("batch", 1, 4, None)]
 
-    def test_verdicts_wait_for_at_most_hold_max_packets(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from nfq_tcpcrypt.shell import fastqueue
+    def test_verdicts_wait_for_at_most_hold_max_packets(self) -> None:
         from nfq_tcpcrypt.shell.fastqueue import HOLD_MAX
 
-        monkeypatch.setattr(fastqueue, "HOLD_SECONDS", 3600.0)  # only the count bounds the hold here
         queue, sock = fake_queue(lambda pkt: pkt.accept())
+        queue.hold_seconds = 3600.0  # only the count bounds the hold here
         sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(1, 2 * HOLD_MAX + 6)]
         queue.run(block=False)
         # the first alone, then HOLD_MAX at a time
@@ -445,16 +475,12 @@ class TestFastQueue:
             queue_factory("nope")
 
 
-class BoundFake(FastQueue):
-    """A FastQueue 'bound' to a FakeSocket, for QueuePair."""
+class BoundFake:
+    """A FastQueue whose bind connects a FakeSocket, for QueuePair (`queue`), and that socket (`sock`)."""
 
-    def bind(self, queue_num: int, callback: Callable[[Any], None], max_len: int = 1024, sock_len: int = 0) -> None:
+    def __init__(self) -> None:
         self.sock = FakeSocket()
-        self._sock, self.queue_num, self._callback = self.sock, queue_num, callback  # type: ignore[assignment]
-        self._waiting = FakeWaiting(self.sock, [])  # type: ignore[assignment]
-
-    def unbind(self) -> None:
-        self._sock = None
+        self.queue = FastQueue(connect=lambda queue_num, max_len, sock_len: (self.sock, FakeWaiting(self.sock, [])))
 
 
 def test_packet_info_trusts_only_what_the_kernel_vouches_for() -> None:
@@ -473,9 +499,9 @@ class TestQueuePairOnFastQueue:
         infos: list[Any] = []
         engine_infos: list[PacketInfo] = []
 
-        def make() -> BoundFake:
+        def make() -> FastQueue:
             made.append(BoundFake())
-            return made[-1]
+            return made[-1].queue
 
         def handler(payload: bytes, direction: Direction, encrypted: bool, info: PacketInfo) -> Verdict:
             infos.append(pair.info)
@@ -500,6 +526,9 @@ class TestQueuePairOnFastQueue:
                                           ("batch", 1, 3, None)]  # fmt: skip
         assert pair.backend_counters()["recv_calls"] == 3
         pair.close()
+        # unbound through the socket: an acknowledged NFQNL_CFG_CMD_UNBIND, then closed
+        (_, _, queue, attrs), = decode(inbound.sock.requests[-1])
+        assert queue == 7100 and attrs[nl.NFQA_CFG_CMD][0] == nl.NFQNL_CFG_CMD_UNBIND and inbound.sock.closed
 
     def test_the_drain_s_first_verdict_is_out_before_the_work_after_its_packet(self) -> None:
         """What the loop does after a packet (its injections the same way, its events) comes after
@@ -507,9 +536,9 @@ class TestQueuePairOnFastQueue:
         made: list[BoundFake] = []
         seen: list[int] = []
 
-        def make() -> BoundFake:
+        def make() -> FastQueue:
             made.append(BoundFake())
-            return made[-1]
+            return made[-1].queue
 
         pair = QueuePair(7100, lambda *args: Verdict(Action.ACCEPT), {},
                          lambda: seen.append(len(made[0].sock.sent)), make)  # fmt: skip
@@ -520,7 +549,7 @@ class TestQueuePairOnFastQueue:
         pair.close()
 
     def test_event_loop_sends_held_verdicts_before_it_injects(self) -> None:
-        from nfq_tcpcrypt.shell.loop import EventLoop
+        from nfq_tcpcrypt.shell.loop import EventLoop, SignalWatch
 
         order: list[str] = []
 
@@ -541,20 +570,27 @@ class TestQueuePairOnFastQueue:
                 return None
 
         class Injector:
-            def send(self, packet: bytes, direction: Direction) -> None:
+            sent = sent_local = failed = 0
+
+            def send(self, packet: bytes, direction: Direction = Direction.OUTBOUND) -> bool:
                 order.append(f"inject after {len(made[0].sock.sent)} verdict datagram(s)")
+                return True
 
         made: list[BoundFake] = []
 
-        def make() -> BoundFake:
+        def make() -> FastQueue:
             made.append(BoundFake())
-            return made[-1]
+            return made[-1].queue
 
-        loop = EventLoop(Engine(), 7100, Injector(), None, None, make)  # type: ignore[arg-type]
-        made[0].sock.incoming = [kernel_packet(1, IP_PACKET)]
-        loop.queues.drain(Direction.INBOUND)
-        assert order == ["inject after 1 verdict datagram(s)"]
-        loop.close()
+        signals = SignalWatch()
+        try:
+            loop = EventLoop(Engine(), 7100, Injector(), signals, None, make)  # type: ignore[arg-type]
+            made[0].sock.incoming = [kernel_packet(1, IP_PACKET)]
+            loop.queues.drain(Direction.INBOUND)
+            assert order == ["inject after 1 verdict datagram(s)"]
+            loop.close()
+        finally:
+            signals.close()
 
 
 class TestOptions:
