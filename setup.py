@@ -25,9 +25,13 @@ STAMP = ROOT / "nfq_tcpcrypt" / "_compiled.json"
 GROUP = "nfq_tcpcrypt"  # the compiled modules share one library, nfq_tcpcrypt__mypyc.*.so
 
 # Everything a packet goes through: the engine (all of core) and the shell's per-packet modules.
+# The shell's: the packet's way from the queue's socket to the engine and back (README: Queue
+# backends says why the others stay interpreted).
 COMPILED = sorted(
     str(path.relative_to(ROOT))
-    for pattern in ("nfq_tcpcrypt/core/*.py", "nfq_tcpcrypt/core/wire/*.py")
+    for pattern in ("nfq_tcpcrypt/core/*.py", "nfq_tcpcrypt/core/wire/*.py",
+                    "nfq_tcpcrypt/shell/fastqueue.py", "nfq_tcpcrypt/shell/nfnetlink.py",
+                    "nfq_tcpcrypt/shell/nfq.py", "nfq_tcpcrypt/shell/loop.py")
     for path in ROOT.glob(pattern)
 )
 
