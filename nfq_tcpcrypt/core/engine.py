@@ -109,10 +109,17 @@ class Engine:
             return DROP
         keyed = session.keys_ready
         mark = len(self._inject)
-        if inbound:
-            verdict = session.inbound(seg, now)
-        else:
-            verdict = session.outbound(seg, now)
+        try:
+            verdict = session.inbound(seg, now) if inbound else session.outbound(seg, now)
+        except Exception:
+            # A fault of ours halfway through a packet may leave the session's byte spaces out of
+            # step: an encrypted connection is reset toward both ends rather than carried on
+            # (fail closed, README: Security model); the caller drops the packet and counts it.
+            counters["internal_errors"] += 1
+            if session.is_translating and session.state is not State.ABORTED:
+                session.abort("internal error", now)
+                self._schedule_sweep(now + self.config.session_linger)
+            raise
         if not keyed and len(self._inject) - mark > 1 and session.keys_ready:
             self._drop_repeated_ack(mark)
         if session.required and session.state is State.PLAIN and not session.delegated:

@@ -162,6 +162,23 @@ def test_abort_all_resets_encrypted_connections_both_ways():
     assert pair.engine_b.abort_all("again", pair.now) == 0
 
 
+def test_a_fault_of_ours_halfway_through_a_packet_resets_the_connection():
+    """Whatever breaks inside the engine on an encrypted connection's packet, nothing more of it
+    reaches either application: it is reset toward both ends (README: Security model)."""
+    pair = _live()
+    received = bytes(pair.b.received)
+    (session,) = pair.engine_b._sessions.values()  # noqa: SLF001
+    session.recv.cipher = None  # an invariant of ours broken: the next frame cannot be opened
+    pair.a.write(b"after the fault" * 10)
+    with pytest.raises(Exception):  # noqa: B017 - any fault; the shell drops the packet and counts it
+        pair.run(max_time=1.0)
+    assert pair.engine_b.counters["internal_errors"] == 1
+    assert pair.engine_b.session_table()[0]["state"] == "aborted"
+    pair.run(max_time=1.0)
+    assert pair.a.was_reset and pair.b.was_reset
+    assert bytes(pair.b.received) == received
+
+
 def _syn_flood(pair: Pair, count: int, with_eno: bool, first_port: int = 20000) -> None:
     template = parse_segment(pair.wire[0])  # A's SYN with our ENO option
     assert template.is_syn and not template.is_ack
