@@ -14,6 +14,7 @@ are unbound so that no packet waits on a queue nobody reads.
 from __future__ import annotations
 
 import contextlib
+import gc
 import ipaddress
 import logging
 import os
@@ -229,6 +230,9 @@ def run_daemon(options: DaemonOptions) -> int:
         loop.control = control
         logger.info("control socket %s ready", options.control)
         if signals.received is None:
+            # What start-up made lives as long as the daemon: out of the collector's passes, which
+            # otherwise walk it again and again (docs/benchmarks.md: Compiled with mypyc).
+            gc.freeze()
             signum = loop.run()
         else:
             signum = signals.received

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -183,6 +184,7 @@ def _worker_main(options: DaemonOptions, index: int, sock: socket.socket) -> int
         stack.callback(control.close)
         loop.control = control
         sock.send(json.dumps({"op": "ready", "worker": index}).encode())
+        gc.freeze()  # as run_daemon does: start-up objects out of the collector's passes
         loop.run()
     return 0
 
