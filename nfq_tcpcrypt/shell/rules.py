@@ -173,10 +173,13 @@ def nft_removal_text(installed: str) -> str:
 
 
 def _nft(text: str) -> None:
+    """`nft -f -` with `text`. Like every rule tool run here, in a session of its own: a signal to
+    the daemon's process group (Ctrl-C in a terminal) must not stop it halfway through the rules."""
     if shutil.which("nft") is None:
         raise RulesError("the nft tool is missing (Debian package nftables); gateway mode needs it")
     result = subprocess.run(
-        ["nft", "-f", "-"], input=text, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT, check=False
+        ["nft", "-f", "-"], input=text, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT, check=False,
+        start_new_session=True,
     )
     if result.returncode != 0:
         raise RulesError(f"nft failed ({result.returncode}): {result.stderr.strip()}")
@@ -234,6 +237,7 @@ def _restore(family: str, text: str) -> None:
         text=True,
         timeout=_COMMAND_TIMEOUT,
         check=False,
+        start_new_session=True,
     )
     if result.returncode != 0:
         raise RulesError(f"{RESTORE[family]} failed ({result.returncode}): {result.stderr.strip()}")
@@ -301,7 +305,8 @@ def _remove_one_by_one(family: str, text: str, first_error: BaseException) -> li
         if line == "COMMIT":
             continue
         argv = [command, "-t", table, *line.split()]
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT, check=False)
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT, check=False,
+                                start_new_session=True)
         if result.returncode != 0:
             problems.append(f"{' '.join(argv)}: {result.stderr.strip()}")
     return problems
