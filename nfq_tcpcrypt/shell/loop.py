@@ -251,7 +251,7 @@ class EventLoop:
                     self.periodic[1]()
                 # The cache is flushed before the packets of this wakeup, so no SYN resumes from it.
                 if self.freshness is not None:
-                    self.freshness.check_clock()
+                    self.freshness.check_clock(self.now)
                 if len(ready) > 1:
                     ready.sort(key=lambda item: handlers[item[0]][0] != "uevent")
                 for fd, _ in ready:
