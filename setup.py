@@ -31,7 +31,8 @@ COMPILED = sorted(
     str(path.relative_to(ROOT))
     for pattern in ("nfq_tcpcrypt/core/*.py", "nfq_tcpcrypt/core/wire/*.py",
                     "nfq_tcpcrypt/shell/fastqueue.py", "nfq_tcpcrypt/shell/nfnetlink.py",
-                    "nfq_tcpcrypt/shell/nfq.py", "nfq_tcpcrypt/shell/loop.py")
+                    "nfq_tcpcrypt/shell/nfq.py", "nfq_tcpcrypt/shell/loop.py",
+                    "nfq_tcpcrypt/shell/freshness.py")
     for path in ROOT.glob(pattern)
 )
 

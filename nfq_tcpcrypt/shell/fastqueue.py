@@ -38,6 +38,13 @@ it that much later, and at 1 % loss, where the round trip sets the rate, the fas
 of its loss-free rate than NetfilterQueue (README: Queue backends). Cheap packets (pass-through)
 still go out up to HOLD_MAX at a time."""
 
+POLLED: Final = 4
+"""Packets of a drain after each of which a poll of the socket alone tells whether more wait. A recv
+that finds the socket empty costs about three polls here (the failed system call, then the
+BlockingIOError raised, caught and its traceback entry made by compiled code); the packets of a
+connection being set up come one to three per drain, so after each of the first few a poll decides.
+Past them (a burst, bulk) the socket is read until it is empty: one failed recv per drain."""
+
 SEND_CHUNK: Final = 128 * 1024
 """Verdict bytes gathered into one sendmsg before it goes (below the default netlink send buffer)."""
 
@@ -251,16 +258,17 @@ class FastQueue:
         work after the packet: its injections the same way, its events), and then a poll of
         this socket alone (a third of the cost of a recv that fails with EAGAIN in Python) tells
         whether more wait: a packet that arrives alone (those of a connection being set up, one
-        per wakeup) neither waits for nor pays the recv that finds the socket empty. Packets
-        after it are read until the socket is empty and their verdicts held and batched
-        (HOLD_MAX, HOLD_SECONDS): in bulk a drain holds many (README: Queue backends)."""
+        per wakeup) neither waits for nor pays the recv that finds the socket empty. So for the
+        first POLLED packets; after them the socket is read until it is empty. Verdicts after
+        the first are held and batched (HOLD_MAX, HOLD_SECONDS): in bulk a drain holds many
+        (README: Queue backends)."""
         if block:
             raise ValueError("FastQueue only runs without blocking (the event loop selects)")
         sock, callback = self._sock, self._callback
         if sock is None or callback is None:
             raise RuntimeError("queue not bound")
-        buffer, view = self._buffer, self._view
-        first = True
+        buffer, view, waiting = self._buffer, self._view, self._waiting
+        handled = 0
         self._eager = True
         try:
             while True:
@@ -285,10 +293,11 @@ class FastQueue:
                             packet.drop()
                 else:
                     self._datagram(view, size, callback)
-                if first:
-                    first = self._eager = False
-                    if self._waiting is not None and not self._waiting.poll(0):
-                        return  # alone: no recv (and exception) to find the socket empty
+                if handled < POLLED:
+                    handled += 1
+                    self._eager = False
+                    if waiting is not None and not waiting.poll(0):
+                        return  # empty: no recv (and exception) to find it so
         finally:
             self._eager = False
             self.flush()

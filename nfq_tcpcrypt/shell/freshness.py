@@ -24,6 +24,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from typing import Final
 
 from pyroute2.netlink.uevent import MarshalUevent  # type: ignore[import-untyped]
 
@@ -88,12 +89,16 @@ class VmGenWatch:
         self.sock.close()
 
 
+_CLOCK_BOOTTIME: Final = time.CLOCK_BOOTTIME
+_CLOCK_MONOTONIC: Final = time.CLOCK_MONOTONIC
+
+
 def _boottime() -> float:
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
+    return time.clock_gettime(_CLOCK_BOOTTIME)
 
 
 def _monotonic() -> float:
-    return time.clock_gettime(time.CLOCK_MONOTONIC)
+    return time.clock_gettime(_CLOCK_MONOTONIC)
 
 
 class ClockJumpWatch:
@@ -108,14 +113,23 @@ class ClockJumpWatch:
         self.bound = bound
         self._boottime = boottime
         self._monotonic = monotonic
+        self._system = boottime is _boottime and monotonic is _monotonic
+        """The system's clocks (not a test's): read directly, and the caller's monotonic reading used."""
         self._last = self._gap()
 
     def _gap(self) -> float:
         return self._boottime() - self._monotonic()
 
-    def check(self) -> float | None:
-        """The time slept since the last check when it exceeds the bound, else None."""
-        gap = self._gap()
+    def check(self, monotonic: float | None = None) -> float | None:
+        """The time slept since the last check when it exceeds the bound, else None. `monotonic`:
+        CLOCK_MONOTONIC read just before (the loop's `now`), saving a read at every wakeup; a delay
+        between the two readings only adds to the gap (at worst a flush, never a missed one)."""
+        if self._system:
+            if monotonic is None:
+                monotonic = time.clock_gettime(_CLOCK_MONOTONIC)
+            gap = time.clock_gettime(_CLOCK_BOOTTIME) - monotonic
+        else:
+            gap = self._gap()
         slept, self._last = gap - self._last, gap
         return slept if slept > self.bound else None
 
@@ -144,11 +158,12 @@ class Freshness:
             logger.warning("cannot listen for VM generation uevents (%s): that flush is disabled", exc)
         return cls(flush, ClockJumpWatch(), vmgen)
 
-    def check_clock(self) -> None:
-        """At each loop wakeup, before any packet: flush after a suspend."""
+    def check_clock(self, monotonic: float | None = None) -> None:
+        """At each loop wakeup, before any packet: flush after a suspend (`monotonic`: the loop's
+        `now`, read from CLOCK_MONOTONIC just before)."""
         if self.clock is None:
             return
-        slept = self.clock.check()
+        slept = self.clock.check(monotonic)
         if slept is not None:
             self.counters["cache_flush_suspend"] += 1
             self.flush(f"suspend/resume: boot-time clock jumped {slept:.1f}s past the monotonic clock")

@@ -26,7 +26,7 @@ from ..core.flow import Direction
 from ..core.verdict import UNKNOWN, Injection, PacketInfo, Verdict
 from .control import ControlServer
 from .freshness import Freshness
-from .metrics import EventStats
+from .metrics import OBSERVED, EventStats
 from .nfq import QueuePair, kernel_queue_stats
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,8 @@ class EventLoop:
             self._send(injections)
         while (event := self.engine.next_event()) is not None:
             _log_event(event)
-            self.stats.observe(event)
+            if isinstance(event, OBSERVED):  # the others would cost an interpreted call for nothing
+                self.stats.observe(event)
 
     def all_counters(self) -> dict[str, int]:
         """Engine counters plus the shell's own (prefixed `shell.`)."""
@@ -250,7 +251,7 @@ class EventLoop:
                     self.periodic[1]()
                 # The cache is flushed before the packets of this wakeup, so no SYN resumes from it.
                 if self.freshness is not None:
-                    self.freshness.check_clock()
+                    self.freshness.check_clock(self.now)
                 if len(ready) > 1:
                     ready.sort(key=lambda item: handlers[item[0]][0] != "uevent")
                 for fd, _ in ready:

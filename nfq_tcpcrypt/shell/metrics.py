@@ -39,6 +39,10 @@ def reason_class(reason: str) -> str:
     return _NUMBER.sub("N", reason.split(":", 1)[0]).strip()[:60] or "unknown"
 
 
+OBSERVED = (SessionEstablished, FellBackToPlain, SessionAborted)
+"""The events `EventStats.observe` counts: the loop hands it no other."""
+
+
 class EventStats:
     """Counters derived from engine events (module docstring)."""
 

@@ -148,13 +148,34 @@ def verdict_head(queue_num: int, packet_id: int, action: int, mark: int | None, 
             return _fixed_prefix(NFQNL_MSG_VERDICT, queue_num, False) + _VERDICT_HDR.pack(action, packet_id)
         return (_fixed_prefix(NFQNL_MSG_VERDICT, queue_num, True) + _VERDICT_HDR.pack(action, packet_id)
                 + _MARK_ATTR + _BE32.pack(mark))  # fmt: skip
-    attrs = _VERDICT_ATTR + _VERDICT_HDR.pack(action, packet_id)
-    if mark is not None:
-        attrs += _MARK_ATTR + _BE32.pack(mark)
     attr_len = _NLATTR.size + payload_len
-    total = HEADER_LEN + len(attrs) + attr_len + len(pad(attr_len))
-    head = _NLMSGHDR.pack(total, (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, 0)
-    return head + _NFGENMSG.pack(0, 0, queue_num) + attrs + _NLATTR.pack(attr_len, NFQA_PAYLOAD)
+    padded = (attr_len + 3) & ~3
+    if mark is None:
+        return (_U32.pack(_PAYLOAD_HEAD_LEN + padded) + _payload_prefix(queue_num)
+                + _VERDICT_HDR.pack(action, packet_id) + _NLATTR.pack(attr_len, NFQA_PAYLOAD))  # fmt: skip
+    return (_U32.pack(_PAYLOAD_HEAD_LEN + _MARK_ATTR_LEN + padded) + _payload_prefix(queue_num)
+            + _VERDICT_MARK.pack(action, packet_id, _MARK_ATTR, mark)
+            + _NLATTR.pack(attr_len, NFQA_PAYLOAD))  # fmt: skip
+
+
+_U32: Final = struct.Struct("=I")
+_MARK_ATTR_LEN: Final = _NLATTR.size + _BE32.size
+_PAYLOAD_HEAD_LEN: Final = HEADER_LEN + _VERDICT_ATTR_LEN
+_VERDICT_MARK: Final = struct.Struct("!II4sI")
+"""The verdict header, then the mark attribute (its header `_MARK_ATTR`, host order, as bytes)."""
+_PAYLOAD_PREFIXES: Final[dict[int, bytes]] = {}
+
+
+def _payload_prefix(queue_num: int) -> bytes:
+    """What follows the length in every verdict with new bytes for `queue_num`: the rest of the
+    netlink header, the nfgenmsg and the verdict attribute's header (made once per queue)."""
+    prefix = _PAYLOAD_PREFIXES.get(queue_num)
+    if prefix is None:
+        prefix = _PAYLOAD_PREFIXES[queue_num] = (
+            _NLMSGHDR.pack(0, (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT, NLM_F_REQUEST, 0, 0)[4:]
+            + _NFGENMSG.pack(0, 0, queue_num) + _VERDICT_ATTR
+        )  # fmt: skip
+    return prefix
 
 
 def verdict(

@@ -80,10 +80,11 @@ class _BudgetSpent(Exception):
 def ip_total_length(packet: bytes) -> int:
     """The length the IP header claims for the whole packet (v4 total length, v6 40 + payload length)."""
     version = packet[0] >> 4
+    # Byte by byte where the field is whole: plain loads when compiled (no slice, no int.from_bytes).
     if version == 4:
-        return int.from_bytes(packet[2:4], "big")
+        return packet[2] << 8 | packet[3] if len(packet) >= 4 else int.from_bytes(packet[2:4], "big")
     if version == 6:
-        return 40 + int.from_bytes(packet[4:6], "big")
+        return 40 + (packet[4] << 8 | packet[5] if len(packet) >= 6 else int.from_bytes(packet[4:6], "big"))
     return -1
 
 

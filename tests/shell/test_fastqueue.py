@@ -311,9 +311,24 @@ class TestFastQueue:
         log.clear()
         sock.incoming = [kernel_packet(i, IP_PACKET) for i in (2, 3, 4)]
         queue.run(block=False)
-        assert log == ["recv", "callback", "sendmsg", "poll", "recv", "callback", "recv", "callback",
-                       "recv EAGAIN", "sendmsg"]  # fmt: skip
+        assert log == ["recv", "callback", "sendmsg", "poll", "recv", "callback", "poll", "recv", "callback",
+                       "poll", "sendmsg"]  # fmt: skip
         assert verdicts(sock) == [("batch", 1, 1, None), ("batch", 1, 2, None), ("batch", 1, 4, None)]
+
+    def test_past_the_polled_packets_a_burst_is_read_until_the_socket_is_empty(self) -> None:
+        from nfq_tcpcrypt.shell.fastqueue import POLLED
+
+        log: list[str] = []
+        queue, _ = fake_queue(lambda pkt: (log.append("callback"), pkt.accept()))
+        sock = LoggingSocket(log)
+        queue._sock, queue._waiting = sock, FakeWaiting(sock, log)  # type: ignore[assignment]
+        total = POLLED + 3
+        sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(1, total + 1)]
+        queue.run(block=False)
+        assert log.count("poll") == POLLED and log.count("callback") == total
+        assert log[-2:] == ["recv EAGAIN", "sendmsg"]  # one failed recv ends the drain
+        assert log.index("recv EAGAIN") > max(i for i, entry in enumerate(log) if entry == "poll")
+        assert verdicts(sock)[0] == ("batch", 1, 1, None) and verdicts(sock)[-1] == ("batch", 1, total, None)
 
     def test_verdicts_wait_for_at_most_hold_max_packets(self) -> None:
         from nfq_tcpcrypt.shell.fastqueue import HOLD_MAX

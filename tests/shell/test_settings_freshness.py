@@ -4,6 +4,7 @@ injector's two marks, and the control commands of the cache."""
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,20 @@ class TestClockJump:
 
     def test_real_clocks_do_not_fire(self) -> None:
         assert ClockJumpWatch().check() is None
+        assert ClockJumpWatch().check(time.clock_gettime(time.CLOCK_MONOTONIC)) is None
+
+    def test_the_loop_s_monotonic_reading_is_used_with_the_real_clocks_only(self) -> None:
+        # the loop hands its `now` in: a reading 5 s old makes the gap 5 s larger, as a suspend would
+        watch = ClockJumpWatch(2.0)
+        slept = watch.check(time.clock_gettime(time.CLOCK_MONOTONIC) - 5.0)
+        assert slept is not None and 5.0 <= slept < 7.0
+        assert watch.check() is None  # back to the real gap: nothing slept
+        # a test's clocks are read themselves, whatever the caller passes
+        clock = {"boot": 1000.0, "mono": 900.0}
+        fake = ClockJumpWatch(2.0, boottime=lambda: clock["boot"], monotonic=lambda: clock["mono"])
+        assert fake.check(-1e9) is None
+        clock["boot"] += 10.0
+        assert fake.check(clock["mono"]) == 10.0
 
 
 class _FakeEngine:

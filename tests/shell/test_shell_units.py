@@ -178,6 +178,10 @@ def test_ip_total_length() -> None:
     v6 = bytes([0x60, 0, 0, 0, 0x05, 0xB4]) + bytes(34)
     assert ip_total_length(v4) == 1500
     assert ip_total_length(v6) == 1500
+    # a copy cut inside the length field reads what is there (and is then accepted as cut), as before
+    assert ip_total_length(bytes([0x45, 0, 0x05])) == 5 and ip_total_length(bytes([0x45, 0])) == 0
+    assert ip_total_length(bytes([0x60, 0, 0, 0, 0x05])) == 45
+    assert ip_total_length(bytes([0x50]) + bytes(40)) == -1
 
 
 def test_takeover_keeps_the_present_jumps_once() -> None:
