@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .config import Configuration
-from .constants import ENO_GLOBAL_A, ENO_GLOBAL_B, ENO_OPTION_KIND, Role, Tep
+from .constants import ENO_GLOBAL_A, ENO_GLOBAL_B, ENO_OPTION_KIND, TEPS, Role, Tep
 from .errors import MalformedSegment
 from .resumption import Resumable
 from .wire.eno import EnoOption, TepSuboption, parse_eno, serialize_eno
@@ -127,7 +127,7 @@ def negotiate(
     if not chosen:
         raise EnoFailed("no valid tep")
     last = chosen[-1]
-    negotiated = Negotiated(role, Tep(last.tep), last.byte, a_option.raw, b_option.raw, theirs.a)
+    negotiated = Negotiated(role, TEPS[last.tep], last.byte, a_option.raw, b_option.raw, theirs.a)
     if not last.data:
         return negotiated
     assert resume is not None
@@ -135,7 +135,7 @@ def negotiate(
     mine = _suboption(ours, last.tep).data[RESUME_HALF:]
     peers = _suboption(theirs, last.tep).data[RESUME_HALF:]
     sn = mine + peers if resume.original_role is Role.A else peers + mine
-    return Negotiated(role, Tep(last.tep), last.byte, a_option.raw, b_option.raw, theirs.a, resume, sn)
+    return Negotiated(role, TEPS[last.tep], last.byte, a_option.raw, b_option.raw, theirs.a, resume, sn)
 
 
 def _suboption(option: EnoOption, tep: int) -> TepSuboption:
