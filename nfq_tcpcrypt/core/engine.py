@@ -315,7 +315,7 @@ class Engine:
             return ACCEPT
         old = self._sessions.get(flow)
         if old is not None:
-            old.wipe_secrets()  # port reuse: the old connection is over
+            old.forget()  # port reuse: the old connection is over
             self._ended.pop(flow, None)
         session = Session(flow, self.config, self._events.append, self._inject.append, self.cache, self.ooo_budget,
                           self._armed, self.keys, self._ahead)
@@ -344,7 +344,7 @@ class Engine:
                 del self._sessions[flow]
                 self._ended.pop(flow, None)
                 self._reopened.pop(flow, None)
-                session.wipe_secrets()
+                session.forget()
                 self.counters["evicted_embryonic"] += 1
                 return True
         while self._ended:
@@ -354,7 +354,7 @@ class Engine:
                 self._unkeyed.pop(flow, None)
                 self._reopened.pop(flow, None)
                 self._bury(session, now)
-                session.wipe_secrets()
+                session.forget()
                 self._events.append(SessionExpired(flow))
                 self.counters["evicted_ended"] += 1
                 return True
@@ -458,7 +458,7 @@ class Engine:
                 self._ended.pop(flow, None)
                 self._reopened.pop(flow, None)
                 self._bury(session, now)
-                session.wipe_secrets()
+                session.forget()
                 self._events.append(SessionExpired(flow))
                 continue
             if seen is None or expires < seen:

@@ -127,9 +127,8 @@ def negotiate(
     if not chosen:
         raise EnoFailed("no valid tep")
     last = chosen[-1]
-    negotiated = Negotiated(role, TEPS[last.tep], last.byte, a_option.raw, b_option.raw, theirs.a)
     if not last.data:
-        return negotiated
+        return Negotiated(role, TEPS[last.tep], last.byte, a_option.raw, b_option.raw, theirs.a)
     assert resume is not None
     # sn[i] = nonce_a | nonce_b, labelled by the ORIGINAL roles (docs/protocol.md T10).
     mine = _suboption(ours, last.tep).data[RESUME_HALF:]
