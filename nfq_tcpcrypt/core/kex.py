@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from dataclasses import dataclass, field
 from hashlib import sha256
 from typing import Any, Final, Protocol
 
@@ -271,19 +270,25 @@ def traffic_keys(mk: bytes | bytearray, length: int) -> tuple[bytes, bytes]:
     return k_ab[:length], k_ba[:length]
 
 
-@dataclass(frozen=True, slots=True)
 class TrafficKeys:
     """One key set j: the AEAD key and nonce randomizer for each direction (RFC 8548 §3.3, §3.8).
 
-    Never in a repr; `wipe` zeroes them (best effort: the AEAD objects keep their own copies)."""
+    Never in a repr; `wipe` zeroes them (best effort: the AEAD objects keep their own copies).
+    A plain class: a compiled dataclass's constructor is interpreted Python."""
 
-    k_ab: bytearray = field(repr=False)
-    k_ba: bytearray = field(repr=False)
+    __slots__ = ("k_ab", "k_ba")
+
+    def __init__(self, k_ab: bytearray, k_ba: bytearray) -> None:
+        self.k_ab = k_ab
+        self.k_ba = k_ba
 
     def wipe(self) -> None:
         """Zero both keys."""
         wipe(self.k_ab)
         wipe(self.k_ba)
+
+    def __repr__(self) -> str:
+        return "TrafficKeys()"
 
 
 def wipe(secret: bytearray) -> None:
