@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
 from typing import Final
 
 from .config import Configuration
@@ -47,6 +48,9 @@ class Engine:
         self._reopened: dict[FlowKey, Tombstone | None] = {}
         self._events: deque[Event] = deque()
         self._inject: list[Injection] = []
+        # Every session's emit and inject, made once (a bound method is an object per use).
+        self._emit: Callable[[Event], None] = self._events.append
+        self._add_injection: Callable[[Injection], None] = self._inject.append
         self._next_sweep: float | None = None
         # The sweep under way: the flows it has still to look at (last first), the earliest
         # expiry it saw, and when its last step ran (the next step is due then).
@@ -315,9 +319,9 @@ class Engine:
             return ACCEPT
         old = self._sessions.get(flow)
         if old is not None:
-            old.wipe_secrets()  # port reuse: the old connection is over
+            old.forget()  # port reuse: the old connection is over
             self._ended.pop(flow, None)
-        session = Session(flow, self.config, self._events.append, self._inject.append, self.cache, self.ooo_budget,
+        session = Session(flow, self.config, self._emit, self._add_injection, self.cache, self.ooo_budget,
                           self._armed, self.keys, self._ahead)
         self._sessions[flow] = session
         self._unkeyed.pop(flow, None)
@@ -344,7 +348,7 @@ class Engine:
                 del self._sessions[flow]
                 self._ended.pop(flow, None)
                 self._reopened.pop(flow, None)
-                session.wipe_secrets()
+                session.forget()
                 self.counters["evicted_embryonic"] += 1
                 return True
         while self._ended:
@@ -354,7 +358,7 @@ class Engine:
                 self._unkeyed.pop(flow, None)
                 self._reopened.pop(flow, None)
                 self._bury(session, now)
-                session.wipe_secrets()
+                session.forget()
                 self._events.append(SessionExpired(flow))
                 self.counters["evicted_ended"] += 1
                 return True
@@ -458,7 +462,7 @@ class Engine:
                 self._ended.pop(flow, None)
                 self._reopened.pop(flow, None)
                 self._bury(session, now)
-                session.wipe_secrets()
+                session.forget()
                 self._events.append(SessionExpired(flow))
                 continue
             if seen is None or expires < seen:

@@ -7,11 +7,10 @@ options negotiated (roles, TEP, transcript). The session decides when to call th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final
 
 from .config import Configuration
-from .constants import ENO_GLOBAL_A, ENO_GLOBAL_B, ENO_OPTION_KIND, Role, Tep
+from .constants import ENO_GLOBAL_A, ENO_GLOBAL_B, ENO_OPTION_KIND, TEPS, Role, Tep
 from .errors import MalformedSegment
 from .resumption import Resumable
 from .wire.eno import EnoOption, TepSuboption, parse_eno, serialize_eno
@@ -24,18 +23,28 @@ class EnoFailed(Exception):
     """ENO must be disabled and the connection stays plain TCP (RFC 8547 §4.6); carries the reason."""
 
 
-@dataclass(frozen=True, slots=True)
 class Negotiated:
-    """The outcome of RFC 8547 §4.5: roles, the negotiated TEP and the two SYN-form options."""
+    """The outcome of RFC 8547 §4.5: roles, the negotiated TEP and the two SYN-form options.
 
-    role: Role  # ours
-    tep: Tep
-    tep_byte: int  # the TEP's byte as B sent it, v bit included (session ID, RFC 8547 §5.1)
-    eno_a: bytes  # A's SYN-form option, verbatim (transcript, RFC 8547 §4.8)
-    eno_b: bytes
-    peer_a_bit: bool
-    resume: Resumable | None = None  # set when the session resumes ss[i] (RFC 8548 §3.5)
-    sn: bytes = b""  # nonce_a | nonce_b by the original roles; empty for a fresh session
+    A plain class, not a dataclass: a compiled dataclass's constructor is interpreted Python,
+    and one is made per connection. Treat as immutable."""
+
+    __slots__ = ("role", "tep", "tep_byte", "eno_a", "eno_b", "peer_a_bit", "resume", "sn")
+
+    def __init__(self, role: Role, tep: Tep, tep_byte: int, eno_a: bytes, eno_b: bytes, peer_a_bit: bool,
+                 resume: Resumable | None = None, sn: bytes = b"") -> None:
+        self.role = role  # ours
+        self.tep = tep
+        self.tep_byte = tep_byte  # the TEP's byte as B sent it, v bit included (session ID, RFC 8547 §5.1)
+        self.eno_a = eno_a  # A's SYN-form option, verbatim (transcript, RFC 8547 §4.8)
+        self.eno_b = eno_b
+        self.peer_a_bit = peer_a_bit
+        self.resume = resume  # set when the session resumes ss[i] (RFC 8548 §3.5)
+        self.sn = sn  # nonce_a | nonce_b by the original roles; empty for a fresh session
+
+    def __repr__(self) -> str:
+        return (f"Negotiated(role={self.role!r}, tep={self.tep!r}, tep_byte={self.tep_byte:#x}, "
+                f"resume={self.resume!r})")
 
 
 def _global_byte(config: Configuration, passive: bool) -> int | None:
@@ -127,15 +136,14 @@ def negotiate(
     if not chosen:
         raise EnoFailed("no valid tep")
     last = chosen[-1]
-    negotiated = Negotiated(role, Tep(last.tep), last.byte, a_option.raw, b_option.raw, theirs.a)
     if not last.data:
-        return negotiated
+        return Negotiated(role, TEPS[last.tep], last.byte, a_option.raw, b_option.raw, theirs.a)
     assert resume is not None
     # sn[i] = nonce_a | nonce_b, labelled by the ORIGINAL roles (docs/protocol.md T10).
     mine = _suboption(ours, last.tep).data[RESUME_HALF:]
     peers = _suboption(theirs, last.tep).data[RESUME_HALF:]
     sn = mine + peers if resume.original_role is Role.A else peers + mine
-    return Negotiated(role, Tep(last.tep), last.byte, a_option.raw, b_option.raw, theirs.a, resume, sn)
+    return Negotiated(role, TEPS[last.tep], last.byte, a_option.raw, b_option.raw, theirs.a, resume, sn)
 
 
 def _suboption(option: EnoOption, tep: int) -> TepSuboption:

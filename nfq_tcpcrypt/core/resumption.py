@@ -15,7 +15,6 @@ connections, and crossing SYNs that offer the same secret both fall back to a fr
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from .constants import AEAD_NAMES, TEP_NAMES, Aead, Role, Tep
@@ -24,15 +23,20 @@ from .kex import next_session_secret, resume_identifier
 LOOKAHEAD: Final = 4
 
 
-@dataclass(frozen=True, slots=True)
 class Resumable:
-    """What one resumption needs: the secret ss[i] and the original session's parameters."""
+    """What one resumption needs: the secret ss[i] and the original session's parameters.
 
-    ss: bytes = field(repr=False)
-    resume_id: bytes  # resume[i], 18 bytes
-    tep: Tep
-    aead: Aead
-    original_role: Role  # ours in the session that produced ss[0]
+    A plain class, not a dataclass: a compiled dataclass's constructor is interpreted Python,
+    and one is made per resumed connection. Treat as immutable; `ss` never appears in the repr."""
+
+    __slots__ = ("ss", "resume_id", "tep", "aead", "original_role")
+
+    def __init__(self, ss: bytes, resume_id: bytes, tep: Tep, aead: Aead, original_role: Role) -> None:
+        self.ss = ss
+        self.resume_id = resume_id  # resume[i], 18 bytes
+        self.tep = tep
+        self.aead = aead
+        self.original_role = original_role  # ours in the session that produced ss[0]
 
     @property
     def our_half(self) -> bytes:
@@ -43,6 +47,10 @@ class Resumable:
     def peer_half(self) -> bytes:
         """The identifier half the peer sends."""
         return self.resume_id[9:] if self.original_role is Role.A else self.resume_id[:9]
+
+    def __repr__(self) -> str:
+        return (f"Resumable(resume_id={self.resume_id!r}, tep={self.tep!r}, aead={self.aead!r}, "
+                f"original_role={self.original_role!r})")
 
 
 class SecretCache(Protocol):

@@ -836,6 +836,15 @@ class Session:
         self.wipe_secrets()
         self._emit(SessionAborted(self.flow, reason))
 
+    def forget(self) -> None:
+        """The engine dropped the session from its table: its secrets are wiped, and the references
+        back to it (its translator's and its timers') are cut, so that reference counting frees it
+        at once, not the cycle collector, whose passes over every live object cost CPU per
+        connection."""
+        self.wipe_secrets()
+        self._timers.detach()
+        self.tx.detach()
+
     def wipe_secrets(self) -> None:
         """Best-effort erasure when the session ends: traffic and master keys zeroed, private key,
         ciphers and resumption secret dropped (README: Security model)."""

@@ -35,6 +35,12 @@ class Timers(dict[Timer, float]):
         if self._armed is not None:
             self._armed[self._owner] = None
 
+    def detach(self) -> None:
+        """The engine forgot the owner (Session.forget): no reference back to it, no more
+        notices to the engine's `armed`."""
+        self._armed = None
+        self._owner = None
+
     def cancel(self, timer: Timer) -> None:
         self.pop(timer, None)
 

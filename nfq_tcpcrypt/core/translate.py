@@ -33,7 +33,7 @@ from .constants import (
     TCPOPT_SACK_PERM,
     Role,
 )
-from .errors import MalformedSegment, RemoteProtocolError, StackAnomaly
+from .errors import LocalProtocolError, MalformedSegment, RemoteProtocolError, StackAnomaly
 from .flow import Direction
 from .seqmap import FrameRecord, RecvStream, SendStream, to_offset, to_seq
 from .timers import Timer, Timers
@@ -98,6 +98,24 @@ class Keys(Protocol):
         ...
 
 
+class _NoKeys:
+    """The Keys of a translator whose session the engine forgot (`StreamTranslator.detach`):
+    no traffic keys, and none to be had."""
+
+    @property
+    def keys_ready(self) -> bool:
+        return False
+
+    def cipher(self, generation: int, sending: bool) -> FrameCipher:
+        raise LocalProtocolError("the session was forgotten")
+
+    def init_message(self, message: bytes, now: float) -> None:
+        raise LocalProtocolError("the session was forgotten")
+
+
+_NO_KEYS: Final = _NoKeys()
+
+
 class Translated:
     """A translated packet and what happened that the session acts on (a plain class: one is
     made per data packet, and a compiled dataclass's constructor is interpreted Python)."""
@@ -154,6 +172,10 @@ class StreamTranslator:
         self.remote_ws: int | None = None
         self.local_sack_perm = False
         self.remote_sack_perm = False
+
+    def detach(self) -> None:
+        """The engine forgot the session (Session.forget): drop the reference back to it."""
+        self._keys = _NO_KEYS
 
     @property
     def sack_ok(self) -> bool:

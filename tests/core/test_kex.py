@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import x25519
@@ -23,6 +24,19 @@ def test_hkdf_rfc5869_a1():
     prk = kex.extract(v.HKDF_SALT, v.HKDF_IKM)
     assert prk == v.HKDF_PRK
     assert kex.cprf(prk, v.HKDF_INFO, len(v.HKDF_OKM)) == v.HKDF_OKM
+
+
+def test_hmac_sha256_rfc4231_and_hmac_module():
+    """RFC 4231 §4.2 and §4.7 (a key longer than the block), and the hmac module for keys of
+    every length around SHA-256's 64-byte block."""
+    assert kex.hmac_sha256(b"\x0b" * 20, b"Hi There") == bytes.fromhex(
+        "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7")
+    assert kex.hmac_sha256(b"\xaa" * 131, b"Test Using Larger Than Block-Size Key - Hash Key First") == bytes.fromhex(
+        "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54")
+    for length in (0, 1, 18, 32, 63, 64, 65, 100, 200):
+        key = bytes(range(length % 256)) * (1 + length // 256)
+        for message in (b"", b"\x01", bytes(range(200))):
+            assert kex.hmac_sha256(bytearray(key), message) == hmac.digest(key, message, "sha256")
 
 
 def test_x25519_rfc7748():

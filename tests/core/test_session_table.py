@@ -169,3 +169,38 @@ def test_a_big_table_is_swept_in_steps_and_nothing_escapes_the_sweep():
     while (at := engine.get_timer()) is not None and at <= now + embryonic + 1.0:
         engine.handle_timer(now + embryonic + 1.0)
     assert engine.session_table() == []
+
+
+def test_sessions_leaving_the_table_are_freed_without_the_cycle_collector():
+    """Swept (linger), evicted and port-reuse-replaced sessions hold no reference cycle
+    (Session.forget): reference counting frees them at once, and the collector's passes, whose
+    cost grows with every live object, find no session garbage."""
+    import gc
+
+    pair = Pair(seed=b"table-gc", a_config=seeded_config(b"ga", max_sessions=3),
+                b_config=seeded_config(b"gb", max_sessions=3))
+    pair.open()
+    pair.close()
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for k in range(8):  # beyond max_sessions: ended sessions are evicted
+            pair.new_connection(20000 + k % 5, 80)  # ports come round again: replaced sessions
+            pair.talk(b"request", b"answer")
+            pair.close()
+        _linger_out(pair)
+        pair.new_connection(21000, 80)  # a sweep has run: the table holds this one only
+        pair.talk(b"request", b"answer")
+        for engine in (pair.engine_a, pair.engine_b):
+            assert engine is not None
+            assert len(engine.session_table()) == 1
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        kinds = {type(o).__name__ for o in gc.garbage}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if enabled:
+            gc.enable()
+    assert not kinds & {"Session", "StreamTranslator", "Timers", "SendStream", "RecvStream"}, kinds

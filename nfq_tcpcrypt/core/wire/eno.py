@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Final
 
 from ..constants import ENO_GLOBAL_A, ENO_GLOBAL_B, ENO_OPTION_KIND, ENO_TEP_MIN, ENO_V_BIT
@@ -11,32 +10,51 @@ from ..errors import MalformedSegment
 MAX_LENGTH_BYTE_DATA: Final = 32  # RFC 8547 §4.4: nnnnn + 1
 
 
-@dataclass(frozen=True, slots=True)
 class TepSuboption:
-    """RFC 8547 §4.1: a TEP identifier (0x20–0x7f), its v bit and optional suboption data."""
+    """RFC 8547 §4.1: a TEP identifier (0x20–0x7f), its v bit and optional suboption data.
 
-    tep: int
-    data: bytes = b""
-    v: bool = False
+    A value (equal when its fields are; treat as immutable); a plain class rather than a frozen
+    dataclass, whose constructor stays interpreted when compiled: several are made per SYN."""
+
+    __slots__ = ("tep", "data", "v")
+
+    def __init__(self, tep: int, data: bytes = b"", v: bool = False) -> None:
+        self.tep = tep
+        self.data = data
+        self.v = v
 
     @property
     def byte(self) -> int:
         """The suboption's first byte as sent (TEP id with the v bit)."""
         return self.tep | (ENO_V_BIT if self.v else 0)
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TepSuboption):
+            return NotImplemented
+        return self.tep == other.tep and self.data == other.data and self.v == other.v
 
-@dataclass(frozen=True, slots=True)
+    def __hash__(self) -> int:
+        return hash((self.tep, self.data, self.v))
+
+    def __repr__(self) -> str:
+        return f"TepSuboption(tep={self.tep!r}, data={self.data!r}, v={self.v!r})"
+
+
 class EnoOption:
     """RFC 8547 §4.1: a SYN-form ENO option.
 
     `global_byte` is the first global suboption (RFC 8547 §4.2: only the first counts), None when the
     option has none (an implicit 0x00). `raw` is the option exactly as it was on the wire, kind and
-    length included: the transcript of RFC 8547 §4.8 is built from it.
+    length included: the transcript of RFC 8547 §4.8 is built from it; it takes no part in
+    equality. A value like TepSuboption, and a plain class for the same reason.
     """
 
-    global_byte: int | None = None
-    teps: tuple[TepSuboption, ...] = ()
-    raw: bytes = field(default=b"", compare=False)
+    __slots__ = ("global_byte", "teps", "raw")
+
+    def __init__(self, global_byte: int | None = None, teps: tuple[TepSuboption, ...] = (), raw: bytes = b"") -> None:
+        self.global_byte = global_byte
+        self.teps = teps
+        self.raw = raw
 
     @property
     def b(self) -> bool:
@@ -47,6 +65,17 @@ class EnoOption:
     def a(self) -> bool:
         """The application-aware bit (RFC 8547 §4.2)."""
         return bool((self.global_byte or 0) & ENO_GLOBAL_A)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EnoOption):
+            return NotImplemented
+        return self.global_byte == other.global_byte and self.teps == other.teps
+
+    def __hash__(self) -> int:
+        return hash((self.global_byte, self.teps))
+
+    def __repr__(self) -> str:
+        return f"EnoOption(global_byte={self.global_byte!r}, teps={self.teps!r}, raw={self.raw!r})"
 
 
 def parse_eno(raw: bytes) -> EnoOption:
