@@ -103,26 +103,20 @@ class Engine:
         # FlowKey itself is made only where a session may start or a tombstone decide.
         key = (seg.dst, seg.dport, seg.src, seg.sport) if inbound else (seg.src, seg.sport, seg.dst, seg.dport)
         session: Session | None = self._sessions.get(key)  # type: ignore[call-overload]
-        if session is None or self._reopened or seg.flags & TCP_SYN:
-            flow = FlowKey(*key)
-            verdict = self._unusual(flow, session, seg, direction, now, encrypted)
-            if verdict is not None:
-                return verdict
-            assert session is not None
-        if session.state is State.REFUSED:
-            return DROP
-        keyed = session.keys_ready
-        mark = len(self._inject)
         try:
+            if session is None or self._reopened or seg.flags & TCP_SYN:
+                flow = FlowKey(*key)
+                verdict = self._unusual(flow, session, seg, direction, now, encrypted)
+                if verdict is not None:
+                    return verdict
+                assert session is not None
+            if session.state is State.REFUSED:
+                return DROP
+            keyed = session.keys_ready
+            mark = len(self._inject)
             verdict = session.inbound(seg, now) if inbound else session.outbound(seg, now)
         except Exception:
-            # A fault of ours halfway through a packet may leave the session's byte spaces out of
-            # step: an encrypted connection is reset toward both ends rather than carried on
-            # (fail closed, README: Security model); the caller drops the packet and counts it.
-            counters["internal_errors"] += 1
-            if session.is_translating and session.state is not State.ABORTED:
-                session.abort("internal error", now)
-                self._schedule_sweep(now + self.config.session_linger)
+            self._fault(key, now)
             raise
         if not keyed and len(self._inject) - mark > 1 and session.keys_ready:
             self._drop_repeated_ack(mark)
@@ -137,6 +131,16 @@ class Engine:
         if not verdict.encrypted and session.tx.send is not None and verdict.action is Action.ACCEPT:
             return ACCEPT_ENCRYPTED if verdict.packet is None else Verdict(Action.ACCEPT, verdict.packet, True)
         return verdict
+
+    def _fault(self, key: tuple[bytes, int, bytes, int], now: float) -> None:
+        """A fault of ours halfway through a packet (a bug) may leave a session's byte spaces out of
+        step: the flow's encrypted connection is reset toward both ends rather than carried on
+        (fail closed, README: Security model); the caller drops the packet and counts it."""
+        self.counters["internal_errors"] += 1
+        session: Session | None = self._sessions.get(key)  # type: ignore[call-overload]
+        if session is not None and session.is_translating and session.state is not State.ABORTED:
+            session.abort("internal error", now)
+            self._schedule_sweep(now + self.config.session_linger)
 
     def _unusual(self, flow: FlowKey, session: Session | None, seg: Segment, direction: Direction, now: float,
                  encrypted: bool) -> Verdict | None:

@@ -179,6 +179,25 @@ def test_a_fault_of_ours_halfway_through_a_packet_resets_the_connection():
     assert bytes(pair.b.received) == received
 
 
+def test_a_fault_of_ours_before_the_session_takes_the_packet_resets_the_connection():
+    """The same where the engine looks at a packet before handing it to its session (the path of
+    SYNs, tombstones and reopened 4-tuples): an encrypted connection is reset, not carried on."""
+    pair = _live()
+    received = bytes(pair.b.received)
+    (session,) = pair.engine_a._sessions.values()  # noqa: SLF001
+    # An invariant of ours broken: the 4-tuple marked reopened, with no tombstone but a string.
+    pair.engine_a._reopened = {session.flow: "not a tombstone"}  # type: ignore[dict-item]  # noqa: SLF001
+    pair.a.write(b"after the fault" * 10)
+    with pytest.raises(Exception):  # noqa: B017 - any fault; the shell drops the packet and counts it
+        pair.run(max_time=1.0)
+    assert pair.engine_a.counters["internal_errors"] == 1
+    assert pair.engine_a.session_table()[0]["state"] == "aborted"
+    pair.engine_a._reopened = {}  # noqa: SLF001
+    pair.run(max_time=1.0)
+    assert pair.a.was_reset and pair.b.was_reset
+    assert bytes(pair.b.received) == received
+
+
 def _syn_flood(pair: Pair, count: int, with_eno: bool, first_port: int = 20000) -> None:
     template = parse_segment(pair.wire[0])  # A's SYN with our ENO option
     assert template.is_syn and not template.is_ack
