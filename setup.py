@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parent
 STAMP = ROOT / "nfq_tcpcrypt" / "_compiled.json"
 GROUP = "nfq_tcpcrypt"  # the compiled modules share one library, nfq_tcpcrypt__mypyc.*.so
 
-# Everything a packet goes through: the engine (all of core) and the shell's per-packet modules.
-# The shell's: the packet's way from the queue's socket to the engine and back (README: Queue
-# backends says why the others stay interpreted).
+# Everything a packet goes through: the engine (all of core) and the shell modules on a packet's
+# way from the queue's socket to the engine and back, with the clock check of every wakeup
+# (README: Queue backends says why the others stay interpreted).
 COMPILED = sorted(
     str(path.relative_to(ROOT))
     for pattern in ("nfq_tcpcrypt/core/*.py", "nfq_tcpcrypt/core/wire/*.py",
