@@ -19,7 +19,7 @@ from ..constants import (
     TCPOPT_WSCALE,
 )
 from ..errors import MalformedSegment
-from .ip import IPPROTO_TCP, checksum_fold, mod_ffff, new_ip_header, parse_ip, pseudo_header_sum, serialize_ip_header
+from .ip import IPPROTO_TCP, new_ip_header, ones_sum, parse_ip, pseudo_header_sum, serialize_ip_header
 
 _TCP: Final = struct.Struct("!HHIIBBHHH")
 _V4_TCP: Final = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")  # an option-less IPv4 header and the TCP header
@@ -120,13 +120,13 @@ def parse_segment(packet: bytes, verify_checksum: bool = False) -> Segment:
 def _segment_sum(packet: bytes, ihl: int, src: bytes, dst: bytes) -> int:
     """The TCP checksum sum of a whole packet with its pseudo-header, mod 0xFFFF: 0 when the
     checksum is right (RFC 1071, RFC 9293 §3.1). In an option-less IPv4 header and in IPv6 the
-    addresses sit right before the TCP header, so one fold from the source address covers both."""
+    addresses sit right before the TCP header, so one sum from the source address covers both
+    (an IPv4 header with options has them between: its pseudo-header is summed apart)."""
     tcp_len = len(packet) - ihl
-    at = 12 if ihl == 20 else 8 if ihl == 40 else -1
+    at = 12 if ihl == 20 else 8 if packet[0] >> 4 == 6 else -1
     if at < 0:
-        return (pseudo_header_sum(src, dst, tcp_len) + checksum_fold(memoryview(packet)[ihl:])) % 0xFFFF
-    body = memoryview(packet)[at:] if not tcp_len & 1 else packet[at:] + b"\x00"
-    return (mod_ffff(int.from_bytes(body, "big"), len(body)) + IPPROTO_TCP + tcp_len) % 0xFFFF
+        return (pseudo_header_sum(src, dst, tcp_len) + ones_sum(memoryview(packet)[ihl:])) % 0xFFFF
+    return (ones_sum(memoryview(packet)[at:]) + IPPROTO_TCP + tcp_len) % 0xFFFF
 
 
 def serialize_segment(seg: Segment) -> bytes:
@@ -151,8 +151,7 @@ def serialize_segment(seg: Segment) -> bytes:
                  + seg.sport + seg.dport + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16) + (ack & 0xFFFF)
                  + ((offset << 8) | seg.flags) + seg.window + seg.urgent + int.from_bytes(options, "big"))
         if payload:
-            padded = payload + b"\x00" if len(payload) & 1 else payload  # the packet keeps its length
-            total += mod_ffff(int.from_bytes(padded, "big"), len(padded))
+            total += ones_sum(payload)
         csum = ~(total % 0xFFFF or 0xFFFF) & 0xFFFF
     header = _TCP.pack(seg.sport, seg.dport, seq, ack, offset, seg.flags, seg.window, csum, seg.urgent)
     return b"".join((ip, header, options, payload))
