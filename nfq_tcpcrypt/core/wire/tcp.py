@@ -23,6 +23,11 @@ from .ip import IPPROTO_TCP, new_ip_header, ones_sum, parse_ip, pseudo_header_su
 
 _TCP: Final = struct.Struct("!HHIIBBHHH")
 _V4_TCP: Final = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")  # an option-less IPv4 header and the TCP header
+# Bound once (compiled: no method lookup per call, see ip._FROM_BYTES).
+_TCP_PACK: Final = _TCP.pack
+_TCP_UNPACK_FROM: Final = _TCP.unpack_from
+_V4_TCP_UNPACK_FROM: Final = _V4_TCP.unpack_from
+_FROM_BYTES: Final = int.from_bytes
 _LINUX_TS: Final = bytes((TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10))
 _NOP: Final = bytes((TCPOPT_NOP,))
 
@@ -88,7 +93,7 @@ def parse_segment(packet: bytes, verify_checksum: bool = False) -> Segment:
     if len(packet) >= 40 and packet[0] == 0x45:
         # The usual packet: IPv4 without options, both headers in one unpack; parse_ip's checks.
         (_, _, total, _, frag, _, proto, _, src, dst, sport, dport, seq, ack, offset, flags, window, _,
-         urgent) = _V4_TCP.unpack_from(packet)
+         urgent) = _V4_TCP_UNPACK_FROM(packet)
         if total != len(packet) or frag & 0x3FFF or proto != IPPROTO_TCP:
             parse_ip(packet)  # raises with the reason
         doff = (offset >> 4) * 4
@@ -103,7 +108,7 @@ def parse_segment(packet: bytes, verify_checksum: bool = False) -> Segment:
     _, ihl, src, dst = parse_ip(packet)
     if len(packet) - ihl < 20:
         raise MalformedSegment(f"tcp header truncated: {len(packet) - ihl} bytes")
-    sport, dport, seq, ack, offset, flags, window, csum, urgent = _TCP.unpack_from(packet, ihl)
+    sport, dport, seq, ack, offset, flags, window, csum, urgent = _TCP_UNPACK_FROM(packet, ihl)
     doff = (offset >> 4) * 4
     if doff < 20 or ihl + doff > len(packet):
         raise MalformedSegment(f"tcp data offset {doff} for {len(packet) - ihl} bytes")
@@ -147,13 +152,13 @@ def serialize_segment(seg: Segment) -> bytes:
     if not seg.kernel_checksum:
         # The pseudo-header (addresses, protocol, length), the header's 16-bit words (checksum 0),
         # the options and the payload, each 16-bit aligned, summed mod 0xFFFF (RFC 9293 §3.1).
-        total = (int.from_bytes(seg.src + seg.dst, "big") + IPPROTO_TCP + tcp_len
+        total = (_FROM_BYTES(seg.src + seg.dst, "big") + IPPROTO_TCP + tcp_len
                  + seg.sport + seg.dport + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16) + (ack & 0xFFFF)
-                 + ((offset << 8) | seg.flags) + seg.window + seg.urgent + int.from_bytes(options, "big"))
+                 + ((offset << 8) | seg.flags) + seg.window + seg.urgent + _FROM_BYTES(options, "big"))
         if payload:
             total += ones_sum(payload)
         csum = ~(total % 0xFFFF or 0xFFFF) & 0xFFFF
-    header = _TCP.pack(seg.sport, seg.dport, seq, ack, offset, seg.flags, seg.window, csum, seg.urgent)
+    header = _TCP_PACK(seg.sport, seg.dport, seq, ack, offset, seg.flags, seg.window, csum, seg.urgent)
     return b"".join((ip, header, options, payload))
 
 
