@@ -61,11 +61,21 @@ def test_fold_equals_reference_every_length_to_300(kind: type) -> None:
         for data in (random_bytes(n, rng), b"\xff" * n, bytes(n)):
             expected = reference_fold(data)
             assert checksum_fold(kind(data)) == expected, (n, data.hex())
-            assert ones_sum(kind(data)) % 0xFFFF == expected % 0xFFFF
+            assert ones_sum(data) == expected % 0xFFFF
+
+
+def test_sum_from_an_offset() -> None:
+    """`ones_sum(data, start)` is the sum of `data[start:]`, across the sizes of its pieces."""
+    rng = random.Random(1624)
+    for n in (0, 1, 2, 39, 40, 41, 512, 513, 600, 1460, 1461, 4096, 4097, 5000, 16384, 16385, 20001, 65535):
+        data = random_bytes(n, rng)
+        for start in {0, 1, 2, 8, 12, 20, 40, n // 2, max(n - 1, 0), n}:
+            if start <= n:
+                assert ones_sum(data, start) == reference_fold(data[start:]) % 0xFFFF, (n, start)
 
 
 @pytest.mark.parametrize(
-    "n", [4095, 4096, 4097, 4098, 8191, 8192, 8193, 9000, 9001, 12289, 32767, 65534, 65535]
+    "n", [511, 512, 513, 514, 767, 4095, 4096, 4097, 4098, 8191, 8193, 9001, 16384, 16385, 16386, 32767, 65534, 65535]
 )
 def test_fold_equals_reference_large_buffers(n: int) -> None:
     """Across the chunk boundaries of the summing, odd and even, up to an IP packet's most."""

@@ -130,8 +130,8 @@ def _segment_sum(packet: bytes, ihl: int, src: bytes, dst: bytes) -> int:
     tcp_len = len(packet) - ihl
     at = 12 if ihl == 20 else 8 if packet[0] >> 4 == 6 else -1
     if at < 0:
-        return (pseudo_header_sum(src, dst, tcp_len) + ones_sum(memoryview(packet)[ihl:])) % 0xFFFF
-    return (ones_sum(memoryview(packet)[at:]) + IPPROTO_TCP + tcp_len) % 0xFFFF
+        return (pseudo_header_sum(src, dst, tcp_len) + ones_sum(packet, ihl)) % 0xFFFF
+    return (ones_sum(packet, at) + IPPROTO_TCP + tcp_len) % 0xFFFF
 
 
 def serialize_segment(seg: Segment) -> bytes:
