@@ -19,10 +19,15 @@ from ..constants import (
     TCPOPT_WSCALE,
 )
 from ..errors import MalformedSegment
-from .ip import IPPROTO_TCP, checksum_fold, mod_ffff, new_ip_header, parse_ip, pseudo_header_sum, serialize_ip_header
+from .ip import IPPROTO_TCP, new_ip_header, ones_sum, parse_ip, pseudo_header_sum, serialize_ip_header
 
 _TCP: Final = struct.Struct("!HHIIBBHHH")
 _V4_TCP: Final = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")  # an option-less IPv4 header and the TCP header
+# Bound once (compiled: no method lookup per call, see ip._FROM_BYTES).
+_TCP_PACK: Final = _TCP.pack
+_TCP_UNPACK_FROM: Final = _TCP.unpack_from
+_V4_TCP_UNPACK_FROM: Final = _V4_TCP.unpack_from
+_FROM_BYTES: Final = int.from_bytes
 _LINUX_TS: Final = bytes((TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10))
 _NOP: Final = bytes((TCPOPT_NOP,))
 
@@ -88,7 +93,7 @@ def parse_segment(packet: bytes, verify_checksum: bool = False) -> Segment:
     if len(packet) >= 40 and packet[0] == 0x45:
         # The usual packet: IPv4 without options, both headers in one unpack; parse_ip's checks.
         (_, _, total, _, frag, _, proto, _, src, dst, sport, dport, seq, ack, offset, flags, window, _,
-         urgent) = _V4_TCP.unpack_from(packet)
+         urgent) = _V4_TCP_UNPACK_FROM(packet)
         if total != len(packet) or frag & 0x3FFF or proto != IPPROTO_TCP:
             parse_ip(packet)  # raises with the reason
         doff = (offset >> 4) * 4
@@ -103,7 +108,7 @@ def parse_segment(packet: bytes, verify_checksum: bool = False) -> Segment:
     _, ihl, src, dst = parse_ip(packet)
     if len(packet) - ihl < 20:
         raise MalformedSegment(f"tcp header truncated: {len(packet) - ihl} bytes")
-    sport, dport, seq, ack, offset, flags, window, csum, urgent = _TCP.unpack_from(packet, ihl)
+    sport, dport, seq, ack, offset, flags, window, csum, urgent = _TCP_UNPACK_FROM(packet, ihl)
     doff = (offset >> 4) * 4
     if doff < 20 or ihl + doff > len(packet):
         raise MalformedSegment(f"tcp data offset {doff} for {len(packet) - ihl} bytes")
@@ -120,13 +125,13 @@ def parse_segment(packet: bytes, verify_checksum: bool = False) -> Segment:
 def _segment_sum(packet: bytes, ihl: int, src: bytes, dst: bytes) -> int:
     """The TCP checksum sum of a whole packet with its pseudo-header, mod 0xFFFF: 0 when the
     checksum is right (RFC 1071, RFC 9293 §3.1). In an option-less IPv4 header and in IPv6 the
-    addresses sit right before the TCP header, so one fold from the source address covers both."""
+    addresses sit right before the TCP header, so one sum from the source address covers both
+    (an IPv4 header with options has them between: its pseudo-header is summed apart)."""
     tcp_len = len(packet) - ihl
-    at = 12 if ihl == 20 else 8 if ihl == 40 else -1
+    at = 12 if ihl == 20 else 8 if packet[0] >> 4 == 6 else -1
     if at < 0:
-        return (pseudo_header_sum(src, dst, tcp_len) + checksum_fold(memoryview(packet)[ihl:])) % 0xFFFF
-    body = memoryview(packet)[at:] if not tcp_len & 1 else packet[at:] + b"\x00"
-    return (mod_ffff(int.from_bytes(body, "big"), len(body)) + IPPROTO_TCP + tcp_len) % 0xFFFF
+        return (pseudo_header_sum(src, dst, tcp_len) + ones_sum(packet, ihl)) % 0xFFFF
+    return (ones_sum(packet, at) + IPPROTO_TCP + tcp_len) % 0xFFFF
 
 
 def serialize_segment(seg: Segment) -> bytes:
@@ -147,14 +152,13 @@ def serialize_segment(seg: Segment) -> bytes:
     if not seg.kernel_checksum:
         # The pseudo-header (addresses, protocol, length), the header's 16-bit words (checksum 0),
         # the options and the payload, each 16-bit aligned, summed mod 0xFFFF (RFC 9293 §3.1).
-        total = (int.from_bytes(seg.src + seg.dst, "big") + IPPROTO_TCP + tcp_len
+        total = (_FROM_BYTES(seg.src + seg.dst, "big") + IPPROTO_TCP + tcp_len
                  + seg.sport + seg.dport + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16) + (ack & 0xFFFF)
-                 + ((offset << 8) | seg.flags) + seg.window + seg.urgent + int.from_bytes(options, "big"))
+                 + ((offset << 8) | seg.flags) + seg.window + seg.urgent + _FROM_BYTES(options, "big"))
         if payload:
-            padded = payload + b"\x00" if len(payload) & 1 else payload  # the packet keeps its length
-            total += mod_ffff(int.from_bytes(padded, "big"), len(padded))
+            total += ones_sum(payload)
         csum = ~(total % 0xFFFF or 0xFFFF) & 0xFFFF
-    header = _TCP.pack(seg.sport, seg.dport, seq, ack, offset, seg.flags, seg.window, csum, seg.urgent)
+    header = _TCP_PACK(seg.sport, seg.dport, seq, ack, offset, seg.flags, seg.window, csum, seg.urgent)
     return b"".join((ip, header, options, payload))
 
 
