@@ -76,7 +76,7 @@ def test_fast_paths_change_nothing(seed: int, channel: dict[str, float], gso: in
 
 @pytest.mark.parametrize("size", [0, 1, 2, 51, 1448, 9001, 65535, 65536, 70_001])
 def test_checksum_fold_of_big_and_small_buffers(size: int) -> None:
-    """Above 8 KiB the fold adds halves first (ip.mod_ffff); the sum is the same (RFC 1071)."""
+    """The fold sums a big buffer in pieces (ip.ones_sum); the sum is the same (RFC 1071)."""
     for data in (os.urandom(size), b"\xff" * size, bytes(size)):
         padded = data + b"\x00" * (size & 1)
         assert checksum_fold(data) == (int.from_bytes(padded, "big") % 0xFFFF or 0xFFFF)
