@@ -20,6 +20,7 @@ from .session import Session, State
 from .tombstones import Tombstone, Tombstones
 from .verdict import ACCEPT, ACCEPT_ENCRYPTED, DROP, UNKNOWN, Action, Injection, PacketInfo, Verdict
 from .wire.icmp import parse_icmp_error
+from .wire.ip import tcp_ports_of
 from .wire.tcp import Segment, new_segment, parse_segment, serialize_segment
 
 logger = logging.getLogger(__name__)
@@ -92,9 +93,7 @@ class Engine:
             # What the kernel verified, or will fill in itself, needs no second look.
             seg = parse_segment(packet, verify_checksum=inbound and not info.checksum_trusted)
         except MalformedSegment as exc:
-            counters["malformed"] += 1
-            logger.debug("passing a packet the codec rejects: %s", exc)
-            return ACCEPT
+            return self._malformed(packet, inbound, encrypted, now, exc)
         if info.gso:
             counters["super_packets"] += 1
             seg.gso = True
@@ -131,6 +130,33 @@ class Engine:
         if not verdict.encrypted and session.tx.send is not None and verdict.action is Action.ACCEPT:
             return ACCEPT_ENCRYPTED if verdict.packet is None else Verdict(Action.ACCEPT, verdict.packet, True)
         return verdict
+
+    def _malformed(self, packet: bytes, inbound: bool, encrypted: bool, now: float, exc: MalformedSegment) -> Verdict:
+        """A packet the codecs refuse. Of a connection that is (or was) encrypted it is dropped:
+        passed on, its payload would reach the stack untranslated, and a host's stack takes what
+        our codecs refuse (IPv6 extension headers, a TCP option whose length overruns, RFC 9293
+        §3.1 leaves such options to the receiver), so an on-path attacker could deliver plaintext
+        of their own, or our stack's bytes leave unencrypted (README: Security model). Of any
+        other connection it passes untouched (counted): a peer without TCP-ENO keeps working."""
+        counters = self.counters
+        counters["malformed"] += 1
+        found = tcp_ports_of(packet)
+        if encrypted or (found is not None and self._was_encrypted(found, inbound, now)):
+            counters["malformed_dropped"] += 1
+            logger.debug("dropping a packet of an encrypted connection the codec rejects: %s", exc)
+            return DROP
+        logger.debug("passing a packet the codec rejects: %s", exc)
+        return ACCEPT
+
+    def _was_encrypted(self, found: tuple[bytes, int, bytes, int], inbound: bool, now: float) -> bool:
+        """Whether the connection of a packet's (src, sport, dst, dport) negotiated encryption: its
+        session translates or ended so, or a tombstone remembers it."""
+        src, sport, dst, dport = found
+        flow = FlowKey(dst, dport, src, sport) if inbound else FlowKey(src, sport, dst, dport)
+        session = self._sessions.get(flow)
+        if session is None:
+            return self.tombstones.get(flow, now) is not None
+        return session.is_translating or session.state is State.ABORTED or session.state is State.REFUSED
 
     def _fault(self, key: tuple[bytes, int, bytes, int], now: float) -> None:
         """A fault of ours halfway through a packet (a bug) may leave a session's byte spaces out of

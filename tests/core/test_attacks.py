@@ -45,6 +45,31 @@ def _forge(pair: Pair, flags: int, seq: int, ack: int = 0, payload: bytes = b"",
     return delivered
 
 
+def test_a_packet_the_codec_refuses_never_passes_on_an_encrypted_connection():
+    """A packet our codecs refuse but a host's stack may take (an IPv6 extension header before
+    TCP, RFC 8200 §4): on an encrypted connection (its session, or conntrack's mark) it is dropped,
+    never passed on with its payload untranslated (README: Security model); on a connection we
+    know nothing of it passes untouched. Here the refusal is a corrupted checksum."""
+    pair = _live()
+    last = _last_wire(pair, A_IP)
+    seg = new_segment(A_IP, B_IP, pair.a.port, pair.b.port, last.seq, last.ack, TCP_ACK | TCP_PSH, 1000, b"",
+                      b"forged plaintext")
+    packet = bytearray(serialize_segment(seg))
+    packet[-1] ^= 1
+    verdict = pair.engine_b.process(bytes(packet), Direction.INBOUND, pair.now)
+    counters = pair.engine_b.counters
+    assert verdict.action is Action.DROP and counters["malformed_dropped"] == counters["malformed"] == 1
+
+    stranger = new_segment(A_IP, B_IP, 50000, 80, 1, 0, TCP_ACK, 1000, b"", b"plain")
+    packet = bytearray(serialize_segment(stranger))
+    packet[-1] ^= 1
+    verdict = pair.engine_b.process(bytes(packet), Direction.INBOUND, pair.now)
+    assert verdict.action is Action.ACCEPT and verdict.packet is None
+    assert counters["malformed"] == 2 and counters["malformed_dropped"] == 1
+    verdict = pair.engine_b.process(bytes(packet), Direction.INBOUND, pair.now, encrypted=True)
+    assert verdict.action is Action.DROP and counters["malformed_dropped"] == 2
+
+
 def _b_plaintext_on_wire(pair: Pair, secret: bytes) -> bool:
     return any(secret in parse_segment(p).payload for p in pair.wire if parse_segment(p).src == B_IP)
 

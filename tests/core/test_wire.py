@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from nfq_tcpcrypt.core.constants import Aead, Tep
 from nfq_tcpcrypt.core.errors import MalformedSegment
 from nfq_tcpcrypt.core.wire.eno import EnoOption, TepSuboption, parse_eno, serialize_eno
+from nfq_tcpcrypt.core.wire.ip import tcp_ports_of
 from nfq_tcpcrypt.core.wire.tcp import (
     new_segment,
     parse_options,
@@ -137,3 +140,27 @@ def test_with_sack_keeps_the_first_blocks_that_fit_the_limit():
     one = with_sack(ts, blocks, limit=24)  # 10 + 2 + 8 = 20 -> 20
     assert len(one) == 20 and sack_pairs(one[one.index(5) :]) == blocks[:1]
     assert with_sack(ts, blocks, limit=12) == with_sack(ts, [])  # no room: no SACK option at all
+
+
+def _v6(next_header: int, extensions: bytes, ports: bytes = b"\x9c\x40\x00\x50") -> bytes:
+    body = extensions + ports + bytes(16)
+    return bytes([0x60, 0, 0, 0]) + struct.pack("!HBB", len(body), next_header, 64) + bytes(range(32)) + body
+
+
+def test_tcp_ports_of_packets_the_codec_refuses():
+    """The 4-tuple of a TCP packet `parse_ip` refuses, where a host's stack would still find TCP:
+    past IPv6 extension headers (RFC 8200 §4), in a first fragment; none past the first."""
+    ports = (bytes(range(16)), 40000, bytes(range(16, 32)), 80)
+    hop = bytes([60, 0]) + bytes(6)  # hop-by-hop, next: destination options, 8 bytes
+    dest = bytes([6, 1]) + bytes(14)  # destination options, next: TCP, 16 bytes
+    assert tcp_ports_of(_v6(0, hop + dest)) == ports
+    first = bytes([6, 0, 0, 1]) + bytes(4)  # fragment header, offset 0, more fragments
+    assert tcp_ports_of(_v6(44, first)) == ports
+    assert tcp_ports_of(_v6(44, bytes([6, 0, 0, 0x08]) + bytes(4))) is None  # offset 1: no TCP header
+    ah = bytes([6, 1]) + bytes(10)  # authentication header, (1 + 2) * 4 = 12 bytes
+    assert tcp_ports_of(_v6(51, ah)) == ports
+    assert tcp_ports_of(_v6(17, b"")) is None  # UDP
+    assert tcp_ports_of(_v6(60, bytes([6, 200]) + bytes(6))) is None  # claims more than there is
+    v4 = bytes([0x46, 0, 0, 44, 0, 0, 0x20, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]) + bytes(4)
+    assert tcp_ports_of(v4 + b"\x9c\x40\x00\x50" + bytes(16)) == (bytes([10, 0, 0, 1]), 40000, bytes([10, 0, 0, 2]), 80)
+    assert tcp_ports_of(v4[:6] + b"\x00\x10" + v4[8:] + b"\x9c\x40\x00\x50") is None  # not the first fragment

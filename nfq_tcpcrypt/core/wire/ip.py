@@ -79,6 +79,50 @@ def parse_ip(packet: bytes) -> tuple[int, int, bytes, bytes]:
     raise MalformedSegment(f"ip version {version}")
 
 
+_V6_EXTENSIONS: Final = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options (RFC 8200 §4)
+
+
+def tcp_ports_of(packet: bytes) -> tuple[bytes, int, bytes, int] | None:
+    """(src, sport, dst, dport) of a TCP packet `parse_ip` or the TCP codec refuses, where they can
+    be found at all: an IPv4 header whatever its length fields say, an IPv6 header past the
+    extension headers a host's stack skips (RFC 8200 §4). None when the packet carries no TCP
+    ports we can read (a fragment past the first, another protocol, a truncated header)."""
+    n = len(packet)
+    if n < 20:
+        return None
+    version = packet[0] >> 4
+    if version == 4:
+        offset = (packet[0] & 0x0F) * 4
+        if packet[9] != IPPROTO_TCP or offset < 20 or struct.unpack_from("!H", packet, 6)[0] & 0x1FFF:
+            return None
+        src, dst = packet[12:16], packet[16:20]
+    elif version == 6 and n >= _V6_HEADER_LEN:
+        nxt, offset = packet[6], _V6_HEADER_LEN
+        for _ in range(8):
+            if nxt == IPPROTO_TCP:
+                break
+            if nxt == 44:  # fragment header (RFC 8200 §4.5): ports only in the first fragment
+                if offset + 8 > n or struct.unpack_from("!H", packet, offset + 2)[0] & 0xFFF8:
+                    return None
+                nxt, offset = packet[offset], offset + 8
+            elif nxt in _V6_EXTENSIONS or nxt == 51:  # 51: authentication header, 4-byte units
+                if offset + 2 > n:
+                    return None
+                nxt, offset = packet[offset], offset + ((packet[offset + 1] + 2) * 4 if nxt == 51
+                                                         else (packet[offset + 1] + 1) * 8)
+            else:
+                return None
+        if nxt != IPPROTO_TCP:
+            return None
+        src, dst = packet[8:24], packet[24:40]
+    else:
+        return None
+    if offset + 4 > n:
+        return None
+    sport, dport = struct.unpack_from("!HH", packet, offset)
+    return src, sport, dst, dport
+
+
 def pseudo_header_sum(src: bytes, dst: bytes, length: int, proto: int = IPPROTO_TCP) -> int:
     """Sum of the upper-layer pseudo-header (RFC 9293 §3.1, RFC 8200 §8.1), not yet folded.
 
