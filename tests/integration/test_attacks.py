@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, PadN
 from scapy.utils import PcapReader, RawPcapReader
 
 from nfq_tcpcrypt.lab.net import (
@@ -45,7 +46,7 @@ CHAT = r"""
 import select, socket, sys
 role, addr, port, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 if role == "server":
-    ls = socket.socket()
+    ls = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind((addr, port))
     ls.listen(1)
@@ -81,10 +82,14 @@ for line in sys.stdin:
 # Sends raw IP packets (hex, crafted by the test with scapy) from the namespace it runs in.
 SEND_RAW = r"""
 import socket, sys
-sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+v4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+v6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)  # header included (raw(7))
 for text in sys.argv[1:]:
     packet = bytes.fromhex(text)
-    sock.sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
+    if packet[0] >> 4 == 6:
+        v6.sendto(packet, (socket.inet_ntop(socket.AF_INET6, packet[24:40]), 0))
+    else:
+        v4.sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
 """
 
 
@@ -129,22 +134,25 @@ class Chat:
         return self.out.read_bytes() if self.out.exists() else b""
 
 
-def _daemons(topo: Topology, tmp_path: Path, config: dict[str, str] | None = None) -> dict[str, Daemon]:
+def _daemons(
+    topo: Topology, tmp_path: Path, config: dict[str, str] | None = None, ipv6: bool = False
+) -> dict[str, Daemon]:
     daemons = {}
     for side in ("a", "b"):
-        extra: list[str] = []
+        extra: list[str] = ["--ipv6"] if ipv6 else []
         if config and side in config:
             path = tmp_path / f"{side}.toml"
             path.write_text(config[side])
-            extra = ["--config", str(path)]
+            extra += ["--config", str(path)]
         daemons[side] = start_daemon(topo, side, tmp_path, extra)
     return daemons
 
 
-def _connect(topo: Topology, tmp_path: Path) -> tuple[Chat, Chat, int]:
-    server = Chat(topo, "b", "server", topo.addresses["b"], tmp_path / "server.bin")
+def _connect(topo: Topology, tmp_path: Path, ipv6: bool = False) -> tuple[Chat, Chat, int]:
+    address = (topo.addresses6 if ipv6 else topo.addresses)["b"]
+    server = Chat(topo, "b", "server", address, tmp_path / "server.bin")
     assert server.line() == "listening"
-    client = Chat(topo, "a", "client", topo.addresses["b"], tmp_path / "client.bin")
+    client = Chat(topo, "a", "client", address, tmp_path / "client.bin")
     port = int(client.line().split()[1])
     assert server.line().startswith("connected")
     return client, server, port
@@ -248,6 +256,48 @@ def test_forged_syn_and_rst_on_a_live_encrypted_connection(routed_attack: Topolo
     challenge = [p for p in _packets(pcap) if TCP in p and p[IP].src == b_ip and p[TCP].flags == "A"]
     assert challenge, "no challenge ACK from b"
     assert counters.get("rewritten", 0) > 0
+    for daemon in daemons.values():
+        assert daemon.stop() == 0
+
+
+@pytest.mark.timeout(180)
+def test_plaintext_behind_an_ipv6_extension_header(routed_attack: Topology, tmp_path: Path) -> None:
+    """From r, plaintext in a's name at exactly the sequence and acknowledgment numbers b's stack
+    expects next, behind a destination-options header (RFC 8200 §4.6): b's stack skips that
+    header and would take the bytes, our codecs refuse the packet. It never reaches b's
+    application, and the connection carries on encrypted and whole. b's daemon drops it itself
+    (`malformed_dropped`); the rules' conntrack check would drop it too once passed on unmarked."""
+    topo = routed_attack
+    daemons = _daemons(topo, tmp_path, ipv6=True)
+    pcap = tmp_path / "r.pcap"
+    a_ip, b_ip = topo.addresses6["a"], topo.addresses6["b"]
+    chunks = [secrets.token_bytes(3000) for _ in range(2)]
+    with capture(topo, "r", pcap, ifname="veth-rb"):
+        client, server, cport = _connect(topo, tmp_path, ipv6=True)
+        assert client.do("send " + chunks[0].hex()) == "sent"
+        assert server.do(f"wait {len(chunks[0])}").startswith("got")
+        time.sleep(0.5)
+        seen = [p[TCP] for p in _packets(pcap) if IPv6 in p and TCP in p]
+        syn = next(t for t in seen if t.sport == cport and t.flags.S and not t.flags.A)
+        synack = next(t for t in seen if t.dport == cport and t.flags.S and t.flags.A)
+        stamp = [o for o in [t for t in seen if t.sport == cport][-1].options if o[0] == "Timestamp"]
+        # Sequence numbers in b's stack's byte space: the attacker knows how much a's application
+        # sent (b has sent nothing): no translation would be needed for these to be taken.
+        forged = (IPv6(src=a_ip, dst=b_ip) / IPv6ExtHdrDestOpt(options=[PadN(optdata=b"\0" * 4)])
+                  / TCP(sport=cport, dport=PORT, flags="PA", seq=(syn.seq + 1 + len(chunks[0])) & MASK,
+                        ack=(synack.seq + 1) & MASK, window=65535, options=stamp) / b"FORGED-PLAINTEXT")  # fmt: skip
+        _send_raw(topo, [forged])
+        time.sleep(1.0)
+        assert client.do("send " + chunks[1].hex()) == "sent"
+        assert server.do(f"wait {len(chunks[0]) + len(chunks[1])}").startswith("got")
+        counters = daemons["b"].counters()
+        after = _session(daemons["b"], PORT)
+        got_client, got_server = client.close(), server.close()
+    assert got_server == chunks[0] + chunks[1] and got_client == b""
+    assert after["state"] == "encrypting"
+    assert counters.get("malformed_dropped", 0) >= 1, counters
+    report = analyze(pcap, a_ip, b_ip, PORT, {f"secret{i}": c for i, c in enumerate(chunks)})
+    assert report.leaks == {}, f"plaintext on the wire: {report.leaks}"
     for daemon in daemons.values():
         assert daemon.stop() == 0
 
