@@ -133,11 +133,11 @@ class Engine:
 
     def _malformed(self, packet: bytes, inbound: bool, encrypted: bool, now: float, exc: MalformedSegment) -> Verdict:
         """A packet the codecs refuse. Of a connection that is (or was) encrypted it is dropped:
-        passed on, its payload would reach the stack untranslated, and a host's stack takes what
-        our codecs refuse (IPv6 extension headers, a TCP option whose length overruns, RFC 9293
-        §3.1 leaves such options to the receiver), so an on-path attacker could deliver plaintext
-        of their own, or our stack's bytes leave unencrypted (README: Security model). Of any
-        other connection it passes untouched (counted): a peer without TCP-ENO keeps working."""
+        passed on, its payload would reach the stack untranslated, and a host's stack takes some of
+        what our codecs refuse (an IPv6 extension header before TCP, RFC 8200 §4), so an on-path
+        attacker could deliver plaintext of their own, or our stack's bytes leave unencrypted
+        (README: Security model). Of any other connection it passes untouched (counted): a peer
+        without TCP-ENO keeps working."""
         counters = self.counters
         counters["malformed"] += 1
         found = tcp_ports_of(packet)
