@@ -154,6 +154,7 @@ def test_tcp_ports_of_packets_the_codec_refuses():
     hop = bytes([60, 0]) + bytes(6)  # hop-by-hop, next: destination options, 8 bytes
     dest = bytes([6, 1]) + bytes(14)  # destination options, next: TCP, 16 bytes
     assert tcp_ports_of(_v6(0, hop + dest)) == ports
+    assert tcp_ports_of(_v6(60, (bytes([60, 0]) + bytes(6)) * 41 + dest)) == ports  # a stack skips them all
     first = bytes([6, 0, 0, 1]) + bytes(4)  # fragment header, offset 0, more fragments
     assert tcp_ports_of(_v6(44, first)) == ports
     assert tcp_ports_of(_v6(44, bytes([6, 0, 0, 0x08]) + bytes(4))) is None  # offset 1: no TCP header

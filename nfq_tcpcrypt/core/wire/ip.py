@@ -98,9 +98,7 @@ def tcp_ports_of(packet: bytes) -> tuple[bytes, int, bytes, int] | None:
         src, dst = packet[12:16], packet[16:20]
     elif version == 6 and n >= _V6_HEADER_LEN:
         nxt, offset = packet[6], _V6_HEADER_LEN
-        for _ in range(8):
-            if nxt == IPPROTO_TCP:
-                break
+        while nxt != IPPROTO_TCP:  # however many headers a stack would skip: each is 8 bytes or more
             if nxt == 44:  # fragment header (RFC 8200 §4.5): ports only in the first fragment
                 if offset + 8 > n or struct.unpack_from("!H", packet, offset + 2)[0] & 0xFFF8:
                     return None
@@ -112,8 +110,6 @@ def tcp_ports_of(packet: bytes) -> tuple[bytes, int, bytes, int] | None:
                                                          else (packet[offset + 1] + 1) * 8)
             else:
                 return None
-        if nxt != IPPROTO_TCP:
-            return None
         src, dst = packet[8:24], packet[24:40]
     else:
         return None
