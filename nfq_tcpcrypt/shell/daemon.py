@@ -14,7 +14,6 @@ are unbound so that no packet waits on a queue nobody reads.
 from __future__ import annotations
 
 import contextlib
-import gc
 import ipaddress
 import logging
 import os
@@ -26,6 +25,7 @@ from typing import Any
 from ..core.engine import Engine
 from ..core.errors import ConfigError
 from . import metrics, nfq, rules, settings
+from .collector import Collector
 from .control import CommandError, ControlServer
 from .freshness import Freshness
 from .inject import Injector
@@ -230,9 +230,7 @@ def run_daemon(options: DaemonOptions) -> int:
         loop.control = control
         logger.info("control socket %s ready", options.control)
         if signals.received is None:
-            # What start-up made lives as long as the daemon: out of the collector's passes, which
-            # otherwise walk it again and again (docs/benchmarks.md: Compiled with mypyc).
-            gc.freeze()
+            loop.collector = Collector()
             signum = loop.run()
         else:
             signum = signals.received

@@ -5,7 +5,8 @@ not `selectors`: its per-wakeup Python is a cost of every lone packet); the wait
 engine's next deadline. `time.monotonic()` is read once per wakeup and handed to the engine as
 `now` (docs/architecture.md: Layers). At each wakeup, before any packet, the freshness watchers run (a suspend seen on
 the clocks, a new-VM-generation uevent): they flush the resumption cache (freshness.py). SIGINT and
-SIGTERM only set a flag; the loop then returns and the caller's cleanup runs.
+SIGTERM only set a flag; the loop then returns and the caller's cleanup runs. Reference cycles are
+collected while no packet waits (collector.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from netfilterqueue import NetfilterQueue
 from ..core.events import Event
 from ..core.flow import Direction
 from ..core.verdict import UNKNOWN, Injection, PacketInfo, Verdict
+from .collector import Collector
 from .control import ControlServer
 from .freshness import Freshness
 from .metrics import OBSERVED, EventStats
@@ -133,12 +135,14 @@ class EventLoop:
         self.stats = EventStats()
         self.periodic: tuple[float, Callable[[], None]] | None = None
         """(interval, callback): run on the loop thread every `interval` seconds (the metrics file)."""
+        self.collector: Collector | None = None
+        """Collects reference cycles while no packet waits (collector.py); None: CPython's own collector."""
         self._poller: select.epoll | None = None
         self._handlers: dict[int, tuple[str, Any]] = {}
         self._watch: Callable[..., None] = lambda fd, kind, arg=None: None
         self._later: list[Injection] = []
         """Injections that follow the verdict of the packet being handled (its own direction)."""
-        self.queues = QueuePair(queue_num, self._process, self.counters, self._flush, queue_factory,
+        self.queues = QueuePair(queue_num, self._process, self.counters, self._inject, queue_factory,
                                 self._inject_first)  # fmt: skip
 
     def _process(self, packet: bytes, direction: Direction, encrypted: bool, info: PacketInfo) -> Verdict:
@@ -150,7 +154,7 @@ class EventLoop:
 
     def _inject_first(self, direction: Direction) -> None:
         """Between a packet's engine step and its verdict: what the step injects the other way goes
-        now, what it injects the packet's own way waits for the verdict (`_flush`).
+        now, what it injects the packet's own way waits for the verdict (`_inject`).
 
         The two ways are separate paths (toward the wire, toward our stack), so only the order
         within one way matters. On a connection's critical path this sends e.g. B's Init2 before
@@ -175,13 +179,18 @@ class EventLoop:
                 flushed = injection.direction
             self.injector.send(injection.packet, injection.direction)
 
-    def _flush(self) -> None:
-        """Inject what the engine produced (after the verdicts held so far) and log its events."""
+    def _inject(self) -> None:
+        """Inject what the engine produced, after the verdicts held so far (after each verdict)."""
         injections = self.engine.segments_to_inject()
         if self._later:
             injections, self._later = self._later + injections, []
         if injections:
             self._send(injections)
+
+    def _flush(self) -> None:
+        """Inject what the engine produced and log its events (once per wakeup: the events wait in
+        the engine until then, at most a drain budget's worth, and no packet's path pays the call)."""
+        self._inject()
         while (event := self.engine.next_event()) is not None:
             _log_event(event)
             if isinstance(event, OBSERVED):  # the others would cost an interpreted call for nothing
@@ -197,6 +206,8 @@ class EventLoop:
         out.update({f"shell.queue_{name}": value for name, value in self.queues.backend_counters().items()})
         if self.freshness is not None:
             out.update({f"shell.{name}": value for name, value in self.freshness.counters.items()})
+        if self.collector is not None:
+            out.update({f"shell.{name}": value for name, value in self.collector.counters.items()})
         num = self.queues.queue_num
         out.update(kernel_queue_stats((num, num + 1)))
         out.update(self.stats.counters)
@@ -215,6 +226,9 @@ class EventLoop:
             poller.register(fd, select.EPOLLIN)
             handlers[fd] = (kind, arg)
 
+        collector = self.collector
+        if collector is not None:
+            collector.start(time.monotonic())
         try:
             for fd, direction in self.queues.fds().items():
                 watch(fd, "queue", direction)
@@ -236,13 +250,19 @@ class EventLoop:
                     deadline = next_periodic if deadline is None else min(deadline, next_periodic)
                 timeout = -1.0 if deadline is None else max(0.0, deadline - monotonic())
                 ready = None
-                if timeout != 0.0 and engine.prepare_wanted(self.now):
-                    # Work ahead of need (ephemeral keys, Engine.prepare), only while no packet waits.
-                    ready = poll(0)
-                    if not ready:
-                        engine.prepare(self.now)
-                        timer = engine.get_timer()
-                        continue
+                if timeout != 0.0:
+                    # The idle point: work ahead of need (ephemeral keys, Engine.prepare), then the
+                    # cycle collector (collector.py), one piece at a time, only while no packet waits.
+                    wanted = engine.prepare_wanted(self.now)
+                    if wanted or (collector is not None and collector.due(self.now)):
+                        ready = poll(0)
+                        if not ready:
+                            if wanted:
+                                engine.prepare(self.now)
+                                timer = engine.get_timer()
+                            elif collector is not None:
+                                collector.collect(self.now)
+                            continue
                 if ready is None:
                     ready = poll(timeout)
                 self.now = monotonic()
@@ -267,6 +287,8 @@ class EventLoop:
                 self._flush()
         finally:
             poller.close()
+            if collector is not None:
+                collector.stop()
         return self.signals.received
 
     def _dispatch(self, kind: str, arg: Any) -> None:

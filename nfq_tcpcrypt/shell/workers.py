@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
 import json
 import logging
 import os
@@ -49,6 +48,7 @@ from ..core.errors import ConfigError
 from ..core.kex import KeyPool
 from ..core.resumption import Resumable, ResumptionCache
 from . import metrics, rules, settings
+from .collector import Collector
 from .control import CommandError, ControlServer
 from .daemon import _peer, control_commands, install_rules, make_reload, metrics_writer, queue_binding
 from .freshness import Freshness
@@ -184,7 +184,7 @@ def _worker_main(options: DaemonOptions, index: int, sock: socket.socket) -> int
         stack.callback(control.close)
         loop.control = control
         sock.send(json.dumps({"op": "ready", "worker": index}).encode())
-        gc.freeze()  # as run_daemon does: start-up objects out of the collector's passes
+        loop.collector = Collector()  # as run_daemon's
         loop.run()
     return 0
 
