@@ -255,7 +255,11 @@ def _apply(pkt: Any, verdict: Verdict | None) -> None:
         pkt.drop()
         return
     if verdict.encrypted:
-        pkt.set_mark(pkt.get_mark() | ENCRYPTED_MARK)
+        # The rules mark an encrypted connection's outbound packets before they are queued: those
+        # keep their mark, and their verdict carries none (one attribute less for the kernel).
+        mark = pkt.mark if isinstance(pkt, FastPacket) else pkt.get_mark()
+        if not mark & ENCRYPTED_MARK:
+            pkt.set_mark(mark | ENCRYPTED_MARK)
     if verdict.packet is not None:
         try:
             pkt.set_payload(bytes(verdict.packet))

@@ -87,6 +87,7 @@ def test_a_cycle_made_on_the_packet_path_is_collected_once_no_packet_waits() -> 
         loop.close()
     finally:
         signals.close()
+    assert len(engine.cycles) == 3 and all(ref() is None for ref in engine.cycles)
     kinds = [kind for kind, _ in log]
     # Every packet first, the collection at the idle point after them, none by the automatic collector.
     assert kinds[:6] == ["process", "verdict"] * 3, kinds

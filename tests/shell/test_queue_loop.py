@@ -169,6 +169,27 @@ class TestQueuePair:
         pair.close()
 
 
+class MarkRecordingPacket(FakePacket):
+    def set_mark(self, mark: int) -> None:
+        self.log.append(("set_mark", mark))
+        super().set_mark(mark)
+
+
+@pytest.mark.parametrize("arrives_marked", [False, True])
+def test_encrypted_verdict_sets_the_mark_only_when_the_packet_lacks_it(arrives_marked: bool) -> None:
+    log: list[tuple[str, Any]] = []
+    pair, made, _ = make_pair(lambda *args: Verdict(Action.ACCEPT, PACKET[:-1] + b"\x09", encrypted=True))
+    packet = MarkRecordingPacket(PACKET, log)
+    packet.mark = 0x5 | (nfq.ENCRYPTED_MARK if arrives_marked else 0)
+    made[1].put(packet)
+    pair.drain(Direction.OUTBOUND)
+    assert packet.verdict == "accept" and packet.new_payload == PACKET[:-1] + b"\x09"
+    assert packet.mark == 0x5 | nfq.ENCRYPTED_MARK  # other bits kept
+    # An outbound packet of an encrypted connection comes marked (the rules): its verdict sets none.
+    assert [entry for entry in log if entry[0] == "set_mark"] == ([] if arrives_marked else [("set_mark", packet.mark)])
+    pair.close()
+
+
 class FakeInjector:
     def __init__(self, log: list[tuple[str, Any]]) -> None:
         self.log = log
