@@ -8,7 +8,11 @@ does the engine's work ahead of need), one generation per idle point, as CPython
 
 - the young generation once it holds `YOUNG` objects;
 - the middle one after `MIDDLE` young collections;
-- everything after `FULL_EVERY` seconds, when anything was promoted since the last full collection.
+- everything once `OLD` middle collections have promoted objects since the last full one, at most
+  every `FULL_EVERY` seconds and seldom enough that full collections take at most `FULL_SHARE` of
+  the time: a full collection walks every live object (dozens per session), so its interval grows
+  with the heap, as CPython's own rule (a quarter of the old generation new since the last one)
+  makes it grow.
 
 Garbage an outsider makes must not outlive its bound either when the loop is never idle (a flood):
 the automatic collector stays on with its young threshold raised to `BACKSTOP`, so it still runs,
@@ -22,14 +26,19 @@ objects awaiting a full collection exceed a quarter of those that survived the l
 from __future__ import annotations
 
 import gc
+import time
 from typing import Any, Final
 
 YOUNG: Final = 700
 """Objects in the young generation before the idle point collects it (CPython's default threshold)."""
 MIDDLE: Final = 10
 """Young collections before the idle point collects the middle generation (CPython's default)."""
+OLD: Final = 10
+"""Middle collections before a full one is due (CPython's default)."""
 FULL_EVERY: Final = 10.0
-"""Seconds between full collections at the idle point."""
+"""Seconds at least between full collections at the idle point."""
+FULL_SHARE: Final = 0.01
+"""The share of the time full collections may take: the next waits a hundred times the last one's length."""
 BACKSTOP: Final = 20_000
 """The automatic collector's young threshold while the loop collects at its idle point: it runs
 only when the idle point does not come (at most about this many young objects, a few MB)."""
@@ -41,7 +50,8 @@ class Collector:
     def __init__(self) -> None:
         self.counters: dict[str, int] = {"gc_young": 0, "gc_middle": 0, "gc_full": 0, "gc_backstop": 0}
         """Collections at the idle point per generation, and the automatic collector's (backstop)."""
-        self._full_at = 0.0
+        self._full_next = 0.0
+        """When the next full collection may run (the loop's clock)."""
         self._saved: tuple[int, int, int] | None = None
         self._ours = False
 
@@ -51,7 +61,7 @@ class Collector:
         self._saved = gc.get_threshold()
         gc.set_threshold(BACKSTOP, self._saved[1], self._saved[2])
         gc.callbacks.append(self._observe)
-        self._full_at = now
+        self._full_next = now + FULL_EVERY
 
     def stop(self) -> None:
         """Give the automatic collector its thresholds back, and unfreeze."""
@@ -69,8 +79,10 @@ class Collector:
         """At the idle point: the one collection due (module docstring); False when none was."""
         generation = self._generation(now)
         if generation == 2:
-            self._full_at = now
-            return self._run(2, "gc_full")
+            started = time.monotonic()
+            self._run(2, "gc_full")
+            self._full_next = now + max(FULL_EVERY, (time.monotonic() - started) / FULL_SHARE)
+            return True
         if generation == 1:
             return self._run(1, "gc_middle")
         if generation == 0:
@@ -80,7 +92,7 @@ class Collector:
     def _generation(self, now: float) -> int:
         """The oldest generation due for collection, -1 for none."""
         young, middle, old = gc.get_count()
-        if now - self._full_at >= FULL_EVERY and (old or middle or young >= YOUNG):
+        if old >= OLD and now >= self._full_next:
             return 2
         if middle >= MIDDLE:
             return 1

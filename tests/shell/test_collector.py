@@ -117,8 +117,8 @@ def test_a_cycle_in_the_old_generation_is_collected_by_the_timed_full_collection
     collector.start(0.0)
     try:
         holder = [_cycle()()]
-        gc.collect(1)
-        gc.collect(1)  # the cycle, still reachable, now sits in the old generation
+        for _ in range(collector_module.OLD):
+            gc.collect(1)  # the cycle, still reachable, now sits in the old generation
         ref = weakref.ref(holder.pop())
         assert ref() is not None  # now garbage, but only a full collection finds it
         while collector.collect(1.0):  # the young and middle generations, before the full one's time
@@ -128,6 +128,23 @@ def test_a_cycle_in_the_old_generation_is_collected_by_the_timed_full_collection
         assert collector.collect(collector_module.FULL_EVERY)
         assert ref() is None
         assert collector.counters["gc_full"] == 1
-        assert not collector.due(collector_module.FULL_EVERY + 1.0)  # its timer starts again
+        for _ in range(collector_module.OLD):
+            gc.collect(1)
+        # The next waits FULL_EVERY at least, longer after a long collection (FULL_SHARE).
+        assert collector._full_next >= collector_module.FULL_EVERY * 2
+        assert not collector.due(collector._full_next - 0.001)
+        assert collector.due(collector._full_next)
+    finally:
+        collector.stop()
+
+
+def test_no_full_collection_before_enough_was_promoted() -> None:
+    collector = Collector()
+    collector.start(0.0)
+    try:
+        gc.collect(1)
+        while collector.collect(collector_module.FULL_EVERY * 5):  # young and middle ones only
+            pass
+        assert collector.counters["gc_full"] == 0
     finally:
         collector.stop()
