@@ -1,4 +1,4 @@
-"""The cycle collector, run while no packet waits (README: Garbage collection).
+"""The cycle collector, run while no packet waits (README: Memory bounds).
 
 CPython's collector starts whenever tracked allocations outrun deallocations by its threshold (700),
 in the middle of whatever allocated: on the packet path, where a full collection of a daemon with
