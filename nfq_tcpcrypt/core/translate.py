@@ -147,6 +147,7 @@ class StreamTranslator:
         self.rekeys = 0  # generations we moved to (RFC 8548 §3.8)
         self.redelivered = 0  # plaintext our stack lost, handed to it again at once (its SACK/dup ACK)
         self.replayed = 0  # plaintext handed to our stack again by the replay timer
+        self.fast_data_out = 0  # segments new_data_out took (tests/core/test_fast_paths.py)
         # The largest payload plus options of a wire segment (RFC 6691): the peer's MSS option,
         # lowered by a too-big report (our own link's MTU shows up as one, sent by our kernel).
         self.wire_mss = 536
@@ -301,10 +302,63 @@ class StreamTranslator:
         seg.seq = to_seq(recv.plain_next if recv.local_ack else 0, recv.base)
         return Verdict(Action.ACCEPT, serialize_segment(seg), True)
 
+    def new_data_out(self, seg: Segment) -> Verdict | None:
+        """Our stack's usual data segment or FIN, once keys exist: the next plain bytes, all new,
+        timestamps or no options (RFC 7323 §3), framed as one frame that fits the segment it
+        leaves in (within the wire MSS, or a super-packet's room). translate_out's steps for it,
+        without option lists or the log's lookups; None, with nothing changed, for anything else
+        (a retransmission, SACK blocks to add or drop, the non-SYN ENO option due, a frame to
+        split or to rekey by volume, a path MTU report, a peer's SACK blocks that may ask for a
+        frame's holes)."""
+        raw = seg.options
+        flags = seg.flags
+        n = len(seg.payload)
+        send, recv = self.send, self.recv
+        if ((not n and not flags & TCP_FIN) or not flags & TCP_ACK or not usual_options(raw) or self.need_nonsyn_eno
+                or self.pmtu is not None or send is None or recv is None):
+            return None
+        if (recv.ooo or send.fin_framed or send.peer_sacks or send.cipher is None or n > self.config.frame_max
+                or (seg.seq - send.base - send.plain_next) & 0xFFFFFFFF
+                or (not n and self.sack_ok and recv.wire_next > recv.buf_start)  # _options_out's held block
+                or not self._keys.keys_ready):
+            return None
+        rekey_bytes = self.config.rekey_bytes
+        if rekey_bytes and self._sent_since_rekey + n > rekey_bytes and recv.gen == send.gen:
+            return None  # the frame starts a new key set: the general path
+        if seg.gso:
+            room = SUPER_PACKET_MAX - len(seg.ip_header) - 20 - _padded(raw)
+        else:
+            room = self.wire_mss - _padded(raw)
+        if n + FRAME_OVERHEAD > room:
+            return None
+        # _ack_out (no SACK blocks: nothing for _redeliver_lost) and note_local
+        self.local_window = window = seg.window
+        if raw:
+            self._local_ts = int.from_bytes(raw[4:8], "big")
+        seg.ack = to_seq(recv.ack_to_wire(to_offset(seg.ack, recv.base, recv.local_ack)), recv.base)
+        self._note_right_edge(window)
+        seg.window = self._wire_window(window)
+        seg.urgent = 0
+        # _wire_out and _send_wire
+        self.bytes_out += n
+        self._sent_since_rekey += n
+        record = send.new_frame(seg.payload, bool(flags & TCP_FIN), self.config.frame_max)[0]
+        seg.seq = to_seq(record.wire_start, send.base)
+        seg.payload = record.data
+        seg.flags = flags & ~TCP_URG
+        if not seg.gso:
+            seg.kernel_checksum = False
+        return Verdict(Action.ACCEPT, serialize_segment(seg), True)
+
     def translate_out(self, seg: Segment, now: float) -> Verdict:
         """A segment of our stack toward the wire: framed, in wire space."""
         send = self.send
         assert send is not None
+        if self.config.fast_paths:
+            verdict = self.new_data_out(seg)
+            if verdict is not None:
+                self.fast_data_out += 1
+                return verdict
         options = parse_options(seg.options)
         plain = to_offset(seg.seq, send.base, send.plain_next)
         end = plain + len(seg.payload) + seg.is_fin
