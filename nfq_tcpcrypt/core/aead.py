@@ -17,6 +17,8 @@ from .wire.tcpcrypt import pack_frame_header
 # RFC 8548 §6: (ae_key_len, ae_nonce_len) of each AEAD.
 AEAD_KEY_LEN: Final = {Aead.AES_128_GCM: 16, Aead.AES_256_GCM: 32, Aead.CHACHA20_POLY1305: 32}
 AEAD_NONCE_LEN: Final = 12
+# Bound once: compiled, a call through a module constant skips the method lookup per call.
+_TO_BYTES: Final = int.to_bytes
 _SLICED: Final = 2048  # frames up to this size are opened from a copy of their ciphertext
 _CLASSES: Final[dict[Aead, type[AESGCM] | type[ChaCha20Poly1305]]] = {
     Aead.AES_128_GCM: AESGCM,
@@ -49,7 +51,7 @@ class FrameCipher:
         self._nr = int.from_bytes(traffic_key[key_len:], "big")
 
     def _nonce(self, offset: int) -> bytes:
-        return (self._nr ^ offset).to_bytes(AEAD_NONCE_LEN, "big")
+        return _TO_BYTES(self._nr ^ offset, AEAD_NONCE_LEN, "big")
 
     def seal(self, offset: int, plaintext: bytes, rekey: bool = False) -> bytes:
         """Return the frame for `plaintext` (flags byte first) starting at framing-stream `offset`."""

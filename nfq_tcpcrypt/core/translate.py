@@ -50,6 +50,7 @@ from .wire.tcp import (
     timestamp,
     timestamp_option,
     usual_options,
+    usual_tsval,
     window_scale,
     with_sack,
 )
@@ -264,7 +265,7 @@ class StreamTranslator:
         plain = to_offset(seg.seq, send.base, send.plain_next)
         self.local_window = window = seg.window  # note_local
         if raw:
-            self._local_ts = int.from_bytes(raw[4:8], "big")
+            self._local_ts = usual_tsval(raw)
         seg.ack = to_seq(recv.ack_to_wire(stack_ack), recv.base)
         self._note_right_edge(window)
         seg.window = self._wire_window(window)
@@ -289,7 +290,7 @@ class StreamTranslator:
         window = seg.window
         self._remote_window = window - (window >> 6)  # note_remote
         if raw:
-            self._remote_ts = int.from_bytes(raw[4:8], "big")
+            self._remote_ts = usual_tsval(raw)
         self._peer_rekeyed = False
         self.need_nonsyn_eno = False  # RFC 8547 §4.6: a non-SYN segment arrived
         seg.ack = to_seq(send.ack_to_plain(to_offset(seg.ack, send.base, send.acked_wire)), send.base)
@@ -334,7 +335,7 @@ class StreamTranslator:
         # _ack_out (no SACK blocks: nothing for _redeliver_lost) and note_local
         self.local_window = window = seg.window
         if raw:
-            self._local_ts = int.from_bytes(raw[4:8], "big")
+            self._local_ts = usual_tsval(raw)
         seg.ack = to_seq(recv.ack_to_wire(to_offset(seg.ack, recv.base, recv.local_ack)), recv.base)
         self._note_right_edge(window)
         seg.window = self._wire_window(window)
@@ -814,7 +815,7 @@ class StreamTranslator:
         Linux sends, usual_options) or nothing."""
         self._remote_window = window - (window >> 6)
         if raw:
-            self._remote_ts = int.from_bytes(raw[4:8], "big")
+            self._remote_ts = usual_tsval(raw)
 
     def _options_out(self, parsed: list[tuple[int, bytes]], raw: bytes, payload_len: int = 0,
                      limit: int | None = None, partial: bool = False) -> bytes:

@@ -199,7 +199,13 @@ def new_segment(
 def usual_options(options: bytes) -> bool:
     """Timestamps in the form Linux sends them on every segment (NOP, NOP, TS; RFC 7323 §3), or
     no options: the usual options block of an established connection."""
-    return not options or (len(options) == 12 and options[:4] == _LINUX_TS)
+    return not options or (len(options) == 12 and options[0] == TCPOPT_NOP and options[1] == TCPOPT_NOP
+                           and options[2] == TCPOPT_TIMESTAMP and options[3] == 10)
+
+
+def usual_tsval(options: bytes) -> int:
+    """The TSval of a usual options block that holds timestamps (usual_options, 12 bytes)."""
+    return (options[4] << 24) | (options[5] << 16) | (options[6] << 8) | options[7]
 
 
 def parse_options(options: bytes) -> list[tuple[int, bytes]]:
