@@ -562,9 +562,10 @@ class StreamTranslator:
 
     def in_order_in(self, seg: Segment, now: float) -> Translated | None:
         """The usual data segment from the wire: the next expected bytes, nothing held out of
-        order, our Init message acknowledged, no FIN in it or seen before; and either exactly one
-        whole frame (not a rekey) with nothing buffered before it, or bytes that leave the frame
-        being received still incomplete (a frame spans segments, RFC 8548 §4.2). translate_in's
+        order, our Init message acknowledged, no FIN seen before; and either exactly one whole
+        frame (not a rekey) with nothing buffered before it, the FIN with it if any (the peer's
+        last frame, FINp, RFC 8548 §3.7), or bytes that leave the frame being received still
+        incomplete (a frame spans segments, RFC 8548 §4.2), without a FIN. translate_in's
         steps for those two cases: the whole frame is opened at its wire offset without the
         reassembly buffer; the incomplete one is buffered and the segment dropped, or shown to our
         stack as a pure ACK when it acknowledged our data. None, with nothing changed, for
@@ -576,7 +577,8 @@ class StreamTranslator:
         data = seg.payload
         n = len(data)
         wire = recv.wire_next
-        if (not n or seg.flags & TCP_FIN or recv.ooo or recv.cipher is None or send.acked_wire < len(send.prefix)
+        fin = seg.flags & TCP_FIN
+        if (not n or recv.ooo or recv.cipher is None or send.acked_wire < len(send.prefix)
                 or self._stack_ack > send.acked_plain
                 or recv.fin_seen is not None or recv.fin_at is not None or recv.finp or recv.fin_delivered
                 or wire + n > recv.right_edge or (seg.seq - recv.base - wire) & 0xFFFFFFFF):
@@ -591,7 +593,7 @@ class StreamTranslator:
         else:
             size = None  # not even the frame's header yet
         whole = not held and n == size and n >= FRAME_OVERHEAD and not data[0] & CONTROL_REKEY
-        if not whole and size is not None and held + n >= size:
+        if not whole and ((size is not None and held + n >= size) or fin):
             return None  # completes a frame that was begun, or more than one frame: the general path
         self._peer_rekeyed = False
         self.need_nonsyn_eno = False  # RFC 8547 §4.6: a non-SYN segment arrived
@@ -614,6 +616,8 @@ class StreamTranslator:
         # RecvStream.add and next_frame: the frame goes in and out of the empty buffer at once.
         offset = recv.buf_start
         recv.wire_next = recv.buf_start = wire + n
+        if fin:
+            recv.fin_seen = recv.fin_at = wire + n  # _take: every byte before the FIN is here
         plaintext = recv.cipher.open(offset, data)
         if not plaintext:
             raise RemoteProtocolError(f"frame at offset {offset} has no flags byte")
@@ -624,7 +628,7 @@ class StreamTranslator:
         if out:
             recv.remember(plain_start, out)
         fin_now = False
-        if finp:
+        if finp or fin:
             fin_now, plain_start = self._fin_in(seg, wire, data, bool(out), plain_start)
         if not out and not fin_now and send.acked_plain == acked_before:
             self._inject_ack(now)  # a frame with no plaintext: our stack will not ACK it
