@@ -63,10 +63,14 @@ class FrameCipher:
 
     def open(self, offset: int, frame: bytes | memoryview) -> bytes:
         """Verify and decrypt a whole frame at `offset`; return its plaintext (flags byte first)."""
-        header = bytes(frame[:FRAME_HEADER_LEN])
-        # A big frame's ciphertext as a view, not copied before it is decrypted; a small one as a
-        # slice (the view and its slice cost more than copying a few hundred bytes).
-        body = frame[FRAME_HEADER_LEN:] if len(frame) <= _SLICED else memoryview(frame)[FRAME_HEADER_LEN:]
+        header: bytes
+        body: bytes | memoryview
+        if isinstance(frame, bytes) and len(frame) <= _SLICED:
+            # A small frame's header and ciphertext as slices: a view and its slice, or a call of
+            # bytes(), cost more than copying a few hundred bytes.
+            header, body = frame[:FRAME_HEADER_LEN], frame[FRAME_HEADER_LEN:]
+        else:  # a big frame's ciphertext as a view, not copied before it is decrypted
+            header, body = bytes(frame[:FRAME_HEADER_LEN]), memoryview(frame)[FRAME_HEADER_LEN:]
         try:
             return self._aead.decrypt(self._nonce(offset), body, header)
         except InvalidTag:
