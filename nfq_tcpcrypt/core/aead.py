@@ -17,6 +17,9 @@ from .wire.tcpcrypt import pack_frame_header
 # RFC 8548 §6: (ae_key_len, ae_nonce_len) of each AEAD.
 AEAD_KEY_LEN: Final = {Aead.AES_128_GCM: 16, Aead.AES_256_GCM: 32, Aead.CHACHA20_POLY1305: 32}
 AEAD_NONCE_LEN: Final = 12
+# Bound once: compiled, a call through a module constant skips the method lookup per call.
+_TO_BYTES: Final = int.to_bytes
+_SLICED: Final = 2048  # frames up to this size are opened from a copy of their ciphertext
 _CLASSES: Final[dict[Aead, type[AESGCM] | type[ChaCha20Poly1305]]] = {
     Aead.AES_128_GCM: AESGCM,
     Aead.AES_256_GCM: AESGCM,
@@ -48,7 +51,7 @@ class FrameCipher:
         self._nr = int.from_bytes(traffic_key[key_len:], "big")
 
     def _nonce(self, offset: int) -> bytes:
-        return (self._nr ^ offset).to_bytes(AEAD_NONCE_LEN, "big")
+        return _TO_BYTES(self._nr ^ offset, AEAD_NONCE_LEN, "big")
 
     def seal(self, offset: int, plaintext: bytes, rekey: bool = False) -> bytes:
         """Return the frame for `plaintext` (flags byte first) starting at framing-stream `offset`."""
@@ -56,13 +59,19 @@ class FrameCipher:
         if clen > MAX_CLEN:
             raise LocalProtocolError(f"frame plaintext of {len(plaintext)} bytes is too long")
         header = pack_frame_header(clen, rekey)
-        return header + bytes(self._aead.encrypt(self._nonce(offset), plaintext, header))
+        return header + self._aead.encrypt(self._nonce(offset), plaintext, header)
 
     def open(self, offset: int, frame: bytes | memoryview) -> bytes:
         """Verify and decrypt a whole frame at `offset`; return its plaintext (flags byte first)."""
-        header = bytes(frame[:FRAME_HEADER_LEN])
+        header: bytes
+        body: bytes | memoryview
+        if isinstance(frame, bytes) and len(frame) <= _SLICED:
+            # A small frame's header and ciphertext as slices: a view and its slice, or a call of
+            # bytes(), cost more than copying a few hundred bytes.
+            header, body = frame[:FRAME_HEADER_LEN], frame[FRAME_HEADER_LEN:]
+        else:  # a big frame's ciphertext as a view, not copied before it is decrypted
+            header, body = bytes(frame[:FRAME_HEADER_LEN]), memoryview(frame)[FRAME_HEADER_LEN:]
         try:
-            # A view of the ciphertext: a 64 KiB frame is not copied before it is decrypted.
-            return self._aead.decrypt(self._nonce(offset), memoryview(frame)[FRAME_HEADER_LEN:], header)
+            return self._aead.decrypt(self._nonce(offset), body, header)
         except InvalidTag:
             raise IntegrityError(f"frame at offset {offset} failed authentication") from None

@@ -50,6 +50,7 @@ from .wire.tcp import (
     timestamp,
     timestamp_option,
     usual_options,
+    usual_tsval,
     window_scale,
     with_sack,
 )
@@ -147,6 +148,7 @@ class StreamTranslator:
         self.rekeys = 0  # generations we moved to (RFC 8548 §3.8)
         self.redelivered = 0  # plaintext our stack lost, handed to it again at once (its SACK/dup ACK)
         self.replayed = 0  # plaintext handed to our stack again by the replay timer
+        self.fast_data_out = 0  # segments new_data_out took (tests/core/test_fast_paths.py)
         # The largest payload plus options of a wire segment (RFC 6691): the peer's MSS option,
         # lowered by a too-big report (our own link's MTU shows up as one, sent by our kernel).
         self.wire_mss = 536
@@ -263,7 +265,7 @@ class StreamTranslator:
         plain = to_offset(seg.seq, send.base, send.plain_next)
         self.local_window = window = seg.window  # note_local
         if raw:
-            self._local_ts = int.from_bytes(raw[4:8], "big")
+            self._local_ts = usual_tsval(raw)
         seg.ack = to_seq(recv.ack_to_wire(stack_ack), recv.base)
         self._note_right_edge(window)
         seg.window = self._wire_window(window)
@@ -288,7 +290,7 @@ class StreamTranslator:
         window = seg.window
         self._remote_window = window - (window >> 6)  # note_remote
         if raw:
-            self._remote_ts = int.from_bytes(raw[4:8], "big")
+            self._remote_ts = usual_tsval(raw)
         self._peer_rekeyed = False
         self.need_nonsyn_eno = False  # RFC 8547 §4.6: a non-SYN segment arrived
         seg.ack = to_seq(send.ack_to_plain(to_offset(seg.ack, send.base, send.acked_wire)), send.base)
@@ -301,10 +303,63 @@ class StreamTranslator:
         seg.seq = to_seq(recv.plain_next if recv.local_ack else 0, recv.base)
         return Verdict(Action.ACCEPT, serialize_segment(seg), True)
 
+    def new_data_out(self, seg: Segment) -> Verdict | None:
+        """Our stack's usual data segment or FIN, once keys exist: the next plain bytes, all new,
+        timestamps or no options (RFC 7323 §3), framed as one frame that fits the segment it
+        leaves in (within the wire MSS, or a super-packet's room). translate_out's steps for it,
+        without option lists or the log's lookups; None, with nothing changed, for anything else
+        (a retransmission, SACK blocks to add or drop, the non-SYN ENO option due, a frame to
+        split or to rekey by volume, a path MTU report, a peer's SACK blocks that may ask for a
+        frame's holes)."""
+        raw = seg.options
+        flags = seg.flags
+        n = len(seg.payload)
+        send, recv = self.send, self.recv
+        if ((not n and not flags & TCP_FIN) or not flags & TCP_ACK or not usual_options(raw) or self.need_nonsyn_eno
+                or self.pmtu is not None or send is None or recv is None):
+            return None
+        if (recv.ooo or send.fin_framed or send.peer_sacks or send.cipher is None or n > self.config.frame_max
+                or (seg.seq - send.base - send.plain_next) & 0xFFFFFFFF
+                or (not n and self.sack_ok and recv.wire_next > recv.buf_start)  # _options_out's held block
+                or not self._keys.keys_ready):
+            return None
+        rekey_bytes = self.config.rekey_bytes
+        if rekey_bytes and self._sent_since_rekey + n > rekey_bytes and recv.gen == send.gen:
+            return None  # the frame starts a new key set: the general path
+        if seg.gso:
+            room = SUPER_PACKET_MAX - len(seg.ip_header) - 20 - _padded(raw)
+        else:
+            room = self.wire_mss - _padded(raw)
+        if n + FRAME_OVERHEAD > room:
+            return None
+        # _ack_out (no SACK blocks: nothing for _redeliver_lost) and note_local
+        self.local_window = window = seg.window
+        if raw:
+            self._local_ts = usual_tsval(raw)
+        seg.ack = to_seq(recv.ack_to_wire(to_offset(seg.ack, recv.base, recv.local_ack)), recv.base)
+        self._note_right_edge(window)
+        seg.window = self._wire_window(window)
+        seg.urgent = 0
+        # _wire_out and _send_wire
+        self.bytes_out += n
+        self._sent_since_rekey += n
+        record = send.new_frame(seg.payload, bool(flags & TCP_FIN), self.config.frame_max)[0]
+        seg.seq = to_seq(record.wire_start, send.base)
+        seg.payload = record.data
+        seg.flags = flags & ~TCP_URG
+        if not seg.gso:
+            seg.kernel_checksum = False
+        return Verdict(Action.ACCEPT, serialize_segment(seg), True)
+
     def translate_out(self, seg: Segment, now: float) -> Verdict:
         """A segment of our stack toward the wire: framed, in wire space."""
         send = self.send
         assert send is not None
+        if self.config.fast_paths:
+            verdict = self.new_data_out(seg)
+            if verdict is not None:
+                self.fast_data_out += 1
+                return verdict
         options = parse_options(seg.options)
         plain = to_offset(seg.seq, send.base, send.plain_next)
         end = plain + len(seg.payload) + seg.is_fin
@@ -507,9 +562,10 @@ class StreamTranslator:
 
     def in_order_in(self, seg: Segment, now: float) -> Translated | None:
         """The usual data segment from the wire: the next expected bytes, nothing held out of
-        order, our Init message acknowledged, no FIN in it or seen before; and either exactly one
-        whole frame (not a rekey) with nothing buffered before it, or bytes that leave the frame
-        being received still incomplete (a frame spans segments, RFC 8548 §4.2). translate_in's
+        order, our Init message acknowledged, no FIN seen before; and either exactly one whole
+        frame (not a rekey) with nothing buffered before it, the FIN with it if any (the peer's
+        last frame, FINp, RFC 8548 §3.7), or bytes that leave the frame being received still
+        incomplete (a frame spans segments, RFC 8548 §4.2), without a FIN. translate_in's
         steps for those two cases: the whole frame is opened at its wire offset without the
         reassembly buffer; the incomplete one is buffered and the segment dropped, or shown to our
         stack as a pure ACK when it acknowledged our data. None, with nothing changed, for
@@ -521,7 +577,8 @@ class StreamTranslator:
         data = seg.payload
         n = len(data)
         wire = recv.wire_next
-        if (not n or seg.flags & TCP_FIN or recv.ooo or recv.cipher is None or send.acked_wire < len(send.prefix)
+        fin = seg.flags & TCP_FIN
+        if (not n or recv.ooo or recv.cipher is None or send.acked_wire < len(send.prefix)
                 or self._stack_ack > send.acked_plain
                 or recv.fin_seen is not None or recv.fin_at is not None or recv.finp or recv.fin_delivered
                 or wire + n > recv.right_edge or (seg.seq - recv.base - wire) & 0xFFFFFFFF):
@@ -536,7 +593,7 @@ class StreamTranslator:
         else:
             size = None  # not even the frame's header yet
         whole = not held and n == size and n >= FRAME_OVERHEAD and not data[0] & CONTROL_REKEY
-        if not whole and size is not None and held + n >= size:
+        if not whole and ((size is not None and held + n >= size) or fin):
             return None  # completes a frame that was begun, or more than one frame: the general path
         self._peer_rekeyed = False
         self.need_nonsyn_eno = False  # RFC 8547 §4.6: a non-SYN segment arrived
@@ -559,6 +616,8 @@ class StreamTranslator:
         # RecvStream.add and next_frame: the frame goes in and out of the empty buffer at once.
         offset = recv.buf_start
         recv.wire_next = recv.buf_start = wire + n
+        if fin:
+            recv.fin_seen = recv.fin_at = wire + n  # _take: every byte before the FIN is here
         plaintext = recv.cipher.open(offset, data)
         if not plaintext:
             raise RemoteProtocolError(f"frame at offset {offset} has no flags byte")
@@ -569,7 +628,7 @@ class StreamTranslator:
         if out:
             recv.remember(plain_start, out)
         fin_now = False
-        if finp:
+        if finp or fin:
             fin_now, plain_start = self._fin_in(seg, wire, data, bool(out), plain_start)
         if not out and not fin_now and send.acked_plain == acked_before:
             self._inject_ack(now)  # a frame with no plaintext: our stack will not ACK it
@@ -760,7 +819,7 @@ class StreamTranslator:
         Linux sends, usual_options) or nothing."""
         self._remote_window = window - (window >> 6)
         if raw:
-            self._remote_ts = int.from_bytes(raw[4:8], "big")
+            self._remote_ts = usual_tsval(raw)
 
     def _options_out(self, parsed: list[tuple[int, bytes]], raw: bytes, payload_len: int = 0,
                      limit: int | None = None, partial: bool = False) -> bytes:

@@ -45,6 +45,7 @@ def _run(seed: int, channel: dict[str, float], gso: int, gro: bool,
     engines = [pair.engine_a, pair.engine_b]
     sessions = [session for engine in engines for session in engine._sessions.values()]  # type: ignore[union-attr]
     hits = {name: sum(session.fast_taken[i] for session in sessions) for i, name in enumerate(FAST_PATHS)}
+    hits["new_data_out"] = sum(session.tx.fast_data_out for session in sessions)
     events: list[object] = [repr(e) for engine in engines for e in pair.events(engine)]
     events += [(engine.session_table(), dict(engine.counters)) for engine in engines]  # type: ignore[union-attr]
     return pair.wire + received, bytes(pair.a.received), bytes(pair.b.received), events, hits

@@ -22,11 +22,10 @@ from ..errors import MalformedSegment
 from .ip import IPPROTO_TCP, new_ip_header, ones_sum, parse_ip, pseudo_header_sum, serialize_ip_header
 
 _TCP: Final = struct.Struct("!HHIIBBHHH")
-_V4_TCP: Final = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")  # an option-less IPv4 header and the TCP header
 # Bound once (compiled: no method lookup per call, see ip._FROM_BYTES).
 _TCP_PACK: Final = _TCP.pack
 _TCP_UNPACK_FROM: Final = _TCP.unpack_from
-_V4_TCP_UNPACK_FROM: Final = _V4_TCP.unpack_from
+_V4_TCP_PACK: Final = struct.Struct("!BBHHHBBH8sHHIIBBHHH").pack  # an option-less IPv4 header, then TCP's
 _FROM_BYTES: Final = int.from_bytes
 _LINUX_TS: Final = bytes((TCPOPT_NOP, TCPOPT_NOP, TCPOPT_TIMESTAMP, 10))
 _NOP: Final = bytes((TCPOPT_NOP,))
@@ -42,7 +41,7 @@ class Segment:
 
     __slots__ = (
         "ip_header", "src", "dst", "sport", "dport", "seq", "ack", "flags", "window", "urgent",
-        "options", "payload", "gso", "kernel_checksum", "parsed",
+        "options", "payload", "gso", "kernel_checksum", "parsed_ip", "parsed_len",
     )
 
     def __init__(
@@ -63,9 +62,10 @@ class Segment:
         self.payload = payload
         self.gso = False
         self.kernel_checksum = False
-        # (IP header, packet length) as parsed: a rebuilt packet of that length keeps the header
-        # as it came, its checksum the sender's (the kernel verified it before any hook).
-        self.parsed: tuple[bytes, int] | None = None
+        # The IP header and packet length as parsed: a rebuilt packet of that length keeps the
+        # header as it came, its checksum the sender's (the kernel verified it before any hook).
+        self.parsed_ip: bytes | None = None
+        self.parsed_len = 0
 
     @property
     def is_syn(self) -> bool:
@@ -90,20 +90,26 @@ class Segment:
 
 def parse_segment(packet: bytes, verify_checksum: bool = False) -> Segment:
     """Decode an IP packet carrying TCP; raise MalformedSegment on anything inconsistent."""
-    if len(packet) >= 40 and packet[0] == 0x45:
-        # The usual packet: IPv4 without options, both headers in one unpack; parse_ip's checks.
-        (_, _, total, _, frag, _, proto, _, src, dst, sport, dport, seq, ack, offset, flags, window, _,
-         urgent) = _V4_TCP_UNPACK_FROM(packet)
-        if total != len(packet) or frag & 0x3FFF or proto != IPPROTO_TCP:
+    n = len(packet)
+    if n >= 40 and packet[0] == 0x45:
+        # The usual packet: IPv4 without options, parse_ip's checks and the TCP header read byte
+        # by byte (compiled, bytes indexing makes no object: a struct unpack made 19).
+        if (packet[2] << 8) | packet[3] != n or packet[6] & 0x3F or packet[7] or packet[9] != IPPROTO_TCP:
             parse_ip(packet)  # raises with the reason
-        doff = (offset >> 4) * 4
-        if doff < 20 or 20 + doff > total:
-            raise MalformedSegment(f"tcp data offset {doff} for {total - 20} bytes")
+        doff = (packet[32] >> 4) * 4
+        if doff < 20 or 20 + doff > n:
+            raise MalformedSegment(f"tcp data offset {doff} for {n - 20} bytes")
+        src, dst = packet[12:16], packet[16:20]
         if verify_checksum and _segment_sum(packet, 20, src, dst) != 0:
             raise MalformedSegment("tcp checksum mismatch")
-        seg = Segment(packet[:20], src, dst, sport, dport, seq, ack, flags, window, urgent, packet[40 : 20 + doff],
-                      packet[20 + doff :])
-        seg.parsed = (seg.ip_header, total)
+        seg = Segment(
+            packet[:20], src, dst, (packet[20] << 8) | packet[21], (packet[22] << 8) | packet[23],
+            (packet[24] << 24) | (packet[25] << 16) | (packet[26] << 8) | packet[27],
+            (packet[28] << 24) | (packet[29] << 16) | (packet[30] << 8) | packet[31],
+            packet[33], (packet[34] << 8) | packet[35], (packet[38] << 8) | packet[39],
+            packet[40 : 20 + doff], packet[20 + doff :],
+        )
+        seg.parsed_ip, seg.parsed_len = seg.ip_header, n
         return seg
     _, ihl, src, dst = parse_ip(packet)
     if len(packet) - ihl < 20:
@@ -118,7 +124,7 @@ def parse_segment(packet: bytes, verify_checksum: bool = False) -> Segment:
         packet[:ihl], src, dst, sport, dport, seq, ack, flags, window, urgent, packet[ihl + 20 : ihl + doff],
         packet[ihl + doff :],
     )
-    seg.parsed = (seg.ip_header, len(packet))
+    seg.parsed_ip, seg.parsed_len = seg.ip_header, len(packet)
     return seg
 
 
@@ -145,21 +151,40 @@ def serialize_segment(seg: Segment) -> bytes:
     tcp_len = doff + len(payload)
     seq, ack, offset = seg.seq & 0xFFFFFFFF, seg.ack & 0xFFFFFFFF, (doff // 4) << 4
     ip = seg.ip_header
-    parsed = seg.parsed
-    if parsed is None or parsed[0] is not ip or parsed[1] != len(ip) + tcp_len:
-        ip = serialize_ip_header(ip, tcp_len)
     csum = 0
     if not seg.kernel_checksum:
         # The pseudo-header (addresses, protocol, length), the header's 16-bit words (checksum 0),
         # the options and the payload, each 16-bit aligned, summed mod 0xFFFF (RFC 9293 §3.1).
-        total = (_FROM_BYTES(seg.src + seg.dst, "big") + IPPROTO_TCP + tcp_len
+        src, dst = seg.src, seg.dst
+        total = (_words(src, 0, len(src)) + _words(dst, 0, len(dst)) + IPPROTO_TCP + tcp_len
                  + seg.sport + seg.dport + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16) + (ack & 0xFFFF)
-                 + ((offset << 8) | seg.flags) + seg.window + seg.urgent + _FROM_BYTES(options, "big"))
+                 + ((offset << 8) | seg.flags) + seg.window + seg.urgent + _words(options, 0, len(options)))
         if payload:
             total += ones_sum(payload)
         csum = ~(total % 0xFFFF or 0xFFFF) & 0xFFFF
+    if seg.parsed_ip is not ip or seg.parsed_len != len(ip) + tcp_len:
+        if len(ip) == 20 and ip[0] == 0x45:
+            # An option-less IPv4 header with a new length: both headers in one pack, the IP
+            # checksum from the header's words and the new length (RFC 1071).
+            length = 20 + tcp_len
+            ip_sum = (0x4500 | ip[1]) + length + _words(ip, 4, 10) + _words(ip, 12, 20)
+            head = _V4_TCP_PACK(0x45, ip[1], length, (ip[4] << 8) | ip[5], (ip[6] << 8) | ip[7], ip[8], ip[9],
+                                ~(ip_sum % 0xFFFF or 0xFFFF) & 0xFFFF, ip[12:20], seg.sport, seg.dport, seq, ack,
+                                offset, seg.flags, seg.window, csum, seg.urgent)
+            return b"".join((head, options, payload))
+        ip = serialize_ip_header(ip, tcp_len)
     header = _TCP_PACK(seg.sport, seg.dport, seq, ack, offset, seg.flags, seg.window, csum, seg.urgent)
     return b"".join((ip, header, options, payload))
+
+
+def _words(data: bytes, start: int, end: int) -> int:
+    """Sum of the big-endian 16-bit words of `data[start:end]`, an even number of bytes (an
+    address, an options block, part of a header), not folded (RFC 1071). Compiled, the sum of a
+    short run stays a small int: no object made, where a big integer of the bytes made several."""
+    total = 0
+    for i in range(start, end - 1, 2):
+        total += (data[i] << 8) | data[i + 1]
+    return total
 
 
 def new_segment(
@@ -174,7 +199,13 @@ def new_segment(
 def usual_options(options: bytes) -> bool:
     """Timestamps in the form Linux sends them on every segment (NOP, NOP, TS; RFC 7323 §3), or
     no options: the usual options block of an established connection."""
-    return not options or (len(options) == 12 and options[:4] == _LINUX_TS)
+    return not options or (len(options) == 12 and options[0] == TCPOPT_NOP and options[1] == TCPOPT_NOP
+                           and options[2] == TCPOPT_TIMESTAMP and options[3] == 10)
+
+
+def usual_tsval(options: bytes) -> int:
+    """The TSval of a usual options block that holds timestamps (usual_options, 12 bytes)."""
+    return (options[4] << 24) | (options[5] << 16) | (options[6] << 8) | options[7]
 
 
 def parse_options(options: bytes) -> list[tuple[int, bytes]]:
