@@ -12,7 +12,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import replace
 from enum import StrEnum
-from typing import Final, NamedTuple
+from typing import Final
 
 from . import eno
 from .aead import FrameCipher, traffic_key_len
@@ -951,13 +951,21 @@ class Session:
         return held
 
 
-class _Keyed(NamedTuple):
-    """A session's key schedule with key set 0 and its two ciphers (RFC 8548 §3.3, §3.6)."""
+class _Keyed:
+    """A session's key schedule with key set 0 and its two ciphers (RFC 8548 §3.3, §3.6).
 
-    schedule: KeySchedule
-    keys: TrafficKeys
-    send: FrameCipher
-    recv: FrameCipher
+    A plain class: a NamedTuple's constructor stays interpreted when compiled."""
+
+    __slots__ = ("schedule", "keys", "send", "recv")
+
+    def __init__(self, schedule: KeySchedule, keys: TrafficKeys, send: FrameCipher, recv: FrameCipher) -> None:
+        self.schedule = schedule
+        self.keys = keys
+        self.send = send
+        self.recv = recv
+
+    def __repr__(self) -> str:
+        return "_Keyed()"
 
 
 def _resumed_schedule(negotiated: eno.Negotiated) -> _Keyed:
