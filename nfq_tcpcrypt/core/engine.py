@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Final
 
@@ -11,14 +11,14 @@ from .config import Configuration
 from .constants import TCP_ACK, TCP_RST, TCP_SYN
 from .errors import MalformedSegment
 from .events import Event, SessionExpired
-from .flow import Direction, FlowKey
+from .flow import Direction, FlowKey, as_flow
 from .kex import KeyPool
 from .outoforder import Budget
 from .resumption import ResumptionCache, SecretCache
 from .seqmap import to_seq
 from .session import Session, State
 from .tombstones import Tombstone, Tombstones
-from .verdict import ACCEPT, ACCEPT_ENCRYPTED, DROP, UNKNOWN, Action, Injection, PacketInfo, Verdict
+from .verdict import ACCEPT, ACCEPT_ENCRYPTED, DROP, UNKNOWN, Action, Injection, PacketInfo, Verdict, accept
 from .wire.icmp import parse_icmp_error
 from .wire.ip import tcp_ports_of
 from .wire.tcp import Segment, new_segment, parse_segment, serialize_segment
@@ -32,12 +32,21 @@ wait handled between them (a table of 65,536 sessions took about 0.6 s in one pi
 _INBOUND: Final = Direction.INBOUND
 
 
+class Counts(dict[str, int]):
+    """The engine's counters: a dict in which a name never counted reads 0, as in
+    `collections.Counter`, whose item methods are Python-level (every packet's count went through
+    them; a dict subclass that only adds `__missing__` keeps dict's own)."""
+
+    def __missing__(self, key: str) -> int:
+        return 0
+
+
 class Engine:
     """The sans-I/O core the shell talks to (docs/architecture.md: Layers): packets in, verdicts and packets out."""
 
     def __init__(self, config: Configuration | None = None) -> None:
         self.config = config or Configuration()
-        self.counters: Counter[str] = Counter()
+        self.counters = Counts()
         self._sessions: dict[FlowKey, Session] = {}
         self._unkeyed: OrderedDict[FlowKey, Session] = OrderedDict()  # eviction candidates, oldest first
         # Sessions that ended (closed, aborted, refused) and linger, in the order they ended: at
@@ -104,7 +113,7 @@ class Engine:
         session: Session | None = self._sessions.get(key)  # type: ignore[call-overload]
         try:
             if session is None or self._reopened or seg.flags & TCP_SYN:
-                flow = FlowKey(*key)
+                flow = as_flow(key)
                 verdict = self._unusual(flow, session, seg, direction, now, encrypted)
                 if verdict is not None:
                     return verdict
@@ -128,7 +137,7 @@ class Engine:
         if verdict.packet is not None:
             counters["rewritten"] += 1
         if not verdict.encrypted and session.tx.send is not None and verdict.action is Action.ACCEPT:
-            return ACCEPT_ENCRYPTED if verdict.packet is None else Verdict(Action.ACCEPT, verdict.packet, True)
+            return ACCEPT_ENCRYPTED if verdict.packet is None else accept(verdict.packet, True)
         return verdict
 
     def _malformed(self, packet: bytes, inbound: bool, encrypted: bool, now: float, exc: MalformedSegment) -> Verdict:

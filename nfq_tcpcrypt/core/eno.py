@@ -57,7 +57,13 @@ def _global_byte(config: Configuration, passive: bool) -> int | None:
 
 
 def syn_option(config: Configuration, resume: Resumable | None = None, nonce: bytes = b"") -> bytes:
-    """Our SYN-form option as an active opener: every TEP we accept (§4.5: A's order is moot).
+    """Our SYN-form option as an active opener, encoded (`our_syn_option`)."""
+    return our_syn_option(config, resume, nonce).raw
+
+
+def our_syn_option(config: Configuration, resume: Resumable | None = None, nonce: bytes = b"") -> EnoOption:
+    """Our SYN-form option as an active opener: every TEP we accept (§4.5: A's order is moot),
+    with `raw` its encoding (kept for `negotiate`: no need to parse it again).
 
     With `resume`, its TEP is offered as a resumption suboption (RFC 8548 §3.5: TEP|0x80, our
     identifier half, our nonce), placed last so that it needs no length byte, and not repeated.
@@ -65,7 +71,12 @@ def syn_option(config: Configuration, resume: Resumable | None = None, nonce: by
     teps = [TepSuboption(int(t)) for t in reversed(config.teps) if resume is None or t != resume.tep]
     if resume is not None:
         teps.append(TepSuboption(int(resume.tep), resume.our_half + nonce, True))
-    return serialize_eno(EnoOption(_global_byte(config, passive=False), tuple(teps)))
+    return _encoded(EnoOption(_global_byte(config, passive=False), tuple(teps)))
+
+
+def _encoded(option: EnoOption) -> EnoOption:
+    option.raw = serialize_eno(option)
+    return option
 
 
 def is_resume_request(sub: TepSuboption) -> bool:
@@ -94,7 +105,19 @@ def answer(
     lookup: Callable[[int, bytes], Resumable | None] | None = None,
     nonce: Callable[[], bytes] = bytes,
 ) -> tuple[bytes, Resumable | None]:
-    """Our SYN-ACK option as passive opener (host B), and the secret we agreed to resume, if any.
+    """Our SYN-ACK option as passive opener (host B), encoded, and the secret we agreed to resume
+    (`answer_option`)."""
+    option, found = answer_option(config, offer, lookup, nonce)
+    return option.raw, found
+
+
+def answer_option(
+    config: Configuration, offer: EnoOption,
+    lookup: Callable[[int, bytes], Resumable | None] | None = None,
+    nonce: Callable[[], bytes] = bytes,
+) -> tuple[EnoOption, Resumable | None]:
+    """Our SYN-ACK option as passive opener (host B), with `raw` its encoding, and the secret we
+    agreed to resume, if any.
 
     A resumption request whose identifier half `lookup` finds (with the cached TEP) is answered with
     our half and our nonce (RFC 8548 §3.5: SHOULD agree). Otherwise we answer the one TEP we prefer
@@ -107,12 +130,11 @@ def answer(
                 found = lookup(sub.tep, sub.data[:RESUME_HALF])
                 if found is not None:
                     ours = TepSuboption(sub.tep, found.our_half + nonce(), True)
-                    return serialize_eno(EnoOption(_global_byte(config, passive=True), (ours,))), found
+                    return _encoded(EnoOption(_global_byte(config, passive=True), (ours,))), found
     choice = next((t for t in config.teps if int(t) in valid), None)
     if choice is None:
         raise EnoFailed("no common tep")
-    option = EnoOption(_global_byte(config, passive=True), (TepSuboption(int(choice)),))
-    return serialize_eno(option), None
+    return _encoded(EnoOption(_global_byte(config, passive=True), (TepSuboption(int(choice)),))), None
 
 
 def negotiate(

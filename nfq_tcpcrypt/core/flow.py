@@ -36,6 +36,12 @@ class FlowKey(NamedTuple):
         return f"{self.local}<->{self.remote}"
 
 
+def as_flow(key: tuple[bytes, int, bytes, int]) -> FlowKey:
+    """The FlowKey equal to a plain 4-tuple, made without the NamedTuple's `__new__` (interpreted
+    Python, also when compiled): one is made for every SYN."""
+    return tuple.__new__(FlowKey, key)
+
+
 def format_endpoint(ip: bytes, port: int) -> str:
     """"ip:port", or "[ip]:port" for IPv6: how sessions, reports and tools write an endpoint."""
     address = ipaddress.ip_address(ip)

@@ -101,11 +101,16 @@ class _Entry:
     def fill(self) -> None:
         """Extend the window to LOOKAHEAD secrets and note the halves a peer may send next."""
         while len(self.window) < LOOKAHEAD:
-            ss = next_session_secret(self.window[-1])
-            self.window.append(bytearray(ss))
-            self.ids.append(resume_identifier(ss))
+            self._derive()
+
+    def _derive(self) -> None:
+        """The next secret after the window's last, its identifier and the peer's half of it."""
+        ss = next_session_secret(self.window[-1])
+        self.window.append(bytearray(ss))
+        rid = resume_identifier(ss)
+        self.ids.append(rid)
         a, b = self._peer_half
-        self.halves = [rid[a:b] for rid in self.ids]
+        self.halves.append(rid[a:b])
 
     def _resumable(self, ahead: int) -> Resumable:
         return Resumable(bytes(self.window[ahead]), self.ids[ahead], self.tep, self.aead, self.original_role)
@@ -115,14 +120,12 @@ class _Entry:
         again by `fill` (the cache calls it ahead of need, or before a lookup that needs it)."""
         for _ in range(steps):
             if len(self.window) == 1:
-                self.window.append(bytearray(next_session_secret(self.window[0])))
-                self.ids.append(resume_identifier(self.window[1]))
+                self._derive()
             left = self.window.pop(0)
             left[:] = bytes(len(left))
             self.ids.pop(0)
+            self.halves.pop(0)
             self.index += 1
-        a, b = self._peer_half
-        self.halves = [rid[a:b] for rid in self.ids]
 
     def resumable(self, ahead: int = 0) -> Resumable:
         if ahead < len(self.window):
@@ -193,19 +196,17 @@ class ResumptionCache:
     def take_for_offer(self, peer: bytes, teps: tuple[Tep, ...], now: float) -> Resumable | None:
         """The secret to offer to `peer` on an active open, burned at once (§3.5: lowest unused i)."""
         self._expire(now)
-        best = next(
-            (key for key in reversed(self._by_peer.get(peer, []))  # at most per_peer, latest used first
-             if self._entries[key].tep in teps and self._entries[key].expires_at > now),
-            None,
-        )
-        if best is None:
+        best = -1
+        for key in reversed(self._by_peer.get(peer, ())):  # at most per_peer, latest used first
+            candidate = self._entries[key]
+            if candidate.tep in teps and candidate.expires_at > now:
+                best = key
+                break
+        if best < 0:
             return None
         entry = self._entries[best]
         offer = entry.resumable()
-        self._unindex(best, entry)
-        entry.advance(1)
-        self._index(best, entry)
-        self._unfilled[best] = None
+        self._advance(best, entry, 1)
         entry.uses += 1
         self._touch(best, entry)
         return offer
@@ -225,10 +226,7 @@ class ResumptionCache:
             return None
         ahead = entry.halves.index(bytes(half))
         candidate = entry.resumable(ahead)
-        self._unindex(key, entry)
-        entry.advance(ahead + 1)
-        self._index(key, entry)
-        self._unfilled[key] = None
+        self._advance(key, entry, ahead + 1)
         entry.uses += 1
         self._touch(key, entry)
         return candidate
@@ -252,9 +250,18 @@ class ResumptionCache:
     def _fill(self, key: int) -> None:
         del self._unfilled[key]
         entry = self._entries[key]
-        self._unindex(key, entry)
+        known = len(entry.halves)
         entry.fill()
-        self._index(key, entry)
+        self._index(key, entry, entry.halves[known:])
+
+    def _advance(self, key: int, entry: _Entry, steps: int) -> None:
+        """`entry` moves `steps` secrets on: the halves it leaves behind leave the index, the
+        ones derived on the way (a window shorter than `steps`) join it; `fill` comes later."""
+        known = len(entry.halves)
+        self._unindex(key, entry, entry.halves[:steps])
+        entry.advance(steps)
+        self._index(key, entry, entry.halves[max(known - steps, 0):])
+        self._unfilled[key] = None
 
     def flush(self, peer: bytes | None = None) -> int:
         """Forget every secret (of one peer, or all); return how many entries went."""
@@ -289,12 +296,14 @@ class ResumptionCache:
         keys.remove(key)
         keys.append(key)
 
-    def _index(self, key: int, entry: _Entry) -> None:
-        for half in entry.halves:
+    def _index(self, key: int, entry: _Entry, halves: list[bytes] | None = None) -> None:
+        """Index `halves` of `entry` (all of them by default) under `key`."""
+        for half in entry.halves if halves is None else halves:
             self._by_half[(entry.peer, half)] = key
 
-    def _unindex(self, key: int, entry: _Entry) -> None:
-        for half in entry.halves:
+    def _unindex(self, key: int, entry: _Entry, halves: list[bytes] | None = None) -> None:
+        """Remove `halves` of `entry` (all of them by default) from the index, where they are `key`'s."""
+        for half in entry.halves if halves is None else halves:
             if self._by_half.get((entry.peer, half)) == key:
                 del self._by_half[(entry.peer, half)]
 

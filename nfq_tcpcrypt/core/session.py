@@ -12,7 +12,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import replace
 from enum import StrEnum
-from typing import Final, NamedTuple
+from typing import Final
 
 from . import eno
 from .aead import FrameCipher, traffic_key_len
@@ -44,8 +44,8 @@ from .resumption import Resumable, SecretCache
 from .seqmap import RecvStream, SendStream, to_offset, to_seq
 from .timers import Timer, Timers
 from .translate import StreamTranslator, Translated
-from .verdict import DROP, Action, Injection, Verdict
-from .wire.eno import parse_eno
+from .verdict import ACCEPT, DROP, Injection, Verdict, accept
+from .wire.eno import EnoOption
 from .wire.icmp import IcmpError, serialize_icmp_error
 from .wire.tcp import (
     Segment,
@@ -185,6 +185,7 @@ class Session:
         self._schedule: KeySchedule | None = None
         self._keys: dict[int, TrafficKeys] = {}
         self._syn_eno = b""  # our SYN-form ENO option (the same in SYN and SYN-ACK, §4.6)
+        self._syn_option: EnoOption | None = None  # the same, decoded (eno.negotiate takes it)
         self._syn_count = 0  # retransmissions of our SYN
         self._negotiated: eno.Negotiated | None = None
         self._simultaneous = False
@@ -316,7 +317,7 @@ class Session:
                 self._after_out()
             return verdict
         except MalformedSegment:
-            return DROP if self.is_translating else Verdict(Action.ACCEPT)
+            return DROP if self.is_translating else ACCEPT
         except ProtocolError as exc:
             return self._error(exc, seg, now, outbound=True)
 
@@ -373,7 +374,7 @@ class Session:
                 return self._plain(seg)
             return self._after_in(self.tx.translate_in(seg, options, now), now)
         except MalformedSegment:
-            return DROP if self.is_translating else Verdict(Action.ACCEPT)
+            return DROP if self.is_translating else ACCEPT
         except ProtocolError as exc:
             return self._error(exc, seg, now, outbound=False)
 
@@ -382,7 +383,7 @@ class Session:
             self._set_state(Trigger.RESET if seg.is_rst else Trigger.FINISHED)
         elif self.state is State.CLOSED and seg.is_rst:
             self._set_state(Trigger.RESET)
-        return Verdict(Action.ACCEPT)
+        return ACCEPT
 
     # ------------------------------------------------------------------ handshake (RFC 8547 §4.6)
 
@@ -395,13 +396,13 @@ class Session:
         if seg.payload or any(kind == TCPOPT_FASTOPEN for kind, _ in options):
             # RFC 8547 §4.7: tcpcrypt defines no SYN data; a SYN with data or TFO stays plain.
             self._fall_back("syn carries data or tcp fast open")
-            return Verdict(Action.ACCEPT)
+            return ACCEPT
         if eno.eno_options(options):
             # Our side speaks TCP-ENO itself (a host-mode daemon or a kernel behind a gateway):
             # leave the connection to it, never encrypt twice.
             self.delegated = True
             self._fall_back("our side negotiates tcp-eno itself")
-            return Verdict(Action.ACCEPT)
+            return ACCEPT
         flow = self.flow
         no_resume, self._no_cache = self.config.flags_for(flow.remote_ip, flow.local_port, flow.remote_port)
         resume = None
@@ -413,12 +414,13 @@ class Session:
         kept = [(kind, raw) for kind, raw in options if kind != TCPOPT_NOP]
         for attempt in (resume, "resume-only", None):
             if attempt is None:
-                self._syn_eno, self._resume = eno.syn_option(self.config), None
+                self._syn_option, self._resume = eno.our_syn_option(self.config), None
             elif resume is None:
                 continue
             else:
                 config = self.config if attempt is resume else replace(self.config, teps=(resume.tep,))
-                self._syn_eno, self._resume = eno.syn_option(config, resume, nonce), resume
+                self._syn_option, self._resume = eno.our_syn_option(config, resume, nonce), resume
+            self._syn_eno = self._syn_option.raw
             try:
                 seg.options = serialize_options(kept + [(ENO_OPTION_KIND, self._syn_eno)])
                 break
@@ -426,9 +428,9 @@ class Session:
                 continue
         else:
             self._fall_back("no room for the eno option in the syn")
-            return Verdict(Action.ACCEPT)
+            return ACCEPT
         self._set_state(Trigger.SYN_SENT)
-        return Verdict(Action.ACCEPT, serialize_segment(seg))
+        return accept(serialize_segment(seg))
 
     def start_passive(self, seg: Segment, now: float) -> Verdict:
         """The peer opens: answer ENO if its SYN offers a TEP we accept (RFC 8547 §4.5)."""
@@ -447,20 +449,21 @@ class Session:
             lookup = None
             if not no_resume and cache is not None:
                 lookup = lambda tep, half: cache.take_for_answer(peer, tep, half, now)  # noqa: E731
-            self._syn_eno, self._resume = eno.answer(
+            ours, self._resume = eno.answer_option(
                 self.config, offer, lookup, lambda: self.config.random_bytes(self.config.resume_nonce_len)
             )
-            self._negotiated = eno.negotiate(self.config, parse_eno(self._syn_eno), offer, self._resume)
+            self._syn_eno = ours.raw
+            self._negotiated = eno.negotiate(self.config, ours, offer, self._resume)
         except eno.EnoFailed as exc:
             self._fall_back(f"peer syn: {exc}")
-            return Verdict(Action.ACCEPT)
+            return ACCEPT
         self._set_state(Trigger.SYN_RECEIVED)
         ahead = self._ahead
         if self._negotiated.resume is not None and ahead is not None and len(ahead) < self.config.max_sessions:
             ahead[self] = None  # its keys are made while we wait for the third ACK (prepare)
         self.tx.note_peer_mss(mss(options))
         seg.options = _toward_stack(options)
-        return Verdict(Action.ACCEPT, serialize_segment(seg))
+        return accept(serialize_segment(seg))
 
     def _syn_out(self, seg: Segment) -> Verdict:
         """Our SYN-ACK, or a retransmission of our SYN: the same ENO option (RFC 8547 §4.6)."""
@@ -471,25 +474,25 @@ class Session:
         # crossed the retransmission): the option must not change (§4.6) either.
         resent_after_eno = self.is_translating and seg.seq == self.isn_local
         if self.state not in (State.ENO_SENT, State.ENO_RECEIVED) and not resent_after_eno:
-            return Verdict(Action.ACCEPT)
+            return ACCEPT
         if seg.is_ack:
             self.isn_local = seg.seq
         elif seg.seq != self.isn_local:
-            return Verdict(Action.ACCEPT)
+            return ACCEPT
         elif not resent_after_eno:
             self._syn_count += 1
             if self._syn_count > self.config.syn_retries_with_eno:
                 # RFC 8547 §4.6: an active opener MAY drop ENO on a SYN retransmission, for paths
                 # that drop SYNs carrying it.
                 self._fall_back("syn retransmitted without eno")
-                return Verdict(Action.ACCEPT)
+                return ACCEPT
         try:
             kept = [(kind, raw) for kind, raw in options if kind != TCPOPT_NOP]
             seg.options = serialize_options(kept + [(ENO_OPTION_KIND, self._syn_eno)])
         except MalformedSegment:
             self._fall_back("no room for the eno option")
-            return Verdict(Action.ACCEPT)
-        return Verdict(Action.ACCEPT, serialize_segment(seg))
+            return ACCEPT
+        return accept(serialize_segment(seg))
 
     def _syn_in(self, seg: Segment, options: list[tuple[int, bytes]], now: float) -> Verdict:
         if self.state == State.ENO_SENT:
@@ -497,8 +500,9 @@ class Session:
             try:
                 if self._negotiated is None:
                     # B's SYN-ACK, or the peer's SYN in a simultaneous open (§4.3).
+                    assert self._syn_option is not None
                     self._negotiated = eno.negotiate(
-                        self.config, parse_eno(self._syn_eno), eno.single_option(enos), self._resume
+                        self.config, self._syn_option, eno.single_option(enos), self._resume
                     )
                     self._simultaneous = not seg.is_ack
                     self.isn_remote = seg.seq
@@ -507,15 +511,15 @@ class Session:
                     raise eno.EnoFailed("peer changed its eno option between syn and syn-ack")
             except eno.EnoFailed as exc:
                 self._fall_back(f"peer {'syn-ack' if seg.is_ack else 'syn'}: {exc}")
-                return Verdict(Action.ACCEPT)
+                return ACCEPT
             if seg.is_ack:
                 # Both ACK segments with ENO exist now (ours is about to follow): success (§4.6).
                 self._eno_succeeded(now)
         elif not self.is_translating and self.state != State.ENO_RECEIVED:
-            return Verdict(Action.ACCEPT)
+            return ACCEPT
         # The SYN or SYN-ACK reaches our stack with the MSS clamped (docs/architecture.md: Sizes).
         seg.options = _toward_stack(options)
-        return Verdict(Action.ACCEPT, serialize_segment(seg))
+        return accept(serialize_segment(seg))
 
     def _peer_syn_eno(self) -> bytes:
         assert self._negotiated is not None
@@ -773,9 +777,9 @@ class Session:
             seg.payload = b""
             self._set_state(Trigger.RESET, now)
             self._emit(SessionClosed(self.flow, "reset by the local stack"))
-            return Verdict(Action.ACCEPT, serialize_segment(seg))
+            return accept(serialize_segment(seg))
         self._set_state(Trigger.RESET, now)
-        return Verdict(Action.ACCEPT)
+        return ACCEPT
 
     def _rst_in(self, seg: Segment, now: float) -> Verdict:
         """An RST from the wire: taken only at exactly the next expected wire sequence number (or
@@ -797,7 +801,7 @@ class Session:
         seg.payload = b""
         self._set_state(Trigger.RESET, now)
         self._emit(SessionClosed(self.flow, "reset by the peer"))
-        return Verdict(Action.ACCEPT, serialize_segment(seg))
+        return accept(serialize_segment(seg))
 
     def _challenge(self, now: float) -> Verdict:
         """A challenge ACK toward the peer (rate limited, RFC 5961 §7); the segment is dropped."""
@@ -815,7 +819,7 @@ class Session:
             # Before encryption starts every failure falls back to plain TCP (RFC 8547 §4.6).
             if self.state in (State.ENO_SENT, State.ENO_RECEIVED):
                 self._fall_back(str(exc))
-            return Verdict(Action.ACCEPT)
+            return ACCEPT
         self._abort(str(exc), now)
         return DROP
 
@@ -875,7 +879,7 @@ class Session:
         """
         send = self.send
         if not self.is_translating or send is None:
-            return Verdict(Action.ACCEPT)
+            return ACCEPT
         if message.is_too_big and self.pmtu is not None and message.src == self.flow.local_ip:
             return DROP  # our kernel about a wire packet sent before the switch: stale
         *_, at, seq = message.quoted_tcp
@@ -896,7 +900,7 @@ class Session:
             tx.wire_mss = min(tx.wire_mss, mtu - (20 if v4 else 40) - 20)
             tx.pmtu = mtu if tx.pmtu is None else min(tx.pmtu, mtu)
             message.mtu = max(mtu - FRAME_OVERHEAD, 68 if v4 else 1280)
-        return Verdict(Action.ACCEPT, serialize_icmp_error(message))
+        return accept(serialize_icmp_error(message))
 
     def icmp_out(self, message: IcmpError) -> Verdict:
         """An ICMP error from this host's kernel about a packet we decrypted, toward the wire
@@ -905,13 +909,13 @@ class Session:
         sequence number in wire space (RFC 792 asks for no more than that)."""
         recv = self.recv
         if not self.is_translating or recv is None:
-            return Verdict(Action.ACCEPT)
+            return ACCEPT
         *_, at, seq = message.quoted_tcp
         quote = bytearray(message.quote[: at + 4])
         plain = to_offset(seq, recv.base, recv.plain_next)
         struct.pack_into("!I", quote, at, to_seq(recv.plain_to_wire(plain), recv.base))
         message.quote = bytes(quote)
-        return Verdict(Action.ACCEPT, serialize_icmp_error(message))
+        return accept(serialize_icmp_error(message))
 
     # ------------------------------------------------------------------ reporting
 
@@ -947,13 +951,21 @@ class Session:
         return held
 
 
-class _Keyed(NamedTuple):
-    """A session's key schedule with key set 0 and its two ciphers (RFC 8548 §3.3, §3.6)."""
+class _Keyed:
+    """A session's key schedule with key set 0 and its two ciphers (RFC 8548 §3.3, §3.6).
 
-    schedule: KeySchedule
-    keys: TrafficKeys
-    send: FrameCipher
-    recv: FrameCipher
+    A plain class: a NamedTuple's constructor stays interpreted when compiled."""
+
+    __slots__ = ("schedule", "keys", "send", "recv")
+
+    def __init__(self, schedule: KeySchedule, keys: TrafficKeys, send: FrameCipher, recv: FrameCipher) -> None:
+        self.schedule = schedule
+        self.keys = keys
+        self.send = send
+        self.recv = recv
+
+    def __repr__(self) -> str:
+        return "_Keyed()"
 
 
 def _resumed_schedule(negotiated: eno.Negotiated) -> _Keyed:

@@ -30,6 +30,12 @@ class Verdict(NamedTuple):
     encrypted: bool = False
 
 
+def accept(packet: bytes | None, encrypted: bool = False) -> Verdict:
+    """Verdict(Action.ACCEPT, packet, encrypted), made without the NamedTuple's `__new__`
+    (interpreted Python, also when compiled)."""
+    return tuple.__new__(Verdict, (Action.ACCEPT, packet, encrypted))
+
+
 ACCEPT: Final = Verdict(Action.ACCEPT)
 DROP: Final = Verdict(Action.DROP)
 ACCEPT_ENCRYPTED: Final = Verdict(Action.ACCEPT, None, True)

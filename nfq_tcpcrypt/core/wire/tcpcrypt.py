@@ -71,24 +71,39 @@ def frame_urgent(plaintext: bytes) -> bool:
     return bool(plaintext[0] & FLAG_URGP)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Init1:
-    """RFC 8548 §4.1: magic, message_len, nciphers, sym_cipher list, N_A, Pub_A, ignored."""
+    """RFC 8548 §4.1: magic, message_len, nciphers, sym_cipher list, N_A, Pub_A, ignored.
+
+    The constructor is written out (as for core/events.py): compiled, a dataclass's generated one
+    stays interpreted."""
 
     sym_ciphers: tuple[int, ...]
     n_a: bytes
     pk_a: bytes
-    ignored: bytes = b""
+    ignored: bytes
+
+    def __init__(self, sym_ciphers: tuple[int, ...], n_a: bytes, pk_a: bytes, ignored: bytes = b"") -> None:
+        object.__setattr__(self, "sym_ciphers", sym_ciphers)
+        object.__setattr__(self, "n_a", n_a)
+        object.__setattr__(self, "pk_a", pk_a)
+        object.__setattr__(self, "ignored", ignored)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Init2:
-    """RFC 8548 §4.1: magic, message_len, sym_cipher, N_B, Pub_B, ignored."""
+    """RFC 8548 §4.1: magic, message_len, sym_cipher, N_B, Pub_B, ignored (constructor as Init1's)."""
 
     sym_cipher: int
     n_b: bytes
     pk_b: bytes
-    ignored: bytes = b""
+    ignored: bytes
+
+    def __init__(self, sym_cipher: int, n_b: bytes, pk_b: bytes, ignored: bytes = b"") -> None:
+        object.__setattr__(self, "sym_cipher", sym_cipher)
+        object.__setattr__(self, "n_b", n_b)
+        object.__setattr__(self, "pk_b", pk_b)
+        object.__setattr__(self, "ignored", ignored)
 
 
 def init_message_length(data: bytes | bytearray, magic: int) -> int | None:
