@@ -37,7 +37,7 @@ from .errors import LocalProtocolError, MalformedSegment, RemoteProtocolError, S
 from .flow import Direction
 from .seqmap import FrameRecord, RecvStream, SendStream, to_offset, to_seq
 from .timers import Timer, Timers
-from .verdict import DROP, Action, Injection, Verdict
+from .verdict import DROP, Injection, Verdict, accept
 from .wire.eno import NON_SYN_ENO
 from .wire.ip import without_ecn
 from .wire.tcp import (
@@ -271,7 +271,7 @@ class StreamTranslator:
         seg.window = self._wire_window(window)
         seg.urgent = 0
         seg.seq = to_seq(send.plain_to_wire(plain), send.base)
-        return Verdict(Action.ACCEPT, serialize_segment(seg), True)
+        return accept(serialize_segment(seg), True)
 
     def pure_ack_in(self, seg: Segment) -> Verdict | None:
         """The peer's usual pure ACK, once keys exist and our Init message is acknowledged:
@@ -301,7 +301,7 @@ class StreamTranslator:
         # At the plain offset after what was delivered; at the first one while our stack has
         # acknowledged nothing of the peer's (translate_in: a SYN-cookie server's socket).
         seg.seq = to_seq(recv.plain_next if recv.local_ack else 0, recv.base)
-        return Verdict(Action.ACCEPT, serialize_segment(seg), True)
+        return accept(serialize_segment(seg), True)
 
     def new_data_out(self, seg: Segment) -> Verdict | None:
         """Our stack's usual data segment or FIN, once keys exist: the next plain bytes, all new,
@@ -349,7 +349,7 @@ class StreamTranslator:
         seg.flags = flags & ~TCP_URG
         if not seg.gso:
             seg.kernel_checksum = False
-        return Verdict(Action.ACCEPT, serialize_segment(seg), True)
+        return accept(serialize_segment(seg), True)
 
     def translate_out(self, seg: Segment, now: float) -> Verdict:
         """A segment of our stack toward the wire: framed, in wire space."""
@@ -374,14 +374,14 @@ class StreamTranslator:
             if local_loss and not self.need_nonsyn_eno:
                 return DROP
             seg.seq = to_seq(send.plain_to_wire(plain), send.base)
-            return Verdict(Action.ACCEPT, serialize_segment(seg), True)
+            return accept(serialize_segment(seg), True)
         if end <= send.acked_plain:
             # All of it was acknowledged already (the peer's ACK to our stack was lost): probe the
             # peer like a keepalive, so that it repeats its ACK.
             seg.seq = to_seq(send.acked_wire - 1, send.base)
             seg.payload = b""
             seg.flags &= ~(TCP_FIN | TCP_PSH)
-            return Verdict(Action.ACCEPT, serialize_segment(seg), True)
+            return accept(serialize_segment(seg), True)
         if plain > send.plain_next:
             raise StackAnomaly(f"local segment skips plain bytes {send.plain_next}..{plain}")
         if plain <= max(send.acked_plain, self._stack_ack) < end and send.peer_sacks:
@@ -473,7 +473,7 @@ class StreamTranslator:
             # the kernel would hold our larger wire packet to that belief: send it ourselves.
             self._inject(Injection(serialize_segment(seg), Direction.OUTBOUND))
             return DROP
-        return Verdict(Action.ACCEPT, serialize_segment(seg), True)
+        return accept(serialize_segment(seg), True)
 
     def _before_keys(self, seg: Segment, plain: int, end: int, now: float) -> Verdict:
         """Our stack sends before the keys exist: hold its plaintext (docs/architecture.md).
@@ -495,11 +495,11 @@ class StreamTranslator:
             if Timer.KEX not in self._timers:
                 self.kex_tries = 1
                 self._timers.arm(Timer.KEX, now + self.config.kex_timeout)
-            return Verdict(Action.ACCEPT, serialize_segment(seg), True)
+            return accept(serialize_segment(seg), True)
         if data or fin:
             return DROP
         seg.seq = to_seq(send.plain_to_wire(plain), send.base)
-        return Verdict(Action.ACCEPT, serialize_segment(seg), True)
+        return accept(serialize_segment(seg), True)
 
     def inject_frames(self, records: list[FrameRecord]) -> None:
         wire, payload, fin = _joined(records)
@@ -746,7 +746,7 @@ class StreamTranslator:
             if last:
                 break
             at += step
-        return Verdict(Action.ACCEPT, first, True)
+        return accept(first, True)
 
     def _drain(self, now: float) -> bytes:
         """Consume the Init message and every complete frame; return the plaintext to deliver."""
