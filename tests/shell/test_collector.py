@@ -16,8 +16,7 @@ from nfq_tcpcrypt.core.flow import Direction
 from nfq_tcpcrypt.core.verdict import Action, Verdict
 from nfq_tcpcrypt.shell import collector as collector_module
 from nfq_tcpcrypt.shell.collector import Collector
-from nfq_tcpcrypt.shell.loop import EventLoop, SignalWatch
-from tests.shell.test_queue_loop import PACKET, FakeEngine, FakeInjector, FakePacket, FakeQueue
+from tests.shell.test_queue_loop import FakeEngine, _run_three_packets
 
 
 class Node:
@@ -70,23 +69,8 @@ class StoppingCollector(Collector):
 def test_a_cycle_made_on_the_packet_path_is_collected_once_no_packet_waits() -> None:
     log: list[tuple[str, Any]] = []
     engine = CyclingEngine(log)
-    made: list[FakeQueue] = []
-
-    def factory() -> FakeQueue:
-        made.append(FakeQueue())
-        return made[-1]
-
-    signals = SignalWatch()
-    try:
-        loop = EventLoop(engine, 7100, FakeInjector(log), signals, queue_factory=factory)  # type: ignore[arg-type]
-        loop.collector = StoppingCollector(engine, log)
-        for i in (1, 2, 3):
-            made[0].put(FakePacket(PACKET[:-1] + bytes([i]), log))
-        assert loop.run() == signal.SIGTERM  # a timeout here: the cycles were never collected
-        counters = loop.all_counters()
-        loop.close()
-    finally:
-        signals.close()
+    loop, _ = _run_three_packets(engine, log, StoppingCollector(engine, log))  # SIGTERM once collected
+    counters = loop.all_counters()
     assert len(engine.cycles) == 3 and all(ref() is None for ref in engine.cycles)
     kinds = [kind for kind, _ in log]
     # Every packet first, the collection at the idle point after them, none by the automatic collector.

@@ -14,6 +14,7 @@ import pytest
 from nfq_tcpcrypt.core.flow import Direction
 from nfq_tcpcrypt.core.verdict import Action, Injection, Verdict
 from nfq_tcpcrypt.shell import nfq
+from nfq_tcpcrypt.shell.collector import Collector
 from nfq_tcpcrypt.shell.loop import EventLoop, SignalWatch
 from nfq_tcpcrypt.shell.nfq import QueuePair
 from nfq_tcpcrypt.shell.passthrough import PassThroughEngine
@@ -236,8 +237,10 @@ class FakeEngine(PassThroughEngine):
         self._timer = None
 
 
-def _run_three_packets(engine: FakeEngine, log: list[tuple[str, Any]]) -> tuple[EventLoop, list[FakePacket]]:
-    """Three packets waiting on the inbound queue, then the loop until the engine's SIGTERM."""
+def _run_three_packets(engine: FakeEngine, log: list[tuple[str, Any]],
+                       collector: Collector | None = None) -> tuple[EventLoop, list[FakePacket]]:
+    """Three packets waiting on the inbound queue, then the loop (with `collector` at its idle
+    point, if given) until a SIGTERM; the loop comes back closed."""
     made: list[FakeQueue] = []
 
     def factory() -> FakeQueue:
@@ -250,7 +253,8 @@ def _run_three_packets(engine: FakeEngine, log: list[tuple[str, Any]]) -> tuple[
         packets = [FakePacket(PACKET[:-1] + bytes([i]), log) for i in (1, 2, 3)]
         for packet in packets:
             made[0].put(packet)
-        assert loop.run() == signal.SIGTERM
+        loop.collector = collector
+        assert loop.run() == signal.SIGTERM  # a timeout here: nothing sent the SIGTERM
         loop.close()
     finally:
         signals.close()
