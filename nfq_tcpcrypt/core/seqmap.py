@@ -332,6 +332,27 @@ class RecvStream:
                     self.wire_next = start + len(piece)
         return True
 
+    def widen_edge(self, wire: int = 0, data: bytes = b"") -> bool:
+        """Move `right_edge` to the end of the frame that begins inside it at `buf_start`, its
+        header read from the buffer or from `data` (at wire offset `wire`); returns whether it
+        moved. A frame cut at our stack's right edge could never be opened, and our stack, shown
+        nothing of it, would have no reason to offer a larger window: the connection would stall
+        (docs/architecture.md: Sizes). One frame is at most 65,538 bytes: the bound stays."""
+        start = self.buf_start
+        if self.cipher is None or start >= self.right_edge:
+            return False
+        header = bytes(self.buf[:FRAME_HEADER_LEN])
+        if len(header) < FRAME_HEADER_LEN:
+            at = self.wire_next - wire  # `data` from there continues the buffer
+            if at < 0:
+                return False
+            header += data[at : at + FRAME_HEADER_LEN - len(header)]
+        size = frame_size(header)
+        if size is None or start + size <= self.right_edge:
+            return False
+        self.right_edge = start + size
+        return True
+
     def sack_blocks(self, limit: int) -> list[tuple[int, int]]:
         """Held out-of-order wire ranges as SACK blocks, the latest arrival first (RFC 2018 §4)."""
         return self.ooo.blocks(limit)

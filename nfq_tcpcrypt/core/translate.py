@@ -524,14 +524,20 @@ class StreamTranslator:
         wire = to_offset(seg.seq, recv.base, recv.wire_next)
         data = seg.payload
         if wire + len(data) > recv.right_edge:
-            # A peer that ignores our stack's receive window: what lies beyond it is not taken,
-            # so that the plaintext held for our stack stays within that window.
+            recv.widen_edge(wire, data)  # the rest of the frame begun inside the window is taken
+        if wire + len(data) > recv.right_edge:
+            # A peer that ignores our stack's receive window: what lies beyond it (and beyond
+            # the frame begun inside it) is not taken, so that the plaintext held for our stack
+            # stays within that window and one frame.
             data = data[: max(recv.right_edge - wire, 0)]
             seg.flags &= ~TCP_FIN
         added, plain_start, redeliver = self._take(seg, wire, data, now)
         buf_start = recv.buf_start
         out = self._drain(now) if added else b""  # frames only complete when bytes arrive
         consumed = recv.buf_start > buf_start
+        # A frame begun inside the window and ending past it: the peer may send all of it, and
+        # learns so from the window of our next ACK (_wire_window).
+        widened = bool(recv.buf) and recv.widen_edge()
         if out:
             recv.remember(plain_start, out)
         fin_now = False
@@ -540,10 +546,11 @@ class StreamTranslator:
         if redeliver:
             out = redeliver
         elif not out and not fin_now and data and send.acked_plain == acked_before:
-            if consumed or (added and recv.ooo):
+            if consumed or (added and recv.ooo) or widened:
                 # Frames with no plaintext (rekey): our stack will not ACK them. Bytes of a frame
                 # we cannot open yet while a later hole is open: our stack sees nothing, and the
                 # peer learns of them only from our SACK (a resent segment would look lost again).
+                # A window widened to a frame's end: our stack, shown nothing, says nothing.
                 self._inject_ack(now)
             # Nothing new for our stack; an empty copy would look like a duplicate ACK.
             return self._result(DROP, check_finished=False)
@@ -593,8 +600,8 @@ class StreamTranslator:
         else:
             size = None  # not even the frame's header yet
         whole = not held and n == size and n >= FRAME_OVERHEAD and not data[0] & CONTROL_REKEY
-        if not whole and ((size is not None and held + n >= size) or fin):
-            return None  # completes a frame that was begun, or more than one frame: the general path
+        if not whole and ((size is not None and (held + n >= size or recv.buf_start + size > recv.right_edge)) or fin):
+            return None  # completes a frame that was begun, more than one frame, or one past the window's edge
         self._peer_rekeyed = False
         self.need_nonsyn_eno = False  # RFC 8547 §4.6: a non-SYN segment arrived
         acked_before = send.acked_plain
@@ -951,14 +958,18 @@ class StreamTranslator:
 
     def _wire_window(self, window: int) -> int:
         """Our stack's window field for the wire, where the ACK may be ahead of our stack's own
-        (RecvStream.ack_delivered): the right edge stays where our stack put it."""
+        (RecvStream.ack_delivered): the right edge stays where our stack put it, or at the end of
+        a frame begun inside it (RecvStream.widen_edge), rounded up to the scale."""
         recv = self.recv
         assert recv is not None
+        shift = self.window_shift
+        edge = recv.local_ack_wire + (window << shift)
+        if recv.right_edge > edge and recv.edge_known:
+            return min(max(recv.right_edge - recv.ack_floor + (1 << shift) - 1, 0) >> shift, 0xFFFF)
         ahead = recv.ack_floor - recv.local_ack_wire
         if ahead <= 0:
             return window
-        shift = self.window_shift
-        return max(0, (window << shift) - ahead) >> shift
+        return max(0, edge - recv.ack_floor) >> shift
 
     def _inject_ack(self, now: float) -> None:
         """An ACK (a duplicate one while a gap is open, with SACK blocks) toward the peer, for

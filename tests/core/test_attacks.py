@@ -14,7 +14,7 @@ from nfq_tcpcrypt.core.constants import TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN, Role
 from nfq_tcpcrypt.core.flow import Direction
 from nfq_tcpcrypt.core.verdict import Action
 from nfq_tcpcrypt.core.wire.tcp import new_segment, parse_segment, serialize_segment
-from nfq_tcpcrypt.lab.tcpmodel import A_IP, B_IP, MASK, Endpoint, Pair, seeded_config
+from nfq_tcpcrypt.lab.tcpmodel import A_IP, B_IP, MASK, Channel, Endpoint, Pair, seeded_config
 
 
 def _live(seed: bytes = b"attack", **b_config) -> Pair:  # type: ignore[no-untyped-def]
@@ -540,3 +540,86 @@ def test_our_own_links_mss_bounds_what_we_send(smaller: str) -> None:
     for engine in (pair.engine_a, pair.engine_b):
         session = next(iter(engine._sessions.values()))
         assert session.wire_mss == 1360, (smaller, engine is pair.engine_a)
+
+
+class _SlowReader(Endpoint):
+    """A receiver whose application reads nothing until `read()`, with Linux's window rules: it
+    never moves its right edge left, takes in-order data that starts inside its window whole, and
+    after a read announces the larger window only once that is at least twice what was left
+    (tcp_cleanup_rbuf); otherwise it says nothing until a segment arrives."""
+
+    BUFFER = 160 * 1024
+    CLAMP = 72 * 1024  # the most it offers at once (Linux: rcv_ssthresh, which grows slowly)
+    SCALE = 7  # the model's SYN announces window scale 7
+    consumed = 0
+    edge = 0  # offset past the right edge it announced; 0 before its first ACK
+
+    def _free(self) -> int:
+        free = min(self.BUFFER - (len(self.received) - self.consumed), self.CLAMP)
+        return (max(free, 0) >> self.SCALE) << self.SCALE
+
+    def _emit(self, flags, payload=b"", options=None, seq=None):  # type: ignore[no-untyped-def]
+        super()._emit(flags, payload, options, seq)
+        seg = parse_segment(self.out[-1])
+        if flags & TCP_SYN:
+            seg.window = 0xFFFF  # unscaled (RFC 7323 §2.2)
+        elif flags & TCP_ACK:
+            self.edge = max(self.edge, len(self.received) + self._free())
+            seg.window = (self.edge - len(self.received)) >> self.SCALE
+        self.out[-1] = serialize_segment(seg)
+
+    def receive(self, packet):  # type: ignore[no-untyped-def]
+        seg = parse_segment(packet)
+        start = (seg.seq - self.irs - 1) & MASK
+        if seg.payload and self.edge and start >= self.edge:
+            seg.payload = b""  # beyond the window: dropped, and acknowledged as a duplicate
+            seg.flags &= ~0x01
+            packet = serialize_segment(seg)
+        super().receive(packet)
+
+    def read(self) -> None:
+        left = self.edge - len(self.received)
+        self.consumed = len(self.received)
+        if self._free() >= 2 * left:
+            self._emit(TCP_ACK)
+
+
+class _HonouredWindow(Channel):
+    """The wire as a sender that honours b's window would fill it: a's segments that end past the
+    right edge b last announced on the wire are not sent (dropped here)."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.edge: int | None = None  # b's announced right edge, a sequence number of a's stream
+
+    def carry(self, packet: bytes) -> list[tuple[int, bytes]]:
+        seg = parse_segment(packet)
+        if seg.src == B_IP and seg.is_ack:
+            edge = (seg.ack + (seg.window << (0 if seg.is_syn else _SlowReader.SCALE))) & MASK
+            if self.edge is None or (edge - self.edge) & MASK < 1 << 31:
+                self.edge = edge
+        elif seg.src == A_IP and seg.payload and self.edge is not None:
+            if 0 < (seg.seq + len(seg.payload) - self.edge) & MASK < 1 << 31:
+                return []
+        return [(0, packet)]
+
+
+@pytest.mark.parametrize("honoured", [False, True], ids=["ignored", "honoured"])
+def test_a_frame_across_our_stacks_right_edge_is_taken_whole(honoured: bool) -> None:
+    """A peer sends 60 kB frames (super-packets) past b's right edge, or up to the edge b's engine
+    announces (`honoured`): b's engine takes and announces the rest of the frame that began inside
+    the window and delivers it, so b's stack moves its window again. Taking nothing past the edge
+    left the frame unopenable while b's stack, shown nothing of it, had no reason to announce a
+    larger window: the connection stalled."""
+    pair = Pair(seed=b"edge", gso=42, channel=_HonouredWindow() if honoured else None)
+    pair.b = _SlowReader(B_IP, 80, 0x7FFFFFF0, gso=42)
+    pair.open()
+    pair.a.WINDOW = 4 << 20  # type: ignore[misc]  # the model sender ignores the peer's window
+    data = os.urandom(400_000)
+    pair.a.write(data)
+    pair.run(max_time=1.0)
+    assert 0 < len(pair.b.received) < len(data)
+    for _ in range(40):
+        pair.b.read()
+        pair.run(max_time=0.5)
+    assert bytes(pair.b.received) == data

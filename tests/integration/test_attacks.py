@@ -489,10 +489,11 @@ queue.run()
 
 
 @pytest.mark.timeout(240)
-def test_peer_that_ignores_the_window(routed_attack: Topology, tmp_path: Path) -> None:
+def test_peer_that_ignores_the_window(routed_attack: Topology, tmp_path: Path, queue_backend: str) -> None:
     """a's stack is made to ignore b's receive window (r inflates b's window field): b's daemon
-    takes nothing beyond the window b's stack advertised, so what it holds stays bounded while b's
-    application reads nothing; then b reads everything, intact."""
+    takes nothing beyond the window b's stack advertised but the rest of one frame begun inside it,
+    so what it holds stays bounded while b's application reads nothing; then b reads everything,
+    intact (a frame cut at the edge stalled the connection for good in about one run in ten)."""
     topo = routed_attack
     daemons = _daemons(topo, tmp_path)
     b_ip = topo.addresses["b"]
@@ -517,9 +518,10 @@ def test_peer_that_ignores_the_window(routed_attack: Topology, tmp_path: Path) -
     client.close()
     got = server.close()
     assert got == data
-    # Once b's stack has acknowledged everything it took (its window is full), the daemon holds
-    # nothing: what a sent beyond that window was not taken (without the check: the ~60 kB a's
-    # stack pushed past the window sat in the redelivery buffer).
-    assert held[-4:] == [0, 0, 0, 0], held
+    # Once b's stack has taken what it could (its buffer is full), the daemon holds at most the
+    # plaintext of the one frame that began inside b's window, kept for redelivery: what a sent
+    # beyond that window and that frame was not taken. Frames are one segment on NetfilterQueue
+    # and up to a super-packet on the fast backend (without the edge: ~60 kB on either).
+    assert max(held[-4:]) <= (0xFFFF if queue_backend == "fast" else 1448), held
     for daemon in daemons.values():
         assert daemon.stop() == 0
