@@ -305,6 +305,7 @@ class RecvStream:
         self.redelivered_to = 0  # plain offset up to which lost plaintext was handed over again
         self.right_edge = 0xFFFF + MAX_INIT_LEN  # wire offset past our stack's receive window
         self.edge_known = False  # right_edge still the guess before our stack's first ACK
+        self.widened = False  # right_edge is a frame's end past our stack's own (widen_edge)
 
     def add(self, wire: int, data: bytes, limit: int, now: float = 0.0) -> bool:
         """Take payload at wire offset `wire`; return False when nothing new could be used.
@@ -351,6 +352,7 @@ class RecvStream:
         if size is None or start + size <= self.right_edge:
             return False
         self.right_edge = start + size
+        self.widened = True
         return True
 
     def sack_blocks(self, limit: int) -> list[tuple[int, int]]:

@@ -962,14 +962,16 @@ class StreamTranslator:
         a frame begun inside it (RecvStream.widen_edge), rounded up to the scale."""
         recv = self.recv
         assert recv is not None
-        shift = self.window_shift
-        edge = recv.local_ack_wire + (window << shift)
-        if recv.right_edge > edge and recv.edge_known:
-            return min(max(recv.right_edge - recv.ack_floor + (1 << shift) - 1, 0) >> shift, 0xFFFF)
+        if recv.widened:
+            shift = self.window_shift
+            if recv.right_edge > recv.local_ack_wire + (window << shift):
+                return min(max(recv.right_edge - recv.ack_floor + (1 << shift) - 1, 0) >> shift, 0xFFFF)
+            recv.widened = False  # our stack's own edge reached the frame's end
         ahead = recv.ack_floor - recv.local_ack_wire
         if ahead <= 0:
             return window
-        return max(0, edge - recv.ack_floor) >> shift
+        shift = self.window_shift
+        return max(0, (window << shift) - ahead) >> shift
 
     def _inject_ack(self, now: float) -> None:
         """An ACK (a duplicate one while a gap is open, with SACK blocks) toward the peer, for
