@@ -126,7 +126,7 @@ class Engine:
         except Exception:
             self._fault(key, now)
             raise
-        if not keyed and len(self._inject) - mark > 1 and session.keys_ready:
+        if not keyed and len(self._inject) - mark > 1 and (session.keys_ready or session.keys_due):
             self._drop_repeated_ack(mark)
         if session.required and session.state is State.PLAIN and not session.delegated:
             return self._refuse(session, seg, direction, now)
@@ -216,12 +216,12 @@ class Engine:
         return None
 
     def _drop_repeated_ack(self, mark: int) -> None:
-        """The keys came with this packet (an Init message was consumed, RFC 8548 §3.3), and the
-        translator's pure ACK of it closes what the step injected: it goes when a segment injected
-        in the same step toward the peer already carries the same acknowledgment, window and
-        options (B's Init2; A's first frame of data its stack wrote before the keys existed). It
-        would tell the peer nothing new (a duplicate ACK, RFC 5681 §2) and cost both daemons a
-        packet per connection."""
+        """The keys came with this packet, or at host B follow it (an Init message was consumed,
+        RFC 8548 §3.3; Session.init_message), and the translator's pure ACK of it closes what the
+        step injected: it goes when a segment injected in the same step toward the peer already
+        carries the same acknowledgment, window and options (B's Init2; A's first frame of data
+        its stack wrote before the keys existed). It would tell the peer nothing new (a duplicate
+        ACK, RFC 5681 §2) and cost both daemons a packet per connection."""
         last = self._inject[-1]
         if last.direction is not Direction.OUTBOUND:
             return
@@ -413,16 +413,17 @@ class Engine:
 
     def prepare(self, now: float) -> bool:
         """Do one piece of work ahead of need, off the packet path, in this order: one session's
-        keys its next packet will need (Session.prepare: a resumed session's keys between our
-        SYN-ACK and the peer's third ACK), one resumption cache entry's next secrets and
-        identifiers (ResumptionCache.fill_one), one ephemeral key for the pool (KeyPool). Each
+        keys its next packet will need (Session.prepare: host B's keys of a fresh session after
+        its Init2, of a resumed one between its SYN-ACK and the peer's third ACK), one resumption
+        cache entry's next secrets and identifiers (ResumptionCache.fill_one), one ephemeral key
+        for the pool (KeyPool). Each
         piece is small (tens of microseconds), so a packet that arrives meanwhile waits at most
         one. Work not done ahead is done when it is needed. False when there was nothing to do."""
         ahead, sessions = self._ahead, self._sessions
         while ahead:
             session = next(iter(ahead))
             del ahead[session]
-            if sessions.get(session.flow) is session and session.prepare():
+            if sessions.get(session.flow) is session and session.prepare(now):
                 return True
         cache = self.cache
         if isinstance(cache, ResumptionCache) and cache.fill_one():

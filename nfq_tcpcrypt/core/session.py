@@ -154,6 +154,9 @@ class Session:
         self._ahead = ahead  # the engine's sessions with work for Engine.prepare
         # A resumed session's keys made ahead by `prepare`, with the negotiation they came from.
         self._made_ahead: tuple[eno.Negotiated, _Keyed] | None = None
+        # Host B's key derivation after its Init2 went out (init_message): the AEAD chosen, N_A,
+        # Init1, Init2, our private key and the peer's public key; `_finish_kex` consumes it.
+        self._kex_later: tuple[Aead, bytes, bytes, bytes, PrivateKey, bytes] | None = None
         self._key_pool = keys
         self._ooo_budget = ooo_budget
         self._no_cache = False
@@ -299,6 +302,8 @@ class Session:
                 return DROP
             except ProtocolError as exc:
                 return self._error(exc, seg, now, outbound=True)
+        if self._kex_later is not None:
+            self._keys_now(now)
         if self.state in (State.PLAIN, State.NEW):
             return self._plain(seg)
         if self.state == State.ABORTED:
@@ -350,6 +355,8 @@ class Session:
                 except ProtocolError as exc:
                     return self._error(exc, seg, now, outbound=False)
         self._synchronized = self._synchronized or not seg.is_syn
+        if self._kex_later is not None:
+            self._keys_now(now)
         if self.state in (State.PLAIN, State.NEW):
             return self._plain(seg)
         if self.state == State.ABORTED:
@@ -579,8 +586,16 @@ class Session:
             private_key, public = self._new_private_key(self.tep, now)
             n_b = self.config.random_bytes(N_B_LEN)
             init2_bytes = serialize_init2(Init2(int(choice), n_b, public))
-            es = shared_secret(self.tep, private_key, init1.pk_a)
-            self._derive(choice, init1.n_a, message, init2_bytes, es, now)
+            self._kex_later = (choice, init1.n_a, message, init2_bytes, private_key, init1.pk_a)
+            ahead = self._ahead
+            if (ahead is not None and len(ahead) < self.config.max_sessions and self.recv is not None
+                    and not self.recv.buf and not self.send.held):
+                # Init2 goes out first and the keys follow, at the idle point (prepare) or with
+                # this session's next packet, whichever comes first: nothing can use them before
+                # A has Init2, and A's half of the key exchange then runs beside ours.
+                ahead[self] = None
+            else:
+                self._finish_kex(now)  # bytes after Init1 (or our stack's held data) need them now
             self.send.set_prefix(init2_bytes)
             self.tx.send_prefix(now)
         else:
@@ -591,6 +606,29 @@ class Session:
             self._derive(Aead(init2.sym_cipher), self._n_a, self._init1, message, es, now)
             self._private_key = None
             self.tx.release_held()
+
+    @property
+    def keys_due(self) -> bool:
+        """Host B sent Init2 and derives its keys next (init_message, `_finish_kex`)."""
+        return self._kex_later is not None
+
+    def _finish_kex(self, now: float) -> None:
+        """Host B's half of RFC 8548 §3.3 after its Init2: the shared secret, ss[0] and the keys.
+        RemoteProtocolError: the peer's public key is refused (§5)."""
+        later, self._kex_later = self._kex_later, None
+        assert later is not None and self.tep is not None
+        if self.state is not State.KEY_EXCHANGE:
+            return  # reset meanwhile: no keys for it
+        aead, n_a, init1, init2, private_key, peer_public = later
+        self._derive(aead, n_a, init1, init2, shared_secret(self.tep, private_key, peer_public), now)
+
+    def _keys_now(self, now: float) -> None:
+        """The keys still due after our Init2, before anything else of the session runs; a refused
+        peer key aborts the connection, as it would have when Init1 arrived."""
+        try:
+            self._finish_kex(now)
+        except RemoteProtocolError as exc:
+            self._abort(str(exc), now)
 
     def _new_private_key(self, tep: Tep, now: float) -> tuple[PrivateKey, bytes]:
         """An ephemeral key of this connection's own (RFC 8548 §3.3) and its public encoding (§5):
@@ -627,12 +665,16 @@ class Session:
         self._keys[0] = keyed.keys
         self._keys_ready(keyed.schedule, resume.aead, now, keyed)
 
-    def prepare(self) -> bool:
+    def prepare(self, now: float) -> bool:
         """Key material ahead of need (Engine.prepare, while no packet waits): host B of a
-        resumed session makes its key schedule, traffic keys and ciphers (RFC 8548 §3.5) from
-        ss[i] and sn[i], both known since the peer's SYN, while it waits for the third ACK, which
-        then finds them made (`_resumed_keys` makes them itself when this has not run). False:
-        nothing to do."""
+        fresh session derives its keys after its Init2 went out (`_finish_kex`; else its next
+        packet does); host B of a resumed session makes its key schedule, traffic keys and
+        ciphers (RFC 8548 §3.5) from ss[i] and sn[i], both known since the peer's SYN, while it
+        waits for the third ACK, which then finds them made (`_resumed_keys` makes them itself
+        when this has not run). False: nothing to do."""
+        if self._kex_later is not None:
+            self._keys_now(now)
+            return True
         negotiated = self._negotiated
         if (self.state is not State.ENO_RECEIVED or negotiated is None or negotiated.resume is None
                 or self._made_ahead is not None):
@@ -859,6 +901,7 @@ class Session:
             self._schedule.wipe()
             self._schedule = None
         self._private_key = None
+        self._kex_later = None
         self._resume = None
         self._drop_made_ahead()
         if self.send is not None and self.recv is not None:

@@ -95,7 +95,8 @@ class Keys(Protocol):
         ...
 
     def init_message(self, message: bytes, now: float) -> None:
-        """The peer's Init message arrived whole: derive the keys (RFC 8548 §3.3)."""
+        """The peer's Init message arrived whole: derive the keys (RFC 8548 §3.3); host B may
+        answer with Init2 first and derive them right after (keys_ready stays False until then)."""
         ...
 
 
@@ -775,6 +776,8 @@ class StreamTranslator:
                 self._keys.init_message(message, now)
             except MalformedSegment as exc:
                 raise RemoteProtocolError(f"malformed init message: {exc}") from None
+            if not self._keys.keys_ready:
+                return b""  # host B derives its keys after its Init2 (Session.init_message)
         out: list[bytes] = []  # joined once: no copy for a single frame
         cipher = recv.cipher
         assert cipher is not None

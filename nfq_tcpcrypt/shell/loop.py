@@ -260,6 +260,7 @@ class EventLoop:
                             if wanted:
                                 engine.prepare(self.now)
                                 timer = engine.get_timer()
+                                self._flush()  # its events, and the resets of a key exchange it failed
                             elif collector is not None:
                                 collector.collect(self.now)
                             continue

@@ -15,7 +15,8 @@ _MEANING = {
     State.NEW: "created by a SYN, nothing decided yet",
     State.ENO_SENT: "active opener: our SYN carries ENO (RFC 8547 §4.6)",
     State.ENO_RECEIVED: "passive opener: the peer's SYN offered a TEP we accept (RFC 8547 §4.5)",
-    State.KEY_EXCHANGE: "ENO succeeded; Init1/Init2 in flight (RFC 8548 §3.3)",
+    State.KEY_EXCHANGE: "ENO succeeded; Init1/Init2 in flight (RFC 8548 §3.3); the passive side"
+    " stays here from its Init2 until it has derived the keys (at its idle point or the session's next packet)",
     State.ENCRYPTING: "keys exist; every payload byte is framed (RFC 8548 §3.6)",
     State.CLOSING: "a FIN went one way: framed by us, or delivered to our stack after a FINp frame",
     State.CLOSED: "FIN both ways with ours acknowledged, or a reset; lingers, still translated",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nfq_tcpcrypt.core.constants import TCP_ACK
 from nfq_tcpcrypt.core.wire.tcp import parse_segment
-from nfq_tcpcrypt.lab.tcpmodel import A_IP, B_IP, Pair, seeded_config
+from nfq_tcpcrypt.lab.tcpmodel import A_IP, B_IP, Channel, Pair, seeded_config
 
 
 def _exchange(client_writes_first: bool) -> Pair:
@@ -73,3 +73,66 @@ def test_no_init_retransmission_timer_left_once_the_keys_exist():
         assert engine is not None
         session = next(iter(engine._sessions.values()))
         assert session.keys_ready and Timer.KEX not in session._timers, session.flow
+
+
+class _NoPureAcksFromA(Channel):
+    """Loses A's pure ACKs, so that after Init1 the next packet B's engine sees is its own
+    stack's (TCP needs no pure ACK that data carrying the same acknowledgment follows)."""
+
+    def carry(self, packet: bytes) -> list[tuple[int, bytes]]:
+        seg = parse_segment(packet)
+        return [] if seg.src == A_IP and seg.flags == TCP_ACK and not seg.payload else [(0, packet)]
+
+
+def _watch_b(pair: Pair, idle: bool) -> list[str]:
+    """Host B's engine, recording each step that leaves a session's keys due (Init2 sent, keys
+    not derived yet) and what derives them next: B's idle point (`idle`: Engine.prepare after
+    every packet, as the daemon's loop runs it while no packet waits), or a packet either way."""
+    engine = pair.engine_b
+    assert engine is not None
+    seen: list[str] = []
+
+    def process(packet, direction, now, _real=engine.process):  # type: ignore[no-untyped-def]
+        due = [s for s in engine._sessions.values() if s.keys_due]
+        verdict = _real(packet, direction, now)
+        seen.extend(f"{direction.value} packet" for s in due if s.keys_ready)
+        for session in engine._sessions.values():
+            if session.keys_due:
+                assert not session.keys_ready and session.send.prefix[:4] == bytes.fromhex("097105e0")
+                assert session.tx.kex_tries == 1  # Init2 went out in this very step
+                seen.append("due")
+        while idle and engine.prepare_wanted(now):
+            due = [s for s in engine._sessions.values() if s.keys_due]
+            engine.prepare(now)
+            seen.extend("idle point" for s in due if s.keys_ready)
+        return verdict
+
+    pair.intercept[engine] = process
+    return seen
+
+
+def test_host_b_sends_init2_before_it_derives_its_keys():
+    """B answers Init1 with Init2 at once and derives ss[0] and the keys after it (RFC 8548 §3.3:
+    nothing can use them before A has Init2): at its idle point, else with the session's next
+    packet, from the wire or from its own stack (a server that speaks first). Every way, both
+    ends agree on the session and the data arrives."""
+    for idle, server_first, derived_by in ((True, False, "idle point"), (False, False, "inbound packet"),
+                                          (False, True, "outbound packet")):
+        pair = Pair(seed=b"hs", a_config=seeded_config(b"hs-a", resume=False),
+                    b_config=seeded_config(b"hs-b", resume=False),
+                    channel=_NoPureAcksFromA(0) if server_first else None)
+        seen = _watch_b(pair, idle)
+        pair.b.listen()
+        if server_first:
+            pair.b.write(b"banner")  # leaves as soon as the third ACK (with Init1) reaches B's stack
+        pair.a.connect(B_IP, 80)
+        pair.run()
+        pair.a.write(b"?")
+        pair.b.write(b"!")
+        pair.run()
+        assert seen == ["due", derived_by], (idle, server_first, seen)
+        assert bytes(pair.b.received) == b"?"
+        assert bytes(pair.a.received) == (b"banner!" if server_first else b"!")
+        a, b = (next(iter(e.session_table())) for e in (pair.engine_a, pair.engine_b))  # type: ignore[union-attr]
+        assert a["session_id"] == b["session_id"] and a["state"] == b["state"] == "encrypting"
+        assert _repeated_acks(pair) == []

@@ -67,6 +67,9 @@ def _set(at: int, value: bytes):
         ("init1 length too large", INIT1, _set(4, struct.pack("!I", 1 << 20)), "out of range"),
         ("init1 no ciphers", INIT1, _set(8, b"\x00"), "malformed init message"),
         ("init1 low-order point", INIT1, lambda d: bytes(d[:-32]) + bytes(32), "peer public key"),
+        # Bytes after Init1 in its segment: B derives its keys at once instead of after its Init2.
+        ("init1 low-order point, more after it", INIT1, lambda d: bytes(d[:-32]) + bytes(32) + b"\x00" * 24,
+         "peer public key"),
         ("init2 cipher not offered", INIT2, _set(8, b"\x00\x10"), "did not offer"),
         ("init2 bad magic", INIT2, _set(0, b"\x01\x02\x03\x04"), "bad init message"),
     ],
@@ -126,3 +129,28 @@ def test_two_eno_options_in_a_syn_count_as_none():
     pair, events = _run(Rewriter(match, change))
     assert any(isinstance(e, FellBackToPlain) and "several eno options" in e.reason for e in events)
     assert bytes(pair.b.received) == b"secret request" * 100  # plain TCP still works
+
+
+def test_a_bad_init1_key_found_at_host_bs_idle_point_aborts():
+    """Host B derives its keys after its Init2, at its idle point (Engine.prepare) when no packet
+    comes first: a low-order point found there aborts the same way, resets both ways at once."""
+    pair = Pair(a_config=seeded_config(b"ma"), b_config=seeded_config(b"mb"),
+                channel=Rewriter(*_payload_edit(INIT1, lambda d: bytes(d[:-32]) + bytes(32))))
+    engine = pair.engine_b
+    assert engine is not None
+    found: list[bool] = []
+
+    def process(packet, direction, now, _real=engine.process):  # type: ignore[no-untyped-def]
+        verdict = _real(packet, direction, now)
+        due = any(s.keys_due for s in engine._sessions.values())
+        while engine.prepare_wanted(now):
+            engine.prepare(now)
+        if due:
+            found.append(any(s.state.value == "aborted" for s in engine._sessions.values()))
+        return verdict
+
+    pair.intercept[engine] = process
+    pair.open()
+    pair.talk(b"secret request" * 100, b"secret reply" * 100)
+    assert found == [True]
+    _aborted(pair, pair.events(pair.engine_a) + pair.events(engine), "peer public key")

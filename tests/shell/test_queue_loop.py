@@ -291,7 +291,8 @@ def test_injections_of_the_packets_own_way_follow_its_verdict() -> None:
 
 
 class PreparingEngine(FakeEngine):
-    """Wants two pieces of work done ahead (Engine.prepare); SIGTERM after the second."""
+    """Wants two pieces of work done ahead (Engine.prepare); the first injects (a key exchange
+    that failed there resets its connection); SIGTERM after the second."""
 
     def __init__(self, log: list[tuple[str, Any]]) -> None:
         super().__init__(log, stop_after=0, now_deadline=0.0)
@@ -303,6 +304,8 @@ class PreparingEngine(FakeEngine):
 
     def prepare(self, now: float) -> bool:
         self.log.append(("prepare", now))
+        if self.wanted == 2:
+            self._inject.append(Injection(b"reset", Direction.OUTBOUND))
         self.wanted -= 1
         if not self.wanted:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -315,5 +318,6 @@ def test_event_loop_prepares_only_while_no_packet_waits() -> None:
     engine = PreparingEngine(log)
     _run_three_packets(engine, log)
     kinds = [kind for kind, _ in log]
-    # The waiting packets first (verdicts and injections), the work ahead once the queues are empty.
-    assert kinds == ["process", "inject", "verdict"] * 3 + ["prepare", "prepare"], kinds
+    # The waiting packets first (verdicts and injections), the work ahead once the queues are
+    # empty, and what that work injects at once, not at the next wakeup.
+    assert kinds == ["process", "inject", "verdict"] * 3 + ["prepare", "inject", "prepare"], kinds
