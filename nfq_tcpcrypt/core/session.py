@@ -302,8 +302,6 @@ class Session:
                 return DROP
             except ProtocolError as exc:
                 return self._error(exc, seg, now, outbound=True)
-        if self._kex_later is not None:
-            self._keys_now(now)
         if self.state in (State.PLAIN, State.NEW):
             return self._plain(seg)
         if self.state == State.ABORTED:
@@ -314,6 +312,8 @@ class Session:
                 return self._rst_out(seg, now)
             if seg.is_syn:
                 return self._syn_out(seg)
+            if self._kex_later is not None and self._keys_now(now):
+                return DROP
             if not self.is_translating:
                 return self._plain(seg)
             fin = seg.is_fin
@@ -355,8 +355,6 @@ class Session:
                 except ProtocolError as exc:
                     return self._error(exc, seg, now, outbound=False)
         self._synchronized = self._synchronized or not seg.is_syn
-        if self._kex_later is not None:
-            self._keys_now(now)
         if self.state in (State.PLAIN, State.NEW):
             return self._plain(seg)
         if self.state == State.ABORTED:
@@ -367,6 +365,8 @@ class Session:
                 return self._challenge(now)  # §4.2: a SYN on a synchronized connection
             if seg.is_rst:
                 return self._rst_in(seg, now)
+            if self._kex_later is not None and self._keys_now(now):
+                return DROP
         self.tx.in_ip = seg.ip_header
         try:
             options = parse_options(seg.options)
@@ -622,13 +622,16 @@ class Session:
         aead, n_a, init1, init2, private_key, peer_public = later
         self._derive(aead, n_a, init1, init2, shared_secret(self.tep, private_key, peer_public), now)
 
-    def _keys_now(self, now: float) -> None:
-        """The keys still due after our Init2, before anything else of the session runs; a refused
-        peer key aborts the connection, as it would have when Init1 arrived."""
+    def _keys_now(self, now: float) -> bool:
+        """The keys still due after our Init2, before a packet of the session that is no reset
+        is translated; a refused peer key aborts the connection, as it would have when Init1
+        arrived (True: aborted, the packet is dropped)."""
         try:
             self._finish_kex(now)
         except RemoteProtocolError as exc:
             self._abort(str(exc), now)
+            return True
+        return False
 
     def _new_private_key(self, tep: Tep, now: float) -> tuple[PrivateKey, bytes]:
         """An ephemeral key of this connection's own (RFC 8548 §3.3) and its public encoding (§5):

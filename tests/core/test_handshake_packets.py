@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nfq_tcpcrypt.core.constants import TCP_ACK
 from nfq_tcpcrypt.core.wire.tcp import parse_segment
-from nfq_tcpcrypt.lab.tcpmodel import A_IP, B_IP, Channel, Pair, seeded_config
+from nfq_tcpcrypt.lab.tcpmodel import A_IP, B_IP, Pair, seeded_config
 
 
 def _exchange(client_writes_first: bool) -> Pair:
@@ -75,15 +75,6 @@ def test_no_init_retransmission_timer_left_once_the_keys_exist():
         assert session.keys_ready and Timer.KEX not in session._timers, session.flow
 
 
-class _NoPureAcksFromA(Channel):
-    """Loses A's pure ACKs, so that after Init1 the next packet B's engine sees is its own
-    stack's (TCP needs no pure ACK that data carrying the same acknowledgment follows)."""
-
-    def carry(self, packet: bytes) -> list[tuple[int, bytes]]:
-        seg = parse_segment(packet)
-        return [] if seg.src == A_IP and seg.flags == TCP_ACK and not seg.payload else [(0, packet)]
-
-
 def _watch_b(pair: Pair, idle: bool) -> list[str]:
     """Host B's engine, recording each step that leaves a session's keys due (Init2 sent, keys
     not derived yet) and what derives them next: B's idle point (`idle`: Engine.prepare after
@@ -114,25 +105,94 @@ def _watch_b(pair: Pair, idle: bool) -> list[str]:
 def test_host_b_sends_init2_before_it_derives_its_keys():
     """B answers Init1 with Init2 at once and derives ss[0] and the keys after it (RFC 8548 §3.3:
     nothing can use them before A has Init2): at its idle point, else with the session's next
-    packet, from the wire or from its own stack (a server that speaks first). Every way, both
-    ends agree on the session and the data arrives."""
-    for idle, server_first, derived_by in ((True, False, "idle point"), (False, False, "inbound packet"),
-                                          (False, True, "outbound packet")):
+    packet. Both ways, both ends agree on the session and the data arrives."""
+    for idle, derived_by in ((True, "idle point"), (False, "inbound packet")):
         pair = Pair(seed=b"hs", a_config=seeded_config(b"hs-a", resume=False),
-                    b_config=seeded_config(b"hs-b", resume=False),
-                    channel=_NoPureAcksFromA(0) if server_first else None)
+                    b_config=seeded_config(b"hs-b", resume=False))
         seen = _watch_b(pair, idle)
         pair.b.listen()
-        if server_first:
-            pair.b.write(b"banner")  # leaves as soon as the third ACK (with Init1) reaches B's stack
         pair.a.connect(B_IP, 80)
         pair.run()
         pair.a.write(b"?")
         pair.b.write(b"!")
         pair.run()
-        assert seen == ["due", derived_by], (idle, server_first, seen)
-        assert bytes(pair.b.received) == b"?"
-        assert bytes(pair.a.received) == (b"banner!" if server_first else b"!")
+        assert seen == ["due", derived_by], (idle, seen)
+        assert bytes(pair.b.received) == b"?" and bytes(pair.a.received) == b"!"
         a, b = (next(iter(e.session_table())) for e in (pair.engine_a, pair.engine_b))  # type: ignore[union-attr]
         assert a["session_id"] == b["session_id"] and a["state"] == b["state"] == "encrypting"
         assert _repeated_acks(pair) == []
+
+
+def test_keys_due_are_derived_before_our_stack_data_is_framed():
+    """B's stack writes while B's keys are still due (before any packet from A after Init1):
+    the keys come first, and the data leaves framed after Init2, never in plaintext."""
+    from nfq_tcpcrypt.core.constants import FRAME_OVERHEAD, TCP_PSH
+    from nfq_tcpcrypt.core.flow import Direction
+    from nfq_tcpcrypt.core.wire.tcp import serialize_segment
+
+    pair = Pair(seed=b"hs", a_config=seeded_config(b"hs-a", resume=False),
+                b_config=seeded_config(b"hs-b", resume=False))
+    engine = pair.engine_b
+    assert engine is not None
+    synack: list = []
+    sent: list[bytes] = []
+
+    def process(packet, direction, now, _real=engine.process):  # type: ignore[no-untyped-def]
+        verdict = _real(packet, direction, now)
+        seg = parse_segment(packet)
+        if direction is Direction.OUTBOUND and seg.is_syn:
+            synack.append(seg)
+        session = next(iter(engine._sessions.values()))
+        if not sent and session.keys_due:
+            data = synack[0]
+            data.seq, data.flags, data.payload = data.seq + 1, TCP_ACK | TCP_PSH, b"banner"
+            out = engine.process(serialize_segment(data), Direction.OUTBOUND, now)
+            assert session.keys_ready and not session.keys_due
+            sent.append(out.packet if out.packet is not None else b"")
+        return verdict
+
+    pair.intercept[engine] = process
+    pair.b.listen()
+    pair.a.connect(B_IP, 80)
+    pair.run(max_time=0.0)
+    framed = parse_segment(sent[0])
+    assert b"banner" not in sent[0] and len(framed.payload) == len(b"banner") + FRAME_OVERHEAD
+    assert framed.seq == (synack[0].seq + 74) & 0xFFFFFFFF  # the frame follows Init2 (74 bytes)
+
+
+def test_keys_due_are_never_derived_for_a_connection_reset_meanwhile():
+    """The peer resets the connection between B's Init2 and B's idle point: B derives nothing for
+    it (no keys, no SessionEstablished), and its keys due are gone."""
+    from nfq_tcpcrypt.core.constants import TCP_RST
+    from nfq_tcpcrypt.core.events import SessionEstablished
+    from nfq_tcpcrypt.core.flow import Direction
+    from nfq_tcpcrypt.core.wire.tcp import serialize_segment
+
+    pair = Pair(seed=b"hs", a_config=seeded_config(b"hs-a", resume=False),
+                b_config=seeded_config(b"hs-b", resume=False))
+    engine = pair.engine_b
+    assert engine is not None
+    checked: list[str] = []
+
+    def process(packet, direction, now, _real=engine.process):  # type: ignore[no-untyped-def]
+        verdict = _real(packet, direction, now)
+        seg = parse_segment(packet)
+        if not checked and seg.payload[:4] == bytes.fromhex("15101a0e"):  # the Init1 step
+            session = next(iter(engine._sessions.values()))
+            assert session.keys_due
+            seg.seq += len(seg.payload)  # exactly B's next expected wire byte: taken (RFC 5961 §3.2)
+            seg.payload, seg.flags = b"", TCP_RST | TCP_ACK
+            engine.process(serialize_segment(seg), Direction.INBOUND, now)
+            assert session.state.value == "closed"
+            while engine.prepare_wanted(now):
+                engine.prepare(now)
+            assert not session.keys_due and not session.keys_ready and session.session_id is None
+            checked.append("reset")
+        return verdict
+
+    pair.intercept[engine] = process
+    pair.b.listen()
+    pair.a.connect(B_IP, 80)
+    pair.run(max_time=0.0)
+    assert checked == ["reset"]
+    assert not [e for e in pair.events(engine) if isinstance(e, SessionEstablished)]
