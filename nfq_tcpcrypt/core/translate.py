@@ -984,9 +984,15 @@ class StreamTranslator:
         assert send is not None and recv is not None
         recv.ack_delivered()
         self.inject_wire(send.wire_next, b"", TCP_ACK)
-        if recv.local_ack < recv.plain_next and Timer.REPLAY not in self._timers:
+        if recv.local_ack < recv.plain_next:
+            self._arm_replay(recv.plain_next, now)
+
+    def _arm_replay(self, mark: int, now: float) -> None:
+        """Unless it runs already, the replay timer (`on_replay`) for plaintext up to `mark` our
+        stack has not acknowledged."""
+        if Timer.REPLAY not in self._timers:
             self._replay_tries = 0
-            self._replay_mark = recv.plain_next
+            self._replay_mark = mark
             self._timers.arm(Timer.REPLAY, now + REPLAY_TIMEOUT)
 
     def _redeliver_lost(self, stack_ack: int, options: list[tuple[int, bytes]], dup: bool, now: float) -> bool:
@@ -1013,8 +1019,13 @@ class StreamTranslator:
             top = min(delivered, stack_ack + self.config.deliver_max)
         else:
             return False
-        shift = self.window_shift
-        top = min(top, stack_ack + (self.local_window << shift))  # never beyond our stack's window
+        room = stack_ack + (self.local_window << self.window_shift)
+        if top > room:
+            # Never beyond our stack's window; what does not fit now the replay timer gives it
+            # once it has room (its window update may be no duplicate ACK, and the peer, shown
+            # those bytes as acknowledged, may never resend them).
+            self._arm_replay(top, now)
+            top = room
         at = max(stack_ack, recv.redelivered_to)
         if at >= top:
             return True
@@ -1036,10 +1047,7 @@ class StreamTranslator:
                 chunk = data[chunk_at : chunk_at + self.config.deliver_max]
                 self._inject_local(lo + chunk_at, chunk, TCP_ACK | TCP_PSH)
         self.redelivered += len(holes)
-        if Timer.REPLAY not in self._timers:
-            self._replay_tries = 0
-            self._replay_mark = top
-            self._timers.arm(Timer.REPLAY, now + REPLAY_TIMEOUT)
+        self._arm_replay(top, now)
         return True
 
     def on_replay(self, now: float) -> None:

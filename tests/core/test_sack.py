@@ -3,7 +3,7 @@ space, and the peer's blocks reach our stack in plain space on frame boundaries.
 
 from __future__ import annotations
 
-from nfq_tcpcrypt.core.wire.tcp import parse_options, parse_segment, sack_pairs
+from nfq_tcpcrypt.core.wire.tcp import parse_options, parse_segment, sack_pairs, serialize_segment
 from nfq_tcpcrypt.lab.tcpmodel import A_IP, B_IP, Channel, Pair
 
 MASK = 0xFFFFFFFF
@@ -86,3 +86,39 @@ def test_plaintext_our_stack_lost_goes_again_on_its_sack():
     assert session["redelivered"] == 1 and session["replayed"] == 0
     seqs = [parse_segment(p).seq for p in pair.wire if parse_segment(p).src == A_IP and parse_segment(p).payload]
     assert len(seqs) == len(set(seqs)), ("A's side retransmitted", sorted(s for s in seqs if seqs.count(s) > 1))
+
+
+def test_plaintext_our_stack_lost_while_it_had_no_room_goes_again_once_it_has():
+    # As above, but B's stack reports the hole while it offers no window (its buffer is full):
+    # nothing can go again at once, and when its window opens again it says so with no duplicate
+    # ACK, nor does A's side resend (here it would wait 10 s). The replay timer hands the
+    # plaintext over once B's stack has room.
+    pair = Pair(seed=b"local-loss")
+    pair.open()
+    pair.a.RTO = 10.0  # type: ignore[misc]
+    seen = {"n": 0}
+    receive, emit = pair.b.receive, pair.b._emit
+    full = {"until": 0.0}
+
+    def lossy(packet):
+        if len(parse_segment(packet).payload) > 1000:
+            seen["n"] += 1
+            if seen["n"] == 3:
+                full["until"] = pair.now + 0.3  # B's application reads again 0.3 s later
+                return
+        receive(packet)
+
+    def windowless(flags, payload=b"", options=None, seq=None):  # type: ignore[no-untyped-def]
+        emit(flags, payload, options, seq)
+        if pair.now < full["until"]:
+            seg = parse_segment(pair.b.out[-1])
+            seg.window = 0
+            pair.b.out[-1] = serialize_segment(seg)
+
+    pair.b.receive, pair.b._emit = lossy, windowless
+    data = bytes(range(256)) * 100
+    pair.a.write(data)
+    pair.run(max_time=2.0)
+    assert bytes(pair.b.received) == data
+    session = pair.engine_b.session_table()[0]
+    assert session["replayed"] >= 1
