@@ -416,9 +416,9 @@ class Engine:
         keys its next packet will need (Session.prepare: host B's keys of a fresh session after
         its Init2, of a resumed one between its SYN-ACK and the peer's third ACK), one resumption
         cache entry's next secrets and identifiers (ResumptionCache.fill_one), one ephemeral key
-        for the pool (KeyPool). Each
-        piece is small (tens of microseconds), so a packet that arrives meanwhile waits at most
-        one. Work not done ahead is done when it is needed. False when there was nothing to do."""
+        for the pool (KeyPool). Each piece is small (tens of microseconds), so a packet that
+        arrives meanwhile waits at most one. Work not done ahead is done when it is needed. False
+        when there was nothing to do."""
         ahead, sessions = self._ahead, self._sessions
         while ahead:
             session = next(iter(ahead))
