@@ -83,7 +83,7 @@ class State(StrEnum):
     KEY_EXCHANGE = "key-exchange"  # ENO succeeded (RFC 8547 §4.6); Init1/Init2 in flight
     ENCRYPTING = "encrypting"  # keys exist; every payload byte is framed
     CLOSING = "closing"  # a FIN went one way (framed by us, or delivered to our stack)
-    CLOSED = "closed"  # FIN both ways and ours acknowledged, or a reset; lingers, still translated
+    CLOSED = "closed"  # FIN both ways and ours acknowledged, or a reset; lingers without keys, still translated
     PLAIN = "plain"  # fallback: the connection passes untouched
     REFUSED = "refused"  # policy `require` could not be met: reset, its packets dropped
     ABORTED = "aborted"  # reset by us toward both ends
@@ -214,6 +214,10 @@ class Session:
             raise LocalProtocolError(f"no transition from {self.state.value} on {trigger.value}") from None
         # StrEnums format as their values: nothing is formatted unless DEBUG is on.
         logger.debug("%s: %s -> %s (%s)", self.flow, self.state, new, trigger)
+        if new is State.CLOSED and self.state is not State.CLOSED:
+            # Nothing is sealed or opened once closed (a late duplicate is translated without
+            # keys): the keys go now, not after the linger (README: Security model).
+            self.wipe_secrets()
         self.state = new
         self.keys_ready = new in _KEYED or (new is State.CLOSED and self.session_id is not None)
         if trigger in _ENDING and self.closed_at is None:

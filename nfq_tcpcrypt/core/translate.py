@@ -780,11 +780,12 @@ class StreamTranslator:
                 return b""  # host B derives its keys after its Init2 (Session.init_message)
         out: list[bytes] = []  # joined once: no copy for a single frame
         cipher = recv.cipher
-        assert cipher is not None
         while True:
             item = recv.next_frame()
             if item is None:
                 break
+            if cipher is None:  # the connection closed and its keys are wiped (Session._set_state)
+                raise RemoteProtocolError("frame after the connection closed")
             offset, frame = item
             if recv.finp:
                 raise RemoteProtocolError("frame after the finp frame")

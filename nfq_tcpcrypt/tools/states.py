@@ -19,7 +19,8 @@ _MEANING = {
     " stays here from its Init2 until it has derived the keys (at its idle point or the session's next packet)",
     State.ENCRYPTING: "keys exist; every payload byte is framed (RFC 8548 §3.6)",
     State.CLOSING: "a FIN went one way: framed by us, or delivered to our stack after a FINp frame",
-    State.CLOSED: "FIN both ways with ours acknowledged, or a reset; lingers, still translated",
+    State.CLOSED: "FIN both ways with ours acknowledged, or a reset; its keys erased, it lingers, late"
+    " duplicates still translated",
     State.PLAIN: "fallback: the connection passes untouched (RFC 8547 §4.6)",
     State.REFUSED: "policy `require` could not be met: reset toward both ends, packets dropped",
     State.ABORTED: "reset by us toward both ends (an error, never a clean end of file)",

@@ -10,9 +10,9 @@ import os
 
 import pytest
 
-from nfq_tcpcrypt.core.constants import TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN, Role
+from nfq_tcpcrypt.core.constants import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, Role
 from nfq_tcpcrypt.core.flow import Direction
-from nfq_tcpcrypt.core.verdict import Action
+from nfq_tcpcrypt.core.verdict import DROP, Action
 from nfq_tcpcrypt.core.wire.tcp import new_segment, parse_segment, serialize_segment
 from nfq_tcpcrypt.lab.tcpmodel import A_IP, B_IP, MASK, Channel, Endpoint, Pair, seeded_config
 
@@ -193,7 +193,10 @@ def test_a_fault_of_ours_halfway_through_a_packet_resets_the_connection():
     pair = _live()
     received = bytes(pair.b.received)
     (session,) = pair.engine_b._sessions.values()  # noqa: SLF001
-    session.recv.cipher = None  # an invariant of ours broken: the next frame cannot be opened
+    # An invariant of ours broken: no key schedule while encrypting, so the peer's next key set
+    # (RFC 8548 §3.8) cannot be derived when its rekey frame comes.
+    session._schedule = None
+    next(iter(pair.engine_a._sessions.values()))._rekey_now(pair.now)
     pair.a.write(b"after the fault" * 10)
     with pytest.raises(Exception):  # noqa: B017 - any fault; the shell drops the packet and counts it
         pair.run(max_time=1.0)
@@ -315,6 +318,56 @@ def test_no_secret_in_reprs_and_erased_when_the_session_ends(caplog):  # type: i
     with caplog.at_level(logging.WARNING):
         seeded_config(b"n", resume_nonce_len=0)
     assert any("resume-nonce-len 0" in record.getMessage() for record in caplog.records)
+
+
+def test_keys_are_erased_when_the_connection_closes_and_late_duplicates_still_pass():
+    """A closed session lingers without its keys (zeroed at once, not after the linger); our
+    stack's last ACK lost, the peer's repeated FIN frame still reaches our stack as a duplicate,
+    which acknowledges it again; nothing is delivered twice, nothing aborted."""
+    pair = _live(b"closed-keys")
+    sessions = [next(iter(engine._sessions.values())) for engine in (pair.engine_a, pair.engine_b)]
+    keys = [k for session in sessions for k in session._keys.values()]
+    pair.close()
+    for session in sessions:
+        assert session.state.value == "closed"
+        assert session._keys == {} and session._schedule is None
+        assert session.send.cipher is None and session.recv.cipher is None
+    assert all(not any(k.k_ab) and not any(k.k_ba) for k in keys)
+    fin = next(p for p in reversed(pair.wire) if parse_segment(p).src == A_IP and parse_segment(p).flags & TCP_FIN)
+    received = bytes(pair.b.received)
+    wire_before = len(pair.wire)
+    verdict = pair.engine_b.process(fin, Direction.INBOUND, pair.now)
+    assert verdict.action is Action.ACCEPT
+    pair.b.receive(verdict.packet if verdict.packet is not None else fin)
+    pair.run(max_time=1.0)
+    answers = [parse_segment(p) for p in pair.wire[wire_before:] if parse_segment(p).src == B_IP]
+    assert answers and not any(seg.flags & TCP_RST for seg in answers)
+    assert bytes(pair.b.received) == received and not pair.a.was_reset and not pair.b.was_reset
+    assert [session.state.value for session in sessions] == ["closed", "closed"]
+
+
+def test_a_frame_after_the_connection_closed_resets_and_delivers_nothing():
+    """B's stack reset the connection (B's session closed, its keys erased) and the reset was
+    lost: A's next frame cannot be opened any more, so both ends are reset, nothing delivered."""
+    pair = _live(b"closed-frame")
+    received = bytes(pair.b.received)
+    process = pair.engine_a.process
+
+    def lose_resets(packet, direction, now):  # type: ignore[no-untyped-def]
+        if direction is Direction.INBOUND and parse_segment(packet).flags & TCP_RST:
+            return DROP
+        return process(packet, direction, now)
+
+    pair.intercept[pair.engine_a] = lose_resets
+    pair.b._emit(TCP_RST | TCP_ACK)
+    pair.run(max_time=1.0)
+    (session,) = pair.engine_b._sessions.values()
+    assert session.state.value == "closed" and session.recv.cipher is None
+    del pair.intercept[pair.engine_a]
+    pair.a.write(b"after the reset" * 10)
+    pair.run(max_time=1.0)
+    assert session.state.value == "aborted" and pair.engine_b.counters["internal_errors"] == 0
+    assert pair.a.was_reset and bytes(pair.b.received) == received
 
 
 def test_forged_out_of_order_piece_does_not_stall_or_abort_the_connection():
