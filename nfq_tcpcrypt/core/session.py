@@ -774,6 +774,8 @@ class Session:
         """RFC 8548 §3.9: probe liveness by rekeying; the peer must answer with a rekey frame."""
         send, recv = self.send, self.recv
         assert send is not None and recv is not None
+        if self.state not in _KEYED:
+            return  # closed (a reset): nothing to probe, and the keys are erased
         if now - self.last_seen >= self.config.keepalive and recv.gen == send.gen and not send.fin_framed:
             self._rekey_now(now)
         self._timers.arm(Timer.KEEPALIVE, max(now, self.last_seen) + self.config.keepalive)

@@ -33,7 +33,7 @@ from .constants import (
     TCPOPT_SACK_PERM,
     Role,
 )
-from .errors import LocalProtocolError, MalformedSegment, RemoteProtocolError, StackAnomaly
+from .errors import Disposition, LocalProtocolError, MalformedSegment, RemoteProtocolError, StackAnomaly
 from .flow import Direction
 from .seqmap import FrameRecord, RecvStream, SendStream, to_offset, to_seq
 from .timers import Timer, Timers
@@ -430,6 +430,8 @@ class StreamTranslator:
             return old
         if send.fin_framed:
             raise StackAnomaly("local segment carries data after its fin")
+        if send.cipher is None:  # closed by a reset our stack never got: tell it, keys are erased
+            raise StackAnomaly("local data after the connection closed", Disposition.RESET)
         new = bytes(seg.payload[send.plain_next - plain :])
         self.bytes_out += len(new)
         self._sent_since_rekey += len(new)

@@ -676,3 +676,52 @@ def test_a_frame_across_our_stacks_right_edge_is_taken_whole(honoured: bool) -> 
         pair.b.read()
         pair.run(max_time=0.5)
     assert bytes(pair.b.received) == data
+
+
+def test_keepalive_after_a_reset_sends_nothing():
+    """A reset closes the session and erases its keys: its keep-alive (a rekey, RFC 8548 §3.9)
+    has nothing to probe and no keys to do it with; it neither faults nor sends."""
+    pair = _live(b"closed-keepalive", keepalive=1.0)
+    process = pair.engine_a.process
+
+    def lose_resets(packet, direction, now):  # type: ignore[no-untyped-def]
+        if direction is Direction.INBOUND and parse_segment(packet).flags & TCP_RST:
+            return DROP
+        return process(packet, direction, now)
+
+    pair.intercept[pair.engine_a] = lose_resets
+    pair.b._emit(TCP_RST | TCP_ACK)
+    pair.run(max_time=1.0)
+    (session,) = pair.engine_b._sessions.values()
+    assert session.state.value == "closed"
+    wire_before = len(pair.wire)
+    pair.run(max_time=10.0)
+    assert pair.engine_b.counters["internal_errors"] == 0 and session.state.value == "closed"
+    assert not [p for p in pair.wire[wire_before:] if parse_segment(p).src == B_IP and parse_segment(p).payload]
+
+
+def test_our_stacks_data_after_a_reset_it_never_got_resets_both_ends():
+    """B's engine took the peer's reset (the session closed, its keys erased) but B's stack never
+    got it (dropped after the daemon): what B's stack sends next cannot be sealed, so both ends
+    are reset; nothing leaves in plaintext, and it is no internal fault."""
+    pair = _live(b"closed-local")
+    process = pair.engine_b.process
+
+    def lose_resets_to_stack(packet, direction, now):  # type: ignore[no-untyped-def]
+        verdict = process(packet, direction, now)
+        if direction is Direction.INBOUND and parse_segment(packet).flags & TCP_RST:
+            return DROP  # the engine took the reset, B's stack never sees it
+        return verdict
+
+    pair.intercept[pair.engine_b] = lose_resets_to_stack
+    pair.a._emit(TCP_RST | TCP_ACK)
+    pair.run(max_time=1.0)
+    (session,) = pair.engine_b._sessions.values()
+    assert session.state.value == "closed" and session.send.cipher is None
+    del pair.intercept[pair.engine_b]
+    wire_before = len(pair.wire)
+    pair.b.write(b"after the reset" * 10)
+    pair.run(max_time=1.0)
+    assert session.state.value == "aborted" and pair.engine_b.counters["internal_errors"] == 0
+    assert pair.b.was_reset
+    assert not [p for p in pair.wire[wire_before:] if parse_segment(p).src == B_IP and parse_segment(p).payload]
