@@ -581,6 +581,8 @@ class Session:
     def init_message(self, message: bytes, now: float) -> None:
         """The peer's Init message: answer Init1 with Init2 (host B), or finish (host A)."""
         assert self.tep is not None and self.send is not None
+        if self.state is not State.KEY_EXCHANGE:  # a reset closed it first: its key is erased
+            raise RemoteProtocolError(f"init message in state {self.state.value}")
         if self.role is Role.B:
             init1 = parse_init1(message, self.tep)
             choice = next((a for a in self.config.aeads if int(a) in init1.sym_ciphers), None)

@@ -725,3 +725,33 @@ def test_our_stacks_data_after_a_reset_it_never_got_resets_both_ends():
     assert session.state.value == "aborted" and pair.engine_b.counters["internal_errors"] == 0
     assert pair.b.was_reset
     assert not [p for p in pair.wire[wire_before:] if parse_segment(p).src == B_IP and parse_segment(p).payload]
+
+
+def test_init2_after_a_reset_during_the_key_exchange_resets_both_ends():
+    """A's stack resets the connection while Init2 is on its way (A's session closes, its private
+    key erased): Init2 then cannot be used; the connection is reset toward both ends, and it is
+    no internal fault."""
+    pair = Pair(seed=b"closed-kex", a_config=seeded_config(b"closed-kex-a", resume=False),
+                b_config=seeded_config(b"closed-kex-b", resume=False))
+    process = pair.engine_a.process
+    held: list[bytes] = []
+
+    def hold_init2(packet, direction, now):  # type: ignore[no-untyped-def]
+        if direction is Direction.INBOUND and parse_segment(packet).payload:
+            held.append(packet)  # Init2, and its repeats
+            return DROP
+        return process(packet, direction, now)
+
+    pair.intercept[pair.engine_a] = hold_init2
+    pair.b.listen()
+    pair.a.connect(B_IP, 80)
+    pair.run(max_time=0.5)
+    (session,) = pair.engine_a._sessions.values()
+    assert held and session.state.value == "key-exchange"
+    del pair.intercept[pair.engine_a]
+    pair.a._emit(TCP_RST | TCP_ACK)
+    pair.run(max_time=0.5)
+    assert session.state.value == "closed"
+    verdict = pair.engine_a.process(held[0], Direction.INBOUND, pair.now)
+    assert verdict.action is Action.DROP
+    assert session.state.value == "aborted" and pair.engine_a.counters["internal_errors"] == 0
