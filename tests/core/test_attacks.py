@@ -346,11 +346,8 @@ def test_keys_are_erased_when_the_connection_closes_and_late_duplicates_still_pa
     assert [session.state.value for session in sessions] == ["closed", "closed"]
 
 
-def test_a_frame_after_the_connection_closed_resets_and_delivers_nothing():
-    """B's stack reset the connection (B's session closed, its keys erased) and the reset was
-    lost: A's next frame cannot be opened any more, so both ends are reset, nothing delivered."""
-    pair = _live(b"closed-frame")
-    received = bytes(pair.b.received)
+def _b_resets_and_the_reset_is_lost(pair: Pair):  # type: ignore[no-untyped-def]
+    """B's stack resets the connection; B's session closes, A never sees the reset. Returns B's session."""
     process = pair.engine_a.process
 
     def lose_resets(packet, direction, now):  # type: ignore[no-untyped-def]
@@ -361,9 +358,18 @@ def test_a_frame_after_the_connection_closed_resets_and_delivers_nothing():
     pair.intercept[pair.engine_a] = lose_resets
     pair.b._emit(TCP_RST | TCP_ACK)
     pair.run(max_time=1.0)
-    (session,) = pair.engine_b._sessions.values()
-    assert session.state.value == "closed" and session.recv.cipher is None
     del pair.intercept[pair.engine_a]
+    (session,) = pair.engine_b._sessions.values()
+    return session
+
+
+def test_a_frame_after_the_connection_closed_resets_and_delivers_nothing():
+    """B's stack reset the connection (B's session closed, its keys erased) and the reset was
+    lost: A's next frame cannot be opened any more, so both ends are reset, nothing delivered."""
+    pair = _live(b"closed-frame")
+    received = bytes(pair.b.received)
+    session = _b_resets_and_the_reset_is_lost(pair)
+    assert session.state.value == "closed" and session.recv.cipher is None
     pair.a.write(b"after the reset" * 10)
     pair.run(max_time=1.0)
     assert session.state.value == "aborted" and pair.engine_b.counters["internal_errors"] == 0
@@ -682,17 +688,7 @@ def test_keepalive_after_a_reset_sends_nothing():
     """A reset closes the session and erases its keys: its keep-alive (a rekey, RFC 8548 §3.9)
     has nothing to probe and no keys to do it with; it neither faults nor sends."""
     pair = _live(b"closed-keepalive", keepalive=1.0)
-    process = pair.engine_a.process
-
-    def lose_resets(packet, direction, now):  # type: ignore[no-untyped-def]
-        if direction is Direction.INBOUND and parse_segment(packet).flags & TCP_RST:
-            return DROP
-        return process(packet, direction, now)
-
-    pair.intercept[pair.engine_a] = lose_resets
-    pair.b._emit(TCP_RST | TCP_ACK)
-    pair.run(max_time=1.0)
-    (session,) = pair.engine_b._sessions.values()
+    session = _b_resets_and_the_reset_is_lost(pair)
     assert session.state.value == "closed"
     wire_before = len(pair.wire)
     pair.run(max_time=10.0)
