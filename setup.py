@@ -1,7 +1,9 @@
 """Build: the per-packet modules compiled with mypyc, the rest as plain Python (README: Installing).
 
 The same sources run either way; compiled, the engine's and the queue's work per packet costs
-about half (docs/benchmarks.md). `NFQ_TCPCRYPT_COMPILE=0` builds pure Python (no compiler needed)
+about half (docs/benchmarks.md). A compiled build also builds one module of C, the fast queue
+backend's receive and first verdict (`nfq_tcpcrypt/shell/_fastio.c`); the pure build reads and
+writes the same bytes in Python (shell/fastqueue.py). `NFQ_TCPCRYPT_COMPILE=0` builds pure Python (no compiler needed)
 and, in an editable tree, removes the compiled modules a previous build left beside the sources.
 The build records a hash of each compiled source and of its own files (`nfq_tcpcrypt/_compiled.json`),
 so that an import refuses compiled modules whose source has changed since (nfq_tcpcrypt/__init__.py)
@@ -17,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -36,11 +38,14 @@ COMPILED = sorted(
     for path in ROOT.glob(pattern)
 )
 
+NATIVE = ["nfq_tcpcrypt/shell/_fastio.c"]
+"""The module of C (README: Queue backends); its stub `_fastio.pyi` types it for mypy and mypyc."""
+
 
 def digests() -> dict[str, str]:
     """SHA-256 of each compiled source, and of the build's own files (a change there rebuilds too)."""
     return {name: hashlib.sha256((ROOT / name).read_bytes()).hexdigest()
-            for name in [*COMPILED, "setup.py", "pyproject.toml"]}
+            for name in [*COMPILED, *NATIVE, "setup.py", "pyproject.toml"]}
 
 
 def current() -> bool:
@@ -50,7 +55,7 @@ def current() -> bool:
         built = json.loads(STAMP.read_text())
     except FileNotFoundError:
         return False
-    return built == digests() and all((ROOT / source).with_suffix(suffix).exists() for source in COMPILED)
+    return built == digests() and all((ROOT / source).with_suffix(suffix).exists() for source in [*COMPILED, *NATIVE])
 
 
 class BuildExt(build_ext):
@@ -70,7 +75,7 @@ def compiled_modules() -> list[object]:
         if "editable_wheel" not in sys.argv:
             return []
         suffixes = importlib.machinery.EXTENSION_SUFFIXES
-        for source in COMPILED:
+        for source in [*COMPILED, *NATIVE]:
             for suffix in suffixes:
                 (ROOT / source).with_suffix(suffix).unlink(missing_ok=True)
         for leftover in ROOT.glob(f"{GROUP}__mypyc*"):
@@ -84,7 +89,8 @@ def compiled_modules() -> list[object]:
     # trip are off here. The test suite runs mypy --strict with them installed (tests/test_lint.py).
     checks = ["--ignore-missing-imports", "--no-warn-unused-ignores", "--no-warn-return-any",
               "--cache-dir=build/mypy-cache"]
-    return list(mypycify([*checks, *COMPILED], opt_level="3", group_name=GROUP))
+    native = [Extension(source[:-2].replace("/", "."), [source], extra_compile_args=["-O2"]) for source in NATIVE]
+    return [*mypycify([*checks, *COMPILED], opt_level="3", group_name=GROUP), *native]
 
 
 if sys.argv[1:] == ["--current"]:  # scripts/setup: skip a rebuild that would change nothing

@@ -7,20 +7,29 @@ HOLD_SECONDS at most), and a run of plain accepts becomes one NFQNL_MSG_VERDICT_
 order: a run of plain accepts is closed by a batch verdict before any other verdict follows. Its
 packets have NetfilterQueue's surface (get_payload, set_payload, accept, drop), so shell/nfq.py's
 QueuePair drives both backends, plus the kernel's metadata (`skb_info`: GSO, checksum not ready).
-README: Queue backends.
+
+A packet's receive and the verdict of a drain's first packet are C (`_fastio.c`) when the package
+is built compiled; the pure build, and the unit tests' fake sockets, read and write the same bytes
+in Python (nfnetlink.py). README: Queue backends.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import select
 import socket
 import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 from . import nfnetlink as nl
+
+try:
+    from . import _fastio
+except ImportError:  # the pure build (setup.py): the Python reading (FastQueue._receive)
+    NATIVE = False
+else:
+    NATIVE = True
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +46,6 @@ HOLD_SECONDS: Final = 100e-6
 it that much later, and at 1 % loss, where the round trip sets the rate, the fast backend kept less
 of its loss-free rate than NetfilterQueue (README: Queue backends). Cheap packets (pass-through)
 still go out up to HOLD_MAX at a time."""
-
-POLLED: Final = 4
-"""Packets of a drain after each of which a poll of the socket alone tells whether more wait. A recv
-that finds the socket empty costs about three polls here (the failed system call, then the
-BlockingIOError raised, caught and its traceback entry made by compiled code); the packets of a
-connection being set up come one to three per drain, so after each of the first few a poll decides.
-Past them (a burst, bulk) the socket is read until it is empty: one failed recv per drain."""
 
 SEND_CHUNK: Final = 128 * 1024
 """Verdict bytes gathered into one sendmsg before it goes (below the default netlink send buffer)."""
@@ -64,15 +66,12 @@ class NetlinkSocket(Protocol):
     def close(self) -> None: ...
 
 
-class Waiting(Protocol):
-    """A poll of the queue's socket alone (a select.epoll)."""
+Connect = Callable[[int, int, int], NetlinkSocket]
+"""(queue number, max_len, sock_len) -> the bound socket."""
 
-    def poll(self, timeout: float, /) -> list[tuple[int, int]]: ...
-    def close(self) -> None: ...
-
-
-Connect = Callable[[int, int, int], tuple[NetlinkSocket, Waiting]]
-"""(queue number, max_len, sock_len) -> the bound socket and its poll."""
+Received = tuple[int, bytes, int, int, int] | bytes | None
+"""One datagram read: the usual packet's (id, payload, real length, skb_info, mark), any other
+datagram's bytes (nfnetlink.parse), or None when the socket is empty."""
 
 
 class FastPacket:
@@ -145,8 +144,7 @@ class FastPacket:
         pending = queue._pending
         if queue._eager and not pending:  # the drain's first packet: its verdict goes now
             queue._eager = False
-            if queue._sock is not None and queue.queue_num is not None:
-                queue._send(queue._verdict_parts(self))
+            queue._send_one(self)
             return
         now = time.monotonic()
         if not pending:
@@ -181,8 +179,9 @@ class FastQueue:
         self.verdict_sends = 0
         self._connect: Connect = self._netlink if connect is None else connect
         self._sock: NetlinkSocket | None = None
-        self._waiting: Waiting | None = None
-        """An epoll of the socket alone: whether packets wait, without a recv."""
+        self._fd = -1
+        self._native = False
+        """Receive and first verdicts through _fastio (a real socket, in a compiled build)."""
         self._callback: Callable[[Any], None] | None = None
         self._pending: list[FastPacket] = []
         self._held_since = 0.0
@@ -196,11 +195,13 @@ class FastQueue:
     def bind(self, queue_num: int, callback: Callable[[Any], None], max_len: int = 1024, sock_len: int = 0) -> None:
         """Bind `queue_num`: copy whole packets, at most `max_len` waiting, our flags; `sock_len` is
         the receive buffer (SO_RCVBUFFORCE, as root; SO_RCVBUF when that is refused)."""
-        sock, waiting = self._connect(queue_num, max_len, sock_len)
-        self._sock, self._waiting, self.queue_num, self._callback = sock, waiting, queue_num, callback
+        sock = self._connect(queue_num, max_len, sock_len)
+        self._sock, self.queue_num, self._callback = sock, queue_num, callback
+        self._fd = sock.fileno()
+        self._native = NATIVE and isinstance(sock, socket.socket)
 
-    def _netlink(self, queue_num: int, max_len: int, sock_len: int) -> tuple[NetlinkSocket, Waiting]:
-        """A NETLINK_NETFILTER socket bound to `queue_num` with our flags, and its poll."""
+    def _netlink(self, queue_num: int, max_len: int, sock_len: int) -> NetlinkSocket:
+        """A NETLINK_NETFILTER socket bound to `queue_num` with our flags."""
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, nl.NETLINK_NETFILTER)
         try:
             sock.bind((0, 0))
@@ -218,9 +219,7 @@ class FastQueue:
         except BaseException:
             sock.close()
             raise
-        waiting = select.epoll()
-        waiting.register(sock.fileno(), select.EPOLLIN)
-        return sock, waiting
+        return sock
 
     @property
     def counters(self) -> dict[str, int]:
@@ -255,59 +254,62 @@ class FastQueue:
         propagate after the verdicts already given have been sent.
 
         The verdict of the drain's first packet goes as soon as it is given (before the loop's
-        work after the packet: its injections the same way, its events), and then a poll of
-        this socket alone (a third of the cost of a recv that fails with EAGAIN in Python) tells
-        whether more wait: a packet that arrives alone (those of a connection being set up, one
-        per wakeup) neither waits for nor pays the recv that finds the socket empty. So for the
-        first POLLED packets; after them the socket is read until it is empty. Verdicts after
-        the first are held and batched (HOLD_MAX, HOLD_SECONDS): in bulk a drain holds many
-        (README: Queue backends)."""
+        work after the packet: its injections the same way, its events): a packet that arrives
+        alone, as a short connection's do, waits for nothing. The verdicts after it are held and
+        batched (HOLD_MAX, HOLD_SECONDS): in bulk a drain holds many (README: Queue backends).
+        The socket is read until it is empty."""
         if block:
             raise ValueError("FastQueue only runs without blocking (the event loop selects)")
         sock, callback = self._sock, self._callback
         if sock is None or callback is None:
             raise RuntimeError("queue not bound")
-        buffer, view, waiting = self._buffer, self._view, self._waiting
-        handled = 0
+        native, fd = self._native, self._fd
         self._eager = True
         try:
             while True:
                 try:
-                    size = sock.recv_into(buffer)
-                except BlockingIOError:
-                    return
+                    got = _fastio.recv_packet(fd) if native else self._receive(sock)
                 except OSError as exc:
                     if exc.errno == errno.ENOBUFS:  # the kernel dropped or bypassed what did not fit
                         self.enobufs += 1
                         continue
                     raise
+                if got is None:
+                    return
                 self.recv_calls += 1
-                fields = nl.single_packet(buffer, size)
-                if fields is not None:  # the usual datagram: one packet
-                    packet_id, start, end, cap_len, skb_info, mark = fields
-                    packet = FastPacket(self, packet_id, bytes(view[start:end]), cap_len, skb_info, mark)
+                if isinstance(got, tuple):  # the usual datagram: one packet
+                    packet_id, payload, cap_len, skb_info, mark = got
+                    packet = FastPacket(self, packet_id, payload, cap_len, skb_info, mark)
                     try:
                         callback(packet)
                     finally:
                         if packet._verdict is None:
                             packet.drop()
-                else:
-                    self._datagram(view, size, callback)
-                if handled < POLLED:
-                    handled += 1
-                    self._eager = False
-                    if waiting is not None and not waiting.poll(0):
-                        return  # empty: no recv (and exception) to find it so
+                else:  # acknowledgements, errors, several packets: the first packet's verdict still goes at once
+                    self._datagram(got, callback)
         finally:
             self._eager = False
             self.flush()
 
-    def _datagram(self, view: memoryview, size: int, callback: Callable[[Any], None]) -> None:
+    def _receive(self, sock: NetlinkSocket) -> Received:
+        """One datagram read in Python (what _fastio.recv_packet does in C): the usual one through
+        nfnetlink.single_packet, its payload copied once from the receive buffer."""
+        try:
+            size = sock.recv_into(self._buffer)
+        except BlockingIOError:
+            return None
+        fields = nl.single_packet(self._buffer, size)
+        if fields is None:
+            return bytes(self._view[:size])
+        packet_id, start, end, cap_len, skb_info, mark = fields
+        return packet_id, bytes(self._view[start:end]), cap_len, skb_info, mark
+
+    def _datagram(self, data: bytes, callback: Callable[[Any], None]) -> None:
         """Any other datagram: acknowledgements, errors, several packets (parse)."""
         # The kernel sends one packet per datagram; should one hold more, every packet in it
         # still gets its verdict before an exception of the callback propagates.
         error: BaseException | None = None
-        for item in nl.parse(view, size):
+        for item in nl.parse(data):
             if isinstance(item, nl.Ack):
                 if item.errno:
                     self.verdict_errors += 1
@@ -352,13 +354,26 @@ class FastQueue:
         if parts:
             self._send(parts)
 
+    def _send_one(self, packet: FastPacket) -> None:
+        """One packet's verdict now (the drain's first): through _fastio, else `_verdict_parts`."""
+        if self._sock is None or self.queue_num is None:
+            return
+        if self._native:
+            assert packet._verdict is not None
+            try:
+                _fastio.send_verdict(self._fd, self.queue_num, packet.packet_id, packet._verdict, packet._mark,
+                                     packet._payload)  # fmt: skip
+                self.verdict_sends += 1
+                return
+            except BlockingIOError:  # sent by _send below, which waits for room
+                pass
+        self._send(self._verdict_parts(packet))
+
     def _verdict_parts(self, packet: FastPacket) -> list[bytes]:
         """One packet's verdict message, its new bytes (if any) as a part of their own (not copied)."""
         assert self.queue_num is not None and packet._verdict is not None
         payload = packet._payload
         if payload is None:
-            if packet._verdict == nl.NF_ACCEPT and packet._mark is None:
-                return [nl.verdict_batch(self.queue_num, packet.packet_id, nl.NF_ACCEPT)]
             return [nl.verdict(self.queue_num, packet.packet_id, packet._verdict, packet._mark)]
         head = nl.verdict_head(self.queue_num, packet.packet_id, packet._verdict, packet._mark, len(payload))
         return [head, payload, nl.pad(4 + len(payload))]
@@ -378,9 +393,7 @@ class FastQueue:
     def unbind(self) -> None:
         """Unbind the queue and close the socket (packets still waiting go to the queue's default)."""
         sock, self._sock = self._sock, None
-        if self._waiting is not None:
-            self._waiting.close()
-            self._waiting = None
+        self._native, self._fd = False, -1
         if sock is None:
             return
         try:

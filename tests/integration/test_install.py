@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.own_backend  # it checks the installation (a minute of compiling), once: the default backend
 @pytest.mark.timeout(600)
 def test_installed_wheel_runs_in_a_namespace(topo: Topology, tmp_path: Path) -> None:
-    """`pip install .` (not editable) into a fresh venv: its per-packet modules are compiled, and
-    its `nfq-tcpcrypt` encrypts between a and b."""
+    """`pip install .` (not editable) into a fresh venv: its per-packet modules are compiled (the
+    C module built beside them), and its `nfq-tcpcrypt` encrypts between a and b."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     install = subprocess.run(
@@ -30,12 +30,13 @@ def test_installed_wheel_runs_in_a_namespace(topo: Topology, tmp_path: Path) -> 
     assert install.returncode == 0, install.stderr[-3000:]
     where = subprocess.run(
         [str(venv / "bin" / "python"), "-c",
-         "import nfq_tcpcrypt as n, nfq_tcpcrypt.shell.rules as r; print(r.__file__, r.templates_dir(), n.build())"],
+         "import nfq_tcpcrypt as n, nfq_tcpcrypt.shell.rules as r, nfq_tcpcrypt.shell.fastqueue as q;"
+         " print(r.__file__, r.templates_dir(), n.build(), q.NATIVE)"],
         capture_output=True, text=True, timeout=60, check=True, cwd=tmp_path,
     )  # fmt: skip
-    module, templates, build = where.stdout.split()
+    module, templates, build, native = where.stdout.split()
     assert module.startswith(str(venv)) and templates.startswith(str(venv)), where.stdout
-    assert build == "compiled", where.stdout
+    assert build == "compiled" and native == "True", where.stdout  # the C module built too (_fastio.c)
     assert (Path(templates) / "host.rules").is_file() and (Path(templates) / "gateway6.rules").is_file()
 
     work = tmp_path / "run"

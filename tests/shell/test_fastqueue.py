@@ -1,11 +1,14 @@
 """The fast queue backend without root: its netlink messages byte by byte (decoded here independently of
-the codec), the packets it parses from kernel-shaped messages, and FastQueue's verdict batching driven
-through a fake socket. The binding against the kernel runs in tests/integration/test_fast_backend.py
-and, with NFQ_TCPCRYPT_QUEUE_BACKEND=fast, the whole integration suite."""
+the codec), the packets it parses from kernel-shaped messages, the C module's reading and verdicts
+against the Python ones (_fastio.c), and FastQueue's verdict batching driven through a fake socket
+(the Python path) and through a datagram socketpair (the C path, in a compiled build). The binding
+against the kernel runs in tests/integration/test_fast_backend.py and, with
+NFQ_TCPCRYPT_QUEUE_BACKEND=fast, the whole integration suite."""
 
 from __future__ import annotations
 
 import errno
+import socket
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +19,7 @@ from hypothesis import strategies as st
 
 from nfq_tcpcrypt.core.flow import Direction
 from nfq_tcpcrypt.core.verdict import Action, Injection, PacketInfo, Verdict
+from nfq_tcpcrypt.shell import fastqueue
 from nfq_tcpcrypt.shell import nfnetlink as nl
 from nfq_tcpcrypt.shell.fastqueue import FastPacket, FastQueue, factory
 from nfq_tcpcrypt.shell.nfq import QueuePair, packet_info, queue_factory
@@ -234,18 +238,53 @@ class FakeSocket:
         return -1
 
 
-class FakeWaiting:
-    """The queue's poll of its socket alone: readable while datagrams wait (recorded)."""
+class PairSocket:
+    """The C path's socket: one end of a datagram socketpair, a real fd that FastQueue reads and
+    writes through _fastio. Datagrams assigned to `incoming` are written to the other end at once;
+    `sent` reads back what FastQueue sent."""
 
-    def __init__(self, sock: FakeSocket, log: list[str]) -> None:
-        self.sock, self.log = sock, log
+    def __init__(self) -> None:
+        self.ours, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.ours.setblocking(False)
+        self.peer.setblocking(False)
+        self._sent: list[bytes] = []
 
-    def poll(self, timeout: float) -> list[tuple[int, int]]:
-        self.log.append("poll")
-        return [(-1, 1)] if self.sock.incoming else []
+    @property
+    def incoming(self) -> list[bytes]:
+        return []
+
+    @incoming.setter
+    def incoming(self, datagrams: list[bytes]) -> None:
+        for datagram in datagrams:
+            self.peer.send(datagram)
+
+    @property
+    def sent(self) -> list[bytes]:
+        try:
+            while True:
+                self._sent.append(self.peer.recv(0x20000))
+        except BlockingIOError:
+            return self._sent
 
     def close(self) -> None:
-        pass
+        self.ours.close()
+        self.peer.close()
+
+
+PAIRS: list[PairSocket] = []
+"""The socketpairs of the test running (closed after it)."""
+
+
+@pytest.fixture(autouse=True)
+def _close_pairs() -> Any:
+    yield
+    while PAIRS:
+        PAIRS.pop().close()
+
+
+native_only = pytest.mark.skipif(not fastqueue.NATIVE, reason="a pure build has no C module (_fastio)")
+PATHS = [pytest.param(False, id="python"), pytest.param(True, id="native", marks=native_only)]
+"""The two ways FastQueue reads and sends: in Python (fake socket) and through _fastio (socketpair)."""
 
 
 class LoggingSocket(FakeSocket):
@@ -264,12 +303,21 @@ class LoggingSocket(FakeSocket):
         return super().sendmsg(parts)
 
 
-def fake_queue(callback: Callable[[Any], None], flags: int = 0) -> tuple[FastQueue, FakeSocket]:
-    queue = FastQueue(flags)
-    sock = FakeSocket()
-    queue._sock, queue.queue_num, queue._callback = sock, 7100, callback  # type: ignore[assignment]
-    queue._waiting = FakeWaiting(sock, [])  # type: ignore[assignment]
-    return queue, sock
+def fake_queue(callback: Callable[[Any], None], flags: int = 0, native: bool = False) -> tuple[FastQueue, Any]:
+    """A FastQueue bound on a FakeSocket (the Python path), or with `native` on a PairSocket (the C
+    path: bind() takes it for a real socket in a compiled build); and that socket."""
+    if not native:
+        sock = FakeSocket()
+        queue = FastQueue(flags, connect=lambda queue_num, max_len, sock_len: sock)
+        queue.bind(7100, callback)
+        assert not queue._native
+        return queue, sock
+    pair = PairSocket()
+    PAIRS.append(pair)
+    queue = FastQueue(flags, connect=lambda queue_num, max_len, sock_len: pair.ours)
+    queue.bind(7100, callback)
+    assert queue._native
+    return queue, pair
 
 
 def verdicts(sock: FakeSocket) -> list[tuple[str, int, int, bytes | None]]:
@@ -291,58 +339,47 @@ class TestFastQueue:
 
         monkeypatch.setattr(fastqueue.time, "monotonic", lambda: 100.0)
 
-    def test_the_first_verdict_goes_alone_then_plain_accepts_become_one_batch_verdict(self) -> None:
+    @pytest.mark.parametrize("native", PATHS)
+    def test_the_first_verdict_goes_alone_then_plain_accepts_become_one_batch_verdict(self, native: bool) -> None:
         seen: list[int] = []
-        queue, sock = fake_queue(lambda pkt: (seen.append(pkt.id), pkt.accept()))
+        queue, sock = fake_queue(lambda pkt: (seen.append(pkt.id), pkt.accept()), native=native)
         sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(10, 20)]
         queue.run(block=False)
         assert seen == list(range(10, 20))
-        assert verdicts(sock) == [("batch", 1, 10, None), ("batch", 1, 19, None)] and len(sock.sent) == 2
+        assert verdicts(sock) == [("one", 1, 10, None), ("batch", 1, 19, None)] and len(sock.sent) == 2
+        assert queue.counters["recv_calls"] == 10 and queue.counters["verdict_sends"] == 2
 
-    def test_a_lone_packet_s_verdict_goes_before_any_recv_and_no_recv_finds_the_socket_empty(self) -> None:
+    def test_a_lone_packet_s_verdict_goes_before_the_recv_that_finds_the_socket_empty(self) -> None:
         log: list[str] = []
-        queue, _ = fake_queue(lambda pkt: (log.append("callback"), pkt.accept()))
         sock = LoggingSocket(log)
-        queue._sock, queue._waiting = sock, FakeWaiting(sock, log)  # type: ignore[assignment]
+        queue = FastQueue(connect=lambda queue_num, max_len, sock_len: sock)
+        queue.bind(7100, lambda pkt: (log.append("callback"), pkt.accept()))
         sock.incoming = [kernel_packet(1, IP_PACKET)]
         queue.run(block=False)
-        assert log == ["recv", "callback", "sendmsg", "poll"]
+        assert log == ["recv", "callback", "sendmsg", "recv EAGAIN"]
         # with more waiting behind it, the first verdict still goes at once; the rest are batched
         log.clear()
         sock.incoming = [kernel_packet(i, IP_PACKET) for i in (2, 3, 4)]
         queue.run(block=False)
-        assert log == ["recv", "callback", "sendmsg", "poll", "recv", "callback", "poll", "recv", "callback",
-                       "poll", "sendmsg"]  # fmt: skip
-        assert verdicts(sock) == [("batch", 1, 1, None), ("batch", 1, 2, None), ("batch", 1, 4, None)]
+        assert log == ["recv", "callback", "sendmsg", "recv", "callback", "recv", "callback", "recv EAGAIN",
+                       "sendmsg"]  # fmt: skip
+        assert verdicts(sock) == [("one", 1, 1, None), ("one", 1, 2, None), ("batch", 1, 4, None)]
 
-    def test_past_the_polled_packets_a_burst_is_read_until_the_socket_is_empty(self) -> None:
-        from nfq_tcpcrypt.shell.fastqueue import POLLED
-
-        log: list[str] = []
-        queue, _ = fake_queue(lambda pkt: (log.append("callback"), pkt.accept()))
-        sock = LoggingSocket(log)
-        queue._sock, queue._waiting = sock, FakeWaiting(sock, log)  # type: ignore[assignment]
-        total = POLLED + 3
-        sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(1, total + 1)]
-        queue.run(block=False)
-        assert log.count("poll") == POLLED and log.count("callback") == total
-        assert log[-2:] == ["recv EAGAIN", "sendmsg"]  # one failed recv ends the drain
-        assert log.index("recv EAGAIN") > max(i for i, entry in enumerate(log) if entry == "poll")
-        assert verdicts(sock)[0] == ("batch", 1, 1, None) and verdicts(sock)[-1] == ("batch", 1, total, None)
-
-    def test_verdicts_wait_for_at_most_hold_max_packets(self) -> None:
+    @pytest.mark.parametrize("native", PATHS)
+    def test_verdicts_wait_for_at_most_hold_max_packets(self, native: bool) -> None:
         from nfq_tcpcrypt.shell.fastqueue import HOLD_MAX
 
-        queue, sock = fake_queue(lambda pkt: pkt.accept())
+        queue, sock = fake_queue(lambda pkt: pkt.accept(), native=native)
         queue.hold_seconds = 3600.0  # only the count bounds the hold here
         sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(1, 2 * HOLD_MAX + 6)]
         queue.run(block=False)
         # the first alone, then HOLD_MAX at a time
-        assert verdicts(sock) == [("batch", 1, 1, None), ("batch", 1, HOLD_MAX + 1, None),
+        assert verdicts(sock) == [("one", 1, 1, None), ("batch", 1, HOLD_MAX + 1, None),
                                   ("batch", 1, 2 * HOLD_MAX + 1, None),
                                   ("batch", 1, 2 * HOLD_MAX + 5, None)]  # fmt: skip
 
-    def test_verdicts_wait_for_at_most_hold_seconds(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    @pytest.mark.parametrize("native", PATHS)
+    def test_verdicts_wait_for_at_most_hold_seconds(self, native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
         """Packets that take long to handle (the engine) do not hold each other's verdicts: once the
         oldest held verdict is HOLD_SECONDS old, the verdicts go out at the next one."""
         from nfq_tcpcrypt.shell import fastqueue
@@ -354,15 +391,16 @@ class TestFastQueue:
             clock[0] += fastqueue.HOLD_SECONDS * 0.4  # each packet's handling: 0.4 of the hold
             pkt.accept()
 
-        queue, sock = fake_queue(slow)
+        queue, sock = fake_queue(slow, native=native)
         sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(1, 8)]
         queue.run(block=False)
         # 1 alone; held since the verdict of 2: at 4 (0.8 of the hold) still held, at 5 (1.2) sent;
         # then 6 and 7
-        assert verdicts(sock) == [("batch", 1, 1, None), ("batch", 1, 5, None), ("batch", 1, 7, None)]
+        assert verdicts(sock) == [("one", 1, 1, None), ("batch", 1, 5, None), ("batch", 1, 7, None)]
         assert len(sock.sent) == 3
 
-    def test_verdicts_keep_the_packets_order(self) -> None:
+    @pytest.mark.parametrize("native", PATHS)
+    def test_verdicts_keep_the_packets_order(self, native: bool) -> None:
         """A run of plain accepts is closed by a batch verdict before a drop or a mangled packet."""
 
         def handle(pkt: FastPacket) -> None:
@@ -374,69 +412,73 @@ class TestFastQueue:
             else:
                 pkt.accept()
 
-        queue, sock = fake_queue(handle)
+        queue, sock = fake_queue(handle, native=native)
         sock.incoming = [kernel_packet(i, IP_PACKET) for i in range(1, 8)]
         queue.run(block=False)
         assert verdicts(sock) == [
-            ("batch", 1, 1, None), ("batch", 1, 2, None), ("one", 0, 3, None), ("batch", 1, 4, None),
+            ("one", 1, 1, None), ("batch", 1, 2, None), ("one", 0, 3, None), ("batch", 1, 4, None),
             ("one", 1, 5, b"new"), ("batch", 1, 7, None),
         ]  # fmt: skip
         assert len(sock.sent) == 2  # the first alone, the rest together
 
-    def test_a_marked_accept_is_its_own_verdict(self) -> None:
+    @pytest.mark.parametrize("native", PATHS)
+    def test_a_marked_accept_is_its_own_verdict(self, native: bool) -> None:
         def handle(pkt: FastPacket) -> None:
             pkt.set_mark(9)
             pkt.accept()
 
-        queue, sock = fake_queue(handle)
+        queue, sock = fake_queue(handle, native=native)
         sock.incoming = [kernel_packet(1, IP_PACKET)]
         queue.run(block=False)
         [(kind, _, _, attrs)] = decode(sock.sent[0])
         assert kind == 0x301 and attrs[nl.NFQA_MARK] == struct.pack("!I", 9)
 
-    def test_a_callback_exception_still_sends_every_verdict_and_propagates(self) -> None:
+    @pytest.mark.parametrize("native", PATHS)
+    def test_a_callback_exception_still_sends_every_verdict_and_propagates(self, native: bool) -> None:
         def handle(pkt: FastPacket) -> None:
             if pkt.id == 2:
                 raise RuntimeError("engine bug")  # no verdict given: the queue drops the packet
             pkt.accept()
 
-        queue, sock = fake_queue(handle)
+        queue, sock = fake_queue(handle, native=native)
         sock.incoming = [kernel_packet(i, IP_PACKET) for i in (1, 2, 3)]
         with pytest.raises(RuntimeError):
             queue.run(block=False)
-        assert verdicts(sock) == [("batch", 1, 1, None), ("one", 0, 2, None)]
+        assert verdicts(sock) == [("one", 1, 1, None), ("one", 0, 2, None)]
         queue.run(block=False)  # the next drain takes the packet left in the socket
-        assert verdicts(sock)[-1] == ("batch", 1, 3, None)
+        assert verdicts(sock)[-1] == ("one", 1, 3, None)  # the next drain's first
 
-    def test_every_packet_of_a_datagram_gets_its_verdict_before_an_exception_propagates(self) -> None:
+    @pytest.mark.parametrize("native", PATHS)
+    def test_every_packet_of_a_datagram_gets_its_verdict_before_an_exception_propagates(self, native: bool) -> None:
         def handle(pkt: FastPacket) -> None:
             if pkt.id == 1:
                 raise RuntimeError("engine bug")
             pkt.accept()
 
-        queue, sock = fake_queue(handle)
+        queue, sock = fake_queue(handle, native=native)
         sock.incoming = [kernel_packet(1, IP_PACKET) + kernel_packet(2, IP_PACKET) + kernel_packet(3, IP_PACKET)]
         with pytest.raises(RuntimeError):
             queue.run(block=False)
         assert verdicts(sock) == [("one", 0, 1, None), ("batch", 1, 3, None)]
 
-    def test_a_second_verdict_is_refused(self) -> None:
+    @pytest.mark.parametrize("native", PATHS)
+    def test_a_second_verdict_is_refused(self, native: bool) -> None:
         def handle(pkt: FastPacket) -> None:
             pkt.accept()
             with pytest.raises(RuntimeError):
                 pkt.drop()
 
-        queue, sock = fake_queue(handle)
+        queue, sock = fake_queue(handle, native=native)
         sock.incoming = [kernel_packet(1, IP_PACKET)]
         queue.run(block=False)
-        assert verdicts(sock) == [("batch", 1, 1, None)]
+        assert verdicts(sock) == [("one", 1, 1, None)]
 
     def test_enobufs_is_counted_and_refused_verdicts_are_counted(self) -> None:
         queue, sock = fake_queue(lambda pkt: pkt.accept())
         sock.incoming = [OSError(errno.ENOBUFS, "no buffer space"), ack(0, -errno.ENOENT), kernel_packet(1, IP_PACKET)]
         queue.run(block=False)
         assert queue.counters["enobufs"] == 1 and queue.counters["verdict_errors"] == 1
-        assert verdicts(sock) == [("batch", 1, 1, None)]
+        assert verdicts(sock) == [("one", 1, 1, None)]
 
     def test_other_socket_errors_propagate(self) -> None:
         queue, sock = fake_queue(lambda pkt: pkt.accept())
@@ -490,12 +532,95 @@ class TestFastQueue:
             queue_factory("nope")
 
 
+@native_only
+class TestNative:
+    """_fastio.c reads and writes the same bytes as the Python path (nfnetlink.py), on a real fd."""
+
+    def python_reading(self, datagram: bytes) -> Any:
+        sock = FakeSocket()
+        sock.incoming = [datagram]
+        return FastQueue()._receive(sock)
+
+    def native_reading(self, datagram: bytes) -> Any:
+        pair = PairSocket()
+        PAIRS.append(pair)
+        pair.incoming = [datagram]
+        from nfq_tcpcrypt.shell import _fastio
+
+        got = _fastio.recv_packet(pair.ours.fileno())
+        assert _fastio.recv_packet(pair.ours.fileno()) is None  # empty now: None, no exception
+        return got
+
+    def test_the_usual_datagram_and_the_others(self) -> None:
+        usual = kernel_packet(42, IP_PACKET, skb_info=nl.NFQA_SKB_GSO, cap_len=9000, mark=3)
+        assert self.native_reading(usual) == (42, IP_PACKET, 9000, nl.NFQA_SKB_GSO, 3) == self.python_reading(usual)
+        for other in (kernel_packet(1, IP_PACKET) + kernel_packet(2, IP_PACKET), ack(7), b"", b"\x01" * 31):
+            assert self.native_reading(other) == other == self.python_reading(other)
+        big = kernel_packet(9, bytes(range(256)) * 255 + bytes(251))  # the largest copy: 65,531 bytes
+        assert self.native_reading(big) == self.python_reading(big) == (9, bytes(range(256)) * 255 + bytes(251),
+                                                                        65531, 0, 0)  # fmt: skip
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.binary(max_size=200), st.integers(min_value=0, max_value=399), st.integers(min_value=0, max_value=3))
+    def test_any_datagram_reads_the_same(self, noise: bytes, cut: int, tail: int) -> None:
+        """Mutated and cut datagrams: the same packet fields, or the same bytes for parse."""
+        data = bytearray(kernel_packet(5, IP_PACKET, skb_info=nl.NFQA_SKB_CSUMNOTREADY, cap_len=70, mark=1))
+        data[cut % len(data) :] = noise
+        data += bytes(tail)
+        assert self.native_reading(bytes(data)) == self.python_reading(bytes(data))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.integers(min_value=0, max_value=0xFFFF), st.integers(min_value=0, max_value=0xFFFFFFFF),
+           st.sampled_from([nl.NF_ACCEPT, nl.NF_DROP]), st.none() | st.integers(min_value=0, max_value=0xFFFFFFFF),
+           st.none() | st.binary(max_size=300))  # fmt: skip
+    def test_a_verdict_is_the_same_message(self, queue: int, packet_id: int, action: int, mark: int | None,
+                                           payload: bytes | None) -> None:  # fmt: skip
+        from nfq_tcpcrypt.shell import _fastio
+
+        pair = PairSocket()
+        PAIRS.append(pair)
+        _fastio.send_verdict(pair.ours.fileno(), queue, packet_id, action, mark, payload)
+        assert pair.sent == [nl.verdict(queue, packet_id, action, mark, payload)]
+
+    def test_refusals(self) -> None:
+        from nfq_tcpcrypt.shell import _fastio
+
+        pair = PairSocket()
+        PAIRS.append(pair)
+        fd = pair.ours.fileno()
+        _fastio.send_verdict(fd, 7100, 1, nl.NF_ACCEPT, None, bytes(65531))  # the largest a verdict holds
+        with pytest.raises(ValueError):
+            _fastio.send_verdict(fd, 7100, 1, nl.NF_ACCEPT, None, bytes(65532))
+        with pytest.raises(ValueError):
+            _fastio.send_verdict(fd, 0x10000, 1, nl.NF_ACCEPT, None, None)
+        with pytest.raises((ValueError, OverflowError)):
+            _fastio.send_verdict(fd, 7100, 1, nl.NF_ACCEPT, 1 << 32, None)
+        with pytest.raises(TypeError):
+            _fastio.send_verdict(fd, 7100, 1, nl.NF_ACCEPT, None, "text")
+        with pytest.raises(ValueError):
+            _fastio.recv_packet(-1)
+        assert len(pair.sent) == 1  # nothing else went
+        pair.close()
+        with pytest.raises(OSError) as refused:
+            _fastio.recv_packet(fd)
+        assert refused.value.errno == errno.EBADF
+
+    def test_a_compiled_build_binds_the_kernel_s_socket_to_the_c_path(self) -> None:
+        import nfq_tcpcrypt
+
+        assert nfq_tcpcrypt.build() == "compiled"  # a pure build has no _fastio (native_only)
+        queue = FastQueue(connect=lambda queue_num, max_len, sock_len: PairSocket().ours)
+        queue.bind(7100, lambda pkt: pkt.accept())
+        assert queue._native
+        queue._sock.close()  # type: ignore[union-attr]
+
+
 class BoundFake:
     """A FastQueue whose bind connects a FakeSocket, for QueuePair (`queue`), and that socket (`sock`)."""
 
     def __init__(self) -> None:
         self.sock = FakeSocket()
-        self.queue = FastQueue(connect=lambda queue_num, max_len, sock_len: (self.sock, FakeWaiting(self.sock, [])))
+        self.queue = FastQueue(connect=lambda queue_num, max_len, sock_len: self.sock)
 
 
 def test_packet_info_trusts_only_what_the_kernel_vouches_for() -> None:
@@ -537,7 +662,7 @@ class TestQueuePairOnFastQueue:
         assert engine_infos[0] == PacketInfo(gso=True, checksum_trusted=True) and not engine_infos[1].gso
         # packet 1 went alone (the drain's first), packet 2 before the injection, 3 with the drain's end
         assert log == [("inject", 2)]
-        assert verdicts(inbound.sock) == [("batch", 1, 1, None), ("one", 1, 2, IP_PACKET + b"!"),
+        assert verdicts(inbound.sock) == [("one", 1, 1, None), ("one", 1, 2, IP_PACKET + b"!"),
                                           ("batch", 1, 3, None)]  # fmt: skip
         assert pair.backend_counters()["recv_calls"] == 3
         pair.close()
@@ -560,7 +685,7 @@ class TestQueuePairOnFastQueue:
         made[0].sock.incoming = [kernel_packet(i, IP_PACKET) for i in (1, 2, 3)]
         pair.drain(Direction.INBOUND)
         assert seen == [1, 1, 1]
-        assert verdicts(made[0].sock) == [("batch", 1, 1, None), ("batch", 1, 3, None)]
+        assert verdicts(made[0].sock) == [("one", 1, 1, None), ("batch", 1, 3, None)]
         pair.close()
 
     def test_event_loop_sends_held_verdicts_before_it_injects(self) -> None:
