@@ -135,6 +135,10 @@ def _add_run_parser(sub: Any) -> None:
         help="worker processes, each with its own queue pair (default: 1; gateway mode: one per CPU)",
     )
     run.add_argument(
+        "--cpus", default=None, metavar="LIST",
+        help="run on these CPUs only, e.g. 0 or 0,2-3 (with workers: worker k on the k-th; default: any)",
+    )
+    run.add_argument(
         "--metrics-file", default=None, metavar="FILE",
         help="rewrite FILE with the Prometheus metrics every few seconds (node_exporter textfile)",
     )

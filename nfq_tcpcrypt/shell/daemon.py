@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from ..core.engine import Engine
@@ -162,6 +162,14 @@ def queue_binding(options: DaemonOptions) -> Callable[[], Any]:
     return nfq.queue_factory(options.queue_backend, options.queue_fail_open, settings.gso_enabled(options))
 
 
+def pin(cpus: Collection[int]) -> None:
+    """Run this process on `cpus` only (README: CPU affinity); nothing when empty. Workers inherit it
+    and then each narrows to its own (workers.py)."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+        logger.info("running on CPU %s", ",".join(map(str, sorted(cpus))))
+
+
 def _warn_without_forwarding(ipv6: bool) -> None:
     """A gateway that does not forward encrypts only its own connections: say so (refuse nothing)."""
     paths = ["/proc/sys/net/ipv4/ip_forward"]
@@ -178,6 +186,7 @@ def run_daemon(options: DaemonOptions) -> int:
     status = 0
     if options.mode == "gateway":
         _warn_without_forwarding(options.ipv6)
+    pin(options.cpus)
     workers = settings.worker_count(options)
     if workers > 1:
         from .workers import run_workers

@@ -5,6 +5,9 @@ The file holds the same keys as the `run` options, spelled with dashes or unders
 `no_resume`, `no_cache`). The command line wins over the file, the file over the defaults. Unknown
 keys and values of the wrong type are errors that name the key, never silently ignored.
 
+`cpus` pins the daemon to CPUs (a list such as "0,2-3" or a TOML array of numbers); `resolve_system`
+checks that this process may run on them.
+
 Gateway mode (`mode = "gateway"`) needs `outside` (one interface or several, comma-separated or a
 TOML array). `resolve_system` then checks that they exist and, unless `deliver_max` is given, sets
 it from the smallest MTU of the other (inside) interfaces.
@@ -63,6 +66,9 @@ class DaemonOptions:
     """The NFQUEUE binding (nfq.BACKENDS): NetfilterQueue, or our own netlink binding (fastqueue.py)."""
     queue_gso: bool | None = None
     """GSO super-packets from the queue (fast backend only); None: on with the fast backend."""
+    cpus: tuple[int, ...] = ()
+    """The CPUs the daemon runs on (README: CPU affinity): one process on all of them, or worker k on
+    the k-th (round robin) and the supervisor on all; (): wherever the scheduler puts it."""
     queue_fail_open: bool = False
     """NFQA_CFG_F_FAIL_OPEN: a full queue accepts packets unqueued (fast backend, --pass-through only)."""
     config_file: str | None = None
@@ -100,6 +106,7 @@ DAEMON_KEYS: dict[str, type] = {
     "queue_backend": str,
     "queue_gso": bool,
     "queue_fail_open": bool,
+    "cpus": str,
 }
 ENGINE_KEYS: dict[str, type] = {
     "rekey_bytes": int,
@@ -138,6 +145,8 @@ def _check_type(key: str, value: Any, kind: type, where: str) -> Any:
         return float(value)
     if key in ("tep", "aead", "outside") and isinstance(value, list) and all(isinstance(item, str) for item in value):
         return ",".join(value)
+    if key == "cpus" and isinstance(value, list) and all(type(item) is int for item in value):
+        return ",".join(map(str, value))
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: {key} must be {kind.__name__}, not {type(value).__name__} {value!r}")
     return value
@@ -224,6 +233,8 @@ def options_from(file_values: Mapping[str, Any], cli_values: Mapping[str, Any]) 
     for key, value in merged.items():
         if key == "outside":
             options.outside = tuple(name.strip() for name in value.split(",") if name.strip())
+        elif key == "cpus":
+            options.cpus = parse_cpus(value)
         elif key in DAEMON_KEYS:
             setattr(options, _OPTION_FIELD.get(key, key), value)
         elif key in ENGINE_KEYS or key == "policies":
@@ -245,6 +256,30 @@ def options_from(file_values: Mapping[str, Any], cli_values: Mapping[str, Any]) 
             raise ConfigError(f"{name} {value:#x} uses bit {ENCRYPTED_MARK:#x}, which marks encrypted connections")
     options.configuration()  # validate now (names, ranges), before anything is installed
     return options
+
+
+MAX_CPU = 4095
+"""The largest CPU number `cpus` accepts (the kernel's NR_CPUS is at most 8192; a bound keeps a
+typo such as "0-999999999" from building a huge set)."""
+
+
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """`cpus`: CPU numbers and ranges, comma-separated ("0", "0,2-3"), in the order given (worker k
+    gets the k-th), each once."""
+    cpus: dict[int, None] = {}
+    for part in (item.strip() for item in text.split(",")):
+        first, dash, last = part.partition("-")
+        if not _number(first) or (dash and not _number(last)):
+            raise ConfigError(f"cpus {text!r}: {part!r} is not a CPU number or a range N-M")
+        low, high = int(first), int(last) if dash else int(first)
+        if low > high or high > MAX_CPU:
+            raise ConfigError(f"cpus {text!r}: {part!r} is not a range within 0..{MAX_CPU}")
+        cpus.update(dict.fromkeys(range(low, high + 1)))
+    return tuple(cpus)
+
+
+def _number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 def _check_queue(options: DaemonOptions) -> None:
@@ -328,8 +363,15 @@ def inside_deliver_max(mtus: Mapping[str, int], outside: tuple[str, ...], ipv6: 
 def resolve_system(options: DaemonOptions, sys_net: str = SYS_NET) -> None:
     """Check the options against this machine: outside interfaces exist; gateway `deliver_max` default.
 
-    Raises ConfigError naming an interface that does not exist (a `prefix+` pattern must match one).
+    Raises ConfigError naming an interface that does not exist (a `prefix+` pattern must match one),
+    or a CPU in `cpus` this process may not run on.
     """
+    allowed = os.sched_getaffinity(0)
+    missing = [cpu for cpu in options.cpus if cpu not in allowed]
+    if missing:
+        raise ConfigError(
+            f"cpus: {', '.join(map(str, missing))} not available here (this process may run on {_cpu_list(allowed)})"
+        )
     if options.mode != "gateway":
         return
     mtus = _interface_mtus(sys_net)
@@ -344,11 +386,25 @@ def resolve_system(options: DaemonOptions, sys_net: str = SYS_NET) -> None:
             logger.info("deliver-max %d (from the inside interfaces' MTU)", deliver_max)
 
 
+def _cpu_list(cpus: set[int]) -> str:
+    """CPU numbers as ranges: {0, 1, 2, 5} -> "0-2,5"."""
+    out: list[str] = []
+    for cpu in sorted(cpus):
+        if out and cpu - 1 in cpus:
+            out[-1] = f"{out[-1].split('-')[0]}-{cpu}"
+        else:
+            out.append(str(cpu))
+    return ",".join(out)
+
+
 def worker_count(options: DaemonOptions) -> int:
-    """`options.workers`, or its default: 1 in host mode, one per CPU in gateway mode."""
+    """`options.workers`, or its default: 1 in host mode, one per CPU in gateway mode (one per CPU
+    of `cpus` when given)."""
     if options.workers is not None:
         return options.workers
-    return min(MAX_WORKERS, os.cpu_count() or 1) if options.mode == "gateway" else 1
+    if options.mode != "gateway":
+        return 1
+    return min(MAX_WORKERS, len(options.cpus) or os.cpu_count() or 1)
 
 
 RELOADABLE = ("teps", "aeads", "engine")
@@ -366,7 +422,7 @@ def reload_options(options: DaemonOptions) -> DaemonOptions:
     resolve_system(fresh)
     fixed = [name for name in ("mode", "outside", "queue_num", "mark", "local_mark", "control", "keylog",
                                "fail_closed", "ipv6", "pass_through", "workers", "metrics_file",
-                               "queue_backend", "queue_gso", "queue_fail_open")
+                               "queue_backend", "queue_gso", "queue_fail_open", "cpus")
              if getattr(fresh, name) != getattr(options, name)]  # fmt: skip
     if fixed:
         logger.warning("reload: %s changed in the config; that takes a restart", ", ".join(fixed))

@@ -50,7 +50,7 @@ from ..core.resumption import Resumable, ResumptionCache
 from . import metrics, rules, settings
 from .collector import Collector
 from .control import CommandError, ControlServer
-from .daemon import _peer, control_commands, install_rules, make_reload, metrics_writer, queue_binding
+from .daemon import _peer, control_commands, install_rules, make_reload, metrics_writer, pin, queue_binding
 from .freshness import Freshness
 from .inject import Injector
 from .keylog import KeyLog
@@ -153,6 +153,8 @@ def _worker_main(options: DaemonOptions, index: int, sock: socket.socket) -> int
     """Body of worker `index` (a forked child): serve its queue pair until SIGTERM."""
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s w{index} %(name)s: %(message)s"))
+    if options.cpus:
+        pin({options.cpus[index % len(options.cpus)]})
     with contextlib.ExitStack() as stack:
         signals = SignalWatch()
         stack.callback(signals.close)

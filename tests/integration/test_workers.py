@@ -32,6 +32,7 @@ from nfq_tcpcrypt.lab.net import (
 )
 from nfq_tcpcrypt.shell.control import query
 from nfq_tcpcrypt.shell.dispatch import worker_of
+from nfq_tcpcrypt.shell.workers import worker_control_path
 from nfq_tcpcrypt.tools.pcapcheck import analyze
 
 from .conftest import lab_topology
@@ -280,3 +281,38 @@ def test_host_mode_with_workers(topo: Topology, tmp_path: Path) -> None:
     assert result.pcap is not None
     (conn,) = decoded_connections(result.pcap, result.keylogs.values(), HTTP_PORT)
     assert conn.session_id == a["session_id"]
+
+
+def _cpus_allowed(pid: int) -> str:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list:"))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_cpus_pin_each_worker_to_its_own(sites: Topology, tmp_path: Path) -> None:
+    """`--cpus`, reversed on purpose: worker k runs on the k-th CPU listed, the supervisor on all of
+    them, and traffic goes through as without it (README: CPU affinity)."""
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    www = tmp_path / "www"
+    www.mkdir()
+    make_payload(www / "f.bin", SIZE)
+    (tmp_path / "ga").mkdir()
+    ga = start_daemon(sites, "ga", tmp_path / "ga", ["--workers", "2", "--cpus", f"{second},{first}"], mode="gateway")
+    gb = start_daemon(sites, "gb", tmp_path, ["--cpus", str(first)], mode="gateway")  # one per CPU listed
+    try:
+        pids = [query(worker_control_path(ga.control, k), "ping")["pid"] for k in range(2)]
+        assert [_cpus_allowed(pid) for pid in pids] == [str(second), str(first)]
+        assert _cpus_allowed(ga.proc.pid) == (f"{first}-{second}" if second == first + 1 else f"{first},{second}")
+        assert query(gb.control, "ping").get("workers", 1) == 1
+        assert _cpus_allowed(gb.proc.pid) == str(first)
+        with http_server(sites, "b", www) as url:
+            for port, _ in _ports(sites, 2, per_worker=1):
+                _fetch_from(sites, f"{url}/f.bin", tmp_path / f"got{port}", port)
+                assert sha256_file(tmp_path / f"got{port}") == sha256_file(www / "f.bin")
+        tables = _table(ga)
+        assert sorted(entry["worker"] for entry in tables.values()) == [0, 1]
+        assert all(entry["state"] == "closed" and entry["session_id"] for entry in tables.values()), tables
+    finally:
+        codes = {side: daemon.stop() for side, daemon in (("ga", ga), ("gb", gb))}
+    assert codes == {"ga": 0, "gb": 0}

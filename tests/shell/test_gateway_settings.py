@@ -201,10 +201,12 @@ class TestResolveSystem:
     [
         (["--mode", "gateway"], "needs --outside"),
         (["--mode", "gateway", "--outside", "nfq-no-such0"], "'nfq-no-such0' does not exist"),
+        (["--cpus", "4095"], "cpus: 4095 not available here"),
     ],
 )
 def test_cli_exit_status_2(argv: list[str], message: str) -> None:
-    """`run` refuses a missing or unknown outside interface before touching anything (exit 2)."""
+    """`run` refuses a missing or unknown outside interface, or a CPU it may not run on, before
+    touching anything (exit 2)."""
     result = subprocess.run(
         [sys.executable, "-m", "nfq_tcpcrypt", "run", *argv],
         capture_output=True,
