@@ -132,7 +132,7 @@ def _add_run_parser(sub: Any) -> None:
     )
     run.add_argument(
         "--workers", type=int, default=None, metavar="N",
-        help="worker processes, each with its own queue pair (default: 1; gateway mode: one per CPU)",
+        help="worker processes, each with its own queue pair (default: 1; gateway: one per CPU, of --cpus if given)",
     )
     run.add_argument(
         "--cpus", default=None, metavar="LIST",

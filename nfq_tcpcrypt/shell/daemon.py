@@ -166,7 +166,10 @@ def pin(cpus: Collection[int]) -> None:
     """Run this process on `cpus` only (README: CPU affinity); nothing when empty. Workers inherit it
     and then each narrows to its own (workers.py)."""
     if cpus:
-        os.sched_setaffinity(0, cpus)
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError as exc:  # checked at the start (settings.resolve_system), but cpusets change
+            raise ConfigError(f"cpus: cannot run on {','.join(map(str, sorted(cpus)))}: {exc.strerror}") from None
         logger.info("running on CPU %s", ",".join(map(str, sorted(cpus))))
 
 

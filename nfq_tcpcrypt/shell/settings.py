@@ -361,7 +361,8 @@ def inside_deliver_max(mtus: Mapping[str, int], outside: tuple[str, ...], ipv6: 
 
 
 def resolve_system(options: DaemonOptions, sys_net: str = SYS_NET) -> None:
-    """Check the options against this machine: outside interfaces exist; gateway `deliver_max` default.
+    """Check the options against this machine: the CPUs are ours to run on, outside interfaces
+    exist; gateway `deliver_max` default.
 
     Raises ConfigError naming an interface that does not exist (a `prefix+` pattern must match one),
     or a CPU in `cpus` this process may not run on.
