@@ -188,7 +188,8 @@ class FastQueue:
         """When the oldest verdict in `_pending` was given (time.monotonic())."""
         self._eager = False
         """The next verdict goes at once (the drain's first packet's)."""
-        self._buffer = bytearray(RECV_SIZE)
+        self._buffer = bytearray()
+        """The Python path's receive buffer, made at its first receive (`_receive`): the C path has its own."""
         self._view = memoryview(self._buffer)
         self._seq = 0
 
@@ -294,6 +295,9 @@ class FastQueue:
     def _receive(self, sock: NetlinkSocket) -> Received:
         """One datagram read in Python (what _fastio.recv_packet does in C): the usual one through
         nfnetlink.single_packet, its payload copied once from the receive buffer."""
+        if not self._buffer:
+            self._buffer = bytearray(RECV_SIZE)
+            self._view = memoryview(self._buffer)
         try:
             size = sock.recv_into(self._buffer)
         except BlockingIOError:
